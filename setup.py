@@ -1,0 +1,54 @@
+"""tfcovseg: coarse-refine COVID-19 lesion segmentation for chest CT (Keras 3 / TensorFlow)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+# TensorFlow is offered through extras so that users pick the wheel that fits their machine
+# (the network, losses and metrics are pure Keras 3 and also run under JAX or PyTorch).
+TF_CPU = [
+    "tensorflow-cpu>=2.16; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
+    "tensorflow>=2.16; platform_machine != 'x86_64' and platform_machine != 'AMD64'",
+]
+TF_GPU = ["tensorflow[and-cuda]>=2.16"]
+CODECS = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]
+
+setup(
+    name="tfcovseg",
+    version="0.1.0",
+    description=(
+        "Coarse-refine segmentation of COVID-19 lesions in chest CT "
+        "(Huang et al., IET Image Processing 2021) in Keras 3 / TensorFlow. "
+        "Research use, not a medical device."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfcovseg", "tfcovseg.*", "data_tools", "data_tools.*"]),
+    install_requires=[
+        "keras>=3.5",
+        "numpy>=1.26",
+        "scipy>=1.10",
+        "pydicom>=2.4",
+        "nibabel>=5.0",
+        "matplotlib>=3.7",
+        "pyyaml>=6.0",
+        "pillow>=10.0",
+    ],
+    extras_require={
+        "cpu": TF_CPU,
+        "gpu": TF_GPU,
+        "codecs": CODECS,
+        "test": [
+            "pytest>=7.0",
+            "jax[cpu]>=0.4.30",
+            "pydicom-data",
+            "ruff>=0.5",
+            *TF_CPU,
+            *CODECS,
+        ],
+    },
+)

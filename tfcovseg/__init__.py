@@ -1,0 +1,65 @@
+"""tfcovseg: coarse-refine COVID-19 lesion segmentation for chest CT.
+
+A Keras 3 / TensorFlow reimplementation of Huang et al., "A coarse-refine segmentation
+network for COVID-19 CT images", IET Image Processing (2021). Research use, not a medical
+device.
+
+The network, losses and metrics are pure Keras 3 and run under any Keras backend; the data
+pipeline, training utilities, export and serving need TensorFlow, which is installed through
+the ``cpu`` or ``gpu`` extra (``pip install "tfcovseg[cpu]"``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+__version__ = "0.1.0"
+
+_EXTRA_HINT = (
+    'install it with the package extra: pip install "tfcovseg[cpu]" '
+    '(or "tfcovseg[gpu]" for NVIDIA GPUs)'
+)
+
+
+def _requested_backend() -> str:
+    """The Keras backend that `import keras` will pick, read without importing Keras."""
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend:
+        return backend
+    keras_home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(keras_home, "keras.json"), encoding="utf-8") as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_tensorflow(feature: str = "this part of tfcovseg"):
+    """Imports and returns TensorFlow, or raises an ImportError that names the extra.
+
+    Args:
+        feature: What needs TensorFlow, for the message (e.g. "the tf.data pipeline").
+    """
+    if not tensorflow_available():
+        raise ImportError(f"{feature} needs TensorFlow, which is not installed; {_EXTRA_HINT}.")
+    import tensorflow as tf
+
+    return tf
+
+
+if _requested_backend() == "tensorflow" and not tensorflow_available():
+    raise ImportError(
+        "tfcovseg uses Keras with the TensorFlow backend by default, but TensorFlow is not "
+        f"installed; {_EXTRA_HINT}. To use only the pure-Keras network, losses and metrics "
+        "without TensorFlow, set KERAS_BACKEND=jax (or torch) before importing tfcovseg."
+    )

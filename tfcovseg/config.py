@@ -1,0 +1,381 @@
+"""Experiment configuration: frozen dataclasses, YAML files and dotted overrides.
+
+An experiment is one YAML file with up to four top-level keys (``name``, ``model``,
+``data``, ``train``); every key that is left out takes the dataclass default below, which
+are the settings of Huang et al. (2021) where the paper gives them. Overrides use dotted
+keys and YAML values, as on the command line::
+
+    cfg = load_config("experiments/paper.yaml", overrides=["model.aspp_rates=[3,6,9]"])
+
+An unknown key is an error that names the key, where it came from, and the allowed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHITECTURES = (
+    "coarse_refine",  # the paper's network: SE-ResNet-34 U-Net + ASPP + refinement module
+    "seresnet_unet_aspp",  # Table 7 ladder: SE-ResNet-34 U-Net + ASPP bridge
+    "seresnet_unet",  # Table 7 ladder: plain SE-ResNet-34 U-Net
+    "unet",  # classic U-Net baseline (Ronneberger et al. 2015)
+    "unet_plus_plus",  # U-Net++ baseline (Zhou et al. 2018)
+    "seresnet_classifier",  # plain SE-ResNet-34 slice classifier (Table 6)
+)
+LOSSES = ("hybrid", "bce")
+PHASES = ("segmentation", "classification")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message says which key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The network (Huang et al. 2021, Sections 2.1-2.3).
+
+    Attributes:
+        architecture: One of `ARCHITECTURES`.
+        input_size: (height, width) the network runs at; multiples of 32.
+        class_names: Lesion types, one output channel each, in this order.
+        hu_window: (low, high) Hounsfield window mapped to [0, 1].
+        pre_windowed: Inputs are already windowed 8-bit images (0-255, e.g. PNG/JPEG
+            datasets); they are only rescaled to [0, 1].
+        stem_filters: Filters of the 7x7/2 input convolution.
+        encoder_filters: Filters of the four SE-ResNet stages.
+        encoder_blocks: SE basic blocks per stage (3, 4, 6, 3 for SE-ResNet-34).
+        se_reduction: Squeeze-excitation reduction ratio.
+        aspp_rates: Dilation rates of the three atrous branches.
+        aspp_filters: Filters of each ASPP branch and of its projection.
+        decoder_filters: Filters of the four coarse-decoder stages, deepest first.
+        decoder_convs: 3x3 conv + BN + ReLU layers per coarse-decoder stage.
+        refine_filters: Filters of every refinement-module convolution.
+        unet_filters: Filters per level of the U-Net / U-Net++ baselines.
+        classifier_dropout: Dropout before the classifier's dense head.
+    """
+
+    architecture: str = "coarse_refine"
+    input_size: tuple[int, int] = (512, 512)
+    class_names: tuple[str, ...] = ("ggo", "consolidation", "fibrosis")
+    hu_window: tuple[float, float] = (-1250.0, 250.0)
+    pre_windowed: bool = False
+    stem_filters: int = 64
+    encoder_filters: tuple[int, int, int, int] = (64, 128, 256, 512)
+    encoder_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
+    se_reduction: int = 16
+    aspp_rates: tuple[int, ...] = (3, 6, 9)
+    aspp_filters: int = 64
+    decoder_filters: tuple[int, int, int, int] = (256, 128, 64, 64)
+    decoder_convs: int = 3
+    refine_filters: int = 64
+    unet_filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    classifier_dropout: float = 0.0
+
+    def __post_init__(self):
+        _check_choice("model.architecture", self.architecture, ARCHITECTURES)
+        if any(s <= 0 or s % 32 for s in self.input_size):
+            raise ConfigError(
+                f"model.input_size must be positive multiples of 32 (the encoder downsamples "
+                f"by 32), got {list(self.input_size)}"
+            )
+        if not self.class_names:
+            raise ConfigError("model.class_names must name at least one class")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"model.class_names has duplicates: {list(self.class_names)}")
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ConfigError(f"model.hu_window must be (low, high), got {list(self.hu_window)}")
+        _check_positive("model.stem_filters", self.stem_filters)
+        _check_positive("model.encoder_filters", *self.encoder_filters)
+        _check_positive("model.encoder_blocks", *self.encoder_blocks)
+        _check_positive("model.se_reduction", self.se_reduction)
+        _check_positive("model.aspp_rates", *self.aspp_rates)
+        _check_positive("model.aspp_filters", self.aspp_filters)
+        _check_positive("model.decoder_filters", *self.decoder_filters)
+        _check_positive("model.decoder_convs", self.decoder_convs)
+        _check_positive("model.refine_filters", self.refine_filters)
+        _check_positive("model.unet_filters", *self.unet_filters)
+        if len(self.unet_filters) < 2 or 2 ** (len(self.unet_filters) - 1) > 32:
+            raise ConfigError("model.unet_filters needs 2 to 6 levels (at most 5 poolings)")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError("model.classifier_dropout must be in [0, 1)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the TFRecords are and how batches are made.
+
+    Attributes:
+        records_dir: Directory written by `python -m data_tools.convert`.
+        compression: "" or "GZIP", as the records were written.
+        fold: Which patient-level fold to train on.
+        num_folds: Number of folds in the records' manifest.
+        shuffle_buffer: Slices held by the shuffle buffer.
+        augment: Random flips, rotations and intensity jitter on training batches.
+        rotation_degrees: Largest random rotation when augmenting.
+        cache: Cache decoded slices in memory after the first epoch.
+    """
+
+    records_dir: str = "data/records"
+    compression: str = ""
+    fold: int = 0
+    num_folds: int = 5
+    shuffle_buffer: int = 1024
+    augment: bool = True
+    rotation_degrees: float = 10.0
+    cache: bool = False
+
+    def __post_init__(self):
+        _check_choice("data.compression", self.compression, ("", "GZIP"))
+        _check_positive("data.num_folds", self.num_folds)
+        if not 0 <= self.fold < self.num_folds:
+            raise ConfigError(
+                f"data.fold must be in [0, {self.num_folds - 1}] for {self.num_folds} folds, "
+                f"got {self.fold}"
+            )
+        _check_positive("data.shuffle_buffer", self.shuffle_buffer)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (Huang et al. 2021, Section 3.2: Adam 3e-4, batch 8, 200 epochs).
+
+    Attributes:
+        phases: Which phases to run, in order: "segmentation", "classification".
+        loss: "hybrid" (BCE + SSIM + IoU, BASNet) or "bce" (the Table 7 ablation).
+        coarse_loss_weight: Weight of the loss on the coarse output (deep supervision).
+        final_loss_weight: Weight of the loss on the refined output.
+        learning_rate: Adam learning rate of the segmentation phase.
+        batch_size: Global batch size.
+        epochs: Maximum segmentation epochs.
+        early_stopping_patience: Epochs without a better validation loss before stopping.
+        classifier_learning_rate: Adam learning rate of the classification phase.
+        classifier_epochs: Maximum classification epochs.
+        precision: "float32", "mixed_float16" or "mixed_bfloat16".
+        jit_compile: Compile train steps with XLA.
+        seed: Seed for weights, shuffling and augmentation.
+    """
+
+    phases: tuple[str, ...] = PHASES
+    loss: str = "hybrid"
+    coarse_loss_weight: float = 1.0
+    final_loss_weight: float = 1.0
+    learning_rate: float = 3e-4
+    batch_size: int = 8
+    epochs: int = 200
+    early_stopping_patience: int = 10
+    classifier_learning_rate: float = 3e-4
+    classifier_epochs: int = 50
+    precision: str = "float32"
+    jit_compile: bool = False
+    seed: int = 42
+
+    def __post_init__(self):
+        if not self.phases:
+            raise ConfigError(f"train.phases must name at least one of {list(PHASES)}")
+        for phase in self.phases:
+            _check_choice("train.phases", phase, PHASES)
+        _check_choice("train.loss", self.loss, LOSSES)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_positive("train.learning_rate", self.learning_rate)
+        _check_positive("train.classifier_learning_rate", self.classifier_learning_rate)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.classifier_epochs", self.classifier_epochs)
+        if self.coarse_loss_weight < 0 or self.final_loss_weight < 0:
+            raise ConfigError("train.coarse_loss_weight and train.final_loss_weight must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A named experiment: model, data and training settings together."""
+
+    name: str = "default"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(key, *values):
+    if any(v <= 0 for v in values):
+        raise ConfigError(f"{key} must be positive, got {list(values)}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Converts a YAML value to the field's annotated type, or raises naming the key."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        items = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
+        if len(items) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {items!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(items, args)))
+    if origin in (typing.Union, types.UnionType):
+        return value  # not used by the current fields
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build_section(cls, values: Mapping[str, Any], section: str, source: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"'{section}' in {source} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key '{section}.{key}' in {source}; allowed keys in '{section}': "
+                f"{', '.join(allowed)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {source})") from None
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Builds an `ExperimentConfig` from nested plain values, validating every key."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source} must hold a mapping with keys name, model, data, train")
+    allowed = ["name", *_SECTIONS]
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key '{key}' in {source}; allowed top-level keys: {', '.join(allowed)}"
+            )
+    sections = {
+        name: _build_section(cls, values.get(name) or {}, name, source)
+        for name, cls in _SECTIONS.items()
+    }
+    name = values.get("name", "default")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"'name' in {source} must be a non-empty string, got {name!r}")
+    return ExperimentConfig(name=name, **sections)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """Plain nested values (tuples as lists) of a config, ready for YAML or JSON."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` overrides (values parsed as YAML) to nested values."""
+    values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        dotted, raw = override.split("=", 1)
+        dotted = dotted.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+        if dotted == "name":
+            values["name"] = value
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(
+                f"unknown key '{dotted}' in override {override!r}; use name or "
+                f"<section>.<key> with section one of {', '.join(_SECTIONS)}"
+            )
+        allowed = [f.name for f in dataclasses.fields(_SECTIONS[section])]
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key '{dotted}' in override {override!r}; allowed keys in "
+                f"'{section}': {', '.join(allowed)}"
+            )
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            values[section] = {}
+        values[section][key] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Loads an experiment YAML file (or the defaults) and applies dotted overrides.
+
+    Args:
+        path: A YAML file; None gives the defaults (the paper's settings).
+        overrides: Strings like ``"model.aspp_rates=[3,6,9]"`` or ``"train.epochs=5"``.
+
+    Returns:
+        A frozen, validated `ExperimentConfig`.
+
+    Raises:
+        ConfigError: on an unknown key, a value of the wrong type or out of range, or a
+            file that is missing or not valid YAML; the message names the key and file.
+    """
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping with keys name, model, data, train")
+    overrides = list(overrides)
+    if overrides:
+        values = apply_overrides(values, overrides)
+        source += " + overrides"
+    return config_from_dict(values, source)
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML (loadable again by `load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")

@@ -1,0 +1,255 @@
+"""Segmentation metrics of Huang et al. (2021, Section 3.3), streaming and offline.
+
+From global pixel counts over a data set, per class (a pixel is predicted positive when
+its probability is >= the threshold, default 0.5; a mask pixel is positive when >= 0.5):
+
+    Dice = 2 TP / (2 TP + FP + FN)        IoU = TP / (TP + FP + FN)
+    precision = TP / (TP + FP)            recall = TP / (TP + FN)
+
+plus the per-image mean Dice (Dice of each image, averaged over images).
+
+Empty cases, one rule for all: when a denominator is 0 the score is 1.0 if prediction and
+truth are both empty (TP = FP = FN = 0: nothing to find and nothing claimed), else 0.0.
+Hence empty-vs-empty scores 1 for every metric, and every metric scores 0 when exactly one
+of prediction and truth is empty (e.g. recall of a non-empty prediction on an empty mask:
+TP + FN = 0 but FP > 0, so 0).
+
+The `keras.metrics.Metric` classes are pure Keras (any backend) and plug into
+`model.compile(metrics={"final": segmentation_metrics(class_names)})`; the numpy functions
+give the same numbers offline, in exact integer counts.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _ratio(xp, num, den, tp, fp, fn):
+    """num / den, with the empty-case rule of the module docstring where den == 0."""
+    empty = xp.where((tp + fp + fn) == 0, 1.0, 0.0)
+    return xp.where(den > 0, num / xp.maximum(den, 1e-12), empty)
+
+
+_FORMULAS = {
+    "dice": lambda tp, fp, fn: (2 * tp, 2 * tp + fp + fn),
+    "iou": lambda tp, fp, fn: (tp, tp + fp + fn),
+    "precision": lambda tp, fp, fn: (tp, tp + fp),
+    "recall": lambda tp, fp, fn: (tp, tp + fn),
+}
+
+
+# ----------------------------------------------------------------------------- numpy
+
+
+def confusion_counts(y_true, y_pred, threshold=0.5):
+    """Global per-class pixel counts.
+
+    Args:
+        y_true: [..., C] masks (positive where >= 0.5).
+        y_pred: [..., C] probabilities (positive where >= threshold).
+        threshold: Binarisation threshold of the prediction.
+
+    Returns:
+        (tp, fp, fn): int64 arrays of shape [C].
+    """
+    y_true, y_pred = _check_shapes(y_true, y_pred)
+    t = y_true >= 0.5
+    p = y_pred >= threshold
+    axes = tuple(range(t.ndim - 1))
+    return (
+        np.sum(t & p, axis=axes, dtype=np.int64),
+        np.sum(~t & p, axis=axes, dtype=np.int64),
+        np.sum(t & ~p, axis=axes, dtype=np.int64),
+    )
+
+
+def scores_from_counts(tp, fp, fn):
+    """Dice, IoU, precision and recall from pixel counts (arrays or scalars).
+
+    Returns:
+        dict from metric name to float64 arrays of the counts' shape.
+    """
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    return {
+        name: _ratio(np, *formula(tp, fp, fn), tp, fp, fn) for name, formula in _FORMULAS.items()
+    }
+
+
+def per_image_dice(y_true, y_pred, threshold=0.5):
+    """Dice of each image and class: [N, C] float64 (inputs [N, H, W, C])."""
+    y_true, y_pred = _check_shapes(y_true, y_pred)
+    t = y_true >= 0.5
+    p = y_pred >= threshold
+    axes = tuple(range(1, t.ndim - 1))
+    tp = np.sum(t & p, axis=axes)
+    fp = np.sum(~t & p, axis=axes)
+    fn = np.sum(t & ~p, axis=axes)
+    return scores_from_counts(tp, fp, fn)["dice"]
+
+
+def segmentation_scores(y_true, y_pred, class_names, threshold=0.5):
+    """All metrics per class: {class: {dice, iou, precision, recall, mean_image_dice}}."""
+    y_true, y_pred = _check_shapes(y_true, y_pred)
+    if y_true.shape[-1] != len(class_names):
+        raise ValueError(f"{y_true.shape[-1]} channels but {len(class_names)} class names")
+    scores = scores_from_counts(*confusion_counts(y_true, y_pred, threshold))
+    image_dice = per_image_dice(y_true, y_pred, threshold).mean(axis=0)
+    return {
+        name: {k: float(v[c]) for k, v in scores.items()}
+        | {"mean_image_dice": float(image_dice[c])}
+        for c, name in enumerate(class_names)
+    }
+
+
+def _check_shapes(y_true, y_pred):
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true shape {y_true.shape} differs from y_pred shape {y_pred.shape}")
+    return y_true, y_pred
+
+
+# ----------------------------------------------------------------------------- keras
+
+
+class _ClassMetric(keras.metrics.Metric):
+    """Base of the per-class streaming metrics: reads channel `class_index` of [N,H,W,C]."""
+
+    prefix = "metric"
+
+    def __init__(self, class_index=0, class_name=None, threshold=0.5, name=None, dtype=None):
+        super().__init__(name=name or f"{self.prefix}_{class_name or class_index}", dtype=dtype)
+        self.class_index = int(class_index)
+        self.class_name = class_name
+        self.threshold = float(threshold)
+
+    def _binary(self, y_true, y_pred, sample_weight):
+        t = ops.cast(ops.cast(y_true[..., self.class_index], "float32") >= 0.5, "float32")
+        p = ops.cast(
+            ops.cast(y_pred[..., self.class_index], "float32") >= self.threshold, "float32"
+        )
+        w = None
+        if sample_weight is not None:
+            w = ops.cast(sample_weight, "float32")
+            w = ops.reshape(w, (-1,) + (1,) * (len(t.shape) - 1))
+        return t, p, w
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "class_index": self.class_index,
+            "class_name": self.class_name,
+            "threshold": self.threshold,
+        }
+
+
+class _PixelCountMetric(_ClassMetric):
+    """Accumulates TP, FP, FN over every pixel seen since the last reset."""
+
+    formula = "dice"
+
+    def __init__(self, class_index=0, class_name=None, threshold=0.5, name=None, dtype=None):
+        super().__init__(class_index, class_name, threshold, name, dtype)
+        self.tp = self.add_variable((), initializer="zeros", dtype="float32", name="tp")
+        self.fp = self.add_variable((), initializer="zeros", dtype="float32", name="fp")
+        self.fn = self.add_variable((), initializer="zeros", dtype="float32", name="fn")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        t, p, w = self._binary(y_true, y_pred, sample_weight)
+        counts = [t * p, (1.0 - t) * p, t * (1.0 - p)]
+        if w is not None:
+            counts = [c * w for c in counts]
+        for var, c in zip((self.tp, self.fp, self.fn), counts):
+            var.assign_add(ops.sum(c))
+
+    def result(self):
+        tp, fp, fn = self.tp.value, self.fp.value, self.fn.value
+        return _ratio(ops, *_FORMULAS[self.formula](tp, fp, fn), tp, fp, fn)
+
+
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class DiceScore(_PixelCountMetric):
+    """Dice of one class from global pixel counts: 2TP / (2TP + FP + FN).
+
+    Args:
+        class_index: Channel of [N, H, W, C] to score.
+        class_name: Used in the default name, e.g. "dice_ggo".
+        threshold: Probability at which a pixel counts as predicted positive.
+    """
+
+    prefix = "dice"
+    formula = "dice"
+
+
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class IoUScore(_PixelCountMetric):
+    """IoU (Jaccard) of one class from global pixel counts: TP / (TP + FP + FN)."""
+
+    prefix = "iou"
+    formula = "iou"
+
+
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class PixelPrecision(_PixelCountMetric):
+    """Pixel precision of one class from global pixel counts: TP / (TP + FP)."""
+
+    prefix = "precision"
+    formula = "precision"
+
+
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class PixelRecall(_PixelCountMetric):
+    """Pixel recall (sensitivity) of one class from global pixel counts: TP / (TP + FN)."""
+
+    prefix = "recall"
+    formula = "recall"
+
+
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class MeanImageDice(_ClassMetric):
+    """Dice of each image for one class, averaged over images (sample weights weight images).
+
+    An image where prediction and mask are both empty scores 1.
+    """
+
+    prefix = "image_dice"
+
+    def __init__(self, class_index=0, class_name=None, threshold=0.5, name=None, dtype=None):
+        super().__init__(class_index, class_name, threshold, name, dtype)
+        self.total = self.add_variable((), initializer="zeros", dtype="float32", name="total")
+        self.count = self.add_variable((), initializer="zeros", dtype="float32", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        t, p, _ = self._binary(y_true, y_pred, None)
+        axes = tuple(range(1, len(t.shape)))
+        tp = ops.sum(t * p, axis=axes)
+        fp = ops.sum((1.0 - t) * p, axis=axes)
+        fn = ops.sum(t * (1.0 - p), axis=axes)
+        dice = _ratio(ops, 2 * tp, 2 * tp + fp + fn, tp, fp, fn)
+        weights = (
+            ops.ones_like(dice)
+            if sample_weight is None
+            else ops.reshape(ops.cast(sample_weight, "float32"), (-1,)) * ops.ones_like(dice)
+        )
+        self.total.assign_add(ops.sum(dice * weights))
+        self.count.assign_add(ops.sum(weights))
+
+    def result(self):
+        return ops.where(
+            self.count.value > 0, self.total.value / ops.maximum(self.count.value, 1e-12), 0.0
+        )
+
+
+METRIC_CLASSES = (DiceScore, IoUScore, PixelPrecision, PixelRecall, MeanImageDice)
+
+
+def segmentation_metrics(class_names, threshold=0.5):
+    """One instance of every streaming metric per class, named e.g. "dice_ggo"."""
+    return [
+        cls(class_index=i, class_name=name, threshold=threshold)
+        for cls in METRIC_CLASSES
+        for i, name in enumerate(class_names)
+    ]

@@ -1,0 +1,98 @@
+"""The networks of tfcovseg, pure Keras 3 (no TensorFlow import): any backend runs them.
+
+`build_model(model_config)` is the one entry point: the paper's coarse-refine network, the
+rungs of its Table 7 ablation, the U-Net / U-Net++ baselines and the plain SE-ResNet-34
+classifier of Table 6, chosen by `ModelConfig.architecture`. `build_classifier(segmenter)`
+puts the slice-classifier head on a segmenter's encoder, sharing its weights.
+"""
+
+from __future__ import annotations
+
+from tfcovseg.models.baselines import UNet, UNetPlusPlus
+from tfcovseg.models.classifier import CovidClassifier, build_classifier
+from tfcovseg.models.encoder import PYRAMID_LEVELS, SEResNetEncoder
+from tfcovseg.models.layers import ResizeToMatch, SqueezeAxis
+from tfcovseg.models.preprocessing import HUWindow, window_hu
+from tfcovseg.models.segmenter import CoarseRefineNet
+
+__all__ = [
+    "PYRAMID_LEVELS",
+    "CoarseRefineNet",
+    "CovidClassifier",
+    "HUWindow",
+    "ResizeToMatch",
+    "SEResNetEncoder",
+    "SqueezeAxis",
+    "UNet",
+    "UNetPlusPlus",
+    "build_classifier",
+    "build_model",
+    "window_hu",
+]
+
+# architecture -> (use_aspp, use_refinement) of the SE-ResNet U-Net family (Table 7).
+_LADDER = {
+    "seresnet_unet": (False, False),
+    "seresnet_unet_aspp": (True, False),
+    "coarse_refine": (True, True),
+}
+
+
+def build_model(model_config=None):
+    """Builds the network a `ModelConfig` describes.
+
+    Args:
+        model_config: A `tfcovseg.config.ModelConfig` (None: the paper's defaults).
+
+    Returns:
+        A functional `keras.Model` taking "hu" [N, H, W, 1] float32. Segmenters return a
+        dict of float32 sigmoid probabilities [N, H, W, C]: {"coarse", "final"} for
+        coarse_refine, {"final"} for the other architectures. The classifier architecture
+        ("seresnet_classifier") returns `covid_probability` [N].
+    """
+    from tfcovseg.config import ModelConfig
+
+    cfg = model_config if model_config is not None else ModelConfig()
+    common = dict(
+        input_size=cfg.input_size,
+        hu_window=cfg.hu_window,
+        pre_windowed=cfg.pre_windowed,
+    )
+    if cfg.architecture in _LADDER:
+        use_aspp, use_refinement = _LADDER[cfg.architecture]
+        return CoarseRefineNet(
+            **common,
+            class_names=cfg.class_names,
+            stem_filters=cfg.stem_filters,
+            encoder_filters=cfg.encoder_filters,
+            encoder_blocks=cfg.encoder_blocks,
+            se_reduction=cfg.se_reduction,
+            use_aspp=use_aspp,
+            aspp_rates=cfg.aspp_rates,
+            aspp_filters=cfg.aspp_filters,
+            decoder_filters=cfg.decoder_filters,
+            decoder_convs=cfg.decoder_convs,
+            use_refinement=use_refinement,
+            refine_filters=cfg.refine_filters,
+            name=cfg.architecture,
+        )
+    if cfg.architecture == "unet":
+        return UNet(**common, class_names=cfg.class_names, filters=cfg.unet_filters)
+    if cfg.architecture == "unet_plus_plus":
+        return UNetPlusPlus(**common, class_names=cfg.class_names, filters=cfg.unet_filters)
+    if cfg.architecture == "seresnet_classifier":
+        encoder = SEResNetEncoder(
+            input_size=cfg.input_size,
+            stem_filters=cfg.stem_filters,
+            stage_filters=cfg.encoder_filters,
+            stage_blocks=cfg.encoder_blocks,
+            se_reduction=cfg.se_reduction,
+        )
+        return CovidClassifier(
+            encoder,
+            cfg.hu_window,
+            cfg.pre_windowed,
+            cfg.classifier_dropout,
+            name="seresnet_classifier",
+        )
+    raise ValueError(f"unknown model.architecture {cfg.architecture!r}")
