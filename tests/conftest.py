@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny, seeded networks so the suite stays fast on two CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tfcovseg.config import ModelConfig  # noqa: E402
+
+TINY = dict(
+    input_size=(64, 64),
+    stem_filters=8,
+    encoder_filters=(8, 16, 16, 32),
+    encoder_blocks=(1, 1, 1, 1),
+    se_reduction=4,
+    aspp_filters=8,
+    decoder_filters=(16, 8, 8, 8),
+    decoder_convs=1,
+    refine_filters=8,
+    unet_filters=(4, 8, 16),
+)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A narrow 64x64 model config of the given architecture and overrides."""
+    return ModelConfig(**(TINY | overrides))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    keras.config.set_dtype_policy("float32")
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def hu_batch(rng, n=2, size=64):
+    """Random CT-like slices in Hounsfield units, [n, size, size, 1] float32."""
+    return rng.uniform(-1100.0, 300.0, size=(n, size, size, 1)).astype("float32")

@@ -1,0 +1,75 @@
+"""The slice classifier: shared encoder weights, freezing, and the Table 6 baseline."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import hu_batch, tiny_config
+from tfcovseg.models import CovidClassifier, build_classifier, build_model
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_classifier_output_is_probability_per_slice(rng):
+    classifier = build_classifier(build_model(tiny_config()))
+    out = classifier(hu_batch(rng, n=3))
+    assert tuple(out.shape) == (3,)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert ((_np(out) > 0) & (_np(out) < 1)).all()
+
+
+def test_classifier_shares_the_segmenter_encoder_weights(rng):
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter)
+    assert classifier.encoder is segmenter.encoder
+    x = hu_batch(rng)
+    before_cls, before_seg = _np(classifier(x)), _np(segmenter(x)["coarse"])
+    stem_conv = segmenter.encoder.layers[1]
+    stem_conv.kernel.assign(stem_conv.kernel * 3.0)
+    assert not np.allclose(_np(classifier(x)), before_cls)
+    assert not np.allclose(_np(segmenter(x)["coarse"]), before_seg)
+
+
+def test_frozen_encoder_trains_only_the_head(rng):
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter)
+    classifier.encoder.trainable = False
+    assert len(classifier.trainable_weights) == 2  # dense kernel and bias
+    x = hu_batch(rng, n=4)
+    seg_before = _np(segmenter(x, training=False)["final"])
+    head = classifier.layers[-3]
+    head_before = _np(head.kernel).copy()
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    classifier.train_on_batch(x, np.array([1, 0, 1, 0], "float32"))
+    assert not np.allclose(_np(head.kernel), head_before)
+    # Frozen BN layers run in inference mode: the segmenter is untouched.
+    np.testing.assert_array_equal(_np(segmenter(x, training=False)["final"]), seg_before)
+
+
+def test_classifier_learns_a_separable_toy_task(rng):
+    classifier = build_model(tiny_config(architecture="seresnet_classifier"))
+    x = np.concatenate([np.full((8, 64, 64, 1), -900.0), np.full((8, 64, 64, 1), 0.0)])
+    x = (x + rng.normal(0, 20, x.shape)).astype("float32")
+    y = np.array([0] * 8 + [1] * 8, "float32")
+    classifier.compile(optimizer=keras.optimizers.Adam(3e-3), loss="binary_crossentropy")
+    classifier.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    p = _np(classifier(x, training=False))
+    assert p[:8].max() < 0.5 < p[8:].min()
+
+
+def test_build_classifier_needs_an_se_resnet_encoder():
+    with pytest.raises(ValueError, match="SE-ResNet encoder"):
+        build_classifier(build_model(tiny_config(architecture="unet")))
+    with pytest.raises(TypeError, match="SEResNetEncoder"):
+        CovidClassifier(encoder=keras.layers.Dense(3))
+
+
+def test_seresnet_classifier_architecture(rng):
+    model = build_model(tiny_config(architecture="seresnet_classifier", classifier_dropout=0.2))
+    assert isinstance(model, CovidClassifier)
+    assert tuple(model(hu_batch(rng)).shape) == (2,)
+    assert model.dropout == 0.2

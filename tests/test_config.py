@@ -1,0 +1,127 @@
+"""Configuration: YAML files, dotted overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tfcovseg.config import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_paper_yaml_holds_the_papers_settings():
+    cfg = load_config(EXPERIMENTS / "paper.yaml")
+    assert cfg.name == "paper"
+    assert cfg.model.input_size == (512, 512)
+    assert cfg.model.num_classes == 3
+    assert cfg.model.encoder_blocks == (3, 4, 6, 3)
+    assert cfg.model.aspp_rates == (3, 6, 9)
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.train.batch_size == 8
+    assert cfg.train.epochs == 200
+    assert cfg.train.loss == "hybrid"
+    assert cfg.train.early_stopping_patience > 0
+    # The defaults are the paper's settings too.
+    assert load_config() == dataclasses.replace(cfg, name="default")
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(
+        None,
+        [
+            "model.aspp_rates=[2,4,8]",
+            "train.epochs=5",
+            "train.learning_rate=1e-3",
+            "model.pre_windowed=true",
+            "name=trial",
+        ],
+    )
+    assert cfg.model.aspp_rates == (2, 4, 8)
+    assert cfg.train.epochs == 5
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.pre_windowed is True
+    assert cfg.name == "trial"
+
+
+def test_unknown_override_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.aspp_rate=[3,6,9]"])
+    msg = str(e.value)
+    assert "model.aspp_rate" in msg and "aspp_rates" in msg and "input_size" in msg
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  input_sise: [64, 64]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.input_sise' in .*x.yaml"):
+        load_config(path)
+    path.write_text("modle:\n  input_size: [64, 64]\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'.*allowed top-level keys"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.input_size=[100,100]", "multiples of 32"),
+        ("model.input_size=[64]", "list of 2 values"),
+        ("model.aspp_rates=abc", "must be a list"),
+        ("train.batch_size=eight", "must be an integer"),
+        ("train.batch_size=0", "must be positive"),
+        ("train.loss=dice", "must be one of"),
+        ("train.phases=[segmentation, nap]", "must be one of"),
+        ("data.fold=5", r"data.fold must be in \[0, 4\]"),
+        ("model.pre_windowed=maybe", "true or false"),
+        ("model.hu_window=[250,-1250]", "hu_window"),
+        ("model.class_names=[ggo,ggo]", "duplicates"),
+        ("epochs=3", "unknown key 'epochs'"),
+        ("train.epochs", "section.key=value"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(EXPERIMENTS / "quickstart.yaml", ["train.epochs=2"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert config_to_dict(cfg)["model"]["input_size"] == [128, 128]
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dataclass_defaults():
+    assert ExperimentConfig().model == ModelConfig()
+    assert ModelConfig().class_names == ("ggo", "consolidation", "fibrosis")
+    assert ModelConfig().hu_window == (-1250.0, 250.0)

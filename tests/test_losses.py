@@ -1,0 +1,195 @@
+"""Hybrid loss: known answers on 4x4 arrays, tf.image.ssim parity, stability."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcovseg.losses import (
+    HybridLoss,
+    deep_supervision,
+    gaussian_kernel,
+    hybrid_loss_terms,
+    make_loss,
+    ssim,
+)
+
+C1, C2 = 0.01**2, 0.03**2
+
+# A 4x4 mask with a 2x2 lesion, and a prediction that finds half of it with confidence.
+G = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], "float32")
+P = np.array([[0.8, 0.8, 0.2, 0.2], [0.4, 0.4, 0.2, 0.2], [0.2] * 4, [0.2] * 4], "float32")
+
+
+def _img(a):
+    return a[None, :, :, None]
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_bce_known_answer():
+    terms = hybrid_loss_terms(_img(G), _img(P), terms=("bce",))
+    # Two lesion pixels at 0.8 and twelve background pixels at 0.2 cost -ln 0.8 each;
+    # two lesion pixels at 0.4 cost -ln 0.4.
+    expected = (14 * -math.log(0.8) + 2 * -math.log(0.4)) / 16
+    np.testing.assert_allclose(_np(terms["bce"]), [expected], rtol=1e-6)
+
+
+def test_iou_known_answer():
+    terms = hybrid_loss_terms(_img(G), _img(P), terms=("iou",))
+    # sum(pg) = 2.4, sum(p) = 4.8, sum(g) = 4: 1 - 2.4 / (4.8 + 4 - 2.4) = 0.625
+    np.testing.assert_allclose(_np(terms["iou"]), [0.625], rtol=1e-6)
+
+
+def test_ssim_known_answer_pointwise_window():
+    # A 1x1 window makes every local variance zero: SSIM is the mean over pixels of the
+    # luminance term (2 p g + C1) / (p^2 + g^2 + C1).
+    lum = (2 * P * G + C1) / (P**2 + G**2 + C1)
+    np.testing.assert_allclose(_np(ssim(_img(P), _img(G), filter_size=1)), [lum.mean()], rtol=1e-5)
+
+
+def test_ssim_known_answer_constant_images():
+    a, b = np.full((1, 4, 4, 1), 0.3, "float32"), np.full((1, 4, 4, 1), 0.7, "float32")
+    expected = (2 * 0.3 * 0.7 + C1) / (0.3**2 + 0.7**2 + C1)  # contrast-structure is 1
+    np.testing.assert_allclose(_np(ssim(a, b, filter_size=4)), [expected], rtol=1e-5)
+    np.testing.assert_allclose(_np(ssim(_img(P), _img(P), filter_size=3)), [1.0], rtol=1e-6)
+
+
+def test_gaussian_window_matches_tensorflow():
+    w = np.array(gaussian_kernel(11, 1.5))
+    assert w.shape == (11, 11)
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
+    assert w[5, 5] == w.max() and w[0, 5] == pytest.approx(w[5, 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ops_ssim_matches_tf_image_ssim(seed):
+    rng = np.random.default_rng(seed)
+    p = rng.random((3, 32, 40, 3)).astype("float32")
+    g = (rng.random((3, 32, 40, 3)) > 0.6).astype("float32")
+    g[0] = 0.0  # an empty mask
+    g[1, ..., 1] = 1.0  # an all-ones channel
+    for a, b in ((p, g), (p, p**2), (g, g)):
+        ours = _np(ssim(a, b))
+        ref = tf.image.ssim(
+            a, b, max_val=1.0, filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03
+        ).numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_ops_ssim_gradient_matches_tf_image_ssim():
+    rng = np.random.default_rng(3)
+    p = tf.Variable(rng.random((2, 24, 24, 2)).astype("float32"))
+    g = (rng.random((2, 24, 24, 2)) > 0.5).astype("float32")
+    grads = []
+    for fn in (lambda: ssim(p, g), lambda: tf.image.ssim(p, g, 1.0)):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(fn())
+        grads.append(tape.gradient(value, p).numpy())
+    np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_ssim_rejects_images_smaller_than_window():
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(np.zeros((1, 8, 8, 1), "float32"), np.zeros((1, 8, 8, 1), "float32"))
+
+
+def test_hybrid_loss_is_sum_of_terms_per_image_and_channel_average():
+    rng = np.random.default_rng(4)
+    g = (rng.random((2, 16, 16, 2)) > 0.7).astype("float32")
+    p = rng.random((2, 16, 16, 2)).astype("float32")
+    terms = hybrid_loss_terms(g, p)
+    per_image = _np(terms["bce"] + terms["ssim"] + terms["iou"])
+    np.testing.assert_allclose(_np(HybridLoss()(g, p)), per_image.mean(), rtol=1e-6)
+    # Per channel averaged: the loss of a 2-channel map is the mean of the channels' losses.
+    per_channel = [_np(HybridLoss()(g[..., c : c + 1], p[..., c : c + 1])) for c in range(2)]
+    np.testing.assert_allclose(_np(HybridLoss()(g, p)), np.mean(per_channel), rtol=1e-5)
+
+
+def test_tensorflow_backend_uses_tf_image_ssim_and_twin_agrees():
+    rng = np.random.default_rng(5)
+    g = (rng.random((2, 16, 16, 3)) > 0.5).astype("float32")
+    p = rng.random((2, 16, 16, 3)).astype("float32")
+    auto, tf_impl, ops_impl = (HybridLoss(ssim_impl=i)(g, p) for i in ("auto", "tf", "ops"))
+    assert _np(auto) == _np(tf_impl)
+    np.testing.assert_allclose(_np(ops_impl), _np(tf_impl), atol=1e-5)
+
+
+def test_perfect_predictions():
+    lesion = np.zeros((1, 16, 16, 1), "float32")
+    lesion[:, 4:10, 4:10] = 1.0
+    t = hybrid_loss_terms(lesion, lesion)
+    assert _np(t["bce"])[0] < 1e-6 and abs(_np(t["ssim"])[0]) < 1e-6 and _np(t["iou"])[0] < 1e-6
+    empty = np.zeros_like(lesion)
+    t = hybrid_loss_terms(empty, empty)
+    # BASNet's IoU term is the constant 1 on an empty mask (see the module docstring).
+    assert _np(t["bce"])[0] < 1e-6 and abs(_np(t["ssim"])[0]) < 1e-6
+    np.testing.assert_allclose(_np(t["iou"]), [1.0])
+
+
+@pytest.mark.parametrize("impl", ["tf", "ops"])
+@pytest.mark.parametrize("mask", ["empty", "full"])
+@pytest.mark.parametrize("pred", ["zeros", "ones", "half"])
+def test_finite_loss_and_gradients_on_degenerate_masks(impl, mask, pred):
+    g = (
+        np.zeros((2, 16, 16, 3), "float32")
+        if mask == "empty"
+        else np.ones((2, 16, 16, 3), "float32")
+    )
+    value = {"zeros": 0.0, "ones": 1.0, "half": 0.5}[pred]
+    p = tf.Variable(np.full((2, 16, 16, 3), value, "float32"))
+    with tf.GradientTape() as tape:
+        loss = HybridLoss(ssim_impl=impl)(g, p)
+    grad = tape.gradient(loss, p)
+    assert np.isfinite(loss.numpy())
+    assert np.isfinite(grad.numpy()).all()
+
+
+def test_mixed_precision_predictions():
+    rng = np.random.default_rng(6)
+    g = np.zeros((2, 16, 16, 3), "float32")
+    g[0, 3:9, 3:9, 0] = 1.0
+    p32 = rng.random((2, 16, 16, 3)).astype("float32")
+    p32[1] = 1.0  # saturated float16 sigmoid outputs
+    p16 = tf.Variable(tf.cast(p32, tf.float16))
+    with tf.GradientTape() as tape:
+        loss16 = HybridLoss()(g, p16)
+    grad = tape.gradient(loss16, p16)
+    assert np.isfinite(loss16.numpy()) and np.isfinite(grad.numpy().astype("float32")).all()
+    np.testing.assert_allclose(
+        loss16.numpy(), HybridLoss()(g, tf.cast(p16, tf.float32)).numpy(), rtol=1e-6
+    )
+
+
+def test_bce_switch_and_config():
+    rng = np.random.default_rng(7)
+    g = (rng.random((2, 16, 16, 1)) > 0.5).astype("float32")
+    p = rng.random((2, 16, 16, 1)).astype("float32")
+    bce = make_loss("bce")
+    np.testing.assert_allclose(
+        _np(bce(g, p)), _np(hybrid_loss_terms(g, p)["bce"]).mean(), rtol=1e-6
+    )
+    expected = keras.losses.BinaryCrossentropy()(g, p)
+    np.testing.assert_allclose(_np(bce(g, p)), _np(expected), rtol=1e-4)
+    clone = HybridLoss.from_config(bce.get_config())
+    assert clone.terms == ("bce",) and clone.name == "bce_loss"
+    with pytest.raises(ValueError, match="terms"):
+        HybridLoss(terms=("dice",))
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("focal")
+
+
+def test_deep_supervision_weights():
+    losses, weights = deep_supervision(("coarse", "final"), "hybrid", 0.5, 1.0)
+    assert set(losses) == {"coarse", "final"} and weights == {"coarse": 0.5, "final": 1.0}
+    assert all(isinstance(v, HybridLoss) for v in losses.values())
+    losses, weights = deep_supervision(["final"], "bce")
+    assert weights == {"final": 1.0} and losses["final"].terms == ("bce",)
+    with pytest.raises(ValueError, match="'final'"):
+        deep_supervision(["coarse"])

@@ -1,0 +1,152 @@
+"""Metrics: known answers on 4x4 masks, streaming = global counts, empty cases."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tfcovseg.metrics import (
+    DiceScore,
+    IoUScore,
+    MeanImageDice,
+    PixelPrecision,
+    PixelRecall,
+    confusion_counts,
+    per_image_dice,
+    scores_from_counts,
+    segmentation_metrics,
+    segmentation_scores,
+)
+
+T = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], "float32")
+# Found 2 of the 4 lesion pixels; one false positive at exactly the 0.5 threshold.
+P = np.array([[0.9, 0.6, 0, 0], [0.4, 0.2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0.5]], "float32")
+EXPECTED = {"dice": 4 / 7, "iou": 2 / 5, "precision": 2 / 3, "recall": 2 / 4}
+CLASSES = {"dice": DiceScore, "iou": IoUScore, "precision": PixelPrecision, "recall": PixelRecall}
+
+
+def _img(a):
+    return a[None, :, :, None]
+
+
+def _result(metric):
+    return float(keras.ops.convert_to_numpy(metric.result()))
+
+
+def test_numpy_known_answers():
+    tp, fp, fn = confusion_counts(_img(T), _img(P))
+    assert (tp.tolist(), fp.tolist(), fn.tolist()) == ([2], [1], [2])
+    scores = scores_from_counts(tp, fp, fn)
+    for name, value in EXPECTED.items():
+        assert scores[name][0] == pytest.approx(value)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_streaming_known_answers(name):
+    metric = CLASSES[name](class_index=0, class_name="ggo")
+    metric.update_state(_img(T), _img(P))
+    assert metric.name == f"{name}_ggo"
+    assert _result(metric) == pytest.approx(EXPECTED[name], rel=1e-6)
+
+
+def test_threshold_is_inclusive_and_configurable():
+    assert _result(_updated(DiceScore(threshold=0.5), T, P)) == pytest.approx(4 / 7)
+    # At 0.55 the pixel at 0.5 is no longer a false positive: 2 TP, 0 FP, 2 FN.
+    assert _result(_updated(DiceScore(threshold=0.55), T, P)) == pytest.approx(4 / 6)
+
+
+def _updated(metric, t, p, **kw):
+    metric.update_state(_img(t), _img(p), **kw)
+    return metric
+
+
+def test_streaming_accumulates_global_counts_not_batch_averages():
+    empty = np.zeros((4, 4), "float32")
+    three_fp = np.zeros((4, 4), "float32")
+    three_fp[3, :3] = 0.9
+    metric = _updated(_updated(DiceScore(), T, P), empty, three_fp)
+    # Global: TP 2, FP 1 + 3, FN 2 -> 4 / (4 + 4 + 2); a batch average would be 2/7.
+    assert _result(metric) == pytest.approx(0.4)
+    metric.reset_state()
+    assert _result(metric) == 1.0  # nothing seen: empty vs empty
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_empty_cases(name):
+    empty, some = np.zeros((4, 4), "float32"), T
+    both_empty = _result(_updated(CLASSES[name](), empty, empty))
+    missed = _result(_updated(CLASSES[name](), some, empty))
+    hallucinated = _result(_updated(CLASSES[name](), empty, some))
+    assert (both_empty, missed, hallucinated) == (1.0, 0.0, 0.0)
+    np_scores = [
+        scores_from_counts(*confusion_counts(_img(t), _img(p)))[name][0]
+        for t, p in ((empty, empty), (some, empty), (empty, some))
+    ]
+    assert np_scores == [1.0, 0.0, 0.0]
+
+
+def test_mean_image_dice():
+    empty = np.zeros((4, 4), "float32")
+    t = np.stack([T, empty, T])[..., None]
+    p = np.stack([P, empty, empty])[..., None]
+    metric = MeanImageDice()
+    metric.update_state(t, p)
+    assert _result(metric) == pytest.approx((4 / 7 + 1 + 0) / 3)
+    np.testing.assert_allclose(per_image_dice(t, p)[:, 0], [4 / 7, 1, 0])
+    weighted = MeanImageDice()
+    weighted.update_state(t, p, sample_weight=np.array([1.0, 1.0, 0.0]))
+    assert _result(weighted) == pytest.approx((4 / 7 + 1) / 2)
+
+
+def test_sample_weight_excludes_images():
+    empty = np.zeros((4, 4), "float32")
+    t = np.stack([T, empty])[..., None]
+    p = np.stack([P, T])[..., None]
+    metric = DiceScore()
+    metric.update_state(t, p, sample_weight=np.array([1.0, 0.0]))
+    assert _result(metric) == pytest.approx(4 / 7)
+
+
+def test_class_index_selects_channel_and_numpy_agrees():
+    rng = np.random.default_rng(0)
+    t = (rng.random((3, 8, 8, 2)) > 0.6).astype("float32")
+    p = rng.random((3, 8, 8, 2)).astype("float32")
+    metrics = segmentation_metrics(["ggo", "consolidation"])
+    assert [m.name for m in metrics][:4] == [
+        "dice_ggo",
+        "dice_consolidation",
+        "iou_ggo",
+        "iou_consolidation",
+    ]
+    for m in metrics:
+        m.update_state(t[:2], p[:2])
+        m.update_state(t[2:], p[2:])
+    offline = segmentation_scores(t, p, ["ggo", "consolidation"])
+    keys = {
+        "dice": "dice",
+        "iou": "iou",
+        "precision": "precision",
+        "recall": "recall",
+        "image_dice": "mean_image_dice",
+    }
+    for m in metrics:
+        prefix, cls = (
+            m.name.split("_", 1)
+            if not m.name.startswith("image_dice")
+            else ("image_dice", m.name[len("image_dice_") :])
+        )
+        assert _result(m) == pytest.approx(offline[cls][keys[prefix]], rel=1e-6), m.name
+
+
+def test_metric_config_round_trip():
+    m = IoUScore(class_index=2, class_name="fibrosis", threshold=0.3)
+    clone = IoUScore.from_config(m.get_config())
+    assert (clone.name, clone.class_index, clone.threshold) == ("iou_fibrosis", 2, 0.3)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        confusion_counts(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match="class names"):
+        segmentation_scores(np.zeros((1, 4, 4, 2)), np.zeros((1, 4, 4, 2)), ["ggo"])

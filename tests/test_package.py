@@ -1,0 +1,56 @@
+"""Package-level behaviour: the TensorFlow extra, and what imports without it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code, backend):
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "PYTHONPATH": str(ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", "import tests.no_tensorflow\n" + code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_import_without_tensorflow_names_the_extra():
+    proc = _run("import tfcovseg", "tensorflow")
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert 'pip install "tfcovseg[cpu]"' in proc.stderr
+    assert "tfcovseg[gpu]" in proc.stderr and "KERAS_BACKEND=jax" in proc.stderr
+
+
+def test_tensorflow_only_features_name_the_extra_under_other_backends():
+    code = (
+        "import tfcovseg\n"
+        "try:\n"
+        "    tfcovseg.require_tensorflow('the tf.data pipeline')\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    proc = _run(code, "jax")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "the tf.data pipeline needs TensorFlow" in proc.stdout
+    assert 'pip install "tfcovseg[cpu]"' in proc.stdout
+
+
+def test_models_package_never_imports_tensorflow():
+    sources = (ROOT / "tfcovseg" / "models").rglob("*.py")
+    for path in sources:
+        text = path.read_text()
+        assert "import tensorflow" not in text and "tf." not in text, path
