@@ -122,8 +122,8 @@ class DataConfig:
         fold: Which patient-level fold to train on.
         num_folds: Number of folds in the records' manifest.
         shuffle_buffer: Slices held by the shuffle buffer.
-        augment: Random flips, rotations and intensity jitter on training batches.
-        rotation_degrees: Largest random rotation when augmenting.
+        augment: The paper's online augmentation of training batches: rotation by a
+            random multiple of 90 degrees and a random horizontal flip.
         cache: Cache decoded slices in memory after the first epoch.
     """
 
@@ -133,7 +133,6 @@ class DataConfig:
     num_folds: int = 5
     shuffle_buffer: int = 1024
     augment: bool = True
-    rotation_degrees: float = 10.0
     cache: bool = False
 
     def __post_init__(self):

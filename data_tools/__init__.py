@@ -1,0 +1,1 @@
+"""Data tools: DICOM / NIfTI / PNG ingestion, lung masks, folds and sharded TFRecords."""
