@@ -1,0 +1,741 @@
+"""Convert CT studies into sharded TFRecords plus a manifest with patient-level folds.
+
+    python -m data_tools.convert --input DIR --out DIR [--size 512] [--shards N]
+        [--workers K] [--folds 5] [--seed S] [--classes ggo,consolidation,fibrosis]
+        [--compression GZIP] [--strict] [--salt SECRET] [--default-diagnosis covid]
+
+What it finds under ``--input``:
+
+- DICOM CT series (grouped by SeriesInstanceUID, sorted along the slice normal), with
+  lesion masks from a DICOM SEG object that references the series, or else from a NIfTI
+  label volume named like ``*lesion*``, ``*mask*``, ``*seg*`` or ``*label*`` in the
+  series folder or the folder above it;
+- NIfTI CT volumes, with a mask next to them named ``<stem>_mask`` (``_seg``,
+  ``_lesions``, ``_label``) or with ``im`` replaced by ``mask`` (``tr_im`` -> ``tr_mask``);
+- 2-D slice datasets in the COVID-SemiSeg layout: ``Imgs/N.jpg`` (already windowed 8-bit)
+  with ``GT/N.png`` (0 background, 1 GGO, 2 consolidation); each slice is its own patient;
+- patient labels in ``manifest.csv`` or ``labels.csv`` at the input root (columns
+  patient, diagnosis, severity; the phantom writes one).
+
+What it writes to ``--out``: ``slices-XXXXX-of-YYYYY.tfrecord[.gz]`` shards (one
+`tf.train.Example` per slice, spec in `data_tools.features`) and ``manifest.json`` (classes,
+shards, per-patient and per-slice statistics, the fold assignment, skipped files). Shards are
+written under a temporary folder and moved into place when complete, and the manifest last,
+so an interrupted run leaves the previous output intact; re-running gives byte-identical
+output and never duplicates. Identifiers are pseudonymised (`data_tools.privacy`).
+
+Files that cannot be used (corrupt, not DICOM, not CT, not an image, an undecodable or
+unsupported codec, a mask that does not fit) are skipped with their reason and listed at
+the end; ``--strict`` makes any of them fatal. Nothing usable is an error (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from data_tools import dicom_io, masks
+from data_tools.dicom_io import SkipFile
+from data_tools.features import DIAGNOSES, SEVERITIES
+from data_tools.folds import assign_subgroups, fold_splits
+from data_tools.lung import lung_mask
+from data_tools.privacy import Redactor, pseudonym, resolve_salt
+
+DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
+MANIFEST = "manifest.json"
+SHARD_RE = re.compile(r"^slices-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
+MASK_WORDS = ("lesion", "mask", "seg", "label", "gt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class ConversionError(Exception):
+    """Conversion cannot go on; the message says why (exit code 2 on the command line)."""
+
+
+@dataclasses.dataclass
+class Study:
+    """One unit of conversion: a DICOM series, a NIfTI volume or a PNG/JPG slice."""
+
+    kind: str  # dicom | nifti | png
+    rel: str  # path relative to the input root, for messages
+    patient_key: str  # original patient identifier (memory only)
+    series_key: str  # original series identifier (memory only)
+    series: dicom_io.DicomSeries | None = None
+    image_path: Path | None = None
+    mask_path: Path | None = None
+    mask_kind: str | None = None  # nifti | seg | png
+    diagnosis: str = "unknown"
+    severity: str = "unknown"
+
+
+@dataclasses.dataclass
+class StudyResult:
+    """A converted study, ready to write (numpy arrays at the output size)."""
+
+    hu: np.ndarray  # [K, S, S] float32
+    lesions: np.ndarray  # [K, S, S, C] uint8
+    lung: np.ndarray  # [K, S, S] uint8
+    positions: list[float]
+    slice_keys: list[str]
+    spacing_mm: tuple[float, float, float]
+    annotated: bool
+    pre_windowed: bool
+    skipped: list[tuple[str, str]]
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(".nii") or path.name.endswith(".nii.gz")
+
+
+def _nifti_stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+
+
+def _looks_like_mask(path: Path) -> bool:
+    tokens = [t for t in re.split(r"[^a-z]+", _nifti_stem(path).lower()) if t]
+    return any(t.startswith(word) for t in tokens for word in MASK_WORDS)
+
+
+def _read_labels(root: Path):
+    for name in ("manifest.csv", "labels.csv"):
+        path = root / name
+        if not path.is_file():
+            continue
+        labels = {}
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = {k.lower(): k for k in reader.fieldnames or []}
+            if "patient" not in fields:
+                raise ConversionError(f"{path} needs a 'patient' column, has {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                diagnosis = (row.get(fields.get("diagnosis", ""), "") or "unknown").strip().lower()
+                severity = (row.get(fields.get("severity", ""), "") or "unknown").strip().lower()
+                if diagnosis not in DIAGNOSES:
+                    raise ConversionError(
+                        f"{path} line {line}: diagnosis {diagnosis!r} is not one of {DIAGNOSES}"
+                    )
+                if severity not in SEVERITIES:
+                    raise ConversionError(
+                        f"{path} line {line}: severity {severity!r} is not one of {SEVERITIES}"
+                    )
+                labels[row[fields["patient"]].strip()] = (diagnosis, severity)
+        return labels, path
+    return {}, None
+
+
+def discover(
+    root: Path,
+    classes=DEFAULT_CLASSES,
+    default_diagnosis="unknown",
+    default_severity="unknown",
+    exclude: Path | None = None,
+):
+    """Finds the studies under `root`.
+
+    Returns:
+        (studies, skipped, redactor): studies sorted by relative path; skipped as
+        (relative path, reason); a `Redactor` that knows every original patient id/name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"input {root} is not a directory")
+    labels, labels_path = _read_labels(root)
+    redactor = Redactor()
+    skipped: list[tuple[str, str]] = []
+    headers, segs, niftis, pngs = [], [], [], []
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        rel = path.relative_to(root).as_posix()
+        if path == labels_path or path.name.startswith("."):
+            continue
+        if _is_nifti(path):
+            niftis.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            pngs.append(path)
+        elif path.suffix.lower() in (".csv", ".txt", ".md", ".json"):
+            continue
+        else:
+            try:
+                kind, ds = dicom_io.read_header(path)
+            except SkipFile as e:
+                skipped.append((rel, str(e)))
+                continue
+            for key in ("PatientID", "PatientName", "OtherPatientIDs"):
+                if key in ds:
+                    redactor.add(str(ds.get(key)), "<patient>")
+            if kind == "seg":
+                segs.append((path, ds))
+            else:
+                headers.append((dicom_io.slice_header(path, ds), ds))
+    series_list, dropped = dicom_io.build_series(headers)
+    skipped += [(p.relative_to(root).as_posix(), r) for p, r in dropped]
+
+    seg_by_series = {}
+    for path, ds in segs:
+        for ref in ds.get("ReferencedSeriesSequence", []):
+            seg_by_series[str(ref.SeriesInstanceUID)] = path
+    mask_niftis = [p for p in niftis if _looks_like_mask(p)]
+    studies = []
+    for series in series_list:
+        folder = series.slices[0].path.parent
+        mask_path, mask_kind = seg_by_series.get(series.uid), "seg"
+        if mask_path is None:
+            mask_kind = "nifti"
+            for candidate_dir in (folder, folder.parent):
+                found = sorted(p for p in mask_niftis if p.parent == candidate_dir)
+                if found:
+                    mask_path = found[0]
+                    break
+            if mask_path is not None and mask_path.parent == folder.parent and folder == root:
+                mask_path = None  # a mask beside the input root belongs to no series
+        diagnosis, severity = labels.get(series.patient_id, (default_diagnosis, default_severity))
+        studies.append(
+            Study(
+                kind="dicom",
+                rel=folder.relative_to(root).as_posix() or ".",
+                patient_key=f"dicom:{series.patient_id or series.uid}",
+                series_key=series.uid,
+                series=series,
+                mask_path=mask_path,
+                mask_kind=mask_kind if mask_path else None,
+                diagnosis=diagnosis,
+                severity=severity,
+            )
+        )
+    used_masks = {s.mask_path for s in studies}
+    for path in niftis:
+        if path in mask_niftis:
+            continue
+        stem = _nifti_stem(path)
+        names = [f"{stem}_{w}" for w in ("mask", "seg", "lesions", "label")]
+        names.append(re.sub(r"(^|_)im($|_)", r"\1mask\2", stem))
+        mask = next(
+            (p for p in mask_niftis if _nifti_stem(p) in names and p.parent == path.parent), None
+        )
+        used_masks.add(mask)
+        rel = path.relative_to(root).as_posix()
+        diagnosis, severity = labels.get(stem, (default_diagnosis, default_severity))
+        studies.append(
+            Study(
+                kind="nifti",
+                rel=rel,
+                patient_key=f"nifti:{rel}",
+                series_key=rel,
+                image_path=path,
+                mask_path=mask,
+                mask_kind="nifti" if mask else None,
+                diagnosis=diagnosis,
+                severity=severity,
+            )
+        )
+    for path in mask_niftis:
+        if path not in used_masks:
+            skipped.append(
+                (path.relative_to(root).as_posix(), "mask with no matching CT series or volume")
+            )
+    for path in pngs:
+        rel = path.relative_to(root).as_posix()
+        if path.parent.name.lower() in ("gt", "masks", "labels"):
+            continue  # read with their images
+        gt = None
+        if path.parent.name.lower() in ("imgs", "images"):
+            for gt_dir in ("GT", "gt", "Masks", "masks"):
+                for suffix in (".png", path.suffix):
+                    candidate = path.parent.parent / gt_dir / (path.stem + suffix)
+                    if candidate.is_file():
+                        gt = candidate
+                        break
+                if gt:
+                    break
+        diagnosis, severity = labels.get(path.stem, (default_diagnosis, default_severity))
+        studies.append(
+            Study(
+                kind="png",
+                rel=rel,
+                patient_key=f"png:{rel}",
+                series_key=rel,
+                image_path=path,
+                mask_path=gt,
+                mask_kind="png" if gt else None,
+                diagnosis=diagnosis,
+                severity=severity,
+            )
+        )
+    studies.sort(key=lambda s: s.rel)
+    return studies, skipped, redactor
+
+
+# ----------------------------------------------------------------------------- per study
+
+
+def _resize(image: np.ndarray, size: int, nearest: bool) -> np.ndarray:
+    if image.shape == (size, size):
+        return image
+    from PIL import Image
+
+    if nearest:
+        return np.asarray(
+            Image.fromarray(image.astype(np.uint8)).resize((size, size), Image.NEAREST)
+        )
+    return np.asarray(
+        Image.fromarray(image.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+    )
+
+
+def _nifti_volume(path: Path):
+    """A NIfTI volume as [Z, H, W] slices in display orientation and its spacing."""
+    import nibabel as nib
+
+    try:
+        image = nib.as_closest_canonical(nib.load(str(path)))  # RAS+
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as e:
+        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SkipFile(f"expected a 3-D volume, got shape {data.shape}")
+    # RAS (i right->left reversed, j posterior->anterior) to rows anterior->posterior,
+    # columns patient right->left: the usual axial display.
+    slices = np.ascontiguousarray(data[::-1, ::-1, :].transpose(2, 1, 0))
+    zooms = image.header.get_zooms()[:3]
+    return slices, (float(zooms[1]), float(zooms[0]), float(zooms[2])), image.affine
+
+
+def process_study(study: Study, size: int, classes) -> StudyResult:
+    """Reads a study, aligns its masks, computes lung masks and resizes to `size`."""
+    num_classes = len(classes)
+    skipped: list[tuple[str, str]] = []
+    pre_windowed = False
+    if study.kind == "dicom":
+        series = study.series
+        volume, kept = [], []
+        for i, header in enumerate(series.slices):
+            try:
+                volume.append(dicom_io.read_hu(header.path))
+                kept.append(i)
+            except SkipFile as e:
+                skipped.append((header.path.name, str(e)))
+        if not volume:
+            raise SkipFile(f"no slice of the series could be read ({skipped[0][1]})")
+        hu = np.stack(volume)
+        labels = None
+        if study.mask_kind == "nifti":
+            labels = masks.nifti_labels_on_series(study.mask_path, series)[kept]
+        elif study.mask_kind == "seg":
+            labels = masks.seg_labels_on_series(study.mask_path, series, classes)[kept]
+        first = series.slices[0]
+        spacing = (first.spacing[0], first.spacing[1], abs(series.slice_spacing))
+        positions = [float(series.positions[i]) for i in kept]
+        keys = [series.slices[i].sop_uid for i in kept]
+    elif study.kind == "nifti":
+        hu, spacing, affine = _nifti_volume(study.image_path)
+        labels = None
+        if study.mask_path is not None:
+            mask, _, mask_affine = _nifti_volume(study.mask_path)
+            if mask.shape != hu.shape or not np.allclose(mask_affine, affine, atol=1e-3):
+                raise SkipFile(
+                    f"mask {study.mask_path.name} has shape {mask.shape} / affine "
+                    f"different from the volume's {hu.shape}"
+                )
+            labels = np.rint(mask).astype(np.uint8)
+        positions = [k * spacing[2] for k in range(hu.shape[0])]
+        keys = [f"{study.series_key}#{k}" for k in range(hu.shape[0])]
+    else:
+        hu = masks.read_image_slice(study.image_path)[None]
+        pre_windowed = True
+        labels = None
+        if study.mask_path is not None:
+            labels = masks.read_png_labels(study.mask_path, num_classes)[None]
+            if labels.shape != hu.shape:
+                raise SkipFile(
+                    f"mask {study.mask_path.name} has shape {labels.shape[1:]}, "
+                    f"image {hu.shape[1:]}"
+                )
+        spacing, positions, keys = (1.0, 1.0, 1.0), [0.0], [study.series_key]
+    if labels is not None and labels.max(initial=0) > num_classes:
+        raise SkipFile(
+            f"mask has label {int(labels.max())} but only {num_classes} classes "
+            f"({', '.join(classes)})"
+        )
+    annotated = labels is not None
+    if labels is None:
+        labels = np.zeros(hu.shape, np.uint8)
+    lung = lung_mask(hu, spacing[:2], lesions=labels > 0, pre_windowed=pre_windowed)
+    k, h, w = hu.shape
+    out_spacing = (spacing[0] * h / size, spacing[1] * w / size, spacing[2])
+    hu_out = np.stack([_resize(s, size, nearest=False) for s in hu])
+    labels_out = np.stack([_resize(s, size, nearest=True) for s in labels])
+    lung_out = np.stack([_resize(s.astype(np.uint8), size, nearest=True) for s in lung])
+    return StudyResult(
+        hu=hu_out,
+        lesions=masks.labels_to_channels(labels_out, num_classes),
+        lung=lung_out,
+        positions=positions,
+        slice_keys=keys,
+        spacing_mm=out_spacing,
+        annotated=annotated,
+        pre_windowed=pre_windowed,
+        skipped=skipped,
+    )
+
+
+def _safe_process(args):
+    study, size, classes = args
+    try:
+        return process_study(study, size, classes), None
+    except SkipFile as e:
+        return None, str(e)
+    except Exception as e:  # a bug or an unforeseen file problem must not stop the run
+        return None, f"unexpected error ({type(e).__name__}: {e})"
+
+
+def _ordered_map(fn, items, workers: int):
+    """map(fn, items) in order, in `workers` spawned processes, at most 2*workers in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        iterator = iter(items)
+        pending = collections.deque(
+            pool.submit(fn, x) for x in itertools.islice(iterator, 2 * workers)
+        )
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(iterator, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _progress(done, total, slices, start, final=False):
+    if not sys.stderr.isatty():
+        return
+    rate = slices / max(time.perf_counter() - start, 1e-9)
+    end = "\n" if final else ""
+    print(
+        f"\rconvert: {done}/{total} studies, {slices} slices ({rate:.0f} slices/s)",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def convert(
+    input_dir,
+    out_dir,
+    size=512,
+    shards=None,
+    workers=1,
+    folds=5,
+    seed=0,
+    classes=DEFAULT_CLASSES,
+    compression="",
+    strict=False,
+    salt=None,
+    default_diagnosis="unknown",
+    default_severity="unknown",
+    progress=True,
+) -> dict:
+    """Converts every usable study under `input_dir`; returns the run summary.
+
+    Raises:
+        ConversionError: nothing usable, bad arguments, or a skip under `strict`.
+    """
+    import tensorflow as tf
+
+    from data_tools.features import encode_example, slice_fields
+
+    start = time.perf_counter()
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    classes = tuple(classes)
+    if size < 32:
+        raise ConversionError(f"--size must be at least 32, got {size}")
+    if compression not in ("", "GZIP"):
+        raise ConversionError(f"--compression must be '' or GZIP, got {compression!r}")
+    key = resolve_salt(salt)
+    studies, skipped, redactor = discover(
+        input_dir, classes, default_diagnosis, default_severity, exclude=out_dir
+    )
+    if strict and skipped:
+        raise ConversionError("--strict: " + "; ".join(f"{redactor(p)}: {r}" for p, r in skipped))
+    if not studies:
+        detail = (
+            f" ({len(skipped)} files skipped, e.g. {redactor(skipped[0][0])}: {skipped[0][1]})"
+            if skipped
+            else ""
+        )
+        raise ConversionError(
+            f"no usable CT series, NIfTI volume or PNG/JPG slice found under {input_dir}{detail}"
+        )
+    patients = {}
+    for study in studies:
+        pid = pseudonym("P", study.patient_key, key)
+        redactor.add(study.patient_key.split(":", 1)[1], pid)
+        patients.setdefault(pid, []).append(study)
+    order = sorted(patients)
+    rank = {pid: i for i, pid in enumerate(order)}
+    expected_slices = sum(len(s.series.slices) if s.series else 1 for s in studies)
+    n_shards = shards or max(1, min(len(order), math.ceil(expected_slices / 256)))
+    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+    shard_names = [f"slices-{i:05d}-of-{n_shards:05d}{suffix}" for i in range(n_shards)]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = out_dir / f".partial-{os.getpid()}"
+    partial.mkdir()
+    options = tf.io.TFRecordOptions(compression_type=compression or None)
+    writers = [tf.io.TFRecordWriter(str(partial / n), options) for n in shard_names]
+    manifest_patients, manifest_slices = {}, []
+    jobs = [(s, size, classes) for pid in order for s in patients[pid]]
+    owners = [pid for pid in order for _ in patients[pid]]
+    total_slices = lesion_slices = 0
+    try:
+        for done, (study, pid, (result, reason)) in enumerate(
+            zip((j[0] for j in jobs), owners, _ordered_map(_safe_process, jobs, workers)),
+            start=1,
+        ):
+            if result is None:
+                skipped.append((study.rel, reason))
+                if strict:
+                    raise ConversionError(f"--strict: {redactor(study.rel)}: {reason}")
+                continue
+            skipped += [(f"{study.rel}/{name}", r) for name, r in result.skipped]
+            if strict and result.skipped:
+                raise ConversionError(f"--strict: {redactor(study.rel)}: {result.skipped[0][1]}")
+            shard = rank[pid] % n_shards
+            sid = pseudonym("S", study.series_key, key)
+            entry = manifest_patients.setdefault(
+                pid,
+                {
+                    "diagnosis": study.diagnosis,
+                    "severity": study.severity,
+                    "shard": shard,
+                    "series": [],
+                    "num_slices": 0,
+                    "lesion_slices": 0,
+                    "annotated": True,
+                    "volume_ml": {name: 0.0 for name in ("lung", *classes)},
+                },
+            )
+            entry["series"].append(sid)
+            entry["annotated"] = entry["annotated"] and result.annotated
+            voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
+            for z in range(result.hu.shape[0]):
+                fields = slice_fields(
+                    result.hu[z],
+                    result.lesions[z],
+                    result.lung[z],
+                    slice_index=z,
+                    position_mm=result.positions[z],
+                    spacing_mm=result.spacing_mm,
+                    slice_id=pseudonym("I", f"{study.series_key}/{result.slice_keys[z]}", key),
+                    series_id=sid,
+                    patient_id=pid,
+                    diagnosis=study.diagnosis,
+                    severity=study.severity,
+                    annotated=result.annotated,
+                    pre_windowed=result.pre_windowed,
+                )
+                writers[shard].write(encode_example(fields))
+                lesion_pixels = result.lesions[z].reshape(-1, len(classes)).sum(0).tolist()
+                lung_pixels = int(result.lung[z].sum())
+                label = int(any(lesion_pixels))
+                manifest_slices.append(
+                    {
+                        "patient": pid,
+                        "series": sid,
+                        "index": z,
+                        "label": label,
+                        "lung_pixels": lung_pixels,
+                        "lesion_pixels": lesion_pixels,
+                    }
+                )
+                entry["num_slices"] += 1
+                entry["lesion_slices"] += label
+                entry["volume_ml"]["lung"] += lung_pixels * voxel_ml
+                for c, name in enumerate(classes):
+                    entry["volume_ml"][name] += lesion_pixels[c] * voxel_ml
+                total_slices += 1
+                lesion_slices += label
+            if progress:
+                _progress(done, len(jobs), total_slices, start)
+        if progress:
+            _progress(len(jobs), len(jobs), total_slices, start, final=True)
+    except BaseException:
+        for w in writers:
+            w.close()
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    for w in writers:
+        w.close()
+    if not manifest_patients:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ConversionError(
+            f"no usable study under {input_dir}: all {len(studies)} failed, e.g. "
+            f"{redactor(skipped[-1][0])}: {skipped[-1][1]}"
+        )
+    for entry in manifest_patients.values():
+        lung = entry["volume_ml"]["lung"]
+        entry["volume_ml"] = {k: round(v, 3) for k, v in entry["volume_ml"].items()}
+        entry["lesion_lung_ratio"] = {
+            name: round(entry["volume_ml"][name] / lung, 6) if lung > 0 else 0.0 for name in classes
+        }
+    subgroups = assign_subgroups(
+        [(pid, e["diagnosis"], e["severity"]) for pid, e in sorted(manifest_patients.items())],
+        folds,
+        seed,
+    )
+    for pid, group in subgroups.items():
+        manifest_patients[pid]["subgroup"] = group
+    splits = fold_splits(subgroups, folds)
+    manifest = {
+        "format": "tfcovseg-records",
+        "version": 1,
+        "classes": list(classes),
+        "size": size,
+        "compression": compression,
+        "shards": shard_names,
+        "num_patients": len(manifest_patients),
+        "num_slices": total_slices,
+        "num_lesion_slices": lesion_slices,
+        "folds": {
+            "num_folds": folds,
+            "seed": seed,
+            "splits": {str(k): v for k, v in splits.items()},
+        },
+        "patients": dict(sorted(manifest_patients.items())),
+        "slices": manifest_slices,
+        "skipped": [{"path": redactor(p), "reason": redactor(r)} for p, r in skipped],
+    }
+    # Move the finished shards in, drop shards of an earlier run, then the manifest.
+    for name in shard_names:
+        os.replace(partial / name, out_dir / name)
+    for old in out_dir.iterdir():
+        if SHARD_RE.match(old.name) and old.name not in shard_names:
+            old.unlink()
+    tmp_manifest = partial / MANIFEST
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    os.replace(tmp_manifest, out_dir / MANIFEST)
+    shutil.rmtree(partial, ignore_errors=True)
+    elapsed = time.perf_counter() - start
+    empty = [f"fold {k} {s}" for k, v in splits.items() for s, ids in v.items() if not ids]
+    return {
+        "out": str(out_dir),
+        "patients": len(manifest_patients),
+        "series": sum(len(e["series"]) for e in manifest_patients.values()),
+        "slices": total_slices,
+        "lesion_slices": lesion_slices,
+        "shards": n_shards,
+        "seconds": elapsed,
+        "skipped": manifest["skipped"],
+        "empty_splits": empty,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print(
+        f"converted {summary['patients']} patients ({summary['series']} series), "
+        f"{summary['slices']} slices ({summary['lesion_slices']} with lesions) into "
+        f"{summary['shards']} shards in {summary['out']} in {summary['seconds']:.1f} s "
+        f"({summary['slices'] / max(summary['seconds'], 1e-9):.0f} slices/s)"
+    )
+    if summary["empty_splits"]:
+        print(
+            f"warning: too few patients for every split: {', '.join(summary['empty_splits'])} empty"
+        )
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} files:")
+        for item in summary["skipped"]:
+            print(f"  {item['path']}: {item['reason']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.convert",
+        description="Convert DICOM / NIfTI / PNG CT studies into sharded TFRecords.",
+    )
+    parser.add_argument("--input", type=Path, required=True, help="folder of studies")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--size", type=int, default=512, help="slice size of the records")
+    parser.add_argument("--shards", type=int, help="number of shards (default: ~256 slices each)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    parser.add_argument(
+        "--classes",
+        default=",".join(DEFAULT_CLASSES),
+        help="lesion classes in label order (default: %(default)s)",
+    )
+    parser.add_argument("--compression", default="", choices=["", "GZIP"])
+    parser.add_argument("--strict", action="store_true", help="stop at the first unusable file")
+    parser.add_argument(
+        "--salt",
+        help="pseudonymisation secret (default: $TFCOVSEG_SALT or "
+        "~/.config/tfcovseg/pseudonym.key)",
+    )
+    parser.add_argument(
+        "--default-diagnosis",
+        default="unknown",
+        choices=DIAGNOSES,
+        help="diagnosis of patients missing from manifest.csv/labels.csv",
+    )
+    parser.add_argument("--default-severity", default="unknown", choices=SEVERITIES)
+    args = parser.parse_args(argv)
+    if args.shards is not None and args.shards < 1:
+        parser.error("--shards must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    if not classes or len(set(classes)) != len(classes):
+        parser.error(f"--classes must name distinct classes, got {args.classes!r}")
+    try:
+        summary = convert(
+            args.input,
+            args.out,
+            args.size,
+            args.shards,
+            args.workers,
+            args.folds,
+            args.seed,
+            classes,
+            args.compression,
+            args.strict,
+            args.salt,
+            args.default_diagnosis,
+            args.default_severity,
+        )
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

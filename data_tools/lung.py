@@ -1,0 +1,133 @@
+"""Classical lung segmentation for the lesion-area / lung-area ratio.
+
+The method (thresholding and morphology, as in most pre-deep-learning CT pipelines):
+
+1. Threshold: air-like voxels are below -320 HU (lung parenchyma is about -850 HU, soft
+   tissue above -100). For already windowed 8-bit images, Otsu's threshold of the slice.
+2. Body: per slice, the largest connected non-air region with its holes filled; air outside
+   it (around the patient, under the table) is removed.
+3. Largest components: in 3-D (a volume) or 2-D (a lone slice), keep the largest air
+   component inside the body and any other at least `min_fraction` of its size, at most
+   two (the two lungs; a merged pair is one). Small airways, the trachea in most slices,
+   and bowel gas usually fall below that.
+4. Per-slice cleanup: a closing with a disk of `closing_mm` radius puts back vessels and
+   small nodules at the lung border, hole filling puts back vessels and lesions inside
+   the lung, and components under `min_area_mm2` are dropped.
+5. Lesions: when lesion masks are known they are added (lesions inside the lung count as
+   lung), since dense consolidation at the pleura is not air-like and no threshold can see
+   it as lung.
+
+Good enough for area ratios (Dice >= 0.95 against the phantom's true lungs in the tests),
+not a substitute for a learned lung model at lung-nodule precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+AIR_THRESHOLD_HU = -320.0
+
+
+def otsu_threshold(image: np.ndarray) -> float:
+    """Otsu's threshold of an 8-bit-range image (numpy, 256 bins)."""
+    hist, edges = np.histogram(image, bins=256, range=(0, 256))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(hist)
+    weight1 = weight0[-1] - weight0
+    mean0 = np.cumsum(hist * centers) / np.maximum(weight0, 1)
+    total_mean = (hist * centers).sum()
+    mean1 = (total_mean - np.cumsum(hist * centers)) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(centers[int(np.argmax(between))])
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = max(int(radius), 1)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return xx**2 + yy**2 <= r * r
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def lung_mask(
+    image: np.ndarray,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+    lesions: np.ndarray | None = None,
+    pre_windowed: bool = False,
+    threshold_hu: float = AIR_THRESHOLD_HU,
+    min_fraction: float = 0.1,
+    closing_mm: float = 4.0,
+    min_area_mm2: float = 20.0,
+) -> np.ndarray:
+    """Binary lung mask of a slice [H, W] or a volume [Z, H, W].
+
+    Args:
+        image: Hounsfield units, or 0-255 pixels when `pre_windowed`.
+        spacing_mm: In-plane (row, column) pixel spacing.
+        lesions: Optional lesion masks ([..., H, W] or [..., H, W, C]) to add to the lungs.
+        pre_windowed: Use Otsu's threshold per slice instead of `threshold_hu`.
+        threshold_hu: Air threshold in HU.
+        min_fraction: Keep air components at least this fraction of the largest.
+        closing_mm: Radius of the per-slice closing.
+        min_area_mm2: Smallest per-slice lung component kept.
+
+    Returns:
+        bool array of the image's shape.
+    """
+    image = np.asarray(image)
+    single = image.ndim == 2
+    volume = image[None] if single else image
+    if volume.ndim != 3:
+        raise ValueError(f"expected [H, W] or [Z, H, W], got shape {image.shape}")
+    if pre_windowed:
+        air = np.stack([s < otsu_threshold(s) for s in volume])
+    else:
+        air = volume < threshold_hu
+    inside = np.zeros_like(air)
+    for z in range(volume.shape[0]):
+        body = ndimage.binary_fill_holes(_largest_component(~air[z]))
+        inside[z] = air[z] & body
+    labels, n = ndimage.label(inside)
+    keep = np.zeros_like(inside)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        order = np.argsort(sizes)[::-1]
+        largest = sizes[order[0]]
+        for label in order[:2]:
+            if label and sizes[label] >= min_fraction * largest:
+                keep |= labels == label
+    pixel_area = float(spacing_mm[0] * spacing_mm[1])
+    radius = int(round(closing_mm / max(min(spacing_mm), 1e-6)))
+    disk = _disk(radius)
+    min_pixels = min_area_mm2 / pixel_area
+    for z in range(volume.shape[0]):
+        if not keep[z].any():
+            continue
+        s = ndimage.binary_closing(np.pad(keep[z], radius), structure=disk)[
+            radius : -radius or None, radius : -radius or None
+        ]
+        s = ndimage.binary_fill_holes(s)
+        lab, m = ndimage.label(s)
+        if m:
+            sizes = np.bincount(lab.ravel())
+            small = np.nonzero(sizes < min_pixels)[0]
+            s[np.isin(lab, small[small > 0])] = False
+        keep[z] = s
+    if lesions is not None:
+        lesions = np.asarray(lesions)
+        if lesions.ndim == image.ndim + 1:  # one channel per lesion class
+            lesions = lesions.any(axis=-1)
+        if lesions.shape != image.shape:
+            raise ValueError(f"lesions shape {lesions.shape} does not match image {image.shape}")
+        keep |= (lesions > 0).reshape(keep.shape)
+    return keep[0] if single else keep

@@ -1,0 +1,68 @@
+"""Pseudonymisation: salted hashes instead of patient, series and instance identifiers.
+
+No PatientName, PatientBirthDate or original PatientID reaches a record, a manifest or a
+log line. Identifiers become ``P`` / ``S`` / ``I`` + 16 hex digits of an HMAC-SHA256 under
+a secret salt; with the same salt the same patient gets the same pseudonym (so re-running a
+conversion reproduces its output), and without the salt a pseudonym cannot be checked
+against a guessed identifier.
+
+The salt comes from, in order: the ``--salt`` option, the ``TFCOVSEG_SALT`` environment
+variable, or a random key created once in ``~/.config/tfcovseg/pseudonym.key`` (mode 600).
+Keep that key with the data's owner, not with the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+KEY_FILE = Path.home() / ".config" / "tfcovseg" / "pseudonym.key"
+
+
+def resolve_salt(salt: str | None = None) -> bytes:
+    """The salt to use: the argument, $TFCOVSEG_SALT, or the per-user key file."""
+    if salt:
+        return salt.encode("utf-8")
+    env = os.environ.get("TFCOVSEG_SALT")
+    if env:
+        return env.encode("utf-8")
+    if not KEY_FILE.is_file():
+        KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return KEY_FILE.read_text().strip().encode("utf-8")
+
+
+def pseudonym(kind: str, identifier: str, salt: bytes) -> str:
+    """``kind`` letter + 16 hex digits of HMAC-SHA256(salt, kind:identifier)."""
+    digest = hmac.new(salt, f"{kind}:{identifier}".encode(), hashlib.sha256).hexdigest()
+    return f"{kind}{digest[:16]}"
+
+
+class Redactor:
+    """Replaces known original identifiers (ids, names) in text shown to the user."""
+
+    def __init__(self):
+        self._map: dict[str, str] = {}
+
+    def add(self, original: str, replacement: str) -> None:
+        original = str(original).strip()
+        if len(original) >= 3:  # never redact trivially short strings such as "1"
+            self._map[original] = replacement
+            # DICOM person names use ^ between components; paths and logs may not.
+            for variant in (original.replace("^", " "), original.replace("^", "_")):
+                if variant != original and len(variant) >= 3:
+                    self._map[variant] = replacement
+
+    def __call__(self, text: str) -> str:
+        if not self._map:
+            return text
+        pattern = re.compile(
+            "|".join(re.escape(k) for k in sorted(self._map, key=len, reverse=True))
+        )
+        return pattern.sub(lambda m: self._map[m.group(0)], str(text))

@@ -1,0 +1,240 @@
+"""The tf.data input pipeline over the converter's TFRecords.
+
+    ds = make_dataset("data/records", split="train", fold=0, batch_size=8, training=True)
+
+Stages, in order (decoding and augmentation are separate functions, as in TF Model
+Garden; deterministic work is cached before the first random transform, as in MONAI):
+
+1. interleaved reading of the shards (`data_tools.features` spec), parsing;
+2. the fold's patients only (from ``manifest.json``), so no patient crosses splits;
+3. decoding (`data_tools.features.decode_example`) and resizing to the model size when the
+   records were written at another size (bilinear for images, nearest for masks);
+4. optional in-memory cache;
+5. training only: lesion-slice oversampling, shuffling, and the paper's augmentation —
+   rotation by a random multiple of 90 degrees and a random horizontal flip, applied
+   jointly to the image, the lesion masks and the lung mask;
+6. the task's structure, batching and prefetching.
+
+Tasks: "segment" yields ``(hu [N,H,W,1], {"coarse": masks, "final": masks})`` (the output
+names are an argument), "classify" yields ``(hu, label [N])`` where the label is 1 for a
+slice with a lesion of a patient not diagnosed with another disease (slices of healthy,
+bacterial and viral patients are negatives), and "inspect" yields the whole decoded dict
+(image, masks, lung, ids, spacing) for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tfcovseg import require_tensorflow
+
+tf = require_tensorflow("tfcovseg.data (the tf.data pipeline)")
+
+from data_tools.features import decode_example, feature_spec  # noqa: E402
+
+SPLITS = ("train", "validation", "test", "all")
+TASKS = ("segment", "classify", "inspect")
+NON_COVID = ("healthy", "bacterial", "viral")
+
+
+def read_manifest(record_dir) -> dict:
+    """The converter's manifest.json, with errors that name the directory."""
+    record_dir = Path(record_dir)
+    path = record_dir / "manifest.json"
+    if not record_dir.is_dir():
+        raise FileNotFoundError(
+            f"record directory {record_dir} does not exist; write it with "
+            f"python -m data_tools.convert --input DIR --out {record_dir}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{record_dir} has no manifest.json: it is empty or not written "
+            f"by data_tools.convert (or the conversion did not finish)"
+        )
+    manifest = json.loads(path.read_text())
+    missing = [s for s in manifest.get("shards", []) if not (record_dir / s).is_file()]
+    if missing or not manifest.get("shards"):
+        raise FileNotFoundError(
+            f"{record_dir}: shards listed in manifest.json are missing: {missing or 'none listed'}"
+        )
+    return manifest
+
+
+def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
+    """Patient pseudonyms of one split of one fold ("all": every patient)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "all":
+        return sorted(manifest["patients"])
+    folds = manifest["folds"]["splits"]
+    if str(fold) not in folds:
+        raise ValueError(
+            f"fold {fold} does not exist: the records have folds {sorted(int(k) for k in folds)}"
+        )
+    return list(folds[str(fold)][split])
+
+
+def split_slices(manifest: dict, split: str, fold: int) -> int:
+    """Number of slices in a split (from the manifest, without reading records)."""
+    patients = set(split_patients(manifest, split, fold))
+    return sum(e["num_slices"] for p, e in manifest["patients"].items() if p in patients)
+
+
+def augment(example, seed):
+    """The paper's augmentation: random 90-degree rotation and horizontal flip, jointly.
+
+    Args:
+        example: dict with "hu" [H, W], "lesions" [H, W, C] and "lung" [H, W] (square).
+        seed: int tensor [2] for the stateless random ops.
+    """
+    k = tf.random.stateless_uniform([], seed, 0, 4, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([], seed[::-1], 0.0, 1.0) < 0.5
+    out = dict(example)
+    stacked = tf.concat(
+        [example["hu"][..., None], example["lesions"], example["lung"][..., None]], axis=-1
+    )
+    stacked = tf.image.rot90(stacked, k)
+    stacked = tf.cond(flip, lambda: tf.image.flip_left_right(stacked), lambda: stacked)
+    out["hu"] = stacked[..., 0]
+    out["lesions"] = stacked[..., 1:-1]
+    out["lung"] = stacked[..., -1]
+    return out
+
+
+def _resize(example, size):
+    out = dict(example)
+    out["hu"] = tf.image.resize(example["hu"][..., None], size, "bilinear")[..., 0]
+    out["lesions"] = tf.image.resize(example["lesions"], size, "nearest")
+    out["lung"] = tf.image.resize(example["lung"][..., None], size, "nearest")[..., 0]
+    return out
+
+
+def _classify_label(example):
+    non_covid = tf.reduce_any(tf.equal(example["patient/diagnosis"], list(NON_COVID)))
+    has_lesion = example["slice/label"] > 0
+    return tf.cast(tf.logical_and(has_lesion, tf.logical_not(non_covid)), tf.float32)
+
+
+def make_dataset(
+    record_dir,
+    split="train",
+    fold=0,
+    batch_size=8,
+    training=None,
+    task="segment",
+    image_size=None,
+    class_names=None,
+    outputs=("coarse", "final"),
+    augment_data=None,
+    oversample_lesions=1,
+    cache=False,
+    shuffle_buffer=1024,
+    seed=0,
+    drop_remainder=None,
+):
+    """A batched `tf.data.Dataset` of one split of one fold.
+
+    Args:
+        record_dir: Output folder of `data_tools.convert`.
+        split: "train", "validation", "test" or "all".
+        fold: Cross-validation fold.
+        batch_size: Global batch size.
+        training: Shuffle and augment (default: split == "train").
+        task: "segment", "classify" or "inspect".
+        image_size: (H, W) of the model; records of another size are resized.
+        class_names: The model's classes; must equal the records' classes when given.
+        outputs: Target names of the "segment" task (the model's output names).
+        augment_data: The paper's augmentation (default: `training`).
+        oversample_lesions: Integer factor by which slices with lesions are repeated in
+            each training epoch (1: no oversampling).
+        cache: Cache decoded (and resized) slices in memory.
+        shuffle_buffer: Slices in the shuffle buffer.
+        seed: Seed of file order, shuffling and augmentation.
+        drop_remainder: Drop the last partial batch (default: `training`).
+
+    Raises:
+        FileNotFoundError: missing or empty record directory.
+        ValueError: unknown split/task, a fold that does not exist, classes that differ from
+            the records', a batch larger than the split, an empty split.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    manifest = read_manifest(record_dir)
+    record_dir = Path(record_dir)
+    classes = list(manifest["classes"])
+    if class_names is not None and list(class_names) != classes:
+        raise ValueError(
+            f"the model has classes {list(class_names)} but the records in "
+            f"{record_dir} have {classes}"
+        )
+    training = split == "train" if training is None else bool(training)
+    augment_data = training if augment_data is None else bool(augment_data)
+    drop_remainder = training if drop_remainder is None else bool(drop_remainder)
+    patients = split_patients(manifest, split, fold)
+    n_slices = split_slices(manifest, split, fold)
+    if not patients or n_slices == 0:
+        raise ValueError(
+            f"split {split!r} of fold {fold} in {record_dir} has no slices "
+            f"(too few patients for the folds?)"
+        )
+    if drop_remainder and batch_size > n_slices:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {n_slices} slices of "
+            f"split {split!r} (fold {fold}) in {record_dir}"
+        )
+    if oversample_lesions < 1 or int(oversample_lesions) != oversample_lesions:
+        raise ValueError(f"oversample_lesions must be an integer >= 1, got {oversample_lesions}")
+
+    files = [str(record_dir / s) for s in manifest["shards"]]
+    compression = manifest.get("compression") or None
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression, buffer_size=8 << 20),
+        cycle_length=min(len(files), 8),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=not training,
+    )
+    spec = feature_spec()
+    ds = ds.map(lambda s: tf.io.parse_single_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    if split != "all":
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(patients), tf.ones(len(patients), tf.int32)
+            ),
+            0,
+        )
+        ds = ds.filter(lambda e: table.lookup(e["patient/id"]) > 0)
+    ds = ds.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
+    stored = int(manifest["size"])
+    if image_size is not None and tuple(image_size) != (stored, stored):
+        size = tuple(int(s) for s in image_size)
+        ds = ds.map(lambda e: _resize(e, size), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache:
+        ds = ds.cache()
+    if training and oversample_lesions > 1:
+        factor = tf.constant(int(oversample_lesions), tf.int64)
+        ds = ds.flat_map(
+            lambda e: tf.data.Dataset.from_tensors(e).repeat(
+                tf.where(e["slice/label"] > 0, factor, tf.constant(1, tf.int64))
+            )
+        )
+    if training:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if augment_data:
+        seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if task == "segment":
+        names = tuple(outputs)
+        ds = ds.map(
+            lambda e: (e["hu"][..., None], {n: e["lesions"] for n in names}),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    elif task == "classify":
+        ds = ds.map(
+            lambda e: (e["hu"][..., None], _classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
