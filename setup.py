@@ -8,10 +8,15 @@ HERE = Path(__file__).parent
 
 # TensorFlow is offered through extras so that users pick the wheel that fits their machine
 # (the network, losses and metrics are pure Keras 3 and also run under JAX or PyTorch).
-TF_CPU = [
-    "tensorflow-cpu>=2.16; platform_machine == 'x86_64' or platform_machine == 'AMD64'",
-    "tensorflow>=2.16; platform_machine != 'x86_64' and platform_machine != 'AMD64'",
-]
+# tensorflow-cpu has wheels for x86-64 Linux and Windows only; elsewhere (macOS, ARM) the
+# plain tensorflow wheel is the CPU build.
+_CPU_WHEEL = (
+    "(platform_machine == 'x86_64' or platform_machine == 'AMD64') and sys_platform != 'darwin'"
+)
+_OTHERS = (
+    "(platform_machine != 'x86_64' and platform_machine != 'AMD64') or sys_platform == 'darwin'"
+)
+TF_CPU = [f"tensorflow-cpu>=2.16; {_CPU_WHEEL}", f"tensorflow>=2.16; {_OTHERS}"]
 TF_GPU = ["tensorflow[and-cuda]>=2.16"]
 CODECS = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,10 @@ SCRIPT = textwrap.dedent(
     y[:, 20:40, 20:40, 0] = 1.0
     out = model(x)
     loss = float(HybridLoss()(y, out["final"]))
+    fixed_rng = np.random.default_rng(1)
+    fixed_true = (fixed_rng.random((2, 24, 24, 3)) > 0.7).astype("float32")
+    fixed_pred = fixed_rng.random((2, 24, 24, 3)).astype("float32")
+    fixed = float(HybridLoss()(fixed_true, fixed_pred))
     losses, weights = deep_supervision(list(model.output), "hybrid")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses, loss_weights=weights,
                   metrics={"final": segmentation_metrics(cfg.class_names)})
@@ -44,7 +49,8 @@ SCRIPT = textwrap.dedent(
     classifier = build_classifier(model)
     p = np.asarray(classifier(x))
     print(json.dumps({
-        "loss": loss, "logs": {k: float(v) for k, v in logs.items()}, "changed": changed,
+        "loss": loss, "fixed": fixed, "changed": changed,
+        "logs": {k: float(v) for k, v in logs.items()},
         "n_weights": len(before), "classifier_shape": list(p.shape),
         "tensorflow_imported": "tensorflow" in sys.modules,
         "jax_type": type(out["final"]).__module__,
@@ -78,6 +84,14 @@ def test_segmenter_loss_and_gradient_step_under_jax():
     assert result["tensorflow_imported"] is False
     assert result["jax_type"].startswith("jax")
     assert 0.0 < result["loss"] < 10.0
+    # The same loss on the same arrays as under TensorFlow (tf.image.ssim) in this process.
+    from tfcovseg.losses import HybridLoss
+
+    fixed_rng = np.random.default_rng(1)
+    fixed_true = (fixed_rng.random((2, 24, 24, 3)) > 0.7).astype("float32")
+    fixed_pred = fixed_rng.random((2, 24, 24, 3)).astype("float32")
+    expected = float(HybridLoss(ssim_impl="tf")(fixed_true, fixed_pred))
+    assert result["fixed"] == pytest.approx(expected, abs=1e-5)
     assert result["logs"]["loss"] == pytest.approx(
         result["logs"]["coarse_loss"] + result["logs"]["final_loss"], rel=1e-4
     )

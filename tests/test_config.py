@@ -91,12 +91,41 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("model.hu_window=[250,-1250]", "hu_window"),
         ("model.class_names=[ggo,ggo]", "duplicates"),
         ("epochs=3", "unknown key 'epochs'"),
+        ("train.learning_rate=.nan", "positive and finite"),
+        ("train.learning_rate=inf", "positive and finite"),
+        ("train.coarse_loss_weight=.nan", "finite"),
+        ("data.records_dir=null", "must be a string"),
+        ("model.class_names=[ggo, null]", "must be a string"),
+        ("train.phases=[classification, segmentation]", "in the order"),
+        ("train.phases=[segmentation, segmentation]", "once"),
+        ("train.early_stopping_patience=-1", ">= 0"),
+        ("model.aspp_rates=[]", "must not be empty"),
+        ("model.architecture=unet", "set train.phases to \\[segmentation\\]"),
+        ("model.architecture=seresnet_classifier", "must be \\[classification\\]"),
         ("train.epochs", "section.key=value"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_sections_must_be_mappings(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: []\n")
+    with pytest.raises(ConfigError, match="'model' in .* must be a mapping"):
+        load_config(path)
+    path.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path, ["model.input_size=[64,64]"])
+    path.write_text("model:\n")  # an empty section means the defaults
+    assert load_config(path).model == ModelConfig()
+
+
+def test_lists_become_tuples_outside_yaml_too():
+    cfg = ModelConfig(input_size=[64, 64], aspp_rates=[1, 2])
+    assert cfg.input_size == (64, 64) and cfg.aspp_rates == (1, 2)
+    assert hash(cfg)
 
 
 def test_config_is_frozen():

@@ -62,10 +62,12 @@ def test_ssim_known_answer_constant_images():
 
 
 def test_gaussian_window_matches_tensorflow():
+    from tensorflow.python.ops.image_ops_impl import _fspecial_gauss
+
     w = np.array(gaussian_kernel(11, 1.5))
-    assert w.shape == (11, 11)
+    reference = _fspecial_gauss(11, tf.constant(1.5)).numpy()[:, :, 0, 0]
+    np.testing.assert_allclose(w, reference, atol=1e-8)
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
-    assert w[5, 5] == w.max() and w[0, 5] == pytest.approx(w[5, 0])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -112,13 +114,32 @@ def test_hybrid_loss_is_sum_of_terms_per_image_and_channel_average():
     np.testing.assert_allclose(_np(HybridLoss()(g, p)), np.mean(per_channel), rtol=1e-5)
 
 
-def test_tensorflow_backend_uses_tf_image_ssim_and_twin_agrees():
+def test_tensorflow_backend_uses_tf_image_ssim_and_twin_agrees(monkeypatch):
     rng = np.random.default_rng(5)
     g = (rng.random((2, 16, 16, 3)) > 0.5).astype("float32")
     p = rng.random((2, 16, 16, 3)).astype("float32")
-    auto, tf_impl, ops_impl = (HybridLoss(ssim_impl=i)(g, p) for i in ("auto", "tf", "ops"))
-    assert _np(auto) == _np(tf_impl)
-    np.testing.assert_allclose(_np(ops_impl), _np(tf_impl), atol=1e-5)
+    calls = []
+    real_ssim = tf.image.ssim
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_ssim(*args, **kwargs)
+
+    monkeypatch.setattr(tf.image, "ssim", spy)
+    values = {}
+    for impl in ("auto", "tf", "ops"):
+        before = len(calls)
+        values[impl] = _np(HybridLoss(ssim_impl=impl)(g, p))
+        assert (len(calls) > before) == (impl != "ops"), impl
+    assert calls[0] == {
+        "max_val": 1.0,
+        "filter_size": 11,
+        "filter_sigma": 1.5,
+        "k1": 0.01,
+        "k2": 0.03,
+    }
+    assert values["auto"] == values["tf"]
+    np.testing.assert_allclose(values["ops"], values["tf"], atol=1e-5)
 
 
 def test_perfect_predictions():

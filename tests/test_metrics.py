@@ -108,6 +108,22 @@ def test_sample_weight_excludes_images():
     assert _result(metric) == pytest.approx(4 / 7)
 
 
+def test_per_pixel_sample_weights():
+    weights = np.ones((1, 4, 4), "float32")
+    weights[0, 3, 3] = 0.0  # ignore the false positive at the threshold
+    metric = DiceScore()
+    metric.update_state(_img(T), _img(P), sample_weight=weights)
+    assert _result(metric) == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="per image"):
+        MeanImageDice().update_state(_img(T), _img(P), sample_weight=weights)
+    with pytest.raises(ValueError, match="sample_weight"):
+        DiceScore().update_state(_img(T), _img(P), sample_weight=np.ones((1, 4)))
+
+
+def test_mean_image_dice_before_any_image_follows_the_empty_rule():
+    assert _result(MeanImageDice()) == 1.0
+
+
 def test_class_index_selects_channel_and_numpy_agrees():
     rng = np.random.default_rng(0)
     t = (rng.random((3, 8, 8, 2)) > 0.6).astype("float32")

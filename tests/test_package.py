@@ -10,13 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(code, backend):
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": backend,
-        "PYTHONPATH": str(ROOT),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
+def _run(code, backend, keras_home=None):
+    """Runs code in a subprocess where `import tensorflow` fails, as without the extra."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("KERAS_BACKEND", None)
+    if backend:
+        env["KERAS_BACKEND"] = backend
+    if keras_home:
+        env["KERAS_HOME"] = str(keras_home)
     return subprocess.run(
         [sys.executable, "-c", "import tests.no_tensorflow\n" + code],
         cwd=ROOT,
@@ -33,6 +34,18 @@ def test_import_without_tensorflow_names_the_extra():
     assert "ImportError" in proc.stderr
     assert 'pip install "tfcovseg[cpu]"' in proc.stderr
     assert "tfcovseg[gpu]" in proc.stderr and "KERAS_BACKEND=jax" in proc.stderr
+
+
+def test_backend_from_keras_json_is_respected(tmp_path):
+    (tmp_path / "keras.json").write_text('{"backend": "tensorflow"}')
+    proc = _run("import tfcovseg", None, keras_home=tmp_path)
+    assert proc.returncode != 0 and 'pip install "tfcovseg[cpu]"' in proc.stderr
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    proc = _run(
+        "import tfcovseg.models, keras; print(keras.backend.backend())", None, keras_home=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("jax")
 
 
 def test_tensorflow_only_features_name_the_extra_under_other_backends():

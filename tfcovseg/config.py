@@ -13,6 +13,7 @@ An unknown key is an error that names the key, where it came from, and the allow
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -58,7 +59,8 @@ class ModelConfig:
         decoder_filters: Filters of the four coarse-decoder stages, deepest first.
         decoder_convs: 3x3 conv + BN + ReLU layers per coarse-decoder stage.
         refine_filters: Filters of every refinement-module convolution.
-        unet_filters: Filters per level of the U-Net / U-Net++ baselines.
+        unet_filters: Filters per level of the U-Net baseline (Ronneberger et al.).
+        unetpp_filters: Filters per depth of the U-Net++ baseline (Zhou et al.).
         classifier_dropout: Dropout before the classifier's dense head.
     """
 
@@ -77,9 +79,11 @@ class ModelConfig:
     decoder_convs: int = 3
     refine_filters: int = 64
     unet_filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    unetpp_filters: tuple[int, ...] = (32, 64, 128, 256, 512)
     classifier_dropout: float = 0.0
 
     def __post_init__(self):
+        _normalise(self)
         _check_choice("model.architecture", self.architecture, ARCHITECTURES)
         if any(s <= 0 or s % 32 for s in self.input_size):
             raise ConfigError(
@@ -101,11 +105,15 @@ class ModelConfig:
         _check_positive("model.decoder_filters", *self.decoder_filters)
         _check_positive("model.decoder_convs", self.decoder_convs)
         _check_positive("model.refine_filters", self.refine_filters)
-        _check_positive("model.unet_filters", *self.unet_filters)
-        if len(self.unet_filters) < 2 or 2 ** (len(self.unet_filters) - 1) > 32:
-            raise ConfigError("model.unet_filters needs 2 to 6 levels (at most 5 poolings)")
+        for key in ("unet_filters", "unetpp_filters"):
+            filters = getattr(self, key)
+            _check_positive(f"model.{key}", *filters)
+            if len(filters) < 2 or 2 ** (len(filters) - 1) > 32:
+                raise ConfigError(f"model.{key} needs 2 to 6 levels (at most 5 poolings)")
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError("model.classifier_dropout must be in [0, 1)")
+        if any(not name for name in self.class_names):
+            raise ConfigError(f"model.class_names must be non-empty names, got {self.class_names}")
 
     @property
     def num_classes(self) -> int:
@@ -136,6 +144,7 @@ class DataConfig:
     cache: bool = False
 
     def __post_init__(self):
+        _normalise(self)
         _check_choice("data.compression", self.compression, ("", "GZIP"))
         _check_positive("data.num_folds", self.num_folds)
         if not 0 <= self.fold < self.num_folds:
@@ -181,10 +190,16 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self):
+        _normalise(self)
         if not self.phases:
             raise ConfigError(f"train.phases must name at least one of {list(PHASES)}")
         for phase in self.phases:
             _check_choice("train.phases", phase, PHASES)
+        if list(self.phases) != [p for p in PHASES if p in self.phases]:
+            raise ConfigError(
+                f"train.phases must list each phase once, in the order {list(PHASES)}, got "
+                f"{list(self.phases)}"
+            )
         _check_choice("train.loss", self.loss, LOSSES)
         _check_choice("train.precision", self.precision, PRECISIONS)
         _check_positive("train.learning_rate", self.learning_rate)
@@ -192,8 +207,14 @@ class TrainConfig:
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.classifier_epochs", self.classifier_epochs)
-        if self.coarse_loss_weight < 0 or self.final_loss_weight < 0:
-            raise ConfigError("train.coarse_loss_weight and train.final_loss_weight must be >= 0")
+        for key in ("coarse_loss_weight", "final_loss_weight"):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"train.{key} must be finite and >= 0, got {value}")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(
+                f"train.early_stopping_patience must be >= 0, got {self.early_stopping_patience}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +226,29 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        arch, phases = self.model.architecture, self.train.phases
+        if arch == "seresnet_classifier" and "segmentation" in phases:
+            raise ConfigError(
+                "model.architecture seresnet_classifier is a classifier: train.phases must "
+                "be [classification]"
+            )
+        if arch in ("unet", "unet_plus_plus") and "classification" in phases:
+            raise ConfigError(
+                f"model.architecture {arch} has no SE-ResNet encoder for the classifier "
+                "phase: set train.phases to [segmentation]"
+            )
+
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _normalise(instance):
+    """Lists given for tuple fields become tuples, so configs stay hashable and comparable."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, list):
+            object.__setattr__(instance, f.name, tuple(value))
 
 
 def _check_choice(key, value, choices):
@@ -215,8 +257,10 @@ def _check_choice(key, value, choices):
 
 
 def _check_positive(key, *values):
-    if any(v <= 0 for v in values):
-        raise ConfigError(f"{key} must be positive, got {list(values)}")
+    if not values:
+        raise ConfigError(f"{key} must not be empty")
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ConfigError(f"{key} must be positive and finite, got {list(values)}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -252,8 +296,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
-        if value is None:
-            return ""
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
@@ -290,7 +332,7 @@ def config_from_dict(values: Mapping[str, Any], source: str = "<dict>") -> Exper
                 f"unknown key '{key}' in {source}; allowed top-level keys: {', '.join(allowed)}"
             )
     sections = {
-        name: _build_section(cls, values.get(name) or {}, name, source)
+        name: _build_section(cls, {} if values.get(name) is None else values[name], name, source)
         for name, cls in _SECTIONS.items()
     }
     name = values.get("name", "default")
@@ -339,9 +381,12 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
                 f"unknown key '{dotted}' in override {override!r}; allowed keys in "
                 f"'{section}': {', '.join(allowed)}"
             )
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
+        if values.get(section) is None:
             values[section] = {}
+        if not isinstance(values[section], dict):
+            raise ConfigError(
+                f"'{section}' must be a mapping of keys to values, got {values[section]!r}"
+            )
         values[section][key] = value
     return values
 

@@ -148,6 +148,10 @@ class HybridLoss(keras.losses.Loss):
             raise ValueError(f"HybridLoss terms must be a non-empty subset of {TERMS}, got {terms}")
         if ssim_impl not in ("auto", "tf", "ops"):
             raise ValueError(f"ssim_impl must be 'auto', 'tf' or 'ops', got {ssim_impl!r}")
+        if ssim_impl == "tf" and keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                f"ssim_impl='tf' needs the TensorFlow backend, not {keras.backend.backend()!r}"
+            )
         self.terms = terms
         self.ssim_impl = ssim_impl
 
@@ -159,12 +163,7 @@ class HybridLoss(keras.losses.Loss):
         return total
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "reduction": self.reduction,
-            "terms": list(self.terms),
-            "ssim_impl": self.ssim_impl,
-        }
+        return {**super().get_config(), "terms": list(self.terms), "ssim_impl": self.ssim_impl}
 
 
 def make_loss(name="hybrid"):

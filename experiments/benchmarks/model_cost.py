@@ -4,9 +4,10 @@
         [--out runs/benchmarks/model_cost.json]
 
 Both networks are built at full width (the paper's configuration) at the given input size,
-compiled with the hybrid loss (on "coarse" and "final" for coarse-refine, on "final" for the
-U-Net, so the difference measured is the network) and Adam, and trained on the same random
-batch. After warm-up steps (graph tracing), steps alternate between the two models so that
+compiled as they train: the hybrid loss on "coarse" and "final" for coarse-refine (deep
+supervision), on "final" for the U-Net, and Adam; both train on the same random batch. The
+loss is well under 1 % of a step's FLOPs, so the difference measured is the network.
+After warm-up steps (graph tracing), steps alternate between the two models so that
 machine drift affects both alike; the medians of wall time and process CPU time per step
 are reported with their ratio, next to the forward GFLOPs per slice of each network.
 

@@ -52,3 +52,26 @@ def test_classifier_on_segmenter_round_trip(tmp_path, rng):
     loaded = keras.saving.load_model(tmp_path / "classifier.keras", safe_mode=True)
     x = hu_batch(rng)
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), classifier.predict(x, verbose=0))
+
+
+def test_frozen_encoder_stays_frozen_after_reload(tmp_path, rng):
+    classifier = build_classifier(build_model(tiny_config()))
+    classifier.encoder.trainable = False
+    classifier.save(tmp_path / "frozen.keras")
+    loaded = keras.saving.load_model(tmp_path / "frozen.keras", safe_mode=True)
+    assert len(loaded.trainable_weights) == 2
+    x = hu_batch(rng)
+    stem = loaded.encoder.layers[1]
+    before = keras.ops.convert_to_numpy(stem.kernel).copy()
+    loaded.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    loaded.train_on_batch(x, np.array([0.0, 1.0], "float32"))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(stem.kernel), before)
+
+
+def test_classifier_with_dropout_round_trip(tmp_path, rng):
+    model = build_model(tiny_config(architecture="seresnet_classifier", classifier_dropout=0.3))
+    model.save(tmp_path / "dropout.keras")
+    loaded = keras.saving.load_model(tmp_path / "dropout.keras", safe_mode=True)
+    assert loaded.dropout == 0.3
+    x = hu_batch(rng)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))

@@ -95,6 +95,13 @@ def test_aspp_rates_and_filters_come_from_config():
     assert model.get_layer("aspp_concat").output.shape[-1] == 12 * (2 + 2)
 
 
+def test_refinement_bridge_follows_aspp_config():
+    model = build_model(tiny_config(aspp_rates=(2, 5), aspp_filters=12, refine_filters=8))
+    assert model.get_layer("refine_aspp_project_conv").filters == 12
+    assert model.get_layer("refine_aspp_rate5_conv").dilation_rate == (5, 5)
+    assert model.get_layer("refine_dec1_conv").filters == 8
+
+
 def test_coarse_decoder_stages_use_three_convs():
     model = build_model(tiny_config(decoder_convs=3))
     for stage in (1, 2, 3, 4):

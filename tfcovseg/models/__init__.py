@@ -79,7 +79,7 @@ def build_model(model_config=None):
     if cfg.architecture == "unet":
         return UNet(**common, class_names=cfg.class_names, filters=cfg.unet_filters)
     if cfg.architecture == "unet_plus_plus":
-        return UNetPlusPlus(**common, class_names=cfg.class_names, filters=cfg.unet_filters)
+        return UNetPlusPlus(**common, class_names=cfg.class_names, filters=cfg.unetpp_filters)
     if cfg.architecture == "seresnet_classifier":
         encoder = SEResNetEncoder(
             input_size=cfg.input_size,

@@ -12,6 +12,7 @@ import keras
 from keras import layers
 
 from tfcovseg.models.blocks import apply_conv_bn_relu
+from tfcovseg.models.layers import from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
 
 DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
@@ -79,7 +80,7 @@ class _SegmentationBaseline(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return from_config_keeping_trainable(cls, config)
 
 
 @keras.saving.register_keras_serializable(package="tfcovseg")

@@ -12,7 +12,7 @@ import keras
 from keras import layers
 
 from tfcovseg.models.encoder import SEResNetEncoder
-from tfcovseg.models.layers import SqueezeAxis
+from tfcovseg.models.layers import SqueezeAxis, from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
 
 
@@ -68,13 +68,15 @@ class CovidClassifier(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         config["encoder"] = keras.saving.deserialize_keras_object(config["encoder"])
-        return cls(**config)
+        return from_config_keeping_trainable(cls, config)
 
 
 def build_classifier(segmenter, dropout=0.0):
     """The slice classifier on a segmenter's encoder, sharing its weights.
 
     Freeze the encoder for the paper's phase 2 with ``classifier.encoder.trainable = False``.
+    The encoder is the same object in both models, so this also freezes it inside the
+    segmenter: set it back to True before training the segmenter again.
 
     Args:
         segmenter: A model with an SE-ResNet `encoder` (architectures coarse_refine,

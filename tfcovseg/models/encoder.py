@@ -11,6 +11,7 @@ import keras
 from keras import layers
 
 from tfcovseg.models.blocks import BN_EPSILON, BN_MOMENTUM, apply_conv_bn_relu
+from tfcovseg.models.layers import from_config_keeping_trainable
 
 PYRAMID_LEVELS = ("stem", "stage1", "stage2", "stage3", "stage4")
 PYRAMID_STRIDES = {"stem": 2, "stage1": 4, "stage2": 8, "stage3": 16, "stage4": 32}
@@ -127,4 +128,4 @@ class SEResNetEncoder(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return from_config_keeping_trainable(cls, config)

@@ -1,4 +1,5 @@
-"""Small registered layers that replace what would otherwise be Lambda layers."""
+"""Small registered layers that replace what would otherwise be Lambda layers, and the
+config helper shared by the functional model classes."""
 
 from __future__ import annotations
 
@@ -58,3 +59,17 @@ class SqueezeAxis(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis}
+
+
+def from_config_keeping_trainable(cls, config):
+    """Builds a functional model subclass from its config and restores `trainable`.
+
+    Passing ``trainable=False`` to a functional model's constructor only sets its own flag,
+    not its layers'; setting the attribute afterwards freezes every layer, so a frozen
+    encoder stays frozen through a ``.keras`` round trip.
+    """
+    config = dict(config)
+    trainable = config.pop("trainable", True)
+    model = cls(**config)
+    model.trainable = trainable
+    return model

@@ -8,6 +8,7 @@ from keras import layers
 from tfcovseg.models.aspp import apply_aspp
 from tfcovseg.models.coarse import apply_coarse_decoder
 from tfcovseg.models.encoder import SEResNetEncoder
+from tfcovseg.models.layers import from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
 from tfcovseg.models.refine import apply_refinement
 
@@ -23,6 +24,9 @@ class CoarseRefineNet(keras.Model):
     "coarse" (the U-Net's map) and "final" (sigmoid(coarse logits + refinement residual)).
     Without the refinement module (the lower rungs of the paper's Table 7 ablation) only
     "final" is returned, the U-Net's map.
+
+    The config holds the architecture, not the dtype policy: a model saved under mixed
+    precision loads under the global policy in force when it is loaded.
 
     Attributes:
         encoder: The `SEResNetEncoder` (shared with `build_classifier`).
@@ -89,7 +93,7 @@ class CoarseRefineNet(keras.Model):
         # Probabilities leave the network in float32 even under a mixed-precision policy.
         if use_refinement:
             residual = apply_refinement(
-                coarse_logits, refine_filters, 4, aspp_rates, refine_filters, name="refine"
+                coarse_logits, refine_filters, 4, aspp_rates, aspp_filters, name="refine"
             )
             final_logits = layers.Add(name="refined_logits")([coarse_logits, residual])
             outputs = {
@@ -145,4 +149,4 @@ class CoarseRefineNet(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return from_config_keeping_trainable(cls, config)
