@@ -5,7 +5,10 @@ The method (thresholding and morphology, as in most pre-deep-learning CT pipelin
 1. Threshold: air-like voxels are below -320 HU (lung parenchyma is about -850 HU, soft
    tissue above -100). For already windowed 8-bit images, Otsu's threshold of the slice.
 2. Body: per slice, the largest connected non-air region with its holes filled; air outside
-   it (around the patient, under the table) is removed.
+   it (around the patient, under the table) is removed. In images cropped to the body the
+   lungs touch the border and are not enclosed: an air region touching the border is kept
+   when it is not as dark as outside air (median above -950 HU, or above 12 % of the range
+   for windowed images), since lung parenchyma sits near -850 HU and outside air at -1000.
 3. Largest components: in 3-D (a volume) or 2-D (a lone slice), keep the largest air
    component inside the body and any other at least `min_fraction` of its size, at most
    two (the two lungs; a merged pair is one). Small airways, the trachea in most slices,
@@ -27,6 +30,8 @@ import numpy as np
 from scipy import ndimage
 
 AIR_THRESHOLD_HU = -320.0
+OUTSIDE_AIR_HU = -950.0
+OUTSIDE_AIR_WINDOWED = 0.12 * 255
 
 
 def otsu_threshold(image: np.ndarray) -> float:
@@ -93,9 +98,16 @@ def lung_mask(
     else:
         air = volume < threshold_hu
     inside = np.zeros_like(air)
+    outside_level = OUTSIDE_AIR_WINDOWED if pre_windowed else OUTSIDE_AIR_HU
     for z in range(volume.shape[0]):
         body = ndimage.binary_fill_holes(_largest_component(~air[z]))
         inside[z] = air[z] & body
+        border_air = air[z] & ~body
+        labels, n = ndimage.label(border_air)
+        if n:
+            medians = ndimage.median(volume[z], labels, np.arange(1, n + 1))
+            lung_like = np.nonzero(np.asarray(medians) > outside_level)[0] + 1
+            inside[z] |= np.isin(labels, lung_like)
     labels, n = ndimage.label(inside)
     keep = np.zeros_like(inside)
     if n:
