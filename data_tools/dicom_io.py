@@ -102,15 +102,26 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
         SkipFile: not DICOM, not an image, or not CT.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except InvalidDicomError:
-        raise SkipFile("not a DICOM file") from None
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            # Older exporters omit the 128-byte preamble; accept such files only when they
+            # parse into a dataset with a SOP class.
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "SOPClassUID" not in ds:
+                raise SkipFile("not a DICOM file") from None
+    except SkipFile:
+        raise
     except Exception as e:  # truncated or corrupt files raise many kinds of errors
         raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
     modality = str(ds.get("Modality", ""))
     sop_class = str(ds.get("SOPClassUID", ""))
     if modality == "SEG" or sop_class == SEG_STORAGE:
         return "seg", ds
+    if ("Rows" not in ds or "Columns" not in ds) and (
+        modality == "CT" or sop_class == CT_IMAGE_STORAGE
+    ):
+        raise SkipFile("corrupt or truncated CT file: its header has no image size")
     if "Rows" not in ds or "Columns" not in ds:
         raise SkipFile(
             f"not an image (SOP class {sop_class or 'unknown'}, modality {modality or 'unknown'})"

@@ -132,6 +132,12 @@ class _Anatomy:
         static[_ellipse(uu, vv, 0.0, 0.555, 0.035, 0.03)] = 25.0  # spinal canal
         static[_ellipse(uu, vv, 0.0, -self.by * 0.84, 0.05, 0.025)] = 600.0  # sternum
         self.static = static
+        # Lungs stay inside the rib cage and out of the mediastinum and spine.
+        self.lung_allowed = (
+            _ellipse(uu, vv, 0.0, 0.02, self.bx * 0.8, self.by * 0.78)
+            & ~_ellipse(uu, vv, 0.0, -0.04, 0.17, 0.42)
+            & ~_ellipse(uu, vv, 0.0, 0.43, 0.13, 0.12)
+        )
 
     def ribs(self, t: float):
         """Rib cross-sections on this slice: (u, v) centres along the chest wall."""
@@ -145,20 +151,31 @@ class _Anatomy:
         return out
 
 
-def _lungs(an: _Anatomy, t: float):
-    """Left and right lung masks of a slice (before vessels and lesions)."""
+def _ellipse_in_box(an: _Anatomy, cu, cv, au, av):
+    """Full-size mask of an ellipse, evaluated only inside its bounding box."""
+    mask = np.zeros(an.uu.shape, bool)
+    box = _box(an, cu, cv, au, av)
+    mask[box] = _ellipse(an.uu[box], an.vv[box], cu, cv, au, av)
+    return mask
+
+
+def _heart(an: _Anatomy, t: float):
+    h = _heart_scale(t)
+    if h <= 0.05:
+        return None
+    return _ellipse_in_box(an, 0.08, 0.02, 0.27 * h, 0.23 * h)
+
+
+def _lungs(an: _Anatomy, t: float, heart):
+    """Both lung masks of a slice (before vessels and lesions)."""
     s = _lung_scale(t)
     if s < 0.12:
         return np.zeros_like(an.body)
-    uu, vv = an.uu, an.vv
-    right = _ellipse(uu, vv, -an.lung_dx, -0.02, an.lung_au * s * 1.05, an.lung_av * s)
-    left = _ellipse(uu, vv, an.lung_dx, -0.02, an.lung_au * s, an.lung_av * s)
-    lungs = right | left
-    lungs &= ~_ellipse(uu, vv, 0.0, -0.04, 0.17, 0.42)  # mediastinum
-    lungs &= ~_ellipse(uu, vv, 0.0, 0.43, 0.13, 0.12)  # spine
-    h = _heart_scale(t)
-    if h > 0.05:
-        lungs &= ~_ellipse(uu, vv, 0.08, 0.02, 0.27 * h, 0.23 * h)
+    right = _ellipse_in_box(an, -an.lung_dx, -0.02, an.lung_au * s * 1.05, an.lung_av * s)
+    left = _ellipse_in_box(an, an.lung_dx, -0.02, an.lung_au * s, an.lung_av * s)
+    lungs = (right | left) & an.lung_allowed
+    if heart is not None:
+        lungs &= ~heart
     return lungs
 
 
@@ -240,11 +257,11 @@ def _make_lesions(rng, an: _Anatomy, diagnosis: str, severity: str) -> list[_Les
         )
     elif diagnosis == "viral":  # central, perihilar ground glass on both sides (unlabelled)
         for side in (-1, 1):
-            for _ in range(rng.integers(1, 3)):
-                t = rng.uniform(0.3, 0.7)
-                u = side * (an.lung_dx - an.lung_au * rng.uniform(0.2, 0.5))
-                v = rng.uniform(-0.1, 0.1)
-                a = rng.uniform(0.05, 0.1)
+            for _ in range(rng.integers(2, 5)):
+                t = rng.uniform(0.25, 0.75)
+                u = side * (an.lung_dx - an.lung_au * rng.uniform(0.1, 0.5))
+                v = rng.uniform(-0.15, 0.15)
+                a = rng.uniform(0.06, 0.12)
                 lesions.append(
                     _Lesion(
                         "mimic",
@@ -296,14 +313,14 @@ def _lesion_weight(an: _Anatomy, lesion: _Lesion, t: float):
 def _render_slice(rng, an: _Anatomy, t: float, lesions: list[_Lesion]):
     n = an.size
     hu = an.static.copy()
-    lungs = _lungs(an, t)
+    heart = _heart(an, t)
+    lungs = _lungs(an, t, heart)
     # Trachea in the upper chest, in the mediastinum.
     if t > 0.72:
         box = _box(an, 0.0, -0.2, 0.06, 0.06)
         hu[box][_ellipse(an.uu[box], an.vv[box], 0.0, -0.2, 0.045, 0.04)] = -990.0
-    h = _heart_scale(t)
-    if h > 0.05:
-        hu[_ellipse(an.uu, an.vv, 0.08, 0.02, 0.27 * h, 0.23 * h)] = 40.0
+    if heart is not None:
+        hu[heart] = 40.0
     hu[lungs] = an.lung_hu
     # Ribs: cortical ring around marrow, on the chest wall.
     ru, rv = 0.028, 0.018
@@ -314,6 +331,7 @@ def _render_slice(rng, an: _Anatomy, t: float, lesions: list[_Lesion]):
         patch = hu[box]
         patch[r2 <= 1.0] = 700.0
         patch[r2 <= 0.45] = 250.0
+        lungs[box] &= r2 > 1.3  # the pleura and chest wall lie between rib and lung
     # Vessels: bright blobs in the lungs, larger and denser towards the hilum.
     if lungs.any():
         rows, cols = np.nonzero(lungs)
@@ -430,6 +448,10 @@ def write_patient(
         ds.PatientBirthDate, ds.PatientSex = birth_date, "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate = ds.SeriesDate = "20200401"
+        ds.StudyTime = ds.SeriesTime = "120000"
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+        ds.Manufacturer = "tfcovseg synthetic phantom"
+        ds.PositionReferenceIndicator = ""
         ds.StudyDescription = "Synthetic chest CT phantom (tfcovseg)"
         ds.SeriesNumber = 1
         ds.InstanceNumber = z_count - z  # head first, as many scanners number them

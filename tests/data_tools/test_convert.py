@@ -1,0 +1,316 @@
+"""The converter end to end on the phantom, real COVID-SemiSeg slices, SEG and NIfTI."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+from pydicom.data import get_testdata_file
+
+from data_tools import features
+from data_tools.convert import ConversionError, convert, main
+from data_tools.phantom import cohort_plan, make_patient, write_patient
+from data_tools.privacy import pseudonym
+from tests.data_tools.conftest import COHORT, KNOWN_ID, KNOWN_NAME, SALT
+
+SEMISEG = Path(__file__).resolve().parents[3] / "shared" / "data" / "covid-semiseg" / "train"
+
+
+def _examples(record_dir):
+    manifest = json.loads((Path(record_dir) / "manifest.json").read_text())
+    compression = manifest["compression"] or None
+    out = []
+    for shard in manifest["shards"]:
+        for raw in tf.data.TFRecordDataset(str(Path(record_dir) / shard), compression):
+            out.append(features.decode_numpy(raw.numpy()))
+    return manifest, out
+
+
+def _digest(folder):
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file()
+    }
+
+
+def test_records_reproduce_the_phantom(cohort, records):
+    out, summary = records
+    manifest, examples = _examples(out)
+    plan = cohort_plan(COHORT["patients"], COHORT["seed"])
+    with (cohort / "manifest.csv").open() as f:
+        ids = [row["patient"] for row in csv.DictReader(f)]
+    assert summary["patients"] == manifest["num_patients"] == len(plan)
+    yy, xx = np.mgrid[:64, :64]
+    fov = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 32**2
+    for i, ((diagnosis, severity), pid) in enumerate(zip(plan, ids)):
+        truth = make_patient(COHORT["seed"] * 100_003 + i, 64, diagnosis, severity)
+        pseudo = pseudonym("P", f"dicom:{pid}", SALT.encode())
+        mine = sorted(
+            (e for e in examples if e["patient/id"] == pseudo), key=lambda e: e["slice/index"]
+        )
+        assert len(mine) == truth.hu.shape[0] == manifest["patients"][pseudo]["num_slices"]
+        for z, e in enumerate(mine):
+            np.testing.assert_array_equal(e["hu"][fov], np.rint(truth.hu[z])[fov])
+            for c in range(3):
+                np.testing.assert_array_equal(e["lesions"][..., c], truth.lesions[z] == c + 1)
+            assert e["slice/label"] == int(truth.lesions[z].any())
+            assert (e["patient/diagnosis"], e["patient/severity"]) == (diagnosis, severity)
+        positions = [e["slice/position_mm"] for e in mine]
+        assert np.all(np.diff(positions) > 0)
+        lung = np.stack([e["lung"] for e in mine]).astype(bool)
+        dice = 2 * (lung & truth.lung).sum() / (lung.sum() + truth.lung.sum())
+        assert dice > 0.9
+        assert e["spacing_mm"] == pytest.approx([360 / 64, 360 / 64, truth.spacing_mm[2]], rel=1e-5)
+
+
+def test_manifest_statistics_and_folds(records):
+    out, _ = records
+    manifest, examples = _examples(out)
+    assert manifest["num_slices"] == len(examples) == len(manifest["slices"])
+    assert manifest["num_lesion_slices"] == sum(e["slice/label"] for e in examples)
+    assert manifest["classes"] == ["ggo", "consolidation", "fibrosis"]
+    by_id = {(s["series"], s["index"]): s for s in manifest["slices"]}
+    for e in examples:
+        entry = by_id[(e["series/id"], e["slice/index"])]
+        assert entry["lesion_pixels"] == e["lesions"].reshape(-1, 3).sum(0).tolist()
+        assert entry["lung_pixels"] == int(e["lung"].sum())
+    for p in manifest["patients"].values():
+        if p["diagnosis"] != "covid":
+            assert p["lesion_slices"] == 0 and p["volume_ml"]["ggo"] == 0
+        assert p["volume_ml"]["lung"] > 1000  # adult lungs: litres
+    everyone = set(manifest["patients"])
+    for fold in manifest["folds"]["splits"].values():
+        parts = [set(fold[s]) for s in ("train", "validation", "test")]
+        assert set().union(*parts) == everyone and sum(map(len, parts)) == len(everyone)
+
+
+def test_privacy_no_identifiers_in_any_output_byte(cohort, records, tmp_path, capsys):
+    out, _ = records
+    secrets = [KNOWN_ID, KNOWN_NAME, KNOWN_NAME.replace("^", " "), "JOHNATHAN", "19600101"]
+    for path in Path(out).iterdir():
+        data = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in data, (secret, path.name)
+    # The command line output (and its skip list) is redacted too.
+    broken = tmp_path / "in"
+    shutil.copytree(cohort / "case_0000", broken / KNOWN_ID)
+    (broken / KNOWN_ID / "ct" / "IM0000.dcm").write_bytes(b"garbage")
+    assert (
+        main(["--input", str(broken), "--out", str(tmp_path / "o"), "--size", "64", "--salt", SALT])
+        == 0
+    )
+    printed = capsys.readouterr()
+    assert "skipped 1 files" in printed.out
+    for secret in secrets:
+        assert secret not in printed.out + printed.err
+    assert "<patient>" in printed.out or "P" in printed.out
+
+
+def test_rerun_is_byte_identical_and_replaces_old_shards(cohort, records, tmp_path):
+    out, _ = records
+    again = tmp_path / "again"
+    convert(cohort, again, size=64, salt=SALT, progress=False)
+    assert _digest(again) == _digest(out)
+    convert(cohort, again, size=64, salt=SALT, progress=False)
+    assert _digest(again) == _digest(out)
+    convert(cohort, again, size=64, salt=SALT, shards=3, progress=False)
+    names = sorted(p.name for p in again.iterdir())
+    assert names == ["manifest.json"] + [f"slices-{i:05d}-of-00003.tfrecord" for i in range(3)]
+    manifest, examples = _examples(again)
+    assert len(examples) == manifest["num_slices"]
+    assert len({e["slice/id"] for e in examples}) == len(examples)  # no duplicates
+
+
+def test_interrupted_run_leaves_previous_output_intact(cohort, records, tmp_path, monkeypatch):
+    out, _ = records
+    target = tmp_path / "target"
+    shutil.copytree(out, target)
+    before = _digest(target)
+    calls = {"n": 0}
+    real = features.encode_example
+
+    def failing(fields):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise KeyboardInterrupt
+        return real(fields)
+
+    monkeypatch.setattr(features, "encode_example", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert(cohort, target, size=64, salt=SALT, shards=2, progress=False)
+    assert _digest(target) == before
+    assert not list(target.glob(".partial-*"))
+
+
+def test_parallel_workers_give_the_same_output(cohort, records, tmp_path):
+    out, _ = records
+    convert(cohort, tmp_path / "par", size=64, salt=SALT, workers=2, progress=False)
+    assert _digest(tmp_path / "par") == _digest(out)
+
+
+def test_bad_inputs_are_skipped_with_reasons(cohort, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "good")
+    shutil.copytree(cohort / "case_0002", src / "badmask")
+    bad = nib.load(src / "badmask" / "lesions.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.zeros((10, 10, 3), np.uint8), bad.affine),
+        src / "badmask" / "lesions.nii.gz",
+    )
+    (src / "junk").mkdir()
+    (src / "junk" / "readme.bin").write_text("hello")
+    shutil.copy(get_testdata_file("MR_small.dcm"), src / "junk" / "mr.dcm")
+    shutil.copy(get_testdata_file("rtplan.dcm"), src / "junk" / "plan.dcm")
+    ct = sorted((src / "good" / "ct").glob("*.dcm"))
+    ct[3].write_bytes(ct[3].read_bytes()[:-3000])  # truncated pixel data
+    summary = convert(src, tmp_path / "out", size=64, salt=SALT, progress=False)
+    reasons = {item["path"]: item["reason"] for item in summary["skipped"]}
+    assert reasons["junk/readme.bin"] == "not a DICOM file"
+    assert "modality MR is not CT" in reasons["junk/mr.dcm"]
+    assert "not an image" in reasons["junk/plan.dcm"]
+    assert "does not cover the series" in reasons["badmask/ct"]
+    assert any(p.endswith(ct[3].name) for p in reasons)
+    assert summary["patients"] == 1
+    n = len(list((cohort / "case_0001" / "ct").glob("*.dcm")))
+    assert summary["slices"] == n - 1
+    with pytest.raises(ConversionError, match="--strict"):
+        convert(src, tmp_path / "strict", size=64, salt=SALT, strict=True, progress=False)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_nothing_usable_is_an_error(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt.bin").write_text("x")
+    assert main(["--input", str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable CT series" in err and "not a DICOM file" in err
+    assert main(["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_labels_file_with_bad_diagnosis_names_the_line(cohort, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "a")
+    (src / "labels.csv").write_text("patient,diagnosis,severity\nPHANTOM-0001,flu,none\n")
+    with pytest.raises(ConversionError, match=r"labels.csv line 2: diagnosis 'flu'"):
+        convert(src, tmp_path / "o", size=64, salt=SALT, progress=False)
+
+
+def test_gzip_shards(cohort, tmp_path):
+    convert(cohort, tmp_path / "gz", size=64, salt=SALT, compression="GZIP", progress=False)
+    shards = sorted((tmp_path / "gz").glob("*.tfrecord.gz"))
+    assert shards and shards[0].read_bytes()[:2] == b"\x1f\x8b"
+    manifest, examples = _examples(tmp_path / "gz")
+    assert len(examples) == manifest["num_slices"] and manifest["compression"] == "GZIP"
+
+
+def test_resizing_to_another_size(cohort, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0000", src / "a")
+    convert(src, tmp_path / "o", size=32, salt=SALT, progress=False)
+    manifest, examples = _examples(tmp_path / "o")
+    assert all(e["hu"].shape == (32, 32) and e["lesions"].shape == (32, 32, 3) for e in examples)
+    assert set(np.unique(np.stack([e["lesions"] for e in examples]))) <= {0, 1}
+    assert examples[0]["spacing_mm"][0] == pytest.approx(360 / 32, rel=1e-5)
+
+
+def test_dicom_seg_masks(tmp_path):
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    p = make_patient(31, 64, "covid", "severe", n_slices=8)
+    write_patient(p, tmp_path / "in" / "case", patient_id="SEG-1", patient_name="S^T")
+    (tmp_path / "in" / "case" / "lesions.nii.gz").unlink()
+    sources = [pydicom.dcmread(f) for f in sorted((tmp_path / "in" / "case" / "ct").glob("*"))]
+    sources.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    descriptions = []
+    for number, label in enumerate(["ground glass opacity", "consolidation", "fibrosis"], 1):
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label,
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Lesion,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            )
+        )
+    pixels = np.stack([p.lesions == k for k in (1, 2, 3)], axis=-1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=2,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="tfcovseg tests",
+        manufacturer_model_name="phantom",
+        software_versions="0",
+        device_serial_number="0",
+    )
+    seg.save_as(tmp_path / "in" / "case" / "seg.dcm")
+    convert(tmp_path / "in", tmp_path / "o", size=64, salt=SALT, progress=False)
+    manifest, examples = _examples(tmp_path / "o")
+    examples.sort(key=lambda e: e["slice/index"])
+    assert len(examples) == 8 and manifest["patients"][examples[0]["patient/id"]]["annotated"]
+    for z, e in enumerate(examples):
+        for c in range(3):
+            np.testing.assert_array_equal(e["lesions"][..., c], p.lesions[z] == c + 1)
+
+
+def test_nifti_volume_with_mask(tmp_path):
+    p = make_patient(41, 64, "covid", "moderate", n_slices=7)
+    affine = np.diag([-2.0, -2.0, 5.0, 1.0])
+    # Stored as (x: right->left reversed, y, z) voxels in RAS; then as_closest_canonical flips.
+    volume = p.hu.transpose(2, 1, 0)
+    labels = p.lesions.transpose(2, 1, 0)
+    (tmp_path / "in").mkdir()
+    nib.save(
+        nib.Nifti1Image(np.rint(volume).astype(np.int16), affine), tmp_path / "in" / "ct01.nii.gz"
+    )
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "in" / "ct01_mask.nii.gz")
+    convert(tmp_path / "in", tmp_path / "o", size=64, salt=SALT, progress=False)
+    manifest, examples = _examples(tmp_path / "o")
+    examples.sort(key=lambda e: e["slice/index"])
+    assert len(examples) == 7 and manifest["num_patients"] == 1
+    for z, e in enumerate(examples):
+        np.testing.assert_array_equal(e["hu"], np.rint(p.hu[z]).astype(np.int16))
+        np.testing.assert_array_equal(e["lesions"][..., 0], p.lesions[z] == 1)
+    assert examples[0]["spacing_mm"] == pytest.approx([2.0, 2.0, 5.0])
+
+
+def test_covid_semiseg_slices(tmp_path):
+    if not SEMISEG.is_dir():
+        pytest.skip(f"COVID-SemiSeg slices not found at {SEMISEG}")
+    from PIL import Image
+
+    summary = convert(
+        SEMISEG,
+        tmp_path / "o",
+        size=64,
+        salt=SALT,
+        classes=("ggo", "consolidation"),
+        default_diagnosis="covid",
+        progress=False,
+    )
+    assert summary["patients"] == summary["slices"] == 50 and not summary["skipped"]
+    manifest, examples = _examples(tmp_path / "o")
+    assert all(e["image/pre_windowed"] == 1 for e in examples)
+    assert manifest["patients"][examples[0]["patient/id"]]["diagnosis"] == "covid"
+    fractions = []
+    for name in sorted((SEMISEG / "GT").glob("*.png"))[:50]:
+        gt = np.asarray(Image.open(name))
+        fractions.append([(gt == 1).mean(), (gt == 2).mean()])
+    stored = [e["lesions"].reshape(-1, 2).mean(0) for e in examples]
+    np.testing.assert_allclose(np.mean(stored, 0), np.mean(fractions, 0), atol=0.01)
+    assert max(e["hu"].max() for e in examples) <= 255 and min(e["hu"].min() for e in examples) >= 0

@@ -1,0 +1,181 @@
+"""DICOM reading on real files: HU conversion, codecs, padding, sorting and skip reasons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from data_tools.dicom_io import (
+    HU_FLOOR,
+    SkipFile,
+    build_series,
+    read_header,
+    read_hu,
+    slice_header,
+)
+from data_tools.phantom import make_patient, write_patient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _reference_hu(name):
+    """HU as pydicom (with the pylibjpeg plugins) gives them, floored at -1024."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    hu = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(
+        ds.get("RescaleIntercept", 0)
+    )
+    return np.maximum(hu, HU_FLOOR), ds
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CT_small.dcm", "693_UNCR.dcm", "693_J2KR.dcm", "bad_sequence.dcm", "explicit_VR-UN.dcm"],
+)
+def test_hu_match_pydicom_with_plugins(name):
+    expected, ds = _reference_hu(name)
+    hu = read_hu(Path(get_testdata_file(name)))
+    assert hu.dtype == np.float32 and hu.shape == (ds.Rows, ds.Columns)
+    padding = ds.get("PixelPaddingValue")
+    keep = np.ones_like(hu, bool) if padding is None else ds.pixel_array != padding
+    np.testing.assert_array_equal(hu[keep], expected[keep])
+
+
+def test_jpeg2000_lossless_equals_the_uncompressed_original():
+    compressed = read_hu(Path(get_testdata_file("693_J2KR.dcm")))
+    original = read_hu(Path(get_testdata_file("693_UNCR.dcm")))
+    np.testing.assert_array_equal(compressed, original)
+
+
+def test_padding_value_becomes_air():
+    path = Path(get_testdata_file("693_UNCR.dcm"))
+    ds = pydicom.dcmread(path)
+    padded = ds.pixel_array == ds.PixelPaddingValue
+    assert padded.sum() > 1000  # outside the reconstruction circle
+    hu = read_hu(path)
+    assert (hu[padded] == HU_FLOOR).all()
+    assert hu.min() == HU_FLOOR
+
+
+def test_missing_codec_is_named(tmp_path):
+    """Without the pylibjpeg plugins, a JPEG-lossless CT names the codecs extra."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pylibjpeg', 'libjpeg', 'openjpeg', 'gdcm'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from pathlib import Path\n"
+        "from pydicom.data import get_testdata_file\n"
+        "from data_tools.dicom_io import read_hu, SkipFile\n"
+        "try:\n"
+        "    read_hu(Path(get_testdata_file('bad_sequence.dcm')))\n"
+        "except SkipFile as e:\n"
+        "    print('SKIP', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SKIP" in proc.stdout
+    assert "JPEG Lossless" in proc.stdout and 'pip install "tfcovseg[codecs]"' in proc.stdout
+
+
+def test_skip_reasons(tmp_path):
+    text = tmp_path / "notes.dcm"
+    text.write_text("not an image")
+    with pytest.raises(SkipFile, match="not a DICOM file"):
+        read_header(text)
+    with pytest.raises(SkipFile, match="modality MR is not CT"):
+        read_header(Path(get_testdata_file("MR_small.dcm")))
+    with pytest.raises(SkipFile, match="not an image"):
+        read_header(Path(get_testdata_file("rtplan.dcm")))
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[:700])  # inside the header
+    with pytest.raises(SkipFile, match="corrupt or truncated"):
+        read_header(truncated)
+    truncated.write_bytes(data[:-5000])  # inside the pixel data: the header still reads
+    assert read_header(truncated)[0] == "ct"
+    with pytest.raises(SkipFile, match="pixel data|corrupt"):
+        read_hu(truncated)
+    kind, ds = read_header(Path(get_testdata_file("CT_small.dcm")))
+    assert kind == "ct" and ds.Modality == "CT"
+
+
+def _write_series(folder, seed, n=6, patient_id="P1"):
+    p = make_patient(seed, 32, "healthy", "none", n_slices=n)
+    write_patient(p, folder, patient_id=patient_id, patient_name="A^B", seed=seed)
+    return p
+
+
+def _headers(folder):
+    out = []
+    for path in sorted(folder.rglob("*.dcm")):
+        kind, ds = read_header(path)
+        out.append((slice_header(path, ds), ds))
+    return out
+
+
+def test_sorting_follows_geometry_not_names_or_instance_numbers(tmp_path):
+    p = _write_series(tmp_path / "a", seed=1)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    rng = np.random.default_rng(0)
+    originals = sorted((tmp_path / "a" / "ct").glob("*.dcm"))
+    for i, src in zip(rng.permutation(len(originals)), originals):
+        shutil.copy(src, shuffled / f"x{(i * 7919) % 1000:03d}_{rng.integers(1e6)}.dcm")
+    (series,), skipped = build_series(_headers(shuffled))
+    assert not skipped
+    assert np.all(np.diff(series.positions) > 0)
+    for z, header in enumerate(series.slices):
+        np.testing.assert_array_equal(
+            read_hu(header.path)[10:20, 10:20], np.rint(p.hu[z])[10:20, 10:20]
+        )
+    instance = [int(pydicom.dcmread(h.path).InstanceNumber) for h in series.slices]
+    assert instance == sorted(instance, reverse=True)  # InstanceNumber runs the other way
+
+
+def test_two_series_in_one_folder(tmp_path):
+    _write_series(tmp_path / "one", seed=1, n=4)
+    _write_series(tmp_path / "two", seed=2, n=5)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, f in enumerate(sorted(tmp_path.glob("[ot]*/ct/*.dcm"))):
+        shutil.copy(f, mixed / f"{i:03d}.dcm")
+    series, skipped = build_series(_headers(mixed))
+    assert sorted(len(s.slices) for s in series) == [4, 5]
+    assert not skipped
+
+
+def test_duplicate_positions_are_skipped(tmp_path):
+    _write_series(tmp_path, seed=3, n=4)
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    shutil.copy(files[0], tmp_path / "ct" / "copy.dcm")
+    ds = pydicom.dcmread(tmp_path / "ct" / "copy.dcm")
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(tmp_path / "ct" / "copy.dcm")
+    (series,), skipped = build_series(_headers(tmp_path))
+    assert len(series.slices) == 4
+    assert [r for _, r in skipped] == ["duplicate slice position in its series"]
+
+
+def test_series_affine_maps_voxels_to_patient_space(tmp_path):
+    _write_series(tmp_path, seed=4, n=3)
+    (series,), _ = build_series(_headers(tmp_path))
+    affine = series.affine_lps()
+    for k, header in enumerate(series.slices):
+        np.testing.assert_allclose(affine @ [0, 0, k, 1], [*header.position, 1], atol=1e-6)
+    dr, dc = series.slices[0].spacing
+    np.testing.assert_allclose(
+        affine @ [2, 3, 0, 1] - affine @ [0, 0, 0, 1], [3 * dc, 2 * dr, 0, 0], atol=1e-6
+    )

@@ -1,0 +1,79 @@
+"""Classical lung masks: phantom truth and real CT slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from data_tools.dicom_io import read_hu
+from data_tools.lung import lung_mask, otsu_threshold
+from data_tools.phantom import make_patient
+
+SEMISEG = Path(__file__).resolve().parents[3] / "shared" / "data" / "covid-semiseg" / "train"
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize(
+    "diagnosis, severity",
+    [("covid", "severe"), ("healthy", "none"), ("bacterial", "none"), ("viral", "none")],
+)
+def test_phantom_lungs_dice(diagnosis, severity):
+    p = make_patient(8, 128, diagnosis, severity)
+    mask = lung_mask(p.hu, p.spacing_mm[:2], lesions=p.lesions)
+    assert _dice(mask, p.lung) >= 0.95
+    assert not (mask & (p.hu > 300)).any()  # no bone
+
+
+def test_lesions_count_as_lung():
+    p = make_patient(9, 128, "covid", "severe")
+    with_lesions = lung_mask(p.hu, p.spacing_mm[:2], lesions=p.lesions)
+    assert with_lesions[p.lesions > 0].all()
+    channels = np.stack([p.lesions == k for k in (1, 2, 3)], axis=-1)
+    np.testing.assert_array_equal(lung_mask(p.hu, p.spacing_mm[:2], lesions=channels), with_lesions)
+
+
+def test_real_ct_small_slice():
+    path = Path(get_testdata_file("CT_small.dcm"))
+    hu = read_hu(path)
+    spacing = tuple(float(v) for v in pydicom.dcmread(path).PixelSpacing)
+    mask = lung_mask(hu, spacing)
+    # The slice is cropped around the spine; lung fills its upper corners.
+    assert 0.1 < mask.mean() < 0.4
+    assert np.median(hu[mask]) < -600
+    assert mask[:20, :20].mean() > 0.5 and mask[:20, -20:].mean() > 0.5
+    assert not mask[60:, 40:90].any()  # the vertebra and the muscles behind it
+
+
+def test_real_head_ct_has_almost_no_lung():
+    hu = read_hu(Path(get_testdata_file("693_UNCR.dcm")))
+    assert lung_mask(hu, (0.48, 0.48)).mean() < 0.01
+
+
+def test_pre_windowed_slice():
+    if not SEMISEG.is_dir():
+        pytest.skip(f"COVID-SemiSeg slices not found at {SEMISEG}")
+    from PIL import Image
+
+    image = np.asarray(Image.open(SEMISEG / "Imgs" / "0.jpg").convert("L"), np.float32)
+    mask = lung_mask(image, pre_windowed=True)
+    assert 0.15 < mask.mean() < 0.6
+    assert image[mask].mean() < image[~mask].mean()
+
+
+def test_otsu_threshold_splits_two_levels():
+    image = np.concatenate([np.full(100, 40.0), np.full(100, 200.0)])
+    assert 40 <= otsu_threshold(image) < 200
+
+
+def test_shape_checks():
+    with pytest.raises(ValueError, match="expected"):
+        lung_mask(np.zeros((2, 2, 2, 2)))
+    with pytest.raises(ValueError, match="lesions shape"):
+        lung_mask(np.zeros((8, 8)), lesions=np.zeros((4, 4)))

@@ -1,0 +1,115 @@
+"""The synthetic CT phantom: anatomy, lesions by severity, DICOM and NIfTI files."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from data_tools.dicom_io import read_hu
+from data_tools.phantom import LABELS, cohort_plan, main, make_patient, write_patient
+
+
+def test_deterministic_for_a_seed():
+    a = make_patient(11, 64, "covid", "moderate")
+    b = make_patient(11, 64, "covid", "moderate")
+    c = make_patient(12, 64, "covid", "moderate")
+    np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.lesions, b.lesions)
+    assert a.hu.shape != c.hu.shape or not np.array_equal(a.hu, c.hu)
+
+
+def test_anatomy_intensities():
+    p = make_patient(3, 128, "healthy", "none")
+    assert 20 <= p.hu.shape[0] <= 40
+    lungs = ndimage.binary_erosion(p.lung, iterations=2)
+    assert -900 < np.median(p.hu[lungs]) < -800  # lung parenchyma
+    corner = p.hu[:, :10, :10]
+    assert abs(np.median(corner) + 1000) < 30  # air around the patient
+    assert (p.hu > 500).sum() > 0  # bone: ribs, spine, sternum
+    body = p.hu[:, 64, :]
+    assert ((body > -150) & (body < -50)).any()  # subcutaneous fat
+    assert not p.lesions.any()
+
+
+@pytest.mark.parametrize("kind, low, high", [("ggo", -750, -250), ("consolidation", -150, 100)])
+def test_lesion_intensities(kind, low, high):
+    p = make_patient(4, 256, "covid", "severe")
+    pixels = p.lesions == LABELS[kind]
+    assert pixels.sum() > 50
+    assert low < np.median(p.hu[pixels]) < high
+
+
+def test_burden_grows_with_severity_and_lesions_cover_some_slices():
+    burden = {}
+    for severity in ("mild", "moderate", "severe"):
+        ratios = []
+        for seed in range(4):
+            p = make_patient(100 + seed, 64, "covid", severity)
+            ratios.append((p.lesions > 0).sum() / p.lung.sum())
+            with_lesion = (p.lesions > 0).any(axis=(1, 2))
+            assert 0 < with_lesion.sum() < len(with_lesion)
+        burden[severity] = np.mean(ratios)
+    assert burden["mild"] < burden["moderate"] < burden["severe"]
+    severe = make_patient(7, 128, "covid", "severe")
+    assert (severe.lesions == LABELS["fibrosis"]).any()
+
+
+def test_other_pneumonias_are_not_labelled_but_visible():
+    healthy = make_patient(21, 128, "healthy", "none")
+    bacterial = make_patient(21, 128, "bacterial", "none")
+    viral = make_patient(21, 128, "viral", "none")
+    for p in (healthy, bacterial, viral):
+        assert not p.lesions.any()
+
+    def dense_lung(p, low, high):
+        return ((p.hu > low) & (p.hu < high) & p.lung).sum()
+
+    assert dense_lung(bacterial, -200, 200) > 5 * dense_lung(healthy, -200, 200) + 100
+    assert dense_lung(viral, -700, -350) > 2 * dense_lung(healthy, -700, -350) + 100
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_written_series_decodes_to_the_phantom(tmp_path, signed):
+    p = make_patient(5, 64, "covid", "moderate", n_slices=6)
+    write_patient(p, tmp_path, patient_id="X-1", patient_name="TEST^ONE", signed=signed)
+    files = sorted((tmp_path / "ct").glob("*.dcm"))
+    assert len(files) == 6
+    ds = pydicom.dcmread(files[0])
+    assert ds.Modality == "CT" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert ds.PixelRepresentation == (1 if signed else 0)
+    assert float(ds.RescaleIntercept) == (0.0 if signed else -1024.0)
+    assert ds.InstanceNumber == 6  # head first: numbering runs against z
+    yy, xx = np.mgrid[:64, :64]
+    fov = (yy - 31.5) ** 2 + (xx - 31.5) ** 2 <= 32**2
+    for z, f in enumerate(files):
+        hu = read_hu(f)
+        np.testing.assert_array_equal(hu[fov], np.rint(p.hu[z])[fov])
+        assert float(pydicom.dcmread(f).ImagePositionPatient[2]) == pytest.approx(
+            -150 + z * p.spacing_mm[2]
+        )
+    mask = nib.load(tmp_path / "lesions.nii.gz")
+    np.testing.assert_array_equal(np.asarray(mask.dataobj).transpose(2, 1, 0), p.lesions)
+
+
+def test_cli_writes_cohort_and_manifest(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--patients", "3", "--seed", "2", "--size", "32"]) == 0
+    with (tmp_path / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["diagnosis"], r["severity"]) for r in rows] == cohort_plan(3, 2)
+    for i, row in enumerate(rows):
+        assert len(list((tmp_path / f"case_{i:04d}" / "ct").glob("*.dcm"))) == int(row["slices"])
+    assert "slices/s" in capsys.readouterr().out
+
+
+def test_cohort_plan_is_balanced():
+    plan = cohort_plan(20, 0)
+    diagnoses = [d for d, _ in plan]
+    assert diagnoses.count("covid") == 12
+    assert {d for d in diagnoses} == {"covid", "healthy", "bacterial", "viral"}
+    covid = [s for d, s in plan if d == "covid"]
+    assert covid.count("mild") == covid.count("moderate") == covid.count("severe") == 4
