@@ -17,7 +17,8 @@ _OTHERS = (
     "(platform_machine != 'x86_64' and platform_machine != 'AMD64') or sys_platform == 'darwin'"
 )
 TF_CPU = [f"tensorflow-cpu>=2.16; {_CPU_WHEEL}", f"tensorflow>=2.16; {_OTHERS}"]
-TF_GPU = ["tensorflow[and-cuda]>=2.16"]
+TF_CPU.append("tensorboard>=2.16")  # the TensorBoard callback; TF no longer pulls it in
+TF_GPU = ["tensorflow[and-cuda]>=2.16", "tensorboard>=2.16"]
 CODECS = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]
 
 setup(
@@ -42,6 +43,7 @@ setup(
         "matplotlib>=3.7",
         "pyyaml>=6.0",
         "pillow>=10.0",
+        "highdicom>=0.22",
     ],
     extras_require={
         "cpu": TF_CPU,

@@ -125,34 +125,46 @@ class DataConfig:
     """Where the TFRecords are and how batches are made.
 
     Attributes:
-        records_dir: Directory written by `python -m data_tools.convert`.
+        records_dir: Directory written by `python -m data_tools.convert` ("~" expands).
+        phantom_patients: When > 0 and `records_dir` holds no records yet, training first
+            writes a synthetic phantom cohort of this many patients beside it and converts
+            it at the model's input size (the embedded default data).
+        phantom_seed: Seed of that cohort.
         compression: "" or "GZIP", as the records were written.
         fold: Which patient-level fold to train on.
         num_folds: Number of folds in the records' manifest.
         shuffle_buffer: Slices held by the shuffle buffer.
         augment: The paper's online augmentation of training batches: rotation by a
             random multiple of 90 degrees and a random horizontal flip.
+        oversample_lesions: Integer factor by which training slices with lesions are
+            repeated in each epoch (1: none).
         cache: Cache decoded slices in memory after the first epoch.
     """
 
     records_dir: str = "data/records"
+    phantom_patients: int = 0
+    phantom_seed: int = 0
     compression: str = ""
     fold: int = 0
     num_folds: int = 5
     shuffle_buffer: int = 1024
     augment: bool = True
+    oversample_lesions: int = 1
     cache: bool = False
 
     def __post_init__(self):
         _normalise(self)
         _check_choice("data.compression", self.compression, ("", "GZIP"))
         _check_positive("data.num_folds", self.num_folds)
+        if self.phantom_patients < 0:
+            raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")
         if not 0 <= self.fold < self.num_folds:
             raise ConfigError(
                 f"data.fold must be in [0, {self.num_folds - 1}] for {self.num_folds} folds, "
                 f"got {self.fold}"
             )
         _check_positive("data.shuffle_buffer", self.shuffle_buffer)
+        _check_positive("data.oversample_lesions", self.oversample_lesions)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,131 @@
+"""DICOM -> TFRecord conversion speed and memory, against bare pydicom reads.
+
+    python experiments/benchmarks/convert.py [--patients 34] [--size 512] [--workers 2]
+        [--out runs/benchmarks/convert.json]
+
+In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once into
+``runs/benchmarks/cohort-<size>-<patients>`` and reused):
+
+1. phantom generation rate (slices/s on one core; target >= 50 at 512x512);
+2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, one process;
+3. ``data_tools.convert`` with one worker and with ``--workers`` workers: slices/s and the
+   ratio to the bare read rate per worker (target >= 0.5), and the peak resident memory
+   of the converting process and of its largest worker (target: <= 2 GB in all for a
+   1000-slice cohort).
+
+Conversion runs in a fresh subprocess each time, so peak memory is the conversion's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_CONVERT = """
+import json, resource, sys, time
+import tensorflow  # imported before timing, as a long-running converter would have it
+from data_tools.convert import convert
+start = time.perf_counter()
+summary = convert(sys.argv[1], sys.argv[2], size=int(sys.argv[3]), workers=int(sys.argv[4]),
+                  salt="benchmark", progress=False)
+seconds = time.perf_counter() - start
+self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": seconds, "slices": summary["slices"],
+                  "peak_rss_mb": self_kb / 1024, "peak_worker_rss_mb": child_kb / 1024}))
+"""
+
+
+def _cohort(patients: int, size: int) -> tuple[Path, float | None]:
+    from data_tools.phantom import make_cohort
+
+    folder = ROOT / "runs" / "benchmarks" / f"cohort-{size}-{patients}"
+    if (folder / "manifest.csv").is_file():
+        return folder, None
+    start = time.perf_counter()
+    make_cohort(folder, patients, seed=0, size=size)
+    elapsed = time.perf_counter() - start
+    slices = len(list(folder.rglob("*.dcm")))
+    return folder, slices / elapsed
+
+
+def _bare_read(files) -> float:
+    import pydicom
+
+    start = time.perf_counter()
+    for f in files:
+        pydicom.dcmread(f).pixel_array  # noqa: B018
+    return len(files) / (time.perf_counter() - start)
+
+
+def _convert(cohort: Path, out: Path, size: int, workers: int) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONVERT, str(cohort), str(out), str(size), str(workers)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["slices_per_s"] = result["slices"] / result["seconds"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patients", type=int, default=34)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    cohort, phantom_rate = _cohort(args.patients, args.size)
+    files = sorted(cohort.rglob("*.dcm"))
+    bare = _bare_read(files)
+    records = ROOT / "runs" / "benchmarks" / f"records-{args.size}-{args.patients}"
+    one = _convert(cohort, records, args.size, 1)
+    many = _convert(cohort, records, args.size, args.workers)
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "size": args.size,
+        "slices": len(files),
+        "phantom_slices_per_s": phantom_rate,
+        "bare_read_slices_per_s": bare,
+        "convert_1_worker": one,
+        f"convert_{args.workers}_workers": many,
+        "ratio_1_worker": one["slices_per_s"] / bare,
+        "ratio_per_worker": many["slices_per_s"] / args.workers / bare,
+    }
+    print(f"{len(files)} DICOM slices at {args.size}x{args.size} on {result['machine']}")
+    if phantom_rate:
+        print(f"phantom generation        {phantom_rate:8.1f} slices/s (one core)")
+    else:
+        print("phantom generation        (cohort reused from an earlier run)")
+    print(f"bare pydicom read         {bare:8.1f} slices/s")
+    for name, r in (("convert, 1 worker", one), (f"convert, {args.workers} workers", many)):
+        print(
+            f"{name:<26}{r['slices_per_s']:8.1f} slices/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"+ worker {r['peak_worker_rss_mb']:.0f} MB"
+        )
+    print(
+        f"convert / bare read: x{result['ratio_1_worker']:.2f} (1 worker), "
+        f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
