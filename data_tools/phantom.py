@@ -196,8 +196,8 @@ def _make_lesions(rng, an: _Anatomy, diagnosis: str, severity: str) -> list[_Les
     if diagnosis == "covid":
         n_ggo, n_cons, n_fib, r_ggo = {
             "mild": ((2, 4), (0, 1), (0, 0), (0.03, 0.07)),
-            "moderate": ((4, 8), (1, 2), (0, 1), (0.04, 0.10)),
-            "severe": ((8, 14), (2, 4), (2, 5), (0.06, 0.15)),
+            "moderate": ((4, 8), (1, 3), (0, 1), (0.04, 0.10)),
+            "severe": ((8, 14), (3, 5), (2, 5), (0.06, 0.15)),
         }[severity]
         for _ in range(rng.integers(n_ggo[0], n_ggo[1] + 1)):
             t = rng.uniform(0.1, 0.8)
@@ -216,12 +216,12 @@ def _make_lesions(rng, an: _Anatomy, diagnosis: str, severity: str) -> list[_Les
         for _ in range(rng.integers(n_cons[0], n_cons[1] + 1)):
             t = rng.uniform(0.1, 0.7)
             u, v = _sample_lung_point(rng, an, t, (0.6, 0.85))
-            a = rng.uniform(0.025, 0.055)
+            a = rng.uniform(0.045, 0.09)  # 1.6 to 3.2 cm across
             lesions.append(
                 _Lesion(
                     "consolidation",
                     (u, v, t),
-                    (a, a * rng.uniform(0.7, 1.2), rng.uniform(0.05, 0.12)),
+                    (a, a * rng.uniform(0.7, 1.2), rng.uniform(0.07, 0.16)),
                     rng.uniform(-100, 50),
                     0.25,
                     label=LABELS["consolidation"],

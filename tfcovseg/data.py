@@ -81,6 +81,12 @@ def split_slices(manifest: dict, split: str, fold: int) -> int:
     return sum(e["num_slices"] for p, e in manifest["patients"].items() if p in patients)
 
 
+def split_lesion_slices(manifest: dict, split: str, fold: int) -> int:
+    """Number of slices with lesions in a split."""
+    patients = set(split_patients(manifest, split, fold))
+    return sum(e["lesion_slices"] for p, e in manifest["patients"].items() if p in patients)
+
+
 def _dihedral(x, k, flip):
     """Rotation by k * 90 degrees (counter-clockwise) then an optional horizontal flip of an
     [H, W, ...] tensor, as transposes and reversals (cheaper than tf.image on big slices)."""
@@ -279,4 +285,10 @@ def make_dataset(
             lambda e: (e["hu"][..., None], _classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
+    n_examples = n_slices
+    if training and oversample_lesions > 1:
+        n_examples += (int(oversample_lesions) - 1) * split_lesion_slices(manifest, split, fold)
+    n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     return ds.prefetch(tf.data.AUTOTUNE)

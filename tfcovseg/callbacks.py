@@ -1,0 +1,197 @@
+"""Keras callbacks for segmentation and patient-level evaluation during `fit`.
+
+Add them to your own ``model.fit(..., callbacks=[...])``: their metrics go into ``logs``,
+so EarlyStopping, ModelCheckpoint, CSVLogger and TensorBoard placed after them in the list
+see them. `tfcovseg.train` uses these same classes.
+
+- `SegmentationEvaluation`: Table 4 of Huang et al. (2021) per lesion type — Dice, IoU,
+  pixel precision and recall from global pixel counts, and the per-image mean Dice —
+  computed with the numpy functions of `tfcovseg.metrics`.
+- `PatientEvaluation`: patient-level accuracy, recall, precision and F1 of a slice
+  classifier under the any-slice rule.
+- `OverlayImages`: a few slices with ground truth and prediction as TensorBoard images
+  (red GGO, green consolidation, blue fibrosis, as in the paper's figures).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tfcovseg import require_tensorflow
+from tfcovseg.metrics import confusion_counts, per_image_dice, scores_from_counts
+
+tf = require_tensorflow("tfcovseg.callbacks")
+
+import keras  # noqa: E402
+
+OVERLAY_COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+
+
+def _select(value, output):
+    return value[output] if isinstance(value, dict) else value
+
+
+class SegmentationEvaluation(keras.callbacks.Callback):
+    """Per-class segmentation metrics on a dataset, every `every_n_epochs` epochs.
+
+    Args:
+        validation_data: A dataset of (images, targets) batches, as `make_dataset`'s
+            "segment" task gives; targets may be a dict keyed by output name.
+        class_names: Channel names, in order.
+        every_n_epochs: Evaluate after every n-th epoch.
+        output: Which model output to score ("final").
+        threshold: Probability at which a pixel counts as lesion.
+        prefix: Prefix of the log keys, e.g. "val_seg_dice_ggo".
+    """
+
+    def __init__(
+        self,
+        validation_data,
+        class_names,
+        every_n_epochs=1,
+        output="final",
+        threshold=0.5,
+        prefix="val_seg_",
+    ):
+        super().__init__()
+        self.validation_data = validation_data
+        self.class_names = list(class_names)
+        self.every_n_epochs = int(every_n_epochs)
+        self.output = output
+        self.threshold = float(threshold)
+        self.prefix = prefix
+
+    def compute(self) -> dict:
+        """The metrics of the current model as a flat dict of floats."""
+        counts = np.zeros((3, len(self.class_names)), np.int64)
+        dice = []
+        for x, y in self.validation_data:
+            pred = np.asarray(_select(self.model.predict_on_batch(x), self.output))
+            true = np.asarray(_select(y, self.output))
+            counts += np.stack(confusion_counts(true, pred, self.threshold))
+            dice.append(per_image_dice(true, pred, self.threshold))
+        scores = scores_from_counts(*counts)
+        image_dice = np.concatenate(dice).mean(0) if dice else np.ones(len(self.class_names))
+        out = {}
+        for c, name in enumerate(self.class_names):
+            for metric, values in scores.items():
+                out[f"{self.prefix}{metric}_{name}"] = float(values[c])
+            out[f"{self.prefix}image_dice_{name}"] = float(image_dice[c])
+        return out
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            logs.update(self.compute())
+
+
+def patient_scores(truth: dict, predicted: dict) -> dict:
+    """Accuracy, recall, precision, F1 and confusion counts of patient-level calls."""
+    tp = sum(truth[p] and predicted[p] for p in truth)
+    tn = sum(not truth[p] and not predicted[p] for p in truth)
+    fp = sum(not truth[p] and predicted[p] for p in truth)
+    fn = sum(truth[p] and not predicted[p] for p in truth)
+    precision = tp / (tp + fp) if tp + fp else (1.0 if not fn else 0.0)
+    recall = tp / (tp + fn) if tp + fn else (1.0 if not fp else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / max(len(truth), 1),
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "patients": len(truth),
+    }
+
+
+class PatientEvaluation(keras.callbacks.Callback):
+    """Patient-level metrics of a slice classifier (any-slice rule), every n epochs.
+
+    Args:
+        validation_data: A `make_dataset(..., task="inspect")` dataset (batches with "hu",
+            "patient/id" and "patient/diagnosis").
+        every_n_epochs: Evaluate after every n-th epoch.
+        threshold: Slice probability at which a slice, and so its patient, is positive.
+        prefix: Prefix of the log keys, e.g. "val_patient_accuracy".
+    """
+
+    def __init__(self, validation_data, every_n_epochs=1, threshold=0.5, prefix="val_patient_"):
+        super().__init__()
+        self.validation_data = validation_data
+        self.every_n_epochs = int(every_n_epochs)
+        self.threshold = float(threshold)
+        self.prefix = prefix
+
+    def slice_probabilities(self):
+        """{patient: [slice probabilities]} and {patient: diagnosis}."""
+        probs, diagnosis = {}, {}
+        for batch in self.validation_data:
+            p = np.asarray(self.model.predict_on_batch(batch["hu"][..., None])).reshape(-1)
+            for pid, d, value in zip(
+                batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
+            ):
+                probs.setdefault(pid.decode(), []).append(float(value))
+                diagnosis[pid.decode()] = d.decode()
+        return probs, diagnosis
+
+    def compute(self) -> dict:
+        probs, diagnosis = self.slice_probabilities()
+        truth = {pid: diagnosis[pid] == "covid" for pid in probs}
+        predicted = {pid: max(p) >= self.threshold for pid, p in probs.items()}
+        scores = patient_scores(truth, predicted)
+        return {
+            f"{self.prefix}{k}": float(scores[k]) for k in ("accuracy", "recall", "precision", "f1")
+        }
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            logs.update(self.compute())
+
+
+def overlay(hu, masks, window=(-1250.0, 250.0), alpha=0.45):
+    """RGB overlays [N, H, W, 3] in [0, 1] of windowed slices and lesion masks [N,H,W,C]."""
+    gray = np.clip((np.asarray(hu, np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
+    rgb = np.repeat(gray.reshape(*gray.shape[:3], 1), 3, axis=-1)
+    masks = np.asarray(masks, np.float32)
+    for c in range(min(masks.shape[-1], len(OVERLAY_COLOURS))):
+        m = masks[..., c : c + 1] >= 0.5
+        rgb = np.where(m, (1 - alpha) * rgb + alpha * OVERLAY_COLOURS[c], rgb)
+    return rgb
+
+
+class OverlayImages(keras.callbacks.Callback):
+    """Writes ground truth | prediction overlays of a few slices to TensorBoard.
+
+    Args:
+        images: [K, H, W, 1] slices in HU.
+        masks: [K, H, W, C] ground-truth masks.
+        log_dir: TensorBoard folder (a subfolder "overlays" is used).
+        every_n_epochs: Write after every n-th epoch.
+        output: Which model output to show.
+        window: HU window of the display.
+    """
+
+    def __init__(
+        self, images, masks, log_dir, every_n_epochs=1, output="final", window=(-1250.0, 250.0)
+    ):
+        super().__init__()
+        self.images = np.asarray(images, np.float32)
+        self.masks = np.asarray(masks, np.float32)
+        self.every_n_epochs = int(every_n_epochs)
+        self.output = output
+        self.window = window
+        self.writer = tf.summary.create_file_writer(str(log_dir) + "/overlays")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        pred = np.asarray(_select(self.model.predict_on_batch(self.images), self.output))
+        truth = overlay(self.images[..., 0], self.masks, self.window)
+        guess = overlay(self.images[..., 0], pred, self.window)
+        with self.writer.as_default():
+            tf.summary.image(
+                "truth_vs_prediction",
+                np.concatenate([truth, guess], axis=2),
+                step=epoch,
+                max_outputs=len(self.images),
+            )
+        self.writer.flush()
