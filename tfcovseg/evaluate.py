@@ -27,16 +27,15 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfcovseg import losses as _losses  # noqa: E402, F401  (registers HybridLoss for loading)
 from tfcovseg import require_tensorflow  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.metrics import confusion_counts, per_image_dice, scores_from_counts  # noqa: E402
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
 
-import keras  # noqa: E402
 
 from tfcovseg.data import make_dataset  # noqa: E402
+from tfcovseg.models import load_model  # noqa: E402
 
 DISCLAIMER = "Research use, not a medical device."
 
@@ -44,7 +43,7 @@ DISCLAIMER = "Research use, not a medical device."
 def _load(run: Path, stem: str):
     for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
         if (run / name).is_file():
-            return keras.saving.load_model(run / name, compile=False)
+            return load_model(run / name)
     return None
 
 

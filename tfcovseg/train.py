@@ -48,7 +48,7 @@ import keras  # noqa: E402
 from tfcovseg.data import make_dataset, read_manifest, split_slices  # noqa: E402
 from tfcovseg.losses import deep_supervision  # noqa: E402
 from tfcovseg.metrics import segmentation_metrics  # noqa: E402
-from tfcovseg.models import build_classifier, build_model  # noqa: E402
+from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
@@ -246,7 +246,7 @@ def train(
                             f"classification without segmentation needs "
                             f"{best} from an earlier segmentation phase"
                         )
-                    segmenter = keras.saving.load_model(best)
+                    segmenter = load_model(best)
                 classifier = build_classifier(segmenter, config.model.classifier_dropout)
                 classifier.encoder.trainable = False
             classifier.compile(

@@ -27,6 +27,7 @@ __all__ = [
     "UNetPlusPlus",
     "build_classifier",
     "build_model",
+    "load_model",
     "window_hu",
 ]
 
@@ -96,3 +97,20 @@ def build_model(model_config=None):
             name="seresnet_classifier",
         )
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")
+
+
+def load_model(path, compile=False):
+    """Loads a tfcovseg ``.keras`` file in safe mode, in any process.
+
+    Importing this package registers the networks and layers; the losses and metrics a
+    compiled model refers to are registered here too, so a fresh process can load it.
+
+    Args:
+        path: A ``.keras`` file written by tfcovseg.
+        compile: Restore the optimizer, losses and metrics as well.
+    """
+    import keras
+
+    from tfcovseg import losses, metrics  # noqa: F401  (registration)
+
+    return keras.saving.load_model(path, compile=compile, safe_mode=True)
