@@ -53,6 +53,9 @@ def nifti_labels_on_series(path: Path, series: DicomSeries) -> np.ndarray:
     z, h, w = series.shape
     # mask voxel index of every series voxel (row, column, slice)
     mask_from_series = np.linalg.inv(image.affine) @ RAS_FROM_LPS @ series.affine_lps()
+    fast = _axis_aligned(data, mask_from_series, (h, w, z))
+    if fast is not None:
+        return fast
     rows, cols = np.mgrid[:h, :w]
     out = np.zeros((z, h, w), np.uint8)
     outside = 0
@@ -71,6 +74,29 @@ def nifti_labels_on_series(path: Path, series: DicomSeries) -> np.ndarray:
             f"({100 * outside / out.size:.0f} % of voxels outside)"
         )
     return out
+
+
+def _axis_aligned(data, mask_from_series, series_shape):
+    """The resampled labels [Z, H, W] when the two grids differ only by axis order, flips and
+    an integer shift (the usual case: masks exported from the same series), else None."""
+    a = mask_from_series[:3, :3]
+    t = mask_from_series[:3, 3]
+    r = np.rint(a)
+    if not (np.allclose(a, r, atol=1e-4) and np.allclose(t, np.rint(t), atol=1e-3)):
+        return None
+    if not ((np.abs(r).sum(0) == 1).all() and (np.abs(r).sum(1) == 1).all()):
+        return None
+    index, source_axis = [], []
+    for axis in range(3):
+        p = int(np.nonzero(r[axis])[0][0])
+        idx = (r[axis, p] * np.arange(series_shape[p]) + np.rint(t[axis])).astype(np.int64)
+        if idx.min() < 0 or idx.max() >= data.shape[axis]:
+            return None  # partial coverage: the general path reports it
+        index.append(idx)
+        source_axis.append(p)
+    sub = np.asarray(data[np.ix_(*index)])  # mask axes, each indexed along a series axis
+    volume = sub.transpose([source_axis.index(p) for p in range(3)])  # (row, column, slice)
+    return np.ascontiguousarray(volume.transpose(2, 0, 1)).astype(np.uint8)
 
 
 def read_png_labels(path: Path, num_classes: int) -> np.ndarray:
