@@ -93,6 +93,15 @@ def test_patient_scores_and_any_slice_rule():
     assert logs["val_patient_accuracy"] == pytest.approx(2 / 3)
     assert logs["val_patient_recall"] == pytest.approx(1 / 2)
     assert logs["val_patient_precision"] == 1.0
+    # At least two slices >= 0.35: a (0.9 only) and c (0.3 only) negative, b (0.4) too.
+    model.values = [np.array([0.1, 0.9]), np.array([0.2, 0.4]), np.array([0.3])]
+    strict = PatientEvaluation(batches, threshold=0.35, min_slices=2, prefix="k2_")
+    strict.set_model(model)
+    logs = {}
+    strict.on_epoch_end(0, logs)
+    assert logs["k2_accuracy"] == pytest.approx(1 / 3) and logs["k2_recall"] == 0.0
+    with pytest.raises(ValueError, match="min_slices"):
+        PatientEvaluation(batches, min_slices=0)
     s = patient_scores({"x": True, "y": False}, {"x": True, "y": True})
     assert s["confusion"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 0} and s["precision"] == 0.5
 

@@ -103,11 +103,28 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("model.architecture=unet", "set train.phases to \\[segmentation\\]"),
         ("model.architecture=seresnet_classifier", "must be \\[classification\\]"),
         ("train.epochs", "section.key=value"),
+        ("train.strategy=tpu", "train.strategy must be one of"),
+        ("train.overlay_images=-1", "overlay_images"),
+        ("model.classifier_pooling=median", "classifier_pooling must be one of"),
+        ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
     ],
 )
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_classifier_aux_weight_needs_an_se_resnet_segmenter():
+    with pytest.raises(ConfigError, match="classifier_aux_weight needs a segmenter"):
+        load_config(
+            None,
+            [
+                "model.architecture=unet",
+                "train.phases=[segmentation]",
+                "train.classifier_aux_weight=0.5",
+            ],
+        )
+    assert load_config(None, ["train.classifier_aux_weight=0.5"]).train.classifier_aux_weight == 0.5
 
 
 def test_sections_must_be_mappings(tmp_path):

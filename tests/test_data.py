@@ -207,6 +207,18 @@ def test_classify_labels_are_lesion_slices_of_patients_without_another_diagnosis
     assert cases[("unknown", 1, 1.0)] > 0
     assert cases[("covid", 1, 1.0)] > 0 and cases[("covid", 0, 0.0)] > 0
     assert set(np.unique(labels)) == {0.0, 1.0}
+    # The segment task with label_output carries the same labels beside the masks.
+    joint = make_dataset(
+        relabelled_records,
+        "all",
+        batch_size=16,
+        training=False,
+        outputs=("final",),
+        label_output="covid_probability",
+    )
+    joint_labels = np.concatenate([y["covid_probability"].numpy() for _, y in joint])
+    np.testing.assert_array_equal(joint_labels, labels)
+    assert set(next(iter(joint))[1]) == {"final", "covid_probability"}
 
 
 # ----------------------------------------------------------------------------- training

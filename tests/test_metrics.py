@@ -166,3 +166,67 @@ def test_shape_mismatch_is_an_error():
         confusion_counts(np.zeros((1, 4, 4, 1)), np.zeros((1, 4, 4, 2)))
     with pytest.raises(ValueError, match="class names"):
         segmentation_scores(np.zeros((1, 4, 4, 2)), np.zeros((1, 4, 4, 2)), ["ggo"])
+
+
+# Patient-level rules ---------------------------------------------------------------------
+
+
+def test_patient_score_is_the_kth_highest_slice():
+    from tfcovseg.metrics import patient_score
+
+    assert patient_score([0.1, 0.9, 0.4, 0.7], 1) == 0.9
+    assert patient_score([0.1, 0.9, 0.4, 0.7], 2) == 0.7
+    assert patient_score([0.1, 0.9], 3) == 0.0  # fewer slices than k: never positive
+
+
+def test_patient_calls_any_slice_and_k_slices():
+    from tfcovseg.metrics import patient_calls
+
+    probs = {"a": [0.9, 0.1, 0.2], "b": [0.6, 0.7, 0.1], "c": [0.2, 0.3]}
+    assert patient_calls(probs, 0.5, 1) == {"a": True, "b": True, "c": False}
+    assert patient_calls(probs, 0.5, 2) == {"a": False, "b": True, "c": False}
+    with pytest.raises(ValueError, match="min_slices"):
+        patient_calls(probs, 0.5, 0)
+
+
+def test_choose_patient_rule_needs_two_slices_when_negatives_have_one_outlier():
+    from tfcovseg.metrics import choose_patient_rule, patient_calls, patient_scores
+
+    # Negatives each have one confident false-positive slice; positives have several.
+    probs = {
+        "pos1": [0.95, 0.9, 0.8, 0.1],
+        "pos2": [0.85, 0.7, 0.2],
+        "neg1": [0.97, 0.1, 0.05],
+        "neg2": [0.9, 0.3, 0.2],
+    }
+    truth = {"pos1": True, "pos2": True, "neg1": False, "neg2": False}
+    assert patient_scores(truth, patient_calls(probs, 0.5, 1))["accuracy"] == 0.5
+    rule = choose_patient_rule(probs, truth, max_slices=3)
+    assert rule["min_slices"] == 2 and rule["accuracy"] == 1.0
+    # Midpoint of the widest separating gap of second-highest scores (0.3 .. 0.7).
+    assert rule["threshold"] == pytest.approx(0.5) and rule["margin"] == pytest.approx(0.4)
+    assert patient_scores(truth, patient_calls(probs, rule["threshold"], 2))["accuracy"] == 1.0
+
+
+def test_choose_patient_rule_prefers_any_slice_when_it_separates_as_well():
+    from tfcovseg.metrics import choose_patient_rule
+
+    probs = {"p": [0.9, 0.2], "n": [0.1, 0.05]}
+    rule = choose_patient_rule(probs, {"p": True, "n": False})
+    assert rule["min_slices"] == 1 and rule["accuracy"] == 1.0
+    assert rule["threshold"] == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        choose_patient_rule({}, {})
+
+
+def test_patient_scores_counts():
+    from tfcovseg.metrics import patient_scores
+
+    s = patient_scores(
+        {"a": True, "b": True, "c": False, "d": False},
+        {"a": True, "b": False, "c": True, "d": False},
+    )
+    assert s["confusion"] == {"tp": 1, "fp": 1, "fn": 1, "tn": 1}
+    assert s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5
+    with pytest.raises(ValueError, match="no prediction"):
+        patient_scores({"a": True}, {})

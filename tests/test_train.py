@@ -92,6 +92,19 @@ def test_evaluate_writes_metrics_and_report(tiny):
     assert c["tp"] + c["fp"] + c["fn"] + c["tn"] == patients["patients"] > 0
     report = (root / "run" / "report.md").read_text()
     assert "Research use, not a medical device." in report and "Table 4" in report
+    html = (root / "run" / "report.html").read_text()
+    assert "Research use, not a medical device." in html
+    # Both patient rules; the robust one was chosen on the validation patients.
+    robust = results["classification"]["robust"]
+    assert robust["chosen_on"] == "validation" and robust["min_slices"] >= 1
+    assert 0.0 < robust["threshold"] < 1.0
+    assert set(results["classification"]["patients"]) == set(results["lesion_lung_ratio"])
+    # Severity statistics and figures, as PNG files.
+    assert "severity" in next(iter(results["lesion_lung_ratio"].values()))
+    assert results["severity_statistics"]
+    for rel in results["figures"].values():
+        assert (root / "run" / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
+    assert {"ratios", "confusion", "overlays"} <= set(results["figures"])
 
 
 def test_existing_run_folder_needs_resume(tiny):
@@ -176,3 +189,151 @@ def test_evaluate_cli_in_a_fresh_process(tiny):
         timeout=300,
     )
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
+
+
+def _tiny_yaml(tiny, tmp_path, *extra):
+    """The tiny run's config with extra overrides, as a YAML file."""
+    from tfcovseg.config import save_config
+
+    _, config, _ = tiny
+    path = tmp_path / "tiny.yaml"
+    save_config(load_config(tiny[0] / "run" / "config.yaml", list(extra)), path)
+    return path
+
+
+def _csv_epochs(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
+    """SIGKILL during epoch 3 of 5; --resume continues from the last completed epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config_path = _tiny_yaml(
+        tiny,
+        tmp_path,
+        "train.phases=[segmentation]",
+        "train.epochs=5",
+        "train.early_stopping_patience=10",
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tfcovseg.train",
+            "--config",
+            str(config_path),
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    csv_path = out / "logs" / "segmentation.csv"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if csv_path.is_file() and len(_csv_epochs(csv_path)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.5)  # into the third epoch
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = _csv_epochs(csv_path)
+    assert 2 <= len(done) < 5 and not (out / "run.json").exists()
+    assert main(["--out", str(out), "--resume", "--quiet"]) == 0
+    epochs = _csv_epochs(csv_path)
+    resumed = epochs[len(done) :]
+    # BackupAndRestore saved the last completed epoch: training goes on from there.
+    assert resumed[0] in (len(done), len(done) + 1) and resumed[-1] == 4
+    assert epochs == sorted(epochs)
+    info = json.loads((out / "run.json").read_text())
+    assert info["resumed"] is True
+    assert json.loads((out / "state.json").read_text())["completed"] == ["segmentation"]
+    # The best checkpoint is the best of the whole run, across the kill.
+    assert (out / "segmenter_best.keras").is_file()
+
+
+def test_resume_skips_completed_phases(tiny, tmp_path):
+    root, config, _ = tiny
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    before = (out / "segmenter_last.keras").stat().st_mtime_ns
+    messages = []
+    train(config, out, resume=True, verbose=0, log=messages.append)
+    assert (out / "segmenter_last.keras").stat().st_mtime_ns == before
+    assert any("already completed" in m for m in messages)
+    # Another configuration cannot resume this run.
+    other = load_config(out / "config.yaml", ["train.epochs=7"])
+    with pytest.raises(TrainingError, match="another configuration"):
+        train(other, out, resume=True, verbose=0, log=lambda *a: None)
+
+
+def test_cross_validation_trains_every_fold(tiny, tmp_path, capsys):
+    config_path = _tiny_yaml(tiny, tmp_path, "train.epochs=1", "train.classifier_epochs=1")
+    out = tmp_path / "cv"
+    assert main(["--config", str(config_path), "--fold", "all", "--out", str(out), "--quiet"]) == 0
+    folds = load_config(config_path).data.num_folds
+    for k in range(folds):
+        metrics = json.loads((out / f"fold{k}" / "metrics.json").read_text())
+        assert metrics["fold"] == k
+    cv = json.loads((out / "cv_metrics.json").read_text())
+    assert (out / "cv_report.md").is_file() and "cross-validation folder" in capsys.readouterr().out
+    assert len(cv["folds"]) == folds
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--fold", "seven"])
+    assert exit_info.value.code == 2
+    assert "integer or 'all'" in capsys.readouterr().err
+
+
+def test_two_workers_train_through_the_cli_to_identical_weights(tiny, tmp_path):
+    """`python -m tfcovseg.train` under TF_CONFIG: MultiWorkerMirroredStrategy, custom loop."""
+    import numpy as np
+
+    from tests.test_distributed import _finish, _free_ports, _python
+
+    config_path = _tiny_yaml(
+        tiny, tmp_path, "train.phases=[segmentation]", "train.epochs=1", "train.overlay_images=0"
+    )
+    out = tmp_path / "run"
+    cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        scratch = tmp_path / f"tmp{index}"
+        scratch.mkdir()
+        procs.append(
+            _python(
+                "from tfcovseg.train import main; import sys; "
+                f"sys.exit(main(['--config', {str(config_path)!r}, '--out', {str(out)!r}, "
+                "'--quiet']))",
+                tmp_path / f"worker{index}.log",
+                {"TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)},
+            )
+        )
+    _finish(procs)
+    info = json.loads((out / "run.json").read_text())
+    assert info["strategy"] == "MultiWorkerMirroredStrategy" and info["replicas"] == 2
+    assert _csv_epochs(out / "logs" / "segmentation.csv") == [0]
+    # Worker 1 wrote its copy under its temporary folder, not into the run folder.
+    (other,) = (tmp_path / "tmp1").rglob("segmenter_last.keras")
+    chief = keras.saving.load_model(out / "segmenter_last.keras")
+    worker = keras.saving.load_model(other)
+    for a, b in zip(chief.weights, worker.weights):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))

@@ -18,13 +18,28 @@ from __future__ import annotations
 import numpy as np
 
 from tfcovseg import require_tensorflow
-from tfcovseg.metrics import confusion_counts, per_image_dice, scores_from_counts
+from tfcovseg.metrics import (
+    confusion_counts,
+    patient_calls,
+    patient_scores,
+    per_image_dice,
+    scores_from_counts,
+)
+
+__all__ = [
+    "OverlayImages",
+    "PatientEvaluation",
+    "SegmentationEvaluation",
+    "overlay",
+    "patient_scores",
+]
 
 tf = require_tensorflow("tfcovseg.callbacks")
 
 import keras  # noqa: E402
 
-OVERLAY_COLOURS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+from tfcovseg.models.baselines import DEFAULT_CLASSES  # noqa: E402
+from tfcovseg.viz import overlay_rgb  # noqa: E402
 
 
 def _select(value, output):
@@ -84,41 +99,37 @@ class SegmentationEvaluation(keras.callbacks.Callback):
             logs.update(self.compute())
 
 
-def patient_scores(truth: dict, predicted: dict) -> dict:
-    """Accuracy, recall, precision, F1 and confusion counts of patient-level calls."""
-    tp = sum(truth[p] and predicted[p] for p in truth)
-    tn = sum(not truth[p] and not predicted[p] for p in truth)
-    fp = sum(not truth[p] and predicted[p] for p in truth)
-    fn = sum(truth[p] and not predicted[p] for p in truth)
-    precision = tp / (tp + fp) if tp + fp else (1.0 if not fn else 0.0)
-    recall = tp / (tp + fn) if tp + fn else (1.0 if not fp else 0.0)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / max(len(truth), 1),
-        "recall": recall,
-        "precision": precision,
-        "f1": f1,
-        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "patients": len(truth),
-    }
-
-
 class PatientEvaluation(keras.callbacks.Callback):
-    """Patient-level metrics of a slice classifier (any-slice rule), every n epochs.
+    """Patient-level metrics of a slice classifier, every n epochs.
+
+    A patient is called COVID-19 when at least `min_slices` of their slices have a
+    probability >= `threshold` (1: the paper's any-slice rule); the truth is the patient's
+    diagnosis.
 
     Args:
         validation_data: A `make_dataset(..., task="inspect")` dataset (batches with "hu",
             "patient/id" and "patient/diagnosis").
         every_n_epochs: Evaluate after every n-th epoch.
-        threshold: Slice probability at which a slice, and so its patient, is positive.
+        threshold: Slice probability at which a slice counts as positive.
+        min_slices: Positive slices that make a patient positive.
         prefix: Prefix of the log keys, e.g. "val_patient_accuracy".
     """
 
-    def __init__(self, validation_data, every_n_epochs=1, threshold=0.5, prefix="val_patient_"):
+    def __init__(
+        self,
+        validation_data,
+        every_n_epochs=1,
+        threshold=0.5,
+        min_slices=1,
+        prefix="val_patient_",
+    ):
         super().__init__()
         self.validation_data = validation_data
         self.every_n_epochs = int(every_n_epochs)
         self.threshold = float(threshold)
+        self.min_slices = int(min_slices)
+        if self.min_slices < 1:
+            raise ValueError(f"min_slices must be >= 1, got {min_slices}")
         self.prefix = prefix
 
     def slice_probabilities(self):
@@ -136,7 +147,7 @@ class PatientEvaluation(keras.callbacks.Callback):
     def compute(self) -> dict:
         probs, diagnosis = self.slice_probabilities()
         truth = {pid: diagnosis[pid] == "covid" for pid in probs}
-        predicted = {pid: max(p) >= self.threshold for pid, p in probs.items()}
+        predicted = patient_calls(probs, self.threshold, self.min_slices)
         scores = patient_scores(truth, predicted)
         return {
             f"{self.prefix}{k}": float(scores[k]) for k in ("accuracy", "recall", "precision", "f1")
@@ -147,15 +158,17 @@ class PatientEvaluation(keras.callbacks.Callback):
             logs.update(self.compute())
 
 
-def overlay(hu, masks, window=(-1250.0, 250.0), alpha=0.45):
-    """RGB overlays [N, H, W, 3] in [0, 1] of windowed slices and lesion masks [N,H,W,C]."""
-    gray = np.clip((np.asarray(hu, np.float32) - window[0]) / (window[1] - window[0]), 0, 1)
-    rgb = np.repeat(gray.reshape(*gray.shape[:3], 1), 3, axis=-1)
+def overlay(hu, masks, window=(-1250.0, 250.0), alpha=0.45, class_names=None):
+    """RGB overlays [N, H, W, 3] in [0, 1] of windowed slices and lesion masks [N,H,W,C].
+
+    Colours by class name as in `tfcovseg.viz` (default names: ggo, consolidation,
+    fibrosis, in channel order).
+    """
     masks = np.asarray(masks, np.float32)
-    for c in range(min(masks.shape[-1], len(OVERLAY_COLOURS))):
-        m = masks[..., c : c + 1] >= 0.5
-        rgb = np.where(m, (1 - alpha) * rgb + alpha * OVERLAY_COLOURS[c], rgb)
-    return rgb
+    names = list(class_names) if class_names is not None else list(DEFAULT_CLASSES)
+    if len(names) < masks.shape[-1]:
+        names += [f"class{c}" for c in range(len(names), masks.shape[-1])]
+    return overlay_rgb(hu, masks, names[: masks.shape[-1]], window, 0.5, alpha)
 
 
 class OverlayImages(keras.callbacks.Callback):
@@ -168,10 +181,18 @@ class OverlayImages(keras.callbacks.Callback):
         every_n_epochs: Write after every n-th epoch.
         output: Which model output to show.
         window: HU window of the display.
+        class_names: Channel names, for the colours (default ggo, consolidation, fibrosis).
     """
 
     def __init__(
-        self, images, masks, log_dir, every_n_epochs=1, output="final", window=(-1250.0, 250.0)
+        self,
+        images,
+        masks,
+        log_dir,
+        every_n_epochs=1,
+        output="final",
+        window=(-1250.0, 250.0),
+        class_names=None,
     ):
         super().__init__()
         self.images = np.asarray(images, np.float32)
@@ -179,14 +200,15 @@ class OverlayImages(keras.callbacks.Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.output = output
         self.window = window
+        self.class_names = class_names
         self.writer = tf.summary.create_file_writer(str(log_dir) + "/overlays")
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every_n_epochs:
             return
         pred = np.asarray(_select(self.model.predict_on_batch(self.images), self.output))
-        truth = overlay(self.images[..., 0], self.masks, self.window)
-        guess = overlay(self.images[..., 0], pred, self.window)
+        truth = overlay(self.images[..., 0], self.masks, self.window, class_names=self.class_names)
+        guess = overlay(self.images[..., 0], pred, self.window, class_names=self.class_names)
         with self.writer.as_default():
             tf.summary.image(
                 "truth_vs_prediction",

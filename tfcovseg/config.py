@@ -33,6 +33,8 @@ ARCHITECTURES = (
 LOSSES = ("hybrid", "bce")
 PHASES = ("segmentation", "classification")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+POOLINGS = ("avg", "max", "avg_max")
+STRATEGIES = ("auto", "mirrored", "multi_worker", "default")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,8 @@ class ModelConfig:
         unet_filters: Filters per level of the U-Net baseline (Ronneberger et al.).
         unetpp_filters: Filters per depth of the U-Net++ baseline (Zhou et al.).
         classifier_dropout: Dropout before the classifier's dense head.
+        classifier_pooling: Global pooling of the classifier head: "avg" (the paper's
+            SE-ResNet-34 head), "max" or "avg_max" (keeps small lesions' responses).
     """
 
     architecture: str = "coarse_refine"
@@ -81,6 +85,7 @@ class ModelConfig:
     unet_filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
     unetpp_filters: tuple[int, ...] = (32, 64, 128, 256, 512)
     classifier_dropout: float = 0.0
+    classifier_pooling: str = "avg"
 
     def __post_init__(self):
         _normalise(self)
@@ -112,6 +117,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} needs 2 to 6 levels (at most 5 poolings)")
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError("model.classifier_dropout must be in [0, 1)")
+        _check_choice("model.classifier_pooling", self.classifier_pooling, POOLINGS)
         if any(not name for name in self.class_names):
             raise ConfigError(f"model.class_names must be non-empty names, got {self.class_names}")
 
@@ -181,9 +187,18 @@ class TrainConfig:
         epochs: Maximum segmentation epochs.
         early_stopping_patience: Epochs without a better validation loss before stopping.
         classifier_learning_rate: Adam learning rate of the classification phase.
+        classifier_aux_weight: When > 0, phase 1 also trains the classifier head on the
+            segmenter's encoder with this weight on its binary cross-entropy (the slice
+            labels), so the stage-4 features learn to say whether a slice has lesions;
+            phase 2 then trains the paper's head on the frozen encoder as usual. 0 is the
+            paper's recipe (segmentation loss only).
         classifier_epochs: Maximum classification epochs.
         precision: "float32", "mixed_float16" or "mixed_bfloat16".
         jit_compile: Compile train steps with XLA.
+        strategy: "auto" (MultiWorkerMirroredStrategy when TF_CONFIG names several
+            workers, MirroredStrategy over several local GPUs, else none), "mirrored",
+            "multi_worker" or "default".
+        overlay_images: Validation slices shown as overlays in TensorBoard (0: none).
         seed: Seed for weights, shuffling and augmentation.
     """
 
@@ -197,8 +212,11 @@ class TrainConfig:
     early_stopping_patience: int = 10
     classifier_learning_rate: float = 3e-4
     classifier_epochs: int = 50
+    classifier_aux_weight: float = 0.0
     precision: str = "float32"
     jit_compile: bool = False
+    strategy: str = "auto"
+    overlay_images: int = 4
     seed: int = 42
 
     def __post_init__(self):
@@ -214,12 +232,15 @@ class TrainConfig:
             )
         _check_choice("train.loss", self.loss, LOSSES)
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.strategy", self.strategy, STRATEGIES)
+        if self.overlay_images < 0:
+            raise ConfigError(f"train.overlay_images must be >= 0, got {self.overlay_images}")
         _check_positive("train.learning_rate", self.learning_rate)
         _check_positive("train.classifier_learning_rate", self.classifier_learning_rate)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.classifier_epochs", self.classifier_epochs)
-        for key in ("coarse_loss_weight", "final_loss_weight"):
+        for key in ("coarse_loss_weight", "final_loss_weight", "classifier_aux_weight"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"train.{key} must be finite and >= 0, got {value}")
@@ -244,6 +265,15 @@ class ExperimentConfig:
             raise ConfigError(
                 "model.architecture seresnet_classifier is a classifier: train.phases must "
                 "be [classification]"
+            )
+        if self.train.classifier_aux_weight and arch in (
+            "unet",
+            "unet_plus_plus",
+            "seresnet_classifier",
+        ):
+            raise ConfigError(
+                f"train.classifier_aux_weight needs a segmenter with an SE-ResNet encoder; "
+                f"model.architecture is {arch}"
             )
         if arch in ("unet", "unet_plus_plus") and "classification" in phases:
             raise ConfigError(

@@ -175,6 +175,7 @@ def make_dataset(
     shuffle_buffer=1024,
     seed=0,
     drop_remainder=None,
+    label_output=None,
 ):
     """A batched `tf.data.Dataset` of one split of one fold.
 
@@ -195,6 +196,9 @@ def make_dataset(
         shuffle_buffer: Slices in the shuffle buffer.
         seed: Seed of file order, shuffling and augmentation.
         drop_remainder: Drop the last partial batch (default: `training`).
+        label_output: With the "segment" task, also yield the slice label (the
+            "classify" task's target) under this output name, for a model trained on
+            both (`tfcovseg.models.classifier.with_classifier_head`).
 
     Raises:
         FileNotFoundError: missing or empty record directory.
@@ -276,10 +280,14 @@ def make_dataset(
     ds = ds.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
     if task == "segment":
         names = tuple(outputs)
-        ds = ds.map(
-            lambda e: (e["hu"][..., None], {n: e["lesions"] for n in names}),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+
+        def targets(e):
+            out = {n: e["lesions"] for n in names}
+            if label_output:
+                out[label_output] = _classify_label(e)
+            return e["hu"][..., None], out
+
+        ds = ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
     elif task == "classify":
         ds = ds.map(
             lambda e: (e["hu"][..., None], _classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE

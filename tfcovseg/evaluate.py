@@ -1,16 +1,25 @@
-"""Evaluate a training run with the paper's metrics.
+"""Evaluate a training run with the paper's metrics, statistics and figures.
 
-    python -m tfcovseg.evaluate --run runs/NAME [--split test] [--fold K]
+    python -m tfcovseg.evaluate --run runs/NAME [--split test] [--fold K] [--no-figures]
 
-Writes ``metrics.json`` and ``report.md`` into the run folder:
+Writes ``metrics.json``, ``report.md``, ``report.html`` and ``figures/`` into the run
+folder:
 
 - Table 4: per lesion type Dice, IoU, pixel precision and pixel recall from global pixel
   counts over the split's annotated slices, and the per-image mean Dice;
 - Table 6: patient-level accuracy, recall, precision and F1 of the slice classifier under
-  the paper's rule (a patient is COVID-19 positive when any slice is) and the confusion
-  matrix; the truth is the patient's diagnosis;
-- Table 5: per patient, lesion area / lung area per lesion type, ground truth and
-  predicted.
+  the paper's rule (a patient is COVID-19 positive when any slice is) and under a more
+  robust rule, "at least k slices with probability >= t", with k and t chosen on the
+  validation patients of the fold (`tfcovseg.metrics.choose_patient_rule`); the truth is
+  the patient's diagnosis; Figure 5, the confusion matrices;
+- Table 5 and Figure 4: per patient, lesion area / lung area per lesion type, ground truth
+  and predicted; box plots by severity, Kruskal-Wallis p-values and Spearman correlation
+  with severity (`tfcovseg.severity`);
+- Figure 6: image, ground-truth contours and prediction for the slices with the most
+  lesion (red GGO, green consolidation, blue fibrosis).
+
+The lung area of a patient counts lesions as lung (lung mask | lesion mask), separately
+for the true and the predicted lesions.
 
 Research use, not a medical device.
 """
@@ -29,15 +38,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tfcovseg import require_tensorflow  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
-from tfcovseg.metrics import confusion_counts, per_image_dice, scores_from_counts  # noqa: E402
+from tfcovseg.metrics import (  # noqa: E402
+    choose_patient_rule,
+    confusion_counts,
+    patient_calls,
+    patient_scores,
+    per_image_dice,
+    scores_from_counts,
+)
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
+from tfcovseg import report, viz  # noqa: E402
 from tfcovseg.data import make_dataset  # noqa: E402
 from tfcovseg.models import load_model  # noqa: E402
+from tfcovseg.severity import ratio_statistics  # noqa: E402
 
 DISCLAIMER = "Research use, not a medical device."
+OVERLAY_SLICES = 4
 
 
 def _load(run: Path, stem: str):
@@ -47,34 +66,8 @@ def _load(run: Path, stem: str):
     return None
 
 
-def patient_metrics(truth: dict, predicted: dict) -> dict:
-    """Accuracy, recall, precision, F1 and confusion counts of patient-level calls."""
-    tp = sum(truth[p] and predicted[p] for p in truth)
-    tn = sum(not truth[p] and not predicted[p] for p in truth)
-    fp = sum(not truth[p] and predicted[p] for p in truth)
-    fn = sum(truth[p] and not predicted[p] for p in truth)
-    n = max(len(truth), 1)
-    precision = tp / (tp + fp) if tp + fp else (1.0 if not fn else 0.0)
-    recall = tp / (tp + fn) if tp + fn else (1.0 if not fp else 0.0)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / n,
-        "recall": recall,
-        "precision": precision,
-        "f1": f1,
-        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
-        "patients": len(truth),
-    }
-
-
-def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8) -> dict:
-    """Computes the run's metrics on a split and writes metrics.json and report.md."""
-    run = Path(run)
-    config = load_config(run / "config.yaml")
-    fold = config.data.fold if fold is None else fold
-    classes = list(config.model.class_names)
-    segmenter, classifier = _load(run, "segmenter"), _load(run, "classifier")
-    ds = make_dataset(
+def _dataset(config, split, fold, batch_size):
+    return make_dataset(
         Path(config.data.records_dir).expanduser(),
         split=split,
         fold=fold,
@@ -82,40 +75,103 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8) -> d
         training=False,
         task="inspect",
         image_size=config.model.input_size,
-        class_names=classes,
+        class_names=config.model.class_names,
     )
+
+
+def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
+    """{patient: [slice probabilities]} and {patient: diagnosis} of a classifier."""
+    probs, diagnosis = {}, {}
+    for batch in dataset:
+        p = np.asarray(classifier.predict_on_batch(batch["hu"][..., None])).reshape(-1)
+        for pid, d, value in zip(
+            batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
+        ):
+            probs.setdefault(pid.decode(), []).append(float(value))
+            diagnosis[pid.decode()] = d.decode()
+    return probs, diagnosis
+
+
+class _Overlays:
+    """Keeps the slices with the most true lesion, preferring distinct patients."""
+
+    def __init__(self, k):
+        self.k = k
+        self.items = []  # (area, patient, hu, true, pred)
+
+    def offer(self, area, pid, hu, true, pred):
+        if area <= 0:
+            return
+        same = [i for i, item in enumerate(self.items) if item[1] == pid]
+        if same:
+            i = same[0]
+            if area > self.items[i][0]:
+                self.items[i] = (area, pid, hu.copy(), true.copy(), pred.copy())
+            return
+        self.items.append((area, pid, hu.copy(), true.copy(), pred.copy()))
+        self.items.sort(key=lambda item: -item[0])
+        del self.items[self.k :]
+
+
+def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figures=True) -> dict:
+    """Computes the run's metrics on a split; writes metrics.json, the reports and figures."""
+    run = Path(run)
+    config = load_config(run / "config.yaml")
+    fold = config.data.fold if fold is None else fold
+    classes = list(config.model.class_names)
+    segmenter, classifier = _load(run, "segmenter"), _load(run, "classifier")
+    if segmenter is None and classifier is None:
+        raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
+    ds = _dataset(config, split, fold, batch_size)
     counts = np.zeros((3, len(classes)), np.int64)
     image_dice = []
     slice_prob = {}
     areas = {}
-    diagnosis = {}
+    diagnosis, severity = {}, {}
+    overlays = _Overlays(OVERLAY_SLICES)
     for batch in ds:
         hu = batch["hu"][..., None]
         masks = batch["lesions"].numpy()
         lung = batch["lung"].numpy() > 0
         pids = [p.decode() for p in batch["patient/id"].numpy()]
-        for pid, d in zip(pids, batch["patient/diagnosis"].numpy()):
-            diagnosis[pid] = d.decode()
+        for pid, d, sev in zip(
+            pids, batch["patient/diagnosis"].numpy(), batch["patient/severity"].numpy()
+        ):
+            diagnosis[pid], severity[pid] = d.decode(), sev.decode()
         if segmenter is not None:
-            pred = segmenter.predict_on_batch(hu)["final"]
-            pred = np.asarray(pred)
+            pred = np.asarray(segmenter.predict_on_batch(hu)["final"])
             annotated = batch["mask/annotated"].numpy() > 0
             if annotated.any():
                 counts += np.stack(confusion_counts(masks[annotated], pred[annotated], threshold))
                 image_dice.append(per_image_dice(masks[annotated], pred[annotated], threshold))
             binary = pred >= threshold
+            truth = masks >= 0.5
             for i, pid in enumerate(pids):
                 a = areas.setdefault(
-                    pid, {"lung": 0, "true": np.zeros(len(classes)), "pred": np.zeros(len(classes))}
+                    pid,
+                    {
+                        "lung_true": 0,
+                        "lung_pred": 0,
+                        "true": np.zeros(len(classes)),
+                        "pred": np.zeros(len(classes)),
+                    },
                 )
-                a["lung"] += int((lung[i] | binary[i].any(-1)).sum())
-                a["true"] += masks[i].reshape(-1, len(classes)).sum(0)
+                a["lung_true"] += int((lung[i] | truth[i].any(-1)).sum())
+                a["lung_pred"] += int((lung[i] | binary[i].any(-1)).sum())
+                a["true"] += truth[i].reshape(-1, len(classes)).sum(0)
                 a["pred"] += binary[i].reshape(-1, len(classes)).sum(0)
+                if annotated[i]:
+                    overlays.offer(
+                        int(truth[i].sum()), pid, hu[i, ..., 0].numpy(), masks[i], pred[i]
+                    )
         if classifier is not None:
             probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)
             for pid, p in zip(pids, probs):
                 slice_prob.setdefault(pid, []).append(float(p))
     results = {
+        "experiment": config.name,
+        "architecture": config.model.architecture,
+        "loss": config.train.loss,
         "split": split,
         "fold": fold,
         "threshold": threshold,
@@ -137,68 +193,109 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8) -> d
         results["lesion_lung_ratio"] = {
             pid: {
                 "diagnosis": diagnosis[pid],
-                "true": {n: float(a["true"][c] / max(a["lung"], 1)) for c, n in enumerate(classes)},
-                "pred": {n: float(a["pred"][c] / max(a["lung"], 1)) for c, n in enumerate(classes)},
+                "severity": severity[pid],
+                "true": {
+                    n: float(a["true"][c] / max(a["lung_true"], 1)) for c, n in enumerate(classes)
+                },
+                "pred": {
+                    n: float(a["pred"][c] / max(a["lung_pred"], 1)) for c, n in enumerate(classes)
+                },
             }
             for pid, a in sorted(areas.items())
         }
+        results["severity_statistics"] = ratio_statistics(results["lesion_lung_ratio"], classes)
     if classifier is not None:
-        truth = {pid: diagnosis[pid] == "covid" for pid in slice_prob}
-        any_slice = {pid: max(p) >= threshold for pid, p in slice_prob.items()}
-        results["classification"] = {"any_slice": patient_metrics(truth, any_slice)}
+        results["classification"] = classification_results(
+            classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size
+        )
+    if figures:
+        results["figures"] = write_figures(run, results, overlays, config)
     (run / "metrics.json").write_text(json.dumps(results, indent=2))
-    (run / "report.md").write_text(render_report(results, config.name))
+    report.write_reports(results, config.name, run)
     return results
 
 
-def render_report(results: dict, name: str) -> str:
-    lines = [
-        f"# {name}: evaluation on the {results['split']} split of fold {results['fold']}",
-        "",
-        f"**{DISCLAIMER}**",
-        "",
-    ]
-    seg = results.get("segmentation")
-    if seg:
-        lines += [
-            "## Segmentation (Table 4)",
-            "",
-            "| lesion | Dice | IoU | precision | recall | mean image Dice |",
-            "|---|---|---|---|---|---|",
-        ]
-        for cls, s in seg.items():
-            lines.append(
-                f"| {cls} | {s['dice']:.3f} | {s['iou']:.3f} | {s['precision']:.3f} | "
-                f"{s['recall']:.3f} | {s['mean_image_dice']:.3f} |"
-            )
-        lines.append("")
+def classification_results(
+    classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size
+) -> dict:
+    """Table 6 under the any-slice rule and the rule chosen on the validation patients."""
+    truth = {pid: diagnosis[pid] == "covid" for pid in slice_prob}
+    any_slice = patient_scores(truth, patient_calls(slice_prob, threshold, 1))
+    any_slice["rule"] = f"any slice with probability >= {threshold:g} (the paper's rule)"
+    out = {"any_slice": any_slice}
+    if split == "validation":
+        val_prob, val_diagnosis = slice_prob, diagnosis
+    else:
+        val_prob, val_diagnosis = slice_probabilities(
+            classifier, _dataset(config, "validation", fold, batch_size)
+        )
+    rule = choose_patient_rule(val_prob, {p: d == "covid" for p, d in val_diagnosis.items()})
+    robust = patient_scores(truth, patient_calls(slice_prob, rule["threshold"], rule["min_slices"]))
+    robust |= {
+        "rule": (
+            f"at least {rule['min_slices']} slice(s) with probability >= "
+            f"{rule['threshold']:.3f}, chosen on the {len(val_prob)} validation patients "
+            f"(validation accuracy {rule['accuracy']:.3f})"
+        ),
+        "min_slices": rule["min_slices"],
+        "threshold": rule["threshold"],
+        "chosen_on": "validation",
+    }
+    out["robust"] = robust
+    out["patients"] = {
+        pid: {
+            "diagnosis": diagnosis[pid],
+            "slices": len(p),
+            "max_probability": float(max(p)),
+            "positive_slices": int(sum(v >= threshold for v in p)),
+        }
+        for pid, p in sorted(slice_prob.items())
+    }
+    return out
+
+
+def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict:
+    """Figures 4, 5 and 6 as PNGs under run/figures; returns their run-relative paths."""
+    folder = run / "figures"
+    written = {}
+    classes = results["classes"]
+    if results.get("lesion_lung_ratio"):
+        viz.plot_ratio_boxplots(
+            results["lesion_lung_ratio"],
+            classes,
+            folder / "fig4_ratios.png",
+            stats=results.get("severity_statistics"),
+        )
+        written["ratios"] = "figures/fig4_ratios.png"
     cls = results.get("classification")
     if cls:
-        m = cls["any_slice"]
-        c = m["confusion"]
-        lines += [
-            "## Patient-level classification (Table 6, any-slice rule)",
-            "",
-            "| accuracy | recall | precision | F1 | TP | FP | FN | TN |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {m['accuracy']:.3f} | {m['recall']:.3f} | {m['precision']:.3f} | "
-            f"{m['f1']:.3f} | {c['tp']} | {c['fp']} | {c['fn']} | {c['tn']} |",
-            "",
-        ]
-    ratios = results.get("lesion_lung_ratio")
-    if ratios:
-        classes = results["classes"]
-        lines += [
-            "## Lesion / lung area ratio per patient (Table 5)",
-            "",
-            "| patient | diagnosis | " + " | ".join(f"{c} true | {c} pred" for c in classes) + " |",
-            "|---|---|" + "---|---|" * len(classes),
-        ]
-        for pid, r in ratios.items():
-            cells = " | ".join(f"{r['true'][c]:.4f} | {r['pred'][c]:.4f}" for c in classes)
-            lines.append(f"| {pid} | {r['diagnosis']} | {cells} |")
-        lines.append("")
-    return "\n".join(lines)
+        viz.plot_confusion(
+            cls["any_slice"]["confusion"],
+            folder / "fig5_confusion.png",
+            title="Patients, any-slice rule",
+        )
+        written["confusion"] = "figures/fig5_confusion.png"
+        if "robust" in cls:
+            viz.plot_confusion(
+                cls["robust"]["confusion"],
+                folder / "fig5_confusion_robust.png",
+                title=f"Patients, >= {cls['robust']['min_slices']} slice(s) rule",
+            )
+            written["confusion_robust"] = "figures/fig5_confusion_robust.png"
+    if overlays.items:
+        items = overlays.items
+        viz.plot_overlays(
+            np.stack([i[2] for i in items]),
+            np.stack([i[3] for i in items]),
+            np.stack([i[4] for i in items]),
+            classes,
+            folder / "fig6_overlays.png",
+            window=tuple(config.model.hu_window),
+            threshold=results["threshold"],
+            titles=[f"patient {i[1]}" for i in items],
+        )
+        written["overlays"] = "figures/fig6_overlays.png"
+    return written
 
 
 def print_headline(results: dict, run: Path) -> None:
@@ -210,13 +307,20 @@ def print_headline(results: dict, run: Path) -> None:
             f"  {cls:<14} Dice {s['dice']:.3f}  IoU {s['iou']:.3f}  precision "
             f"{s['precision']:.3f}  recall {s['recall']:.3f}"
         )
-    if "classification" in results:
-        m = results["classification"]["any_slice"]
-        print(
-            f"  patients       accuracy {m['accuracy']:.3f}  recall {m['recall']:.3f}  "
-            f"precision {m['precision']:.3f}  ({m['patients']} patients)"
-        )
-    print(f"metrics: {run / 'metrics.json'}, report: {run / 'report.md'}")
+    cls = results.get("classification", {})
+    for key, label in (("any_slice", "any slice"), ("robust", "robust rule")):
+        if key in cls:
+            m = cls[key]
+            print(
+                f"  patients ({label:<11}) accuracy {m['accuracy']:.3f}  recall "
+                f"{m['recall']:.3f}  precision {m['precision']:.3f}  ({m['patients']} patients)"
+            )
+    if "robust" in cls:
+        print(f"  robust rule: {cls['robust']['rule']}")
+    print(
+        f"metrics: {run / 'metrics.json'}, report: {run / 'report.md'} and "
+        f"{run / 'report.html'}, figures: {run / 'figures'}"
+    )
 
 
 def main(argv=None) -> int:
@@ -226,11 +330,22 @@ def main(argv=None) -> int:
     parser.add_argument("--run", type=Path, required=True, help="run folder of tfcovseg.train")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--fold", type=int, help="fold (default: the run's)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     args = parser.parse_args(argv)
     if not (args.run / "config.yaml").is_file():
         print(f"error: {args.run} is not a run folder (no config.yaml)", file=sys.stderr)
         return 2
-    results = evaluate_run(args.run, args.split, args.fold)
+    if not 0.0 < args.threshold < 1.0:
+        print(f"error: --threshold must be in (0, 1), got {args.threshold}", file=sys.stderr)
+        return 2
+    try:
+        results = evaluate_run(
+            args.run, args.split, args.fold, args.threshold, figures=not args.no_figures
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print_headline(results, args.run)
     return 0
 

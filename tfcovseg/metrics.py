@@ -265,3 +265,90 @@ def segmentation_metrics(class_names, threshold=0.5):
         for cls in METRIC_CLASSES
         for i, name in enumerate(class_names)
     ]
+
+
+# Patient-level classification (Huang et al. 2021, Table 6) ------------------------------
+
+
+def patient_scores(truth: dict, predicted: dict) -> dict:
+    """Accuracy, recall, precision, F1 and confusion counts of patient-level calls.
+
+    Args:
+        truth: {patient: bool} (COVID-19 or not).
+        predicted: {patient: bool}; must hold every patient of `truth`.
+    """
+    missing = sorted(set(truth) - set(predicted))
+    if missing:
+        raise ValueError(f"no prediction for patients {missing[:5]}")
+    tp = sum(bool(truth[p] and predicted[p]) for p in truth)
+    tn = sum(bool(not truth[p] and not predicted[p]) for p in truth)
+    fp = sum(bool(not truth[p] and predicted[p]) for p in truth)
+    fn = sum(bool(truth[p] and not predicted[p]) for p in truth)
+    precision = tp / (tp + fp) if tp + fp else (1.0 if not fn else 0.0)
+    recall = tp / (tp + fn) if tp + fn else (1.0 if not fp else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / max(len(truth), 1),
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},
+        "patients": len(truth),
+    }
+
+
+def patient_score(slice_probabilities, min_slices=1) -> float:
+    """The `min_slices`-th highest slice probability of a patient (0 with fewer slices).
+
+    A patient is positive under the rule "at least k slices >= t" exactly when this score
+    with ``min_slices=k`` is >= t; k = 1 is the paper's any-slice rule (the maximum).
+    """
+    p = np.sort(np.asarray(slice_probabilities, np.float64).reshape(-1))[::-1]
+    return float(p[min_slices - 1]) if len(p) >= min_slices else 0.0
+
+
+def patient_calls(slice_probabilities: dict, threshold=0.5, min_slices=1) -> dict:
+    """{patient: bool}: at least `min_slices` slices with probability >= `threshold`."""
+    if min_slices < 1:
+        raise ValueError(f"min_slices must be >= 1, got {min_slices}")
+    return {
+        pid: patient_score(p, min_slices) >= threshold for pid, p in slice_probabilities.items()
+    }
+
+
+def choose_patient_rule(slice_probabilities: dict, truth: dict, max_slices=5) -> dict:
+    """The rule "at least k slices >= t" that best separates the given (validation) patients.
+
+    For each k in 1..`max_slices`, patients are ranked by their k-th highest slice
+    probability and t is placed in the middle of the widest probability gap that gives the
+    highest accuracy. The k with the highest accuracy wins, then the widest gap (the margin,
+    a guard against the few patients a validation split has), then the smaller k. With no
+    patients of one of the classes the gap is open on that side and t is put halfway
+    between the scores and 0 or 1.
+
+    Returns:
+        {"min_slices": k, "threshold": t, "accuracy": validation accuracy, "margin": gap}
+    """
+    if not slice_probabilities:
+        raise ValueError("choose_patient_rule needs at least one patient")
+    best = None
+    pids = sorted(slice_probabilities)
+    labels = np.array([bool(truth[p]) for p in pids])
+    for k in range(1, max_slices + 1):
+        scores = np.array([patient_score(slice_probabilities[p], k) for p in pids])
+        cuts = np.unique(np.concatenate([[0.0, 1.0], scores]))
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            t = (lo + hi) / 2
+            accuracy = float(np.mean((scores >= t) == labels))
+            key = (accuracy, round(hi - lo, 9), -k)
+            if best is None or key > best[0]:
+                best = (
+                    key,
+                    {
+                        "min_slices": k,
+                        "threshold": float(t),
+                        "accuracy": accuracy,
+                        "margin": float(hi - lo),
+                    },
+                )
+    return best[1]

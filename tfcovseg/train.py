@@ -27,6 +27,7 @@ The run folder holds ``config.yaml`` (resolved), ``segmenter_best.keras``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -45,10 +46,19 @@ tf = require_tensorflow("python -m tfcovseg.train")
 
 import keras  # noqa: E402
 
+from tfcovseg.callbacks import OverlayImages, PatientEvaluation  # noqa: E402
 from tfcovseg.data import make_dataset, read_manifest, split_slices  # noqa: E402
+from tfcovseg.distributed import (  # noqa: E402
+    choose_strategy,
+    fit_distributed,
+    is_chief,
+    is_multi_worker,
+    worker_path,
+)
 from tfcovseg.losses import deep_supervision  # noqa: E402
 from tfcovseg.metrics import segmentation_metrics  # noqa: E402
 from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
+from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
@@ -132,25 +142,61 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
     return manifest
 
 
-def choose_strategy():
-    """MirroredStrategy over several local GPUs, else the default strategy."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+def _best_so_far(csv_path: Path, monitor="val_loss"):
+    """The best (lowest) monitored value in a CSVLogger file, or None."""
+    if not csv_path.is_file():
+        return None
+    import csv
+
+    with csv_path.open(newline="") as f:
+        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
+    return min(values) if values else None
 
 
-def _callbacks(out: Path, phase: str, patience: int, resume: bool):
+class _CheckpointOf(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves another model than the one being fit (sharing weights).
+
+    Phase 1 with ``train.classifier_aux_weight`` fits the segmenter plus the classifier
+    head; the checkpoint must stay the segmenter alone.
+    """
+
+    def __init__(self, target, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._target = target
+
+    def set_model(self, model):
+        super().set_model(self._target)
+
+
+def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), save=None):
+    """Evaluation callbacks first (their logs reach the rest), then the bookkeeping.
+
+    ``save``: the model the best checkpoint holds when it is not the model being fit.
+    """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     best = out / f"{phase_name(phase)}_best.keras"
+    csv_path = logs / f"{phase}.csv"
+    # After --resume, the best checkpoint must stay the best of the whole run.
+    best_so_far = _best_so_far(csv_path) if resume and best.is_file() else None
+    checkpoint = dict(
+        filepath=str(best),
+        monitor="val_loss",
+        save_best_only=True,
+        initial_value_threshold=best_so_far,
+    )
     return [
+        *extra,
         keras.callbacks.BackupAndRestore(str(out / "backup" / phase)),
-        keras.callbacks.ModelCheckpoint(str(best), monitor="val_loss", save_best_only=True),
+        (
+            _CheckpointOf(save, **checkpoint)
+            if save is not None
+            else keras.callbacks.ModelCheckpoint(**checkpoint)
+        ),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True
         ),
-        keras.callbacks.CSVLogger(str(logs / f"{phase}.csv"), append=resume),
+        keras.callbacks.CSVLogger(str(csv_path), append=resume),
         keras.callbacks.TensorBoard(str(logs / "tensorboard" / phase), write_graph=False),
     ]
 
@@ -163,25 +209,106 @@ def _data_fingerprint(folder: Path) -> str:
     return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_state(out: Path) -> dict:
+    path = out / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {"completed": [], "timings": {}}
+
+
+def _overlay_slices(dataset, k: int):
+    """Up to k slices with lesions (HU [k,H,W,1], masks [k,H,W,C]) from a dataset."""
+    images, masks = [], []
+    for batch in dataset:
+        for i in range(int(batch["hu"].shape[0])):
+            if batch["slice/label"][i] > 0 and len(images) < k:
+                images.append(batch["hu"][i].numpy()[..., None])
+                masks.append(batch["lesions"][i].numpy())
+        if len(images) >= k:
+            break
+    return images, masks
+
+
+def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose):
+    if is_multi_worker(strategy):
+        # Shard by element: a record folder may hold fewer shards than workers.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
+        verbose = verbose if is_chief(strategy) else 0
+        # model.fit fails under MultiWorkerMirroredStrategy in TF 2.21 / Keras 3.15
+        # (keras-team/keras#20585): a distributed custom loop drives the same callbacks.
+        return fit_distributed(
+            model,
+            strategy,
+            train_ds,
+            epochs,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    return model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        verbose=verbose,
+        shuffle=False,  # the datasets shuffle themselves
+        callbacks=callbacks,
+    )
+
+
 def train(
-    config: ExperimentConfig, out: Path, resume: bool = False, verbose: int = 2, log=print
+    config: ExperimentConfig,
+    out: Path,
+    resume: bool = False,
+    verbose: int = 2,
+    log=print,
+    strategy=None,
 ) -> dict:
-    """Runs the configured phases; returns the run summary (also in ``run.json``)."""
+    """Runs the configured phases; returns the run summary (also in ``run.json``).
+
+    With ``resume``, phases already completed in ``out`` are skipped and an interrupted
+    phase continues from its last completed epoch (BackupAndRestore).
+
+    ``strategy``: a `tf.distribute.Strategy` made by `choose_strategy` (default: made here
+    from ``train.strategy``). MultiWorkerMirroredStrategy must exist before any other
+    TensorFlow op of the process, so several runs in one process share one.
+    """
     start = time.perf_counter()
-    out = Path(out)
+    if strategy is None:
+        strategy = choose_strategy(config.train.strategy)
+    chief = is_chief(strategy)
+    # Only the chief writes the run folder; other workers write to a temporary one.
+    out = Path(worker_path(str(out), strategy))
     if out.exists() and any(out.iterdir()) and not resume:
         raise TrainingError(
             f"{out} already holds a run: pass --resume to continue it or choose another --out"
         )
+    if resume and (out / "config.yaml").is_file():
+        saved = load_config(out / "config.yaml")
+        if saved != config:
+            raise TrainingError(
+                f"{out} was started with another configuration: resume it with "
+                f"--config {out / 'config.yaml'}"
+            )
     folder = prepare_records(config, log)
     manifest = check_inputs(config, folder)
+    # Every replica needs at least one example of the last validation batch.
+    eval_drop = strategy.num_replicas_in_sync > 1
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
+    state = _read_state(out) if resume else {"completed": [], "timings": {}}
     keras.utils.set_random_seed(config.train.seed)
     keras.config.set_dtype_policy(config.train.precision)
     t = config.train
     fold = config.data.fold
-    timings = {}
+    timings = dict(state.get("timings", {}))
     common = dict(
         record_dir=folder,
         fold=fold,
@@ -191,23 +318,44 @@ def train(
         cache=config.data.cache,
         seed=t.seed,
     )
-    strategy = choose_strategy()
+    inspect_val = make_dataset(split="validation", training=False, task="inspect", **common)
+
+    def finish_phase(phase, phase_start):
+        state["completed"] = [*state["completed"], phase]
+        timings[f"{phase}_s"] = round(time.perf_counter() - phase_start, 1)
+        state["timings"] = timings
+        _write_json(out / "state.json", state)
+
     segmenter = None
-    if "segmentation" in t.phases:
+    if "segmentation" in t.phases and "segmentation" in state["completed"]:
+        log("phase 1: segmentation already completed in this run folder")
+    elif "segmentation" in t.phases:
         phase_start = time.perf_counter()
         with strategy.scope():
             segmenter = build_model(config.model)
+            outputs = tuple(segmenter.output)
             losses, weights = deep_supervision(
-                list(segmenter.output), t.loss, t.coarse_loss_weight, t.final_loss_weight
+                list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight
             )
-            segmenter.compile(
+            metrics = {"final": segmentation_metrics(config.model.class_names)}
+            fit_model, label_output = segmenter, None
+            if t.classifier_aux_weight:
+                # Segmentation and the slice classifier's head train the encoder together.
+                head = build_classifier(
+                    segmenter, config.model.classifier_dropout, config.model.classifier_pooling
+                )
+                fit_model = with_classifier_head(segmenter, head)
+                label_output = "covid_probability"
+                losses[label_output] = "binary_crossentropy"
+                weights[label_output] = t.classifier_aux_weight
+                metrics[label_output] = [keras.metrics.AUC(name="auc")]
+            fit_model.compile(
                 optimizer=keras.optimizers.Adam(t.learning_rate),
                 loss=losses,
                 loss_weights=weights,
-                metrics={"final": segmentation_metrics(config.model.class_names)},
+                metrics=metrics,
                 jit_compile=t.jit_compile,
             )
-        outputs = tuple(segmenter.output)
         train_ds = make_dataset(
             split="train",
             training=True,
@@ -215,39 +363,69 @@ def train(
             augment_data=config.data.augment,
             oversample_lesions=config.data.oversample_lesions,
             shuffle_buffer=config.data.shuffle_buffer,
+            label_output=label_output,
             **common,
         )
-        val_ds = make_dataset(split="validation", training=False, outputs=outputs, **common)
+        val_ds = make_dataset(
+            split="validation",
+            training=False,
+            outputs=outputs,
+            label_output=label_output,
+            drop_remainder=eval_drop,
+            **common,
+        )
+        extra = []
+        if t.overlay_images and chief:
+            images, masks = _overlay_slices(inspect_val, t.overlay_images)
+            if images:
+                extra.append(
+                    OverlayImages(
+                        images,
+                        masks,
+                        out / "logs" / "tensorboard" / "segmentation",
+                        window=config.model.hu_window,
+                        class_names=config.model.class_names,
+                    )
+                )
         log(
             f"phase 1: segmentation, {config.model.architecture} at "
             f"{config.model.input_size[0]}x{config.model.input_size[1]}, fold {fold}, up to "
             f"{t.epochs} epochs"
         )
-        segmenter.fit(
+        _fit(
+            fit_model,
+            strategy,
             train_ds,
-            validation_data=val_ds,
-            epochs=t.epochs,
-            verbose=verbose,
-            shuffle=False,  # the datasets shuffle themselves
-            callbacks=_callbacks(out, "segmentation", t.early_stopping_patience, resume),
+            val_ds,
+            t.epochs,
+            _callbacks(
+                out, "segmentation", t.early_stopping_patience, resume, extra, save=segmenter
+            ),
+            verbose,
         )
         segmenter.save(out / "segmenter_last.keras")
-        timings["segmentation_s"] = round(time.perf_counter() - phase_start, 1)
-    if "classification" in t.phases:
+        finish_phase("segmentation", phase_start)
+    if "classification" in t.phases and "classification" in state["completed"]:
+        log("phase 2: classification already completed in this run folder")
+    elif "classification" in t.phases:
         phase_start = time.perf_counter()
         with strategy.scope():
             if config.model.architecture == "seresnet_classifier":
                 classifier = build_model(config.model)
             else:
-                if segmenter is None:
-                    best = out / "segmenter_best.keras"
-                    if not best.is_file():
-                        raise TrainingError(
-                            f"classification without segmentation needs "
-                            f"{best} from an earlier segmentation phase"
-                        )
+                # The encoder of the best segmenter (the checkpoint, which also holds after
+                # a resumed run), frozen: the paper's phase 2.
+                best = out / "segmenter_best.keras"
+                if best.is_file():
                     segmenter = load_model(best)
-                classifier = build_classifier(segmenter, config.model.classifier_dropout)
+                elif segmenter is None:
+                    raise TrainingError(
+                        f"classification without segmentation needs {best} from an "
+                        f"earlier segmentation phase"
+                    )
+                classifier = build_classifier(
+                    segmenter, config.model.classifier_dropout, config.model.classifier_pooling
+                )
                 classifier.encoder.trainable = False
             classifier.compile(
                 optimizer=keras.optimizers.Adam(t.classifier_learning_rate),
@@ -266,21 +444,36 @@ def train(
             shuffle_buffer=config.data.shuffle_buffer,
             **common,
         )
-        val_ds = make_dataset(split="validation", training=False, task="classify", **common)
+        val_ds = make_dataset(
+            split="validation",
+            training=False,
+            task="classify",
+            drop_remainder=eval_drop,
+            **common,
+        )
+        # Patient-level metrics predict slice by slice on one worker: not under multi-worker.
+        patient_eval = [] if is_multi_worker(strategy) else [PatientEvaluation(inspect_val)]
         log(
             f"phase 2: classification head on the frozen encoder, up to {t.classifier_epochs} "
             f"epochs"
         )
-        classifier.fit(
+        _fit(
+            classifier,
+            strategy,
             train_ds,
-            validation_data=val_ds,
-            epochs=t.classifier_epochs,
-            verbose=verbose,
-            shuffle=False,  # the datasets shuffle themselves
-            callbacks=_callbacks(out, "classification", t.early_stopping_patience, resume),
+            val_ds,
+            t.classifier_epochs,
+            _callbacks(
+                out,
+                "classification",
+                t.early_stopping_patience,
+                resume,
+                patient_eval,
+            ),
+            verbose,
         )
         classifier.save(out / "classifier_last.keras")
-        timings["classification_s"] = round(time.perf_counter() - phase_start, 1)
+        finish_phase("classification", phase_start)
     timings["total_s"] = round(time.perf_counter() - start, 1)
     summary = {
         "experiment": config.name,
@@ -289,6 +482,13 @@ def train(
         "data_fingerprint": _data_fingerprint(folder),
         "num_slices": manifest["num_slices"],
         "seed": t.seed,
+        "strategy": (
+            "MultiWorkerMirroredStrategy"  # TF's class is CollectiveAllReduceStrategy
+            if is_multi_worker(strategy)
+            else type(strategy).__name__
+        ),
+        "replicas": strategy.num_replicas_in_sync,
+        "resumed": bool(resume),
         "versions": {
             "tfcovseg": __version__,
             "tensorflow": tf.__version__,
@@ -299,8 +499,60 @@ def train(
         "timings": timings,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / "run.json").write_text(json.dumps(summary, indent=2))
+    _write_json(out / "run.json", summary)
     return summary
+
+
+def _parse_fold(value: str):
+    if value == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--fold must be an integer or 'all', got {value!r}"
+        ) from None
+
+
+def _base_config(args):
+    """The config to run: --config, the run folder's own when resuming, or the quickstart."""
+    path = args.config
+    if path is None and args.resume and args.out is not None:
+        if (args.out / "config.yaml").is_file():
+            path = args.out / "config.yaml"
+    return path or DEFAULT_CONFIG
+
+
+def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2, log=print):
+    """Trains and evaluates every fold into out/foldK; writes cv_metrics.json and cv_report.md."""
+    from tfcovseg.compare import write_cv_summary
+    from tfcovseg.evaluate import evaluate_run
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise TrainingError(
+            f"{out} already holds a run: pass --resume to continue it or choose another --out"
+        )
+    strategy = choose_strategy(config.train.strategy)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    for k in range(config.data.num_folds):
+        fold_config = dataclasses.replace(config, data=dataclasses.replace(config.data, fold=k))
+        fold_out = out / f"fold{k}"
+        if resume and (fold_out / "metrics.json").is_file():
+            log(f"fold {k}: already trained and evaluated")
+            continue
+        log(f"fold {k} of {config.data.num_folds}: {fold_out}")
+        train(
+            fold_config,
+            fold_out,
+            resume=resume and fold_out.exists(),
+            verbose=verbose,
+            log=log,
+            strategy=strategy,
+        )
+        evaluate_run(fold_out, split="test")
+    return write_cv_summary(out)
 
 
 def main(argv=None) -> int:
@@ -318,31 +570,50 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override a config value",
     )
-    parser.add_argument("--fold", type=int, help="cross-validation fold (default: data.fold)")
+    parser.add_argument(
+        "--fold",
+        type=_parse_fold,
+        help="cross-validation fold, or 'all' to train every fold and report mean +- sd "
+        "(default: data.fold)",
+    )
     parser.add_argument("--out", type=Path, help="run folder (default: runs/NAME-foldK-TIME)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--evaluate", action="store_true", help="evaluate the test split after training"
+    )
     parser.add_argument("--quiet", action="store_true", help="one line per epoch at most")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
-    if args.fold is not None:
-        overrides.append(f"data.fold={args.fold}")
-    try:
-        config = load_config(args.config or DEFAULT_CONFIG, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.resume and args.out is None:
         print("error: --resume needs --out, the run folder to continue", file=sys.stderr)
         return 2
+    overrides = list(args.overrides)
+    if isinstance(args.fold, int):
+        overrides.append(f"data.fold={args.fold}")
+    try:
+        config = load_config(_base_config(args), overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verbose = 2 if args.quiet else "auto"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.fold == "all":
+        out = args.out or Path("runs") / f"{config.name}-cv-{stamp}"
+        try:
+            summary = cross_validate(config, out, resume=args.resume, verbose=verbose)
+        except TrainingError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"cross-validation folder: {out}")
+        print((out / "cv_report.md").read_text())
+        return 0
     out = args.out or Path("runs") / f"{config.name}-fold{config.data.fold}-{stamp}"
     try:
-        summary = train(config, out, resume=args.resume, verbose=2 if args.quiet else "auto")
+        summary = train(config, out, resume=args.resume, verbose=verbose)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
-    if args.config is None or config.name == "quickstart":
+    if args.evaluate or config.name == "quickstart":
         from tfcovseg.evaluate import evaluate_run, print_headline
 
         results = evaluate_run(out, split="test")

@@ -73,3 +73,54 @@ def test_seresnet_classifier_architecture(rng):
     assert isinstance(model, CovidClassifier)
     assert tuple(model(hu_batch(rng)).shape) == (2,)
     assert model.dropout == 0.2
+
+
+@pytest.mark.parametrize("pooling, features", [("avg", 1), ("max", 1), ("avg_max", 2)])
+def test_classifier_pooling_heads(rng, pooling, features):
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter, pooling=pooling)
+    classifier.encoder.trainable = False
+    kernel = [w for w in classifier.trainable_weights if len(w.shape) == 2][0]
+    channels = segmenter.encoder.output["stage4"].shape[-1]
+    assert tuple(kernel.shape) == (features * channels, 1)
+    x = hu_batch(rng, n=2)
+    out = _np(classifier(x))
+    assert out.shape == (2,) and np.all((out > 0) & (out < 1))
+    clone = CovidClassifier.from_config(classifier.get_config())
+    assert clone.pooling == pooling
+    with pytest.raises(ValueError, match="pooling"):
+        build_classifier(segmenter, pooling="median")
+
+
+def test_with_classifier_head_trains_encoder_and_head_together(rng):
+    from tfcovseg.models.classifier import with_classifier_head
+
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter)
+    joint = with_classifier_head(segmenter, classifier)
+    assert set(joint.output) == {"coarse", "final", "covid_probability"}
+    # One encoder call: the joint model holds the segmenter's weights plus the dense head.
+    assert len(joint.weights) == len(segmenter.weights) + 2
+    x = hu_batch(rng, n=2)
+    out = joint(x)
+    np.testing.assert_allclose(_np(out["covid_probability"]), _np(classifier(x)), atol=1e-6)
+    np.testing.assert_allclose(_np(out["final"]), _np(segmenter(x)["final"]), atol=1e-6)
+    joint.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss={"coarse": "mse", "final": "mse", "covid_probability": "binary_crossentropy"},
+        loss_weights={"coarse": 0.0, "final": 0.0, "covid_probability": 1.0},
+    )
+    stem = _np(segmenter.encoder.weights[0])
+    joint.train_on_batch(
+        x,
+        {
+            "coarse": np.zeros((2, 64, 64, 3), "float32"),
+            "final": np.zeros((2, 64, 64, 3), "float32"),
+            "covid_probability": np.array([1.0, 0.0], "float32"),
+        },
+    )
+    # The classification loss alone moved the shared encoder.
+    assert not np.allclose(_np(segmenter.encoder.weights[0]), stem)
+    other = build_classifier(build_model(tiny_config()))
+    with pytest.raises(ValueError, match="share the segmenter's encoder"):
+        with_classifier_head(segmenter, other)

@@ -94,6 +94,7 @@ def build_model(model_config=None):
             cfg.hu_window,
             cfg.pre_windowed,
             cfg.classifier_dropout,
+            cfg.classifier_pooling,
             name="seresnet_classifier",
         )
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")

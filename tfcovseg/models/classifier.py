@@ -4,6 +4,11 @@ Huang et al. (2021), Section 2.4: after the segmenter converges, the encoder (in
 and four stages, frozen) with "the remaining parts of SE-ResNet-34" — global average
 pooling and a dense layer — classifies each slice as COVID-19 or not; only slices it
 passes are segmented.
+
+`pooling="avg"` is the paper's head. Lesions often cover a few percent of a slice, and an
+average over the whole feature map dilutes them; "max" (global max pooling) or "avg_max"
+(both, concatenated) keep a small lesion's strongest response. The head stays one dense
+layer on the frozen encoder either way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,35 @@ from keras import layers
 from tfcovseg.models.encoder import SEResNetEncoder
 from tfcovseg.models.layers import SqueezeAxis, from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
+
+POOLINGS = ("avg", "max", "avg_max")
+
+
+class _Head:
+    """The pooling + dense head's layers, callable again on other stage-4 features."""
+
+    def __init__(self, pooling, dropout):
+        if pooling == "avg_max":
+            self.pool = [
+                layers.GlobalAveragePooling2D(name="head_avg_pool"),
+                layers.GlobalMaxPooling2D(name="head_max_pool"),
+            ]
+            self.concat = layers.Concatenate(name="head_pool")
+        else:
+            pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
+            self.pool = [pool(name="head_pool")]
+            self.concat = None
+        self.dropout = layers.Dropout(dropout, name="head_dropout") if dropout else None
+        self.logit = layers.Dense(1, name="head_logit")
+        self.sigmoid = layers.Activation("sigmoid", dtype="float32", name="head_sigmoid")
+        self.squeeze = SqueezeAxis(-1, dtype="float32", name="covid_probability")
+
+    def __call__(self, stage4):
+        pooled = [pool(stage4) for pool in self.pool]
+        x = self.concat(pooled) if self.concat is not None else pooled[0]
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.squeeze(self.sigmoid(self.logit(x)))
 
 
 @keras.saving.register_keras_serializable(package="tfcovseg")
@@ -28,31 +62,38 @@ class CovidClassifier(keras.Model):
         hu_window: (low, high) HU window, as the segmenter's.
         pre_windowed: Inputs are already windowed 8-bit images.
         dropout: Dropout rate before the dense head.
+        pooling: Global pooling of the last stage: "avg" (the paper), "max" or "avg_max".
     """
 
     def __init__(
-        self, encoder, hu_window=DEFAULT_WINDOW, pre_windowed=False, dropout=0.0, **kwargs
+        self,
+        encoder,
+        hu_window=DEFAULT_WINDOW,
+        pre_windowed=False,
+        dropout=0.0,
+        pooling="avg",
+        **kwargs,
     ):
         if not isinstance(encoder, SEResNetEncoder):
             raise TypeError(
                 f"CovidClassifier needs an SEResNetEncoder, got {type(encoder).__name__}"
             )
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         inputs = keras.Input((*encoder.input_size, encoder.input_channels), name="hu")
         window_layer = HUWindow(hu_window, pre_windowed, name="window")
         features = encoder(window_layer(inputs))
-        x = layers.GlobalAveragePooling2D(name="head_pool")(features["stage4"])
-        if dropout:
-            x = layers.Dropout(dropout, name="head_dropout")(x)
-        x = layers.Dense(1, name="head_logit")(x)
-        x = layers.Activation("sigmoid", dtype="float32", name="head_sigmoid")(x)
-        outputs = SqueezeAxis(-1, dtype="float32", name="covid_probability")(x)
+        head = _Head(pooling, dropout)
+        outputs = head(features["stage4"])
         kwargs.setdefault("name", "covid_classifier")
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self._head = head
         self.encoder = encoder
         self.window_layer = window_layer
         self.hu_window = tuple(float(w) for w in hu_window)
         self.pre_windowed = bool(pre_windowed)
         self.dropout = float(dropout)
+        self.pooling = pooling
 
     def get_config(self):
         return {
@@ -62,6 +103,7 @@ class CovidClassifier(keras.Model):
             "hu_window": list(self.hu_window),
             "pre_windowed": self.pre_windowed,
             "dropout": self.dropout,
+            "pooling": self.pooling,
         }
 
     @classmethod
@@ -71,7 +113,7 @@ class CovidClassifier(keras.Model):
         return from_config_keeping_trainable(cls, config)
 
 
-def build_classifier(segmenter, dropout=0.0):
+def build_classifier(segmenter, dropout=0.0, pooling="avg"):
     """The slice classifier on a segmenter's encoder, sharing its weights.
 
     Freeze the encoder for the paper's phase 2 with ``classifier.encoder.trainable = False``.
@@ -82,6 +124,7 @@ def build_classifier(segmenter, dropout=0.0):
         segmenter: A model with an SE-ResNet `encoder` (architectures coarse_refine,
             seresnet_unet_aspp, seresnet_unet).
         dropout: Dropout before the dense head.
+        pooling: "avg" (the paper), "max" or "avg_max"; see the module docstring.
 
     Raises:
         ValueError: if the segmenter has no SE-ResNet encoder (U-Net baselines).
@@ -98,5 +141,37 @@ def build_classifier(segmenter, dropout=0.0):
         segmenter.hu_window,
         segmenter.pre_windowed,
         dropout,
+        pooling,
         name=f"{segmenter.name}_classifier",
     )
+
+
+def with_classifier_head(segmenter, classifier):
+    """A training model: the segmenter's outputs plus ``covid_probability`` from its encoder.
+
+    The classifier's head is applied to the stage-4 features that the segmenter's own
+    encoder call produces, so the encoder runs once per step and the segmentation and
+    classification losses train it together (``train.classifier_aux_weight``): an
+    auxiliary task that makes the stage-4 features say whether a slice has lesions, which
+    the paper's frozen-encoder head (phase 2) then reads. Weights are shared with both
+    models: training this trains ``segmenter`` and ``classifier``.
+
+    Args:
+        segmenter: A functional segmenter with an SE-ResNet ``encoder`` called once.
+        classifier: A `CovidClassifier` on the same encoder (`build_classifier`).
+    """
+    if classifier.encoder is not getattr(segmenter, "encoder", None):
+        raise ValueError("the classifier must share the segmenter's encoder (build_classifier)")
+    # The encoder's call in the segmenter's graph (not the classifier's).
+    graph = {id(n) for level in segmenter._nodes_by_depth.values() for n in level}
+    calls = [n for n in segmenter.encoder._inbound_nodes if id(n) in graph]
+    if len(calls) != 1:
+        raise ValueError(f"{segmenter.name!r} must call its encoder once in its graph")
+    features = keras.tree.pack_sequence_as(segmenter.encoder.output, calls[0].outputs)
+    outputs = (
+        dict(segmenter.output)
+        if isinstance(segmenter.output, dict)
+        else {"final": segmenter.output}
+    )
+    outputs["covid_probability"] = classifier._head(features["stage4"])
+    return keras.Model(segmenter.input, outputs, name=f"{segmenter.name}_with_classifier")
