@@ -26,6 +26,20 @@ TINY = dict(
 )
 
 
+# Config overrides of a tiny coarse-refine network for training tests (64 px, narrow).
+TINY_MODEL = [
+    "model.input_size=[64,64]",
+    "model.stem_filters=8",
+    "model.encoder_filters=[8,16,16,32]",
+    "model.encoder_blocks=[1,1,1,1]",
+    "model.se_reduction=4",
+    "model.aspp_filters=8",
+    "model.decoder_filters=[16,8,8,8]",
+    "model.decoder_convs=1",
+    "model.refine_filters=8",
+]
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A narrow 64x64 model config of the given architecture and overrides."""
     return ModelConfig(**(TINY | overrides))

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import TINY_MODEL
 from tfcovseg.config import load_config
 from tfcovseg.distributed import (
     choose_strategy,
@@ -45,18 +46,6 @@ from tfcovseg.losses import deep_supervision
 from tfcovseg.models import build_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# As tests/test_train.py (not imported from there: it pulls in the whole evaluation).
-TINY_MODEL = [
-    "model.input_size=[64,64]",
-    "model.stem_filters=8",
-    "model.encoder_filters=[8,16,16,32]",
-    "model.encoder_blocks=[1,1,1,1]",
-    "model.se_reduction=4",
-    "model.aspp_filters=8",
-    "model.decoder_filters=[16,8,8,8]",
-    "model.decoder_convs=1",
-    "model.refine_filters=8",
-]
 GLOBAL_BATCH = 4
 EPOCHS = 2  # the workers resume at epoch 1 from a backup, so each trains one epoch
 TIMEOUT_S = 180

@@ -7,21 +7,10 @@ import json
 import keras
 import pytest
 
+from tests.conftest import TINY_MODEL
 from tfcovseg.config import load_config
 from tfcovseg.evaluate import evaluate_run
 from tfcovseg.train import TrainingError, main, train
-
-TINY_MODEL = [
-    "model.input_size=[64,64]",
-    "model.stem_filters=8",
-    "model.encoder_filters=[8,16,16,32]",
-    "model.encoder_blocks=[1,1,1,1]",
-    "model.se_reduction=4",
-    "model.aspp_filters=8",
-    "model.decoder_filters=[16,8,8,8]",
-    "model.decoder_convs=1",
-    "model.refine_filters=8",
-]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,7 @@ import tempfile
 from pathlib import Path
 
 from tfcovseg import require_tensorflow
+from tfcovseg.config import STRATEGIES
 
 tf = require_tensorflow("tfcovseg.distributed")
 
@@ -59,7 +60,7 @@ __all__ = [
     "worker_path",
 ]
 
-STRATEGY_KINDS = ("auto", "mirrored", "multi_worker", "default")
+STRATEGY_KINDS = STRATEGIES  # the values of train.strategy
 _WORKER_JOBS = ("chief", "worker")
 
 
