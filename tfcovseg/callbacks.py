@@ -32,6 +32,7 @@ __all__ = [
     "SegmentationEvaluation",
     "overlay",
     "patient_scores",
+    "slice_probabilities",
 ]
 
 tf = require_tensorflow("tfcovseg.callbacks")
@@ -99,6 +100,24 @@ class SegmentationEvaluation(keras.callbacks.Callback):
             logs.update(self.compute())
 
 
+def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
+    """{patient: [slice probabilities]} and {patient: diagnosis} of a slice classifier.
+
+    Args:
+        classifier: A model mapping [N, H, W, 1] HU slices to [N] probabilities.
+        dataset: A `make_dataset(..., task="inspect")` dataset.
+    """
+    probs, diagnosis = {}, {}
+    for batch in dataset:
+        p = np.asarray(classifier.predict_on_batch(batch["hu"][..., None])).reshape(-1)
+        for pid, d, value in zip(
+            batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
+        ):
+            probs.setdefault(pid.decode(), []).append(float(value))
+            diagnosis[pid.decode()] = d.decode()
+    return probs, diagnosis
+
+
 class PatientEvaluation(keras.callbacks.Callback):
     """Patient-level metrics of a slice classifier, every n epochs.
 
@@ -134,15 +153,7 @@ class PatientEvaluation(keras.callbacks.Callback):
 
     def slice_probabilities(self):
         """{patient: [slice probabilities]} and {patient: diagnosis}."""
-        probs, diagnosis = {}, {}
-        for batch in self.validation_data:
-            p = np.asarray(self.model.predict_on_batch(batch["hu"][..., None])).reshape(-1)
-            for pid, d, value in zip(
-                batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
-            ):
-                probs.setdefault(pid.decode(), []).append(float(value))
-                diagnosis[pid.decode()] = d.decode()
-        return probs, diagnosis
+        return slice_probabilities(self.model, self.validation_data)
 
     def compute(self) -> dict:
         probs, diagnosis = self.slice_probabilities()

@@ -51,6 +51,7 @@ tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
 from tfcovseg import report, viz  # noqa: E402
+from tfcovseg.callbacks import slice_probabilities  # noqa: E402
 from tfcovseg.data import make_dataset  # noqa: E402
 from tfcovseg.models import load_model  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
@@ -77,19 +78,6 @@ def _dataset(config, split, fold, batch_size):
         image_size=config.model.input_size,
         class_names=config.model.class_names,
     )
-
-
-def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
-    """{patient: [slice probabilities]} and {patient: diagnosis} of a classifier."""
-    probs, diagnosis = {}, {}
-    for batch in dataset:
-        p = np.asarray(classifier.predict_on_batch(batch["hu"][..., None])).reshape(-1)
-        for pid, d, value in zip(
-            batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
-        ):
-            probs.setdefault(pid.decode(), []).append(float(value))
-            diagnosis[pid.decode()] = d.decode()
-    return probs, diagnosis
 
 
 class _Overlays:
