@@ -30,16 +30,16 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+
+from tfcovseg.report import atomic_write_text
 
 DISCLAIMER = "Research use, not a medical device."
 SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice")
@@ -568,19 +568,6 @@ def _plain(value):
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Writes text to a temporary file beside `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_text(data) -> str:
     return json.dumps(_plain(data), indent=2, allow_nan=False) + "\n"
 
@@ -685,8 +672,8 @@ def write_cv_summary(cv_dir: str | Path) -> dict:
     if summary["kind"] != "cv":
         raise CompareError(f"{cv_dir} is a single run, not a cross-validation folder (fold*/)")
     content = cv_metrics(summary)
-    _write_atomic(cv_dir / "cv_metrics.json", _json_text(content))
-    _write_atomic(cv_dir / "cv_report.md", render_cv_report(summary))
+    atomic_write_text(cv_dir / "cv_metrics.json", _json_text(content))
+    atomic_write_text(cv_dir / "cv_report.md", render_cv_report(summary))
     return content
 
 
@@ -780,8 +767,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_printable(render_text(table)))
         print()
     try:
-        _write_atomic(args.out / "comparison.md", render_comparison_markdown(summaries, names))
-        _write_atomic(args.out / "comparison.json", _json_text(comparison_json(summaries, names)))
+        atomic_write_text(args.out / "comparison.md", render_comparison_markdown(summaries, names))
+        atomic_write_text(
+            args.out / "comparison.json", _json_text(comparison_json(summaries, names))
+        )
     except OSError as e:
         print(f"error: cannot write to {args.out}: {e}", file=sys.stderr)
         return 2

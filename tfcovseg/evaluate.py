@@ -198,7 +198,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         )
     if figures:
         results["figures"] = write_figures(run, results, overlays, config)
-    (run / "metrics.json").write_text(json.dumps(results, indent=2))
+    report.atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
     report.write_reports(results, config.name, run)
     return results
 

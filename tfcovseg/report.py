@@ -416,7 +416,14 @@ def render_html(results: Mapping, name: str, base_dir=None) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path, text: str) -> None:
+    """Writes text to a temporary file beside `path`, then renames it into place.
+
+    A reader sees the old file or the new one, never half of one; on failure the
+    temporary file is removed and the old file stays. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -439,6 +446,6 @@ def write_reports(results: Mapping, name: str, out_dir) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
-    _atomic_write(md_path, render_markdown(results, name))
-    _atomic_write(html_path, render_html(results, name, base_dir=out_dir))
+    atomic_write_text(md_path, render_markdown(results, name))
+    atomic_write_text(html_path, render_html(results, name, base_dir=out_dir))
     return md_path, html_path

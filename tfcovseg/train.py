@@ -59,6 +59,7 @@ from tfcovseg.losses import deep_supervision  # noqa: E402
 from tfcovseg.metrics import segmentation_metrics  # noqa: E402
 from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
+from tfcovseg.report import atomic_write_text  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
@@ -210,9 +211,7 @@ def _data_fingerprint(folder: Path) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _read_state(out: Path) -> dict:
