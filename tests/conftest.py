@@ -61,3 +61,39 @@ def rng():
 def hu_batch(rng, n=2, size=64):
     """Random CT-like slices in Hounsfield units, [n, size, size, 1] float32."""
     return rng.uniform(-1100.0, 300.0, size=(n, size, size, 1)).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def phantom_run(tmp_path_factory):
+    """An untrained tiny run folder over a converted 64 px phantom cohort (8 patients).
+
+    Returns a namespace with ``cohort`` (DICOM + NIfTI), ``records``, ``run`` (config.yaml,
+    segmenter_best.keras, classifier_best.keras sharing its encoder) and ``config``.
+    Untrained weights are enough for what export and predict must get right: shapes,
+    geometry, files and the agreement between the SavedModel and the Keras models.
+    """
+    import types
+
+    from data_tools.convert import convert
+    from data_tools.phantom import make_cohort
+    from tfcovseg.config import load_config, save_config
+    from tfcovseg.models import build_classifier, build_model
+
+    root = tmp_path_factory.mktemp("phantom_run")
+    make_cohort(root / "cohort", 8, 3, 64)
+    convert(root / "cohort", root / "records", size=64, folds=2, seed=3, progress=False, salt="t")
+    config = load_config(
+        "experiments/quickstart.yaml",
+        TINY_MODEL + [f"data.records_dir={root / 'records'}", "data.num_folds=2", "name=tiny"],
+    )
+    run = root / "run"
+    run.mkdir()
+    keras.utils.set_random_seed(5)
+    segmenter = build_model(config.model)
+    classifier = build_classifier(segmenter)
+    segmenter.save(run / "segmenter_best.keras")
+    classifier.save(run / "classifier_best.keras")
+    save_config(config, run / "config.yaml")
+    return types.SimpleNamespace(
+        root=root, cohort=root / "cohort", records=root / "records", run=run, config=config
+    )

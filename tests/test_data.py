@@ -319,6 +319,27 @@ def test_oversampling_does_not_apply_to_evaluation(records, manifest):
 # ----------------------------------------------------------------------------- resizing
 
 
+def _pil_resize(image, size):
+    """The converter's image resize (PIL bilinear), which the pipeline must equal."""
+    from data_tools.convert import _resize
+
+    return _resize(np.asarray(image, np.float32), size, nearest=False)
+
+
+@pytest.mark.parametrize("size", [24, 37, 96])
+def test_resize_image_equals_the_converters_resize(rng, size):
+    """Training records are resized by PIL at conversion, a served study by resize_image
+    in the graph: the two must agree or the model sees other images at serving time."""
+    from tfcovseg.data import resize_image
+
+    image = rng.normal(-500.0, 300.0, (64, 64)).astype(np.float32)
+    ours = resize_image(image[..., None], (size, size)).numpy()[..., 0]
+    np.testing.assert_allclose(ours, _pil_resize(image, size), atol=0.05)
+    # a batch [N, H, W, C] gives the same per image
+    batch = resize_image(np.stack([image, -image])[..., None], (size, size)).numpy()
+    np.testing.assert_allclose(batch[0, ..., 0], ours, atol=1e-4)
+
+
 def test_records_are_resized_to_the_model_size(records):
     small = 32
     ds = make_dataset(records, "all", batch_size=16, training=False, image_size=(small, small))
@@ -332,9 +353,8 @@ def test_records_are_resized_to_the_model_size(records):
         assert sm["hu"].shape == (small, small) and sm["lesions"].shape == (small, small, 3)
         assert set(np.unique(sm["lesions"])) <= {0.0, 1.0}
         assert set(np.unique(sm["lung"])) <= {0.0, 1.0}
-        # Bilinear halving (half-pixel centres) averages 2x2 blocks of the image ...
-        blocks = big["hu"].reshape(small, 2, small, 2).mean(axis=(1, 3))
-        np.testing.assert_allclose(sm["hu"], blocks, atol=1e-2)
+        # The image is resized as the converter resizes (antialiased bilinear, PIL's) ...
+        np.testing.assert_allclose(sm["hu"], _pil_resize(big["hu"], small), atol=1e-2)
         # ... and nearest-neighbour picks one pixel of each block of the masks.
         assert any(
             np.array_equal(sm["lesions"], big["lesions"][i::2, j::2])

@@ -171,3 +171,83 @@ def test_helpers():
     assert patients[0]["true"]["total"] == pytest.approx(
         sum(patients[0]["true"][c] for c in CLASSES)
     )
+
+
+# ------------------------------------------------------------------ severity thresholds
+
+
+def test_fit_thresholds_separates_grades_at_gap_midpoints():
+    from tfcovseg.severity import fit_severity_thresholds, grade_severity
+
+    rows = {f"m{i}": ("mild", v) for i, v in enumerate([0.002, 0.004, 0.008])}
+    rows |= {f"o{i}": ("moderate", v) for i, v in enumerate([0.012, 0.02])}
+    rows |= {f"s{i}": ("severe", v) for i, v in enumerate([0.06, 0.08])}
+    rows["control"] = ("none", 0.5)  # not a COVID grade: ignored
+    rule = fit_severity_thresholds(rows)
+    assert rule["fitted"] and rule["training_accuracy"] == 1.0
+    assert rule["thresholds"] == pytest.approx([0.010, 0.040])
+    assert rule["per_grade"] == {"mild": 3, "moderate": 2, "severe": 2}
+    assert [grade_severity(r, rule) for r in (0.0, 0.001, 0.0099, 0.01, 0.039, 0.04, 0.9)] == [
+        "none",
+        "mild",
+        "mild",
+        "moderate",
+        "moderate",
+        "severe",
+        "severe",
+    ]
+    json.dumps(rule)  # plain values only
+
+
+def test_fit_thresholds_minimises_misgrading_with_overlap():
+    from tfcovseg.severity import fit_severity_thresholds
+
+    # One moderate patient sits among the mild ones: the best rule misgrades only it.
+    rows = {
+        "a": ("mild", 0.01),
+        "b": ("mild", 0.02),
+        "c": ("moderate", 0.015),
+        "d": ("moderate", 0.05),
+        "e": ("moderate", 0.06),
+        "f": ("severe", 0.2),
+    }
+    rule = fit_severity_thresholds(rows)
+    assert rule["training_accuracy"] == pytest.approx(5 / 6)
+    t1, t2 = rule["thresholds"]
+    assert 0.02 < t1 < 0.05 and 0.06 < t2 < 0.2
+
+
+def test_fit_thresholds_refuses_a_missing_grade():
+    from tfcovseg.severity import fit_severity_thresholds, grade_severity
+
+    rule = fit_severity_thresholds({"a": ("mild", 0.01), "b": ("severe", 0.2)})
+    assert not rule["fitted"] and rule["thresholds"] is None
+    assert "moderate" in rule["reason"]
+    assert grade_severity(0.1, rule) == "unknown"
+    assert grade_severity(0.0, rule) == "none"
+
+
+def test_severity_rule_from_manifest_uses_covid_training_patients():
+    from tfcovseg.severity import severity_rule_from_manifest
+
+    def entry(diagnosis, severity, ggo, cons=0.0):
+        return {
+            "diagnosis": diagnosis,
+            "severity": severity,
+            "annotated": True,
+            "lesion_lung_ratio": {"ggo": ggo, "consolidation": cons},
+        }
+
+    manifest = {
+        "patients": {
+            "P1": entry("covid", "mild", 0.004, 0.001),
+            "P2": entry("covid", "moderate", 0.015, 0.005),
+            "P3": entry("covid", "severe", 0.05, 0.03),
+            "P4": entry("covid", "severe", 0.9),  # a test patient: not passed in
+            "P5": entry("healthy", "none", 0.0),
+        }
+    }
+    rule = severity_rule_from_manifest(manifest, ["P1", "P2", "P3", "P5"])
+    assert rule["patients"] == 3
+    # totals 0.005, 0.02, 0.08: cuts at the midpoints
+    assert rule["thresholds"] == pytest.approx([0.0125, 0.05])

@@ -122,11 +122,27 @@ def augment(example, seed):
     return out
 
 
+def resize_image(images, size):
+    """THE image resize of tfcovseg: bilinear with antialiasing, as float32.
+
+    Used by the input pipeline (records stored at another size than the model's), by the
+    exported serving graph (any input size to the model's and the masks back) and by
+    `tfcovseg.predict`. With antialiasing it equals PIL's bilinear resize, which
+    `data_tools.convert` uses when it writes records (pinned by a test), so a study
+    resized here looks like the training slices: no train/serve skew.
+
+    Args:
+        images: [H, W, C] or [N, H, W, C] tensor (HU or probabilities).
+        size: (height, width) of the output; a tensor is accepted.
+    """
+    return tf.image.resize(tf.cast(images, tf.float32), size, "bilinear", antialias=True)
+
+
 def _resize(example, size):
     """Resizes image (bilinear) and masks (nearest) and rescales the in-plane spacing."""
     out = dict(example)
     old = tf.cast(tf.shape(example["hu"])[:2], tf.float32)
-    hu = tf.image.resize(tf.cast(example["hu"], tf.float32)[..., None], size, "bilinear")
+    hu = resize_image(example["hu"][..., None], size)
     out["hu"] = hu[..., 0]  # float32: interpolated HU are not integers
     out["lesions"] = tf.image.resize(example["lesions"], size, "nearest")
     out["lung"] = tf.image.resize(example["lung"][..., None], size, "nearest")[..., 0]

@@ -19,8 +19,11 @@ identical, a constant severity) gives ``None`` for its statistic and p-value and
 ``"reason"`` string instead of NaN. The result holds only plain ``float``, ``int``, ``str``
 and ``None`` values, so ``json.dumps`` writes it as standard JSON.
 
-Fitting ratio thresholds that separate the severity grades (a severity rule from the
-predicted lesion burden) will be added to this module by issue 5.
+`fit_severity_thresholds` turns the total lesion / lung ratios of training patients into
+a severity rule: two cut points that split the ratio axis into mild, moderate and severe
+with the fewest training patients on the wrong side; `grade_severity` applies it to a new
+patient's (predicted) ratio. The thresholds travel with an exported model
+(`tfcovseg.export`) and grade every study `tfcovseg.predict` reads.
 
 Pure NumPy / SciPy; no TensorFlow or Keras. Research use, not a medical device.
 """
@@ -183,3 +186,102 @@ def ratio_statistics(ratios: Mapping, classes) -> dict:
             }
         result["classes"][name] = per_kind
     return result
+
+
+GRADES = ("mild", "moderate", "severe")
+
+
+def fit_severity_thresholds(ratios: Mapping[str, tuple[str, float]]) -> dict:
+    """Fits the two total-ratio cut points that grade COVID-19 patients by severity.
+
+    The rule is ordinal: ratio < t1 is mild, t1 <= ratio < t2 moderate, ratio >= t2
+    severe. Every pair of cut points between consecutive distinct ratios is tried; the
+    pair that misgrades the fewest patients wins, ties going to the pair with the widest
+    gaps around its cut points (the most room on both sides), each cut at the midpoint of
+    its gap. Exhaustive: n patients give O(n^2) pairs, instant for any cohort a run has.
+
+    Args:
+        ratios: ``{patient: (severity, total lesion / lung ratio)}``; patients whose
+            severity is not mild, moderate or severe (controls, unknown) are ignored.
+
+    Returns:
+        ``{"fitted": True, "thresholds": [t1, t2], "grades": [...], "patients": n,
+        "per_grade": {grade: n}, "training_accuracy": acc}``, or ``{"fitted": False,
+        "thresholds": None, "reason": ...}`` when some grade has no patient (its cut point
+        would be a guess).
+    """
+    rows = [
+        (GRADES.index(str(sev).lower()), float(r))
+        for sev, r in ratios.values()
+        if str(sev).lower() in GRADES and math.isfinite(float(r))
+    ]
+    per_grade = {g: sum(1 for k, _ in rows if k == i) for i, g in enumerate(GRADES)}
+    base = {"grades": list(GRADES), "patients": len(rows), "per_grade": per_grade}
+    missing = [g for g, n in per_grade.items() if n == 0]
+    if missing:
+        return base | {
+            "fitted": False,
+            "thresholds": None,
+            "reason": f"no training patient graded {', '.join(missing)}",
+        }
+    grades = np.array([k for k, _ in rows])
+    values = np.array([v for _, v in rows])
+    distinct = np.unique(values)
+    # Candidate cuts: below everything, between each pair of neighbours, above everything.
+    # A cut's "room" is the width of the gap it sits in (0 outside the observed range).
+    cuts = [(distinct[0], 0.0)]
+    cuts += [((a + b) / 2, b - a) for a, b in zip(distinct[:-1], distinct[1:])]
+    cuts += [(np.nextafter(distinct[-1], np.inf), 0.0)]
+    best = None
+    for i, (t1, room1) in enumerate(cuts):
+        below = values < t1
+        for t2, room2 in cuts[i:]:
+            predicted = np.where(below, 0, np.where(values < t2, 1, 2))
+            key = (int((predicted == grades).sum()), min(room1, room2), room1 + room2)
+            if best is None or key > best[0]:
+                best = (key, float(t1), float(t2))
+    (correct, _, _), t1, t2 = best
+    return base | {
+        "fitted": True,
+        "thresholds": [t1, t2],
+        "training_accuracy": correct / len(rows),
+    }
+
+
+def grade_severity(total_ratio: float, severity_rule: Mapping | None) -> str:
+    """The severity grade of a total lesion / lung ratio under a fitted rule.
+
+    Returns "none" for a lesion-free patient (ratio 0), "mild", "moderate" or "severe"
+    otherwise, and "unknown" when the rule is missing or was not fitted.
+    """
+    if total_ratio <= 0:
+        return "none"
+    if not severity_rule or not severity_rule.get("fitted"):
+        return "unknown"
+    t1, t2 = severity_rule["thresholds"]
+    if total_ratio < t1:
+        return "mild"
+    return "moderate" if total_ratio < t2 else "severe"
+
+
+def severity_rule_from_manifest(manifest: Mapping, patients: Iterable[str]) -> dict:
+    """Fits the severity rule on the ground-truth ratios of some patients of a record set.
+
+    The converter's ``manifest.json`` holds every patient's lesion / lung ratio per class
+    (from the annotated masks); their sum over classes is the total ratio graded here, the
+    same quantity `tfcovseg.predict` measures on a new study. Only COVID-19 patients with
+    annotated masks count.
+    """
+    entries = manifest.get("patients", {})
+    rows = {}
+    for pid in patients:
+        entry = entries.get(pid)
+        if not entry or str(entry.get("diagnosis", "")).lower() != COVID:
+            continue
+        if not entry.get("annotated", True):
+            continue
+        total = float(sum(entry.get("lesion_lung_ratio", {}).values()))
+        rows[pid] = (entry.get("severity", "unknown"), total)
+    rule = fit_severity_thresholds(rows)
+    rule["source"] = "ground-truth lesion/lung ratios of the training patients"
+    return rule

@@ -1,0 +1,175 @@
+"""python -m tfcovseg.export: the SavedModel for TF Serving and its signatures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfcovseg.data import make_dataset
+from tfcovseg.export import (
+    ASSET_NAME,
+    SIGNATURES,
+    ExportError,
+    InferenceGraph,
+    export_run,
+    load_run_models,
+    main,
+)
+
+
+@pytest.fixture(scope="module")
+def exported(phantom_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "tfcovseg"
+    path = export_run(phantom_run.run, out, log=lambda *a: None)
+    return path, tf.saved_model.load(str(path))
+
+
+def _hu(rng, n=3, h=64, w=64):
+    return rng.uniform(-1100.0, 300.0, (n, h, w)).astype(np.float32)
+
+
+def test_layout_version_and_assets(exported, phantom_run):
+    path, loaded = exported
+    assert path.name == "1" and (path / "saved_model.pb").is_file()
+    assert (path / "variables").is_dir()
+    meta = json.loads((path / "assets" / ASSET_NAME).read_text())
+    assert meta["class_names"] == ["ggo", "consolidation", "fibrosis"]
+    assert meta["input_size"] == [64, 64] and meta["hu_window"] == [-1250.0, 250.0]
+    assert meta["model_version"] == 1 and "not a medical device" in meta["disclaimer"]
+    # The severity rule was fitted on the fold's training + validation COVID patients.
+    assert meta["severity"]["patients"] >= 1 and "grades" in meta["severity"]
+    # The automatic gate never exceeds the paper's 0.5 and says how it was chosen.
+    assert 0.0 <= meta["gate"]["threshold"] <= 0.5 and meta["gate"]["method"]
+    # The metadata signature returns the same values.
+    sig = loaded.signatures["metadata"]()
+    assert [c.decode() for c in sig["class_names"].numpy()] == meta["class_names"]
+    assert sig["input_size"].numpy().tolist() == [64, 64]
+    assert sig["gate_threshold"].numpy() == pytest.approx(meta["gate"]["threshold"])
+    assert json.loads(sig["json"].numpy().decode()) == meta
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".export")]
+
+
+def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):
+    path, loaded = exported
+    segmenter, classifier = load_run_models(phantom_run.run)
+    hu = _hu(rng)
+    served = loaded.signatures["serving_default"](hu=tf.constant(hu))
+    assert served["masks"].shape == (3, 64, 64, 3) and served["covid_probability"].shape == (3,)
+    # At the model's size the resize is the identity: the masks are the segmenter's output.
+    expected = np.asarray(segmenter.predict_on_batch(hu[..., None])["final"])
+    np.testing.assert_allclose(served["masks"].numpy(), expected, atol=1e-5)
+    prob = np.asarray(classifier.predict_on_batch(hu[..., None])).reshape(-1)
+    np.testing.assert_allclose(served["covid_probability"].numpy(), prob, atol=1e-5)
+    gate = loaded.signatures["classify"](hu=tf.constant(hu))
+    np.testing.assert_allclose(gate["covid_probability"].numpy(), prob, atol=1e-5)
+    masks = loaded.signatures["segment"](hu=tf.constant(hu))["masks"]
+    np.testing.assert_allclose(masks.numpy(), expected, atol=1e-5)
+
+
+def test_any_input_size_is_resized_in_and_out(exported, phantom_run, rng):
+    path, loaded = exported
+    segmenter, _ = load_run_models(phantom_run.run)
+    graph = InferenceGraph(segmenter, None, json.loads((path / "assets" / ASSET_NAME).read_text()))
+    hu = _hu(rng, n=2, h=96, w=80)
+    served = loaded.signatures["serving_default"](hu=tf.constant(hu))
+    assert served["masks"].shape == (2, 96, 80, 3)
+    masks = served["masks"].numpy()
+    assert masks.min() >= 0.0 and masks.max() <= 1.0
+    # The same computation in process (what predict runs on a run folder).
+    np.testing.assert_allclose(masks, graph.segment(hu)["masks"].numpy(), atol=1e-5)
+
+
+def test_shared_encoder_runs_once_and_agrees(phantom_run, rng):
+    segmenter, classifier = load_run_models(phantom_run.run)
+    meta = {"class_names": ["ggo", "consolidation", "fibrosis"], "pre_windowed": False}
+    graph = InferenceGraph(segmenter, classifier, meta)
+    assert graph.joint is not None  # the classifier's encoder holds the segmenter's weights
+    hu = _hu(rng, n=2)
+    out = graph.serve(hu)
+    np.testing.assert_allclose(
+        out["covid_probability"].numpy(), graph.classify(hu)["covid_probability"].numpy(), atol=1e-5
+    )
+    # Another encoder: the graph falls back to two separate calls.
+    classifier.encoder.weights[0].assign(classifier.encoder.weights[0] + 1.0)
+    assert InferenceGraph(segmenter, classifier, meta).joint is None
+
+
+def test_predict_examples_reads_the_records_spec(exported, phantom_run):
+    path, loaded = exported
+    records = phantom_run.records
+    manifest = json.loads((records / "manifest.json").read_text())
+    raw = next(iter(tf.data.TFRecordDataset(str(records / manifest["shards"][0])).batch(4)))
+    out = loaded.signatures["predict_examples"](examples=raw)
+    assert out["masks"].shape == (4, 64, 64, 3) and out["covid_probability"].shape == (4,)
+    assert [s.decode()[:1] for s in out["patient_id"].numpy()] == ["P"] * 4
+    ds = make_dataset(records, "all", batch_size=64, training=False, task="inspect")
+    batch = next(iter(ds))
+    ids = [s.decode() for s in batch["slice/id"].numpy()]
+    rows = [ids.index(s.decode()) for s in out["slice_id"].numpy()]
+    direct = loaded.signatures["serving_default"](hu=tf.gather(batch["hu"], rows))
+    np.testing.assert_allclose(out["masks"].numpy(), direct["masks"].numpy(), atol=1e-5)
+
+
+def test_bad_requests_raise_instead_of_returning_garbage(exported, rng):
+    _, loaded = exported
+    serve = loaded.signatures["serving_default"]
+    hu = _hu(rng, n=1)
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        serve(hu=tf.constant(hu.astype(np.int32)))  # wrong dtype
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        serve(hu=tf.constant(hu[..., None]))  # rank 4
+    with pytest.raises(TypeError):
+        serve()  # missing input
+    with pytest.raises(TypeError):
+        serve(image=tf.constant(hu))  # wrong input name
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["predict_examples"](examples=tf.constant([b"not an example"]))
+
+
+def test_saved_model_cli_lists_the_signatures(exported):
+    path, _ = exported
+    cli = shutil.which("saved_model_cli") or str(Path(sys.executable).parent / "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", str(path), "--all"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in SIGNATURES:
+        assert f"signature_def['{name}']" in shown, name
+    assert "inputs['hu'] tensor_info:" in shown and "outputs['masks'] tensor_info:" in shown
+    assert "shape: (-1, -1, -1)" in shown and "shape: (-1, -1, -1, 3)" in shown
+
+
+def test_versions_are_never_overwritten(phantom_run, tmp_path, capsys):
+    out = tmp_path / "model"
+    first = export_run(phantom_run.run, out, gate_threshold=0.5, log=lambda *a: None)
+    assert first.name == "1"
+    before = sorted(p.name for p in first.rglob("*"))
+    assert main(["--run", str(phantom_run.run), "--out", str(out), "--version", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in first.rglob("*")) == before
+    assert main(["--run", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
+    assert main(["--run", str(phantom_run.run), "--out", str(out), "--gate-threshold", "x"]) == 2
+    second = export_run(phantom_run.run, out, gate_threshold=0.3, log=lambda *a: None)
+    assert second.name == "2"
+    assert json.loads((second / "assets" / ASSET_NAME).read_text())["gate"] == {
+        "threshold": 0.3,
+        "method": "given",
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+
+
+def test_a_run_without_a_segmenter_is_refused(phantom_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(phantom_run.run / "config.yaml", run)
+    shutil.copy(phantom_run.run / "classifier_best.keras", run)
+    with pytest.raises(ExportError, match="no segmenter"):
+        export_run(run, tmp_path / "out", log=lambda *a: None)
+    assert not (tmp_path / "out").exists()

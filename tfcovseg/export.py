@@ -1,0 +1,481 @@
+"""Export a trained run as a SavedModel for TF Serving, preprocessing inside the graph.
+
+    python -m tfcovseg.export --run runs/NAME [--out saved_models/tfcovseg] [--version N]
+        [--gate-threshold auto|T]
+
+Writes the TF Serving layout ``OUT/<N>/`` (N: the next free version unless ``--version``)
+through Keras 3's `keras.export.ExportArchive`. Signatures:
+
+| signature | inputs | outputs |
+|---|---|---|
+| ``serving_default`` | ``hu`` float32 [batch, H, W], Hounsfield units, any H, W | ``masks`` float32 [batch, H, W, C] probabilities at the input size; ``covid_probability`` float32 [batch] |
+| ``classify`` | ``hu`` as above | ``covid_probability`` (the slice gate alone: encoder + head) |
+| ``segment`` | ``hu`` as above | ``masks`` |
+| ``predict_examples`` | ``examples`` string [batch], serialized `tf.train.Example` in the records' spec (`data_tools.features`) | ``masks``, ``covid_probability``, ``slice_id``, ``patient_id`` |
+| ``metadata`` | none | ``class_names``, ``hu_window``, ``input_size``, ``gate_threshold``, ``severity_thresholds``, ``severity_grades``, ``json`` (everything below) |
+
+Inside the graph a slice is resized to the model's input size with `tfcovseg.data.resize_image`
+(the resize the training records went through), windowed by the model's own `HUWindow`
+layer (the function training uses) and the masks are resized back to the input size.
+
+``assets/tfcovseg.json`` holds the same metadata as the ``metadata`` signature: class names,
+HU window, input size, the slice gate threshold, the patient rule and the severity rule
+(`tfcovseg.severity`, fitted on the training patients' lesion / lung ratios), the run it
+came from and the versions. The version folder is written under a temporary name and
+renamed when complete, so TF Serving never sees a half-written version.
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfcovseg import __version__, require_tensorflow  # noqa: E402
+
+tf = require_tensorflow("python -m tfcovseg.export")
+
+import keras  # noqa: E402
+
+from data_tools.features import feature_spec  # noqa: E402
+from tfcovseg.config import load_config  # noqa: E402
+from tfcovseg.data import read_manifest, resize_image, split_patients  # noqa: E402
+from tfcovseg.models import load_model  # noqa: E402
+from tfcovseg.models.classifier import build_classifier, with_classifier_head  # noqa: E402
+from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
+
+DEFAULT_OUT = Path("saved_models") / "tfcovseg"
+ASSET_NAME = "tfcovseg.json"
+FORMAT = "tfcovseg-export"
+FORMAT_VERSION = 1
+DISCLAIMER = "Research use, not a medical device."
+PAPER_GATE_THRESHOLD = 0.5
+GATE_RECALL = 0.95  # the automatic gate keeps at least this share of lesion slices
+SIGNATURES = ("serving_default", "classify", "segment", "predict_examples", "metadata")
+
+
+class ExportError(Exception):
+    """The run cannot be exported; the message says why (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+def load_run_models(run) -> tuple:
+    """(segmenter, classifier) of a run folder, the best checkpoints first (None if absent)."""
+    run = Path(run)
+    found = []
+    for stem in ("segmenter", "classifier"):
+        model = None
+        for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
+            if (run / name).is_file():
+                model = load_model(run / name)
+                break
+        found.append(model)
+    return tuple(found)
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(
+        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(wa, wb)
+    )
+
+
+def _final(outputs):
+    return outputs["final"] if isinstance(outputs, dict) else outputs
+
+
+class InferenceGraph:
+    """The serving computation, shared by the SavedModel and by in-process prediction.
+
+    All methods take Hounsfield units [batch, H, W] (any H, W) and return dicts of
+    float32 tensors; they are plain functions of TensorFlow tensors, traced by
+    `ExportArchive` for the SavedModel and by `tf.function` for `tfcovseg.predict` on a
+    run folder, so both paths compute the same thing.
+
+    When the classifier's encoder holds the segmenter's weights (the paper's phase 2
+    freezes it), ``serve`` runs the encoder once for both outputs.
+
+    Args:
+        segmenter: A tfcovseg segmenter (outputs "final" [N, h, w, C]).
+        classifier: A `CovidClassifier`, or None: the covid probability is then the
+            highest lesion probability of the slice's mask.
+        metadata: The export metadata (`export_metadata`).
+    """
+
+    def __init__(self, segmenter, classifier, metadata: dict):
+        if segmenter is None:
+            raise ExportError("the run has no segmenter: nothing to serve masks with")
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.metadata = metadata
+        self.input_size = tuple(int(s) for s in segmenter.input_shape[1:3])
+        self.num_classes = len(metadata["class_names"])
+        self.joint = None
+        encoder = getattr(segmenter, "encoder", None)
+        if (
+            classifier is not None
+            and encoder is not None
+            and _same_weights(encoder, classifier.encoder)
+        ):
+            head = build_classifier(segmenter, classifier.dropout, classifier.pooling)
+            head._head.logit.set_weights(classifier._head.logit.get_weights())
+            self.joint = with_classifier_head(segmenter, head)
+        self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
+
+    def _prepare(self, hu):
+        hu = tf.convert_to_tensor(hu)
+        tf.debugging.assert_rank(hu, 3, message="hu must be [batch, height, width]")
+        size = tf.shape(hu)[1:3]
+        return resize_image(hu[..., None], self.input_size), size
+
+    def _masks(self, final, size):
+        return resize_image(final, size)
+
+    def _probability_from(self, masks):
+        return tf.reduce_max(masks, axis=[1, 2, 3])
+
+    def serve(self, hu):
+        """Masks at the input size and the slice's covid probability."""
+        x, size = self._prepare(hu)
+        if self.joint is not None:
+            out = self.joint(x, training=False)
+            final, prob = out["final"], out["covid_probability"]
+        else:
+            final = _final(self.segmenter(x, training=False))
+            prob = (
+                self.classifier(x, training=False)
+                if self.classifier is not None
+                else self._probability_from(final)
+            )
+        return {
+            "masks": self._masks(tf.cast(final, tf.float32), size),
+            "covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1]),
+        }
+
+    def classify(self, hu):
+        """The slice gate alone: much cheaper than segmentation."""
+        x, _ = self._prepare(hu)
+        if self.classifier is not None:
+            prob = self.classifier(x, training=False)
+        else:
+            prob = self._probability_from(_final(self.segmenter(x, training=False)))
+        return {"covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1])}
+
+    def segment(self, hu):
+        """Masks only, at the input size."""
+        x, size = self._prepare(hu)
+        final = _final(self.segmenter(x, training=False))
+        return {"masks": self._masks(tf.cast(final, tf.float32), size)}
+
+    def serve_examples(self, examples):
+        """`serve` on serialized `tf.train.Example` slices (the records' feature spec).
+
+        Every example of one request must have the same height and width, and be windowed
+        as the model expects (HU, or 8-bit windowed for a pre-windowed model).
+        """
+        parsed = tf.io.parse_example(examples, feature_spec())
+        height, width = parsed["image/height"], parsed["image/width"]
+        checks = [
+            tf.debugging.assert_equal(
+                height, height[:1], message="all examples of a request must have one height"
+            ),
+            tf.debugging.assert_equal(
+                width, width[:1], message="all examples of a request must have one width"
+            ),
+            tf.debugging.assert_equal(
+                parsed["image/pre_windowed"],
+                tf.constant(int(self.metadata["pre_windowed"]), tf.int64),
+                message=(
+                    "image/pre_windowed of the examples differs from the model's "
+                    f"(pre_windowed={self.metadata['pre_windowed']})"
+                ),
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            shape = tf.stack(
+                [tf.shape(examples)[0], tf.cast(height[0], tf.int32), tf.cast(width[0], tf.int32)]
+            )
+            raw = tf.io.decode_raw(parsed["image/hu"], tf.int16, little_endian=True)
+            hu = tf.reshape(tf.cast(raw, tf.float32), shape)
+        out = self.serve(hu)
+        out["slice_id"] = parsed["slice/id"]
+        out["patient_id"] = parsed["patient/id"]
+        return out
+
+    def metadata_tensors(self):
+        """The export metadata as constants (the ``metadata`` signature)."""
+        m = self.metadata
+        thresholds = m["severity"].get("thresholds") or [float("nan")] * 2
+        return {
+            "class_names": tf.constant(m["class_names"]),
+            "hu_window": tf.constant(m["hu_window"], tf.float32),
+            "input_size": tf.constant(m["input_size"], tf.int32),
+            "gate_threshold": tf.constant(m["gate"]["threshold"], tf.float32),
+            "severity_thresholds": tf.constant(thresholds, tf.float32),
+            "severity_grades": tf.constant(list(GRADES)),
+            "json": tf.constant(json.dumps(m, sort_keys=True)),
+        }
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _records_folder(config) -> Path:
+    return Path(config.data.records_dir).expanduser()
+
+
+def severity_rule_for_run(run: Path, config) -> dict:
+    """The run's severity rule: ``severity.json`` of the run, else fitted from its records."""
+    path = run / "severity.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        manifest = read_manifest(_records_folder(config))
+    except FileNotFoundError as e:
+        return {"fitted": False, "thresholds": None, "grades": list(GRADES), "reason": str(e)}
+    patients = split_patients(manifest, "train", config.data.fold)
+    patients += split_patients(manifest, "validation", config.data.fold)
+    return severity_rule_from_manifest(manifest, patients)
+
+
+def calibrate_gate(classifier_fn, config, recall=GATE_RECALL, batch_size=16) -> dict:
+    """The slice gate threshold: the paper's 0.5, lowered until the gate keeps `recall`.
+
+    On the validation split of the run's fold, the highest threshold t <= 0.5 such that at
+    least `recall` of the slices with lesions have probability >= t. A gate that drops
+    lesion slices silently loses lesions; one that passes everything only costs time.
+
+    Args:
+        classifier_fn: [batch, H, W] HU -> {"covid_probability": [batch]}.
+        config: The run's `ExperimentConfig`.
+    """
+    from tfcovseg.data import make_dataset
+
+    try:
+        ds = make_dataset(
+            _records_folder(config),
+            split="validation",
+            fold=config.data.fold,
+            batch_size=batch_size,
+            training=False,
+            task="inspect",
+            image_size=config.model.input_size,
+            class_names=config.model.class_names,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return {
+            "threshold": PAPER_GATE_THRESHOLD,
+            "method": "paper",
+            "reason": f"validation records unavailable ({e})",
+        }
+    probs, labels = [], []
+    for batch in ds:
+        probs.append(np.asarray(classifier_fn(batch["hu"])["covid_probability"]))
+        labels.append(batch["slice/label"].numpy() > 0)
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    positives = np.sort(probs[labels])[::-1]
+    if positives.size == 0:
+        return {
+            "threshold": PAPER_GATE_THRESHOLD,
+            "method": "paper",
+            "reason": "no lesion slice in the validation split",
+        }
+    keep = int(np.ceil(recall * positives.size))
+    threshold = float(min(PAPER_GATE_THRESHOLD, positives[keep - 1]))
+    return {
+        "threshold": threshold,
+        "method": f"highest threshold <= {PAPER_GATE_THRESHOLD} keeping {recall:.0%} of the "
+        "validation lesion slices",
+        "validation_lesion_recall": float((probs[labels] >= threshold).mean()),
+        "validation_pass_rate": float((probs >= threshold).mean()),
+        "validation_slices": int(probs.size),
+    }
+
+
+def export_metadata(run: Path, config, severity: dict, gate: dict, version: int) -> dict:
+    info = {}
+    if (run / "run.json").is_file():
+        info = json.loads((run / "run.json").read_text())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_version": int(version),
+        "experiment": config.name,
+        "architecture": config.model.architecture,
+        "run": run.name,
+        "fold": config.data.fold,
+        "data_fingerprint": info.get("data_fingerprint"),
+        "class_names": list(config.model.class_names),
+        "hu_window": [float(w) for w in config.model.hu_window],
+        "pre_windowed": bool(config.model.pre_windowed),
+        "input_size": [int(s) for s in config.model.input_size],
+        "gate": gate,
+        "patient_rule": {"min_slices": 1, "threshold": gate["threshold"], "name": "any_slice"},
+        "severity": severity,
+        "versions": {
+            "tfcovseg": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": DISCLAIMER,
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def existing_versions(base: Path) -> list[int]:
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base: Path) -> int:
+    """The next free TF Serving version number under `base` (1 for a new model)."""
+    versions = existing_versions(base)
+    return versions[-1] + 1 if versions else 1
+
+
+def _hu_spec():
+    return [tf.TensorSpec([None, None, None], tf.float32, name="hu")]
+
+
+def write_saved_model(graph: InferenceGraph, path: Path) -> None:
+    """Writes the graph's signatures (`SIGNATURES`) and the metadata asset to `path`."""
+    archive = keras.export.ExportArchive()
+    for model in graph.models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", graph.serve, input_signature=_hu_spec())
+    archive.add_endpoint("classify", graph.classify, input_signature=_hu_spec())
+    archive.add_endpoint("segment", graph.segment, input_signature=_hu_spec())
+    archive.add_endpoint(
+        "predict_examples",
+        graph.serve_examples,
+        input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
+    )
+    archive.add_endpoint("metadata", graph.metadata_tensors, input_signature=[])
+    archive.write_out(str(path), verbose=False)
+    assets = path / "assets"
+    assets.mkdir(exist_ok=True)
+    (assets / ASSET_NAME).write_text(json.dumps(graph.metadata, indent=2, sort_keys=True))
+
+
+def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print) -> Path:
+    """Exports a run folder as ``out/<version>``; returns that folder.
+
+    Args:
+        run: A training run folder (``config.yaml`` and ``segmenter_*.keras``).
+        out: The model's folder in the TF Serving layout (versions beneath it).
+        version: The version number (default: the next free one); an existing version is
+            never overwritten.
+        gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
+
+    Raises:
+        ExportError: no run, no segmenter, a taken version, a bad threshold.
+    """
+    run, out = Path(run), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    config = load_config(run / "config.yaml")
+    if version is None:
+        version = next_version(out)
+    if int(version) < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    target = out / str(int(version))
+    if target.exists():
+        raise ExportError(
+            f"{target} already exists: TF Serving versions are immutable; omit --version to "
+            f"write version {next_version(out)}"
+        )
+    segmenter, classifier = load_run_models(run)
+    if segmenter is None:
+        raise ExportError(
+            f"{run} holds no segmenter (segmenter_best.keras / segmenter_last.keras)"
+            + (": a classifier-only run cannot produce masks" if classifier is not None else "")
+        )
+    provisional = {
+        "class_names": list(config.model.class_names),
+        "pre_windowed": bool(config.model.pre_windowed),
+    }
+    if gate_threshold == "auto":
+        probe = InferenceGraph(segmenter, classifier, provisional)
+        gate = calibrate_gate(tf.function(probe.classify, reduce_retracing=True), config)
+    else:
+        t = float(gate_threshold)
+        if not 0.0 <= t <= 1.0:
+            raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
+        gate = {"threshold": t, "method": "given"}
+    severity = severity_rule_for_run(run, config)
+    metadata = export_metadata(run, config, severity, gate, int(version))
+    graph = InferenceGraph(segmenter, classifier, metadata)
+    out.mkdir(parents=True, exist_ok=True)
+    # TF Serving only loads folders named by a number: the temporary name is invisible to it.
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        write_saved_model(graph, tmp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tfcovseg.export",
+        description="Export a training run as a SavedModel for TF Serving "
+        "(research use, not a medical device).",
+    )
+    parser.add_argument("--run", type=Path, required=True, help="training run folder")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"model folder (default: {DEFAULT_OUT})"
+    )
+    parser.add_argument("--version", type=int, help="version number (default: next free)")
+    parser.add_argument(
+        "--gate-threshold",
+        default="auto",
+        help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 95%% of the "
+        "validation lesion slices (default)",
+    )
+    args = parser.parse_args(argv)
+    gate = args.gate_threshold
+    if gate != "auto":
+        try:
+            gate = float(gate)
+        except ValueError:
+            print(
+                f"error: --gate-threshold must be a number or 'auto', got {gate!r}", file=sys.stderr
+            )
+            return 2
+    try:
+        target = export_run(args.run, args.out, args.version, gate)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"signatures: {', '.join(SIGNATURES)}")
+    print(f"inspect:    saved_model_cli show --dir {target} --all")
+    print(
+        f"serve:      docker run -p 8501:8501 -p 8500:8500 "
+        f"-v {target.parent.resolve()}:/models/{target.parent.name} "
+        f"-e MODEL_NAME={target.parent.name} tensorflow/serving"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
