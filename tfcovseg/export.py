@@ -6,13 +6,17 @@
 Writes the TF Serving layout ``OUT/<N>/`` (N: the next free version unless ``--version``)
 through Keras 3's `keras.export.ExportArchive`. Signatures:
 
-| signature | inputs | outputs |
-|---|---|---|
-| ``serving_default`` | ``hu`` float32 [batch, H, W], Hounsfield units, any H, W | ``masks`` float32 [batch, H, W, C] probabilities at the input size; ``covid_probability`` float32 [batch] |
-| ``classify`` | ``hu`` as above | ``covid_probability`` (the slice gate alone: encoder + head) |
-| ``segment`` | ``hu`` as above | ``masks`` |
-| ``predict_examples`` | ``examples`` string [batch], serialized `tf.train.Example` in the records' spec (`data_tools.features`) | ``masks``, ``covid_probability``, ``slice_id``, ``patient_id`` |
-| ``metadata`` | none | ``class_names``, ``hu_window``, ``input_size``, ``gate_threshold``, ``severity_thresholds``, ``severity_grades``, ``json`` (everything below) |
+- ``serving_default``: ``hu`` float32 [batch, H, W] Hounsfield units of any H, W ->
+  ``masks`` float32 [batch, H, W, C] probabilities at the input size and
+  ``covid_probability`` float32 [batch];
+- ``classify``: ``hu`` -> ``covid_probability`` (the slice gate alone: encoder + head);
+- ``segment``: ``hu`` -> ``masks``;
+- ``predict_examples``: ``examples`` string [batch] of serialized `tf.train.Example` in
+  the records' spec (`data_tools.features`) -> ``masks``, ``covid_probability``,
+  ``slice_id``, ``patient_id``;
+- ``metadata``: no input -> ``class_names``, ``hu_window``, ``input_size``,
+  ``gate_threshold``, ``severity_thresholds``, ``severity_grades`` and ``json`` (all of
+  the metadata below).
 
 Inside the graph a slice is resized to the model's input size with `tfcovseg.data.resize_image`
 (the resize the training records went through), windowed by the model's own `HUWindow`
