@@ -302,8 +302,9 @@ def _resize(image: np.ndarray, size: int, nearest: bool) -> np.ndarray:
     )
 
 
-def _nifti_volume(path: Path):
-    """A NIfTI volume as [Z, H, W] slices in display orientation and its spacing."""
+def read_nifti_volume(path: Path):
+    """A NIfTI volume: [Z, H, W] slices in display orientation, (row, column, slice)
+    spacing in mm and the canonical (RAS+) affine the slices were taken from."""
     import nibabel as nib
 
     try:
@@ -349,10 +350,10 @@ def process_study(study: Study, size: int, classes) -> StudyResult:
         positions = [float(series.positions[i]) for i in kept]
         keys = [series.slices[i].sop_uid for i in kept]
     elif study.kind == "nifti":
-        hu, spacing, affine = _nifti_volume(study.image_path)
+        hu, spacing, affine = read_nifti_volume(study.image_path)
         labels = None
         if study.mask_path is not None:
-            mask, _, mask_affine = _nifti_volume(study.mask_path)
+            mask, _, mask_affine = read_nifti_volume(study.mask_path)
             if mask.shape != hu.shape or not np.allclose(mask_affine, affine, atol=1e-3):
                 raise SkipFile(
                     f"mask {study.mask_path.name} has shape {mask.shape} / affine "

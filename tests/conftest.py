@@ -97,3 +97,12 @@ def phantom_run(tmp_path_factory):
     return types.SimpleNamespace(
         root=root, cohort=root / "cohort", records=root / "records", run=run, config=config
     )
+
+
+@pytest.fixture(scope="session")
+def phantom_export(phantom_run, tmp_path_factory):
+    """The phantom run exported once as a TF Serving model folder: ``<tmp>/tfcovseg/1``."""
+    from tfcovseg.export import export_run
+
+    out = tmp_path_factory.mktemp("saved") / "tfcovseg"
+    return export_run(phantom_run.run, out, log=lambda *a: None)

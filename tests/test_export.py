@@ -25,10 +25,8 @@ from tfcovseg.export import (
 
 
 @pytest.fixture(scope="module")
-def exported(phantom_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("saved") / "tfcovseg"
-    path = export_run(phantom_run.run, out, log=lambda *a: None)
-    return path, tf.saved_model.load(str(path))
+def exported(phantom_export):
+    return phantom_export, tf.saved_model.load(str(phantom_export))
 
 
 def _hu(rng, n=3, h=64, w=64):

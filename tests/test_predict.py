@@ -1,0 +1,272 @@
+"""python -m tfcovseg.predict: a DICOM study or NIfTI volume to masks, SEG, overlay, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from data_tools import dicom_io
+from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
+from tfcovseg.predict import (
+    DISCLAIMER,
+    PredictionError,
+    _label_volume,
+    main,
+    open_model,
+    predict,
+    read_input,
+)
+
+SALT = "test-salt"
+QUIET = dict(salt=SALT, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def model(phantom_export):
+    return open_model(phantom_export)
+
+
+def _series(folder: Path) -> dicom_io.DicomSeries:
+    headers = []
+    for path in sorted(folder.glob("*.dcm")):
+        _, ds = dicom_io.read_header(path)
+        headers.append((dicom_io.slice_header(path, ds), ds))
+    (series,), _ = dicom_io.build_series(headers)
+    return series
+
+
+def _only_folder(out: Path) -> Path:
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path):
+    case = phantom_run.cohort / "case_0000"
+    index = predict(model, case, tmp_path / "out", gate=False, **QUIET)
+    folder = _only_folder(tmp_path / "out")
+    assert [s["folder"] for s in index["series"]] == [folder.name]
+    for name in (
+        "lesions.nii.gz",
+        "probability_ggo.nii.gz",
+        "probability_consolidation.nii.gz",
+        "probability_fibrosis.nii.gz",
+        "overlay.png",
+        "report.json",
+        "report.html",
+    ):
+        assert (folder / name).is_file(), name
+    report = json.loads((folder / "report.json").read_text())
+    series = _series(case / "ct")
+    hu = np.stack([dicom_io.read_hu(s.path) for s in series.slices])
+    expected = _label_volume(model.segment(hu), hu.shape, 0.5)
+    # The label volume lands on the series grid (read back through both affines).
+    np.testing.assert_array_equal(
+        nifti_labels_on_series(folder / "lesions.nii.gz", series), expected
+    )
+    prob = nib.load(folder / "probability_ggo.nii.gz")
+    assert prob.shape == (64, 64, len(series.slices)) and prob.get_data_dtype() == np.float32
+    # Volumes: voxels x voxel size; percentages of the lung; the severity from the rule.
+    voxel_ml = np.prod(report["study"]["spacing_mm"]) / 1000
+    for c, name in enumerate(report["model"]["classes"]):
+        assert report["lesions"][name]["volume_ml"] == pytest.approx(
+            (expected == c + 1).sum() * voxel_ml, abs=1e-2
+        )
+        assert report["lesions"][name]["slices"] == [
+            int(z) for z in np.nonzero((expected == c + 1).any(axis=(1, 2)))[0]
+        ]
+    assert report["gate"] == {
+        "enabled": False,
+        "threshold": report["gate"]["threshold"],
+        "slices_segmented": len(series.slices),
+    }
+    assert report["disclaimer"] == DISCLAIMER and DISCLAIMER in (folder / "report.html").read_text()
+    assert report["model"]["model_version"] == 1
+    assert report["severity"]["grade"] in ("none", "mild", "moderate", "severe", "unknown")
+    assert len(report["covid"]["slice_probabilities"]) == len(series.slices)
+    # The DICOM SEG references the source instances and holds the same labels.
+    assert expected.any()  # the untrained network marks plenty
+    seg = pydicom.dcmread(folder / "segmentation.dcm")
+    assert seg.Modality == "SEG"
+    referenced = {
+        r.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence
+        for r in item.ReferencedInstanceSequence
+    }
+    assert referenced == {s.sop_uid for s in series.slices}
+    np.testing.assert_array_equal(
+        seg_labels_on_series(folder / "segmentation.dcm", series, report["model"]["classes"]),
+        expected,
+    )
+
+
+def test_no_phi_in_names_or_reports(model, phantom_run, tmp_path):
+    predict(model, phantom_run.cohort / "case_0001", tmp_path / "out", **QUIET)
+    ds = pydicom.dcmread(next((phantom_run.cohort / "case_0001" / "ct").glob("*.dcm")))
+    secrets = [
+        str(ds.PatientName),
+        str(ds.PatientID),
+        str(ds.PatientBirthDate),
+        ds.SeriesInstanceUID,
+    ]
+    for path in (tmp_path / "out").rglob("*"):
+        assert not any(s in path.name for s in secrets), path
+        if path.suffix in (".json", ".html"):
+            text = path.read_text()
+            assert not any(s in text for s in secrets + ["PHANTOM^CASE"]), path
+
+
+def test_the_gate_segments_only_the_slices_it_passes(model, phantom_run, tmp_path):
+    case = phantom_run.cohort / "case_0002"
+    predict(model, case, tmp_path / "all", gate=False, **QUIET)
+    full = json.loads((_only_folder(tmp_path / "all") / "report.json").read_text())
+    probs = np.array(full["covid"]["slice_probabilities"])
+    t = float(np.median(probs))
+    predict(model, case, tmp_path / "gated", threshold=t, **QUIET)
+    folder = _only_folder(tmp_path / "gated")
+    gated = json.loads((folder / "report.json").read_text())
+    passed = probs >= t - 1e-4
+    assert 0 < gated["gate"]["slices_segmented"] < len(probs)
+    assert abs(gated["gate"]["slices_segmented"] - passed.sum()) <= 1
+    labels = np.asarray(nib.load(folder / "lesions.nii.gz").dataobj)  # [rows, cols, slices]
+    full_labels = np.asarray(nib.load(_only_folder(tmp_path / "all") / "lesions.nii.gz").dataobj)
+    # Slices clearly below the threshold were not segmented; those clearly above were,
+    # exactly as without the gate.
+    assert not labels[..., probs < t - 1e-4].any() and full_labels[..., probs < t - 1e-4].any()
+    sure = probs >= t + 1e-4
+    np.testing.assert_array_equal(labels[..., sure], full_labels[..., sure])
+    # A gate nothing passes: no lesion, no SEG, and the report says so.
+    predict(model, case, tmp_path / "none", threshold=1.0, **QUIET)
+    report = json.loads((_only_folder(tmp_path / "none") / "report.json").read_text())
+    assert report["gate"]["slices_segmented"] == 0 and report["total"]["volume_ml"] == 0
+    assert report["severity"]["grade"] == "none"
+    assert "dicom_seg" not in report["outputs"] and any(
+        "no DICOM SEG" in w for w in report["warnings"]
+    )
+
+
+def test_run_folder_and_savedmodel_agree(model, phantom_run, tmp_path):
+    case = phantom_run.cohort / "case_0003"
+    predict(model, case, tmp_path / "saved", gate=False, **QUIET)
+    predict(phantom_run.run, case, tmp_path / "run", gate=False, **QUIET)
+    a = json.loads((_only_folder(tmp_path / "saved") / "report.json").read_text())
+    b = json.loads((_only_folder(tmp_path / "run") / "report.json").read_text())
+    np.testing.assert_allclose(
+        a["covid"]["slice_probabilities"], b["covid"]["slice_probabilities"], atol=1e-3
+    )
+    assert b["model"]["source"].startswith("run folder")
+    assert a["gate"]["threshold"] == pytest.approx(b["gate"]["threshold"], abs=1e-5)
+    for name in a["lesions"]:
+        assert a["lesions"][name]["volume_ml"] == pytest.approx(
+            b["lesions"][name]["volume_ml"], rel=0.01, abs=1.0
+        )
+
+
+def test_nifti_input_gives_the_same_result_as_its_dicom(model, phantom_run, tmp_path):
+    case = phantom_run.cohort / "case_0004"
+    series = _series(case / "ct")
+    hu = np.stack([dicom_io.read_hu(s.path) for s in series.slices])
+    # The CT as NIfTI on the series geometry (voxel (row, column, slice), RAS affine).
+    from data_tools.masks import RAS_FROM_LPS
+
+    affine = RAS_FROM_LPS @ series.affine_lps()
+    nib.save(nib.Nifti1Image(np.moveaxis(hu, 0, 2), affine), tmp_path / "ct.nii.gz")
+    predict(model, case, tmp_path / "dicom", gate=False, **QUIET)
+    predict(model, tmp_path / "ct.nii.gz", tmp_path / "nifti", gate=False, **QUIET)
+    from_dicom = nib.as_closest_canonical(
+        nib.load(_only_folder(tmp_path / "dicom") / "lesions.nii.gz")
+    )
+    from_nifti = nib.load(_only_folder(tmp_path / "nifti") / "lesions.nii.gz")
+    np.testing.assert_allclose(from_nifti.affine, from_dicom.affine, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(from_nifti.dataobj), np.asarray(from_dicom.dataobj))
+    report = json.loads((_only_folder(tmp_path / "nifti") / "report.json").read_text())
+    assert report["study"]["input"] == "nifti" and "dicom_seg" not in report["outputs"]
+
+
+def test_several_series_corrupt_files_gaps_and_other_modalities(model, phantom_run, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(phantom_run.cohort / "case_0005" / "ct", study / "a")
+    shutil.copytree(phantom_run.cohort / "case_0006" / "ct", study / "b")
+    (study / "a" / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 50)
+    mr = pydicom.dcmread(next((study / "b").glob("*.dcm")))
+    mr.Modality = "MR"
+    mr.SeriesInstanceUID = "1.2.3.4.5"
+    mr.save_as(study / "mr.dcm")
+    files_b = sorted(
+        (study / "b").glob("*.dcm"), key=lambda p: int(pydicom.dcmread(p).ImagePositionPatient[2])
+    )
+    files_b[4].unlink()  # a gap after the fifth slice: the first four slices go
+    index = predict(model, study, tmp_path / "out", **QUIET)
+    assert len(index["series"]) == 2
+    skipped = {s["file"]: s["reason"] for s in index["skipped"]}
+    assert "modality MR is not CT" in skipped["mr.dcm"]
+    assert "broken.dcm" in " ".join(skipped)
+    reports = [
+        json.loads((tmp_path / "out" / s["folder"] / "report.json").read_text())
+        for s in index["series"]
+    ]
+    gapped = [r for r in reports if r["warnings"] and "gap" in r["warnings"][0]]
+    assert len(gapped) == 1
+    assert gapped[0]["study"]["slices"] == len(files_b) - 1 - 4
+    assert len([s for s in gapped[0]["skipped"] if "gap" in s["reason"]]) == 4
+    # --series picks one (by its pseudonym, as the reports show it).
+    chosen = index["series"][0]["series"]
+    one = predict(model, study, tmp_path / "one", series_uid=chosen, **QUIET)
+    assert [s["series"] for s in one["series"]] == [chosen]
+    with pytest.raises(PredictionError, match="is not among"):
+        predict(model, study, tmp_path / "bad", series_uid="9.9.9", **QUIET)
+
+
+def test_real_dicom_ct_file(model, tmp_path):
+    """pydicom's CT_small.dcm: a real scanner slice (128 x 128, one slice)."""
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "slice.dcm")
+    index = predict(model, folder, tmp_path / "out", gate=False, **QUIET)
+    report = json.loads(
+        (tmp_path / "out" / index["series"][0]["folder"] / "report.json").read_text()
+    )
+    assert report["study"]["slices"] == 1 and report["study"]["rows"] == 128
+    assert nib.load(tmp_path / "out" / index["series"][0]["folder"] / "lesions.nii.gz").shape == (
+        128,
+        128,
+        1,
+    )
+
+
+def test_errors_exit_2_and_keep_what_exists(phantom_export, phantom_run, tmp_path, capsys):
+    args = ["--model", str(phantom_export), "--salt", SALT]
+    assert main(args + ["--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.dcm").write_bytes(b"not dicom at all")
+    assert main(args + ["--input", str(junk), "--out", str(tmp_path / "o")]) == 2
+    assert "no usable CT series" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--input", str(junk), "--out", str(tmp_path / "o")]) == 2
+    assert "neither a SavedModel" in capsys.readouterr().err
+    case = str(phantom_run.cohort / "case_0007")
+    assert main(args + ["--input", case, "--out", str(tmp_path / "o"), "--threshold", "0.2"]) == 0
+    folder = _only_folder(tmp_path / "o")
+    before = (folder / "report.json").read_bytes()
+    assert main(args + ["--input", case, "--out", str(tmp_path / "o")]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert (folder / "report.json").read_bytes() == before
+    assert main(args + ["--input", case, "--out", str(tmp_path / "p"), "--threshold", "2"]) == 2
+
+
+def test_read_input_redacts_identifiers_from_skip_reasons(phantom_run, tmp_path):
+    ds = pydicom.dcmread(next((phantom_run.cohort / "case_0000" / "ct").glob("*.dcm")))
+    folder = tmp_path / "in"
+    shutil.copytree(phantom_run.cohort / "case_0000" / "ct", folder)
+    name = str(ds.PatientName).replace("^", "_")
+    (folder / f"{name}.dcm").write_bytes(b"garbage")
+    volumes, skipped = read_input(folder, salt=SALT)
+    assert len(volumes) == 1 and len(skipped) == 1
+    assert name not in skipped[0][0] and "<patient>" in skipped[0][0]

@@ -1,0 +1,777 @@
+"""Run a trained model on a CT study: gated segmentation, masks, DICOM SEG, overlays, report.
+
+    python -m tfcovseg.predict --model (saved_models/tfcovseg[/N] | runs/NAME)
+        --input (DICOM folder | NIfTI volume) --out DIR [--no-gate] [--threshold T]
+        [--mask-threshold 0.5] [--series UID] [--batch-size 8]
+
+The study is read with `data_tools` exactly as training data are (DICOM grouping and
+sorting along the slice normal, Hounsfield units, padding, the NIfTI orientation, the
+classical lung mask). The slice classifier (the gate) scores every slice; only slices at or
+above the gate threshold are segmented (``--no-gate`` segments all), in batches. Per series,
+into ``OUT/<series pseudonym>/``:
+
+- ``lesions.nii.gz``: one label volume (0 background, 1.. the classes in the model's order)
+  on the series' grid and affine; ``probability_<class>.nii.gz``: per-class probabilities;
+- ``segmentation.dcm``: a DICOM SEG object (highdicom) referencing the source series
+  (DICOM input only; as DICOM requires, it carries the source's patient module);
+- ``overlay.png``: a montage of the slices with the most lesion (red GGO, green
+  consolidation, blue fibrosis);
+- ``report.json`` and ``report.html``: per lesion type the volume in mL and the percentage
+  of lung volume, the slices with lesions, the patient-level COVID-19 probability (the
+  highest slice probability, the paper's any-slice rule), the severity grade from the
+  thresholds fitted on the training patients (`tfcovseg.severity`), the model version, what
+  was skipped and why, and "Research use, not a medical device."
+
+``OUT/index.json`` lists the series processed and the files skipped. File and folder names
+carry pseudonyms only. Files that cannot be used (not DICOM, not CT, corrupt, undecodable)
+and slices beyond a gap in the slice positions are skipped with a warning and listed in the
+report; nothing usable is an error (exit code 2).
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfcovseg import __version__, require_tensorflow  # noqa: E402
+
+tf = require_tensorflow("python -m tfcovseg.predict")
+
+from data_tools import dicom_io  # noqa: E402
+from data_tools.convert import read_nifti_volume  # noqa: E402
+from data_tools.dicom_io import SkipFile  # noqa: E402
+from data_tools.lung import lung_mask  # noqa: E402
+from data_tools.masks import RAS_FROM_LPS  # noqa: E402
+from data_tools.privacy import Redactor, pseudonym, resolve_salt  # noqa: E402
+from tfcovseg.report import atomic_write_text  # noqa: E402
+from tfcovseg.severity import grade_severity  # noqa: E402
+
+DISCLAIMER = "Research use, not a medical device."
+GAP_FACTOR = 1.5  # a step between slices over 1.5x the median step is a gap
+MONTAGE_SLICES = 12
+DICOM_SUFFIXES_IGNORED = (".csv", ".txt", ".md", ".json", ".png", ".jpg", ".jpeg", ".html")
+
+# Segmented property codes of the DICOM SEG segments (DICOM CID 7150 / 6104, SNOMED CT).
+_SEG_CODES = {
+    "ggo": ("112120", "DCM", "Ground glass opacity"),
+    "consolidation": ("95436008", "SCT", "Lung consolidation"),
+    "fibrosis": ("112674009", "SCT", "Fibrosis"),
+}
+_LESION_CODE = ("52988006", "SCT", "Lesion")
+_CATEGORY_CODE = ("49755003", "SCT", "Morphologically Abnormal Structure")
+
+
+class PredictionError(Exception):
+    """Prediction cannot go on; the message says why (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class SavedModelPredictor:
+    """A tfcovseg SavedModel (``tfcovseg.export``) loaded with `tf.saved_model.load`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._model = tf.saved_model.load(str(path))
+        except Exception as e:  # not a SavedModel, corrupt, missing variables
+            raise PredictionError(f"cannot load the SavedModel {path}: {e}") from None
+        missing = [
+            s for s in ("classify", "segment", "metadata") if s not in self._model.signatures
+        ]
+        if missing:
+            raise PredictionError(
+                f"{path} is not a tfcovseg export: it lacks the signatures {missing}"
+            )
+        self.metadata = json.loads(self._model.signatures["metadata"]()["json"].numpy().decode())
+        self.source = f"SavedModel {path.parent.name}/{path.name}"
+
+    def classify(self, hu: np.ndarray) -> np.ndarray:
+        out = self._model.signatures["classify"](hu=tf.constant(hu, tf.float32))
+        return out["covid_probability"].numpy()
+
+    def segment(self, hu: np.ndarray) -> np.ndarray:
+        return self._model.signatures["segment"](hu=tf.constant(hu, tf.float32))["masks"].numpy()
+
+
+class RunPredictor:
+    """A training run folder, through the same graph functions the export saves."""
+
+    def __init__(self, run: Path):
+        from tfcovseg.config import load_config
+        from tfcovseg.export import (
+            ExportError,
+            InferenceGraph,
+            calibrate_gate,
+            export_metadata,
+            load_run_models,
+            severity_rule_for_run,
+        )
+
+        config = load_config(run / "config.yaml")
+        segmenter, classifier = load_run_models(run)
+        if segmenter is None:
+            raise PredictionError(f"{run} holds no segmenter (segmenter_best.keras)")
+        try:
+            probe = InferenceGraph(
+                segmenter,
+                classifier,
+                {
+                    "class_names": list(config.model.class_names),
+                    "pre_windowed": config.model.pre_windowed,
+                },
+            )
+        except ExportError as e:
+            raise PredictionError(str(e)) from None
+        spec = [tf.TensorSpec([None, None, None], tf.float32)]
+        self._classify = tf.function(probe.classify, input_signature=spec)
+        self._segment = tf.function(probe.segment, input_signature=spec)
+        gate = calibrate_gate(self._classify, config)
+        self.metadata = export_metadata(run, config, severity_rule_for_run(run, config), gate, 0)
+        self.metadata["model_version"] = None
+        self.source = f"run folder {run.name}"
+
+    def classify(self, hu: np.ndarray) -> np.ndarray:
+        return self._classify(tf.constant(hu, tf.float32))["covid_probability"].numpy()
+
+    def segment(self, hu: np.ndarray) -> np.ndarray:
+        return self._segment(tf.constant(hu, tf.float32))["masks"].numpy()
+
+
+def open_model(path) -> SavedModelPredictor | RunPredictor:
+    """A predictor from a SavedModel version folder, a model folder (its newest version)
+    or a training run folder."""
+    path = Path(path)
+    if not path.exists():
+        raise PredictionError(f"--model {path} does not exist")
+    if (path / "saved_model.pb").is_file():
+        return SavedModelPredictor(path)
+    if (path / "config.yaml").is_file():
+        return RunPredictor(path)
+    versions = sorted(
+        (int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
+        reverse=True,
+    )
+    for version in versions:
+        if (path / str(version) / "saved_model.pb").is_file():
+            return SavedModelPredictor(path / str(version))
+    raise PredictionError(
+        f"--model {path} is neither a SavedModel (saved_model.pb), a folder of numbered "
+        f"versions nor a training run (config.yaml)"
+    )
+
+
+# ----------------------------------------------------------------------------- input
+
+
+@dataclasses.dataclass
+class Volume:
+    """One series or volume, ready to predict: HU [K, H, W] and how to write results back."""
+
+    kind: str  # dicom | nifti
+    hu: np.ndarray
+    spacing_mm: tuple[float, float, float]  # row, column, slice
+    patient: str  # pseudonyms
+    series: str
+    positions: list[float]
+    series_obj: dicom_io.DicomSeries | None = None  # DICOM: the kept slices, sorted
+    datasets: list | None = None  # DICOM: headers of the kept slices (for the SEG)
+    affine: np.ndarray | None = None  # NIfTI: canonical (RAS+) affine of the input
+    skipped: list = dataclasses.field(default_factory=list)  # (file, reason)
+    warnings: list = dataclasses.field(default_factory=list)
+
+
+def _contiguous(positions: np.ndarray) -> tuple[slice, str | None]:
+    """The longest run of slices without a gap, and a description of the gap(s)."""
+    if len(positions) < 3:
+        return slice(0, len(positions)), None
+    steps = np.diff(positions)
+    step = float(np.median(steps))
+    breaks = np.nonzero(steps > GAP_FACTOR * step)[0]
+    if not len(breaks):
+        return slice(0, len(positions)), None
+    bounds = [0, *(int(b) + 1 for b in breaks), len(positions)]
+    runs = [(bounds[i + 1] - bounds[i], bounds[i]) for i in range(len(bounds) - 1)]
+    length, start = max(runs, key=lambda r: (r[0], -r[1]))
+    gaps = ", ".join(f"{steps[b]:.1f} mm after slice {b}" for b in breaks)
+    return slice(start, start + length), (
+        f"gap in slice positions ({gaps}; regular step {step:.1f} mm)"
+    )
+
+
+def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[list, list]:
+    """Reads every CT series under `root` (or the one chosen); (volumes, skipped files)."""
+    redactor = Redactor()
+    skipped, headers = [], []
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+        if (
+            path.name.startswith(".")
+            or path.suffix.lower() in DICOM_SUFFIXES_IGNORED
+            or path.name.endswith((".nii", ".nii.gz"))  # masks beside a series
+        ):
+            continue
+        try:
+            kind, ds = dicom_io.read_header(path)
+        except SkipFile as e:
+            skipped.append((rel, str(e)))
+            continue
+        for key in ("PatientID", "PatientName", "OtherPatientIDs"):
+            if key in ds:
+                redactor.add(str(ds.get(key)), "<patient>")
+        if kind == "seg":
+            skipped.append((rel, "a DICOM SEG object, not an image"))
+            continue
+        headers.append((dicom_io.slice_header(path, ds), ds))
+    series_list, dropped = dicom_io.build_series(headers)
+    base = root.parent if root.is_file() else root
+    skipped += [(p.relative_to(base).as_posix(), r) for p, r in dropped]
+    by_path = {h.path: ds for h, ds in headers}
+    if series_uid is not None:
+        chosen = [s for s in series_list if series_uid in (s.uid, pseudonym("S", s.uid, salt))]
+        if not chosen:
+            names = ", ".join(pseudonym("S", s.uid, salt) for s in series_list) or "none"
+            raise PredictionError(
+                f"--series {series_uid} is not among the {len(series_list)} CT series of "
+                f"the input (pseudonyms: {names})"
+            )
+        for s in series_list:
+            if s not in chosen:
+                skipped.append((f"series {pseudonym('S', s.uid, salt)}", "not the --series chosen"))
+        series_list = chosen
+    volumes = []
+    for series in series_list:
+        own_skips, kept, hu = [], [], []
+        for i, header in enumerate(series.slices):
+            try:
+                hu.append(dicom_io.read_hu(header.path))
+                kept.append(i)
+            except SkipFile as e:
+                own_skips.append((header.path.relative_to(base).as_posix(), str(e)))
+        warnings = []
+        if kept:
+            positions = np.array([series.positions[i] for i in kept])
+            block, gap = _contiguous(positions)
+            if gap:
+                dropped_idx = [i for j, i in enumerate(kept) if not block.start <= j < block.stop]
+                for i in dropped_idx:
+                    own_skips.append(
+                        (
+                            series.slices[i].path.relative_to(base).as_posix(),
+                            "beyond a gap in slice positions (the longest gap-free run is kept)",
+                        )
+                    )
+                warnings.append(f"{gap}: kept the longest run of {block.stop - block.start} slices")
+                kept, hu = kept[block], hu[block]
+        pseudo = pseudonym("S", series.uid, salt)
+        if not kept:
+            skipped += own_skips
+            skipped.append((f"series {pseudo}", "no slice of the series could be read"))
+            continue
+        sub = dataclasses.replace(
+            series,
+            slices=[series.slices[i] for i in kept],
+            positions=np.array([series.positions[i] for i in kept]),
+        )
+        first = sub.slices[0]
+        volumes.append(
+            Volume(
+                kind="dicom",
+                hu=np.stack(hu).astype(np.float32),
+                spacing_mm=(first.spacing[0], first.spacing[1], abs(sub.slice_spacing)),
+                patient=pseudonym("P", f"dicom:{series.patient_id or series.uid}", salt),
+                series=pseudo,
+                positions=[float(p) for p in sub.positions],
+                series_obj=sub,
+                datasets=[by_path[h.path] for h in sub.slices],
+                skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
+                warnings=[redactor(w) for w in warnings],
+            )
+        )
+    return volumes, [(redactor(f), redactor(r)) for f, r in skipped]
+
+
+def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
+    """The volumes to predict on and the files skipped, from a DICOM folder or a NIfTI file.
+
+    Raises:
+        PredictionError: missing input, or nothing usable in it.
+    """
+    path = Path(path)
+    salt = resolve_salt(salt)
+    if not path.exists():
+        raise PredictionError(f"--input {path} does not exist")
+    if path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        try:
+            hu, spacing, affine = read_nifti_volume(path)
+        except SkipFile as e:
+            raise PredictionError(f"{path.name}: {e}") from None
+        key = path.resolve().as_posix()
+        volume = Volume(
+            kind="nifti",
+            hu=np.maximum(hu.astype(np.float32), dicom_io.HU_FLOOR),
+            spacing_mm=spacing,
+            patient=pseudonym("P", f"nifti:{key}", salt),
+            series=pseudonym("S", key, salt),
+            positions=[k * spacing[2] for k in range(hu.shape[0])],
+            affine=affine,
+        )
+        return [volume], []
+    volumes, skipped = _dicom_volumes(path, series_uid, salt)
+    if not volumes:
+        reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5]) or "no files"
+        raise PredictionError(f"no usable CT series in {path} ({reasons})")
+    return volumes, skipped
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def run_model(predictor, hu: np.ndarray, gate: bool, threshold: float, batch_size: int):
+    """Slice probabilities [K], masks [K, H, W, C] (zeros where the gate said no), and the
+    indices segmented."""
+    k = hu.shape[0]
+    probs = np.concatenate(
+        [predictor.classify(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
+    ).astype(np.float32)
+    passed = np.nonzero(probs >= threshold)[0] if gate else np.arange(k)
+    masks = None
+    for i in range(0, len(passed), batch_size):
+        idx = passed[i : i + batch_size]
+        out = predictor.segment(hu[idx])
+        if masks is None:
+            masks = np.zeros((k, *out.shape[1:]), np.float32)
+        masks[idx] = out
+    return probs, masks, passed
+
+
+def _label_volume(masks: np.ndarray | None, shape, mask_threshold: float) -> np.ndarray:
+    """[K, H, W] uint8: the most probable class among those at or above the threshold."""
+    if masks is None:
+        return np.zeros(shape, np.uint8)
+    on = masks >= mask_threshold
+    labels = (np.argmax(np.where(on, masks, -1.0), axis=-1) + 1).astype(np.uint8)
+    labels[~on.any(-1)] = 0
+    return labels
+
+
+def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
+    """Lung and lesion volumes (mL), percentages of lung, lesion slices and severity."""
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    lung = lung_mask(volume.hu, volume.spacing_mm[:2], lesions=labels > 0)
+    lung_voxels = int(lung.sum())
+    lesions = {}
+    total = 0.0
+    for c, name in enumerate(classes):
+        on = labels == c + 1
+        voxels = int(on.sum())
+        ratio = voxels / lung_voxels if lung_voxels else 0.0
+        total += ratio
+        lesions[name] = {
+            "volume_ml": round(voxels * voxel_ml, 3),
+            "percent_of_lung": round(100.0 * ratio, 3),
+            "slices": [int(z) for z in np.nonzero(on.any(axis=(1, 2)))[0]],
+        }
+    return {
+        "lung_volume_ml": round(lung_voxels * voxel_ml, 3),
+        "lesions": lesions,
+        "total": {
+            "volume_ml": round(sum(v["volume_ml"] for v in lesions.values()), 3),
+            "percent_of_lung": round(100.0 * total, 3),
+            "slices": [int(z) for z in np.nonzero((labels > 0).any(axis=(1, 2)))[0]],
+        },
+        "severity": {
+            "grade": grade_severity(total, severity_rule),
+            "total_lesion_lung_ratio": round(total, 6),
+            "thresholds": (severity_rule or {}).get("thresholds"),
+            "rule": "mild < t1 <= moderate < t2 <= severe, on the total lesion/lung ratio",
+            "fitted": bool((severity_rule or {}).get("fitted")),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _nifti(volume: Volume, data: np.ndarray):
+    """A NIfTI image of [K, H, W] data on the input's grid and affine."""
+    import nibabel as nib
+
+    if volume.kind == "dicom":
+        # voxel (row, column, slice) -> LPS by the series geometry, then to RAS.
+        affine = RAS_FROM_LPS @ volume.series_obj.affine_lps()
+        array = np.moveaxis(data, 0, 2)
+    else:
+        # Inverse of read_nifti_volume's display transform, on the canonical affine.
+        affine = volume.affine
+        array = np.ascontiguousarray(data.transpose(2, 1, 0)[::-1, ::-1])
+    image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    return image
+
+
+def write_seg(volume: Volume, labels: np.ndarray, classes, path: Path, version) -> bool:
+    """A DICOM SEG of the label volume referencing the source slices; False if empty."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+    from pydicom.uid import generate_uid
+
+    present = sorted(int(v) for v in np.unique(labels) if v > 0)
+    if not present:
+        return False
+    descriptions = []
+    for number in present:
+        name = classes[number - 1]
+        value, scheme, meaning = _SEG_CODES.get(name, _LESION_CODE)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=len(descriptions) + 1,
+                segment_label=name,
+                segmented_property_category=Code(*_CATEGORY_CODE),
+                segmented_property_type=Code(value, scheme, meaning),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="tfcovseg coarse-refine",
+                    version=str(version),
+                    family=Code("113257", "DCM", "Artificial Intelligence"),
+                ),
+            )
+        )
+    renumbered = np.zeros((*labels.shape, len(present)), bool)
+    for s, number in enumerate(present):
+        renumbered[..., s] = labels == number
+    seg = hd.seg.Segmentation(
+        source_images=volume.datasets,
+        pixel_array=renumbered,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(),
+        series_number=9901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="tfcovseg",
+        manufacturer_model_name="coarse-refine (research use, not a medical device)",
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description="tfcovseg lesions (research use)",
+    )
+    seg.save_as(path)
+    return True
+
+
+def montage(volume: Volume, labels: np.ndarray, classes, window, k=MONTAGE_SLICES) -> bytes:
+    """PNG bytes: up to k slices with the most lesion (the middle slice if none)."""
+    from PIL import Image
+
+    from tfcovseg.viz import overlay_rgb
+
+    area = (labels > 0).sum(axis=(1, 2))
+    order = [int(z) for z in np.argsort(-area, kind="stable") if area[z] > 0][:k]
+    order = sorted(order) or [volume.hu.shape[0] // 2]
+    channels = np.stack([labels[order] == c + 1 for c in range(len(classes))], -1)
+    rgb = overlay_rgb(volume.hu[order], channels.astype(np.float32), classes, window=window)
+    tiles = [Image.fromarray((t * 255).round().astype(np.uint8)) for t in rgb]
+    h, w = rgb.shape[1:3]
+    scale = min(1.0, 256 / max(h, w))
+    size = (max(int(w * scale), 1), max(int(h * scale), 1))
+    cols = min(4, len(tiles))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * size[0], rows * size[1]))
+    for i, tile in enumerate(tiles):
+        sheet.paste(
+            tile.resize(size, Image.BILINEAR), ((i % cols) * size[0], (i // cols) * size[1])
+        )
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+    "table{border-collapse:collapse}"
+    "td,th{border:1px solid #999;padding:.2em .6em;text-align:right}"
+    "td:first-child{text-align:left}.warn{color:#a00}"
+)
+
+
+def render_html(report: dict, png: bytes) -> str:
+    """A self-contained HTML page of a study report (the montage embedded)."""
+    e = html.escape
+    study, model, gate = report["study"], report["model"], report["gate"]
+    covid, sev, total = report["covid"], report["severity"], report["total"]
+
+    def row(name, v, strong=False):
+        cell = f"<strong>{e(name)}</strong>" if strong else e(name)
+        return (
+            f"<tr><td>{cell}</td><td>{v['volume_ml']:.1f}</td>"
+            f"<td>{v['percent_of_lung']:.2f}</td><td>{len(v['slices'])}</td></tr>"
+        )
+
+    rows = "".join(row(name, v) for name, v in report["lesions"].items())
+    rows += row("total", total, strong=True)
+    spacing = ", ".join(f"{s:.2f}" for s in study["spacing_mm"])
+    positive = "yes" if covid["positive"] else "no"
+    lists = ""
+    if report["warnings"]:
+        items = "".join(f"<li>{e(w)}</li>" for w in report["warnings"])
+        lists += f"<h2>Warnings</h2><ul>{items}</ul>"
+    if report["skipped"]:
+        items = "".join(f"<li>{e(s['file'])}: {e(s['reason'])}</li>" for s in report["skipped"])
+        lists += f"<h2>Skipped</h2><ul>{items}</ul>"
+    image = base64.b64encode(png).decode("ascii")
+    body = [
+        "<h1>COVID-19 lesion report</h1>",
+        f'<p class="warn"><strong>{e(report["disclaimer"])}</strong></p>',
+        f"<p>Patient {e(study['patient'])}, series {e(study['series'])}: {study['slices']} "
+        f"slices of {study['rows']}&times;{study['columns']} pixels, spacing {spacing} mm. "
+        f"Model: {e(model['source'])} (experiment {e(str(model['experiment']))}, version "
+        f"{e(str(model['model_version']))}).</p>",
+        "<h2>Lesions</h2>",
+        "<table><tr><th>lesion type</th><th>volume (mL)</th><th>% of lung</th>"
+        f"<th>slices</th></tr>{rows}</table>",
+        f"<p>Lung volume {report['lung_volume_ml']:.0f} mL.</p>",
+        "<h2>Assessment</h2>",
+        f"<p>COVID-19 probability (highest slice): {covid['probability']:.3f} (positive at "
+        f"&ge; {covid['threshold']:.3f}: <strong>{positive}</strong>).</p>",
+        f"<p>Severity estimate: <strong>{e(sev['grade'])}</strong> (total lesion / lung "
+        f"ratio {sev['total_lesion_lung_ratio']:.4f}; thresholds {e(str(sev['thresholds']))})."
+        "</p>",
+        f"<p>Slice gate: {'on' if gate['enabled'] else 'off'}, threshold "
+        f"{gate['threshold']:.3f}; {gate['slices_segmented']} of {study['slices']} slices "
+        "segmented.</p>",
+        "<h2>Overlay</h2>",
+        f'<p><img alt="slices with the most lesion" src="data:image/png;base64,{image}"></p>',
+        "<p>Red: ground-glass opacity, green: consolidation, blue: fibrosis.</p>",
+        lists,
+        f'<p class="warn">{e(report["disclaimer"])}</p>',
+    ]
+    title = f"tfcovseg report {e(study['series'])}"
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def predict_volume(
+    predictor,
+    volume: Volume,
+    out_dir: Path,
+    gate=True,
+    threshold=None,
+    mask_threshold=0.5,
+    batch_size=8,
+) -> dict:
+    """Predicts one volume and writes its files into `out_dir` (created); returns the report."""
+    meta = predictor.metadata
+    classes = list(meta["class_names"])
+    threshold = float(meta["gate"]["threshold"] if threshold is None else threshold)
+    start = time.perf_counter()
+    probs, masks, passed = run_model(predictor, volume.hu, gate, threshold, batch_size)
+    inference_s = time.perf_counter() - start
+    labels = _label_volume(masks, volume.hu.shape, mask_threshold)
+    measured = measure(volume, labels, classes, meta.get("severity"))
+    k, h, w = volume.hu.shape
+    patient_threshold = float(meta.get("patient_rule", {}).get("threshold", threshold))
+    report = {
+        "disclaimer": DISCLAIMER,
+        "study": {
+            "patient": volume.patient,
+            "series": volume.series,
+            "input": volume.kind,
+            "slices": int(k),
+            "rows": int(h),
+            "columns": int(w),
+            "spacing_mm": [float(s) for s in volume.spacing_mm],
+        },
+        "model": {
+            "source": predictor.source,
+            "model_version": meta.get("model_version"),
+            "experiment": meta.get("experiment"),
+            "architecture": meta.get("architecture"),
+            "classes": classes,
+            "tfcovseg": __version__,
+        },
+        "gate": {
+            "enabled": bool(gate),
+            "threshold": threshold,
+            "slices_segmented": int(len(passed)),
+        },
+        "covid": {
+            "probability": float(probs.max()),
+            "threshold": patient_threshold,
+            "positive": bool(probs.max() >= patient_threshold),
+            "rule": "any slice at or above the threshold (Huang et al. 2021)",
+            "slice_probabilities": [round(float(p), 4) for p in probs],
+        },
+        "mask_threshold": float(mask_threshold),
+        **measured,
+        "skipped": [{"file": f, "reason": r} for f, r in volume.skipped],
+        "warnings": list(volume.warnings),
+        "timings_s": {"inference": round(inference_s, 3)},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"labels": "lesions.nii.gz"}
+    import nibabel as nib
+
+    nib.save(_nifti(volume, labels), out_dir / "lesions.nii.gz")
+    if masks is None:
+        masks = np.zeros((k, h, w, len(classes)), np.float32)
+    for c, name in enumerate(classes):
+        file = f"probability_{name}.nii.gz"
+        nib.save(_nifti(volume, masks[..., c].astype(np.float32)), out_dir / file)
+        outputs[f"probability_{name}"] = file
+    if volume.kind == "dicom":
+        version = meta.get("model_version") or "run"
+        if write_seg(volume, labels, classes, out_dir / "segmentation.dcm", version):
+            outputs["dicom_seg"] = "segmentation.dcm"
+        else:
+            report["warnings"].append("no lesion found: no DICOM SEG written")
+    png = montage(volume, labels, classes, meta.get("hu_window", (-1250.0, 250.0)))
+    (out_dir / "overlay.png").write_bytes(png)
+    outputs["overlay"] = "overlay.png"
+    outputs |= {"report_json": "report.json", "report_html": "report.html"}
+    report["outputs"] = outputs
+    report["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out_dir / "report.html", render_html(report, png))
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    return report
+
+
+def predict(
+    model,
+    input_path,
+    out,
+    gate=True,
+    threshold=None,
+    mask_threshold=0.5,
+    series_uid=None,
+    batch_size=8,
+    salt=None,
+    log=print,
+) -> dict:
+    """Predicts every usable series of the input into ``out/<series pseudonym>/``.
+
+    Each series folder is written under a temporary name and renamed when complete; an
+    existing series folder is never overwritten. Returns the index (also ``index.json``).
+
+    Raises:
+        PredictionError: bad model or input, nothing usable, an output that exists.
+    """
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise PredictionError(f"--threshold must be in [0, 1], got {threshold}")
+    if not 0.0 < float(mask_threshold) <= 1.0:
+        raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
+    out = Path(out)
+    predictor = model if hasattr(model, "segment") else open_model(model)
+    volumes, skipped = read_input(input_path, series_uid, salt)
+    taken = [v.series for v in volumes if (out / v.series).exists()]
+    if taken:
+        raise PredictionError(
+            f"{out} already holds results for series {', '.join(taken)}: choose another --out"
+        )
+    for f, r in skipped:
+        log(f"warning: skipped {f}: {r}")
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"disclaimer": DISCLAIMER, "model": predictor.source, "series": [], "skipped": []}
+    index["skipped"] = [{"file": f, "reason": r} for f, r in skipped]
+    for volume in volumes:
+        for w in volume.warnings:
+            log(f"warning: series {volume.series}: {w}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{volume.series}-", dir=out))
+        try:
+            report = predict_volume(
+                predictor, volume, tmp, gate, threshold, mask_threshold, batch_size
+            )
+            os.rename(tmp, out / volume.series)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        index["series"].append(
+            {
+                "series": volume.series,
+                "patient": volume.patient,
+                "folder": volume.series,
+                "slices": report["study"]["slices"],
+                "covid_probability": report["covid"]["probability"],
+                "severity": report["severity"]["grade"],
+                "lesion_percent_of_lung": report["total"]["percent_of_lung"],
+            }
+        )
+        log(
+            f"series {volume.series}: {report['study']['slices']} slices, "
+            f"{report['gate']['slices_segmented']} segmented, lesions "
+            f"{report['total']['percent_of_lung']:.2f} % of lung, severity "
+            f"{report['severity']['grade']}, COVID-19 probability "
+            f"{report['covid']['probability']:.3f} -> {out / volume.series}"
+        )
+    atomic_write_text(out / "index.json", json.dumps(index, indent=2))
+    return index
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tfcovseg.predict",
+        description="Segment COVID-19 lesions in a CT study and estimate severity "
+        "(research use, not a medical device).",
+    )
+    parser.add_argument(
+        "--model", type=Path, required=True, help="SavedModel (version or model folder) or run"
+    )
+    parser.add_argument("--input", type=Path, required=True, help="DICOM folder or NIfTI file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--no-gate", action="store_true", help="segment every slice")
+    parser.add_argument(
+        "--threshold", type=float, help="slice gate threshold (default: the model's)"
+    )
+    parser.add_argument(
+        "--mask-threshold", type=float, default=0.5, help="lesion probability threshold"
+    )
+    parser.add_argument("--series", help="SeriesInstanceUID (or its pseudonym) to process")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per model call")
+    parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        predict(
+            args.model,
+            args.input,
+            args.out,
+            gate=not args.no_gate,
+            threshold=args.threshold,
+            mask_threshold=args.mask_threshold,
+            series_uid=args.series,
+            batch_size=args.batch_size,
+            salt=args.salt,
+        )
+    except PredictionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(DISCLAIMER)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
