@@ -20,6 +20,10 @@ TF_CPU = [f"tensorflow-cpu>=2.16; {_CPU_WHEEL}", f"tensorflow>=2.16; {_OTHERS}"]
 TF_CPU.append("tensorboard>=2.16")  # the TensorBoard callback; TF no longer pulls it in
 TF_GPU = ["tensorflow[and-cuda]>=2.16", "tensorboard>=2.16"]
 CODECS = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]
+# gRPC client of TF Serving (tfcovseg.serving_client). It declares the full tensorflow wheel
+# as a dependency: with the gpu extra that is already there; next to tensorflow-cpu install
+# it with `pip install --no-deps tensorflow-serving-api` instead of this extra.
+SERVING = ["tensorflow-serving-api>=2.16", "grpcio>=1.24"]
 
 setup(
     name="tfcovseg",
@@ -49,6 +53,7 @@ setup(
         "cpu": TF_CPU,
         "gpu": TF_GPU,
         "codecs": CODECS,
+        "serving": SERVING,
         "test": [
             "pytest>=7.0",
             "jax[cpu]>=0.4.30",

@@ -176,17 +176,11 @@ def discover(
             continue
         else:
             try:
-                kind, ds = dicom_io.read_header(path)
+                kind, item, ds = dicom_io.scan_file(path, redactor)
             except SkipFile as e:
                 skipped.append((rel, str(e)))
                 continue
-            for key in ("PatientID", "PatientName", "OtherPatientIDs"):
-                if key in ds:
-                    redactor.add(str(ds.get(key)), "<patient>")
-            if kind == "seg":
-                segs.append((path, ds))
-            else:
-                headers.append((dicom_io.slice_header(path, ds), ds))
+            (segs if kind == "seg" else headers).append((item, ds))
     series_list, dropped = dicom_io.build_series(headers)
     skipped += [(p.relative_to(root).as_posix(), r) for p, r in dropped]
 

@@ -141,6 +141,26 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
     return "ct", ds
 
 
+IDENTITY_KEYS = ("PatientID", "PatientName", "OtherPatientIDs")
+
+
+def scan_file(path: Path, redactor=None):
+    """Reads one file's header for grouping: ``("ct", SliceHeader, ds)`` or ``("seg",
+    path, ds)``; the patient identities it holds are taught to `redactor` (its ``add``).
+
+    Raises:
+        SkipFile: not DICOM, not an image, not CT (`read_header`).
+    """
+    kind, ds = read_header(path)
+    if redactor is not None:
+        for key in IDENTITY_KEYS:
+            if key in ds:
+                redactor.add(str(ds.get(key)), "<patient>")
+    if kind == "seg":
+        return kind, path, ds
+    return kind, slice_header(path, ds), ds
+
+
 def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     return SliceHeader(
         path=path,

@@ -51,7 +51,7 @@ def test_layout_version_and_assets(exported, phantom_run):
     assert sig["input_size"].numpy().tolist() == [64, 64]
     assert sig["gate_threshold"].numpy() == pytest.approx(meta["gate"]["threshold"])
     assert json.loads(sig["json"].numpy().decode()) == meta
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".export")]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):

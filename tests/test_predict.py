@@ -215,6 +215,10 @@ def test_several_series_corrupt_files_gaps_and_other_modalities(model, phantom_r
     assert len(gapped) == 1
     assert gapped[0]["study"]["slices"] == len(files_b) - 1 - 4
     assert len([s for s in gapped[0]["skipped"] if "gap" in s["reason"]]) == 4
+    # Each series' report also says what of the study was left out, and why.
+    for report in reports:
+        study_level = {s["file"]: s["reason"] for s in report["skipped"] if s["scope"] == "study"}
+        assert "modality MR is not CT" in study_level["mr.dcm"]
     # --series picks one (by its pseudonym, as the reports show it).
     chosen = index["series"][0]["series"]
     one = predict(model, study, tmp_path / "one", series_uid=chosen, **QUIET)

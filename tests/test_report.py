@@ -250,3 +250,23 @@ def test_figure_path_relative_to_base_dir(tmp_path):
     assert "data:image/png;base64," in render_html(results, "r", base_dir=tmp_path)
     assert "data:image/png" not in render_html(results, "r")
     assert "Other figures" in render_markdown(results, "r")
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    from tfcovseg.report import atomic_directory
+
+    target = tmp_path / "out" / "7"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert not target.exists() and list((tmp_path / "out").iterdir()) == []
+    with atomic_directory(target) as tmp:
+        assert tmp.name.startswith(".") and not target.exists()
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert (target / "whole.bin").read_bytes() == b"y"
+    with pytest.raises(OSError):  # an existing folder is never replaced
+        with atomic_directory(target) as tmp:
+            (tmp / "other.bin").write_bytes(b"z")
+    assert sorted(p.name for p in target.iterdir()) == ["whole.bin"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["7"]

@@ -41,6 +41,7 @@ def test_run_folder_contents(tiny):
         "classifier_best.keras",
         "classifier_last.keras",
         "run.json",
+        "severity.json",
         "logs/segmentation.csv",
         "logs/classification.csv",
     ):
@@ -255,6 +256,36 @@ def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
     assert json.loads((out / "state.json").read_text())["completed"] == ["segmentation"]
     # The best checkpoint is the best of the whole run, across the kill.
     assert (out / "segmenter_best.keras").is_file()
+
+
+def test_severity_rule_and_export_at_the_end(tiny, tmp_path, capsys):
+    import shutil
+
+    root, config, _ = tiny
+    rule = json.loads((root / "run" / "severity.json").read_text())
+    manifest = json.loads((config_records(config) / "manifest.json").read_text())
+    fitted_on = manifest["folds"]["splits"][str(config.data.fold)]
+    covid = [
+        p
+        for p in fitted_on["train"] + fitted_on["validation"]
+        if manifest["patients"][p]["diagnosis"] == "covid"
+    ]
+    assert rule["patients"] == len(covid) and "grades" in rule
+    # --export after a (resumed, already complete) run writes the next servable version.
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    models = tmp_path / "models"
+    (models / "1").mkdir(parents=True)
+    args = ["--config", str(out / "config.yaml"), "--out", str(out), "--resume", "--quiet"]
+    assert main(args + ["--export", str(models)]) == 0
+    assert (models / "2" / "saved_model.pb").is_file()
+    assert f"servable model: {models / '2'}" in capsys.readouterr().out
+
+
+def config_records(config):
+    from pathlib import Path
+
+    return Path(config.data.records_dir).expanduser()
 
 
 def test_resume_skips_completed_phases(tiny, tmp_path):

@@ -37,9 +37,7 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +55,7 @@ from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.data import read_manifest, resize_image, split_patients  # noqa: E402
 from tfcovseg.models import load_model  # noqa: E402
 from tfcovseg.models.classifier import build_classifier, with_classifier_head  # noqa: E402
+from tfcovseg.report import atomic_directory  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
 DEFAULT_OUT = Path("saved_models") / "tfcovseg"
@@ -426,15 +425,9 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
     severity = severity_rule_for_run(run, config)
     metadata = export_metadata(run, config, severity, gate, int(version))
     graph = InferenceGraph(segmenter, classifier, metadata)
-    out.mkdir(parents=True, exist_ok=True)
-    # TF Serving only loads folders named by a number: the temporary name is invisible to it.
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
+    # TF Serving only loads folders named by a number: the temporary one is invisible to it.
+    with atomic_directory(target) as tmp:
         write_saved_model(graph, tmp)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
     return target
 

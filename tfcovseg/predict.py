@@ -40,9 +40,7 @@ import html
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +58,7 @@ from data_tools.dicom_io import SkipFile  # noqa: E402
 from data_tools.lung import lung_mask  # noqa: E402
 from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, resolve_salt  # noqa: E402
-from tfcovseg.report import atomic_write_text  # noqa: E402
+from tfcovseg.report import atomic_directory, atomic_write_text  # noqa: E402
 from tfcovseg.severity import grade_severity  # noqa: E402
 
 DISCLAIMER = "Research use, not a medical device."
@@ -111,6 +109,10 @@ class SavedModelPredictor:
     def segment(self, hu: np.ndarray) -> np.ndarray:
         return self._model.signatures["segment"](hu=tf.constant(hu, tf.float32))["masks"].numpy()
 
+    def serve(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._model.signatures["serving_default"](hu=tf.constant(hu, tf.float32))
+        return out["covid_probability"].numpy(), out["masks"].numpy()
+
 
 class RunPredictor:
     """A training run folder, through the same graph functions the export saves."""
@@ -144,6 +146,7 @@ class RunPredictor:
         spec = [tf.TensorSpec([None, None, None], tf.float32)]
         self._classify = tf.function(probe.classify, input_signature=spec)
         self._segment = tf.function(probe.segment, input_signature=spec)
+        self._serve = tf.function(probe.serve, input_signature=spec)
         gate = calibrate_gate(self._classify, config)
         self.metadata = export_metadata(run, config, severity_rule_for_run(run, config), gate, 0)
         self.metadata["model_version"] = None
@@ -154,6 +157,10 @@ class RunPredictor:
 
     def segment(self, hu: np.ndarray) -> np.ndarray:
         return self._segment(tf.constant(hu, tf.float32))["masks"].numpy()
+
+    def serve(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._serve(tf.constant(hu, tf.float32))
+        return out["covid_probability"].numpy(), out["masks"].numpy()
 
 
 def open_model(path) -> SavedModelPredictor | RunPredictor:
@@ -231,17 +238,14 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
         ):
             continue
         try:
-            kind, ds = dicom_io.read_header(path)
+            kind, item, ds = dicom_io.scan_file(path, redactor)
         except SkipFile as e:
             skipped.append((rel, str(e)))
             continue
-        for key in ("PatientID", "PatientName", "OtherPatientIDs"):
-            if key in ds:
-                redactor.add(str(ds.get(key)), "<patient>")
         if kind == "seg":
             skipped.append((rel, "a DICOM SEG object, not an image"))
             continue
-        headers.append((dicom_io.slice_header(path, ds), ds))
+        headers.append((item, ds))
     series_list, dropped = dicom_io.build_series(headers)
     base = root.parent if root.is_file() else root
     skipped += [(p.relative_to(base).as_posix(), r) for p, r in dropped]
@@ -348,12 +352,21 @@ def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
 
 def run_model(predictor, hu: np.ndarray, gate: bool, threshold: float, batch_size: int):
     """Slice probabilities [K], masks [K, H, W, C] (zeros where the gate said no), and the
-    indices segmented."""
+    indices segmented.
+
+    With the gate, the classifier scores every slice and only the slices it passes are
+    segmented. Without, one pass of the serving graph gives both outputs for every slice
+    (the encoder runs once), the cheapest way to segment everything.
+    """
     k = hu.shape[0]
+    if not gate:
+        outs = [predictor.serve(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
+        probs = np.concatenate([p for p, _ in outs]).astype(np.float32)
+        return probs, np.concatenate([m for _, m in outs]).astype(np.float32), np.arange(k)
     probs = np.concatenate(
         [predictor.classify(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
     ).astype(np.float32)
-    passed = np.nonzero(probs >= threshold)[0] if gate else np.arange(k)
+    passed = np.nonzero(probs >= threshold)[0]
     masks = None
     for i in range(0, len(passed), batch_size):
         idx = passed[i : i + batch_size]
@@ -580,8 +593,13 @@ def predict_volume(
     threshold=None,
     mask_threshold=0.5,
     batch_size=8,
+    study_skipped=(),
 ) -> dict:
-    """Predicts one volume and writes its files into `out_dir` (created); returns the report."""
+    """Predicts one volume and writes its files into `out_dir` (created); returns the report.
+
+    ``study_skipped``: (file, reason) of the input's files that belong to no usable series
+    (other modalities, corrupt headers), reported with the series' own skipped slices.
+    """
     meta = predictor.metadata
     classes = list(meta["class_names"])
     threshold = float(meta["gate"]["threshold"] if threshold is None else threshold)
@@ -625,7 +643,8 @@ def predict_volume(
         },
         "mask_threshold": float(mask_threshold),
         **measured,
-        "skipped": [{"file": f, "reason": r} for f, r in volume.skipped],
+        "skipped": [{"file": f, "reason": r, "scope": "series"} for f, r in volume.skipped]
+        + [{"file": f, "reason": r, "scope": "study"} for f, r in study_skipped],
         "warnings": list(volume.warnings),
         "timings_s": {"inference": round(inference_s, 3)},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -684,6 +703,11 @@ def predict(
         raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
     out = Path(out)
     predictor = model if hasattr(model, "segment") else open_model(model)
+    if predictor.metadata.get("pre_windowed"):
+        raise PredictionError(
+            f"{predictor.source} was trained on 8-bit windowed images (PNG/JPEG slices); "
+            "predict reads CT in Hounsfield units and needs a model trained on HU"
+        )
     volumes, skipped = read_input(input_path, series_uid, salt)
     taken = [v.series for v in volumes if (out / v.series).exists()]
     if taken:
@@ -698,15 +722,10 @@ def predict(
     for volume in volumes:
         for w in volume.warnings:
             log(f"warning: series {volume.series}: {w}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{volume.series}-", dir=out))
-        try:
+        with atomic_directory(out / volume.series) as tmp:
             report = predict_volume(
-                predictor, volume, tmp, gate, threshold, mask_threshold, batch_size
+                predictor, volume, tmp, gate, threshold, mask_threshold, batch_size, skipped
             )
-            os.rename(tmp, out / volume.series)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         index["series"].append(
             {
                 "series": volume.series,

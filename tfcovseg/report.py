@@ -21,9 +21,11 @@ Python; no TensorFlow or Keras. Research use, not a medical device.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -438,6 +440,26 @@ def atomic_write_text(path, text: str) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target):
+    """Yields a temporary folder beside `target` that becomes `target` when the block ends.
+
+    The folder is renamed into place only if the block completes; on any error it is
+    removed and nothing appears at `target`. Its name starts with a dot, which TF Serving
+    (numbered versions only) and readers of ``OUT/<name>/`` ignore. An existing `target`
+    is never replaced (the rename fails).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

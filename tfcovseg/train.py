@@ -20,8 +20,13 @@ TensorBoard, CSVLogger and BackupAndRestore, so a run killed mid-epoch continues
 `tf.distribute.MirroredStrategy` (when several GPUs are visible) are config switches.
 
 The run folder holds ``config.yaml`` (resolved), ``segmenter_best.keras``,
-``segmenter_last.keras``, ``classifier_best.keras``, ``logs/`` and ``run.json``
-(data fingerprint, seed, versions, timings). Research use, not a medical device.
+``segmenter_last.keras``, ``classifier_best.keras``, ``logs/``, ``severity.json`` (the
+severity grades' lesion / lung ratio thresholds fitted on the training patients) and
+``run.json`` (data fingerprint, seed, versions, timings).
+
+``--export`` (and the quickstart, always) ends by exporting the run as a SavedModel for TF
+Serving into ``saved_models/tfcovseg/<next version>`` (`tfcovseg.export`).
+Research use, not a medical device.
 """
 
 from __future__ import annotations
@@ -47,7 +52,12 @@ tf = require_tensorflow("python -m tfcovseg.train")
 import keras  # noqa: E402
 
 from tfcovseg.callbacks import OverlayImages, PatientEvaluation  # noqa: E402
-from tfcovseg.data import make_dataset, read_manifest, split_slices  # noqa: E402
+from tfcovseg.data import (  # noqa: E402
+    make_dataset,
+    read_manifest,
+    split_patients,
+    split_slices,
+)
 from tfcovseg.distributed import (  # noqa: E402
     choose_strategy,
     fit_distributed,
@@ -60,6 +70,7 @@ from tfcovseg.metrics import segmentation_metrics  # noqa: E402
 from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
 from tfcovseg.report import atomic_write_text  # noqa: E402
+from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
@@ -473,6 +484,12 @@ def train(
         )
         classifier.save(out / "classifier_last.keras")
         finish_phase("classification", phase_start)
+    if chief:
+        # The severity grades' ratio thresholds, from the training patients' ground truth;
+        # exports and predictions read them from here.
+        fitted_on = split_patients(manifest, "train", fold)
+        fitted_on += split_patients(manifest, "validation", fold)
+        _write_json(out / "severity.json", severity_rule_from_manifest(manifest, fitted_on))
     timings["total_s"] = round(time.perf_counter() - start, 1)
     summary = {
         "experiment": config.name,
@@ -487,6 +504,7 @@ def train(
             else type(strategy).__name__
         ),
         "replicas": strategy.num_replicas_in_sync,
+        "chief": chief,
         "resumed": bool(resume),
         "versions": {
             "tfcovseg": __version__,
@@ -580,6 +598,15 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--evaluate", action="store_true", help="evaluate the test split after training"
     )
+    parser.add_argument(
+        "--export",
+        nargs="?",
+        const="saved_models/tfcovseg",
+        type=Path,
+        metavar="DIR",
+        help="export the trained run for TF Serving into DIR/<next version> "
+        "(default DIR saved_models/tfcovseg; the quickstart always exports)",
+    )
     parser.add_argument("--quiet", action="store_true", help="one line per epoch at most")
     args = parser.parse_args(argv)
     if args.resume and args.out is None:
@@ -612,11 +639,27 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
-    if args.evaluate or config.name == "quickstart":
+    if not summary.get("chief", True):
+        return 0  # other workers of a multi-worker run: the chief evaluates and exports
+    quickstart = config.name == "quickstart"
+    if args.evaluate or quickstart:
         from tfcovseg.evaluate import evaluate_run, print_headline
 
         results = evaluate_run(out, split="test")
         print_headline(results, out)
+    export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
+    if export_dir is not None:
+        from tfcovseg.export import ExportError, export_run
+
+        try:
+            target = export_run(out, export_dir)
+        except ExportError as e:
+            print(f"error: export: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"servable model: {target} (python -m tfcovseg.predict --model {target} "
+            f"--input DICOM_DIR --out predictions)"
+        )
     return 0
 
 
