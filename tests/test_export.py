@@ -171,3 +171,24 @@ def test_a_run_without_a_segmenter_is_refused(phantom_run, tmp_path):
     with pytest.raises(ExportError, match="no segmenter"):
         export_run(run, tmp_path / "out", log=lambda *a: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_gate_keeps_lesion_slices_or_switches_off():
+    from tfcovseg.export import gate_from_scores
+
+    rng = np.random.default_rng(3)
+    labels = np.arange(200) < 80
+    good = np.where(labels, rng.uniform(0.3, 1.0, 200), rng.uniform(0.0, 0.32, 200))
+    gate = gate_from_scores(good, labels)
+    assert gate["validation_slice_auc"] > 0.95 and 0.3 <= gate["threshold"] <= 0.5
+    assert gate["validation_lesion_recall"] >= 0.95
+    assert gate["validation_pass_rate"] < 0.6  # it does skip slices
+    # A classifier that already separates at 0.5 keeps the paper's threshold.
+    sharp = np.where(labels, 0.9, 0.1)
+    assert gate_from_scores(sharp, labels)["threshold"] == 0.5
+    # A classifier that cannot tell lesion slices apart must not drop them: the gate is off.
+    fair = np.where(labels, rng.uniform(0.3, 1.0, 200), rng.uniform(0.0, 0.5, 200))  # AUC ~0.9
+    off = gate_from_scores(fair, labels)
+    assert off["threshold"] == 0.0 and off["validation_lesion_recall"] == 1.0
+    assert off["method"].startswith("off")
+    assert gate_from_scores(good, np.zeros(200, bool))["method"] == "paper"

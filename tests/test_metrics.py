@@ -230,3 +230,16 @@ def test_patient_scores_counts():
     assert s["accuracy"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5
     with pytest.raises(ValueError, match="no prediction"):
         patient_scores({"a": True}, {})
+
+
+def test_roc_auc_matches_pairwise_counting(rng):
+    from tfcovseg.metrics import roc_auc
+
+    labels = rng.random(60) < 0.4
+    scores = np.round(rng.random(60) + 0.5 * labels, 1)  # rounded: many ties
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert roc_auc(labels, scores) == pytest.approx(pairs)
+    assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
+    assert roc_auc([1, 0], [0.1, 0.9]) == 0.0
+    assert roc_auc([1, 1], [0.1, 0.9]) is None

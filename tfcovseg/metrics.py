@@ -297,6 +297,25 @@ def patient_scores(truth: dict, predicted: dict) -> dict:
     }
 
 
+def roc_auc(labels, scores) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); None without both
+    classes."""
+    labels = np.asarray(labels, bool).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    # average ranks (1-based) over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, count in zip(first, counts):
+        ranks[order[start : start + count]] = start + (count + 1) / 2
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
 def patient_score(slice_probabilities, min_slices=1) -> float:
     """The `min_slices`-th highest slice probability of a patient (0 with fewer slices).
 

@@ -359,7 +359,7 @@ def run_model(predictor, hu: np.ndarray, gate: bool, threshold: float, batch_siz
     (the encoder runs once), the cheapest way to segment everything.
     """
     k = hu.shape[0]
-    if not gate:
+    if not gate or threshold <= 0.0:  # a gate that passes everything: one pass is cheaper
         outs = [predictor.serve(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
         probs = np.concatenate([p for p, _ in outs]).astype(np.float32)
         return probs, np.concatenate([m for _, m in outs]).astype(np.float32), np.arange(k)
