@@ -1,0 +1,155 @@
+"""python -m tfcovseg.benchmarks.semiseg on tiny COVID-SemiSeg-layout folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfcovseg.benchmarks.semiseg import (
+    PUBLISHED,
+    TARGETS,
+    BenchmarkError,
+    load_slices,
+    main,
+    run,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = ROOT.parent / "shared" / "data" / "covid-semiseg" / "train"
+# Narrow networks: the tests check the benchmark's plumbing, not what it learns.
+TINY_WIDTHS = {
+    "stem_filters": 4,
+    "encoder_filters": (4, 8, 8, 16),
+    "encoder_blocks": (1, 1, 1, 1),
+    "se_reduction": 4,
+    "aspp_filters": 4,
+    "decoder_filters": (8, 4, 4, 4),
+    "decoder_convs": 1,
+    "refine_filters": 4,
+    "unet_filters": (4, 8, 8, 16, 16),
+}
+FAST = dict(size=32, epochs=1, patience=1, passes=1, widths=TINY_WIDTHS, log=lambda *a: None)
+
+
+def make_folder(root: Path, names, seed=0) -> Path:
+    """Imgs/N.jpg (8-bit windowed) and GT/N.png (0, 1 GGO, 2 consolidation), odd sizes."""
+    rng = np.random.default_rng(seed)
+    (root / "Imgs").mkdir(parents=True)
+    (root / "GT").mkdir()
+    for i, name in enumerate(names):
+        h, w = 40 + 4 * i, 48 + 2 * i
+        image = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        labels = np.zeros((h, w), np.uint8)
+        labels[5:15, 8:20] = 1
+        labels[20:26, 10 + i : 18 + i] = 2
+        Image.fromarray(image).save(root / "Imgs" / f"{name}.jpg")
+        Image.fromarray(labels).save(root / "GT" / f"{name}.png")
+    return root
+
+
+def test_load_slices_reads_images_and_original_truth(tmp_path):
+    folder = make_folder(tmp_path / "train", ["10", "2", "7"])
+    data = load_slices(folder, 32)
+    assert data.names == ["2", "7", "10"]  # numeric order
+    assert data.images.shape == (3, 32, 32) and data.masks.shape == (3, 32, 32, 2)
+    assert data.images.max() > 1.0  # 8-bit, not rescaled: the model's window does that
+    assert [t.shape for t in data.truth] == [(44, 50), (48, 52), (40, 48)]
+    assert set(np.unique(data.truth[0])) == {0, 1, 2}
+    assert data.masks[..., 0].any() and data.masks[..., 1].any()
+
+
+def test_bad_folders_are_named(tmp_path):
+    with pytest.raises(BenchmarkError, match="not a directory"):
+        load_slices(tmp_path / "missing", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BenchmarkError, match="no Imgs"):
+        load_slices(tmp_path / "empty", 32)
+    folder = make_folder(tmp_path / "nogt", ["1", "2"])
+    (folder / "GT" / "2.png").unlink()
+    with pytest.raises(BenchmarkError, match="no GT mask for Imgs/2.jpg"):
+        load_slices(folder, 32)
+
+
+def test_cross_validation_writes_scores_tables_and_maps(tmp_path):
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    out = tmp_path / "out"
+    results = run(folder, out, folds=2, **FAST)
+    assert results["mode"] == "cross-validation" and results["folds"] == 2
+    for arch in ("coarse_refine", "unet"):
+        entry = results["models"][arch]
+        assert len(entry["folds"]) == 2 and len(entry["runs"]) == 2
+        tested = sorted(sum((r["test_slices"] for r in entry["runs"]), []), key=int)
+        assert tested == [str(i) for i in range(6)]  # each slice tested once
+        for target in TARGETS:
+            summary = entry["summary"][target]
+            assert 0.0 <= summary["meanDic"]["mean"] <= summary["maxDic"]["mean"] <= 1.0
+            assert summary["meanDic"]["sd"] >= 0.0 and "MAE" in summary
+            for i in range(6):
+                png = np.asarray(Image.open(out / arch / "predictions" / target / f"{i}.png"))
+                assert png.dtype == np.uint8 and png.shape == (40 + 4 * i, 48 + 2 * i)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["published_meanDic"] == PUBLISHED
+    table = (out / "results.md").read_text()
+    assert "coarse-refine (ours" in table and "Semi-Inf-Net" in table and "0.439" in table
+    assert "not a medical device" in table
+
+
+def test_test_dir_mode_scores_the_test_slices(tmp_path, capsys):
+    train = make_folder(tmp_path / "train", [str(i) for i in range(5)])
+    test = make_folder(tmp_path / "test", ["100", "101"], seed=1)
+    out = tmp_path / "out"
+    results = run(train, out, test_dir=test, models=("unet",), **FAST)
+    assert results["mode"] == "test" and results["test_slices"] == 2
+    assert list(results["models"]) == ["unet"]
+    assert results["models"]["unet"]["folds"][0]["infection"]["images"] == 2
+    names = sorted(p.name for p in (out / "unet" / "predictions" / "ggo").iterdir())
+    assert names == ["100.png", "101.png"]
+    assert main(["--train-dir", str(train), "--models", "vit", "--out", str(out)]) == 2
+    assert "unknown models" in capsys.readouterr().err
+    assert main(["--train-dir", str(train), "--size", "50", "--out", str(out)]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert main(["--train-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_runs_under_jax_without_tensorflow(tmp_path):
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(4)])
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import tests.no_tensorflow  # `import tensorflow` fails, as on a JAX-only machine
+        import keras
+        from tests.benchmarks.test_semiseg import FAST
+        from tfcovseg.benchmarks.semiseg import run
+        assert keras.backend.backend() == "jax"
+        results = run({str(folder)!r}, {str(tmp_path / "out")!r}, folds=2,
+                      models=("coarse_refine",), **FAST)
+        assert "tensorflow" not in sys.modules
+        print(json.dumps(results["models"]["coarse_refine"]["summary"]["infection"]["meanDic"]))
+        """
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.0 <= summary["mean"] <= 1.0
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"COVID-SemiSeg slices not found at {REAL}")
+def test_real_slices_load():
+    data = load_slices(REAL, 64)
+    assert len(data.names) == 50 and data.images.shape == (50, 64, 64)
+    assert all(set(np.unique(t)) <= {0, 1, 2} for t in data.truth)
+    assert sum(int((t == 2).any()) for t in data.truth) > 10  # consolidation is common
+    sizes = {t.shape for t in data.truth}
+    assert len(sizes) > 5  # images keep their own sizes for the protocol

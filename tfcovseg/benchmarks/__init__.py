@@ -1,0 +1,1 @@
+"""Benchmarks on real data (``python -m tfcovseg.benchmarks.semiseg``)."""
