@@ -345,6 +345,8 @@ def process_study(study: Study, size: int, classes) -> StudyResult:
         keys = [series.slices[i].sop_uid for i in kept]
     elif study.kind == "nifti":
         hu, spacing, affine = read_nifti_volume(study.image_path)
+        # As for DICOM: padding and outside-field-of-view values (often -3024) become air.
+        hu = np.maximum(hu, dicom_io.HU_FLOOR)
         labels = None
         if study.mask_path is not None:
             mask, _, mask_affine = read_nifti_volume(study.mask_path)

@@ -142,6 +142,8 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
 
 
 IDENTITY_KEYS = ("PatientID", "PatientName", "OtherPatientIDs")
+# Identifiers that exporters also put into file and folder names.
+UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber")
 
 
 def scan_file(path: Path, redactor=None):
@@ -156,19 +158,41 @@ def scan_file(path: Path, redactor=None):
         for key in IDENTITY_KEYS:
             if key in ds:
                 redactor.add(str(ds.get(key)), "<patient>")
+        for key in UID_KEYS:
+            if ds.get(key):
+                redactor.add(str(ds.get(key)), "<uid>")
     if kind == "seg":
         return kind, path, ds
-    return kind, slice_header(path, ds), ds
+    try:
+        return kind, slice_header(path, ds), ds
+    except (ValueError, TypeError, IndexError) as e:
+        raise SkipFile(f"malformed geometry tags ({type(e).__name__}: {e})") from None
 
 
 def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
+    """The geometry of one CT file.
+
+    Raises:
+        ValueError: ImagePositionPatient without 3 values, ImageOrientationPatient without
+            6, PixelSpacing without 2 positive ones, or a zero image size.
+    """
+    position = [float(v) for v in ds.ImagePositionPatient]
+    orientation = [float(v) for v in ds.ImageOrientationPatient]
+    spacing = [float(v) for v in ds.PixelSpacing]
+    if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2 or min(spacing) <= 0:
+        raise ValueError(
+            f"ImagePositionPatient {position}, ImageOrientationPatient {orientation}, "
+            f"PixelSpacing {spacing}"
+        )
+    if int(ds.Rows) < 1 or int(ds.Columns) < 1:
+        raise ValueError(f"image size {ds.Rows} x {ds.Columns}")
     return SliceHeader(
         path=path,
         series_uid=str(ds.SeriesInstanceUID),
         sop_uid=str(ds.get("SOPInstanceUID", path.name)),
-        position=np.array([float(v) for v in ds.ImagePositionPatient]),
-        orientation=np.array([float(v) for v in ds.ImageOrientationPatient]),
-        spacing=(float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])),
+        position=np.array(position),
+        orientation=np.array(orientation),
+        spacing=(spacing[0], spacing[1]),
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         thickness=float(ds.get("SliceThickness", 0) or 0),

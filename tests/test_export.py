@@ -191,4 +191,6 @@ def test_gate_keeps_lesion_slices_or_switches_off():
     off = gate_from_scores(fair, labels)
     assert off["threshold"] == 0.0 and off["validation_lesion_recall"] == 1.0
     assert off["method"].startswith("off")
-    assert gate_from_scores(good, np.zeros(200, bool))["method"] == "paper"
+    # Nothing to check it on: off as well.
+    unchecked = gate_from_scores(good, np.zeros(200, bool))
+    assert unchecked["threshold"] == 0.0 and unchecked["method"].startswith("off")

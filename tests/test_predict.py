@@ -66,10 +66,15 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     series = _series(case / "ct")
     hu = np.stack([dicom_io.read_hu(s.path) for s in series.slices])
     expected = _label_volume(model.segment(hu), hu.shape, 0.5)
-    # The label volume lands on the series grid (read back through both affines).
+    # The label volume lands on the series grid (read back through both affines) ...
     np.testing.assert_array_equal(
         nifti_labels_on_series(folder / "lesions.nii.gz", series), expected
     )
+    # ... and in the physical space of the phantom's own lesion NIfTI, written independently.
+    ours = nib.as_closest_canonical(nib.load(folder / "lesions.nii.gz"))
+    theirs = nib.as_closest_canonical(nib.load(case / "lesions.nii.gz"))
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-4)
     prob = nib.load(folder / "probability_ggo.nii.gz")
     assert prob.shape == (64, 64, len(series.slices)) and prob.get_data_dtype() == np.float32
     # Volumes: voxels x voxel size; percentages of the lung; the severity from the rule.
@@ -84,6 +89,7 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     assert report["gate"] == {
         "enabled": False,
         "threshold": report["gate"]["threshold"],
+        "method": "--no-gate",
         "slices_segmented": len(series.slices),
     }
     assert report["disclaimer"] == DISCLAIMER and DISCLAIMER in (folder / "report.html").read_text()
@@ -274,3 +280,45 @@ def test_read_input_redacts_identifiers_from_skip_reasons(phantom_run, tmp_path)
     volumes, skipped = read_input(folder, salt=SALT)
     assert len(volumes) == 1 and len(skipped) == 1
     assert name not in skipped[0][0] and "<patient>" in skipped[0][0]
+
+
+def test_unreadable_slices_stay_in_place_and_bad_headers_are_skipped(model, phantom_run, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(phantom_run.cohort / "case_0002" / "ct", study)
+    files = sorted(
+        study.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2])
+    )
+    n = len(files)
+    # Pixel data cut short: the header reads, the pixels do not.
+    broken = files[n // 2]
+    broken.write_bytes(broken.read_bytes()[:-4000])
+    # A copy with a one-value PixelSpacing, named by its UID (as PACS exports do).
+    bad = pydicom.dcmread(files[0])
+    bad.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+    bad.PixelSpacing = [0.7]
+    bad.save_as(study / f"{bad.SOPInstanceUID}.dcm")
+    index = predict(model, study, tmp_path / "out", gate=False, **QUIET)
+    folder = tmp_path / "out" / index["series"][0]["folder"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["study"]["slices"] == n  # the grid stays whole
+    assert any("unreadable" in w for w in report["warnings"])
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert "left empty" in reasons[broken.name]
+    assert any("malformed geometry" in r for r in reasons.values())
+    text = (tmp_path / "out" / "index.json").read_text() + json.dumps(report)
+    assert bad.SOPInstanceUID not in text and "<uid>" in text
+    labels = np.asarray(nib.load(folder / "lesions.nii.gz").dataobj)
+    assert not labels[..., n // 2].any()
+
+
+def test_index_keeps_earlier_studies(model, phantom_run, tmp_path):
+    out = tmp_path / "out"
+    predict(model, phantom_run.cohort / "case_0003", out, gate=False, **QUIET)
+    predict(model, phantom_run.cohort / "case_0004", out, gate=False, **QUIET)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["series"]) == 2
+    assert sorted(s["folder"] for s in index["series"]) == sorted(
+        p.name for p in out.iterdir() if p.is_dir()
+    )
+    report = json.loads((out / index["series"][0]["folder"] / "report.json").read_text())
+    assert report["gate"]["enabled"] is False and report["gate"]["method"] == "--no-gate"

@@ -169,8 +169,11 @@ def _set_shapes(example, size, num_classes):
     return out
 
 
-def _classify_label(example):
-    non_covid = tf.reduce_any(tf.equal(example["patient/diagnosis"], list(NON_COVID)))
+def classify_label(example):
+    """The "classify" task's target: 1.0 for a lesion slice of a patient not diagnosed
+    with another disease (healthy, bacterial and viral patients' slices are negatives)."""
+    diagnosis = example["patient/diagnosis"][..., None]  # one example or a batch
+    non_covid = tf.reduce_any(tf.equal(diagnosis, list(NON_COVID)), axis=-1)
     has_lesion = example["slice/label"] > 0
     return tf.cast(tf.logical_and(has_lesion, tf.logical_not(non_covid)), tf.float32)
 
@@ -300,13 +303,13 @@ def make_dataset(
         def targets(e):
             out = {n: e["lesions"] for n in names}
             if label_output:
-                out[label_output] = _classify_label(e)
+                out[label_output] = classify_label(e)
             return e["hu"][..., None], out
 
         ds = ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
     elif task == "classify":
         ds = ds.map(
-            lambda e: (e["hu"][..., None], _classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
+            lambda e: (e["hu"][..., None], classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
         )
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).

@@ -52,7 +52,12 @@ import keras  # noqa: E402
 
 from data_tools.features import feature_spec  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
-from tfcovseg.data import read_manifest, resize_image, split_patients  # noqa: E402
+from tfcovseg.data import (  # noqa: E402
+    classify_label,
+    read_manifest,
+    resize_image,
+    split_patients,
+)
 from tfcovseg.metrics import roc_auc  # noqa: E402
 from tfcovseg.models import load_model  # noqa: E402
 from tfcovseg.models.classifier import build_classifier, with_classifier_head  # noqa: E402
@@ -289,15 +294,12 @@ def calibrate_gate(
             class_names=config.model.class_names,
         )
     except (FileNotFoundError, ValueError) as e:
-        return {
-            "threshold": PAPER_GATE_THRESHOLD,
-            "method": "paper",
-            "reason": f"validation records unavailable ({e})",
-        }
+        return {"threshold": 0.0, "method": f"off: cannot be checked (validation records: {e})"}
     probs, labels = [], []
     for batch in ds:
         probs.append(np.asarray(classifier_fn(batch["hu"])["covid_probability"]))
-        labels.append(batch["slice/label"].numpy() > 0)
+        # The classifier's own target (data.classify_label): a COVID-19 lesion slice.
+        labels.append(classify_label(batch).numpy() > 0)
     return gate_from_scores(np.concatenate(probs), np.concatenate(labels), recall, min_auc)
 
 
@@ -308,9 +310,8 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
     positives = np.sort(probs[labels])[::-1]
     if positives.size == 0:
         return {
-            "threshold": PAPER_GATE_THRESHOLD,
-            "method": "paper",
-            "reason": "no lesion slice in the validation split",
+            "threshold": 0.0,
+            "method": "off: cannot be checked (no lesion slice in validation)",
         }
     auc = roc_auc(labels, probs)
     keep = int(np.ceil(recall * positives.size))
@@ -342,7 +343,7 @@ def export_metadata(run: Path, config, severity: dict, gate: dict, version: int)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_version": int(version),
+        "model_version": None if version is None else int(version),
         "experiment": config.name,
         "architecture": config.model.architecture,
         "run": run.name,
@@ -406,34 +407,23 @@ def write_saved_model(graph: InferenceGraph, path: Path) -> None:
     (assets / ASSET_NAME).write_text(json.dumps(graph.metadata, indent=2, sort_keys=True))
 
 
-def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print) -> Path:
-    """Exports a run folder as ``out/<version>``; returns that folder.
+def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
+    """A run folder's models, gate and severity rule as the serving graph (with metadata).
 
-    Args:
-        run: A training run folder (``config.yaml`` and ``segmenter_*.keras``).
-        out: The model's folder in the TF Serving layout (versions beneath it).
-        version: The version number (default: the next free one); an existing version is
-            never overwritten.
-        gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
+    Shared by the export and by `tfcovseg.predict` on a run folder.
 
     Raises:
-        ExportError: no run, no segmenter, a taken version, a bad threshold.
+        ExportError: no run folder, no segmenter, a model that does not load, a bad
+            threshold.
     """
-    run, out = Path(run), Path(out)
+    run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a training run folder (no config.yaml)")
-    config = load_config(run / "config.yaml")
-    if version is None:
-        version = next_version(out)
-    if int(version) < 1:
-        raise ExportError(f"--version must be a positive integer, got {version}")
-    target = out / str(int(version))
-    if target.exists():
-        raise ExportError(
-            f"{target} already exists: TF Serving versions are immutable; omit --version to "
-            f"write version {next_version(out)}"
-        )
-    segmenter, classifier = load_run_models(run)
+    try:
+        config = load_config(run / "config.yaml")
+        segmenter, classifier = load_run_models(run)
+    except Exception as e:  # a bad config or a corrupt .keras file
+        raise ExportError(f"cannot load the run {run}: {type(e).__name__}: {e}") from None
     if segmenter is None:
         raise ExportError(
             f"{run} holds no segmenter (segmenter_best.keras / segmenter_last.keras)"
@@ -452,8 +442,38 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
             raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
         gate = {"threshold": t, "method": "given"}
     severity = severity_rule_for_run(run, config)
-    metadata = export_metadata(run, config, severity, gate, int(version))
-    graph = InferenceGraph(segmenter, classifier, metadata)
+    metadata = export_metadata(run, config, severity, gate, version)
+    return InferenceGraph(segmenter, classifier, metadata)
+
+
+def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print) -> Path:
+    """Exports a run folder as ``out/<version>``; returns that folder.
+
+    Args:
+        run: A training run folder (``config.yaml`` and ``segmenter_*.keras``).
+        out: The model's folder in the TF Serving layout (versions beneath it).
+        version: The version number (default: the next free one); an existing version is
+            never overwritten.
+        gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
+
+    Raises:
+        ExportError: no run, no segmenter, a taken version, a bad threshold.
+    """
+    run, out = Path(run), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    if version is None:
+        version = next_version(out)
+    if int(version) < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    target = out / str(int(version))
+    if target.exists():
+        raise ExportError(
+            f"{target} already exists: TF Serving versions are immutable; omit --version to "
+            f"write version {next_version(out)}"
+        )
+    graph = prepare_run(run, gate_threshold, int(version))
+    gate = graph.metadata["gate"]
     # TF Serving only loads folders named by a number: the temporary one is invisible to it.
     with atomic_directory(target) as tmp:
         write_saved_model(graph, tmp)

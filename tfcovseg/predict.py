@@ -11,7 +11,9 @@ above the gate threshold are segmented (``--no-gate`` segments all), in batches.
 into ``OUT/<series pseudonym>/``:
 
 - ``lesions.nii.gz``: one label volume (0 background, 1.. the classes in the model's order)
-  on the series' grid and affine; ``probability_<class>.nii.gz``: per-class probabilities;
+  on the DICOM series' grid and affine (a NIfTI input: its voxels in the closest canonical
+  RAS+ orientation, the same physical space); ``probability_<class>.nii.gz``: per-class
+  probabilities;
 - ``segmentation.dcm``: a DICOM SEG object (highdicom) referencing the source series
   (DICOM input only; as DICOM requires, it carries the source's patient module);
 - ``overlay.png``: a montage of the slices with the most lesion (red GGO, green
@@ -19,8 +21,8 @@ into ``OUT/<series pseudonym>/``:
 - ``report.json`` and ``report.html``: per lesion type the volume in mL and the percentage
   of lung volume, the slices with lesions, the patient-level COVID-19 probability (the
   highest slice probability, the paper's any-slice rule), the severity grade from the
-  thresholds fitted on the training patients (`tfcovseg.severity`), the model version, what
-  was skipped and why, and "Research use, not a medical device."
+  thresholds fitted on the training and validation patients (`tfcovseg.severity`), the
+  model version, what was skipped and why, and "Research use, not a medical device."
 
 ``OUT/index.json`` lists the series processed and the files skipped. File and folder names
 carry pseudonyms only. Files that cannot be used (not DICOM, not CT, corrupt, undecodable)
@@ -58,10 +60,11 @@ from data_tools.dicom_io import SkipFile  # noqa: E402
 from data_tools.lung import lung_mask  # noqa: E402
 from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, resolve_salt  # noqa: E402
-from tfcovseg.report import atomic_directory, atomic_write_text  # noqa: E402
+from tfcovseg.metrics import patient_score  # noqa: E402
+from tfcovseg.report import DISCLAIMER, atomic_directory, atomic_write_text  # noqa: E402
 from tfcovseg.severity import grade_severity  # noqa: E402
+from tfcovseg.viz import DEFAULT_WINDOW  # noqa: E402
 
-DISCLAIMER = "Research use, not a medical device."
 GAP_FACTOR = 1.5  # a step between slices over 1.5x the median step is a gap
 MONTAGE_SLICES = 12
 DICOM_SUFFIXES_IGNORED = (".csv", ".txt", ".md", ".json", ".png", ".jpg", ".jpeg", ".html")
@@ -118,38 +121,17 @@ class RunPredictor:
     """A training run folder, through the same graph functions the export saves."""
 
     def __init__(self, run: Path):
-        from tfcovseg.config import load_config
-        from tfcovseg.export import (
-            ExportError,
-            InferenceGraph,
-            calibrate_gate,
-            export_metadata,
-            load_run_models,
-            severity_rule_for_run,
-        )
+        from tfcovseg.export import ExportError, prepare_run
 
-        config = load_config(run / "config.yaml")
-        segmenter, classifier = load_run_models(run)
-        if segmenter is None:
-            raise PredictionError(f"{run} holds no segmenter (segmenter_best.keras)")
         try:
-            probe = InferenceGraph(
-                segmenter,
-                classifier,
-                {
-                    "class_names": list(config.model.class_names),
-                    "pre_windowed": config.model.pre_windowed,
-                },
-            )
+            graph = prepare_run(run)
         except ExportError as e:
             raise PredictionError(str(e)) from None
         spec = [tf.TensorSpec([None, None, None], tf.float32)]
-        self._classify = tf.function(probe.classify, input_signature=spec)
-        self._segment = tf.function(probe.segment, input_signature=spec)
-        self._serve = tf.function(probe.serve, input_signature=spec)
-        gate = calibrate_gate(self._classify, config)
-        self.metadata = export_metadata(run, config, severity_rule_for_run(run, config), gate, 0)
-        self.metadata["model_version"] = None
+        self._classify = tf.function(graph.classify, input_signature=spec)
+        self._segment = tf.function(graph.segment, input_signature=spec)
+        self._serve = tf.function(graph.serve, input_signature=spec)
+        self.metadata = graph.metadata
         self.source = f"run folder {run.name}"
 
     def classify(self, hu: np.ndarray) -> np.ndarray:
@@ -173,11 +155,9 @@ def open_model(path) -> SavedModelPredictor | RunPredictor:
         return SavedModelPredictor(path)
     if (path / "config.yaml").is_file():
         return RunPredictor(path)
-    versions = sorted(
-        (int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()),
-        reverse=True,
-    )
-    for version in versions:
+    from tfcovseg.export import existing_versions
+
+    for version in reversed(existing_versions(path)):
         if (path / str(version) / "saved_model.pb").is_file():
             return SavedModelPredictor(path / str(version))
     raise PredictionError(
@@ -198,10 +178,10 @@ class Volume:
     spacing_mm: tuple[float, float, float]  # row, column, slice
     patient: str  # pseudonyms
     series: str
-    positions: list[float]
     series_obj: dicom_io.DicomSeries | None = None  # DICOM: the kept slices, sorted
     datasets: list | None = None  # DICOM: headers of the kept slices (for the SEG)
     affine: np.ndarray | None = None  # NIfTI: canonical (RAS+) affine of the input
+    unreadable: list = dataclasses.field(default_factory=list)  # slice indices left empty
     skipped: list = dataclasses.field(default_factory=list)  # (file, reason)
     warnings: list = dataclasses.field(default_factory=list)
 
@@ -264,38 +244,43 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
         series_list = chosen
     volumes = []
     for series in series_list:
-        own_skips, kept, hu = [], [], []
+        pseudo = pseudonym("S", series.uid, salt)
+        own_skips, warnings = [], []
+        # Gaps are in the geometry (the header positions), not in which files decode.
+        block, gap = _contiguous(series.positions)
         for i, header in enumerate(series.slices):
+            if not block.start <= i < block.stop:
+                own_skips.append(
+                    (
+                        header.path.relative_to(base).as_posix(),
+                        "beyond a gap in slice positions (the longest gap-free run is kept)",
+                    )
+                )
+        if gap:
+            warnings.append(f"{gap}: kept the longest run of {block.stop - block.start} slices")
+        sub = dataclasses.replace(
+            series, slices=series.slices[block], positions=series.positions[block]
+        )
+        hu, unreadable = [], []
+        for i, header in enumerate(sub.slices):
             try:
                 hu.append(dicom_io.read_hu(header.path))
-                kept.append(i)
             except SkipFile as e:
-                own_skips.append((header.path.relative_to(base).as_posix(), str(e)))
-        warnings = []
-        if kept:
-            positions = np.array([series.positions[i] for i in kept])
-            block, gap = _contiguous(positions)
-            if gap:
-                dropped_idx = [i for j, i in enumerate(kept) if not block.start <= j < block.stop]
-                for i in dropped_idx:
-                    own_skips.append(
-                        (
-                            series.slices[i].path.relative_to(base).as_posix(),
-                            "beyond a gap in slice positions (the longest gap-free run is kept)",
-                        )
-                    )
-                warnings.append(f"{gap}: kept the longest run of {block.stop - block.start} slices")
-                kept, hu = kept[block], hu[block]
-        pseudo = pseudonym("S", series.uid, salt)
-        if not kept:
+                # Kept in place (as air, not segmented) so the grid stays regular.
+                hu.append(np.full((header.rows, header.columns), dicom_io.HU_FLOOR, np.float32))
+                unreadable.append(i)
+                own_skips.append(
+                    (header.path.relative_to(base).as_posix(), f"{e}; left empty in the outputs")
+                )
+        if len(unreadable) == len(sub.slices):
             skipped += own_skips
             skipped.append((f"series {pseudo}", "no slice of the series could be read"))
             continue
-        sub = dataclasses.replace(
-            series,
-            slices=[series.slices[i] for i in kept],
-            positions=np.array([series.positions[i] for i in kept]),
-        )
+        if unreadable:
+            warnings.append(
+                f"{len(unreadable)} unreadable slice(s) left empty: lesion and lung volumes "
+                "leave them out"
+            )
         first = sub.slices[0]
         volumes.append(
             Volume(
@@ -304,9 +289,9 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
                 spacing_mm=(first.spacing[0], first.spacing[1], abs(sub.slice_spacing)),
                 patient=pseudonym("P", f"dicom:{series.patient_id or series.uid}", salt),
                 series=pseudo,
-                positions=[float(p) for p in sub.positions],
                 series_obj=sub,
                 datasets=[by_path[h.path] for h in sub.slices],
+                unreadable=unreadable,
                 skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
                 warnings=[redactor(w) for w in warnings],
             )
@@ -336,7 +321,6 @@ def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
             spacing_mm=spacing,
             patient=pseudonym("P", f"nifti:{key}", salt),
             series=pseudonym("S", key, salt),
-            positions=[k * spacing[2] for k in range(hu.shape[0])],
             affine=affine,
         )
         return [volume], []
@@ -361,8 +345,9 @@ def run_model(predictor, hu: np.ndarray, gate: bool, threshold: float, batch_siz
     k = hu.shape[0]
     if not gate or threshold <= 0.0:  # a gate that passes everything: one pass is cheaper
         outs = [predictor.serve(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
-        probs = np.concatenate([p for p, _ in outs]).astype(np.float32)
-        return probs, np.concatenate([m for _, m in outs]).astype(np.float32), np.arange(k)
+        probs = np.concatenate([p for p, _ in outs]).astype(np.float32, copy=False)
+        masks = np.concatenate([m for _, m in outs]).astype(np.float32, copy=False)
+        return probs, masks, np.arange(k)
     probs = np.concatenate(
         [predictor.classify(hu[i : i + batch_size]) for i in range(0, k, batch_size)]
     ).astype(np.float32)
@@ -606,10 +591,20 @@ def predict_volume(
     start = time.perf_counter()
     probs, masks, passed = run_model(predictor, volume.hu, gate, threshold, batch_size)
     inference_s = time.perf_counter() - start
+    if masks is not None and volume.unreadable:
+        masks[volume.unreadable] = 0.0  # slices that could not be read stay empty
     labels = _label_volume(masks, volume.hu.shape, mask_threshold)
     measured = measure(volume, labels, classes, meta.get("severity"))
     k, h, w = volume.hu.shape
-    patient_threshold = float(meta.get("patient_rule", {}).get("threshold", threshold))
+    if not gate:
+        gate_method = "--no-gate"
+    elif threshold == float(meta["gate"]["threshold"]):
+        gate_method = meta["gate"].get("method", "")
+    else:
+        gate_method = "--threshold"
+    rule = meta.get("patient_rule", {})
+    patient_threshold = float(rule.get("threshold", 0.5))
+    patient_probability = patient_score(probs, int(rule.get("min_slices", 1)))
     report = {
         "disclaimer": DISCLAIMER,
         "study": {
@@ -630,15 +625,17 @@ def predict_volume(
             "tfcovseg": __version__,
         },
         "gate": {
-            "enabled": bool(gate),
+            "enabled": bool(gate) and threshold > 0.0,
             "threshold": threshold,
+            "method": gate_method,
             "slices_segmented": int(len(passed)),
         },
         "covid": {
-            "probability": float(probs.max()),
+            "probability": patient_probability,
             "threshold": patient_threshold,
-            "positive": bool(probs.max() >= patient_threshold),
-            "rule": "any slice at or above the threshold (Huang et al. 2021)",
+            "positive": bool(patient_probability >= patient_threshold),
+            "rule": f"at least {int(rule.get('min_slices', 1))} slice(s) at or above the "
+            "threshold (the paper: any slice, Huang et al. 2021)",
             "slice_probabilities": [round(float(p), 4) for p in probs],
         },
         "mask_threshold": float(mask_threshold),
@@ -662,11 +659,14 @@ def predict_volume(
         outputs[f"probability_{name}"] = file
     if volume.kind == "dicom":
         version = meta.get("model_version") or "run"
-        if write_seg(volume, labels, classes, out_dir / "segmentation.dcm", version):
-            outputs["dicom_seg"] = "segmentation.dcm"
-        else:
-            report["warnings"].append("no lesion found: no DICOM SEG written")
-    png = montage(volume, labels, classes, meta.get("hu_window", (-1250.0, 250.0)))
+        try:
+            if write_seg(volume, labels, classes, out_dir / "segmentation.dcm", version):
+                outputs["dicom_seg"] = "segmentation.dcm"
+            else:
+                report["warnings"].append("no lesion found: no DICOM SEG written")
+        except Exception as e:  # highdicom refuses some source headers (missing modules)
+            report["warnings"].append(f"no DICOM SEG: highdicom refused it ({type(e).__name__})")
+    png = montage(volume, labels, classes, meta.get("hu_window", DEFAULT_WINDOW))
     (out_dir / "overlay.png").write_bytes(png)
     outputs["overlay"] = "overlay.png"
     outputs |= {"report_json": "report.json", "report_html": "report.html"}
@@ -717,8 +717,16 @@ def predict(
     for f, r in skipped:
         log(f"warning: skipped {f}: {r}")
     out.mkdir(parents=True, exist_ok=True)
-    index = {"disclaimer": DISCLAIMER, "model": predictor.source, "series": [], "skipped": []}
-    index["skipped"] = [{"file": f, "reason": r} for f, r in skipped]
+    # Results already in OUT stay listed: the index grows with every study predicted into it.
+    index_path = out / "index.json"
+    index = {"disclaimer": DISCLAIMER, "series": [], "skipped": []}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            raise PredictionError(f"{index_path} is not valid JSON: choose another --out") from None
+    index["model"] = predictor.source
+    index.setdefault("skipped", []).extend({"file": f, "reason": r} for f, r in skipped)
     for volume in volumes:
         for w in volume.warnings:
             log(f"warning: series {volume.series}: {w}")
@@ -737,6 +745,7 @@ def predict(
                 "lesion_percent_of_lung": report["total"]["percent_of_lung"],
             }
         )
+        atomic_write_text(index_path, json.dumps(index, indent=2))  # after every series
         log(
             f"series {volume.series}: {report['study']['slices']} slices, "
             f"{report['gate']['slices_segmented']} segmented, lesions "
@@ -744,7 +753,7 @@ def predict(
             f"{report['severity']['grade']}, COVID-19 probability "
             f"{report['covid']['probability']:.3f} -> {out / volume.series}"
         )
-    atomic_write_text(out / "index.json", json.dumps(index, indent=2))
+    atomic_write_text(index_path, json.dumps(index, indent=2))
     return index
 
 

@@ -450,13 +450,18 @@ def atomic_directory(target):
     The folder is renamed into place only if the block completes; on any error it is
     removed and nothing appears at `target`. Its name starts with a dot, which TF Serving
     (numbered versions only) and readers of ``OUT/<name>/`` ignore. An existing `target`
-    is never replaced (the rename fails).
+    is never replaced: the caller checks, and a non-empty one makes the rename fail.
+    The folder gets the usual mode (mkdtemp makes it owner-only), so a model server
+    running as another user can read an export.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

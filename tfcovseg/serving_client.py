@@ -142,6 +142,8 @@ def predict_rest(url: str, hu, signature="serving_default", form="instances", ti
         return parse_rest_response(e.read())
     except urllib.error.URLError as e:
         raise ServingError(f"cannot reach {url}: {e.reason}") from None
+    except OSError as e:  # timeouts and dropped connections after connecting
+        raise ServingError(f"{url}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- gRPC
@@ -222,6 +224,8 @@ def main(argv=None) -> int:
     except (ValueError, ServingError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "output" in out:  # REST answers of a single-output signature are unnamed
+        out = {"covid_probability" if out["output"].ndim == 1 else "masks": out["output"]}
     for i, path in enumerate(args.dicom):
         parts = [path.name]
         if "covid_probability" in out:

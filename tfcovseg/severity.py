@@ -283,5 +283,5 @@ def severity_rule_from_manifest(manifest: Mapping, patients: Iterable[str]) -> d
         total = float(sum(entry.get("lesion_lung_ratio", {}).values()))
         rows[pid] = (entry.get("severity", "unknown"), total)
     rule = fit_severity_thresholds(rows)
-    rule["source"] = "ground-truth lesion/lung ratios of the training patients"
+    rule["source"] = "ground-truth lesion/lung ratios of the patients given (training + validation)"
     return rule

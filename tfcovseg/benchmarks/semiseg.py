@@ -364,12 +364,18 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
             "runs": runs,
             "wall_s": round(time.perf_counter() - model_start, 1),
         }
-    results["wall_s"] = round(time.perf_counter() - start, 1)
+        results["wall_s"] = round(time.perf_counter() - start, 1)
+        _write(out, results)  # after every model: a crash later keeps what is done
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(render_table(results))
+    _write(out, results)
     return results
+
+
+def _write(out: Path, results: dict) -> None:
+    from tfcovseg.report import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", render_table(results))
 
 
 def _cell(summary, target, metric, sd=True):
