@@ -117,6 +117,51 @@ def test_training_segment_batches_are_full(records, manifest):
     assert sizes == [8] * (n // 8)
 
 
+def test_compact_batches_hold_the_same_values_in_the_stored_dtypes(records):
+    kwargs = dict(split="train", fold=0, batch_size=8, training=True, seed=5)
+    for task in ("segment", "classify"):
+        full = list(make_dataset(records, task=task, **kwargs).take(3))
+        compact = list(make_dataset(records, task=task, compact=True, **kwargs).take(3))
+        for (x, y), (cx, cy) in zip(full, compact):
+            assert cx.dtype == tf.int16 and x.dtype == tf.float32
+            np.testing.assert_array_equal(cx.numpy().astype(np.float32), x.numpy())
+            if task == "segment":
+                assert cy["final"].dtype == tf.uint8
+                np.testing.assert_array_equal(cy["final"].numpy().astype(np.float32), y["final"])
+            else:
+                np.testing.assert_array_equal(cy.numpy(), y.numpy())
+
+
+def test_a_model_trains_the_same_on_compact_batches(records):
+    """Keras casts the int16 input to the model's float32 input; the losses and metrics
+    cast the uint8 targets: two steps on either batch end with the same weights."""
+    import keras
+
+    from tests.conftest import tiny_config
+    from tfcovseg.losses import deep_supervision
+    from tfcovseg.metrics import DiceScore
+    from tfcovseg.models import build_model
+
+    weights = []
+    for compact in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_model(tiny_config(input_size=(SIZE, SIZE)))
+        losses, loss_weights = deep_supervision(list(model.output), "hybrid")
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=losses,
+            loss_weights=loss_weights,
+            metrics={"final": [DiceScore(0, "ggo")]},
+        )
+        ds = make_dataset(records, "train", 0, batch_size=4, training=True, compact=compact)
+        history = model.fit(ds.take(2), epochs=1, verbose=0)
+        weights.append((model.get_weights(), history.history))
+    for a, b in zip(weights[0][0], weights[1][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for key, values in weights[0][1].items():
+        assert values == pytest.approx(weights[1][1][key], rel=1e-5), key
+
+
 def test_inspect_task_yields_the_decoded_records(records, manifest):
     examples = _inspect(records)
     expected_keys = {"hu", "lesions", "lung", "label", "slice/id", "patient/id", "spacing_mm"}

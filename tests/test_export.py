@@ -19,9 +19,9 @@ from tfcovseg.export import (
     ExportError,
     InferenceGraph,
     export_run,
-    load_run_models,
     main,
 )
+from tfcovseg.models import load_run_models
 
 
 @pytest.fixture(scope="module")

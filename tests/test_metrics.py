@@ -219,6 +219,27 @@ def test_choose_patient_rule_prefers_any_slice_when_it_separates_as_well():
         choose_patient_rule({}, {})
 
 
+def test_choose_burden_threshold_takes_the_widest_gap_of_the_best_cuts():
+    from tfcovseg.metrics import choose_burden_threshold
+
+    # A false-positive burden (0.005) among negatives; positives at 0.012 and above.
+    burdens = {"c1": 0.012, "c2": 0.06, "n1": 0.0, "n2": 0.005, "n3": 0.001}
+    truth = {"c1": True, "c2": True, "n1": False, "n2": False, "n3": False}
+    rule = choose_burden_threshold(burdens, truth)
+    assert rule["accuracy"] == 1.0
+    assert rule["threshold"] == pytest.approx(0.0085) and rule["margin"] == pytest.approx(0.007)
+    # Overlapping classes: the cut with the fewest errors, here 1 of 4.
+    rule = choose_burden_threshold(
+        {"a": 0.02, "b": 0.01, "x": 0.015, "y": 0.0},
+        truth | {"a": True, "b": True, "x": False, "y": False},
+    )
+    assert rule["accuracy"] == 0.75
+    with pytest.raises(ValueError, match="ratios"):
+        choose_burden_threshold({"a": 1.5}, {"a": True})
+    with pytest.raises(ValueError):
+        choose_burden_threshold({}, {})
+
+
 def test_patient_scores_counts():
     from tfcovseg.metrics import patient_scores
 

@@ -200,6 +200,8 @@ def test_several_series_corrupt_files_gaps_and_other_modalities(model, phantom_r
     shutil.copytree(phantom_run.cohort / "case_0005" / "ct", study / "a")
     shutil.copytree(phantom_run.cohort / "case_0006" / "ct", study / "b")
     (study / "a" / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 50)
+    (study / "notes.txt").write_text("reading notes")
+    (study / ".DS_Store").write_bytes(b"\x00")
     mr = pydicom.dcmread(next((study / "b").glob("*.dcm")))
     mr.Modality = "MR"
     mr.SeriesInstanceUID = "1.2.3.4.5"
@@ -213,6 +215,8 @@ def test_several_series_corrupt_files_gaps_and_other_modalities(model, phantom_r
     skipped = {s["file"]: s["reason"] for s in index["skipped"]}
     assert "modality MR is not CT" in skipped["mr.dcm"]
     assert "broken.dcm" in " ".join(skipped)
+    assert skipped["notes.txt"] == "not a DICOM file (by its name), ignored"
+    assert ".DS_Store" not in skipped  # hidden files are not worth a line
     reports = [
         json.loads((tmp_path / "out" / s["folder"] / "report.json").read_text())
         for s in index["series"]

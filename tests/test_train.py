@@ -8,8 +8,12 @@ import keras
 import pytest
 
 from tests.conftest import TINY_MODEL
+from tfcovseg.callbacks import lesion_burdens
 from tfcovseg.config import load_config
+from tfcovseg.data import make_dataset
 from tfcovseg.evaluate import evaluate_run
+from tfcovseg.metrics import patient_scores
+from tfcovseg.models import load_run_models
 from tfcovseg.train import TrainingError, main, train
 
 
@@ -89,6 +93,21 @@ def test_evaluate_writes_metrics_and_report(tiny):
     assert robust["chosen_on"] == "validation" and robust["min_slices"] >= 1
     assert 0.0 < robust["threshold"] < 1.0
     assert set(results["classification"]["patients"]) == set(results["lesion_lung_ratio"])
+    # The segmentation's lesion-burden rule: burdens as `lesion_burdens` computes them on
+    # the same split, the cut chosen on the validation patients, the calls follow it.
+    burden = results["classification"]["lesion_burden"]
+    burdens = results["classification"]["lesion_burdens"]
+    segmenter, _ = load_run_models(root / "run")
+    ds = make_dataset(
+        config.data.records_dir, "test", config.data.fold, 8, training=False, task="inspect"
+    )
+    expected, diagnosis = lesion_burdens(segmenter, ds)
+    assert burdens == pytest.approx(expected)
+    assert burden["chosen_on"] == "validation" and 0.0 <= burden["threshold"] <= 1.0
+    calls = {p: b >= burden["threshold"] for p, b in burdens.items()}
+    truth = {p: diagnosis[p] == "covid" for p in burdens}
+    assert burden["accuracy"] == patient_scores(truth, calls)["accuracy"]
+    assert "lesion-burden" in report or "lesion burden" in report
     # Severity statistics and figures, as PNG files.
     assert "severity" in next(iter(results["lesion_lung_ratio"].values()))
     assert results["severity_statistics"]

@@ -118,6 +118,33 @@ def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
     return probs, diagnosis
 
 
+def lesion_burdens(segmenter, dataset, threshold=0.5) -> tuple[dict, dict]:
+    """{patient: predicted lesion volume / lung volume} and {patient: diagnosis}.
+
+    The lesion volume counts voxels of any predicted lesion type (``"final"`` >=
+    `threshold`); the lung is the record's lung mask joined with the predicted lesions,
+    as in `tfcovseg.evaluate`'s area ratios.
+
+    Args:
+        segmenter: A segmenter returning {"final": [N, H, W, C] probabilities}.
+        dataset: A `make_dataset(..., task="inspect")` dataset.
+    """
+    lesion, lung, diagnosis = {}, {}, {}
+    for batch in dataset:
+        out = segmenter.predict_on_batch(batch["hu"][..., None])
+        found = np.asarray(out["final"] if isinstance(out, dict) else out) >= threshold
+        found = found.any(-1)
+        region = found | (batch["lung"].numpy() > 0)
+        for i, (pid, d) in enumerate(
+            zip(batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy())
+        ):
+            pid = pid.decode()
+            lesion[pid] = lesion.get(pid, 0) + int(found[i].sum())
+            lung[pid] = lung.get(pid, 0) + int(region[i].sum())
+            diagnosis[pid] = d.decode()
+    return {p: lesion[p] / max(lung[p], 1) for p in lesion}, diagnosis
+
+
 class PatientEvaluation(keras.callbacks.Callback):
     """Patient-level metrics of a slice classifier, every n epochs.
 

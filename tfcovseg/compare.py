@@ -55,7 +55,7 @@ TABLE6_METRICS = (
     ("precision", "precision"),
     ("f1", "F1"),
 )
-RULES = ("any_slice", "robust")
+RULES = ("any_slice", "robust", "lesion_burden")
 MEAN_DICE = "segmentation/mean_dice"
 DEFAULT_OUT = Path("runs") / "comparison"
 
@@ -448,6 +448,8 @@ def table4(
 def _rule_label(summary: dict, rule: str) -> str:
     if rule == "any_slice":
         return "any slice"
+    if rule == "lesion_burden":
+        return "lesion burden (segmentation)"
     stat = summary["metrics"].get(f"classification/{rule}/min_slices")
     values = {v for v in stat["values"] if not math.isnan(v)} if stat else set()
     if len(values) > 1:

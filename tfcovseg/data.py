@@ -13,7 +13,8 @@ Garden; deterministic work is cached before the first random transform, as in MO
 5. training only: lesion-slice oversampling, shuffling, and the paper's augmentation —
    rotation by a random multiple of 90 degrees and a random horizontal flip, applied
    jointly to the image, the lesion masks and the lung mask;
-6. the task's structure, batching and prefetching.
+6. batching (still int16 HU and uint8 masks), then float32 (unless ``compact``) and the
+   task's structure per batch, and prefetching.
 
 Tasks: "segment" yields ``(hu [N,H,W,1], {"coarse": masks, "final": masks})`` (the output
 names are an argument), "classify" yields ``(hu, label [N])`` where the label is 1 for a
@@ -118,7 +119,8 @@ def augment(example, seed):
     flip = tf.random.stateless_uniform([], seed[::-1], 0.0, 1.0) < 0.5
     out = dict(example)
     for key in ("hu", "lesions", "lung"):
-        out[key] = _dihedral(example[key], k, flip)
+        if key in example:  # the training tasks drop the lung mask before this
+            out[key] = _dihedral(example[key], k, flip)
     return out
 
 
@@ -157,15 +159,22 @@ def _resize(example, size):
 def _as_float(example):
     out = dict(example)
     for key in ("hu", "lesions", "lung"):
-        out[key] = tf.cast(example[key], tf.float32)
+        if key in example:
+            out[key] = tf.cast(example[key], tf.float32)
     return out
 
 
-def _set_shapes(example, size, num_classes):
-    out = dict(example)
+# What the "segment" and "classify" tasks need (targets included): nothing else is
+# augmented, shuffled or batched.
+_TRAINING_KEYS = ("hu", "lesions", "slice/label", "patient/diagnosis")
+
+
+def _set_shapes(example, size, num_classes, keep=None):
+    out = dict(example) if keep is None else {k: example[k] for k in keep}
     out["hu"] = tf.ensure_shape(example["hu"], size)
     out["lesions"] = tf.ensure_shape(example["lesions"], (*size, num_classes))
-    out["lung"] = tf.ensure_shape(example["lung"], size)
+    if "lung" in out:
+        out["lung"] = tf.ensure_shape(example["lung"], size)
     return out
 
 
@@ -195,6 +204,7 @@ def make_dataset(
     seed=0,
     drop_remainder=None,
     label_output=None,
+    compact=False,
 ):
     """A batched `tf.data.Dataset` of one split of one fold.
 
@@ -218,6 +228,11 @@ def make_dataset(
         label_output: With the "segment" task, also yield the slice label (the
             "classify" task's target) under this output name, for a model trained on
             both (`tfcovseg.models.classifier.with_classifier_head`).
+        compact: Yield the stored dtypes ("segment" and "classify" tasks): HU as int16
+            (float32 when resized) and masks as uint8, 4x less to batch and to copy to
+            an accelerator. Keras models cast inputs to their input dtype and tfcovseg's
+            losses and metrics cast the targets, so ``model.fit`` takes either; `train`
+            uses this. Default: float32 throughout.
 
     Raises:
         FileNotFoundError: missing or empty record directory.
@@ -281,7 +296,10 @@ def make_dataset(
         size = tuple(int(s) for s in image_size)
         ds = ds.map(lambda e: _resize(e, size), num_parallel_calls=tf.data.AUTOTUNE)
     # Static shapes from here on: models with fixed input sizes need them in graph mode.
-    ds = ds.map(lambda e: _set_shapes(e, size, len(classes)), num_parallel_calls=tf.data.AUTOTUNE)
+    keep = None if task == "inspect" else _TRAINING_KEYS
+    ds = ds.map(
+        lambda e: _set_shapes(e, size, len(classes), keep), num_parallel_calls=tf.data.AUTOTUNE
+    )
     if cache:
         ds = ds.cache()
     if training and oversample_lesions > 1:
@@ -296,7 +314,10 @@ def make_dataset(
     if augment_data:
         seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
         ds = tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
+    # Batch in the compact dtypes, then cast and build the task's structure once per batch.
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if task == "inspect" or not compact:
+        ds = ds.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
     if task == "segment":
         names = tuple(outputs)
 
@@ -311,7 +332,6 @@ def make_dataset(
         ds = ds.map(
             lambda e: (e["hu"][..., None], classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
         )
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
     n_examples = n_slices
     if training and oversample_lesions > 1:

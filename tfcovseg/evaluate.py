@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tfcovseg import require_tensorflow  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.metrics import (  # noqa: E402
+    choose_burden_threshold,
     choose_patient_rule,
     confusion_counts,
     patient_calls,
@@ -51,20 +52,13 @@ tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
 from tfcovseg import report, viz  # noqa: E402
-from tfcovseg.callbacks import slice_probabilities  # noqa: E402
+from tfcovseg.callbacks import lesion_burdens, slice_probabilities  # noqa: E402
 from tfcovseg.data import make_dataset  # noqa: E402
-from tfcovseg.models import load_model  # noqa: E402
+from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
 
 DISCLAIMER = "Research use, not a medical device."
 OVERLAY_SLICES = 4
-
-
-def _load(run: Path, stem: str):
-    for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
-        if (run / name).is_file():
-            return load_model(run / name)
-    return None
 
 
 def _dataset(config, split, fold, batch_size):
@@ -107,7 +101,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     config = load_config(run / "config.yaml")
     fold = config.data.fold if fold is None else fold
     classes = list(config.model.class_names)
-    segmenter, classifier = _load(run, "segmenter"), _load(run, "classifier")
+    segmenter, classifier = load_run_models(run)
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
     ds = _dataset(config, split, fold, batch_size)
@@ -140,6 +134,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
                     {
                         "lung_true": 0,
                         "lung_pred": 0,
+                        "any_pred": 0,
                         "true": np.zeros(len(classes)),
                         "pred": np.zeros(len(classes)),
                     },
@@ -148,6 +143,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
                 a["lung_pred"] += int((lung[i] | binary[i].any(-1)).sum())
                 a["true"] += truth[i].reshape(-1, len(classes)).sum(0)
                 a["pred"] += binary[i].reshape(-1, len(classes)).sum(0)
+                a["any_pred"] += int(binary[i].any(-1).sum())
                 if annotated[i]:
                     overlays.offer(
                         int(truth[i].sum()), pid, hu[i, ..., 0].numpy(), masks[i], pred[i]
@@ -165,6 +161,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         "threshold": threshold,
         "classes": classes,
         "disclaimer": DISCLAIMER,
+        "patients": split_composition(diagnosis, severity),
     }
     if segmenter is not None:
         scores = scores_from_counts(*counts)
@@ -196,11 +193,28 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         results["classification"] = classification_results(
             classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size
         )
+    if segmenter is not None and areas:
+        burdens = {pid: a["any_pred"] / max(a["lung_pred"], 1) for pid, a in areas.items()}
+        cls = results.setdefault("classification", {})
+        cls["lesion_burden"] = burden_results(
+            segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size
+        )
+        cls["lesion_burdens"] = {pid: float(b) for pid, b in sorted(burdens.items())}
     if figures:
         results["figures"] = write_figures(run, results, overlays, config)
     report.atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
     report.write_reports(results, config.name, run)
     return results
+
+
+def split_composition(diagnosis: dict, severity: dict) -> dict:
+    """How many patients of each diagnosis (and COVID-19 severity) a split holds."""
+    by_diagnosis, by_severity = {}, {}
+    for pid, d in sorted(diagnosis.items()):
+        by_diagnosis[d] = by_diagnosis.get(d, 0) + 1
+        if d == "covid":
+            by_severity[severity[pid]] = by_severity.get(severity[pid], 0) + 1
+    return {"count": len(diagnosis), "diagnosis": by_diagnosis, "covid_severity": by_severity}
 
 
 def classification_results(
@@ -242,6 +256,34 @@ def classification_results(
     return out
 
 
+def burden_results(
+    segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size
+) -> dict:
+    """Patient calls from the segmenter alone: predicted lesion volume >= t of the lung.
+
+    Not the paper's classifier: a patient-level rule on the segmentation (the burden the
+    severity grade uses), with t chosen on the validation patients as the robust rule is.
+    """
+    truth = {pid: diagnosis[pid] == "covid" for pid in burdens}
+    if split == "validation":
+        val_burdens, val_diagnosis = burdens, diagnosis
+    else:
+        val_burdens, val_diagnosis = lesion_burdens(
+            segmenter, _dataset(config, "validation", fold, batch_size), threshold
+        )
+    rule = choose_burden_threshold(val_burdens, {p: d == "covid" for p, d in val_diagnosis.items()})
+    calls = {pid: b >= rule["threshold"] for pid, b in burdens.items()}
+    return patient_scores(truth, calls) | {
+        "rule": (
+            f"predicted lesion volume >= {100 * rule['threshold']:.2f} % of the lung "
+            f"(segmentation, not the slice classifier), chosen on the {len(val_burdens)} "
+            f"validation patients (validation accuracy {rule['accuracy']:.3f})"
+        ),
+        "threshold": rule["threshold"],
+        "chosen_on": "validation",
+    }
+
+
 def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict:
     """Figures 4, 5 and 6 as PNGs under run/figures; returns their run-relative paths."""
     folder = run / "figures"
@@ -256,7 +298,7 @@ def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict
         )
         written["ratios"] = "figures/fig4_ratios.png"
     cls = results.get("classification")
-    if cls:
+    if cls and "any_slice" in cls:
         viz.plot_confusion(
             cls["any_slice"]["confusion"],
             folder / "fig5_confusion.png",
@@ -295,16 +337,23 @@ def print_headline(results: dict, run: Path) -> None:
             f"  {cls:<14} Dice {s['dice']:.3f}  IoU {s['iou']:.3f}  precision "
             f"{s['precision']:.3f}  recall {s['recall']:.3f}"
         )
+    if results.get("patients"):
+        print(f"  {results['split']} patients: {report.composition_text(results['patients'])}")
     cls = results.get("classification", {})
-    for key, label in (("any_slice", "any slice"), ("robust", "robust rule")):
+    for key, label in (
+        ("any_slice", "any slice"),
+        ("robust", "robust rule"),
+        ("lesion_burden", "burden rule"),
+    ):
         if key in cls:
             m = cls[key]
             print(
                 f"  patients ({label:<11}) accuracy {m['accuracy']:.3f}  recall "
                 f"{m['recall']:.3f}  precision {m['precision']:.3f}  ({m['patients']} patients)"
             )
-    if "robust" in cls:
-        print(f"  robust rule: {cls['robust']['rule']}")
+    for key in ("robust", "lesion_burden"):
+        if key in cls:
+            print(f"  {key.replace('_', ' ')} rule: {cls[key]['rule']}")
     print(
         f"metrics: {run / 'metrics.json'}, report: {run / 'report.md'} and "
         f"{run / 'report.html'}, figures: {run / 'figures'}"

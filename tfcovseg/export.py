@@ -59,7 +59,7 @@ from tfcovseg.data import (  # noqa: E402
     split_patients,
 )
 from tfcovseg.metrics import roc_auc  # noqa: E402
-from tfcovseg.models import load_model  # noqa: E402
+from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.models.classifier import build_classifier, with_classifier_head  # noqa: E402
 from tfcovseg.report import atomic_directory  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
@@ -82,20 +82,6 @@ class ExportError(Exception):
 
 
 # ----------------------------------------------------------------------------- the graph
-
-
-def load_run_models(run) -> tuple:
-    """(segmenter, classifier) of a run folder, the best checkpoints first (None if absent)."""
-    run = Path(run)
-    found = []
-    for stem in ("segmenter", "classifier"):
-        model = None
-        for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
-            if (run / name).is_file():
-                model = load_model(run / name)
-                break
-        found.append(model)
-    return tuple(found)
 
 
 def _same_weights(a, b) -> bool:

@@ -335,6 +335,23 @@ def patient_calls(slice_probabilities: dict, threshold=0.5, min_slices=1) -> dic
     }
 
 
+def _best_cut(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]:
+    """(accuracy, margin, t) of the cut "score >= t" that best separates `labels`.
+
+    t is the middle of the widest score gap among the cuts of highest accuracy; the scores
+    are bounded by 0 and 1, so with one class only the gap is open on that side.
+    """
+    best = None
+    cuts = np.unique(np.concatenate([[0.0, 1.0], scores]))
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        t = (lo + hi) / 2
+        accuracy = float(np.mean((scores >= t) == labels))
+        key = (accuracy, round(hi - lo, 9))
+        if best is None or key > best[0]:
+            best = (key, (accuracy, float(hi - lo), float(t)))
+    return best[1]
+
+
 def choose_patient_rule(slice_probabilities: dict, truth: dict, max_slices=5) -> dict:
     """The rule "at least k slices >= t" that best separates the given (validation) patients.
 
@@ -355,19 +372,36 @@ def choose_patient_rule(slice_probabilities: dict, truth: dict, max_slices=5) ->
     labels = np.array([bool(truth[p]) for p in pids])
     for k in range(1, max_slices + 1):
         scores = np.array([patient_score(slice_probabilities[p], k) for p in pids])
-        cuts = np.unique(np.concatenate([[0.0, 1.0], scores]))
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            t = (lo + hi) / 2
-            accuracy = float(np.mean((scores >= t) == labels))
-            key = (accuracy, round(hi - lo, 9), -k)
-            if best is None or key > best[0]:
-                best = (
-                    key,
-                    {
-                        "min_slices": k,
-                        "threshold": float(t),
-                        "accuracy": accuracy,
-                        "margin": float(hi - lo),
-                    },
-                )
+        accuracy, margin, t = _best_cut(scores, labels)
+        key = (accuracy, round(margin, 9), -k)
+        if best is None or key > best[0]:
+            best = (
+                key,
+                {"min_slices": k, "threshold": t, "accuracy": accuracy, "margin": margin},
+            )
     return best[1]
+
+
+def choose_burden_threshold(burdens: dict, truth: dict) -> dict:
+    """The cut on the predicted lesion burden that best separates the given patients.
+
+    The burden of a patient is the segmenter's lesion volume over its lung volume (any
+    lesion type, predicted); a patient is called COVID-19 when it is >= t. t is the middle
+    of the widest burden gap among the cuts of highest accuracy, as in
+    `choose_patient_rule`.
+
+    Args:
+        burdens: {patient: predicted lesion / lung ratio in [0, 1]}.
+        truth: {patient: bool} (COVID-19 or not).
+
+    Returns:
+        {"threshold": t, "accuracy": accuracy on these patients, "margin": gap}
+    """
+    if not burdens:
+        raise ValueError("choose_burden_threshold needs at least one patient")
+    pids = sorted(burdens)
+    scores = np.array([float(burdens[p]) for p in pids])
+    if np.any((scores < 0) | (scores > 1)) or not np.all(np.isfinite(scores)):
+        raise ValueError("lesion burdens must be ratios in [0, 1]")
+    accuracy, margin, t = _best_cut(scores, np.array([bool(truth[p]) for p in pids]))
+    return {"threshold": t, "accuracy": accuracy, "margin": margin}

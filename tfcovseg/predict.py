@@ -211,11 +211,12 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for path in files:
         rel = path.name if root.is_file() else path.relative_to(root).as_posix()
-        if (
-            path.name.startswith(".")
-            or path.suffix.lower() in DICOM_SUFFIXES_IGNORED
-            or path.name.endswith((".nii", ".nii.gz"))  # masks beside a series
+        if path.name.startswith("."):
+            continue  # hidden files (.DS_Store, ...)
+        if path.suffix.lower() in DICOM_SUFFIXES_IGNORED or path.name.endswith(
+            (".nii", ".nii.gz")  # masks beside a series
         ):
+            skipped.append((rel, "not a DICOM file (by its name), ignored"))
             continue
         try:
             kind, item, ds = dicom_io.scan_file(path, redactor)

@@ -6,7 +6,8 @@
 - the run (experiment, architecture, loss, split, fold, threshold) and the disclaimer;
 - Table 4: segmentation scores per lesion type;
 - Table 6: patient-level classification under each rule present (the paper's any-slice
-  rule and the robust rule), with the rule's text and the confusion counts;
+  rule, the robust rule and the segmentation's lesion-burden rule), with the rule's text
+  and the confusion counts;
 - Table 5: lesion / lung area ratios per patient with diagnosis and severity;
 - the severity statistics of `tfcovseg.severity.ratio_statistics` (per severity median and
   IQR, Kruskal-Wallis and Spearman tests, ground truth and predicted);
@@ -34,7 +35,7 @@ from tfcovseg.severity import SEVERITY_ORDER, TOTAL
 
 DISCLAIMER = "Research use, not a medical device."
 MISSING = "—"
-RULE_ORDER = ("any_slice", "robust")
+RULE_ORDER = ("any_slice", "robust", "lesion_burden")
 FIGURES = (
     ("overlays", "Figure 6: CT slices, ground-truth contours and predicted lesions"),
     ("confusion", "Figure 5: patient-level confusion matrix"),
@@ -96,6 +97,16 @@ def _figure_block(figures: Mapping, key: str, caption: str):
     return [("figure", str(path), caption)] if path else []
 
 
+def composition_text(composition: Mapping) -> str:
+    """ "3 covid (moderate 2, severe 1), 1 healthy" from `evaluate.split_composition`."""
+    grades = composition.get("covid_severity") or {}
+    parts = []
+    for d, n in composition["diagnosis"].items():
+        detail = ", ".join(f"{g} {k}" for g, k in grades.items()) if d == "covid" else ""
+        parts.append(f"{n} {d}" + (f" ({detail})" if detail else ""))
+    return ", ".join(parts)
+
+
 def _header(results: Mapping, name: str) -> tuple[str, list]:
     title = (
         f"{name}: evaluation on the {results.get('split', '?')} split "
@@ -115,6 +126,9 @@ def _header(results: Mapping, name: str) -> tuple[str, list]:
             facts.append(f"{label}: {_plain(value)}")
     if results.get("classes"):
         facts.append("lesion classes: " + ", ".join(str(c) for c in results["classes"]))
+    composition = results.get("patients")
+    if isinstance(composition, Mapping) and composition.get("diagnosis"):
+        facts.append("patients: " + composition_text(composition))
     blocks = [("strong", results.get("disclaimer") or DISCLAIMER)]
     if facts:
         blocks.append(("p", "; ".join(facts) + "."))

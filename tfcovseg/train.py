@@ -369,6 +369,7 @@ def train(
         train_ds = make_dataset(
             split="train",
             training=True,
+            compact=True,  # int16/uint8 batches: the model casts
             outputs=outputs,
             augment_data=config.data.augment,
             oversample_lesions=config.data.oversample_lesions,
@@ -379,6 +380,7 @@ def train(
         val_ds = make_dataset(
             split="validation",
             training=False,
+            compact=True,  # int16/uint8 batches: the model casts
             outputs=outputs,
             label_output=label_output,
             drop_remainder=eval_drop,
@@ -449,6 +451,7 @@ def train(
         train_ds = make_dataset(
             split="train",
             training=True,
+            compact=True,  # int16/uint8 batches: the model casts
             task="classify",
             augment_data=config.data.augment,
             shuffle_buffer=config.data.shuffle_buffer,
@@ -457,6 +460,7 @@ def train(
         val_ds = make_dataset(
             split="validation",
             training=False,
+            compact=True,  # int16/uint8 batches: the model casts
             task="classify",
             drop_remainder=eval_drop,
             **common,

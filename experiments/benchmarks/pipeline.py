@@ -10,11 +10,13 @@ once: later runs with the same arguments reuse it. Then, in the same process:
 - bare parsing: ``TFRecordDataset`` over the same shards (read in parallel like the
   pipeline's interleave) and ``tf.io.parse_single_example`` with the record spec, nothing
   else: the upper bound of any pipeline over these records;
-- the training pipeline: ``tfcovseg.data.make_dataset(training=True)``, i.e. parsing, split
-  filtering, decoding, shuffling, the paper's augmentation (random 90-degree rotation and
-  flip of image, lesion masks and lung mask), the "segment" targets and batching;
-- two reduced pipelines that locate the cost: evaluation mode (no shuffle, no
-  augmentation) and training without augmentation.
+- the training pipeline as `tfcovseg.train` runs it: ``make_dataset(training=True,
+  compact=True)``, i.e. parsing, split filtering, decoding, shuffling, the paper's
+  augmentation (random 90-degree rotation and flip of image and lesion masks), batching
+  and the "segment" targets, in the stored dtypes (int16 HU, uint8 masks: the model
+  casts them on its device);
+- three more that locate the cost: evaluation mode (no shuffle, no augmentation),
+  training without augmentation, and the training pipeline with float32 outputs.
 
 Each dataset is repeated and drained through one iterator inside a `tf.function` loop, so
 no Python runs per element; after a warm-up (the first shuffle buffer, autotuning) the
@@ -139,7 +141,12 @@ def run(
         configs["train_no_augmentation"] = Drain(
             make_dataset(records, **common, training=True, augment_data=False), True
         )
-    configs["training_pipeline"] = Drain(make_dataset(records, **common, training=True), True)
+        configs["training_pipeline_float32"] = Drain(
+            make_dataset(records, **common, training=True), True
+        )
+    configs["training_pipeline"] = Drain(
+        make_dataset(records, **common, training=True, compact=True), True
+    )
     for drain in configs.values():
         drain.measure(warmup)
     figures = {name: {"rate": [], "cores_busy": []} for name in configs}
@@ -234,10 +241,10 @@ def main(argv=None) -> int:
         f"slices, TF {r['tensorflow']} on {r['machine']} ({r['cores']} usable cores); "
         f"records ready in {prepared:.1f} s"
     )
-    print(f"{'configuration':<24}{'slices/s':>10}{'per core':>10}{'cores busy':>12}")
+    print(f"{'configuration':<28}{'slices/s':>10}{'per core':>10}{'cores busy':>12}")
     for name, c in r["configs"].items():
         print(
-            f"{name:<24}{c['slices_per_s']:>10.0f}{c['slices_per_s_per_core']:>10.0f}"
+            f"{name:<28}{c['slices_per_s']:>10.0f}{c['slices_per_s_per_core']:>10.0f}"
             f"{c['cores_busy']:>12.2f}"
         )
     ok = {True: "met", False: "MISSED"}

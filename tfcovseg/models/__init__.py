@@ -28,6 +28,7 @@ __all__ = [
     "build_classifier",
     "build_model",
     "load_model",
+    "load_run_models",
     "window_hu",
 ]
 
@@ -115,3 +116,23 @@ def load_model(path, compile=False):
     from tfcovseg import losses, metrics  # noqa: F401  (registration)
 
     return keras.saving.load_model(path, compile=compile, safe_mode=True)
+
+
+def load_run_models(run) -> tuple:
+    """(segmenter, classifier) of a training run folder, each None when absent.
+
+    The best checkpoint (``*_best.keras``) is preferred over the last one; `evaluate`,
+    `export` and `predict` all load run folders through this.
+    """
+    from pathlib import Path
+
+    run = Path(run)
+    found = []
+    for stem in ("segmenter", "classifier"):
+        model = None
+        for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
+            if (run / name).is_file():
+                model = load_model(run / name)
+                break
+        found.append(model)
+    return tuple(found)
