@@ -19,6 +19,7 @@ from tfcovseg.benchmarks.semiseg import (
     BenchmarkError,
     load_slices,
     main,
+    prediction_folder,
     run,
 )
 
@@ -93,8 +94,12 @@ def test_cross_validation_writes_scores_tables_and_maps(tmp_path):
             assert 0.0 <= summary["meanDic"]["mean"] <= summary["maxDic"]["mean"] <= 1.0
             assert summary["meanDic"]["sd"] >= 0.0 and "MAE" in summary
             for i in range(6):
-                png = np.asarray(Image.open(out / arch / "predictions" / target / f"{i}.png"))
+                png = np.asarray(Image.open(prediction_folder(out, arch) / target / f"{i}.png"))
                 assert png.dtype == np.uint8 and png.shape == (40 + 4 * i, 48 + 2 * i)
+    # The coarse-refine maps where the issue puts them, the baseline's beside them.
+    assert prediction_folder(out, "coarse_refine") == out / "predictions"
+    assert (out / "predictions" / "infection" / "0.png").is_file()
+    assert (out / "unet" / "predictions" / "infection" / "0.png").is_file()
     saved = json.loads((out / "results.json").read_text())
     assert saved["published_meanDic"] == PUBLISHED
     table = (out / "results.md").read_text()

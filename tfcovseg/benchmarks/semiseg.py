@@ -23,8 +23,9 @@ layout). Evaluation follows Inf-Net's protocol (`tfcovseg.benchmarks.protocol`) 
 original image size, for infection (GGO ∪ consolidation: the maximum of the two channels)
 and for GGO and consolidation separately. Writes ``OUT/results.json``, ``OUT/results.md``
 (beside Inf-Net's published values) and the probability maps as 8-bit PNGs named like
-the images, ``OUT/<model>/predictions/{infection,ggo,consolidation}/N.png``, which any
-evaluator (Inf-Net's MATLAB toolbox included) can score.
+the images, ``OUT/predictions/{infection,ggo,consolidation}/N.png`` for the coarse-refine
+network and ``OUT/unet/predictions/...`` for the U-Net baseline, which any evaluator
+(Inf-Net's MATLAB toolbox included) can score.
 
 Research use, not a medical device.
 """
@@ -244,11 +245,24 @@ def truths(data: Slices, idx) -> dict:
     }
 
 
+def prediction_folder(out, architecture: str) -> Path:
+    """Where a model's probability maps go: ``OUT/predictions/`` for the coarse-refine
+    network (the model this benchmark is about), ``OUT/<model>/predictions/`` for the
+    baselines."""
+    out = Path(out)
+    return (
+        out / "predictions"
+        if architecture == "coarse_refine"
+        else out / architecture / "predictions"
+    )
+
+
 def write_maps(folder: Path, names, maps) -> None:
+    """8-bit PNGs ``folder/<target>/<name>.png``."""
     from PIL import Image
 
     for target, images in maps.items():
-        out = folder / "predictions" / target
+        out = folder / target
         out.mkdir(parents=True, exist_ok=True)
         for name, image in zip(names, images):
             Image.fromarray(image).save(out / f"{name}.png")
@@ -335,7 +349,7 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
             maps = predict_maps(model, test, idx)
             per_fold.append({t: protocol.score(maps[t], truths(test, idx)[t]) for t in TARGETS})
             runs.append(info)
-            write_maps(out / architecture, test.names, maps)
+            write_maps(prediction_folder(out, architecture), test.names, maps)
         else:
             all_maps = {t: [None] * len(train.names) for t in TARGETS}
             for k, test_idx in enumerate(_folds(len(train.names), folds, seed)):
@@ -356,7 +370,7 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
                 for t in TARGETS:
                     for j, i in enumerate(test_idx):
                         all_maps[t][i] = maps[t][j]
-            write_maps(out / architecture, train.names, all_maps)
+            write_maps(prediction_folder(out, architecture), train.names, all_maps)
         results["models"][architecture] = {
             "label": LABELS[architecture],
             "folds": per_fold,
