@@ -171,7 +171,8 @@ def decode_example(parsed, compact=False):
     """Decodes parsed features into arrays: the decoding half of the input pipeline.
 
     Args:
-        parsed: The output of parsing one example with `feature_spec`.
+        parsed: The output of parsing one example with `feature_spec` (or a part of it
+            that holds the image and lesion features: a missing lung mask is not decoded).
         compact: Keep the stored dtypes (int16 image, uint8 masks), 4x smaller in shuffle
             buffers and caches; the input pipeline casts to float32 at the end.
 
@@ -187,12 +188,13 @@ def decode_example(parsed, compact=False):
     c = tf.cast(parsed["mask/num_classes"], tf.int32)
     hu = tf.reshape(tf.io.decode_raw(parsed["image/hu"], tf.int16, little_endian=True), [h, w])
     lesions = tf.reshape(tf.io.decode_raw(parsed["mask/lesions"], tf.uint8), [h, w, c])
-    lung = tf.reshape(tf.io.decode_raw(parsed["mask/lung"], tf.uint8), [h, w])
     out = {k: v for k, v in parsed.items() if k not in ("image/hu", "mask/lesions", "mask/lung")}
     dtype = None if compact else tf.float32
     out["hu"] = hu if compact else tf.cast(hu, dtype)
     out["lesions"] = lesions if compact else tf.cast(lesions, dtype)
-    out["lung"] = lung if compact else tf.cast(lung, dtype)
+    if "mask/lung" in parsed:
+        lung = tf.reshape(tf.io.decode_raw(parsed["mask/lung"], tf.uint8), [h, w])
+        out["lung"] = lung if compact else tf.cast(lung, dtype)
     out["label"] = parsed["slice/label"]
     return out
 

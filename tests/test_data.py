@@ -83,6 +83,15 @@ def _dihedral(x, k, flip):
 TRANSFORMS = [(k, flip) for k in range(4) for flip in (False, True)]
 
 
+@pytest.mark.parametrize("k, flip", TRANSFORMS)
+def test_pipeline_dihedral_is_rot90_then_flip(k, flip):
+    from tfcovseg.data import _dihedral as pipeline_dihedral
+
+    x = np.arange(5 * 5 * 2, dtype=np.int16).reshape(5, 5, 2)
+    got = pipeline_dihedral(tf.constant(x), tf.constant(k), tf.constant(flip)).numpy()
+    np.testing.assert_array_equal(got, _dihedral(x, k, flip))
+
+
 # ----------------------------------------------------------------------------- structure
 
 
@@ -287,9 +296,12 @@ def _which_transforms(ex, ref):
     return hu, joint
 
 
-def test_augmentation_transforms_image_lesions_and_lung_jointly(records):
+# Without cache and oversampling the augmentation runs in the parsing map; with either, after
+# the cache and the repeats: both paths must transform jointly and draw every transform.
+@pytest.mark.parametrize("cache", [False, True])
+def test_augmentation_transforms_image_lesions_and_lung_jointly(records, cache):
     reference = {e["slice/id"]: e for e in _inspect(records, "train", 0)}
-    augmented = _train_examples(records)
+    augmented = _train_examples(records, cache=cache)
     assert sorted(e["slice/id"] for e in augmented) == sorted(reference)
     used, moved_lesions = Counter(), 0
     for ex in augmented:
@@ -332,8 +344,36 @@ def test_training_pipeline_is_reproducible_for_a_seed(records):
     assert a != c
 
 
+def test_cached_pipeline_draws_new_transforms_every_epoch(records):
+    reference = {e["slice/id"]: e for e in _inspect(records, "train", 0)}
+    ds = make_dataset(
+        records,
+        "train",
+        0,
+        batch_size=8,
+        training=True,
+        task="inspect",
+        cache=True,
+        drop_remainder=False,
+        oversample_lesions=2,
+    )
+    epochs = []
+    for _ in range(2):
+        seen = {}
+        for b in ds:
+            for i, slice_id in enumerate(s.decode() for s in b["slice/id"].numpy()):
+                ex = {k: b[k][i].numpy() for k in ("hu", "lesions", "lung")}
+                _, joint = _which_transforms(ex, reference[slice_id])
+                assert joint
+                seen.setdefault(slice_id, []).append(joint[0])
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # the cache holds untransformed slices
+
+
 def test_training_shuffles_between_epochs(records):
-    ds = make_dataset(records, "train", 0, batch_size=8, training=True, task="inspect")
+    ds = make_dataset(
+        records, "train", 0, batch_size=8, training=True, task="inspect", drop_remainder=False
+    )
     epochs = [[s for b in ds for s in b["slice/id"].numpy()] for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1])
     assert epochs[0] != epochs[1]

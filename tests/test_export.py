@@ -194,3 +194,21 @@ def test_gate_keeps_lesion_slices_or_switches_off():
     # Nothing to check it on: off as well.
     unchecked = gate_from_scores(good, np.zeros(200, bool))
     assert unchecked["threshold"] == 0.0 and unchecked["method"].startswith("off")
+
+
+def test_conv_head_classifier_shares_the_encoder_in_the_served_graph(phantom_run, rng):
+    from tfcovseg.models import build_classifier
+
+    segmenter, _ = load_run_models(phantom_run.run)
+    classifier = build_classifier(segmenter, head="conv", head_filters=4)
+    for w in classifier._head.logit.weights:
+        w.assign(w + 0.3)  # a head unlike a fresh one: the copy into the graph must carry it
+    meta = {"class_names": ["ggo", "consolidation", "fibrosis"], "pre_windowed": False}
+    graph = InferenceGraph(segmenter, classifier, meta)
+    assert graph.joint is not None
+    hu = _hu(rng, n=2)
+    np.testing.assert_allclose(
+        graph.serve(hu)["covid_probability"].numpy(),
+        graph.classify(hu)["covid_probability"].numpy(),
+        atol=1e-5,
+    )

@@ -34,6 +34,7 @@ LOSSES = ("hybrid", "bce")
 PHASES = ("segmentation", "classification")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POOLINGS = ("avg", "max", "avg_max")
+HEADS = ("dense", "conv")
 STRATEGIES = ("auto", "mirrored", "multi_worker", "default")
 
 
@@ -66,6 +67,10 @@ class ModelConfig:
         classifier_dropout: Dropout before the classifier's dense head.
         classifier_pooling: Global pooling of the classifier head: "avg" (the paper's
             SE-ResNet-34 head), "max" or "avg_max" (keeps small lesions' responses).
+        classifier_head: "dense" (the paper: pooling + dense on the last stage) or "conv"
+            (two 3x3 convolutions on stages 2-4 at stride 8 before the pooling; see
+            `tfcovseg.models.classifier`).
+        classifier_head_filters: Filters of the "conv" head's convolutions.
     """
 
     architecture: str = "coarse_refine"
@@ -86,6 +91,8 @@ class ModelConfig:
     unetpp_filters: tuple[int, ...] = (32, 64, 128, 256, 512)
     classifier_dropout: float = 0.0
     classifier_pooling: str = "avg"
+    classifier_head: str = "dense"
+    classifier_head_filters: int = 32
 
     def __post_init__(self):
         _normalise(self)
@@ -118,6 +125,8 @@ class ModelConfig:
         if not 0.0 <= self.classifier_dropout < 1.0:
             raise ConfigError("model.classifier_dropout must be in [0, 1)")
         _check_choice("model.classifier_pooling", self.classifier_pooling, POOLINGS)
+        _check_choice("model.classifier_head", self.classifier_head, HEADS)
+        _check_positive("model.classifier_head_filters", self.classifier_head_filters)
         if any(not name for name in self.class_names):
             raise ConfigError(f"model.class_names must be non-empty names, got {self.class_names}")
 

@@ -5,14 +5,17 @@
 Stages, in order (decoding and augmentation are separate functions, as in TF Model
 Garden; deterministic work is cached before the first random transform, as in MONAI):
 
-1. interleaved reading of the shards (`data_tools.features` spec), parsing;
-2. the fold's patients only (from ``manifest.json``), so no patient crosses splits;
-3. decoding (`data_tools.features.decode_example`) and resizing to the model size when the
-   records were written at another size (bilinear for images, nearest for masks);
+1. interleaved reading of the shards (`data_tools.features` spec);
+2. the fold's patients only (from ``manifest.json``, judged on a parse of the patient id
+   alone), so no patient crosses splits;
+3. parsing, decoding (`data_tools.features.decode_example`) and resizing to the model size
+   when the records were written at another size (bilinear for images, nearest for
+   masks), in one map;
 4. optional in-memory cache;
 5. training only: lesion-slice oversampling, shuffling, and the paper's augmentation —
    rotation by a random multiple of 90 degrees and a random horizontal flip, applied
-   jointly to the image, the lesion masks and the lung mask;
+   jointly to the image, the lesion masks and the lung mask. With no cache and no
+   oversampling the augmentation runs in step 3's map, before the shuffle;
 6. batching (still int16 HU and uint8 masks), then float32 (unless ``compact``) and the
    task's structure per batch, and prefetching.
 
@@ -90,17 +93,21 @@ def split_lesion_slices(manifest: dict, split: str, fold: int) -> int:
 
 def _dihedral(x, k, flip):
     """Rotation by k * 90 degrees (counter-clockwise) then an optional horizontal flip of an
-    [H, W, ...] tensor, as transposes and reversals (cheaper than tf.image on big slices)."""
-    rotated = tf.switch_case(
-        k,
-        [
-            lambda: x,
-            lambda: tf.reverse(_swap_hw(x), [0]),
-            lambda: tf.reverse(x, [0, 1]),
-            lambda: tf.reverse(_swap_hw(x), [1]),
-        ],
-    )
-    return tf.cond(flip, lambda: tf.reverse(rotated, [1]), lambda: rotated)
+    [H, W, ...] tensor. Each of the eight results is at most one transpose and one reversal
+    (rot90 then flip composed by hand: k=1 is reverse(transpose, rows), flipped it reverses
+    rows and columns; k=3 flipped is the transpose alone), cheaper than tf.image on big
+    slices and than applying the rotation and the flip one after the other."""
+    branches = [
+        lambda: x,  # k=0
+        lambda: tf.reverse(x, [1]),  # k=0, flip
+        lambda: tf.reverse(_swap_hw(x), [0]),  # k=1
+        lambda: tf.reverse(_swap_hw(x), [0, 1]),  # k=1, flip
+        lambda: tf.reverse(x, [0, 1]),  # k=2
+        lambda: tf.reverse(x, [0]),  # k=2, flip
+        lambda: tf.reverse(_swap_hw(x), [1]),  # k=3
+        lambda: _swap_hw(x),  # k=3, flip
+    ]
+    return tf.switch_case(2 * k + tf.cast(flip, tf.int32), branches)
 
 
 def _swap_hw(x):
@@ -147,10 +154,12 @@ def _resize(example, size):
     hu = resize_image(example["hu"][..., None], size)
     out["hu"] = hu[..., 0]  # float32: interpolated HU are not integers
     out["lesions"] = tf.image.resize(example["lesions"], size, "nearest")
-    out["lung"] = tf.image.resize(example["lung"][..., None], size, "nearest")[..., 0]
-    scale = old / tf.constant(size, tf.float32)
-    spacing = example["spacing_mm"]
-    out["spacing_mm"] = tf.concat([spacing[:2] * scale, spacing[2:]], 0)
+    if "lung" in example:
+        out["lung"] = tf.image.resize(example["lung"][..., None], size, "nearest")[..., 0]
+    if "spacing_mm" in example:
+        scale = old / tf.constant(size, tf.float32)
+        spacing = example["spacing_mm"]
+        out["spacing_mm"] = tf.concat([spacing[:2] * scale, spacing[2:]], 0)
     out["image/height"] = tf.constant(size[0], tf.int64)
     out["image/width"] = tf.constant(size[1], tf.int64)
     return out
@@ -167,6 +176,15 @@ def _as_float(example):
 # What the "segment" and "classify" tasks need (targets included): nothing else is
 # augmented, shuffled or batched.
 _TRAINING_KEYS = ("hu", "lesions", "slice/label", "patient/diagnosis")
+_TRAINING_FEATURES = (  # the record features they are decoded from
+    "image/hu",
+    "image/height",
+    "image/width",
+    "mask/lesions",
+    "mask/num_classes",
+    "slice/label",
+    "patient/diagnosis",
+)
 
 
 def _set_shapes(example, size, num_classes, keep=None):
@@ -279,41 +297,64 @@ def make_dataset(
         deterministic=True,  # a seed must reproduce a training run
     )
     spec = feature_spec()
-    ds = ds.map(lambda s: tf.io.parse_single_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
     if split != "all":
+        # The split's patients only, judged on the patient id alone: the records of the
+        # other splits are never fully parsed.
         table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
                 tf.constant(patients), tf.ones(len(patients), tf.int32)
             ),
             0,
         )
-        ds = ds.filter(lambda e: table.lookup(e["patient/id"]) > 0)
-    # Compact dtypes (int16 image, uint8 masks) until batching: 4x less to shuffle and cache.
-    ds = ds.map(lambda e: decode_example(e, compact=True), num_parallel_calls=tf.data.AUTOTUNE)
+        id_spec = {"patient/id": spec["patient/id"]}
+        ds = ds.filter(
+            lambda s: table.lookup(tf.io.parse_single_example(s, id_spec)["patient/id"]) > 0
+        )
     stored = int(manifest["size"])
     size = (stored, stored)
-    if image_size is not None and tuple(image_size) != size:
+    resize = image_size is not None and tuple(image_size) != size
+    if resize:
         size = tuple(int(s) for s in image_size)
-        ds = ds.map(lambda e: _resize(e, size), num_parallel_calls=tf.data.AUTOTUNE)
-    # Static shapes from here on: models with fixed input sizes need them in graph mode.
     keep = None if task == "inspect" else _TRAINING_KEYS
-    ds = ds.map(
-        lambda e: _set_shapes(e, size, len(classes), keep), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    if cache:
-        ds = ds.cache()
-    if training and oversample_lesions > 1:
-        factor = tf.constant(int(oversample_lesions), tf.int64)
-        ds = ds.flat_map(
-            lambda e: tf.data.Dataset.from_tensors(e).repeat(
-                tf.where(e["slice/label"] > 0, factor, tf.constant(1, tf.int64))
-            )
+    if keep is not None:  # the training tasks parse only what they keep
+        spec = {k: spec[k] for k in _TRAINING_FEATURES}
+
+    def load(serialized):
+        """Parse, decode (compact dtypes: int16 image, uint8 masks, 4x less to shuffle and
+        cache until batching), resize, static shapes: one map, one pass per slice."""
+        example = decode_example(tf.io.parse_single_example(serialized, spec), compact=True)
+        if resize:
+            example = _resize(example, size)
+        # Static shapes from here on: models with fixed input sizes need them in graph mode.
+        return _set_shapes(example, size, len(classes), keep)
+
+    oversample = training and oversample_lesions > 1
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    if augment_data and not cache and not oversample:
+        # Nothing to cache and no repeated slices: augment in the same map as the parsing
+        # (each slice still gets its own random transform every epoch), then shuffle.
+        ds = tf.data.Dataset.zip((ds, seeds)).map(
+            lambda s, sd: augment(load(s), sd), num_parallel_calls=tf.data.AUTOTUNE
         )
-    if training:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if augment_data:
-        seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache:
+            ds = ds.cache()
+        if oversample:
+            factor = tf.constant(int(oversample_lesions), tf.int64)
+            ds = ds.flat_map(
+                lambda e: tf.data.Dataset.from_tensors(e).repeat(
+                    tf.where(e["slice/label"] > 0, factor, tf.constant(1, tf.int64))
+                )
+            )
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment_data:
+            # After the cache (a fresh transform every epoch) and the oversampling (each
+            # copy of a lesion slice its own).
+            ds = tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     # Batch in the compact dtypes, then cast and build the task's structure once per batch.
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if task == "inspect" or not compact:

@@ -60,7 +60,11 @@ from tfcovseg.data import (  # noqa: E402
 )
 from tfcovseg.metrics import roc_auc  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
-from tfcovseg.models.classifier import build_classifier, with_classifier_head  # noqa: E402
+from tfcovseg.models.classifier import (  # noqa: E402
+    build_classifier,
+    copy_head,
+    with_classifier_head,
+)
 from tfcovseg.report import atomic_directory  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
@@ -128,8 +132,14 @@ class InferenceGraph:
             and encoder is not None
             and _same_weights(encoder, classifier.encoder)
         ):
-            head = build_classifier(segmenter, classifier.dropout, classifier.pooling)
-            head._head.logit.set_weights(classifier._head.logit.get_weights())
+            head = build_classifier(
+                segmenter,
+                classifier.dropout,
+                classifier.pooling,
+                classifier.head,
+                classifier.head_filters,
+            )
+            copy_head(head, classifier)
             self.joint = with_classifier_head(segmenter, head)
         self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
 

@@ -352,7 +352,11 @@ def train(
             if t.classifier_aux_weight:
                 # Segmentation and the slice classifier's head train the encoder together.
                 head = build_classifier(
-                    segmenter, config.model.classifier_dropout, config.model.classifier_pooling
+                    segmenter,
+                    config.model.classifier_dropout,
+                    config.model.classifier_pooling,
+                    config.model.classifier_head,
+                    config.model.classifier_head_filters,
                 )
                 fit_model = with_classifier_head(segmenter, head)
                 label_output = "covid_probability"
@@ -436,7 +440,11 @@ def train(
                         f"earlier segmentation phase"
                     )
                 classifier = build_classifier(
-                    segmenter, config.model.classifier_dropout, config.model.classifier_pooling
+                    segmenter,
+                    config.model.classifier_dropout,
+                    config.model.classifier_pooling,
+                    config.model.classifier_head,
+                    config.model.classifier_head_filters,
                 )
                 classifier.encoder.trainable = False
             classifier.compile(

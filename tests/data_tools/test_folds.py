@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from data_tools.folds import assign_subgroups, fold_splits
+from data_tools.folds import assign_subgroups, deal_order, fold_splits
 
 STRATA = [
     ("covid", "mild"),
@@ -55,3 +55,26 @@ def test_deterministic_by_seed():
 def test_needs_two_folds():
     with pytest.raises(ValueError, match="at least 2"):
         assign_subgroups(_patients(5), 1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_small_strata_keep_most_patients_in_every_training_split(seed):
+    # The phantom quickstart's cohort: 18 COVID-19 in three severities, 6 healthy and only
+    # 3 bacterial and 3 viral pneumonias. Every fold must train on at least two of each.
+    pattern = [("covid", "mild")] * 6 + [("covid", "moderate")] * 6
+    pattern += [("covid", "severe")] * 6 + [("healthy", "none")] * 6
+    pattern += [("bacterial", "none")] * 3 + [("viral", "none")] * 3
+    patients = [(f"P{i:02d}", *s) for i, s in enumerate(pattern)]
+    splits = fold_splits(assign_subgroups(patients, 5, seed=seed), 5)
+    for k, fold in splits.items():
+        train = set(fold["train"])
+        for stratum in set(pattern):
+            members = {p for p, *s in patients if tuple(s) == stratum}
+            assert len(members & train) >= 2, (k, stratum, sorted(members & train))
+
+
+@pytest.mark.parametrize("folds", [2, 3, 4, 5, 10])
+def test_deal_order_is_a_permutation(folds):
+    assert sorted(deal_order(folds)) == list(range(2 * folds))
+    if folds == 5:
+        assert deal_order(5)[:4] == [0, 3, 6, 9]

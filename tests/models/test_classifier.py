@@ -124,3 +124,48 @@ def test_with_classifier_head_trains_encoder_and_head_together(rng):
     other = build_classifier(build_model(tiny_config()))
     with pytest.raises(ValueError, match="share the segmenter's encoder"):
         with_classifier_head(segmenter, other)
+
+
+def test_conv_head_reads_stages_two_to_four_and_trains_alone(rng):
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter, pooling="avg_max", head="conv", head_filters=6)
+    classifier.encoder.trainable = False
+    channels = segmenter.encoder.pyramid_channels
+    kernels = [w for w in classifier.trainable_weights if len(w.shape) == 4]
+    # Two 3x3 convolutions on stages 2-4 concatenated, then the dense layer on avg + max.
+    assert [tuple(k.shape) for k in kernels] == [
+        (3, 3, channels["stage2"] + channels["stage3"] + channels["stage4"], 6),
+        (3, 3, 6, 6),
+    ]
+    dense = [w for w in classifier.trainable_weights if len(w.shape) == 2]
+    assert [tuple(k.shape) for k in dense] == [(12, 1)]
+    x = hu_batch(rng, n=4)
+    seg_before = _np(segmenter(x, training=False)["final"])
+    before = [_np(w).copy() for w in classifier.trainable_weights]
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    classifier.train_on_batch(x, np.array([1, 0, 1, 0], "float32"))
+    assert all(not np.allclose(_np(w), b) for w, b in zip(classifier.trainable_weights, before))
+    np.testing.assert_array_equal(_np(segmenter(x, training=False)["final"]), seg_before)
+    clone = CovidClassifier.from_config(classifier.get_config())
+    assert (clone.head, clone.head_filters, clone.pooling) == ("conv", 6, "avg_max")
+    assert not clone.encoder.trainable
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_classifier(segmenter, head="mlp")
+
+
+def test_copy_head_and_joint_model_with_the_conv_head(rng):
+    from tfcovseg.models.classifier import copy_head, with_classifier_head
+
+    segmenter = build_model(tiny_config())
+    keras.utils.set_random_seed(1)
+    trained = build_classifier(segmenter, head="conv", head_filters=4)
+    keras.utils.set_random_seed(2)
+    other = build_classifier(segmenter, head="conv", head_filters=4)
+    x = hu_batch(rng, n=2)
+    assert not np.allclose(_np(other(x)), _np(trained(x)))
+    copy_head(other, trained)
+    np.testing.assert_allclose(_np(other(x)), _np(trained(x)), atol=1e-6)
+    joint = with_classifier_head(segmenter, other)
+    np.testing.assert_allclose(_np(joint(x)["covid_probability"]), _np(trained(x)), atol=1e-6)
+    with pytest.raises(ValueError, match="heads differ"):
+        copy_head(build_classifier(segmenter), trained)

@@ -96,6 +96,8 @@ def build_model(model_config=None):
             cfg.pre_windowed,
             cfg.classifier_dropout,
             cfg.classifier_pooling,
+            cfg.classifier_head,
+            cfg.classifier_head_filters,
             name="seresnet_classifier",
         )
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")
