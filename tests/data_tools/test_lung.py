@@ -77,3 +77,19 @@ def test_shape_checks():
         lung_mask(np.zeros((2, 2, 2, 2)))
     with pytest.raises(ValueError, match="lesions shape"):
         lung_mask(np.zeros((8, 8)), lesions=np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 5, 6])
+@pytest.mark.parametrize("erode", [False, True])
+def test_octagon_growth_equals_alternating_cross_and_square_steps(radius, erode):
+    from scipy import ndimage
+
+    from data_tools.lung import _CROSS, _SQUARE, _grow
+
+    rng = np.random.default_rng(radius)
+    mask = np.pad(ndimage.binary_opening(rng.random((40, 50)) < 0.55), 8)
+    op = ndimage.binary_erosion if erode else ndimage.binary_dilation
+    expected = mask
+    for i in range(radius):  # the definition: one 3x3 step at a time, cross then square
+        expected = op(expected, structure=_CROSS if i % 2 == 0 else _SQUARE)
+    np.testing.assert_array_equal(_grow(mask, radius, erode), expected)
