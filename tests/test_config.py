@@ -106,6 +106,9 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("train.strategy=tpu", "train.strategy must be one of"),
         ("train.overlay_images=-1", "overlay_images"),
         ("model.classifier_pooling=median", "classifier_pooling must be one of"),
+        ("model.classifier_head=mlp", "classifier_head must be one of"),
+        ("model.classifier_head_filters=0", "classifier_head_filters"),
+        ("data.oversample_pneumonia=0", "oversample_pneumonia"),
         ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
     ],
 )

@@ -396,6 +396,38 @@ def test_oversampling_repeats_exactly_the_lesion_slices(records, manifest, facto
     assert len(examples) == n_slices + (factor - 1) * n_lesion
 
 
+def test_pneumonia_oversampling_repeats_the_other_pneumonias_slices(records, manifest):
+    examples = _train_examples(
+        records, oversample_lesions=2, oversample_pneumonia=3, augment_data=False
+    )
+    counts = Counter(e["slice/id"] for e in examples)
+    train = manifest["folds"]["splits"]["0"]["train"]
+    diagnosis = {e["slice/id"]: e["patient/diagnosis"] for e in examples}
+    assert {"bacterial", "viral"} & set(diagnosis.values())  # the test means something
+    for e in examples:
+        other = e["patient/diagnosis"] in ("bacterial", "viral")
+        assert counts[e["slice/id"]] == (3 if other else 1) * (2 if e["label"] == 1 else 1)
+    # The epoch length (Keras' progress bar, tf.data cardinality) counts the repeats.
+    expected = sum(
+        (3 if manifest["patients"][p]["diagnosis"] in ("bacterial", "viral") else 1)
+        * (manifest["patients"][p]["num_slices"] + manifest["patients"][p]["lesion_slices"])
+        for p in train
+    )
+    assert len(examples) == expected
+    ds = make_dataset(
+        records,
+        "train",
+        0,
+        batch_size=8,
+        training=True,
+        oversample_lesions=2,
+        oversample_pneumonia=3,
+    )
+    assert int(ds.cardinality()) == expected // 8 == sum(1 for _ in ds)
+    with pytest.raises(ValueError, match="oversample_pneumonia must be an integer"):
+        make_dataset(records, "train", 0, oversample_pneumonia=0)
+
+
 def test_oversampling_does_not_apply_to_evaluation(records, manifest):
     examples = _inspect(records, "validation", 0, oversample_lesions=3)
     assert len(examples) == len({e["slice/id"] for e in examples})

@@ -153,6 +153,9 @@ class DataConfig:
             random multiple of 90 degrees and a random horizontal flip.
         oversample_lesions: Integer factor by which training slices with lesions are
             repeated in each epoch (1: none).
+        oversample_pneumonia: Integer factor by which the training slices of patients
+            with another pneumonia (bacterial, viral) are repeated in each epoch, in both
+            phases: few patients, and patterns that look like COVID-19 lesions (1: none).
         cache: Cache decoded slices in memory after the first epoch.
     """
 
@@ -165,6 +168,7 @@ class DataConfig:
     shuffle_buffer: int = 1024
     augment: bool = True
     oversample_lesions: int = 1
+    oversample_pneumonia: int = 1
     cache: bool = False
 
     def __post_init__(self):
@@ -180,6 +184,7 @@ class DataConfig:
             )
         _check_positive("data.shuffle_buffer", self.shuffle_buffer)
         _check_positive("data.oversample_lesions", self.oversample_lesions)
+        _check_positive("data.oversample_pneumonia", self.oversample_pneumonia)
 
 
 @dataclasses.dataclass(frozen=True)

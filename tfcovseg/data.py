@@ -40,6 +40,7 @@ from data_tools.features import decode_example, feature_spec  # noqa: E402
 SPLITS = ("train", "validation", "test", "all")
 TASKS = ("segment", "classify", "inspect")
 NON_COVID = ("healthy", "bacterial", "viral")
+OTHER_PNEUMONIA = ("bacterial", "viral")
 
 
 def read_manifest(record_dir) -> dict:
@@ -89,6 +90,20 @@ def split_lesion_slices(manifest: dict, split: str, fold: int) -> int:
     """Number of slices with lesions in a split."""
     patients = set(split_patients(manifest, split, fold))
     return sum(e["lesion_slices"] for p, e in manifest["patients"].items() if p in patients)
+
+
+def split_oversampled_slices(
+    manifest: dict, split: str, fold: int, lesions: int = 1, pneumonia: int = 1
+) -> int:
+    """Slices of a split per epoch when lesion slices are repeated `lesions` times and
+    the slices of other pneumonias (`OTHER_PNEUMONIA`) `pneumonia` times."""
+    patients = set(split_patients(manifest, split, fold))
+    total = 0
+    for pid, e in manifest["patients"].items():
+        if pid in patients:
+            factor = pneumonia if e.get("diagnosis") in OTHER_PNEUMONIA else 1
+            total += factor * (e["num_slices"] + (lesions - 1) * e["lesion_slices"])
+    return total
 
 
 def _dihedral(x, k, flip):
@@ -217,6 +232,7 @@ def make_dataset(
     outputs=("coarse", "final"),
     augment_data=None,
     oversample_lesions=1,
+    oversample_pneumonia=1,
     cache=False,
     shuffle_buffer=1024,
     seed=0,
@@ -239,6 +255,10 @@ def make_dataset(
         augment_data: The paper's augmentation (default: `training`).
         oversample_lesions: Integer factor by which slices with lesions are repeated in
             each training epoch (1: no oversampling).
+        oversample_pneumonia: Integer factor by which the slices of patients diagnosed
+            with another pneumonia (bacterial, viral: `OTHER_PNEUMONIA`) are repeated in
+            each training epoch: the hard negatives, whose patterns look like COVID-19
+            lesions and are few (1: no oversampling).
         cache: Cache decoded (and resized) slices in memory.
         shuffle_buffer: Slices in the shuffle buffer.
         seed: Seed of file order, shuffling and augmentation.
@@ -282,8 +302,12 @@ def make_dataset(
             f"batch size {batch_size} is larger than the {n_slices} slices of "
             f"split {split!r} (fold {fold}) in {record_dir}"
         )
-    if oversample_lesions < 1 or int(oversample_lesions) != oversample_lesions:
-        raise ValueError(f"oversample_lesions must be an integer >= 1, got {oversample_lesions}")
+    for name, factor in (
+        ("oversample_lesions", oversample_lesions),
+        ("oversample_pneumonia", oversample_pneumonia),
+    ):
+        if factor < 1 or int(factor) != factor:
+            raise ValueError(f"{name} must be an integer >= 1, got {factor}")
 
     files = [str(record_dir / s) for s in manifest["shards"]]
     compression = manifest.get("compression") or None
@@ -328,7 +352,7 @@ def make_dataset(
         # Static shapes from here on: models with fixed input sizes need them in graph mode.
         return _set_shapes(example, size, len(classes), keep)
 
-    oversample = training and oversample_lesions > 1
+    oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
     if augment_data and not cache and not oversample:
         # Nothing to cache and no repeated slices: augment in the same map as the parsing
@@ -343,12 +367,15 @@ def make_dataset(
         if cache:
             ds = ds.cache()
         if oversample:
-            factor = tf.constant(int(oversample_lesions), tf.int64)
-            ds = ds.flat_map(
-                lambda e: tf.data.Dataset.from_tensors(e).repeat(
-                    tf.where(e["slice/label"] > 0, factor, tf.constant(1, tf.int64))
-                )
-            )
+            lesion = tf.constant(int(oversample_lesions), tf.int64)
+            pneumonia = tf.constant(int(oversample_pneumonia), tf.int64)
+
+            def copies(e):
+                other = tf.reduce_any(tf.equal(e["patient/diagnosis"], list(OTHER_PNEUMONIA)))
+                n = tf.where(other, pneumonia, tf.constant(1, tf.int64))
+                return tf.where(e["slice/label"] > 0, lesion * n, n)
+
+            ds = ds.flat_map(lambda e: tf.data.Dataset.from_tensors(e).repeat(copies(e)))
         if training:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         if augment_data:
@@ -375,8 +402,10 @@ def make_dataset(
         )
     # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
     n_examples = n_slices
-    if training and oversample_lesions > 1:
-        n_examples += (int(oversample_lesions) - 1) * split_lesion_slices(manifest, split, fold)
+    if oversample:
+        n_examples = split_oversampled_slices(
+            manifest, split, fold, int(oversample_lesions), int(oversample_pneumonia)
+        )
     n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     return ds.prefetch(tf.data.AUTOTUNE)

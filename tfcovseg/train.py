@@ -377,6 +377,7 @@ def train(
             outputs=outputs,
             augment_data=config.data.augment,
             oversample_lesions=config.data.oversample_lesions,
+            oversample_pneumonia=config.data.oversample_pneumonia,
             shuffle_buffer=config.data.shuffle_buffer,
             label_output=label_output,
             **common,
@@ -462,6 +463,7 @@ def train(
             compact=True,  # int16/uint8 batches: the model casts
             task="classify",
             augment_data=config.data.augment,
+            oversample_pneumonia=config.data.oversample_pneumonia,
             shuffle_buffer=config.data.shuffle_buffer,
             **common,
         )
