@@ -86,12 +86,6 @@ def split_slices(manifest: dict, split: str, fold: int) -> int:
     return sum(e["num_slices"] for p, e in manifest["patients"].items() if p in patients)
 
 
-def split_lesion_slices(manifest: dict, split: str, fold: int) -> int:
-    """Number of slices with lesions in a split."""
-    patients = set(split_patients(manifest, split, fold))
-    return sum(e["lesion_slices"] for p, e in manifest["patients"].items() if p in patients)
-
-
 def split_oversampled_slices(
     manifest: dict, split: str, fold: int, lesions: int = 1, pneumonia: int = 1
 ) -> int:
