@@ -376,3 +376,28 @@ def test_two_workers_train_through_the_cli_to_identical_weights(tiny, tmp_path):
     worker = keras.saving.load_model(other)
     for a, b in zip(chief.weights, worker.weights):
         np.testing.assert_allclose(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def test_figure6_prefers_true_lesions_then_predicted_then_probability():
+    import numpy as np
+
+    from tfcovseg.evaluate import _Overlays
+
+    def offer(overlays, pid, true_area, pred_value, pred_pixels=0):
+        pred = np.full((4, 4, 1), pred_value, "float32")
+        pred.flat[:pred_pixels] = 0.9
+        overlays.offer(true_area, pid, np.zeros((4, 4)), np.zeros((4, 4, 1)), pred)
+
+    overlays = _Overlays(3, threshold=0.5)
+    offer(overlays, "healthy", 0, 0.2)  # nothing true, nothing predicted
+    offer(overlays, "viral", 0, 0.1, pred_pixels=5)  # false lesions
+    offer(overlays, "covid", 12, 0.1, pred_pixels=2)
+    offer(overlays, "covid", 3, 0.1, pred_pixels=9)  # a smaller true lesion: not kept
+    offer(overlays, "bacterial", 0, 0.3)  # higher probability than healthy, no lesion
+    assert [item[1] for item in overlays.items] == ["covid", "viral", "bacterial"]
+    assert overlays.items[0][0][0] == 12
+    # A split without lesions still gets its overlays: the most predicted lesion first.
+    empty = _Overlays(2)
+    offer(empty, "a", 0, 0.2)
+    offer(empty, "b", 0, 0.1, pred_pixels=1)
+    assert [item[1] for item in empty.items] == ["b", "a"]

@@ -75,15 +75,20 @@ def _dataset(config, split, fold, batch_size):
 
 
 class _Overlays:
-    """Keeps the slices with the most true lesion, preferring distinct patients."""
+    """Keeps the slices with the most true lesion, preferring distinct patients.
 
-    def __init__(self, k):
+    Ties (a split without lesions, e.g. healthy and other-pneumonia patients only) go to the
+    slices with the most predicted lesion, then to the highest lesion probability, so that
+    Figure 6 shows what the network marks even where there is nothing to find.
+    """
+
+    def __init__(self, k, threshold=0.5):
         self.k = k
-        self.items = []  # (area, patient, hu, true, pred)
+        self.threshold = threshold
+        self.items = []  # (rank, patient, hu, true, pred)
 
-    def offer(self, area, pid, hu, true, pred):
-        if area <= 0:
-            return
+    def offer(self, true_area, pid, hu, true, pred):
+        area = (true_area, int((pred >= self.threshold).sum()), float(pred.max()))
         same = [i for i, item in enumerate(self.items) if item[1] == pid]
         if same:
             i = same[0]
@@ -91,7 +96,7 @@ class _Overlays:
                 self.items[i] = (area, pid, hu.copy(), true.copy(), pred.copy())
             return
         self.items.append((area, pid, hu.copy(), true.copy(), pred.copy()))
-        self.items.sort(key=lambda item: -item[0])
+        self.items.sort(key=lambda item: item[0], reverse=True)
         del self.items[self.k :]
 
 
@@ -110,7 +115,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     slice_prob = {}
     areas = {}
     diagnosis, severity = {}, {}
-    overlays = _Overlays(OVERLAY_SLICES)
+    overlays = _Overlays(OVERLAY_SLICES, threshold)
     for batch in ds:
         hu = batch["hu"][..., None]
         masks = batch["lesions"].numpy()
