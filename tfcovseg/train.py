@@ -180,6 +180,17 @@ class _CheckpointOf(keras.callbacks.ModelCheckpoint):
         super().set_model(self._target)
 
 
+def _build_classifier(segmenter, model):
+    """The classifier head the model config asks for, on the segmenter's encoder."""
+    return build_classifier(
+        segmenter,
+        model.classifier_dropout,
+        model.classifier_pooling,
+        model.classifier_head,
+        model.classifier_head_filters,
+    )
+
+
 def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), save=None):
     """Evaluation callbacks first (their logs reach the rest), then the bookkeeping.
 
@@ -351,13 +362,7 @@ def train(
             fit_model, label_output = segmenter, None
             if t.classifier_aux_weight:
                 # Segmentation and the slice classifier's head train the encoder together.
-                head = build_classifier(
-                    segmenter,
-                    config.model.classifier_dropout,
-                    config.model.classifier_pooling,
-                    config.model.classifier_head,
-                    config.model.classifier_head_filters,
-                )
+                head = _build_classifier(segmenter, config.model)
                 fit_model = with_classifier_head(segmenter, head)
                 label_output = "covid_probability"
                 losses[label_output] = "binary_crossentropy"
@@ -440,13 +445,7 @@ def train(
                         f"classification without segmentation needs {best} from an "
                         f"earlier segmentation phase"
                     )
-                classifier = build_classifier(
-                    segmenter,
-                    config.model.classifier_dropout,
-                    config.model.classifier_pooling,
-                    config.model.classifier_head,
-                    config.model.classifier_head_filters,
-                )
+                classifier = _build_classifier(segmenter, config.model)
                 classifier.encoder.trainable = False
             classifier.compile(
                 optimizer=keras.optimizers.Adam(t.classifier_learning_rate),

@@ -10,12 +10,11 @@ slice, and an average over the whole feature map dilutes them; "max" (global max
 "avg_max" (both, concatenated) keep a small lesion's strongest response.
 
 `head="conv"` adds two 3x3 convolutions (ReLU) before the pooling, on the stage-2, -3 and -4
-features brought to stride 8 (bilinear upsampling) and concatenated. A segmentation encoder
-leaves much of the "is there a lesion here" decision to its decoder, so on a frozen encoder
-one dense layer over pooled features does not find lesion slices (on the phantom quickstart
-its slice ROC AUC on new patients was 0.67-0.78); a small convolutional head detects them
-locally at stride 8 before the pooling. The encoder stays frozen and shared either way; the
-head is about 3 % of the encoder's cost at 512x512 with the paper's widths.
+features brought to stride 8 (bilinear upsampling) and concatenated: a segmentation encoder
+leaves much of the "is there a lesion here" decision to its decoder, and this head looks for
+lesions locally before pooling. On the phantom quickstart neither head generalised to new
+patients (README, "Results on the phantom"); the conv head is an option for experiments.
+The encoder stays frozen and shared either way.
 """
 
 from __future__ import annotations
