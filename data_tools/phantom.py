@@ -14,9 +14,11 @@ CT-like blur and noise. COVID-19 patients have peripheral, multifocal ground-gla
 opacities (-700 to -300 HU, soft edges), small compact consolidations (-100 to +50 HU) and,
 mostly when severe, fibrotic bands; lesions cover only some slices and their burden grows
 with severity, with overlap between severities. Healthy patients have clear lungs;
-bacterial pneumonia shows lobar consolidation and viral (non-COVID) pneumonia central,
-perihilar ground glass: neither is labelled as a COVID lesion, so a slice classifier has to
-tell the patterns apart.
+bacterial pneumonia shows lobar consolidation with air bronchograms, and viral (non-COVID)
+pneumonia the airway-centred pattern of, e.g., influenza: thickened bronchial walls,
+clustered centrilobular nodules and faint perihilar ground glass (the "atypical" and
+"indeterminate" appearances of the RSNA consensus statement, Simpson et al. 2020). Neither
+is labelled as a COVID lesion, so a slice classifier has to tell the patterns apart.
 
 Everything is deterministic for a seed. Synthetic data: research and testing only.
 """
@@ -76,7 +78,9 @@ class PhantomPatient:
 
 @dataclasses.dataclass
 class _Lesion:
-    kind: str  # ggo | consolidation | fibrosis | mimic (unlabelled pneumonia pattern)
+    # ggo | consolidation | fibrosis | mimic (an unlabelled pneumonia blob) | airway (an
+    # unlabelled band: air bronchogram, bronchial wall)
+    kind: str
     center: tuple[float, float, float]  # u (x), v (y), t (z in [0, 1])
     axes: tuple[float, float, float]
     hu: float
@@ -246,31 +250,97 @@ def _make_lesions(rng, an: _Anatomy, diagnosis: str, severity: str) -> list[_Les
     elif diagnosis == "bacterial":  # lobar consolidation of a lower lobe (unlabelled)
         side = rng.choice((-1, 1))
         t = rng.uniform(0.15, 0.35)
+        depth = rng.uniform(0.12, 0.2)
         lesions.append(
             _Lesion(
                 "mimic",
                 (side * an.lung_dx, 0.15, t),
-                (an.lung_au * 1.1, an.lung_av * 0.55, rng.uniform(0.12, 0.2)),
+                (an.lung_au * 1.1, an.lung_av * 0.55, depth),
                 rng.uniform(-60, 40),
                 0.15,
             )
         )
-    elif diagnosis == "viral":  # central, perihilar ground glass on both sides (unlabelled)
+        # Air bronchograms: aerated bronchi branching through the consolidated lobe.
+        for _ in range(rng.integers(4, 8)):
+            u0 = side * (an.lung_dx - an.lung_au * rng.uniform(0.2, 0.5))
+            v0 = rng.uniform(0.0, 0.12)
+            angle = rng.uniform(0.1, 0.9) * math.pi  # posterior and lateral, away from the hilum
+            length = rng.uniform(0.12, 0.25)
+            u1 = u0 + side * abs(math.cos(angle)) * length
+            v1 = v0 + math.sin(angle) * length * 0.8
+            width = rng.uniform(0.008, 0.013)
+            lesions.append(
+                _Lesion(
+                    "airway",
+                    (u0, v0, t + rng.uniform(-0.5, 0.5) * depth),
+                    (width, width, rng.uniform(0.04, 0.1)),
+                    rng.uniform(-980, -920),
+                    0.3,
+                    end=(u1, v1),
+                )
+            )
+    elif diagnosis == "viral":  # airway-centred (bronchiolitis) pattern, both lungs (unlabelled)
+        # Bronchi with thickened walls running out from the hilum, faint ground glass around
+        # some of them (peribronchovascular) and clusters of centrilobular nodules
+        # (tree-in-bud) along their course.
         for side in (-1, 1):
             for _ in range(rng.integers(2, 5)):
-                t = rng.uniform(0.25, 0.75)
-                u = side * (an.lung_dx - an.lung_au * rng.uniform(0.1, 0.5))
-                v = rng.uniform(-0.15, 0.15)
-                a = rng.uniform(0.06, 0.12)
+                t = rng.uniform(0.2, 0.8)
+                u0 = side * (an.lung_dx - an.lung_au * rng.uniform(0.3, 0.6))
+                v0 = rng.uniform(-0.12, 0.12)
+                angle = rng.uniform(-0.45, 0.45) * math.pi
+                length = rng.uniform(0.12, 0.22)
+                u1 = u0 + side * math.cos(angle) * length
+                v1 = v0 + math.sin(angle) * length
+                at = rng.uniform(0.05, 0.12)
+                if rng.uniform() < 0.6:
+                    a = rng.uniform(0.04, 0.07)
+                    lesions.append(
+                        _Lesion(
+                            "mimic",
+                            ((u0 + u1) / 2, (v0 + v1) / 2, t),
+                            (a, a * rng.uniform(0.8, 1.3), at),
+                            rng.uniform(-740, -600),
+                            0.8,
+                        )
+                    )
+                wall = rng.uniform(0.012, 0.018)
                 lesions.append(
                     _Lesion(
-                        "mimic",
-                        (u, v, t),
-                        (a, a * 1.3, rng.uniform(0.08, 0.15)),
-                        rng.uniform(-650, -450),
-                        0.8,
+                        "airway",
+                        (u0, v0, t),
+                        (wall, wall, at),
+                        rng.uniform(-80, 20),
+                        0.3,
+                        end=(u1, v1),
                     )
                 )
+                lesions.append(
+                    _Lesion(
+                        "airway",
+                        (u0, v0, t),
+                        (wall * 0.45, wall * 0.45, at),
+                        -990.0,
+                        0.2,
+                        end=(u1, v1),
+                    )
+                )
+                for _ in range(rng.integers(8, 16)):
+                    f = rng.uniform(0.2, 1.3)
+                    r = rng.uniform(0.01, 0.02)
+                    lesions.append(
+                        _Lesion(
+                            "mimic",
+                            (
+                                u0 + f * (u1 - u0) + rng.normal(0, 0.03),
+                                v0 + f * (v1 - v0) + rng.normal(0, 0.03),
+                                t + rng.normal(0, 0.5 * at),
+                            ),
+                            (r, r, rng.uniform(0.02, 0.04)),
+                            rng.uniform(-350, -50),
+                            0.4,
+                        )
+                    )
     return lesions
 
 
@@ -291,7 +361,7 @@ def _lesion_weight(an: _Anatomy, lesion: _Lesion, t: float):
     dz = ((t - ct) / at) ** 2
     if dz >= 1.0:
         return None
-    if lesion.kind == "fibrosis":
+    if lesion.kind in ("fibrosis", "airway"):
         u1, v1 = lesion.end
         pad = au * 2
         box = _box(an, (cu + u1) / 2, (cv + v1) / 2, abs(u1 - cu) / 2 + pad, abs(v1 - cv) / 2 + pad)

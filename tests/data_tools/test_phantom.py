@@ -70,7 +70,16 @@ def test_other_pneumonias_are_not_labelled_but_visible():
         return ((p.hu > low) & (p.hu < high) & p.lung).sum()
 
     assert dense_lung(bacterial, -200, 200) > 5 * dense_lung(healthy, -200, 200) + 100
-    assert dense_lung(viral, -700, -350) > 2 * dense_lung(healthy, -700, -350) + 100
+
+    def air_in_consolidation(p):  # air bronchograms: air pixels amid consolidated lung
+        dense = ndimage.uniform_filter((p.hu > -200).astype(np.float32), size=(1, 7, 7))
+        return ((p.hu < -900) & (dense > 0.4) & p.lung).sum()
+
+    assert air_in_consolidation(bacterial) > 3 * air_in_consolidation(healthy) + 50
+    # Viral: thickened bronchial walls and centrilobular nodules (soft-tissue density in
+    # the lung, which a healthy lung's blurred vessels do not reach), faint ground glass.
+    assert dense_lung(viral, -350, 100) > 2 * dense_lung(healthy, -350, 100) + 100
+    assert dense_lung(viral, -760, -560) > dense_lung(healthy, -760, -560) + 50
 
 
 @pytest.mark.parametrize("signed", [True, False])
