@@ -87,6 +87,7 @@ class _Lesion:
     edge: float  # softness of the profile, 0 (sharp) to 1 (soft)
     end: tuple[float, float] = (0.0, 0.0)  # fibrosis: second end point of the band (u, v)
     label: int = 0
+    z_power: float = 2.0  # profile along z: 2 an ellipsoid; larger ends flatter (a fissure)
 
 
 def _smoothstep(x):
@@ -258,6 +259,7 @@ def _make_lesions(rng, an: _Anatomy, diagnosis: str, severity: str) -> list[_Les
                 (an.lung_au * 1.1, an.lung_av * 0.55, depth),
                 rng.uniform(-60, 40),
                 0.15,
+                z_power=8.0,  # fills the lobe up to its fissure rather than tapering off
             )
         )
         # Air bronchograms: aerated bronchi branching through the consolidated lobe.
@@ -358,7 +360,7 @@ def _lesion_weight(an: _Anatomy, lesion: _Lesion, t: float):
     """Blend weight of a lesion on this slice, as (box, weight) or None."""
     cu, cv, ct = lesion.center
     au, av, at = lesion.axes
-    dz = ((t - ct) / at) ** 2
+    dz = abs((t - ct) / at) ** lesion.z_power
     if dz >= 1.0:
         return None
     if lesion.kind in ("fibrosis", "airway"):

@@ -76,6 +76,12 @@ def test_other_pneumonias_are_not_labelled_but_visible():
         return ((p.hu < -900) & (dense > 0.4) & p.lung).sum()
 
     assert air_in_consolidation(bacterial) > 3 * air_in_consolidation(healthy) + 50
+    # The lobar consolidation fills its lobe up to the fissure instead of tapering off: at
+    # most one slice at each end is much smaller than the largest (a tapering ellipsoid of
+    # the same depth, the old pattern, has two at each end).
+    area = ((bacterial.hu > -200) & bacterial.lung).sum((1, 2))
+    area = area[area > 0]
+    assert (area < 0.7 * area.max()).sum() <= 2
     # Viral: thickened bronchial walls and centrilobular nodules (soft-tissue density in
     # the lung, which a healthy lung's blurred vessels do not reach), faint ground glass.
     assert dense_lung(viral, -350, 100) > 2 * dense_lung(healthy, -350, 100) + 100
