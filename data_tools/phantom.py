@@ -1,6 +1,6 @@
 """Synthetic chest-CT cohort: real DICOM series with COVID-19-like lesions and masks.
 
-    python -m data_tools.phantom --out DIR --patients N --seed S [--size 512]
+    python -m data_tools.phantom --out DIR --patients N --seed S [--size 512] [--mix default]
 
 Each patient is a DICOM CT series (CT Image Storage, int16 with rescale slope/intercept,
 pixel spacing, slice geometry, study/series/SOP UIDs and a fake name and ID) of 20-40
@@ -53,6 +53,21 @@ COHORT_PATTERN = (
     ("covid", "severe"),
     ("healthy", "none"),
 )
+# Half COVID-19, a tenth healthy and four tenths bacterial or viral pneumonia: more of the
+# hard negatives (patterns a segmenter can take for COVID-19 lesions) for small cohorts.
+PNEUMONIA_PATTERN = (
+    ("covid", "mild"),
+    ("covid", "moderate"),
+    ("covid", "severe"),
+    ("bacterial", "none"),
+    ("viral", "none"),
+    ("covid", "mild"),
+    ("covid", "moderate"),
+    ("bacterial", "none"),
+    ("viral", "none"),
+    ("healthy", "none"),
+)
+COHORT_MIXES = {"default": COHORT_PATTERN, "pneumonia": PNEUMONIA_PATTERN}
 
 
 @dataclasses.dataclass
@@ -559,16 +574,32 @@ def write_patient(
     nib.save(image, folder / "lesions.nii.gz")
 
 
-def cohort_plan(patients: int, seed: int):
-    """(diagnosis, severity) of each patient: the balanced pattern in a seeded order."""
-    plan = [COHORT_PATTERN[i % len(COHORT_PATTERN)] for i in range(patients)]
+def cohort_plan(patients: int, seed: int, mix: str = "default"):
+    """(diagnosis, severity) of each patient: the mix's pattern in a seeded order.
+
+    Args:
+        patients: Number of patients.
+        seed: Seed of the order.
+        mix: "default" (6 COVID-19 : 2 healthy : 1 bacterial : 1 viral) or "pneumonia"
+            (5 COVID-19 : 1 healthy : 2 bacterial : 2 viral).
+    """
+    if mix not in COHORT_MIXES:
+        raise ValueError(f"unknown cohort mix {mix!r}; choose one of {sorted(COHORT_MIXES)}")
+    pattern = COHORT_MIXES[mix]
+    plan = [pattern[i % len(pattern)] for i in range(patients)]
     rng = np.random.default_rng(seed)
     order = rng.permutation(patients)
     return [plan[i] for i in order]
 
 
 def make_cohort(
-    out: Path, patients: int, seed: int = 0, size: int = 512, identities=None, progress=None
+    out: Path,
+    patients: int,
+    seed: int = 0,
+    size: int = 512,
+    identities=None,
+    progress=None,
+    mix: str = "default",
 ) -> Path:
     """Writes a cohort of synthetic patients and its manifest.csv; returns the manifest path.
 
@@ -580,10 +611,11 @@ def make_cohort(
         identities: Optional list of (patient_id, patient_name) to write instead of the
             generated fake ones (the privacy tests use this).
         progress: Optional callable(done, total).
+        mix: Diagnosis mix of the cohort (`cohort_plan`).
     """
+    plan = cohort_plan(patients, seed, mix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = cohort_plan(patients, seed)
     rows = []
     for i, (diagnosis, severity) in enumerate(plan):
         pid, name = (
@@ -625,6 +657,13 @@ def main(argv=None) -> int:
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=512, help="slice size in pixels")
+    parser.add_argument(
+        "--mix",
+        choices=sorted(COHORT_MIXES),
+        default="default",
+        help="diagnosis mix: default (6 COVID-19 : 2 healthy : 1 bacterial : 1 viral) or "
+        "pneumonia (5 : 1 : 2 : 2)",
+    )
     args = parser.parse_args(argv)
     if args.patients < 1:
         parser.error("--patients must be at least 1")
@@ -635,7 +674,9 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\rphantom: {done}/{total} patients", end="", file=sys.stderr, flush=True)
 
-    manifest = make_cohort(args.out, args.patients, args.seed, args.size, progress=progress)
+    manifest = make_cohort(
+        args.out, args.patients, args.seed, args.size, progress=progress, mix=args.mix
+    )
     print(file=sys.stderr)
     with manifest.open() as f:
         slices = sum(int(r["slices"]) for r in csv.DictReader(f))

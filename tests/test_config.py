@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tfcovseg.config import (
+    PHANTOM_MIXES,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -17,6 +18,15 @@ from tfcovseg.config import (
 )
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_phantom_mix_is_checked_against_the_phantoms_mixes():
+    from data_tools.phantom import COHORT_MIXES
+
+    assert sorted(COHORT_MIXES) == sorted(PHANTOM_MIXES)
+    with pytest.raises(ConfigError, match="data.phantom_mix must be one of"):
+        load_config(overrides=["data.phantom_mix=covid-only"])
+    assert load_config(EXPERIMENTS / "quickstart.yaml").data.phantom_mix == "pneumonia"
 
 
 def test_paper_yaml_holds_the_papers_settings():

@@ -24,6 +24,7 @@ def tiny(tmp_path_factory):
         f"data.records_dir={root / 'cache' / 'records'}",
         "data.phantom_patients=10",
         "data.phantom_seed=1",
+        "data.phantom_mix=default",  # the quickstart's "pneumonia" mix has its own test
         "data.cache=true",
         "train.epochs=2",
         "train.classifier_epochs=2",
@@ -33,6 +34,24 @@ def tiny(tmp_path_factory):
     config = load_config("experiments/quickstart.yaml", overrides)
     summary = train(config, root / "run", verbose=0, log=lambda *a: None)
     return root, config, summary
+
+
+def test_prepare_records_writes_the_configured_mix(tmp_path):
+    from data_tools.phantom import cohort_plan
+    from tfcovseg.train import prepare_records
+
+    overrides = [
+        "model.input_size=[32,32]",
+        f"data.records_dir={tmp_path / 'records'}",
+        "data.phantom_patients=5",
+        "data.phantom_seed=3",
+        "data.phantom_mix=pneumonia",
+    ]
+    folder = prepare_records(load_config("experiments/quickstart.yaml", overrides), log=print)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    diagnoses = sorted(p["diagnosis"] for p in manifest["patients"].values())
+    assert diagnoses == sorted(d for d, _ in cohort_plan(5, 3, "pneumonia"))
+    assert diagnoses != sorted(d for d, _ in cohort_plan(5, 3, "default"))
 
 
 def test_run_folder_contents(tiny):

@@ -36,6 +36,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POOLINGS = ("avg", "max", "avg_max")
 HEADS = ("dense", "conv")
 STRATEGIES = ("auto", "mirrored", "multi_worker", "default")
+PHANTOM_MIXES = ("default", "pneumonia")  # data_tools.phantom.COHORT_MIXES
 
 
 class ConfigError(ValueError):
@@ -145,6 +146,9 @@ class DataConfig:
             writes a synthetic phantom cohort of this many patients beside it and converts
             it at the model's input size (the embedded default data).
         phantom_seed: Seed of that cohort.
+        phantom_mix: Its diagnosis mix: "default" (6 COVID-19 : 2 healthy : 1 bacterial :
+            1 viral) or "pneumonia" (5 : 1 : 2 : 2, more hard negatives); see
+            `data_tools.phantom.cohort_plan`.
         compression: "" or "GZIP", as the records were written.
         fold: Which patient-level fold to train on.
         num_folds: Number of folds in the records' manifest.
@@ -162,6 +166,7 @@ class DataConfig:
     records_dir: str = "data/records"
     phantom_patients: int = 0
     phantom_seed: int = 0
+    phantom_mix: str = "default"
     compression: str = ""
     fold: int = 0
     num_folds: int = 5
@@ -174,6 +179,7 @@ class DataConfig:
     def __post_init__(self):
         _normalise(self)
         _check_choice("data.compression", self.compression, ("", "GZIP"))
+        _check_choice("data.phantom_mix", self.phantom_mix, PHANTOM_MIXES)
         _check_positive("data.num_folds", self.num_folds)
         if self.phantom_patients < 0:
             raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")

@@ -97,9 +97,15 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
     if not (cohort / "manifest.csv").is_file():
         log(
             f"writing a synthetic phantom cohort of {config.data.phantom_patients} patients "
-            f"to {cohort} (once)"
+            f"({config.data.phantom_mix} mix) to {cohort} (once)"
         )
-        make_cohort(cohort, config.data.phantom_patients, config.data.phantom_seed, size)
+        make_cohort(
+            cohort,
+            config.data.phantom_patients,
+            config.data.phantom_seed,
+            size,
+            mix=config.data.phantom_mix,
+        )
     log(f"converting {cohort} to TFRecords in {folder}")
     convert(
         cohort,

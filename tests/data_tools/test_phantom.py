@@ -121,6 +121,22 @@ def test_cli_writes_cohort_and_manifest(tmp_path, capsys):
     assert "slices/s" in capsys.readouterr().out
 
 
+def test_pneumonia_mix_has_more_hard_negatives(tmp_path):
+    plan = cohort_plan(30, 0, "pneumonia")
+    diagnoses = [d for d, _ in plan]
+    counts = {d: diagnoses.count(d) for d in ("covid", "healthy", "bacterial", "viral")}
+    assert counts == {"covid": 15, "healthy": 3, "bacterial": 6, "viral": 6}
+    covid = [s for d, s in plan if d == "covid"]
+    assert (covid.count("mild"), covid.count("moderate"), covid.count("severe")) == (6, 6, 3)
+    with pytest.raises(ValueError, match="unknown cohort mix 'lots'"):
+        cohort_plan(10, 0, "lots")
+    args = ["--out", str(tmp_path), "--patients", "4", "--seed", "2", "--size", "32"]
+    assert main([*args, "--mix", "pneumonia"]) == 0
+    with (tmp_path / "manifest.csv").open() as f:
+        rows = [(r["diagnosis"], r["severity"]) for r in csv.DictReader(f)]
+    assert rows == cohort_plan(4, 2, "pneumonia") != cohort_plan(4, 2)
+
+
 def test_cohort_plan_is_balanced():
     plan = cohort_plan(20, 0)
     diagnoses = [d for d, _ in plan]
