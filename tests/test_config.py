@@ -26,7 +26,7 @@ def test_phantom_mix_is_checked_against_the_phantoms_mixes():
     assert sorted(COHORT_MIXES) == sorted(PHANTOM_MIXES)
     with pytest.raises(ConfigError, match="data.phantom_mix must be one of"):
         load_config(overrides=["data.phantom_mix=covid-only"])
-    assert load_config(EXPERIMENTS / "quickstart.yaml").data.phantom_mix == "pneumonia"
+    assert load_config(overrides=["data.phantom_mix=pneumonia"]).data.phantom_mix == "pneumonia"
 
 
 def test_paper_yaml_holds_the_papers_settings():

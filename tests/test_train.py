@@ -24,7 +24,6 @@ def tiny(tmp_path_factory):
         f"data.records_dir={root / 'cache' / 'records'}",
         "data.phantom_patients=10",
         "data.phantom_seed=1",
-        "data.phantom_mix=default",  # the quickstart's "pneumonia" mix has its own test
         "data.cache=true",
         "train.epochs=2",
         "train.classifier_epochs=2",
