@@ -16,9 +16,9 @@ mostly when severe, fibrotic bands; lesions cover only some slices and their bur
 with severity, with overlap between severities. Healthy patients have clear lungs;
 bacterial pneumonia shows lobar consolidation with air bronchograms, and viral (non-COVID)
 pneumonia the airway-centred pattern of, e.g., influenza: thickened bronchial walls,
-clustered centrilobular nodules and faint perihilar ground glass (the "atypical" and
-"indeterminate" appearances of the RSNA consensus statement, Simpson et al. 2020). Neither
-is labelled as a COVID lesion, so a slice classifier has to tell the patterns apart.
+clustered centrilobular nodules and faint peribronchovascular ground glass (the
+"atypical" appearances of the RSNA consensus statement, Simpson et al. 2020). Neither is
+labelled as a COVID lesion, so a slice classifier has to tell the patterns apart.
 
 Everything is deterministic for a seed. Synthetic data: research and testing only.
 """
@@ -100,7 +100,7 @@ class _Lesion:
     axes: tuple[float, float, float]
     hu: float
     edge: float  # softness of the profile, 0 (sharp) to 1 (soft)
-    end: tuple[float, float] = (0.0, 0.0)  # fibrosis: second end point of the band (u, v)
+    end: tuple[float, float] = (0.0, 0.0)  # fibrosis, airway: the band's other end (u, v)
     label: int = 0
     z_power: float = 2.0  # profile along z: 2 an ellipsoid; larger ends flatter (a fissure)
 
