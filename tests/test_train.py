@@ -51,6 +51,27 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
     diagnoses = sorted(p["diagnosis"] for p in manifest["patients"].values())
     assert diagnoses == sorted(d for d, _ in cohort_plan(5, 3, "pneumonia"))
     assert diagnoses != sorted(d for d, _ in cohort_plan(5, 3, "default"))
+    again = load_config("experiments/quickstart.yaml", overrides)
+    assert prepare_records(again, log=print) == folder  # same settings: the cache is reused
+
+    # Other settings with the old cache: an error naming the folder, nothing rewritten.
+    before = (folder / "manifest.json").read_bytes()
+    for change in ("data.phantom_mix=default", "data.phantom_seed=4", "data.phantom_patients=6"):
+        config = load_config("experiments/quickstart.yaml", overrides + [change])
+        with pytest.raises(TrainingError, match="phantom cohort in .*phantom.*not made with"):
+            prepare_records(config, log=print)
+    # A cohort folder that matches but records from another cohort (half-replaced cache).
+    with (tmp_path / "phantom" / "manifest.csv").open("w") as f:
+        f.write("patient,diagnosis,severity,slices\n")
+        for i, (d, s) in enumerate(cohort_plan(5, 4, "pneumonia")):
+            f.write(f"X{i},{d},{s},10\n")
+    config = load_config(
+        "experiments/quickstart.yaml",
+        overrides[:-2] + ["data.phantom_seed=4", "data.phantom_mix=pneumonia"],
+    )
+    with pytest.raises(TrainingError, match=r"phantom records in .*records.*phantom_seed=4"):
+        prepare_records(config, log=print)
+    assert (folder / "manifest.json").read_bytes() == before
 
 
 def test_run_folder_contents(tiny):

@@ -76,6 +76,10 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
 
 
+# The fixed pseudonymisation salt of phantom records (synthetic patients, nothing to hide).
+PHANTOM_SALT = "tfcovseg-phantom"
+
+
 class TrainingError(Exception):
     """Training cannot start; the message names the problem (exit code 2)."""
 
@@ -87,13 +91,16 @@ def records_dir(config: ExperimentConfig) -> Path:
 def prepare_records(config: ExperimentConfig, log=print) -> Path:
     """The record folder, after writing and converting the phantom cohort if configured."""
     folder = records_dir(config)
-    if (folder / "manifest.json").is_file() or config.data.phantom_patients == 0:
+    if config.data.phantom_patients == 0:
+        return folder
+    cohort = folder.parent / "phantom"
+    check_phantom_cache(config, folder, cohort)
+    if (folder / "manifest.json").is_file():
         return folder
     from data_tools.convert import convert
     from data_tools.phantom import make_cohort
 
     size = config.model.input_size[0]
-    cohort = folder.parent / "phantom"
     if not (cohort / "manifest.csv").is_file():
         log(
             f"writing a synthetic phantom cohort of {config.data.phantom_patients} patients "
@@ -115,9 +122,60 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
         seed=config.data.phantom_seed,
         classes=config.model.class_names,
         progress=False,
-        salt="tfcovseg-phantom",
+        salt=PHANTOM_SALT,
     )
     return folder
+
+
+def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) -> None:
+    """Stops when a cached phantom cohort or its records were made with other settings.
+
+    The cache is reused across runs, so a changed `data.phantom_patients`, `phantom_seed`
+    or `phantom_mix` would otherwise train silently on the old cohort. Records are compared
+    by their pseudonymised patients (`prepare_records` converts with a fixed salt).
+    """
+    import csv
+
+    from data_tools.phantom import cohort_plan
+    from data_tools.privacy import pseudonym
+
+    d = config.data
+    plan = cohort_plan(d.phantom_patients, d.phantom_seed, d.phantom_mix)
+    wanted = (
+        f"data.phantom_patients={d.phantom_patients}, phantom_seed={d.phantom_seed}, "
+        f"phantom_mix={d.phantom_mix}"
+    )
+    advice = (
+        "delete that folder to write it again with these settings, or point "
+        "data.records_dir somewhere else"
+    )
+    manifest_csv = cohort / "manifest.csv"
+    if manifest_csv.is_file():
+        with manifest_csv.open(newline="") as f:
+            rows = [(r.get("diagnosis"), r.get("severity")) for r in csv.DictReader(f)]
+        if rows != [tuple(p) for p in plan]:
+            raise TrainingError(
+                f"the cached phantom cohort in {cohort} ({len(rows)} patients) was not made "
+                f"with {wanted}: {advice}"
+            )
+    records = folder / "manifest.json"
+    # Records without a phantom folder beside them are the user's own: nothing to compare.
+    if records.is_file() and manifest_csv.is_file():
+        try:
+            patients = json.loads(records.read_text())["patients"]
+            found = {k: (v["diagnosis"], v["severity"]) for k, v in patients.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise TrainingError(f"{records} is not a readable records manifest ({e})") from None
+        salt = PHANTOM_SALT.encode("utf-8")
+        expected = {
+            pseudonym("P", f"dicom:PHANTOM-{d.phantom_seed:04d}-{i:04d}", salt): tuple(p)
+            for i, p in enumerate(plan)
+        }
+        if found != expected:
+            raise TrainingError(
+                f"the cached phantom records in {folder} ({len(found)} patients) were not "
+                f"made with {wanted}: {advice}"
+            )
 
 
 def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
