@@ -69,6 +69,23 @@ PNEUMONIA_PATTERN = (
 )
 COHORT_MIXES = {"default": COHORT_PATTERN, "pneumonia": PNEUMONIA_PATTERN}
 
+# Slices per patient (inclusive range) over the 300 mm of chest every phantom covers.
+SLICE_RANGE = (20, 40)
+MIN_SLICES = 4
+
+
+def check_slice_range(slice_range) -> tuple[int, int]:
+    """(low, high) slices per patient, or ValueError naming the problem."""
+    try:
+        low, high = (int(v) for v in slice_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"slices per patient must be two integers, got {slice_range!r}") from None
+    if not MIN_SLICES <= low <= high:
+        raise ValueError(
+            f"slices per patient must satisfy {MIN_SLICES} <= low <= high, got [{low}, {high}]"
+        )
+    return low, high
+
 
 @dataclasses.dataclass
 class PhantomPatient:
@@ -459,13 +476,19 @@ def make_patient(
     diagnosis: str = "covid",
     severity: str = "moderate",
     n_slices: int | None = None,
+    slice_range: tuple[int, int] = SLICE_RANGE,
 ) -> PhantomPatient:
-    """Generates one synthetic patient in memory (deterministic for the arguments)."""
+    """Generates one synthetic patient in memory (deterministic for the arguments).
+
+    The slices cover the same 300 mm of chest whatever their number: `n_slices`, or a
+    seeded draw from `slice_range` (inclusive), sets the slice spacing.
+    """
     if size < 32 or size % 2:
         raise ValueError(f"size must be an even number >= 32, got {size}")
+    check_slice_range(slice_range)
     rng = np.random.default_rng([seed, size])
     an = _Anatomy(rng, size)
-    n_slices = int(n_slices or rng.integers(20, 41))
+    n_slices = int(n_slices or rng.integers(slice_range[0], slice_range[1] + 1))
     lesions = _make_lesions(rng, an, diagnosis, severity)
     hu = np.empty((n_slices, size, size), np.float32)
     labels = np.empty((n_slices, size, size), np.uint8)
@@ -600,6 +623,7 @@ def make_cohort(
     identities=None,
     progress=None,
     mix: str = "default",
+    slices: tuple[int, int] = SLICE_RANGE,
 ) -> Path:
     """Writes a cohort of synthetic patients and its manifest.csv; returns the manifest path.
 
@@ -612,8 +636,11 @@ def make_cohort(
             generated fake ones (the privacy tests use this).
         progress: Optional callable(done, total).
         mix: Diagnosis mix of the cohort (`cohort_plan`).
+        slices: Range of slices per patient (`make_patient`'s `slice_range`); fewer,
+            thicker slices give more patients for the same number of slices.
     """
     plan = cohort_plan(patients, seed, mix)
+    slices = check_slice_range(slices)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -621,7 +648,7 @@ def make_cohort(
         pid, name = (
             identities[i] if identities else (f"PHANTOM-{seed:04d}-{i:04d}", f"PHANTOM^CASE{i:04d}")
         )
-        patient = make_patient(seed * 100_003 + i, size, diagnosis, severity)
+        patient = make_patient(seed * 100_003 + i, size, diagnosis, severity, slice_range=slices)
         write_patient(
             patient,
             out / f"case_{i:04d}",
@@ -664,18 +691,37 @@ def main(argv=None) -> int:
         help="diagnosis mix: default (6 COVID-19 : 2 healthy : 1 bacterial : 1 viral) or "
         "pneumonia (5 : 1 : 2 : 2)",
     )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=list(SLICE_RANGE),
+        help="slices per patient, drawn per patient from [LOW, HIGH] (default %(default)s); "
+        "they always cover 300 mm, so fewer slices are thicker",
+    )
     args = parser.parse_args(argv)
     if args.patients < 1:
         parser.error("--patients must be at least 1")
     if args.size < 32 or args.size % 2:
         parser.error("--size must be an even number of at least 32")
+    try:
+        check_slice_range(args.slices)
+    except ValueError as e:
+        parser.error(f"--slices: {e}")
     start = time.perf_counter()
 
     def progress(done, total):
         print(f"\rphantom: {done}/{total} patients", end="", file=sys.stderr, flush=True)
 
     manifest = make_cohort(
-        args.out, args.patients, args.seed, args.size, progress=progress, mix=args.mix
+        args.out,
+        args.patients,
+        args.seed,
+        args.size,
+        progress=progress,
+        mix=args.mix,
+        slices=tuple(args.slices),
     )
     print(file=sys.stderr)
     with manifest.open() as f:

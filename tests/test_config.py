@@ -29,6 +29,16 @@ def test_phantom_mix_is_checked_against_the_phantoms_mixes():
     assert load_config(overrides=["data.phantom_mix=pneumonia"]).data.phantom_mix == "pneumonia"
 
 
+def test_phantom_slices_default_and_bounds():
+    from data_tools.phantom import SLICE_RANGE
+
+    assert load_config().data.phantom_slices == SLICE_RANGE
+    assert load_config(overrides=["data.phantom_slices=[8,16]"]).data.phantom_slices == (8, 16)
+    for bad in ("[2,16]", "[16,8]"):
+        with pytest.raises(ConfigError, match="data.phantom_slices must be"):
+            load_config(overrides=[f"data.phantom_slices={bad}"])
+
+
 def test_paper_yaml_holds_the_papers_settings():
     cfg = load_config(EXPERIMENTS / "paper.yaml")
     assert cfg.name == "paper"

@@ -56,7 +56,12 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
 
     # Other settings with the old cache: an error naming the folder, nothing rewritten.
     before = (folder / "manifest.json").read_bytes()
-    for change in ("data.phantom_mix=default", "data.phantom_seed=4", "data.phantom_patients=6"):
+    for change in (
+        "data.phantom_mix=default",
+        "data.phantom_seed=4",
+        "data.phantom_patients=6",
+        "data.phantom_slices=[50,60]",
+    ):
         config = load_config("experiments/quickstart.yaml", overrides + [change])
         with pytest.raises(TrainingError, match="phantom cohort in .*phantom.*not made with"):
             prepare_records(config, log=print)
@@ -64,7 +69,7 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
     with (tmp_path / "phantom" / "manifest.csv").open("w") as f:
         f.write("patient,diagnosis,severity,slices\n")
         for i, (d, s) in enumerate(cohort_plan(5, 4, "pneumonia")):
-            f.write(f"X{i},{d},{s},10\n")
+            f.write(f"X{i},{d},{s},25\n")
     config = load_config(
         "experiments/quickstart.yaml",
         overrides[:-2] + ["data.phantom_seed=4", "data.phantom_mix=pneumonia"],

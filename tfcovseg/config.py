@@ -149,6 +149,9 @@ class DataConfig:
         phantom_mix: Its diagnosis mix: "default" (6 COVID-19 : 2 healthy : 1 bacterial :
             1 viral) or "pneumonia" (5 : 1 : 2 : 2, more hard negatives); see
             `data_tools.phantom.cohort_plan`.
+        phantom_slices: [low, high] slices per phantom patient, drawn per patient; they
+            always cover 300 mm of chest, so fewer slices are thicker and the same number
+            of slices holds more patients.
         compression: "" or "GZIP", as the records were written.
         fold: Which patient-level fold to train on.
         num_folds: Number of folds in the records' manifest.
@@ -167,6 +170,7 @@ class DataConfig:
     phantom_patients: int = 0
     phantom_seed: int = 0
     phantom_mix: str = "default"
+    phantom_slices: tuple[int, int] = (20, 40)  # data_tools.phantom.SLICE_RANGE
     compression: str = ""
     fold: int = 0
     num_folds: int = 5
@@ -183,6 +187,12 @@ class DataConfig:
         _check_positive("data.num_folds", self.num_folds)
         if self.phantom_patients < 0:
             raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")
+        low, high = self.phantom_slices
+        if not 4 <= low <= high:  # data_tools.phantom.MIN_SLICES
+            raise ConfigError(
+                f"data.phantom_slices must be [low, high] with 4 <= low <= high, "
+                f"got {list(self.phantom_slices)}"
+            )
         if not 0 <= self.fold < self.num_folds:
             raise ConfigError(
                 f"data.fold must be in [0, {self.num_folds - 1}] for {self.num_folds} folds, "

@@ -112,6 +112,7 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
             config.data.phantom_seed,
             size,
             mix=config.data.phantom_mix,
+            slices=config.data.phantom_slices,
         )
     log(f"converting {cohort} to TFRecords in {folder}")
     convert(
@@ -130,9 +131,10 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
 def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) -> None:
     """Stops when a cached phantom cohort or its records were made with other settings.
 
-    The cache is reused across runs, so a changed `data.phantom_patients`, `phantom_seed`
-    or `phantom_mix` would otherwise train silently on the old cohort. Records are compared
-    by their pseudonymised patients (`prepare_records` converts with a fixed salt).
+    The cache is reused across runs, so a changed `data.phantom_patients`, `phantom_seed`,
+    `phantom_mix` or `phantom_slices` would otherwise train silently on the old cohort.
+    Records are compared by their pseudonymised patients (`prepare_records` converts with a
+    fixed salt) and slice counts.
     """
     import csv
 
@@ -143,8 +145,16 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
     plan = cohort_plan(d.phantom_patients, d.phantom_seed, d.phantom_mix)
     wanted = (
         f"data.phantom_patients={d.phantom_patients}, phantom_seed={d.phantom_seed}, "
-        f"phantom_mix={d.phantom_mix}"
+        f"phantom_mix={d.phantom_mix}, phantom_slices={list(d.phantom_slices)}"
     )
+    low, high = d.phantom_slices
+
+    def in_range(n) -> bool:
+        try:
+            return low <= int(n) <= high
+        except (TypeError, ValueError):
+            return False
+
     advice = (
         "delete that folder to write it again with these settings, or point "
         "data.records_dir somewhere else"
@@ -152,8 +162,9 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
     manifest_csv = cohort / "manifest.csv"
     if manifest_csv.is_file():
         with manifest_csv.open(newline="") as f:
-            rows = [(r.get("diagnosis"), r.get("severity")) for r in csv.DictReader(f)]
-        if rows != [tuple(p) for p in plan]:
+            rows = list(csv.DictReader(f))
+        made = [(r.get("diagnosis"), r.get("severity")) for r in rows]
+        if made != [tuple(p) for p in plan] or not all(in_range(r.get("slices")) for r in rows):
             raise TrainingError(
                 f"the cached phantom cohort in {cohort} ({len(rows)} patients) was not made "
                 f"with {wanted}: {advice}"
@@ -164,6 +175,7 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
         try:
             patients = json.loads(records.read_text())["patients"]
             found = {k: (v["diagnosis"], v["severity"]) for k, v in patients.items()}
+            slices_ok = all(in_range(v["num_slices"]) for v in patients.values())
         except (ValueError, KeyError, TypeError) as e:
             raise TrainingError(f"{records} is not a readable records manifest ({e})") from None
         salt = PHANTOM_SALT.encode("utf-8")
@@ -171,7 +183,7 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
             pseudonym("P", f"dicom:PHANTOM-{d.phantom_seed:04d}-{i:04d}", salt): tuple(p)
             for i, p in enumerate(plan)
         }
-        if found != expected:
+        if found != expected or not slices_ok:
             raise TrainingError(
                 f"the cached phantom records in {folder} ({len(found)} patients) were not "
                 f"made with {wanted}: {advice}"

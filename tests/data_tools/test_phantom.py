@@ -137,6 +137,27 @@ def test_pneumonia_mix_has_more_hard_negatives(tmp_path):
     assert rows == cohort_plan(4, 2, "pneumonia") != cohort_plan(4, 2)
 
 
+def test_slice_range_sets_slices_per_patient_over_the_same_chest(tmp_path, capsys):
+    thin = make_patient(5, 32, "covid", "severe")
+    thick = make_patient(5, 32, "covid", "severe", slice_range=(6, 8))
+    assert 20 <= thin.hu.shape[0] <= 40 and 6 <= thick.hu.shape[0] <= 8
+    # Same 300 mm of chest: the spacing grows as the slices get fewer.
+    for p in (thin, thick):
+        assert p.spacing_mm[2] * p.hu.shape[0] == pytest.approx(300.0)
+    assert thick.lesions.any()  # the lesions are still cut by the fewer slices
+    args = ["--out", str(tmp_path), "--patients", "3", "--seed", "2", "--size", "32"]
+    assert main([*args, "--slices", "5", "7"]) == 0
+    with (tmp_path / "manifest.csv").open() as f:
+        counts = [int(r["slices"]) for r in csv.DictReader(f)]
+    assert counts and all(5 <= n <= 7 for n in counts)
+    for bad in (["3", "8"], ["9", "8"]):
+        with pytest.raises(SystemExit):
+            main([*args, "--slices", *bad])
+        assert "--slices: slices per patient must satisfy 4 <= low <= high" in (
+            capsys.readouterr().err
+        )
+
+
 def test_cohort_plan_is_balanced():
     plan = cohort_plan(20, 0)
     diagnoses = [d for d, _ in plan]
