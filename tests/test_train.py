@@ -275,6 +275,9 @@ def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
         "train.phases=[segmentation]",
         "train.epochs=5",
         "train.early_stopping_patience=10",
+        "train.batch_size=8",
+        "data.oversample_lesions=1",
+        "train.overlay_images=0",
     )
     out = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
@@ -368,8 +371,17 @@ def test_resume_skips_completed_phases(tiny, tmp_path):
         train(other, out, resume=True, verbose=0, log=lambda *a: None)
 
 
-def test_cross_validation_trains_every_fold(tiny, tmp_path, capsys):
-    config_path = _tiny_yaml(tiny, tmp_path, "train.epochs=1", "train.classifier_epochs=1")
+def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys):
+    # The shared 8-patient records with 2 folds: every fold, at 2/5 of the cost.
+    config_path = _tiny_yaml(
+        tiny,
+        tmp_path,
+        "train.epochs=1",
+        "train.classifier_epochs=1",
+        f"data.records_dir={phantom_run.records}",
+        "data.num_folds=2",
+        "data.phantom_patients=0",
+    )
     out = tmp_path / "cv"
     assert main(["--config", str(config_path), "--fold", "all", "--out", str(out), "--quiet"]) == 0
     folds = load_config(config_path).data.num_folds
@@ -378,7 +390,7 @@ def test_cross_validation_trains_every_fold(tiny, tmp_path, capsys):
         assert metrics["fold"] == k
     cv = json.loads((out / "cv_metrics.json").read_text())
     assert (out / "cv_report.md").is_file() and "cross-validation folder" in capsys.readouterr().out
-    assert len(cv["folds"]) == folds
+    assert folds == 2 and len(cv["folds"]) == folds
     with pytest.raises(SystemExit) as exit_info:
         main(["--fold", "seven"])
     assert exit_info.value.code == 2
