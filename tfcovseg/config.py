@@ -72,6 +72,9 @@ class ModelConfig:
             (two 3x3 convolutions on stages 2-4 at stride 8 before the pooling; see
             `tfcovseg.models.classifier`).
         classifier_head_filters: Filters of the "conv" head's convolutions.
+        classifier_norm: Batch-normalise the pooled features before the dense layer (an
+            affine map: still a linear classifier on them, but one that trains; see
+            `tfcovseg.models.classifier.CovidClassifier`). False: the paper's bare head.
     """
 
     architecture: str = "coarse_refine"
@@ -94,6 +97,7 @@ class ModelConfig:
     classifier_pooling: str = "avg"
     classifier_head: str = "dense"
     classifier_head_filters: int = 32
+    classifier_norm: bool = True
 
     def __post_init__(self):
         _normalise(self)

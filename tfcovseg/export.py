@@ -138,6 +138,7 @@ class InferenceGraph:
                 classifier.pooling,
                 classifier.head,
                 classifier.head_filters,
+                classifier.norm,
             )
             copy_head(head, classifier)
             self.joint = with_classifier_head(segmenter, head)

@@ -264,6 +264,7 @@ def _build_classifier(segmenter, model):
         model.classifier_pooling,
         model.classifier_head,
         model.classifier_head_filters,
+        model.classifier_norm,
     )
 
 

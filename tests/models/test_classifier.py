@@ -38,10 +38,11 @@ def test_frozen_encoder_trains_only_the_head(rng):
     segmenter = build_model(tiny_config())
     classifier = build_classifier(segmenter)
     classifier.encoder.trainable = False
-    assert len(classifier.trainable_weights) == 2  # dense kernel and bias
+    # Dense kernel and bias, and the feature normalisation's scale and offset.
+    assert len(classifier.trainable_weights) == 4
     x = hu_batch(rng, n=4)
     seg_before = _np(segmenter(x, training=False)["final"])
-    head = classifier.layers[-3]
+    head = classifier.get_layer("head_logit")
     head_before = _np(head.kernel).copy()
     classifier.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
     classifier.train_on_batch(x, np.array([1, 0, 1, 0], "float32"))
@@ -59,6 +60,41 @@ def test_classifier_learns_a_separable_toy_task(rng):
     classifier.fit(x, y, epochs=15, batch_size=16, verbose=0)
     p = _np(classifier(x, training=False))
     assert p[:8].max() < 0.5 < p[8:].min()
+
+
+def test_head_standardises_the_pooled_features(rng):
+    segmenter = build_model(tiny_config())
+    classifier = build_classifier(segmenter)
+    classifier.encoder.trainable = False
+    pooled = keras.Model(classifier.input, classifier.get_layer("head_pool").output)
+    normed = keras.Model(classifier.input, classifier.get_layer("head_norm").output)
+    x = hu_batch(rng, n=8)
+    raw = _np(pooled(x))
+    assert raw.mean() > 3 * raw.std(0).mean()  # a large common level, little variation
+    z = _np(normed(x, training=True))  # batch statistics while training
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-3)
+    np.testing.assert_allclose(z.std(0), raw.std(0) / np.sqrt(raw.var(0) + 1e-3), rtol=0.02)
+    # Fit a few steps: the moving statistics follow, so inference standardises too.
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    y = np.arange(8) % 2
+    classifier.fit(x, y.astype("float32"), batch_size=8, epochs=60, verbose=0)
+    live = raw.std(0) > 0.05  # an untrained encoder has dead (constant) features too
+    z = _np(normed(x, training=False))[:, live]
+    assert live.sum() >= 4
+    assert np.abs(z.mean(0)).max() < 0.15 and 0.7 < z.std(0).mean() < 1.3
+
+
+def test_norm_round_trips_and_old_files_load_without_it(rng):
+    classifier = build_classifier(build_model(tiny_config()))
+    assert classifier.norm is True
+    config = classifier.get_config()
+    assert CovidClassifier.from_config(config).norm is True
+    del config["norm"]  # saved before the option: the bare dense head
+    old = CovidClassifier.from_config(config)
+    assert old.norm is False
+    assert all(layer.name != "head_norm" for layer in old.layers)
+    bare = build_classifier(build_model(tiny_config()), norm=False)
+    assert len(bare.trainable_weights) == len(classifier.trainable_weights) - 2
 
 
 def test_build_classifier_needs_an_se_resnet_encoder():
@@ -99,8 +135,9 @@ def test_with_classifier_head_trains_encoder_and_head_together(rng):
     classifier = build_classifier(segmenter)
     joint = with_classifier_head(segmenter, classifier)
     assert set(joint.output) == {"coarse", "final", "covid_probability"}
-    # One encoder call: the joint model holds the segmenter's weights plus the dense head.
-    assert len(joint.weights) == len(segmenter.weights) + 2
+    # One encoder call: the joint model holds the segmenter's weights plus the head's
+    # (dense kernel and bias; normalisation scale, offset, moving mean and variance).
+    assert len(joint.weights) == len(segmenter.weights) + 6
     x = hu_batch(rng, n=2)
     out = joint(x)
     np.testing.assert_allclose(_np(out["covid_probability"]), _np(classifier(x)), atol=1e-6)

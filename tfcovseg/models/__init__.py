@@ -98,6 +98,7 @@ def build_model(model_config=None):
             cfg.classifier_pooling,
             cfg.classifier_head,
             cfg.classifier_head_filters,
+            cfg.classifier_norm,
             name="seresnet_classifier",
         )
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")
