@@ -5,9 +5,13 @@ and four stages, frozen) with "the remaining parts of SE-ResNet-34" — global a
 pooling and a dense layer — classifies each slice as COVID-19 or not; only slices it
 passes are segmented.
 
-`head="dense", pooling="avg"` is the paper's head. Lesions often cover a few percent of a
-slice, and an average over the whole feature map dilutes them; "max" (global max pooling) or
-"avg_max" (both, concatenated) keep a small lesion's strongest response.
+`head="dense", pooling="avg"` is the paper's head; `norm=True` (the default of
+`build_classifier` and of `model.classifier_norm`) batch-normalises the pooled features
+before its dense layer, which then trains (see `CovidClassifier`).
+
+Lesions often cover a few percent of a slice, and an average over the whole feature map
+dilutes them; "max" (global max pooling) or "avg_max" (both, concatenated) keep a small
+lesion's strongest response.
 
 `head="conv"` adds two 3x3 convolutions (ReLU) before the pooling, on the stage-2, -3 and -4
 features brought to stride 8 (bilinear upsampling) and concatenated: a segmentation encoder
@@ -108,8 +112,8 @@ class CovidClassifier(keras.Model):
             convolutions on stages 2-4 at stride 8 first; see the module docstring).
         head_filters: Filters of the "conv" head's convolutions.
         norm: Batch-normalise the pooled features before the dense layer. The pooled
-            features of a segmentation encoder vary little around a large mean (on the
-            quickstart: mean 0.73, per-feature sd 0.07), and a dense layer on them barely
+            features of a segmentation encoder vary little around a large mean (quickstart
+            network: mean 0.73, per-feature sd 0.07), and a dense layer on them barely
             trains (training slice AUC 0.51 after 10 epochs); standardised, the same linear
             classifier fits them. False: the paper's bare dense layer (and files saved
             before this option).
