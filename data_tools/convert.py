@@ -63,6 +63,11 @@ MASK_WORDS = ("lesion", "mask", "seg", "label", "gt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+def dicom_patient_key(patient_id: str) -> str:
+    """The in-memory key of a DICOM patient; its pseudonym is ``pseudonym("P", key, salt)``."""
+    return f"dicom:{patient_id}"
+
+
 class ConversionError(Exception):
     """Conversion cannot go on; the message says why (exit code 2 on the command line)."""
 
@@ -207,7 +212,7 @@ def discover(
             Study(
                 kind="dicom",
                 rel=folder.relative_to(root).as_posix() or ".",
-                patient_key=f"dicom:{series.patient_id or series.uid}",
+                patient_key=dicom_patient_key(series.patient_id or series.uid),
                 series_key=series.uid,
                 series=series,
                 mask_path=mask_path,

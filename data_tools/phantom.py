@@ -74,6 +74,11 @@ SLICE_RANGE = (20, 40)
 MIN_SLICES = 4
 
 
+def phantom_patient_id(seed: int, index: int) -> str:
+    """The (fake) PatientID that `make_cohort` writes for patient `index` of cohort `seed`."""
+    return f"PHANTOM-{seed:04d}-{index:04d}"
+
+
 def check_slice_range(slice_range) -> tuple[int, int]:
     """(low, high) slices per patient, or ValueError naming the problem."""
     try:
@@ -646,7 +651,7 @@ def make_cohort(
     rows = []
     for i, (diagnosis, severity) in enumerate(plan):
         pid, name = (
-            identities[i] if identities else (f"PHANTOM-{seed:04d}-{i:04d}", f"PHANTOM^CASE{i:04d}")
+            identities[i] if identities else (phantom_patient_id(seed, i), f"PHANTOM^CASE{i:04d}")
         )
         patient = make_patient(seed * 100_003 + i, size, diagnosis, severity, slice_range=slices)
         write_patient(

@@ -138,7 +138,8 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
     """
     import csv
 
-    from data_tools.phantom import cohort_plan
+    from data_tools.convert import dicom_patient_key
+    from data_tools.phantom import cohort_plan, phantom_patient_id
     from data_tools.privacy import pseudonym
 
     d = config.data
@@ -180,7 +181,7 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
             raise TrainingError(f"{records} is not a readable records manifest ({e})") from None
         salt = PHANTOM_SALT.encode("utf-8")
         expected = {
-            pseudonym("P", f"dicom:PHANTOM-{d.phantom_seed:04d}-{i:04d}", salt): tuple(p)
+            pseudonym("P", dicom_patient_key(phantom_patient_id(d.phantom_seed, i)), salt): tuple(p)
             for i, p in enumerate(plan)
         }
         if found != expected or not slices_ok:
