@@ -41,8 +41,13 @@ def main(argv=None) -> int:
         rows = list(csv.DictReader(f))
     model = open_model(args.model)
     print(f"{model.source}; severity thresholds {model.metadata['severity'].get('thresholds')}")
-    print("| patient | truth | lesions, truth | predicted | lesions, predicted | COVID-19 p |")
-    print("|---|---|---|---|---|---|")
+    t = model.metadata.get("burden_rule", {}).get("threshold")
+    print(f"lesion-burden call at >= {'-' if t is None else f'{100 * t:.2f} %'} of the lungs")
+    print(
+        "| patient | truth | lesions, truth | predicted | lesions, predicted | "
+        "burden call | COVID-19 p |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for i, row in enumerate(rows):
         pid = pseudonym("P", f"dicom:{row['patient']}", PHANTOM_SALT.encode())
         if pid not in test:
@@ -62,9 +67,14 @@ def main(argv=None) -> int:
         print(
             f"| {case} | {row['diagnosis']}, {row['severity']} | {truth:.2f} % | "
             f"{report['severity']['grade']} | {report['total']['percent_of_lung']:.2f} % | "
+            f"{_call(report['covid'].get('lesion_burden', {}).get('positive'))} | "
             f"{report['covid']['probability']:.3f} |"
         )
     return 0
+
+
+def _call(positive) -> str:
+    return "-" if positive is None else ("COVID-19" if positive else "no")
 
 
 if __name__ == "__main__":

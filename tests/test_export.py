@@ -12,15 +12,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfcovseg.callbacks import lesion_burdens
 from tfcovseg.data import make_dataset
 from tfcovseg.export import (
     ASSET_NAME,
     SIGNATURES,
     ExportError,
     InferenceGraph,
+    _validation_dataset,
+    calibrate_burden_rule,
     export_run,
     main,
 )
+from tfcovseg.metrics import choose_burden_threshold
 from tfcovseg.models import load_run_models
 
 
@@ -45,6 +49,14 @@ def test_layout_version_and_assets(exported, phantom_run):
     assert meta["severity"]["patients"] >= 1 and "grades" in meta["severity"]
     # The automatic gate never exceeds the paper's 0.5 and says how it was chosen.
     assert 0.0 <= meta["gate"]["threshold"] <= 0.5 and meta["gate"]["method"]
+    # The lesion-burden rule is evaluate's: chosen on the run's validation patients.
+    segmenter, _ = load_run_models(phantom_run.run)
+    burdens, diagnosis = lesion_burdens(
+        segmenter, _validation_dataset(phantom_run.config, 16), threshold=0.5
+    )
+    expected = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
+    assert meta["burden_rule"]["threshold"] == pytest.approx(expected["threshold"])
+    assert meta["burden_rule"]["validation_patients"] == len(burdens) >= 1
     # The metadata signature returns the same values.
     sig = loaded.signatures["metadata"]()
     assert [c.decode() for c in sig["class_names"].numpy()] == meta["class_names"]
@@ -52,6 +64,18 @@ def test_layout_version_and_assets(exported, phantom_run):
     assert sig["gate_threshold"].numpy() == pytest.approx(meta["gate"]["threshold"])
     assert json.loads(sig["json"].numpy().decode()) == meta
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_burden_rule_is_left_out_without_validation_records(phantom_run, tmp_path):
+    import dataclasses
+
+    config = phantom_run.config
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, records_dir=str(tmp_path / "gone"))
+    )
+    segmenter, _ = load_run_models(phantom_run.run)
+    rule = calibrate_burden_rule(segmenter, config)
+    assert rule["threshold"] is None and "gone" in rule["method"]
 
 
 def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):

@@ -18,6 +18,7 @@ from tfcovseg.predict import (
     DISCLAIMER,
     PredictionError,
     _label_volume,
+    burden_call,
     main,
     open_model,
     predict,
@@ -96,6 +97,12 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     assert report["model"]["model_version"] == 1
     assert report["severity"]["grade"] in ("none", "mild", "moderate", "severe", "unknown")
     assert len(report["covid"]["slice_probabilities"]) == len(series.slices)
+    # The lesion-burden call: this study's total lesion / lung ratio against the export's t.
+    call, rule = report["covid"]["lesion_burden"], model.metadata["burden_rule"]
+    assert call["ratio"] == report["severity"]["total_lesion_lung_ratio"]
+    assert call["threshold"] == pytest.approx(rule["threshold"])
+    assert call["positive"] is (call["ratio"] >= rule["threshold"])
+    assert "Lesion-burden call" in (folder / "report.html").read_text()
     # The DICOM SEG references the source instances and holds the same labels.
     assert expected.any()  # the untrained network marks plenty
     seg = pydicom.dcmread(folder / "segmentation.dcm")
@@ -110,6 +117,16 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
         seg_labels_on_series(folder / "segmentation.dcm", series, report["model"]["classes"]),
         expected,
     )
+
+
+def test_burden_call_against_the_exports_threshold():
+    assert burden_call(0.004, {"threshold": 0.003})["positive"] is True
+    assert burden_call(0.002, {"threshold": 0.003})["positive"] is False
+    assert burden_call(0.003, {"threshold": 0.003})["positive"] is True  # at t: COVID-19
+    # Models exported before the rule existed (or without validation records) make no call.
+    for rule in (None, {}, {"threshold": None, "method": "off"}):
+        call = burden_call(0.5, rule)
+        assert call["positive"] is None and call["threshold"] is None and call["ratio"] == 0.5
 
 
 def test_no_phi_in_names_or_reports(model, phantom_run, tmp_path):

@@ -23,7 +23,8 @@ Inside the graph a slice is resized to the model's input size with `tfcovseg.dat
 layer (the function training uses) and the masks are resized back to the input size.
 
 ``assets/tfcovseg.json`` holds the same metadata as the ``metadata`` signature: class names,
-HU window, input size, the slice gate threshold, the patient rule and the severity rule
+HU window, input size, the slice gate threshold, the patient rule, the lesion-burden rule
+(`calibrate_burden_rule`: the segmentation's patient call) and the severity rule
 (`tfcovseg.severity`, fitted on the training patients' lesion / lung ratios), the run it
 came from and the versions. The version folder is written under a temporary name and
 renamed when complete, so TF Serving never sees a half-written version.
@@ -51,14 +52,16 @@ tf = require_tensorflow("python -m tfcovseg.export")
 import keras  # noqa: E402
 
 from data_tools.features import feature_spec  # noqa: E402
+from tfcovseg.callbacks import lesion_burdens  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.data import (  # noqa: E402
     classify_label,
+    make_dataset,
     read_manifest,
     resize_image,
     split_patients,
 )
-from tfcovseg.metrics import roc_auc  # noqa: E402
+from tfcovseg.metrics import choose_burden_threshold, roc_auc  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.models.classifier import (  # noqa: E402
     build_classifier,
@@ -277,19 +280,8 @@ def calibrate_gate(
         classifier_fn: [batch, H, W] HU -> {"covid_probability": [batch]}.
         config: The run's `ExperimentConfig`.
     """
-    from tfcovseg.data import make_dataset
-
     try:
-        ds = make_dataset(
-            _records_folder(config),
-            split="validation",
-            fold=config.data.fold,
-            batch_size=batch_size,
-            training=False,
-            task="inspect",
-            image_size=config.model.input_size,
-            class_names=config.model.class_names,
-        )
+        ds = _validation_dataset(config, batch_size)
     except (FileNotFoundError, ValueError) as e:
         return {"threshold": 0.0, "method": f"off: cannot be checked (validation records: {e})"}
     probs, labels = [], []
@@ -298,6 +290,46 @@ def calibrate_gate(
         # The classifier's own target (data.classify_label): a COVID-19 lesion slice.
         labels.append(classify_label(batch).numpy() > 0)
     return gate_from_scores(np.concatenate(probs), np.concatenate(labels), recall, min_auc)
+
+
+def _validation_dataset(config, batch_size):
+    return make_dataset(
+        _records_folder(config),
+        split="validation",
+        fold=config.data.fold,
+        batch_size=batch_size,
+        training=False,
+        task="inspect",
+        image_size=config.model.input_size,
+        class_names=config.model.class_names,
+    )
+
+
+def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16) -> dict:
+    """The patient call on the segmentation: lesion burden >= t, t chosen on validation.
+
+    The same rule as `tfcovseg.evaluate`'s lesion-burden rows: the segmenter's lesion
+    volume (any type, probability >= `mask_threshold`) over the lung volume, per patient of
+    the run's validation split, and t in the middle of the widest gap that separates their
+    COVID-19 and other patients best (`tfcovseg.metrics.choose_burden_threshold`).
+    `tfcovseg.predict` reports this call beside the slice classifier's. Without
+    validation records the rule is left out (threshold None) and the reason kept.
+    """
+    try:
+        ds = _validation_dataset(config, batch_size)
+    except (FileNotFoundError, ValueError) as e:
+        return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
+    burdens, diagnosis = lesion_burdens(segmenter, ds, mask_threshold)
+    if not burdens:
+        return {"threshold": None, "method": "off: the validation split has no patients"}
+    rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
+    return {
+        "threshold": float(rule["threshold"]),
+        "method": "lesion burden, chosen on the validation patients",
+        "validation_patients": len(burdens),
+        "validation_accuracy": float(rule["accuracy"]),
+        "mask_threshold": float(mask_threshold),
+    }
 
 
 def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) -> dict:
@@ -333,7 +365,9 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
     }
 
 
-def export_metadata(run: Path, config, severity: dict, gate: dict, version: int) -> dict:
+def export_metadata(
+    run: Path, config, severity: dict, gate: dict, version: int, burden: dict | None = None
+) -> dict:
     info = {}
     if (run / "run.json").is_file():
         info = json.loads((run / "run.json").read_text())
@@ -354,6 +388,8 @@ def export_metadata(run: Path, config, severity: dict, gate: dict, version: int)
         # The patient call is the paper's any-slice rule at 0.5, apart from the gate: the gate
         # is tuned to keep lesion slices (recall), a diagnosis also needs precision.
         "patient_rule": {"min_slices": 1, "threshold": PAPER_GATE_THRESHOLD, "name": "any_slice"},
+        # The same call from the segmentation (lesion volume / lung volume >= t).
+        "burden_rule": burden or {"threshold": None, "method": "off: not chosen"},
         "severity": severity,
         "versions": {
             "tfcovseg": __version__,
@@ -439,7 +475,8 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
             raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
         gate = {"threshold": t, "method": "given"}
     severity = severity_rule_for_run(run, config)
-    metadata = export_metadata(run, config, severity, gate, version)
+    burden = calibrate_burden_rule(segmenter, config)
+    metadata = export_metadata(run, config, severity, gate, version, burden)
     return InferenceGraph(segmenter, classifier, metadata)
 
 
@@ -475,6 +512,14 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
     with atomic_directory(target) as tmp:
         write_saved_model(graph, tmp)
     log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
+    burden = graph.metadata["burden_rule"]
+    if burden["threshold"] is None:
+        log(f"patient call by lesion burden: {burden['method']}")
+    else:
+        log(
+            f"patient call by lesion burden: COVID-19 at >= {100 * burden['threshold']:.2f} % "
+            f"of the lungs (chosen on {burden['validation_patients']} validation patients)"
+        )
     return target
 
 

@@ -411,6 +411,21 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
+def burden_call(ratio: float, rule: dict | None) -> dict:
+    """The patient call from the segmentation: lesion / lung ratio >= the export's t.
+
+    The export chooses t on its run's validation patients (`export.calibrate_burden_rule`);
+    models exported without one (older versions) give ``positive: None``.
+    """
+    t = (rule or {}).get("threshold")
+    return {
+        "ratio": float(ratio),
+        "threshold": None if t is None else float(t),
+        "positive": None if t is None else bool(ratio >= t),
+        "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",
+    }
+
+
 def _nifti(volume: Volume, data: np.ndarray):
     """A NIfTI image of [K, H, W] data on the input's grid and affine."""
     import nibabel as nib
@@ -513,6 +528,16 @@ _CSS = (
 )
 
 
+def _burden_html(call: dict) -> str:
+    if call["positive"] is None:
+        return "<p>Lesion-burden call: none (the model was exported without its rule).</p>"
+    return (
+        f"<p>Lesion-burden call: lesions on {100 * call['ratio']:.2f} % of the lung (COVID-19 "
+        f"at &ge; {100 * call['threshold']:.2f} %): "
+        f"<strong>{'yes' if call['positive'] else 'no'}</strong>.</p>"
+    )
+
+
 def render_html(report: dict, png: bytes) -> str:
     """A self-contained HTML page of a study report (the montage embedded)."""
     e = html.escape
@@ -552,6 +577,7 @@ def render_html(report: dict, png: bytes) -> str:
         "<h2>Assessment</h2>",
         f"<p>COVID-19 probability (highest slice): {covid['probability']:.3f} (positive at "
         f"&ge; {covid['threshold']:.3f}: <strong>{positive}</strong>).</p>",
+        _burden_html(covid["lesion_burden"]),
         f"<p>Severity estimate: <strong>{e(sev['grade'])}</strong> (total lesion / lung "
         f"ratio {sev['total_lesion_lung_ratio']:.4f}; thresholds {e(str(sev['thresholds']))})."
         "</p>",
@@ -638,6 +664,9 @@ def predict_volume(
             "rule": f"at least {int(rule.get('min_slices', 1))} slice(s) at or above the "
             "threshold (the paper: any slice, Huang et al. 2021)",
             "slice_probabilities": [round(float(p), 4) for p in probs],
+            "lesion_burden": burden_call(
+                measured["severity"]["total_lesion_lung_ratio"], meta.get("burden_rule")
+            ),
         },
         "mask_threshold": float(mask_threshold),
         **measured,
