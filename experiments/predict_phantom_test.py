@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_tools.convert import dicom_patient_key
 from data_tools.privacy import pseudonym
 from tfcovseg.predict import open_model, predict
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for i, row in enumerate(rows):
-        pid = pseudonym("P", f"dicom:{row['patient']}", PHANTOM_SALT.encode())
+        pid = pseudonym("P", dicom_patient_key(row["patient"]), PHANTOM_SALT.encode())
         if pid not in test:
             continue
         case = f"case_{i:04d}"
