@@ -16,6 +16,7 @@ from tfcovseg.callbacks import lesion_burdens
 from tfcovseg.data import make_dataset
 from tfcovseg.export import (
     ASSET_NAME,
+    BURDEN_CACHE,
     SIGNATURES,
     ExportError,
     InferenceGraph,
@@ -23,6 +24,7 @@ from tfcovseg.export import (
     calibrate_burden_rule,
     export_run,
     main,
+    validation_burdens,
 )
 from tfcovseg.metrics import choose_burden_threshold
 from tfcovseg.models import load_run_models
@@ -76,6 +78,64 @@ def test_burden_rule_is_left_out_without_validation_records(phantom_run, tmp_pat
     segmenter, _ = load_run_models(phantom_run.run)
     rule = calibrate_burden_rule(segmenter, config)
     assert rule["threshold"] is None and "gone" in rule["method"]
+
+
+class _Refuses:
+    """A segmenter that must not be run: the burdens should come from the run's cache."""
+
+    def predict_on_batch(self, x):
+        raise AssertionError("the segmenter ran although the burdens were cached")
+
+
+def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(phantom_run.run, run)
+    config = phantom_run.config
+    segmenter, _ = load_run_models(run)
+    expected = lesion_burdens(segmenter, _validation_dataset(config, 16))
+    first = validation_burdens(segmenter, config, run=run)
+    assert first == expected and (run / BURDEN_CACHE).is_file()
+    # Same segmenter file, records, fold and mask threshold: read back, not recomputed.
+    assert validation_burdens(_Refuses(), config, run=run) == expected
+    assert calibrate_burden_rule(_Refuses(), config, run=run)["threshold"] is not None
+    # Any part of the key changed: computed again.
+    with pytest.raises(AssertionError, match="ran although"):
+        validation_burdens(_Refuses(), config, mask_threshold=0.3, run=run)
+    with pytest.raises(AssertionError, match="ran although"):
+        validation_burdens(_Refuses(), config, fold=1 - config.data.fold, run=run)
+    retrained = load_run_models(run)[0]
+    retrained.set_weights([w + 0.01 for w in retrained.get_weights()])
+    retrained.save(run / "segmenter_best.keras")  # another file digest
+    with pytest.raises(AssertionError, match="ran although"):
+        validation_burdens(_Refuses(), config, run=run)
+    # A corrupt cache is recomputed and rewritten, not an error.
+    (run / BURDEN_CACHE).write_text("{not json")
+    again = validation_burdens(retrained, config, run=run)
+    assert set(again[0]) == set(expected[0])
+    assert json.loads((run / BURDEN_CACHE).read_text())
+
+
+def test_evaluate_then_export_runs_the_validation_burdens_once(phantom_run, tmp_path, monkeypatch):
+    import tfcovseg.export as export_module
+    from tfcovseg.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    shutil.copytree(phantom_run.run, run)
+    (run / BURDEN_CACHE).unlink(missing_ok=True)
+    results = evaluate_run(run, split="test", figures=False)
+    assert (run / BURDEN_CACHE).is_file()
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return lesion_burdens(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "lesion_burdens", counting)
+    segmenter, _ = load_run_models(run)
+    rule = calibrate_burden_rule(segmenter, phantom_run.config, run=run)
+    assert calls == []
+    burden = results["classification"]["lesion_burden"]
+    assert rule["threshold"] == pytest.approx(burden["threshold"])
 
 
 def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):

@@ -52,8 +52,9 @@ tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
 from tfcovseg import report, viz  # noqa: E402
-from tfcovseg.callbacks import lesion_burdens, slice_probabilities  # noqa: E402
+from tfcovseg.callbacks import slice_probabilities  # noqa: E402
 from tfcovseg.data import make_dataset  # noqa: E402
+from tfcovseg.export import validation_burdens  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
 
@@ -202,7 +203,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         burdens = {pid: a["any_pred"] / max(a["lung_pred"], 1) for pid, a in areas.items()}
         cls = results.setdefault("classification", {})
         cls["lesion_burden"] = burden_results(
-            segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size
+            segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size, run
         )
         cls["lesion_burdens"] = {pid: float(b) for pid, b in sorted(burdens.items())}
     if figures:
@@ -262,7 +263,7 @@ def classification_results(
 
 
 def burden_results(
-    segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size
+    segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size, run=None
 ) -> dict:
     """Patient calls from the segmenter alone: predicted lesion volume >= t of the lung.
 
@@ -273,8 +274,9 @@ def burden_results(
     if split == "validation":
         val_burdens, val_diagnosis = burdens, diagnosis
     else:
-        val_burdens, val_diagnosis = lesion_burdens(
-            segmenter, _dataset(config, "validation", fold, batch_size), threshold
+        # Cached in the run: the export (and predict on a run folder) reads them back.
+        val_burdens, val_diagnosis = validation_burdens(
+            segmenter, config, fold, threshold, batch_size, run=run
         )
     rule = choose_burden_threshold(val_burdens, {p: d == "covid" for p, d in val_diagnosis.items()})
     calls = {pid: b >= rule["threshold"] for pid, b in burdens.items()}

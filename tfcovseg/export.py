@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -62,13 +63,13 @@ from tfcovseg.data import (  # noqa: E402
     split_patients,
 )
 from tfcovseg.metrics import choose_burden_threshold, roc_auc  # noqa: E402
-from tfcovseg.models import load_run_models  # noqa: E402
+from tfcovseg.models import load_run_models, run_model_path  # noqa: E402
 from tfcovseg.models.classifier import (  # noqa: E402
     build_classifier,
     copy_head,
     with_classifier_head,
 )
-from tfcovseg.report import atomic_directory  # noqa: E402
+from tfcovseg.report import atomic_directory, atomic_write_text  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
 DEFAULT_OUT = Path("saved_models") / "tfcovseg"
@@ -292,11 +293,11 @@ def calibrate_gate(
     return gate_from_scores(np.concatenate(probs), np.concatenate(labels), recall, min_auc)
 
 
-def _validation_dataset(config, batch_size):
+def _validation_dataset(config, batch_size, fold=None):
     return make_dataset(
         _records_folder(config),
         split="validation",
-        fold=config.data.fold,
+        fold=config.data.fold if fold is None else fold,
         batch_size=batch_size,
         training=False,
         task="inspect",
@@ -305,7 +306,68 @@ def _validation_dataset(config, batch_size):
     )
 
 
-def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16) -> dict:
+BURDEN_CACHE = "validation_burdens.json"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validation_burdens(
+    segmenter, config, fold=None, mask_threshold=0.5, batch_size=16, run=None
+) -> tuple[dict, dict]:
+    """`lesion_burdens` of the segmenter on the validation split of `fold`, cached in the run.
+
+    `tfcovseg.evaluate` (its lesion-burden rows) and the export (the `burden_rule` it
+    stores, also what `predict --model runs/X` computes at start-up) need the same pass
+    over the validation patients; at 512² it takes minutes on a CPU. With `run` (the
+    folder the segmenter was loaded from) the result is kept in ``run/validation_burdens.json``
+    under a key made of the segmenter file's SHA-256, the records' manifest, the fold, the
+    input size and `mask_threshold`; a call with the same key reads it back, any other
+    computes it again. A run folder that cannot be written is only not cached.
+
+    Raises:
+        FileNotFoundError, ValueError: no validation records (from `make_dataset`).
+    """
+    fold = config.data.fold if fold is None else fold
+    ds = _validation_dataset(config, batch_size, fold)
+    model_file = None if run is None else run_model_path(run, "segmenter")
+    if model_file is None:
+        return lesion_burdens(segmenter, ds, mask_threshold)
+    manifest = _records_folder(config) / "manifest.json"
+    key = json.dumps(
+        {
+            "segmenter": _file_digest(model_file),
+            "manifest": _file_digest(manifest),
+            "fold": int(fold),
+            "input_size": list(config.model.input_size),
+            "mask_threshold": float(mask_threshold),
+        },
+        sort_keys=True,
+    )
+    path = Path(run) / BURDEN_CACHE
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}  # unreadable or half-edited by hand: computed again and rewritten
+    entry = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and {"burdens", "diagnosis"} <= entry.keys():
+        return entry["burdens"], entry["diagnosis"]
+    burdens, diagnosis = lesion_burdens(segmenter, ds, mask_threshold)
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = {"burdens": burdens, "diagnosis": diagnosis}
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+    except OSError:
+        pass  # a read-only run folder: the burdens are only not kept
+    return burdens, diagnosis
+
+
+def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, run=None) -> dict:
     """The patient call on the segmentation: lesion burden >= t, t chosen on validation.
 
     The same rule as `tfcovseg.evaluate`'s lesion-burden rows: the segmenter's lesion
@@ -313,13 +375,15 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16) 
     the run's validation split, and t in the middle of the widest gap that separates their
     COVID-19 and other patients best (`tfcovseg.metrics.choose_burden_threshold`).
     `tfcovseg.predict` reports this call beside the slice classifier's. Without
-    validation records the rule is left out (threshold None) and the reason kept.
+    validation records the rule is left out (threshold None) and the reason kept. With
+    `run`, the validation burdens are shared with evaluate through `validation_burdens`.
     """
     try:
-        ds = _validation_dataset(config, batch_size)
+        burdens, diagnosis = validation_burdens(
+            segmenter, config, None, mask_threshold, batch_size, run=run
+        )
     except (FileNotFoundError, ValueError) as e:
         return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
-    burdens, diagnosis = lesion_burdens(segmenter, ds, mask_threshold)
     if not burdens:
         return {"threshold": None, "method": "off: the validation split has no patients"}
     rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
@@ -475,7 +539,7 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
             raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
         gate = {"threshold": t, "method": "given"}
     severity = severity_rule_for_run(run, config)
-    burden = calibrate_burden_rule(segmenter, config)
+    burden = calibrate_burden_rule(segmenter, config, run=run)
     metadata = export_metadata(run, config, severity, gate, version, burden)
     return InferenceGraph(segmenter, classifier, metadata)
 

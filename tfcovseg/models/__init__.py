@@ -29,6 +29,7 @@ __all__ = [
     "build_model",
     "load_model",
     "load_run_models",
+    "run_model_path",
     "window_hu",
 ]
 
@@ -127,15 +128,18 @@ def load_run_models(run) -> tuple:
     The best checkpoint (``*_best.keras``) is preferred over the last one; `evaluate`,
     `export` and `predict` all load run folders through this.
     """
-    from pathlib import Path
-
-    run = Path(run)
     found = []
     for stem in ("segmenter", "classifier"):
-        model = None
-        for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
-            if (run / name).is_file():
-                model = load_model(run / name)
-                break
-        found.append(model)
+        path = run_model_path(run, stem)
+        found.append(None if path is None else load_model(path))
     return tuple(found)
+
+
+def run_model_path(run, stem: str):
+    """The file `load_run_models` loads for `stem` ("segmenter" or "classifier"), or None."""
+    from pathlib import Path
+
+    for name in (f"{stem}_best.keras", f"{stem}_last.keras"):
+        if (Path(run) / name).is_file():
+            return Path(run) / name
+    return None
