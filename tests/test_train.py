@@ -94,6 +94,7 @@ def test_run_folder_contents(tiny):
         "logs/classification.csv",
     ):
         assert (run / name).is_file(), name
+    assert not (run / "backup").exists()  # nothing left to resume from a finished run
     assert load_config(run / "config.yaml") == config
     info = json.loads((run / "run.json").read_text())
     assert info["seed"] == config.train.seed and len(info["data_fingerprint"]) == 16

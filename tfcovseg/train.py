@@ -33,6 +33,7 @@ Research use, not a medical device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -582,6 +583,10 @@ def train(
         fitted_on = split_patients(manifest, "train", fold)
         fitted_on += split_patients(manifest, "validation", fold)
         _write_json(out / "severity.json", severity_rule_from_manifest(manifest, fitted_on))
+        # BackupAndRestore removes its phase folders when a phase ends; drop their parent
+        # too unless something (an interrupted phase's backup) is still in it.
+        with contextlib.suppress(OSError):
+            (out / "backup").rmdir()
     timings["total_s"] = round(time.perf_counter() - start, 1)
     summary = {
         "experiment": config.name,
