@@ -124,6 +124,49 @@ def test_test_dir_mode_scores_the_test_slices(tmp_path, capsys):
     assert main(["--train-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
+def make_infection_folder(root: Path, names, seed=2) -> Path:
+    """Imgs/N.jpg and GT/N.png as binary 0/255 infection masks (Inf-Net's
+    LungInfection-Test layout)."""
+    make_folder(root, names, seed)
+    for name in names:
+        labels = np.asarray(Image.open(root / "GT" / f"{name}.png"))
+        Image.fromarray(np.where(labels > 0, 255, 0).astype(np.uint8)).save(
+            root / "GT" / f"{name}.png"
+        )
+    return root
+
+
+def test_infection_only_test_masks_score_infection_alone(tmp_path):
+    train = make_folder(tmp_path / "train", [str(i) for i in range(5)])
+    test = make_infection_folder(tmp_path / "test", ["200", "201"])
+    data = load_slices(test, 32, allow_infection_only=True)
+    assert data.infection_only and data.targets == ("infection",)
+    # Truth: infection is GGO and consolidation together, as in the multi-class masks.
+    multi = load_slices(make_folder(tmp_path / "multi", ["200", "201"], seed=2), 32)
+    for a, b in zip(data.truth, multi.truth):
+        np.testing.assert_array_equal(a > 0, b > 0)
+    out = tmp_path / "out"
+    results = run(train, out, test_dir=test, models=("unet",), **FAST)
+    assert results["targets"] == ["infection"]
+    fold = results["models"]["unet"]["folds"][0]
+    assert list(fold) == ["infection"] and fold["infection"]["images"] == 2
+    assert set(results["models"]["unet"]["summary"]) == {"infection"}
+    # The maps of every target are still written, for other evaluators.
+    assert (out / "unet" / "predictions" / "ggo" / "200.png").is_file()
+    table = (out / "results.md").read_text()
+    assert "infection-only" in table and "| — | — |" in table
+
+
+def test_infection_only_masks_are_refused_for_training_and_mixing(tmp_path):
+    train = make_infection_folder(tmp_path / "train", ["1", "2"])
+    with pytest.raises(BenchmarkError, match=r"GT/1.png is an infection-only 0/255 mask"):
+        load_slices(train, 32)
+    mixed = make_folder(tmp_path / "mixed", ["1", "2"])
+    Image.fromarray(np.full((44, 50), 255, np.uint8)).save(mixed / "GT" / "2.png")
+    with pytest.raises(BenchmarkError, match=r"mixes infection-only.*GT/2.png.*GT/1.png"):
+        load_slices(mixed, 32, allow_infection_only=True)
+
+
 def test_runs_under_jax_without_tensorflow(tmp_path):
     folder = make_folder(tmp_path / "train", [str(i) for i in range(4)])
     script = textwrap.dedent(

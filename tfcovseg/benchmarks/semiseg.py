@@ -18,10 +18,12 @@ training slices is held out for validation, early stopping restores the best wei
 
 Without ``--test-dir``: slice-level ``--folds``-fold cross-validation over the training
 slices (the collection has no patient ids), mean ± sd over folds. With it: train on all
-training slices, evaluate on the test slices (Inf-Net's 48-slice test split has the same
-layout). Evaluation follows Inf-Net's protocol (`tfcovseg.benchmarks.protocol`) at the
-original image size, for infection (GGO ∪ consolidation: the maximum of the two channels)
-and for GGO and consolidation separately. Writes ``OUT/results.json``, ``OUT/results.md``
+training slices, evaluate on the test slices: ``Imgs/`` + ``GT/`` with 0/1/2 masks as the
+training split, or binary 0/255 infection masks as in Inf-Net's ``LungInfection-Test``
+folder (then only infection is scored). Evaluation follows
+Inf-Net's protocol (`tfcovseg.benchmarks.protocol`) at the original image size, for
+infection (GGO ∪ consolidation: the maximum of the two channels) and for GGO and
+consolidation separately. Writes ``OUT/results.json``, ``OUT/results.md``
 (beside Inf-Net's published values) and the probability maps as 8-bit PNGs named like
 the images, ``OUT/predictions/{infection,ggo,consolidation}/N.png`` for the coarse-refine
 network and ``OUT/unet/predictions/...`` for the U-Net baseline, which any evaluator
@@ -88,13 +90,26 @@ class Slices:
     images: np.ndarray  # [K, S, S] float32, 0-255
     masks: np.ndarray  # [K, S, S, 2] float32, binary
     truth: list[np.ndarray]  # [H, W] uint8 labels at the original size
+    # Infection-only truth (0/255 masks, Inf-Net's LungInfection-Test layout): label 1 is
+    # "infection", not GGO, and only the infection target can be scored.
+    infection_only: bool = False
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("infection",) if self.infection_only else TARGETS
 
 
-def load_slices(folder, size: int) -> Slices:
+def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
     """The annotated slices of a COVID-SemiSeg-layout folder (``Imgs/``, ``GT/``).
 
+    Masks are multi-class (0 background, 1 GGO, 2 consolidation), or, with
+    `allow_infection_only`, all binary 0/255 infection masks as in Inf-Net's
+    ``LungInfection-Test`` split (then ``infection_only`` is set and only infection can
+    be scored).
+
     Raises:
-        BenchmarkError: no folder, no image, or an image without its mask.
+        BenchmarkError: no folder, no image, an image without its mask, a 0/255 mask where
+            GGO and consolidation labels are needed, or a folder mixing both kinds.
     """
     from data_tools.convert import ConversionError, discover, process_study
     from data_tools.dicom_io import SkipFile
@@ -112,17 +127,56 @@ def load_slices(folder, size: int) -> Slices:
     if missing:
         raise BenchmarkError(f"{folder}: no GT mask for {', '.join(missing[:5])}")
     names, images, masks, truth = [], [], [], []
+    kinds = {}
     for study in sorted(studies, key=lambda s: _slice_key(s.image_path.stem)):
         try:
+            binary = _is_infection_mask(study.mask_path)
             result = process_study(study, size, CLASSES)
             labels = read_png_labels(study.mask_path, len(CLASSES))
         except SkipFile as e:
             raise BenchmarkError(f"{study.rel}: {e}") from None
+        mask_rel = _relative(study.mask_path, folder)
+        if binary and not allow_infection_only:
+            raise BenchmarkError(
+                f"{mask_rel} is an infection-only 0/255 mask (Inf-Net's LungInfection "
+                "layout); the training slices need GGO and consolidation labels (0 "
+                "background, 1 GGO, 2 consolidation)"
+            )
+        if binary is not None:
+            kinds.setdefault(binary, mask_rel)
         names.append(study.image_path.stem)
         images.append(result.hu[0].astype(np.float32))
         masks.append(result.lesions[0].astype(np.float32))
         truth.append(labels)
-    return Slices(names, np.stack(images), np.stack(masks), truth)
+    if len(kinds) == 2:
+        raise BenchmarkError(
+            f"{folder} mixes infection-only 0/255 masks ({kinds[True]}) with multi-class "
+            f"ones ({kinds[False]}); score them as two test folders"
+        )
+    return Slices(names, np.stack(images), np.stack(masks), truth, kinds.get(True, False))
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _is_infection_mask(path) -> bool | None:
+    """True for a 0/255 mask, False for 0/1/2 labels, None for an empty mask (either)."""
+    from PIL import Image
+
+    from data_tools.dicom_io import SkipFile
+
+    try:
+        with Image.open(path) as im:
+            values = set(np.unique(np.asarray(im.convert("L") if im.mode == "RGB" else im)))
+    except Exception as e:
+        raise SkipFile(f"cannot read mask image ({type(e).__name__}: {e})") from None
+    if values <= {0}:
+        return None
+    return 255 in values and values <= {0, 255}
 
 
 def _slice_key(stem: str):
@@ -282,7 +336,7 @@ def _holdout(idx, fraction, seed):
 def summarise(per_fold: list[dict]) -> dict:
     """Mean and sd (over folds) of every metric of every target."""
     out = {}
-    for target in TARGETS:
+    for target in per_fold[0]:
         keys = [k for k in per_fold[0][target] if k != "images"]
         out[target] = {
             k: {
@@ -316,12 +370,21 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
     out = Path(out)
     start = time.perf_counter()
     train = load_slices(train_dir, settings["size"])
-    test = load_slices(test_dir, settings["size"]) if test_dir else None
+    test = load_slices(test_dir, settings["size"], allow_infection_only=True) if test_dir else None
     if test is None and not 2 <= folds <= len(train.names):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
     log(
         f"{len(train.names)} training slices"
-        + (f", {len(test.names)} test slices" if test else f", {folds}-fold cross-validation")
+        + (
+            f", {len(test.names)} test slices"
+            + (
+                " (infection-only masks: GGO and consolidation not scored)"
+                if test.infection_only
+                else ""
+            )
+            if test
+            else f", {folds}-fold cross-validation"
+        )
         + f", {settings['size']}x{settings['size']}, backend {keras.backend.backend()}"
     )
     results = {
@@ -329,6 +392,7 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
         "mode": "test" if test else "cross-validation",
         "train_slices": len(train.names),
         "test_slices": len(test.names) if test else None,
+        "targets": list(test.targets if test else train.targets),
         "folds": None if test else folds,
         "seed": seed,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
@@ -347,7 +411,8 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
             model, info = train_one(architecture, train, fit_idx, val_idx, settings, seed, log)
             idx = np.arange(len(test.names))
             maps = predict_maps(model, test, idx)
-            per_fold.append({t: protocol.score(maps[t], truths(test, idx)[t]) for t in TARGETS})
+            truth = truths(test, idx)
+            per_fold.append({t: protocol.score(maps[t], truth[t]) for t in test.targets})
             runs.append(info)
             write_maps(prediction_folder(out, architecture), test.names, maps)
         else:
@@ -393,6 +458,8 @@ def _write(out: Path, results: dict) -> None:
 
 
 def _cell(summary, target, metric, sd=True):
+    if target not in summary:
+        return "—"
     entry = summary[target][metric]
     return f"{entry['mean']:.3f} ± {entry['sd']:.3f}" if sd else f"{entry['mean']:.3f}"
 
@@ -406,6 +473,7 @@ def render_table(results: dict) -> str:
         if cv
         else f"the {results['test_slices']} test slices"
     )
+    infection_only = results.get("targets", list(TARGETS)) == ["infection"]
     lines = [
         f"# COVID-SemiSeg benchmark ({where})",
         "",
@@ -413,6 +481,15 @@ def render_table(results: dict) -> str:
         f"input, backend {results['backend']}, {results['machine']}, "
         f"{results['wall_s'] / 60:.1f} min. {DISCLAIMER}",
         "",
+        *(
+            [
+                "The test masks are infection-only (0/255, Inf-Net's LungInfection-Test "
+                "layout): GGO and consolidation are not scored (—).",
+                "",
+            ]
+            if infection_only
+            else []
+        ),
         "| model | infection meanDic | maxDic | Dice@0.5 | meanSen | meanSpe | MAE "
         "| GGO meanDic | consolidation meanDic |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -442,7 +519,12 @@ def main(argv=None) -> int:
         "(research use, not a medical device).",
     )
     parser.add_argument("--train-dir", type=Path, required=True)
-    parser.add_argument("--test-dir", type=Path, help="test slices (default: cross-validation)")
+    parser.add_argument(
+        "--test-dir",
+        type=Path,
+        help="test slices, Imgs/ + GT/ with 0/1/2 or infection-only 0/255 masks "
+        "(default: cross-validation)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/semiseg"))
     parser.add_argument("--size", type=int, default=256, help="model input size (pixels)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
