@@ -16,14 +16,16 @@ from tfcovseg.callbacks import lesion_burdens
 from tfcovseg.data import make_dataset
 from tfcovseg.export import (
     ASSET_NAME,
-    BURDEN_CACHE,
     SIGNATURES,
+    VALIDATION_CACHE,
     ExportError,
     InferenceGraph,
     _validation_dataset,
     calibrate_burden_rule,
+    calibrate_gate,
     export_run,
     main,
+    prepare_run,
     validation_burdens,
 )
 from tfcovseg.metrics import choose_burden_threshold
@@ -94,7 +96,7 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
     segmenter, _ = load_run_models(run)
     expected = lesion_burdens(segmenter, _validation_dataset(config, 16))
     first = validation_burdens(segmenter, config, run=run)
-    assert first == expected and (run / BURDEN_CACHE).is_file()
+    assert first == expected and (run / VALIDATION_CACHE).is_file()
     # Same segmenter file, records, fold and mask threshold: read back, not recomputed.
     assert validation_burdens(_Refuses(), config, run=run) == expected
     assert calibrate_burden_rule(_Refuses(), config, run=run)["threshold"] is not None
@@ -109,33 +111,44 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
     with pytest.raises(AssertionError, match="ran although"):
         validation_burdens(_Refuses(), config, run=run)
     # A corrupt cache is recomputed and rewritten, not an error.
-    (run / BURDEN_CACHE).write_text("{not json")
+    (run / VALIDATION_CACHE).write_text("{not json")
     again = validation_burdens(retrained, config, run=run)
     assert set(again[0]) == set(expected[0])
-    assert json.loads((run / BURDEN_CACHE).read_text())
+    assert json.loads((run / VALIDATION_CACHE).read_text())
 
 
-def test_evaluate_then_export_runs_the_validation_burdens_once(phantom_run, tmp_path, monkeypatch):
+def test_evaluate_then_export_run_the_validation_split_once(phantom_run, tmp_path, monkeypatch):
     import tfcovseg.export as export_module
     from tfcovseg.evaluate import evaluate_run
 
     run = tmp_path / "run"
     shutil.copytree(phantom_run.run, run)
-    (run / BURDEN_CACHE).unlink(missing_ok=True)
+    (run / VALIDATION_CACHE).unlink(missing_ok=True)
     results = evaluate_run(run, split="test", figures=False)
-    assert (run / BURDEN_CACHE).is_file()
+    assert (run / VALIDATION_CACHE).is_file()
     calls = []
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return lesion_burdens(*args, **kwargs)
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "lesion_burdens", counting)
-    segmenter, _ = load_run_models(run)
-    rule = calibrate_burden_rule(segmenter, phantom_run.config, run=run)
+        return wrapped
+
+    # The export's two passes over validation: the segmenter's burdens, the gate's slices.
+    monkeypatch.setattr(export_module, "lesion_burdens", counting("burdens", lesion_burdens))
+    monkeypatch.setattr(
+        export_module, "classify_label", counting("slices", export_module.classify_label)
+    )
+    graph = prepare_run(run)
     assert calls == []
     burden = results["classification"]["lesion_burden"]
-    assert rule["threshold"] == pytest.approx(burden["threshold"])
+    assert graph.metadata["burden_rule"]["threshold"] == pytest.approx(burden["threshold"])
+    # The gate from the kept scores is the gate computed afresh, without the cache.
+    fresh = calibrate_gate(graph.classify, phantom_run.config)
+    assert calls == ["slices"] * len(calls) and calls
+    assert graph.metadata["gate"]["threshold"] == pytest.approx(fresh["threshold"], abs=1e-5)
+    assert graph.metadata["gate"]["method"].split("(")[0] == fresh["method"].split("(")[0]
 
 
 def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):

@@ -52,9 +52,8 @@ tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
 from tfcovseg import report, viz  # noqa: E402
-from tfcovseg.callbacks import slice_probabilities  # noqa: E402
 from tfcovseg.data import make_dataset  # noqa: E402
-from tfcovseg.export import validation_burdens  # noqa: E402
+from tfcovseg.export import validation_burdens, validation_slice_scores  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
 
@@ -197,7 +196,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         results["severity_statistics"] = ratio_statistics(results["lesion_lung_ratio"], classes)
     if classifier is not None:
         results["classification"] = classification_results(
-            classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size
+            classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size, run
         )
     if segmenter is not None and areas:
         burdens = {pid: a["any_pred"] / max(a["lung_pred"], 1) for pid, a in areas.items()}
@@ -224,7 +223,7 @@ def split_composition(diagnosis: dict, severity: dict) -> dict:
 
 
 def classification_results(
-    classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size
+    classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size, run=None
 ) -> dict:
     """Table 6 under the any-slice rule and the rule chosen on the validation patients."""
     truth = {pid: diagnosis[pid] == "covid" for pid in slice_prob}
@@ -234,9 +233,13 @@ def classification_results(
     if split == "validation":
         val_prob, val_diagnosis = slice_prob, diagnosis
     else:
-        val_prob, val_diagnosis = slice_probabilities(
-            classifier, _dataset(config, "validation", fold, batch_size)
+        # Kept in the run: the export's gate (and predict on a run folder) reads them back.
+        scores = validation_slice_scores(
+            lambda hu: classifier.predict_on_batch(hu[..., None]), config, fold, batch_size, run
         )
+        val_prob, val_diagnosis = {}, scores["diagnosis"]
+        for pid, prob in zip(scores["patients"], scores["probabilities"]):
+            val_prob.setdefault(pid, []).append(prob)
     rule = choose_patient_rule(val_prob, {p: d == "covid" for p, d in val_diagnosis.items()})
     robust = patient_scores(truth, patient_calls(slice_prob, rule["threshold"], rule["min_slices"]))
     robust |= {

@@ -265,7 +265,7 @@ def severity_rule_for_run(run: Path, config) -> dict:
 
 
 def calibrate_gate(
-    classifier_fn, config, recall=GATE_RECALL, min_auc=GATE_MIN_AUC, batch_size=16
+    classifier_fn, config, recall=GATE_RECALL, min_auc=GATE_MIN_AUC, batch_size=16, run=None
 ) -> dict:
     """The slice gate threshold: the paper's 0.5, lowered until the gate keeps `recall`.
 
@@ -280,17 +280,16 @@ def calibrate_gate(
     Args:
         classifier_fn: [batch, H, W] HU -> {"covid_probability": [batch]}.
         config: The run's `ExperimentConfig`.
+        run: The run folder the classifier came from: its validation scores are shared
+            with `tfcovseg.evaluate` through `validation_slice_scores`.
     """
     try:
-        ds = _validation_dataset(config, batch_size)
+        scores = validation_slice_scores(
+            lambda hu: classifier_fn(hu)["covid_probability"], config, None, batch_size, run
+        )
     except (FileNotFoundError, ValueError) as e:
         return {"threshold": 0.0, "method": f"off: cannot be checked (validation records: {e})"}
-    probs, labels = [], []
-    for batch in ds:
-        probs.append(np.asarray(classifier_fn(batch["hu"])["covid_probability"]))
-        # The classifier's own target (data.classify_label): a COVID-19 lesion slice.
-        labels.append(classify_label(batch).numpy() > 0)
-    return gate_from_scores(np.concatenate(probs), np.concatenate(labels), recall, min_auc)
+    return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc)
 
 
 def _validation_dataset(config, batch_size, fold=None):
@@ -306,7 +305,7 @@ def _validation_dataset(config, batch_size, fold=None):
     )
 
 
-BURDEN_CACHE = "validation_burdens.json"
+VALIDATION_CACHE = "validation_scores.json"
 
 
 def _file_digest(path: Path) -> str:
@@ -317,54 +316,101 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _kept_in_run(run, stem: str, config, fold: int, extra: dict, compute):
+    """`compute()` (JSON-able), kept in ``run/validation_scores.json`` when `run` is given.
+
+    The key is the model file's SHA-256 (the file `load_run_models` loads for `stem`), the
+    records' manifest, the fold, the input size and `extra`; a call with the same key reads
+    the value back, any other computes it again and adds it. An unreadable cache is
+    rewritten; a run folder that cannot be written only keeps nothing.
+    """
+    model_file = None if run is None else run_model_path(run, stem)
+    if model_file is None:
+        return compute()
+    key = json.dumps(
+        {
+            "model": stem,
+            "model_sha256": _file_digest(model_file),
+            "manifest_sha256": _file_digest(_records_folder(config) / "manifest.json"),
+            "fold": int(fold),
+            "input_size": list(config.model.input_size),
+            **extra,
+        },
+        sort_keys=True,
+    )
+    path = Path(run) / VALIDATION_CACHE
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    if key in cache:
+        return cache[key]
+    value = compute()
+    cache[key] = value
+    try:
+        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+    except OSError:
+        pass
+    return value
+
+
 def validation_burdens(
     segmenter, config, fold=None, mask_threshold=0.5, batch_size=16, run=None
 ) -> tuple[dict, dict]:
-    """`lesion_burdens` of the segmenter on the validation split of `fold`, cached in the run.
+    """`lesion_burdens` of the segmenter on the validation split of `fold`, kept in the run.
 
     `tfcovseg.evaluate` (its lesion-burden rows) and the export (the `burden_rule` it
     stores, also what `predict --model runs/X` computes at start-up) need the same pass
     over the validation patients; at 512² it takes minutes on a CPU. With `run` (the
-    folder the segmenter was loaded from) the result is kept in ``run/validation_burdens.json``
-    under a key made of the segmenter file's SHA-256, the records' manifest, the fold, the
-    input size and `mask_threshold`; a call with the same key reads it back, any other
-    computes it again. A run folder that cannot be written is only not cached.
+    folder the segmenter was loaded from) the result is kept in
+    ``run/validation_scores.json``, keyed by the segmenter file's SHA-256, the records, the
+    fold, the input size and `mask_threshold`, and read back by the next caller.
 
     Raises:
         FileNotFoundError, ValueError: no validation records (from `make_dataset`).
     """
     fold = config.data.fold if fold is None else fold
     ds = _validation_dataset(config, batch_size, fold)
-    model_file = None if run is None else run_model_path(run, "segmenter")
-    if model_file is None:
-        return lesion_burdens(segmenter, ds, mask_threshold)
-    manifest = _records_folder(config) / "manifest.json"
-    key = json.dumps(
-        {
-            "segmenter": _file_digest(model_file),
-            "manifest": _file_digest(manifest),
-            "fold": int(fold),
-            "input_size": list(config.model.input_size),
-            "mask_threshold": float(mask_threshold),
-        },
-        sort_keys=True,
+    burdens, diagnosis = _kept_in_run(
+        run,
+        "segmenter",
+        config,
+        fold,
+        {"scores": "lesion_burdens", "mask_threshold": float(mask_threshold)},
+        lambda: list(lesion_burdens(segmenter, ds, mask_threshold)),
     )
-    path = Path(run) / BURDEN_CACHE
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        cache = {}  # unreadable or half-edited by hand: computed again and rewritten
-    entry = cache.get(key) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and {"burdens", "diagnosis"} <= entry.keys():
-        return entry["burdens"], entry["diagnosis"]
-    burdens, diagnosis = lesion_burdens(segmenter, ds, mask_threshold)
-    cache = cache if isinstance(cache, dict) else {}
-    cache[key] = {"burdens": burdens, "diagnosis": diagnosis}
-    try:
-        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
-    except OSError:
-        pass  # a read-only run folder: the burdens are only not kept
     return burdens, diagnosis
+
+
+def validation_slice_scores(classify, config, fold=None, batch_size=16, run=None) -> dict:
+    """A slice classifier's probabilities on the validation split of `fold`, kept in the run.
+
+    Returns {"probabilities": [...], "labels": [...] (the classifier's target,
+    `data.classify_label`: a COVID-19 lesion slice), "patients": [...] (per slice),
+    "diagnosis": {patient: diagnosis}}. Shared, as `validation_burdens`, by the export's
+    gate (`calibrate_gate`) and `tfcovseg.evaluate`'s robust patient rule.
+
+    Args:
+        classify: [batch, H, W] HU -> [batch] probabilities.
+
+    Raises:
+        FileNotFoundError, ValueError: no validation records (from `make_dataset`).
+    """
+    fold = config.data.fold if fold is None else fold
+    ds = _validation_dataset(config, batch_size, fold)
+
+    def compute():
+        out = {"probabilities": [], "labels": [], "patients": [], "diagnosis": {}}
+        for batch in ds:
+            out["probabilities"] += np.asarray(classify(batch["hu"])).reshape(-1).tolist()
+            out["labels"] += (classify_label(batch).numpy() > 0).tolist()
+            for pid, d in zip(batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy()):
+                out["patients"].append(pid.decode())
+                out["diagnosis"][pid.decode()] = d.decode()
+        return out
+
+    return _kept_in_run(run, "classifier", config, fold, {"scores": "slice_probabilities"}, compute)
 
 
 def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, run=None) -> dict:
@@ -532,7 +578,7 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
     }
     if gate_threshold == "auto":
         probe = InferenceGraph(segmenter, classifier, provisional)
-        gate = calibrate_gate(tf.function(probe.classify, reduce_retracing=True), config)
+        gate = calibrate_gate(tf.function(probe.classify, reduce_retracing=True), config, run=run)
     else:
         t = float(gate_threshold)
         if not 0.0 <= t <= 1.0:

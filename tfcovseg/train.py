@@ -23,7 +23,8 @@ The run folder holds ``config.yaml`` (resolved), ``segmenter_best.keras``,
 ``segmenter_last.keras``, ``classifier_best.keras``, ``logs/``, ``severity.json`` (the
 severity grades' lesion / lung ratio thresholds fitted on the training patients) and
 ``run.json`` (data fingerprint, seed, versions, timings); evaluation and export add
-``validation_burdens.json`` (`tfcovseg.export.validation_burdens`).
+``validation_scores.json`` (`tfcovseg.export.validation_burdens` and
+`validation_slice_scores`).
 
 ``--export`` (and the quickstart, always) ends by exporting the run as a SavedModel for TF
 Serving into ``saved_models/tfcovseg/<next version>`` (`tfcovseg.export`).
