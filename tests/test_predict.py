@@ -17,6 +17,7 @@ from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
 from tfcovseg.predict import (
     DISCLAIMER,
     PredictionError,
+    _burden_html,
     _label_volume,
     burden_call,
     main,
@@ -127,6 +128,12 @@ def test_burden_call_against_the_exports_threshold():
     for rule in (None, {}, {"threshold": None, "method": "off"}):
         call = burden_call(0.5, rule)
         assert call["positive"] is None and call["threshold"] is None and call["ratio"] == 0.5
+    # t holds at the mask threshold it was chosen at; another one makes no call.
+    rule = {"threshold": 0.003, "mask_threshold": 0.5}
+    assert burden_call(0.004, rule, 0.5)["positive"] is True
+    other = burden_call(0.004, rule, 0.3)
+    assert other["positive"] is None and "mask threshold 0.5" in other["rule"]
+    assert "0.3" in _burden_html(other) and "none" in _burden_html(other)
 
 
 def test_no_phi_in_names_or_reports(model, phantom_run, tmp_path):

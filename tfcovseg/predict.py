@@ -411,19 +411,35 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
-def burden_call(ratio: float, rule: dict | None) -> dict:
+def burden_call(ratio: float, rule: dict | None, mask_threshold: float | None = None) -> dict:
     """The patient call from the segmentation: lesion / lung ratio >= the export's t.
 
     The export chooses t on its run's validation patients (`export.calibrate_burden_rule`);
-    models exported without one (older versions) give ``positive: None``.
+    models exported without one (older versions) give ``positive: None``. t holds for the
+    mask threshold it was chosen at: a prediction made at another `mask_threshold`
+    (``--mask-threshold``) counts other voxels as lesion, so it makes no call either.
     """
-    t = (rule or {}).get("threshold")
-    return {
+    rule = rule or {}
+    t = rule.get("threshold")
+    chosen_at = rule.get("mask_threshold")
+    call = {
         "ratio": float(ratio),
         "threshold": None if t is None else float(t),
         "positive": None if t is None else bool(ratio >= t),
         "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",
     }
+    if (
+        t is not None
+        and chosen_at is not None
+        and mask_threshold is not None
+        and abs(float(chosen_at) - float(mask_threshold)) > 1e-9
+    ):
+        call["positive"] = None
+        call["rule"] = (
+            f"no call: the threshold was chosen at mask threshold {float(chosen_at):g}, this "
+            f"prediction used {float(mask_threshold):g}"
+        )
+    return call
 
 
 def _nifti(volume: Volume, data: np.ndarray):
@@ -529,8 +545,10 @@ _CSS = (
 
 
 def _burden_html(call: dict) -> str:
-    if call["positive"] is None:
+    if call["threshold"] is None:
         return "<p>Lesion-burden call: none (the model was exported without its rule).</p>"
+    if call["positive"] is None:
+        return f"<p>Lesion-burden call: none ({html.escape(call['rule'])}).</p>"
     return (
         f"<p>Lesion-burden call: lesions on {100 * call['ratio']:.2f} % of the lung (COVID-19 "
         f"at &ge; {100 * call['threshold']:.2f} %): "
@@ -665,7 +683,9 @@ def predict_volume(
             "threshold (the paper: any slice, Huang et al. 2021)",
             "slice_probabilities": [round(float(p), 4) for p in probs],
             "lesion_burden": burden_call(
-                measured["severity"]["total_lesion_lung_ratio"], meta.get("burden_rule")
+                measured["severity"]["total_lesion_lung_ratio"],
+                meta.get("burden_rule"),
+                mask_threshold,
             ),
         },
         "mask_threshold": float(mask_threshold),
