@@ -322,8 +322,12 @@ def read_nifti_volume(path: Path):
     return slices, (float(zooms[1]), float(zooms[0]), float(zooms[2])), image.affine
 
 
-def process_study(study: Study, size: int, classes) -> StudyResult:
-    """Reads a study, aligns its masks, computes lung masks and resizes to `size`."""
+def process_study(study: Study, size: int, classes, binary_class: int | None = None) -> StudyResult:
+    """Reads a study, aligns its masks, computes lung masks and resizes to `size`.
+
+    `binary_class` (1-based) is the class a binary 0/255 PNG mask stands for; without it
+    such a mask is refused when there are several classes (`masks.read_png_labels`).
+    """
     num_classes = len(classes)
     skipped: list[tuple[str, str]] = []
     pre_windowed = False
@@ -368,7 +372,7 @@ def process_study(study: Study, size: int, classes) -> StudyResult:
         pre_windowed = True
         labels = None
         if study.mask_path is not None:
-            labels = masks.read_png_labels(study.mask_path, num_classes)[None]
+            labels = masks.read_png_labels(study.mask_path, num_classes, binary_class)[None]
             if labels.shape != hu.shape:
                 raise SkipFile(
                     f"mask {study.mask_path.name} has shape {labels.shape[1:]}, "

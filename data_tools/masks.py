@@ -99,8 +99,14 @@ def _axis_aligned(data, mask_from_series, series_shape):
     return np.ascontiguousarray(volume.transpose(2, 0, 1)).astype(np.uint8)
 
 
-def read_png_labels(path: Path, num_classes: int) -> np.ndarray:
-    """A per-slice PNG mask as labels [H, W] uint8."""
+def read_png_labels(path: Path, num_classes: int, binary_class: int | None = None) -> np.ndarray:
+    """A per-slice PNG mask as labels [H, W] uint8 (0 background, 1..`num_classes`).
+
+    A binary 0/255 mask (lesion or not, as Inf-Net's infection masks) says nothing about
+    the lesion type: it becomes class 1 when there is one class, class `binary_class`
+    (1-based) when that is given, and is refused (`SkipFile`) otherwise, rather than
+    silently labelling every lesion pixel as the first class.
+    """
     from PIL import Image
 
     try:
@@ -113,7 +119,13 @@ def read_png_labels(path: Path, num_classes: int) -> np.ndarray:
     values = np.unique(labels)
     if values.max(initial=0) > num_classes:
         if set(values.tolist()) <= {0, 255}:
-            return (labels == 255).astype(np.uint8)
+            if num_classes == 1 or binary_class is not None:
+                return ((labels == 255) * (binary_class or 1)).astype(np.uint8)
+            raise SkipFile(
+                f"binary 0/255 mask (lesion or background) cannot tell the {num_classes} "
+                "lesion classes apart; convert such data with one class (e.g. --classes "
+                f"infection) or give masks with labels 0 = background, 1..{num_classes}"
+            )
         raise SkipFile(
             f"mask values {values[:8].tolist()} exceed the {num_classes} classes (expected "
             f"0 = background, 1..{num_classes})"

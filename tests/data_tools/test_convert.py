@@ -314,3 +314,40 @@ def test_covid_semiseg_slices(tmp_path):
     stored = [e["lesions"].reshape(-1, 2).mean(0) for e in examples]
     np.testing.assert_allclose(np.mean(stored, 0), np.mean(fractions, 0), atol=0.01)
     assert max(e["hu"].max() for e in examples) <= 255 and min(e["hu"].min() for e in examples) >= 0
+
+
+def _binary_mask_slices(folder, n=2, size=32):
+    """Imgs/N.png + GT/N.png with 0/255 (infection-only) masks, as Inf-Net's data."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "Imgs").mkdir(parents=True)
+    (folder / "GT").mkdir()
+    masks = []
+    for i in range(n):
+        image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        mask[4 + i : 12 + i, 8:20] = 255
+        Image.fromarray(image).save(folder / "Imgs" / f"{i}.png")
+        Image.fromarray(mask).save(folder / "GT" / f"{i}.png")
+        masks.append(mask == 255)
+    return masks
+
+
+def test_binary_masks_need_a_single_class(tmp_path):
+    truth = _binary_mask_slices(tmp_path / "in")
+    kwargs = dict(size=32, salt=SALT, default_diagnosis="covid", progress=False)
+    # Several classes: a 0/255 mask cannot say which one a pixel is, so no slice is kept
+    # (before, every lesion pixel silently became GGO).
+    with pytest.raises(ConversionError) as err:
+        convert(tmp_path / "in", tmp_path / "multi", classes=("ggo", "consolidation"), **kwargs)
+    # (The study is named by its pseudonym: folder names may be patient names.)
+    assert "all 2 failed" in str(err.value)
+    assert "binary 0/255 mask" in str(err.value) and "--classes" in str(err.value)
+    assert not (tmp_path / "multi" / "manifest.json").exists()
+    # One class: the mask is that class.
+    summary = convert(tmp_path / "in", tmp_path / "one", classes=("infection",), **kwargs)
+    assert summary["slices"] == 2 and not summary["skipped"]
+    _, examples = _examples(tmp_path / "one")
+    stored = sorted(e["lesions"][..., 0].sum() for e in examples)
+    assert stored == sorted(int(m.sum()) for m in truth)

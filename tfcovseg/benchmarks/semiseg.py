@@ -129,19 +129,22 @@ def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
     names, images, masks, truth = [], [], [], []
     kinds = {}
     for study in sorted(studies, key=lambda s: _slice_key(s.image_path.stem)):
+        mask_rel = _relative(study.mask_path, folder)
         try:
             binary = _is_infection_mask(study.mask_path)
-            result = process_study(study, size, CLASSES)
-            labels = read_png_labels(study.mask_path, len(CLASSES))
+            if binary and not allow_infection_only:
+                raise BenchmarkError(
+                    f"{mask_rel} is an infection-only 0/255 mask (Inf-Net's LungInfection "
+                    "layout); the training slices need GGO and consolidation labels (0 "
+                    "background, 1 GGO, 2 consolidation)"
+                )
+            # An infection-only mask's lesions go to the first channel; only their union
+            # (infection) is scored for such a folder.
+            as_class = 1 if binary else None
+            result = process_study(study, size, CLASSES, binary_class=as_class)
+            labels = read_png_labels(study.mask_path, len(CLASSES), binary_class=as_class)
         except SkipFile as e:
             raise BenchmarkError(f"{study.rel}: {e}") from None
-        mask_rel = _relative(study.mask_path, folder)
-        if binary and not allow_infection_only:
-            raise BenchmarkError(
-                f"{mask_rel} is an infection-only 0/255 mask (Inf-Net's LungInfection "
-                "layout); the training slices need GGO and consolidation labels (0 "
-                "background, 1 GGO, 2 consolidation)"
-            )
         if binary is not None:
             kinds.setdefault(binary, mask_rel)
         names.append(study.image_path.stem)
