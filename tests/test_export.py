@@ -20,12 +20,12 @@ from tfcovseg.export import (
     VALIDATION_CACHE,
     ExportError,
     InferenceGraph,
-    _validation_dataset,
     calibrate_burden_rule,
     calibrate_gate,
     export_run,
     main,
     prepare_run,
+    split_dataset,
     validation_burdens,
 )
 from tfcovseg.metrics import choose_burden_threshold
@@ -55,9 +55,7 @@ def test_layout_version_and_assets(exported, phantom_run):
     assert 0.0 <= meta["gate"]["threshold"] <= 0.5 and meta["gate"]["method"]
     # The lesion-burden rule is evaluate's: chosen on the run's validation patients.
     segmenter, _ = load_run_models(phantom_run.run)
-    burdens, diagnosis = lesion_burdens(
-        segmenter, _validation_dataset(phantom_run.config, 16), threshold=0.5
-    )
+    burdens, diagnosis = lesion_burdens(segmenter, split_dataset(phantom_run.config), threshold=0.5)
     expected = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
     assert meta["burden_rule"]["threshold"] == pytest.approx(expected["threshold"])
     assert meta["burden_rule"]["validation_patients"] == len(burdens) >= 1
@@ -94,7 +92,7 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
     shutil.copytree(phantom_run.run, run)
     config = phantom_run.config
     segmenter, _ = load_run_models(run)
-    expected = lesion_burdens(segmenter, _validation_dataset(config, 16))
+    expected = lesion_burdens(segmenter, split_dataset(config))
     first = validation_burdens(segmenter, config, run=run)
     assert first == expected and (run / VALIDATION_CACHE).is_file()
     # Same segmenter file, records, fold and mask threshold: read back, not recomputed.

@@ -39,7 +39,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from tfcovseg import require_tensorflow  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.metrics import (  # noqa: E402
-    choose_burden_threshold,
     choose_patient_rule,
     confusion_counts,
     patient_calls,
@@ -52,26 +51,17 @@ tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
 from tfcovseg import report, viz  # noqa: E402
-from tfcovseg.data import make_dataset  # noqa: E402
-from tfcovseg.export import validation_burdens, validation_slice_scores  # noqa: E402
+from tfcovseg.export import (  # noqa: E402
+    burden_rule_from,
+    split_dataset,
+    validation_burdens,
+    validation_slice_scores,
+)
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
 
 DISCLAIMER = "Research use, not a medical device."
 OVERLAY_SLICES = 4
-
-
-def _dataset(config, split, fold, batch_size):
-    return make_dataset(
-        Path(config.data.records_dir).expanduser(),
-        split=split,
-        fold=fold,
-        batch_size=batch_size,
-        training=False,
-        task="inspect",
-        image_size=config.model.input_size,
-        class_names=config.model.class_names,
-    )
 
 
 class _Overlays:
@@ -109,7 +99,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     segmenter, classifier = load_run_models(run)
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
-    ds = _dataset(config, split, fold, batch_size)
+    ds = split_dataset(config, split, fold, batch_size)
     counts = np.zeros((3, len(classes)), np.int64)
     image_dice = []
     slice_prob = {}
@@ -281,13 +271,13 @@ def burden_results(
         val_burdens, val_diagnosis = validation_burdens(
             segmenter, config, fold, threshold, batch_size, run=run
         )
-    rule = choose_burden_threshold(val_burdens, {p: d == "covid" for p, d in val_diagnosis.items()})
+    rule = burden_rule_from(val_burdens, val_diagnosis)
     calls = {pid: b >= rule["threshold"] for pid, b in burdens.items()}
     return patient_scores(truth, calls) | {
         "rule": (
             f"predicted lesion volume >= {100 * rule['threshold']:.2f} % of the lung "
             f"(segmentation, not the slice classifier), chosen on the {len(val_burdens)} "
-            f"validation patients (validation accuracy {rule['accuracy']:.3f})"
+            f"validation patients (validation accuracy {rule['validation_accuracy']:.3f})"
         ),
         "threshold": rule["threshold"],
         "chosen_on": "validation",

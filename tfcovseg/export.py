@@ -292,10 +292,15 @@ def calibrate_gate(
     return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc)
 
 
-def _validation_dataset(config, batch_size, fold=None):
+def split_dataset(config, split="validation", fold=None, batch_size=16):
+    """The run's records of one split, unshuffled, as evaluate and the export read them.
+
+    Batches of `make_dataset(..., task="inspect")` (HU, masks, lung, patient ids and
+    diagnoses) at the run's input size and classes; `fold` defaults to the run's.
+    """
     return make_dataset(
         _records_folder(config),
-        split="validation",
+        split=split,
         fold=config.data.fold if fold is None else fold,
         batch_size=batch_size,
         training=False,
@@ -371,7 +376,7 @@ def validation_burdens(
         FileNotFoundError, ValueError: no validation records (from `make_dataset`).
     """
     fold = config.data.fold if fold is None else fold
-    ds = _validation_dataset(config, batch_size, fold)
+    ds = split_dataset(config, "validation", fold, batch_size)
     burdens, diagnosis = _kept_in_run(
         run,
         "segmenter",
@@ -398,7 +403,7 @@ def validation_slice_scores(classify, config, fold=None, batch_size=16, run=None
         FileNotFoundError, ValueError: no validation records (from `make_dataset`).
     """
     fold = config.data.fold if fold is None else fold
-    ds = _validation_dataset(config, batch_size, fold)
+    ds = split_dataset(config, "validation", fold, batch_size)
 
     def compute():
         out = {"probabilities": [], "labels": [], "patients": [], "diagnosis": {}}
@@ -432,13 +437,21 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, 
         return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
     if not burdens:
         return {"threshold": None, "method": "off: the validation split has no patients"}
+    return burden_rule_from(burdens, diagnosis) | {"mask_threshold": float(mask_threshold)}
+
+
+def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
+    """The lesion-burden rule chosen on validation burdens {patient: ratio} and diagnoses.
+
+    The one place where the rule is chosen: the export's `burden_rule` and evaluate's
+    lesion-burden rows both come from here.
+    """
     rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
     return {
         "threshold": float(rule["threshold"]),
         "method": "lesion burden, chosen on the validation patients",
         "validation_patients": len(burdens),
         "validation_accuracy": float(rule["accuracy"]),
-        "mask_threshold": float(mask_threshold),
     }
 
 
