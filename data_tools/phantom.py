@@ -540,6 +540,10 @@ def write_patient(
     import nibabel as nib
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+    from pydicom.valuerep import DS
+
+    def decimal(*values):  # Decimal Strings (DS) of at most 16 characters, as the VR says
+        return [DS(v, auto_format=True) for v in values]
 
     ct_dir = folder / "ct"
     ct_dir.mkdir(parents=True, exist_ok=True)
@@ -569,11 +573,15 @@ def write_patient(
         ds.PositionReferenceIndicator = ""
         ds.StudyDescription = "Synthetic chest CT phantom (tfcovseg)"
         ds.SeriesNumber = 1
+        # Supine (anterior at the top of the image), head first into the gantry.
+        ds.PatientPosition, ds.BodyPartExamined = "HFS", "CHEST"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.KVP, ds.AcquisitionNumber = "120", 1
         ds.InstanceNumber = z_count - z  # head first, as many scanners number them
-        ds.ImagePositionPatient = [x0, y0, z0 + z * dz]
+        ds.ImagePositionPatient = decimal(x0, y0, z0 + z * dz)
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [dr, dc]
-        ds.SliceThickness = dz
+        ds.PixelSpacing = decimal(dr, dc)
+        ds.SliceThickness = decimal(dz)[0]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = rows, cols

@@ -1,0 +1,73 @@
+"""The phantom's CT files and the DICOM SEG pass David Clunie's `dciodvfy` without errors.
+
+`dciodvfy` (Debian package dicom3tools) checks a file against its IOD: the modules and
+attributes its SOP class requires and the value representations. CI installs it
+(`.ci/run`); without it these tests fail rather than skip, so that a missing tool cannot
+pass for a conformant file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from data_tools.phantom import make_patient, write_patient
+
+
+@pytest.fixture(scope="module")
+def dciodvfy() -> str:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.fail(
+            "dciodvfy not found: install dicom3tools (apt-get install dicom3tools), as .ci/run does"
+        )
+    return tool
+
+
+def verify(tool: str, path) -> tuple[list[str], list[str]]:
+    """The output lines of `dciodvfy path` and, of those, the errors."""
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return lines, [line for line in lines if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def patient():
+    return make_patient(5, 64, "covid", "moderate")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["signed", "unsigned"])
+def ct_folder(request, patient, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("signed" if request.param else "unsigned")
+    write_patient(
+        patient, folder, patient_id="X-1", patient_name="TEST^ONE", seed=3, signed=request.param
+    )
+    return folder / "ct"
+
+
+def test_ct_files_have_no_dciodvfy_errors(dciodvfy, ct_folder):
+    files = sorted(ct_folder.glob("*.dcm"))
+    assert len(files) > 3
+    for f in (files[0], files[len(files) // 2], files[-1]):
+        lines, errors = verify(dciodvfy, f)
+        assert "CTImage" in lines, f"{f.name}: not checked as a CT image:\n" + "\n".join(lines)
+        assert not errors, f"{f.name}:\n" + "\n".join(lines)
+
+
+def test_seg_from_phantom_ct_has_no_dciodvfy_errors(dciodvfy, ct_folder, patient, tmp_path):
+    from tfcovseg.predict import read_input, write_seg
+
+    volumes, _ = read_input(ct_folder, salt="x")
+    volume = volumes[0]
+    labels = patient.lesions
+    assert labels.shape == volume.hu.shape and labels.any()
+    path = tmp_path / "seg.dcm"
+    assert write_seg(
+        volume, labels.astype(np.uint8), ["ggo", "consolidation", "fibrosis"], path, "1"
+    )
+    lines, errors = verify(dciodvfy, path)
+    assert "Segmentation" in lines, "not checked as a SEG:\n" + "\n".join(lines)
+    assert not errors, "\n".join(lines)
