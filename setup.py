@@ -38,6 +38,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["tfcovseg", "tfcovseg.*", "data_tools", "data_tools.*"]),
+    # The built-in experiments (python -m tfcovseg.train --config paper), found next to
+    # tfcovseg/config.py in an installed wheel as in the source tree.
+    package_data={"tfcovseg": ["experiments/*.yaml"]},
     install_requires=[
         "keras>=3.5",
         "numpy>=1.26",

@@ -83,7 +83,7 @@ def phantom_run(tmp_path_factory):
     make_cohort(root / "cohort", 8, 3, 64)
     convert(root / "cohort", root / "records", size=64, folds=2, seed=3, progress=False, salt="t")
     config = load_config(
-        "experiments/quickstart.yaml",
+        "quickstart",
         TINY_MODEL + [f"data.records_dir={root / 'records'}", "data.num_folds=2", "name=tiny"],
     )
     run = root / "run"

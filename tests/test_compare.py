@@ -81,9 +81,7 @@ def make_run(
         overrides.append("train.phases=[segmentation]")
     if architecture == "seresnet_classifier":
         overrides.append("train.phases=[classification]")
-    save_config(
-        load_config(REPO / "experiments" / "quickstart.yaml", overrides), path / "config.yaml"
-    )
+    save_config(load_config("quickstart", overrides), path / "config.yaml")
     if not metrics:
         return path
     results = {

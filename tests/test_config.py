@@ -8,16 +8,20 @@ from pathlib import Path
 import pytest
 
 from tfcovseg.config import (
+    BUILTIN_EXPERIMENTS,
     PHANTOM_MIXES,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
+    builtin_experiment,
+    builtin_experiments,
     config_to_dict,
     load_config,
+    resolve_config,
     save_config,
 )
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "tfcovseg" / "experiments"
 
 
 def test_phantom_mix_is_checked_against_the_phantoms_mixes():
@@ -59,6 +63,52 @@ def test_paper_yaml_holds_the_papers_settings():
 def test_every_experiment_file_loads(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
+
+
+def test_builtin_experiments_are_the_package_files():
+    assert BUILTIN_EXPERIMENTS == EXPERIMENTS
+    assert builtin_experiments() == sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+    assert {"paper", "quickstart", "unet", "unetpp"} <= set(builtin_experiments())
+
+
+def test_a_builtin_name_loads_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no experiment files here
+    paper = load_config(EXPERIMENTS / "paper.yaml")
+    assert load_config("paper") == paper
+    assert load_config("paper.yaml") == paper
+    assert load_config(Path("paper")) == paper  # what --config (type=Path) passes
+    assert load_config("quickstart", ["train.epochs=2"]).train.epochs == 2
+    assert resolve_config("paper") == resolve_config("paper.yaml") == EXPERIMENTS / "paper.yaml"
+    assert builtin_experiment("quickstart") == EXPERIMENTS / "quickstart.yaml"
+
+
+def test_an_existing_path_wins_over_a_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "paper.yaml").write_text("name: mine\ntrain:\n  epochs: 3\n")
+    cfg = load_config("paper.yaml")
+    assert cfg.name == "mine" and cfg.train.epochs == 3
+    assert resolve_config("paper.yaml") == Path("paper.yaml")
+    assert load_config("paper").name == "paper"  # no file named "paper" here: the built-in
+    (tmp_path / "paper").write_text("name: bare\n")
+    assert load_config("paper").name == "bare"
+    # builtin_experiment (the train default) never looks at the working directory.
+    assert load_config(builtin_experiment("paper.yaml")).name == "paper"
+
+
+def test_an_unknown_name_lists_the_builtin_experiments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("nosuch")
+    message = str(e.value)
+    assert "config file nosuch does not exist" in message
+    assert "'nosuch' is not a built-in experiment" in message
+    assert "path of a YAML file" in message
+    assert message.endswith(", ".join(builtin_experiments()))
+    # A path with a folder is never looked up among the built-in experiments.
+    with pytest.raises(ConfigError, match=r"elsewhere.paper.yaml does not exist; .*paper"):
+        load_config("elsewhere/paper.yaml")
+    with pytest.raises(ConfigError, match="not a built-in experiment; .*paper, quickstart"):
+        builtin_experiment("nosuch")
 
 
 def test_overrides_parse_yaml_values():

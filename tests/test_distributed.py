@@ -76,7 +76,7 @@ def _compiled_segmenter(strategy, optimizer="sgd"):
     """The tiny segmenter compiled as tfcovseg.train compiles it, inside the strategy's
     scope, optimizer included (coarse weight 1, final 0.5, so that a loss ignoring the
     weights shows)."""
-    config = load_config(ROOT / "experiments" / "quickstart.yaml", TINY_MODEL)
+    config = load_config("quickstart", TINY_MODEL)
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = build_model(config.model)
@@ -244,7 +244,7 @@ def runs(tmp_path_factory):
     """Starts the MirroredStrategy reference and the two workers; yields (folder, procs)."""
     out = tmp_path_factory.mktemp("distributed")
     keras.utils.set_random_seed(0)
-    config = load_config(ROOT / "experiments" / "quickstart.yaml", TINY_MODEL)
+    config = load_config("quickstart", TINY_MODEL)
     _save_weights(out / "initial.npz", build_model(config.model).get_weights())
     procs = {
         "mirrored": _python(

@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
         "train.batch_size=4",
         "name=tiny",
     ]
-    config = load_config("experiments/quickstart.yaml", overrides)
+    config = load_config("quickstart", overrides)
     summary = train(config, root / "run", verbose=0, log=lambda *a: None)
     return root, config, summary
 
@@ -46,12 +46,12 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
         "data.phantom_seed=3",
         "data.phantom_mix=pneumonia",
     ]
-    folder = prepare_records(load_config("experiments/quickstart.yaml", overrides), log=print)
+    folder = prepare_records(load_config("quickstart", overrides), log=print)
     manifest = json.loads((folder / "manifest.json").read_text())
     diagnoses = sorted(p["diagnosis"] for p in manifest["patients"].values())
     assert diagnoses == sorted(d for d, _ in cohort_plan(5, 3, "pneumonia"))
     assert diagnoses != sorted(d for d, _ in cohort_plan(5, 3, "default"))
-    again = load_config("experiments/quickstart.yaml", overrides)
+    again = load_config("quickstart", overrides)
     assert prepare_records(again, log=print) == folder  # same settings: the cache is reused
 
     # Other settings with the old cache: an error naming the folder, nothing rewritten.
@@ -62,7 +62,7 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
         "data.phantom_patients=6",
         "data.phantom_slices=[50,60]",
     ):
-        config = load_config("experiments/quickstart.yaml", overrides + [change])
+        config = load_config("quickstart", overrides + [change])
         with pytest.raises(TrainingError, match="phantom cohort in .*phantom.*not made with"):
             prepare_records(config, log=print)
     # A cohort folder that matches but records from another cohort (half-replaced cache).
@@ -71,7 +71,7 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
         for i, (d, s) in enumerate(cohort_plan(5, 4, "pneumonia")):
             f.write(f"X{i},{d},{s},25\n")
     config = load_config(
-        "experiments/quickstart.yaml",
+        "quickstart",
         overrides[:-2] + ["data.phantom_seed=4", "data.phantom_mix=pneumonia"],
     )
     with pytest.raises(TrainingError, match=r"phantom records in .*records.*phantom_seed=4"):
@@ -197,7 +197,7 @@ def test_missing_records_and_folds(tmp_path, capsys):
     code = main(
         [
             "--config",
-            "experiments/paper.yaml",
+            "paper",
             "--set",
             f"data.records_dir={tmp_path / 'none'}",
             "--out",

@@ -5,7 +5,12 @@ An experiment is one YAML file with up to four top-level keys (``name``, ``model
 are the settings of Huang et al. (2021) where the paper gives them. Overrides use dotted
 keys and YAML values, as on the command line::
 
-    cfg = load_config("experiments/paper.yaml", overrides=["model.aspp_rates=[3,6,9]"])
+    cfg = load_config("paper", overrides=["model.aspp_rates=[3,6,9]"])
+
+The built-in experiments ship with the package in ``tfcovseg/experiments/`` and are named
+without the folder (``"paper"`` or ``"paper.yaml"``; `builtin_experiments` lists them); any
+other path is a YAML file of one's own, and a file that exists at the given path always
+wins over a built-in experiment of the same name.
 
 An unknown key is an error that names the key, where it came from, and the allowed keys.
 """
@@ -41,6 +46,62 @@ PHANTOM_MIXES = ("default", "pneumonia")  # data_tools.phantom.COHORT_MIXES
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message says which key."""
+
+
+# The experiment YAML files shipped with the package (package data of the wheel).
+BUILTIN_EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+
+
+def builtin_experiments() -> list[str]:
+    """The names of the built-in experiments (``--config NAME``), sorted."""
+    return sorted(p.stem for p in BUILTIN_EXPERIMENTS.glob("*.yaml"))
+
+
+def _experiment_name(path: Path) -> str | None:
+    """The built-in name `path` could mean: a bare ``NAME`` or ``NAME.yaml``, else None."""
+    if path.parent != Path(".") or not path.name:
+        return None
+    return path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+
+
+def builtin_experiment(name: str) -> Path:
+    """The YAML file of the built-in experiment `name` (``"paper"`` or ``"paper.yaml"``).
+
+    Raises:
+        ConfigError: when there is no such built-in experiment; the message lists them.
+    """
+    stem = _experiment_name(Path(name))
+    if stem is None or stem not in builtin_experiments():
+        raise ConfigError(
+            f"{name!r} is not a built-in experiment; built-in experiments: "
+            f"{', '.join(builtin_experiments())}"
+        )
+    return BUILTIN_EXPERIMENTS / f"{stem}.yaml"
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The experiment file `path` means: the path itself when it exists, else a built-in.
+
+    ``"paper"`` and ``"paper.yaml"`` name the built-in experiment when no file of that name
+    exists at that path (relative to the working directory); a path that exists is always
+    used as a path.
+
+    Raises:
+        ConfigError: when `path` neither exists nor names a built-in experiment; the
+            message lists the built-in experiments.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    stem = _experiment_name(path)
+    names = builtin_experiments()
+    if stem in names:
+        return BUILTIN_EXPERIMENTS / f"{stem}.yaml"
+    unknown = f", and {stem!r} is not a built-in experiment" if stem is not None else ""
+    raise ConfigError(
+        f"config file {path} does not exist{unknown}; give the path of a YAML file or the "
+        f"name of a built-in experiment: {', '.join(names)}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,20 +532,22 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Loads an experiment YAML file (or the defaults) and applies dotted overrides.
 
     Args:
-        path: A YAML file; None gives the defaults (the paper's settings).
+        path: A YAML file, or the name of a built-in experiment (``"paper"``, see
+            `resolve_config`); None gives the defaults (the paper's settings).
         overrides: Strings like ``"model.aspp_rates=[3,6,9]"`` or ``"train.epochs=5"``.
 
     Returns:
         A frozen, validated `ExperimentConfig`.
 
     Raises:
-        ConfigError: on an unknown key, a value of the wrong type or out of range, or a
-            file that is missing or not valid YAML; the message names the key and file.
+        ConfigError: on an unknown key, a value of the wrong type or out of range, a file
+            that is missing (and no built-in experiment's name; the message lists them) or
+            not valid YAML; the message names the key and file.
     """
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")

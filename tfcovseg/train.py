@@ -48,7 +48,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from tfcovseg import __version__, require_tensorflow  # noqa: E402
-from tfcovseg.config import ConfigError, ExperimentConfig, load_config, save_config  # noqa: E402
+from tfcovseg.config import (  # noqa: E402
+    BUILTIN_EXPERIMENTS,
+    ConfigError,
+    ExperimentConfig,
+    builtin_experiment,
+    builtin_experiments,
+    load_config,
+    save_config,
+)
 
 tf = require_tensorflow("python -m tfcovseg.train")
 
@@ -75,8 +83,8 @@ from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
 from tfcovseg.report import atomic_write_text  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-DEFAULT_CONFIG = EXPERIMENTS / "quickstart.yaml"
+EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/experiments, shipped in the wheel
+DEFAULT_CONFIG = builtin_experiment("quickstart")
 
 
 # The fixed pseudonymisation salt of phantom records (synthetic patients, nothing to hide).
@@ -676,7 +684,12 @@ def main(argv=None) -> int:
         description="Train the coarse-refine segmenter and its slice classifier "
         "(research use, not a medical device).",
     )
-    parser.add_argument("--config", type=Path, help="experiment YAML (default: quickstart)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="experiment: a YAML file, or the name of a built-in one "
+        f"({', '.join(builtin_experiments())}); default: quickstart",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -42,9 +42,7 @@ def test_nested_models_are_counted_under_their_name():
 
 
 def test_summary_cli_prints_parameters_and_gflops(capsys):
-    code = summary.main(
-        ["--config", "experiments/quickstart.yaml", "--set", "model.input_size=[64,64]"]
-    )
+    code = summary.main(["--config", "quickstart", "--set", "model.input_size=[64,64]"])
     out = capsys.readouterr().out
     assert code == 0
     assert "architecture    coarse_refine" in out
@@ -58,7 +56,7 @@ def test_summary_cli_reports_bad_keys(capsys):
     assert "unknown key 'model.aspp_rate'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", ["experiments/paper.yaml"])
+@pytest.mark.parametrize("config", ["paper"])
 def test_summarize_paper_numbers(config):
     from tfcovseg.config import load_config
 

@@ -1,6 +1,8 @@
 """Parameters and forward GFLOPs of a configured network.
 
-    python -m tfcovseg.models.summary --config experiments/paper.yaml [--set key=value ...]
+    python -m tfcovseg.models.summary --config paper [--set key=value ...]
+
+``--config`` takes a YAML file or the name of a built-in experiment (``tfcovseg/experiments``).
 
 At the paper's settings (512x512, 3 classes) the coarse-refine network has 25.97 M
 parameters (25.95 M trainable; the rest are batch-norm moving statistics) and costs
@@ -44,7 +46,10 @@ def main(argv=None) -> int:
         prog="python -m tfcovseg.models.summary",
         description="Print parameters and forward GFLOPs of a configured tfcovseg network.",
     )
-    parser.add_argument("--config", help="experiment YAML (default: the paper's settings)")
+    parser.add_argument(
+        "--config",
+        help="experiment YAML file or built-in name, e.g. paper (default: the paper's settings)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
