@@ -36,7 +36,6 @@ import collections
 import csv
 import dataclasses
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -50,17 +49,21 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import dicom_io, masks
+from data_tools.ct_values import check_ct_values
 from data_tools.dicom_io import SkipFile
 from data_tools.features import DIAGNOSES, SEVERITIES
+from data_tools.files import OutputError, atomic_write_json, check_output_dir
 from data_tools.folds import assign_subgroups, fold_splits
 from data_tools.lung import lung_mask
-from data_tools.privacy import Redactor, pseudonym, resolve_salt
+from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt
 
 DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^slices-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
 MASK_WORDS = ("lesion", "mask", "seg", "label", "gt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# Diagnoses whose masks are empty by definition: such a series needs no mask file.
+LESION_FREE_DIAGNOSES = ("healthy",)
 
 
 def dicom_patient_key(patient_id: str) -> str:
@@ -86,6 +89,7 @@ class Study:
     mask_kind: str | None = None  # nifti | seg | png
     diagnosis: str = "unknown"
     severity: str = "unknown"
+    warnings: list[str] = dataclasses.field(default_factory=list)  # converted, but say so
 
 
 @dataclasses.dataclass
@@ -146,68 +150,92 @@ def _read_labels(root: Path):
     return {}, None
 
 
+@dataclasses.dataclass
+class Discovery:
+    """What `discover` found under an input folder.
+
+    studies: sorted by relative path. skipped: (relative path, reason) of files or series
+    that cannot be used (fatal under ``--strict``). ignored: (relative path, reason) of
+    files that are not input by design (images outside a slice-dataset layout).
+    redactor: knows every original patient id / name / UID met.
+    """
+
+    studies: list
+    skipped: list
+    ignored: list
+    redactor: Redactor
+
+
 def discover(
     root: Path,
     classes=DEFAULT_CLASSES,
     default_diagnosis="unknown",
     default_severity="unknown",
     exclude: Path | None = None,
-):
-    """Finds the studies under `root`.
+    redactor: Redactor | None = None,
+) -> Discovery:
+    """Finds the studies under `root` (see the module docstring for the layouts).
 
-    Returns:
-        (studies, skipped, redactor): studies sorted by relative path; skipped as
-        (relative path, reason); a `Redactor` that knows every original patient id/name.
-    """
+    `redactor` (default: a new one) learns every patient identity and UID met."""
     root = Path(root)
     if not root.is_dir():
         raise ConversionError(f"input {root} is not a directory")
     labels, labels_path = _read_labels(root)
-    redactor = Redactor()
-    skipped: list[tuple[str, str]] = []
-    headers, segs, niftis, pngs = [], [], [], []
+    found = Discovery([], [], [], Redactor() if redactor is None else redactor)
+    headers, segs, niftis, images = [], [], [], []
     excluded = Path(exclude).resolve() if exclude is not None else None
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if excluded is not None and excluded in path.resolve().parents:
             continue
-        rel = path.relative_to(root).as_posix()
         if path == labels_path or path.name.startswith("."):
             continue
         if _is_nifti(path):
             niftis.append(path)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
-            pngs.append(path)
+            images.append(path)
         elif path.suffix.lower() in (".csv", ".txt", ".md", ".json"):
             continue
         else:
             try:
-                kind, item, ds = dicom_io.scan_file(path, redactor)
+                kind, item, ds = dicom_io.scan_file(path, found.redactor)
             except SkipFile as e:
-                skipped.append((rel, str(e)))
+                found.skipped.append((path.relative_to(root).as_posix(), str(e)))
                 continue
             (segs if kind == "seg" else headers).append((item, ds))
     series_list, dropped = dicom_io.build_series(headers)
-    skipped += [(p.relative_to(root).as_posix(), r) for p, r in dropped]
+    found.skipped += [(p.relative_to(root).as_posix(), r) for p, r in dropped]
 
+    def label_of(key):
+        return labels.get(key, (default_diagnosis, default_severity))
+
+    mask_niftis = [p for p in niftis if _looks_like_mask(p)]
+    found.studies += _dicom_studies(root, series_list, segs, mask_niftis, label_of, found)
+    found.studies += _nifti_studies(root, niftis, mask_niftis, label_of, found)
+    found.studies += _image_studies(root, images, label_of, found)
+    found.studies.sort(key=lambda s: s.rel)
+    return found
+
+
+def _dicom_studies(root, series_list, segs, mask_niftis, label_of, found) -> list:
+    """A study per DICOM series, with its DICOM SEG or its one geometry-matched NIfTI mask."""
     seg_by_series = {}
     for path, ds in segs:
         for ref in ds.get("ReferencedSeriesSequence", []):
             seg_by_series[str(ref.SeriesInstanceUID)] = path
-    mask_niftis = [p for p in niftis if _looks_like_mask(p)]
+    nifti_for = _match_nifti_masks(root, series_list, mask_niftis, seg_by_series, found)
     studies = []
     for series in series_list:
         folder = series.slices[0].path.parent
         mask_path, mask_kind = seg_by_series.get(series.uid), "seg"
-        if mask_path is None:
-            mask_kind = "nifti"
-            for candidate_dir in (folder, folder.parent):
-                found = sorted(p for p in mask_niftis if p.parent == candidate_dir)
-                if found:
-                    mask_path = found[0]
-                    break
-            if mask_path is not None and mask_path.parent == folder.parent and folder == root:
-                mask_path = None  # a mask beside the input root belongs to no series
-        diagnosis, severity = labels.get(series.patient_id, (default_diagnosis, default_severity))
+        warnings = []
+        if mask_path is None and series.uid in nifti_for:
+            (mask_path, fit), mask_kind = nifti_for[series.uid], "nifti"
+            if fit.status == "cropped":
+                warnings.append(f"mask {mask_path.name} cropped to the series: {fit.reason}")
+        _, gap = dicom_io.gap_free_run(series.positions)
+        if gap:
+            warnings.append(f"{gap}: lesion and lung volumes do not count the missing slices")
+        diagnosis, severity = label_of(series.patient_id)
         studies.append(
             Study(
                 kind="dicom",
@@ -219,9 +247,64 @@ def discover(
                 mask_kind=mask_kind if mask_path else None,
                 diagnosis=diagnosis,
                 severity=severity,
+                warnings=warnings,
             )
         )
-    used_masks = {s.mask_path for s in studies}
+    return studies
+
+
+def _match_nifti_masks(root, series_list, mask_niftis, seg_by_series, found) -> dict:
+    """{series uid: (mask path, MaskFit)}: each NIfTI mask goes to the one series under its
+    folder whose voxel grid it matches; masks that match none, or several series, and
+    series that several masks match are skipped with the reason (never shared)."""
+    claims: dict[str, list] = {}
+    for path in mask_niftis:
+        rel = path.relative_to(root).as_posix()
+        scope = [s for s in series_list if path.parent in s.slices[0].path.parents]
+        fits = [(s, masks.fit_on_series(path, s)) for s in scope]
+        matched = [(s, f) for s, f in fits if f.status != "none"]
+        if len(matched) == 1:
+            claims.setdefault(matched[0][0].uid, []).append((path, matched[0][1]))
+        elif len(matched) > 1:
+            patients = len({s.patient_id for s, _ in matched})
+            found.skipped.append(
+                (
+                    rel,
+                    f"mask fits the grids of {len(matched)} series ({patients} patient(s)) "
+                    "in its folder: ambiguous, used for none (put it in its series' folder "
+                    "beside that series alone)",
+                )
+            )
+        elif fits:
+            which = "the series" if len(fits) == 1 else f"any of the {len(fits)} series"
+            found.skipped.append(
+                (rel, f"mask does not fit {which} in its folder: {fits[0][1].reason}")
+            )
+        # A mask with no series under its folder may belong to a NIfTI volume (see there).
+    chosen = {}
+    for uid, claimed in claims.items():
+        names = ", ".join(p.relative_to(root).as_posix() for p, _ in claimed)
+        if uid in seg_by_series:
+            for path, _ in claimed:
+                found.skipped.append(
+                    (path.relative_to(root).as_posix(), "not used: its series has a DICOM SEG")
+                )
+        elif len(claimed) > 1:
+            for path, _ in claimed:
+                found.skipped.append(
+                    (
+                        path.relative_to(root).as_posix(),
+                        f"{len(claimed)} masks ({names}) fit the same series: ambiguous, used none",
+                    )
+                )
+        else:
+            chosen[uid] = claimed[0]
+    return chosen
+
+
+def _nifti_studies(root, niftis, mask_niftis, label_of, found) -> list:
+    """A study per NIfTI CT volume, with the mask named after it in its folder."""
+    studies, used = [], set()
     for path in niftis:
         if path in mask_niftis:
             continue
@@ -231,9 +314,9 @@ def discover(
         mask = next(
             (p for p in mask_niftis if _nifti_stem(p) in names and p.parent == path.parent), None
         )
-        used_masks.add(mask)
+        used.add(mask)
         rel = path.relative_to(root).as_posix()
-        diagnosis, severity = labels.get(stem, (default_diagnosis, default_severity))
+        diagnosis, severity = label_of(stem)
         studies.append(
             Study(
                 kind="nifti",
@@ -247,26 +330,48 @@ def discover(
                 severity=severity,
             )
         )
+    # A mask beside its NIfTI volume is that volume's, whatever the series around it.
+    taken = {p.relative_to(root).as_posix() for p in used if p is not None}
+    found.skipped = [(p, r) for p, r in found.skipped if p not in taken]
+    reported = {p for p, _ in found.skipped}
     for path in mask_niftis:
-        if path not in used_masks:
-            skipped.append(
-                (path.relative_to(root).as_posix(), "mask with no matching CT series or volume")
-            )
-    for path in pngs:
         rel = path.relative_to(root).as_posix()
-        if path.parent.name.lower() in ("gt", "masks", "labels"):
+        if path not in used and rel not in reported and not _under_any_series(path, found):
+            found.skipped.append((rel, "mask with no matching CT series or volume"))
+    return studies
+
+
+def _under_any_series(mask: Path, found: Discovery) -> bool:
+    """Whether a DICOM study already holds `mask` (the matcher assigned it)."""
+    return any(s.mask_path == mask for s in found.studies)
+
+
+def _image_studies(root, images, label_of, found) -> list:
+    """A study per PNG/JPEG slice of a slice-dataset layout (``Imgs/N`` with ``GT/N``).
+
+    Images anywhere else (screenshots beside DICOM series, exported previews) are not CT
+    in Hounsfield units: they are listed as ignored, never converted."""
+    studies = []
+    for path in images:
+        rel = path.relative_to(root).as_posix()
+        folder = path.parent.name.lower()
+        if folder in ("gt", "masks", "labels"):
             continue  # read with their images
+        if folder not in ("imgs", "images"):
+            found.ignored.append(
+                (rel, "image file outside a slice-dataset folder (Imgs/ with GT/): ignored")
+            )
+            continue
         gt = None
-        if path.parent.name.lower() in ("imgs", "images"):
-            for gt_dir in ("GT", "gt", "Masks", "masks"):
-                for suffix in (".png", path.suffix):
-                    candidate = path.parent.parent / gt_dir / (path.stem + suffix)
-                    if candidate.is_file():
-                        gt = candidate
-                        break
-                if gt:
+        for gt_dir in ("GT", "gt", "Masks", "masks"):
+            for suffix in (".png", path.suffix):
+                candidate = path.parent.parent / gt_dir / (path.stem + suffix)
+                if candidate.is_file():
+                    gt = candidate
                     break
-        diagnosis, severity = labels.get(path.stem, (default_diagnosis, default_severity))
+            if gt:
+                break
+        diagnosis, severity = label_of(path.stem)
         studies.append(
             Study(
                 kind="png",
@@ -280,8 +385,7 @@ def discover(
                 severity=severity,
             )
         )
-    studies.sort(key=lambda s: s.rel)
-    return studies, skipped, redactor
+    return studies
 
 
 # ----------------------------------------------------------------------------- per study
@@ -343,6 +447,7 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
         if not volume:
             raise SkipFile(f"no slice of the series could be read ({skipped[0][1]})")
         hu = np.stack(volume)
+        check_ct_values(hu)
         labels = None
         if study.mask_kind == "nifti":
             labels = masks.nifti_labels_on_series(study.mask_path, series)[kept]
@@ -354,6 +459,7 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
         keys = [series.slices[i].sop_uid for i in kept]
     elif study.kind == "nifti":
         hu, spacing, affine = read_nifti_volume(study.image_path)
+        check_ct_values(hu)
         # As for DICOM: padding and outside-field-of-view values (often -3024) become air.
         hu = np.maximum(hu, dicom_io.HU_FLOOR)
         labels = None
@@ -384,7 +490,9 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
             f"mask has label {int(labels.max())} but only {num_classes} classes "
             f"({', '.join(classes)})"
         )
-    annotated = labels is not None
+    # Lesion-free is never inferred from a missing mask: only a mask (of zeros, say) or a
+    # diagnosis without lesions makes the masks ground truth.
+    annotated = labels is not None or study.diagnosis in LESION_FREE_DIAGNOSES
     if labels is None:
         labels = np.zeros(hu.shape, np.uint8)
     lung = lung_mask(hu, spacing[:2], lesions=labels > 0, pre_windowed=pre_windowed)
@@ -451,6 +559,105 @@ def _progress(done, total, slices, start, final=False):
     )
 
 
+class _Records:
+    """The shards being written into a temporary folder, and the manifest's entries."""
+
+    def __init__(self, partial: Path, shard_names, compression, classes, key):
+        import tensorflow as tf
+
+        options = tf.io.TFRecordOptions(compression_type=compression or None)
+        self.partial, self.shard_names = partial, list(shard_names)
+        self.writers = [tf.io.TFRecordWriter(str(partial / n), options) for n in shard_names]
+        self.classes, self.key = tuple(classes), key
+        self.patients, self.slices = {}, []
+        self.total = self.with_lesions = 0
+
+    def close(self) -> dict:
+        """Closes the shards; returns {shard name: bytes} for the manifest."""
+        for w in self.writers:
+            w.close()
+        return {n: (self.partial / n).stat().st_size for n in self.shard_names}
+
+    def add(self, study: Study, pid: str, shard: int, result: StudyResult) -> None:
+        from data_tools.features import encode_example, slice_fields
+
+        sid = pseudonym("S", study.series_key, self.key)
+        entry = self.patients.setdefault(
+            pid,
+            {
+                "diagnosis": study.diagnosis,
+                "severity": study.severity,
+                "shard": shard,
+                "series": [],
+                "num_slices": 0,
+                "lesion_slices": 0,
+                "annotated_slices": 0,
+                "annotated": True,
+                "volume_ml": {name: 0.0 for name in ("lung", *self.classes)},
+            },
+        )
+        entry["series"].append(sid)
+        entry["annotated"] = entry["annotated"] and result.annotated
+        voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
+        for z in range(result.hu.shape[0]):
+            fields = slice_fields(
+                result.hu[z],
+                result.lesions[z],
+                result.lung[z],
+                slice_index=z,
+                position_mm=result.positions[z],
+                spacing_mm=result.spacing_mm,
+                slice_id=pseudonym("I", f"{study.series_key}/{result.slice_keys[z]}", self.key),
+                series_id=sid,
+                patient_id=pid,
+                diagnosis=study.diagnosis,
+                severity=study.severity,
+                annotated=result.annotated,
+                pre_windowed=result.pre_windowed,
+            )
+            self.writers[shard].write(encode_example(fields))
+            lesion_pixels = result.lesions[z].reshape(-1, len(self.classes)).sum(0).tolist()
+            lung_pixels = int(result.lung[z].sum())
+            label = int(any(lesion_pixels))
+            self.slices.append(
+                {
+                    "patient": pid,
+                    "series": sid,
+                    "index": z,
+                    "label": label,
+                    "annotated": bool(result.annotated),
+                    "lung_pixels": lung_pixels,
+                    "lesion_pixels": lesion_pixels,
+                }
+            )
+            entry["num_slices"] += 1
+            entry["lesion_slices"] += label
+            entry["annotated_slices"] += int(result.annotated)
+            entry["volume_ml"]["lung"] += lung_pixels * voxel_ml
+            for c, name in enumerate(self.classes):
+                entry["volume_ml"][name] += lesion_pixels[c] * voxel_ml
+            self.total += 1
+            self.with_lesions += label
+
+    def finish_patients(self) -> dict:
+        """The patients' entries with rounded volumes and lesion / lung ratios."""
+        for entry in self.patients.values():
+            lung = entry["volume_ml"]["lung"]
+            entry["volume_ml"] = {k: round(v, 3) for k, v in entry["volume_ml"].items()}
+            entry["lesion_lung_ratio"] = {
+                name: round(entry["volume_ml"][name] / lung, 6) if lung > 0 else 0.0
+                for name in self.classes
+            }
+        return dict(sorted(self.patients.items()))
+
+
+def _strict_problems(found: Discovery, redactor) -> str:
+    """What ``--strict`` refuses before converting: skipped files and studies with warnings."""
+    problems = [f"{p}: {r}" for p, r in found.skipped]
+    problems += [f"{s.rel}: {w}" for s in found.studies for w in s.warnings]
+    return redactor("; ".join(problems))
+
+
 def convert(
     input_dir,
     out_dir,
@@ -470,12 +677,9 @@ def convert(
     """Converts every usable study under `input_dir`; returns the run summary.
 
     Raises:
-        ConversionError: nothing usable, bad arguments, or a skip under `strict`.
+        ConversionError: nothing usable, bad arguments or output folder, or under
+            `strict` a skipped file or a warning (a cropped mask, a gap in a series).
     """
-    import tensorflow as tf
-
-    from data_tools.features import encode_example, slice_fields
-
     start = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     classes = tuple(classes)
@@ -483,183 +687,186 @@ def convert(
         raise ConversionError(f"--size must be at least 32, got {size}")
     if compression not in ("", "GZIP"):
         raise ConversionError(f"--compression must be '' or GZIP, got {compression!r}")
-    key = resolve_salt(salt)
-    studies, skipped, redactor = discover(
-        input_dir, classes, default_diagnosis, default_severity, exclude=out_dir
+    try:
+        check_output_dir(out_dir)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+    job = _Job(
+        input_dir,
+        out_dir,
+        size,
+        shards,
+        workers,
+        folds,
+        seed,
+        classes,
+        compression,
+        strict,
+        resolve_salt(salt),
+        default_diagnosis,
+        default_severity,
+        progress,
+        start,
     )
-    if strict and skipped:
-        raise ConversionError("--strict: " + "; ".join(f"{redactor(p)}: {r}" for p, r in skipped))
+    redactor = Redactor()
+    with redacted_warnings(redactor):
+        return _convert(job, redactor)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """The arguments of one `convert` call, checked."""
+
+    input_dir: Path
+    out_dir: Path
+    size: int
+    shards: int | None
+    workers: int
+    folds: int
+    seed: int
+    classes: tuple
+    compression: str
+    strict: bool
+    key: bytes
+    default_diagnosis: str
+    default_severity: str
+    progress: bool
+    start: float
+
+
+def _convert(job: _Job, redactor: Redactor) -> dict:
+    found = discover(
+        job.input_dir,
+        job.classes,
+        job.default_diagnosis,
+        job.default_severity,
+        exclude=job.out_dir,
+        redactor=redactor,
+    )
+    studies, skipped, redactor = found.studies, found.skipped, found.redactor
+    if job.strict and (skipped or any(s.warnings for s in studies)):
+        raise ConversionError("--strict: " + _strict_problems(found, redactor))
     if not studies:
         detail = (
-            f" ({len(skipped)} files skipped, e.g. {redactor(skipped[0][0])}: {skipped[0][1]})"
+            f" ({len(skipped)} files skipped, e.g. {redactor(skipped[0][0])}: "
+            f"{redactor(skipped[0][1])})"
             if skipped
             else ""
         )
+        if found.ignored:
+            detail += f"; {len(found.ignored)} image files ignored: {found.ignored[0][1]}"
         raise ConversionError(
-            f"no usable CT series, NIfTI volume or PNG/JPG slice found under {input_dir}{detail}"
+            "no usable CT series, NIfTI volume or PNG/JPG slice found under "
+            f"{job.input_dir}{detail}"
         )
     patients = {}
     for study in studies:
-        pid = pseudonym("P", study.patient_key, key)
+        pid = pseudonym("P", study.patient_key, job.key)
         redactor.add(study.patient_key.split(":", 1)[1], pid)
         patients.setdefault(pid, []).append(study)
     order = sorted(patients)
     rank = {pid: i for i, pid in enumerate(order)}
     expected_slices = sum(len(s.series.slices) if s.series else 1 for s in studies)
-    n_shards = shards or max(1, min(len(order), math.ceil(expected_slices / 256)))
-    suffix = ".tfrecord.gz" if compression == "GZIP" else ".tfrecord"
+    n_shards = job.shards or max(1, min(len(order), math.ceil(expected_slices / 256)))
+    suffix = ".tfrecord.gz" if job.compression == "GZIP" else ".tfrecord"
     shard_names = [f"slices-{i:05d}-of-{n_shards:05d}{suffix}" for i in range(n_shards)]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".partial-*"):
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in job.out_dir.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    partial = out_dir / f".partial-{os.getpid()}"
+    partial = job.out_dir / f".partial-{os.getpid()}"
     partial.mkdir()
-    options = tf.io.TFRecordOptions(compression_type=compression or None)
-    writers = [tf.io.TFRecordWriter(str(partial / n), options) for n in shard_names]
-    manifest_patients, manifest_slices = {}, []
-    jobs = [(s, size, classes) for pid in order for s in patients[pid]]
+    records = _Records(partial, shard_names, job.compression, job.classes, job.key)
+    jobs = [(s, job.size, job.classes) for pid in order for s in patients[pid]]
     owners = [pid for pid in order for _ in patients[pid]]
-    total_slices = lesion_slices = 0
+    warnings = [(s.rel, w) for s in studies for w in s.warnings]
     try:
         for done, (study, pid, (result, reason)) in enumerate(
-            zip((j[0] for j in jobs), owners, _ordered_map(_safe_process, jobs, workers)),
+            zip((j[0] for j in jobs), owners, _ordered_map(_safe_process, jobs, job.workers)),
             start=1,
         ):
             if result is None:
                 skipped.append((study.rel, reason))
-                if strict:
-                    raise ConversionError(f"--strict: {redactor(study.rel)}: {reason}")
+                if job.strict:
+                    raise ConversionError(f"--strict: {redactor(study.rel)}: {redactor(reason)}")
                 continue
             skipped += [(f"{study.rel}/{name}", r) for name, r in result.skipped]
-            if strict and result.skipped:
-                raise ConversionError(f"--strict: {redactor(study.rel)}: {result.skipped[0][1]}")
-            shard = rank[pid] % n_shards
-            sid = pseudonym("S", study.series_key, key)
-            entry = manifest_patients.setdefault(
-                pid,
-                {
-                    "diagnosis": study.diagnosis,
-                    "severity": study.severity,
-                    "shard": shard,
-                    "series": [],
-                    "num_slices": 0,
-                    "lesion_slices": 0,
-                    "annotated": True,
-                    "volume_ml": {name: 0.0 for name in ("lung", *classes)},
-                },
-            )
-            entry["series"].append(sid)
-            entry["annotated"] = entry["annotated"] and result.annotated
-            voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
-            for z in range(result.hu.shape[0]):
-                fields = slice_fields(
-                    result.hu[z],
-                    result.lesions[z],
-                    result.lung[z],
-                    slice_index=z,
-                    position_mm=result.positions[z],
-                    spacing_mm=result.spacing_mm,
-                    slice_id=pseudonym("I", f"{study.series_key}/{result.slice_keys[z]}", key),
-                    series_id=sid,
-                    patient_id=pid,
-                    diagnosis=study.diagnosis,
-                    severity=study.severity,
-                    annotated=result.annotated,
-                    pre_windowed=result.pre_windowed,
+            if job.strict and result.skipped:
+                raise ConversionError(
+                    f"--strict: {redactor(study.rel)}: {redactor(result.skipped[0][1])}"
                 )
-                writers[shard].write(encode_example(fields))
-                lesion_pixels = result.lesions[z].reshape(-1, len(classes)).sum(0).tolist()
-                lung_pixels = int(result.lung[z].sum())
-                label = int(any(lesion_pixels))
-                manifest_slices.append(
-                    {
-                        "patient": pid,
-                        "series": sid,
-                        "index": z,
-                        "label": label,
-                        "lung_pixels": lung_pixels,
-                        "lesion_pixels": lesion_pixels,
-                    }
-                )
-                entry["num_slices"] += 1
-                entry["lesion_slices"] += label
-                entry["volume_ml"]["lung"] += lung_pixels * voxel_ml
-                for c, name in enumerate(classes):
-                    entry["volume_ml"][name] += lesion_pixels[c] * voxel_ml
-                total_slices += 1
-                lesion_slices += label
-            if progress:
-                _progress(done, len(jobs), total_slices, start)
-        if progress:
-            _progress(len(jobs), len(jobs), total_slices, start, final=True)
+            records.add(study, pid, rank[pid] % n_shards, result)
+            if job.progress:
+                _progress(done, len(jobs), records.total, job.start)
+        if job.progress:
+            _progress(len(jobs), len(jobs), records.total, job.start, final=True)
+        shard_bytes = records.close()
     except BaseException:
-        for w in writers:
-            w.close()
+        records.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    for w in writers:
-        w.close()
-    if not manifest_patients:
+    if not records.patients:
         shutil.rmtree(partial, ignore_errors=True)
         raise ConversionError(
-            f"no usable study under {input_dir}: all {len(studies)} failed, e.g. "
-            f"{redactor(skipped[-1][0])}: {skipped[-1][1]}"
+            f"no usable study under {job.input_dir}: all {len(studies)} failed, e.g. "
+            f"{redactor(skipped[-1][0])}: {redactor(skipped[-1][1])}"
         )
-    for entry in manifest_patients.values():
-        lung = entry["volume_ml"]["lung"]
-        entry["volume_ml"] = {k: round(v, 3) for k, v in entry["volume_ml"].items()}
-        entry["lesion_lung_ratio"] = {
-            name: round(entry["volume_ml"][name] / lung, 6) if lung > 0 else 0.0 for name in classes
-        }
+    manifest_patients = records.finish_patients()
     subgroups = assign_subgroups(
-        [(pid, e["diagnosis"], e["severity"]) for pid, e in sorted(manifest_patients.items())],
-        folds,
-        seed,
+        [(pid, e["diagnosis"], e["severity"]) for pid, e in manifest_patients.items()],
+        job.folds,
+        job.seed,
     )
     for pid, group in subgroups.items():
         manifest_patients[pid]["subgroup"] = group
-    splits = fold_splits(subgroups, folds)
+    splits = fold_splits(subgroups, job.folds)
+
+    def redacted(items, field):
+        return [{"path": redactor(p), field: redactor(r)} for p, r in items]
+
     manifest = {
         "format": "tfcovseg-records",
         "version": 1,
-        "classes": list(classes),
-        "size": size,
-        "compression": compression,
+        "classes": list(job.classes),
+        "size": job.size,
+        "compression": job.compression,
         "shards": shard_names,
+        "shard_bytes": shard_bytes,
         "num_patients": len(manifest_patients),
-        "num_slices": total_slices,
-        "num_lesion_slices": lesion_slices,
+        "num_slices": records.total,
+        "num_lesion_slices": records.with_lesions,
         "folds": {
-            "num_folds": folds,
-            "seed": seed,
+            "num_folds": job.folds,
+            "seed": job.seed,
             "splits": {str(k): v for k, v in splits.items()},
         },
-        "patients": dict(sorted(manifest_patients.items())),
-        "slices": manifest_slices,
-        "skipped": [{"path": redactor(p), "reason": redactor(r)} for p, r in skipped],
+        "patients": manifest_patients,
+        "slices": records.slices,
+        "skipped": redacted(skipped, "reason"),
+        "warnings": redacted(warnings, "warning"),
+        "ignored": redacted(found.ignored, "reason"),
     }
     # Move the finished shards in, drop shards of an earlier run, then the manifest.
     for name in shard_names:
-        os.replace(partial / name, out_dir / name)
-    for old in out_dir.iterdir():
+        os.replace(partial / name, job.out_dir / name)
+    for old in job.out_dir.iterdir():
         if SHARD_RE.match(old.name) and old.name not in shard_names:
             old.unlink()
-    tmp_manifest = partial / MANIFEST
-    tmp_manifest.write_text(json.dumps(manifest, indent=1, sort_keys=False))
-    os.replace(tmp_manifest, out_dir / MANIFEST)
+    atomic_write_json(job.out_dir / MANIFEST, manifest, indent=1)
     shutil.rmtree(partial, ignore_errors=True)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - job.start
     empty = [f"fold {k} {s}" for k, v in splits.items() for s, ids in v.items() if not ids]
     return {
-        "out": str(out_dir),
+        "out": str(job.out_dir),
         "patients": len(manifest_patients),
         "series": sum(len(e["series"]) for e in manifest_patients.values()),
-        "slices": total_slices,
-        "lesion_slices": lesion_slices,
+        "slices": records.total,
+        "lesion_slices": records.with_lesions,
         "shards": n_shards,
         "seconds": elapsed,
         "skipped": manifest["skipped"],
+        "warnings": manifest["warnings"],
+        "ignored": manifest["ignored"],
         "empty_splits": empty,
     }
 
@@ -675,9 +882,15 @@ def print_summary(summary: dict) -> None:
         print(
             f"warning: too few patients for every split: {', '.join(summary['empty_splits'])} empty"
         )
+    for item in summary.get("warnings", []):
+        print(f"warning: {item['path']}: {item['warning']}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} files:")
         for item in summary["skipped"]:
+            print(f"  {item['path']}: {item['reason']}")
+    if summary.get("ignored"):
+        print(f"ignored {len(summary['ignored'])} files that are not CT input:")
+        for item in summary["ignored"]:
             print(f"  {item['path']}: {item['reason']}")
 
 

@@ -141,9 +141,15 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
     return "ct", ds
 
 
-IDENTITY_KEYS = ("PatientID", "PatientName", "OtherPatientIDs")
+IDENTITY_KEYS = ("PatientID", "PatientName", "OtherPatientIDs", "PatientBirthDate")
 # Identifiers that exporters also put into file and folder names.
-UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber")
+UID_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "AccessionNumber",
+)
 
 
 def scan_file(path: Path, redactor=None):
@@ -242,6 +248,31 @@ def build_series(headers: Iterable[tuple[SliceHeader, pydicom.Dataset]]):
             )
         )
     return series, skipped
+
+
+GAP_FACTOR = 1.5  # a step between slices over 1.5x the median step is a gap
+
+
+def gap_free_run(positions: np.ndarray) -> tuple[slice, str | None]:
+    """The longest run of slices without a gap, and a description of the gap(s) or None.
+
+    A gap is a step between neighbouring slice positions over `GAP_FACTOR` times the
+    median step: a missing file, or slices of two scan ranges in one series.
+    """
+    if len(positions) < 3:
+        return slice(0, len(positions)), None
+    steps = np.diff(positions)
+    step = float(np.median(steps))
+    breaks = np.nonzero(steps > GAP_FACTOR * step)[0]
+    if not len(breaks):
+        return slice(0, len(positions)), None
+    bounds = [0, *(int(b) + 1 for b in breaks), len(positions)]
+    runs = [(bounds[i + 1] - bounds[i], bounds[i]) for i in range(len(bounds) - 1)]
+    length, start = max(runs, key=lambda r: (r[0], -r[1]))
+    gaps = ", ".join(f"{steps[b]:.1f} mm after slice {b}" for b in breaks)
+    return slice(start, start + length), (
+        f"gap in slice positions ({gaps}; regular step {step:.1f} mm)"
+    )
 
 
 def read_hu(path: Path) -> np.ndarray:

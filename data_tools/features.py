@@ -146,7 +146,10 @@ def encode_example(fields: Mapping[str, Any]) -> bytes:
         else:
             feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
+    # A protobuf map (the features) serialises in hash order, which changes with each
+    # process's string hash seed; deterministic=True sorts the keys, so a rerun writes
+    # byte-identical shards.
+    return example.SerializeToString(deterministic=True)
 
 
 def feature_spec():

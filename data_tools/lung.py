@@ -176,3 +176,46 @@ def lung_mask(
             raise ValueError(f"lesions shape {lesions.shape} does not match image {image.shape}")
         keep |= (lesions > 0).reshape(keep.shape)
     return keep[0] if single else keep
+
+
+# Lesion voxels this close to the lung mask still count as lung lesions: dense pleural
+# consolidation is not air-like, so the lung mask stops short of it. 10 mm keeps 99.8 % of
+# the phantom's true lesion voxels (7 % lie outside the bare lung mask) while predicted
+# "lesions" on the chest wall, the table or in the abdomen fall outside.
+LESION_MARGIN_MM = 10.0
+# Names the rule in exported metadata: a threshold on lesion / lung ratios holds only for
+# ratios counted the same way.
+LESION_RULE = f"lesion voxels within {LESION_MARGIN_MM:g} mm of the lung mask"
+
+
+def lesions_in_lung(
+    lesions: np.ndarray,
+    lung: np.ndarray,
+    spacing_mm: tuple[float, float] = (1.0, 1.0),
+    margin_mm: float = LESION_MARGIN_MM,
+) -> tuple[np.ndarray, int]:
+    """The lesion voxels that count for lesion / lung ratios, and how many do not.
+
+    A voxel counts when it lies in the lung mask or within `margin_mm` of it in its slice
+    (`LESION_MARGIN_MM`); lesions elsewhere (chest wall, table, abdomen) are dropped.
+
+    Args:
+        lesions: bool [H, W] or [Z, H, W] (any lesion type).
+        lung: bool of the same shape: a lung mask *without* the lesions added.
+        spacing_mm: In-plane (row, column) pixel spacing.
+
+    Returns:
+        (counted bool array of the shape of `lesions`, number of voxels dropped).
+    """
+    lesions, lung = np.asarray(lesions, bool), np.asarray(lung, bool)
+    if lesions.shape != lung.shape:
+        raise ValueError(f"lesions shape {lesions.shape} does not match lung {lung.shape}")
+    single = lesions.ndim == 2
+    les, lun = (lesions[None], lung[None]) if single else (lesions, lung)
+    radius = int(round(margin_mm / max(min(spacing_mm), 1e-6)))
+    counted = np.zeros_like(les)
+    for z in np.nonzero(les.any(axis=(1, 2)))[0]:
+        if lun[z].any():
+            counted[z] = les[z] & _grow(lun[z], radius, erode=False)
+    dropped = int(les.sum() - counted.sum())
+    return (counted[0] if single else counted), dropped

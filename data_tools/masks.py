@@ -14,6 +14,7 @@ Every reader returns labels in the class order of the conversion (0 background, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -37,66 +38,146 @@ def labels_to_channels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def nifti_labels_on_series(path: Path, series: DicomSeries) -> np.ndarray:
-    """A NIfTI label volume resampled (nearest) onto a DICOM series grid: [Z, H, W] uint8."""
+def _load_label_volume(path: Path):
+    """(nibabel image, 3-D shape) of a NIfTI label volume, without reading its voxels."""
     import nibabel as nib
 
     try:
         image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
+        shape = tuple(int(n) for n in image.shape)
     except Exception as e:
         raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {e})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SkipFile(f"mask must be a 3-D label volume, got shape {data.shape}")
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise SkipFile(f"mask must be a 3-D label volume, got shape {shape}")
+    return image, shape
+
+
+def _slice_maps(image, series: DicomSeries) -> np.ndarray:
+    """[Z, 3, 3]: for slice k of the series, mask voxel coordinates = M[k] @ (row, col, 1).
+
+    Built from each slice's own ImagePositionPatient, so a series with a gap (a missing
+    file) still lines up slice by slice."""
+    lps = series.affine_lps()
+    mask_from_lps = np.linalg.inv(image.affine) @ RAS_FROM_LPS
+    maps = []
+    for header in series.slices:
+        m = mask_from_lps @ np.column_stack([lps[:, 0], lps[:, 1], [*header.position, 1.0]])
+        maps.append(m[:3])
+    return np.stack(maps)
+
+
+@dataclasses.dataclass
+class MaskFit:
+    """How a NIfTI mask's voxel grid lies on a series' grid (`fit_on_series`).
+
+    status: "exact" (the same voxels, in any axis order and direction), "cropped" (the
+    series' voxels and more: `outside` mask planes that no series voxel lands on) or
+    "none" (another grid: `reason` says how). rows, cols, planes: on the "exact" and
+    "cropped" fits, the mask axis and indices of the series' rows and columns, and the
+    mask axis and index of each series slice.
+    """
+
+    status: str
+    reason: str = ""
+    outside: int = 0
+    rows: tuple | None = None  # (mask axis, indices [H])
+    cols: tuple | None = None  # (mask axis, indices [W])
+    planes: tuple | None = None  # (mask axis, indices [Z])
+
+
+def _fit(maps: np.ndarray, shape, series_shape, tol: float) -> MaskFit:
+    z, h, w = series_shape
+    grid = f"mask grid {shape}, series {(w, h, z)} (columns, rows, slices)"
+    a, t = maps[:, :, :2], maps[:, :, 2]  # in-plane directions, each slice's origin
+    r = np.rint(a[0])
+    # Over the whole slice an error of the direction adds up: bound it at the far edge.
+    bent = np.abs(a - r).max(axis=0) * np.array([h - 1, w - 1])
+    on_voxels = np.allclose(t, np.rint(t), atol=tol) and (bent <= tol).all()
+    in_plane = (np.abs(r).sum(0) == 1).all() and (np.abs(r).sum(1) <= 1).all()
+    if not (on_voxels and in_plane):
+        return MaskFit("none", f"{grid}: the voxels lie elsewhere in patient space")
+    t = np.rint(t).astype(np.int64)
+    row_axis, col_axis = int(np.nonzero(r[:, 0])[0][0]), int(np.nonzero(r[:, 1])[0][0])
+    plane_axis = 3 - row_axis - col_axis
+    if (t[:, row_axis] != t[0, row_axis]).any() or (t[:, col_axis] != t[0, col_axis]).any():
+        return MaskFit("none", f"{grid}: the slices are shifted against the mask's")
+    rows = (r[row_axis, 0] * np.arange(h) + t[0, row_axis]).astype(np.int64)
+    cols = (r[col_axis, 1] * np.arange(w) + t[0, col_axis]).astype(np.int64)
+    planes = t[:, plane_axis]
+    for axis, idx in ((row_axis, rows), (col_axis, cols), (plane_axis, planes)):
+        if idx.min() < 0 or idx.max() >= shape[axis]:
+            return MaskFit("none", f"{grid}: the mask covers only part of the series")
+    if len(np.unique(planes)) != z:
+        return MaskFit("none", f"{grid}: several series slices fall on one mask slice")
+    extra = shape[row_axis] - h + shape[col_axis] - w + shape[plane_axis] - z
+    fit = MaskFit(
+        "exact", rows=(row_axis, rows), cols=(col_axis, cols), planes=(plane_axis, planes)
+    )
+    if extra:
+        fit.status, fit.outside = "cropped", int(extra)
+        fit.reason = f"{grid}: {extra} mask plane(s) lie outside the series"
+    return fit
+
+
+def fit_on_series(path: Path, series: DicomSeries, tol: float = 0.05) -> MaskFit:
+    """Compares a NIfTI mask's header (shape and affine; no voxels are read) with a series.
+
+    The mask fits when every series voxel lands on a mask voxel, within `tol` voxels: the
+    grids differ by an axis permutation, flips and an integer shift.
+    """
+    try:
+        image, shape = _load_label_volume(path)
+    except SkipFile as e:
+        return MaskFit("none", str(e))
+    return _fit(_slice_maps(image, series), shape, series.shape, tol)
+
+
+def nifti_labels_on_series(path: Path, series: DicomSeries) -> np.ndarray:
+    """A NIfTI label volume on a DICOM series grid (nearest voxel): [Z, H, W] uint8.
+
+    Raises:
+        SkipFile: unreadable, not 3-D, or covering less than 99 % of the series' voxels.
+    """
+    image, shape = _load_label_volume(path)
+    maps = _slice_maps(image, series)
+    fit = _fit(maps, shape, series.shape, tol=0.05)
+    try:
+        data = np.asanyarray(image.dataobj).reshape(shape)
+    except Exception as e:
+        raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {e})") from None
+    if fit.status != "none":
+        return _aligned_labels(data, fit)
     z, h, w = series.shape
-    # mask voxel index of every series voxel (row, column, slice)
-    mask_from_series = np.linalg.inv(image.affine) @ RAS_FROM_LPS @ series.affine_lps()
-    fast = _axis_aligned(data, mask_from_series, (h, w, z))
-    if fast is not None:
-        return fast
     rows, cols = np.mgrid[:h, :w]
+    points = np.stack([rows.ravel(), cols.ravel(), np.ones(rows.size)])
     out = np.zeros((z, h, w), np.uint8)
     outside = 0
     for k in range(z):
-        points = np.stack([rows.ravel(), cols.ravel(), np.full(rows.size, k), np.ones(rows.size)])
-        idx = np.rint(mask_from_series @ points)[:3].astype(np.int64)
-        inside = np.all((idx >= 0) & (idx < np.array(data.shape)[:, None]), axis=0)
+        idx = np.rint(maps[k] @ points).astype(np.int64)
+        inside = np.all((idx >= 0) & (idx < np.array(shape)[:, None]), axis=0)
         outside += int((~inside).sum())
         values = np.zeros(rows.size, np.uint8)
         values[inside] = data[idx[0, inside], idx[1, inside], idx[2, inside]]
         out[k] = values.reshape(h, w)
     if outside > 0.01 * out.size:
         raise SkipFile(
-            f"mask of shape {data.shape} does not cover the series of shape "
+            f"mask of shape {shape} does not cover the series of shape "
             f"{(w, h, z)} (columns, rows, slices) in patient space "
             f"({100 * outside / out.size:.0f} % of voxels outside)"
         )
     return out
 
 
-def _axis_aligned(data, mask_from_series, series_shape):
-    """The resampled labels [Z, H, W] when the two grids differ only by axis order, flips and
-    an integer shift (the usual case: masks exported from the same series), else None."""
-    a = mask_from_series[:3, :3]
-    t = mask_from_series[:3, 3]
-    r = np.rint(a)
-    if not (np.allclose(a, r, atol=1e-4) and np.allclose(t, np.rint(t), atol=1e-3)):
-        return None
-    if not ((np.abs(r).sum(0) == 1).all() and (np.abs(r).sum(1) == 1).all()):
-        return None
-    index, source_axis = [], []
-    for axis in range(3):
-        p = int(np.nonzero(r[axis])[0][0])
-        idx = (r[axis, p] * np.arange(series_shape[p]) + np.rint(t[axis])).astype(np.int64)
-        if idx.min() < 0 or idx.max() >= data.shape[axis]:
-            return None  # partial coverage: the general path reports it
-        index.append(idx)
-        source_axis.append(p)
-    sub = np.asarray(data[np.ix_(*index)])  # mask axes, each indexed along a series axis
-    volume = sub.transpose([source_axis.index(p) for p in range(3)])  # (row, column, slice)
-    return np.ascontiguousarray(volume.transpose(2, 0, 1)).astype(np.uint8)
+def _aligned_labels(data: np.ndarray, fit: MaskFit) -> np.ndarray:
+    """The mask voxels a `fit_on_series` fit names, as [Z, H, W] uint8."""
+    index = [None, None, None]
+    for axis, idx in (fit.rows, fit.cols, fit.planes):
+        index[axis] = idx
+    sub = np.asarray(data[np.ix_(*index)])  # mask axis order
+    order = [fit.planes[0], fit.rows[0], fit.cols[0]]
+    return np.ascontiguousarray(sub.transpose(order)).astype(np.uint8)
 
 
 def read_png_labels(path: Path, num_classes: int, binary_class: int | None = None) -> np.ndarray:

@@ -13,11 +13,15 @@ Keep that key with the data's owner, not with the records.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
+import sys
+import warnings
 from pathlib import Path
 
 KEY_FILE = Path.home() / ".config" / "tfcovseg" / "pseudonym.key"
@@ -66,3 +70,41 @@ class Redactor:
             "|".join(re.escape(k) for k in sorted(self._map, key=len, reverse=True))
         )
         return pattern.sub(lambda m: self._map[m.group(0)], str(text))
+
+
+# Libraries that read or write DICOM headers and may quote their values in warnings.
+_DICOM_LOGGERS = ("pydicom", "highdicom")
+
+
+@contextlib.contextmanager
+def redacted_warnings(redactor: Redactor, stream=None):
+    """Holds back the warnings of the block (the `warnings` module and the pydicom /
+    highdicom loggers), then shows each once, redacted, on `stream` (stderr).
+
+    pydicom and highdicom quote header values in their warnings (highdicom: 'The string
+    "A072894" is unlikely to represent ... person name'); shown as they happen they would
+    print a patient's name before the redactor knows it. Held to the end of the block,
+    every identity met in the meantime is known.
+    """
+    held: list[str] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record):
+            held.append(f"{record.name}: {record.getMessage()}")
+
+    handler = _Hold(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in _DICOM_LOGGERS]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+        held += [f"{w.category.__name__}: {w.message}" for w in caught]
+        out = stream or sys.stderr
+        for text in dict.fromkeys(redactor(t) for t in held):  # once each, in order
+            print(f"warning: {text}", file=out)

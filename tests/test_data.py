@@ -592,3 +592,31 @@ def test_gzip_records_read_the_same_examples(cohort, records, tmp_path):
         ref = plain[ex["slice/id"]]
         for key in ("hu", "lesions", "lung", "label", "patient/id", "slice/index"):
             np.testing.assert_array_equal(ex[key], ref[key])
+
+
+def test_slices_without_masks_never_train_as_lesion_free(cohort, tmp_path):
+    # A COVID-19 patient's series without its mask has unknown lesions: not a segmentation
+    # target, nor a slice label. A healthy patient's needs no mask (lesion-free by the
+    # diagnosis).
+    src = tmp_path / "cohort"
+    shutil.copytree(cohort, src)
+    with (src / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for wanted in ("covid", "healthy"):  # the phantom writes patient i into case_000i
+        i = next(i for i, r in enumerate(rows) if r["diagnosis"] == wanted)
+        (src / f"case_{i:04d}" / "lesions.nii.gz").unlink()
+    out = _convert(src, tmp_path / "records", folds=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    unknown = {s["patient"] for s in manifest["slices"] if not s["annotated"]}
+    assert len(unknown) == 1
+    (pid,) = unknown
+    assert manifest["patients"][pid]["diagnosis"] == "covid"
+    n_unknown = manifest["patients"][pid]["num_slices"]
+    total = manifest["num_slices"]
+    for task, expected in (("segment", total - n_unknown), ("classify", total - n_unknown)):
+        ds = make_dataset(out, "all", 0, batch_size=8, training=False, task=task)
+        seen = sum(int(x.shape[0]) for x, _ in ds)
+        assert seen == expected == int(ds.cardinality()) * 8 - (-expected % 8)
+    everything = _inspect(out)
+    assert len(everything) == total
+    assert sum(e["mask/annotated"] == 0 for e in everything) == n_unknown

@@ -13,6 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from data_tools import dicom_io
+from data_tools.lung import LESION_RULE, lesions_in_lung, lung_mask
 from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
 from tfcovseg.predict import (
     DISCLAIMER,
@@ -67,7 +68,15 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     report = json.loads((folder / "report.json").read_text())
     series = _series(case / "ct")
     hu = np.stack([dicom_io.read_hu(s.path) for s in series.slices])
-    expected = _label_volume(model.segment(hu), hu.shape, 0.5)
+    raw = _label_volume(model.segment(hu), hu.shape, 0.5)
+    # Only lesions in the lung (within the margin of a lung mask computed here) count.
+    spacing = report["study"]["spacing_mm"]
+    lung = lung_mask(hu, spacing[:2])
+    counted, dropped = lesions_in_lung(raw > 0, lung, spacing[:2])
+    expected = np.where(counted, raw, 0)
+    assert dropped > 0 and (raw > 0).sum() > dropped  # the untrained network marks the body
+    voxel_ml = np.prod(spacing) / 1000
+    assert report["outside_lung"]["volume_ml"] == pytest.approx(dropped * voxel_ml, abs=1e-2)
     # The label volume lands on the series grid (read back through both affines) ...
     np.testing.assert_array_equal(
         nifti_labels_on_series(folder / "lesions.nii.gz", series), expected
@@ -121,19 +130,27 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
 
 
 def test_burden_call_against_the_exports_threshold():
-    assert burden_call(0.004, {"threshold": 0.003})["positive"] is True
-    assert burden_call(0.002, {"threshold": 0.003})["positive"] is False
-    assert burden_call(0.003, {"threshold": 0.003})["positive"] is True  # at t: COVID-19
+    counted = {"lesion_rule": LESION_RULE}
+    assert burden_call(0.004, {"threshold": 0.003} | counted)["positive"] is True
+    assert burden_call(0.002, {"threshold": 0.003} | counted)["positive"] is False
+    assert burden_call(0.003, {"threshold": 0.003} | counted)["positive"] is True  # at t
     # Models exported before the rule existed (or without validation records) make no call.
     for rule in (None, {}, {"threshold": None, "method": "off"}):
         call = burden_call(0.5, rule)
         assert call["positive"] is None and call["threshold"] is None and call["ratio"] == 0.5
     # t holds at the mask threshold it was chosen at; another one makes no call.
-    rule = {"threshold": 0.003, "mask_threshold": 0.5}
+    rule = {"threshold": 0.003, "mask_threshold": 0.5} | counted
     assert burden_call(0.004, rule, 0.5)["positive"] is True
     other = burden_call(0.004, rule, 0.3)
     assert other["positive"] is None and "mask threshold 0.5" in other["rule"]
     assert "0.3" in _burden_html(other) and "none" in _burden_html(other)
+    # ... and for ratios counted the same way: a t chosen on all predicted voxels (exports
+    # before lesions outside the lung were dropped) makes no call.
+    old = burden_call(0.004, {"threshold": 0.003, "mask_threshold": 0.5}, 0.5)
+    assert old["positive"] is None and "export the model again" in old["rule"]
+    # A study that cannot support a ratio makes none either.
+    single = burden_call(0.004, rule, 0.5, ["a single slice"])
+    assert single["positive"] is None and "a single slice" in single["rule"]
 
 
 def test_no_phi_in_names_or_reports(model, phantom_run, tmp_path):

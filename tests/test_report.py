@@ -230,7 +230,7 @@ def test_failed_write_leaves_old_report_and_no_temporaries(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("tfcovseg.report.os.replace", boom)
+    monkeypatch.setattr("data_tools.files.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_reports({"split": "x", "fold": 1}, "other", tmp_path)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == before

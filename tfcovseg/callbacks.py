@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from data_tools.lung import lesions_in_lung
 from tfcovseg import require_tensorflow
 from tfcovseg.metrics import (
     confusion_counts,
@@ -118,12 +119,20 @@ def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
     return probs, diagnosis
 
 
+def in_lung(lesions, lung, spacing_mm) -> np.ndarray:
+    """`lesions_in_lung` of a batch of slices [N, H, W], each with its own spacing [N, 3]."""
+    return np.stack(
+        [lesions_in_lung(f, g, tuple(s[:2]))[0] for f, g, s in zip(lesions, lung, spacing_mm)]
+    )
+
+
 def lesion_burdens(segmenter, dataset, threshold=0.5) -> tuple[dict, dict]:
     """{patient: predicted lesion volume / lung volume} and {patient: diagnosis}.
 
     The lesion volume counts voxels of any predicted lesion type (``"final"`` >=
-    `threshold`); the lung is the record's lung mask joined with the predicted lesions,
-    as in `tfcovseg.evaluate`'s area ratios.
+    `threshold`) in the lung (`data_tools.lung.lesions_in_lung`: the record's lung mask
+    and a margin for pleural lesions); the lung is the record's lung mask joined with
+    them, as in `tfcovseg.evaluate`'s area ratios and `tfcovseg.predict`'s measures.
 
     Args:
         segmenter: A segmenter returning {"final": [N, H, W, C] probabilities}.
@@ -133,7 +142,7 @@ def lesion_burdens(segmenter, dataset, threshold=0.5) -> tuple[dict, dict]:
     for batch in dataset:
         out = segmenter.predict_on_batch(batch["hu"][..., None])
         found = np.asarray(out["final"] if isinstance(out, dict) else out) >= threshold
-        found = found.any(-1)
+        found = in_lung(found.any(-1), batch["lung"].numpy() > 0, batch["spacing_mm"].numpy())
         region = found | (batch["lung"].numpy() > 0)
         for i, (pid, d) in enumerate(
             zip(batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy())

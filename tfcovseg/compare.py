@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from data_tools.files import json_text, plain
 from tfcovseg.report import atomic_write_text
 
 DISCLAIMER = "Research use, not a medical device."
@@ -559,25 +560,14 @@ def render_text(table: Table) -> str:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _plain(value):
-    """NaN and infinities as None (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _json_text(data) -> str:
-    return json.dumps(_plain(data), indent=2, allow_nan=False) + "\n"
+def _json(data) -> str:
+    return json_text(data) + "\n"
 
 
 def cv_metrics(summary: dict) -> dict:
     """The content of cv_metrics.json for a cross-validation summary (NaN as null)."""
     keys = ("experiment", "architecture", "loss", "split", "classes", "threshold")
-    return _plain(
+    return plain(
         {
             **{k: summary[k] for k in keys},
             "folds": summary["folds"],
@@ -674,7 +664,7 @@ def write_cv_summary(cv_dir: str | Path) -> dict:
     if summary["kind"] != "cv":
         raise CompareError(f"{cv_dir} is a single run, not a cross-validation folder (fold*/)")
     content = cv_metrics(summary)
-    atomic_write_text(cv_dir / "cv_metrics.json", _json_text(content))
+    atomic_write_text(cv_dir / "cv_metrics.json", _json(content))
     atomic_write_text(cv_dir / "cv_report.md", render_cv_report(summary))
     return content
 
@@ -719,7 +709,7 @@ def comparison_json(summaries: Sequence[dict], names: Sequence[str]) -> dict:
     keys = ("path", "kind", "experiment", "architecture", "loss", "split", "classes")
     keys += ("threshold", "folds", "fold_dirs", "rules", "fold_rules", "metrics")
     tables = comparison(summaries, names)["markdown"]
-    return _plain(
+    return plain(
         {
             "disclaimer": DISCLAIMER,
             "runs": [
@@ -770,9 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
     try:
         atomic_write_text(args.out / "comparison.md", render_comparison_markdown(summaries, names))
-        atomic_write_text(
-            args.out / "comparison.json", _json_text(comparison_json(summaries, names))
-        )
+        atomic_write_text(args.out / "comparison.json", _json(comparison_json(summaries, names)))
     except OSError as e:
         print(f"error: cannot write to {args.out}: {e}", file=sys.stderr)
         return 2

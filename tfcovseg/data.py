@@ -80,24 +80,48 @@ def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
     return list(folds[str(fold)][split])
 
 
-def split_slices(manifest: dict, split: str, fold: int) -> int:
-    """Number of slices in a split (from the manifest, without reading records)."""
-    patients = set(split_patients(manifest, split, fold))
-    return sum(e["num_slices"] for p, e in manifest["patients"].items() if p in patients)
+def slice_is_usable(task: str, annotated: bool, diagnosis: str) -> bool:
+    """Whether a slice serves `task`: segmentation needs ground-truth masks; the slice
+    label (the "classify" task) needs them too, except for patients diagnosed with
+    another disease, whose slices are negatives whatever their masks ("inspect": all)."""
+    if task == "segment":
+        return bool(annotated)
+    if task == "classify":
+        return bool(annotated) or diagnosis in NON_COVID
+    return True
 
 
-def split_oversampled_slices(
-    manifest: dict, split: str, fold: int, lesions: int = 1, pneumonia: int = 1
+def split_slices(
+    manifest: dict,
+    split: str,
+    fold: int,
+    task: str = "inspect",
+    lesions: int = 1,
+    pneumonia: int = 1,
 ) -> int:
-    """Slices of a split per epoch when lesion slices are repeated `lesions` times and
-    the slices of other pneumonias (`OTHER_PNEUMONIA`) `pneumonia` times."""
-    patients = set(split_patients(manifest, split, fold))
+    """Slices of a split that serve `task` (`slice_is_usable`), from the manifest alone.
+
+    With `lesions` / `pneumonia` > 1: per epoch, when lesion slices are repeated `lesions`
+    times and the slices of other pneumonias (`OTHER_PNEUMONIA`) `pneumonia` times.
+    """
+    patients = manifest["patients"]
+    chosen = set(split_patients(manifest, split, fold))
     total = 0
-    for pid, e in manifest["patients"].items():
-        if pid in patients:
-            factor = pneumonia if e.get("diagnosis") in OTHER_PNEUMONIA else 1
-            total += factor * (e["num_slices"] + (lesions - 1) * e["lesion_slices"])
+    for entry in manifest["slices"]:
+        pid = entry["patient"]
+        if pid not in chosen:
+            continue
+        diagnosis = patients[pid].get("diagnosis")
+        # Records written before slices carried the flag: the patient's (default True).
+        annotated = entry.get("annotated", patients[pid].get("annotated", True))
+        if slice_is_usable(task, annotated, diagnosis):
+            factor = pneumonia if diagnosis in OTHER_PNEUMONIA else 1
+            total += factor * (lesions if entry["label"] else 1)
     return total
+
+
+def _all_usable(manifest: dict, split: str, fold: int, task: str) -> bool:
+    return split_slices(manifest, split, fold, task) == split_slices(manifest, split, fold)
 
 
 def _dihedral(x, k, flip):
@@ -285,12 +309,12 @@ def make_dataset(
     augment_data = training if augment_data is None else bool(augment_data)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     patients = split_patients(manifest, split, fold)
-    n_slices = split_slices(manifest, split, fold)
+    n_slices = split_slices(manifest, split, fold, task)
     if not patients or n_slices == 0:
-        raise ValueError(
-            f"split {split!r} of fold {fold} in {record_dir} has no slices "
-            f"(too few patients for the folds?)"
-        )
+        why = "too few patients for the folds?"
+        if patients and task != "inspect":
+            why = "none has the lesion masks this task needs"
+        raise ValueError(f"split {split!r} of fold {fold} in {record_dir} has no slices ({why})")
     if drop_remainder and batch_size > n_slices:
         raise ValueError(
             f"batch size {batch_size} is larger than the {n_slices} slices of "
@@ -328,6 +352,19 @@ def make_dataset(
         ds = ds.filter(
             lambda s: table.lookup(tf.io.parse_single_example(s, id_spec)["patient/id"]) > 0
         )
+    if not _all_usable(manifest, split, fold, task):
+        # Slices without ground-truth masks: their zeros are unknown, not "no lesion".
+        usable_spec = {k: spec[k] for k in ("mask/annotated", "patient/diagnosis")}
+
+        def usable(serialized):
+            e = tf.io.parse_single_example(serialized, usable_spec)
+            annotated = e["mask/annotated"] > 0
+            if task == "segment":
+                return annotated
+            other = tf.reduce_any(tf.equal(e["patient/diagnosis"], list(NON_COVID)))
+            return tf.logical_or(annotated, other)
+
+        ds = ds.filter(usable)
     stored = int(manifest["size"])
     size = (stored, stored)
     resize = image_size is not None and tuple(image_size) != size
@@ -397,8 +434,8 @@ def make_dataset(
     # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
     n_examples = n_slices
     if oversample:
-        n_examples = split_oversampled_slices(
-            manifest, split, fold, int(oversample_lesions), int(oversample_pneumonia)
+        n_examples = split_slices(
+            manifest, split, fold, task, int(oversample_lesions), int(oversample_pneumonia)
         )
     n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))

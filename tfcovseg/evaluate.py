@@ -19,7 +19,9 @@ folder:
   lesion (red GGO, green consolidation, blue fibrosis).
 
 The lung area of a patient counts lesions as lung (lung mask | lesion mask), separately
-for the true and the predicted lesions.
+for the true and the predicted lesions; predicted lesions count only in the lung
+(`data_tools.lung.lesions_in_lung`: the record's lung mask and a 10 mm margin), as in
+`tfcovseg.predict`.
 
 Research use, not a medical device.
 """
@@ -27,7 +29,6 @@ Research use, not a medical device.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from data_tools.files import atomic_write_json  # noqa: E402
 from tfcovseg import require_tensorflow  # noqa: E402
+from tfcovseg.callbacks import in_lung  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.metrics import (  # noqa: E402
     choose_patient_rule,
@@ -121,7 +124,9 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             if annotated.any():
                 counts += np.stack(confusion_counts(masks[annotated], pred[annotated], threshold))
                 image_dice.append(per_image_dice(masks[annotated], pred[annotated], threshold))
-            binary = pred >= threshold
+            # Predicted lesions count in the lung only (`callbacks.in_lung`), as in predict.
+            kept = in_lung((pred >= threshold).any(-1), lung, batch["spacing_mm"].numpy())
+            binary = (pred >= threshold) & kept[..., None]
             truth = masks >= 0.5
             for i, pid in enumerate(pids):
                 a = areas.setdefault(
@@ -197,7 +202,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         cls["lesion_burdens"] = {pid: float(b) for pid, b in sorted(burdens.items())}
     if figures:
         results["figures"] = write_figures(run, results, overlays, config)
-    report.atomic_write_text(run / "metrics.json", json.dumps(results, indent=2))
+    atomic_write_json(run / "metrics.json", results)
     report.write_reports(results, config.name, run)
     return results
 

@@ -53,6 +53,12 @@ tf = require_tensorflow("python -m tfcovseg.export")
 import keras  # noqa: E402
 
 from data_tools.features import feature_spec  # noqa: E402
+from data_tools.files import (  # noqa: E402
+    atomic_directory,
+    atomic_write_json,
+    json_text,
+)
+from data_tools.lung import LESION_RULE  # noqa: E402
 from tfcovseg.callbacks import lesion_burdens  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.data import (  # noqa: E402
@@ -69,7 +75,6 @@ from tfcovseg.models.classifier import (  # noqa: E402
     copy_head,
     with_classifier_head,
 )
-from tfcovseg.report import atomic_directory, atomic_write_text  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
 DEFAULT_OUT = Path("saved_models") / "tfcovseg"
@@ -239,7 +244,7 @@ class InferenceGraph:
             "gate_threshold": tf.constant(m["gate"]["threshold"], tf.float32),
             "severity_thresholds": tf.constant(thresholds, tf.float32),
             "severity_grades": tf.constant(list(GRADES)),
-            "json": tf.constant(json.dumps(m, sort_keys=True)),
+            "json": tf.constant(json_text(m, indent=None, sort_keys=True)),
         }
 
 
@@ -354,7 +359,7 @@ def _kept_in_run(run, stem: str, config, fold: int, extra: dict, compute):
     value = compute()
     cache[key] = value
     try:
-        atomic_write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+        atomic_write_json(path, cache, indent=1, sort_keys=True)
     except OSError:
         pass
     return value
@@ -382,7 +387,11 @@ def validation_burdens(
         "segmenter",
         config,
         fold,
-        {"scores": "lesion_burdens", "mask_threshold": float(mask_threshold)},
+        {
+            "scores": "lesion_burdens",
+            "mask_threshold": float(mask_threshold),
+            "lesion_rule": LESION_RULE,
+        },
         lambda: list(lesion_burdens(segmenter, ds, mask_threshold)),
     )
     return burdens, diagnosis
@@ -437,7 +446,10 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, 
         return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
     if not burdens:
         return {"threshold": None, "method": "off: the validation split has no patients"}
-    return burden_rule_from(burdens, diagnosis) | {"mask_threshold": float(mask_threshold)}
+    return burden_rule_from(burdens, diagnosis) | {
+        "mask_threshold": float(mask_threshold),
+        "lesion_rule": LESION_RULE,
+    }
 
 
 def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
@@ -560,7 +572,7 @@ def write_saved_model(graph: InferenceGraph, path: Path) -> None:
     archive.write_out(str(path), verbose=False)
     assets = path / "assets"
     assets.mkdir(exist_ok=True)
-    (assets / ASSET_NAME).write_text(json.dumps(graph.metadata, indent=2, sort_keys=True))
+    atomic_write_json(assets / ASSET_NAME, graph.metadata, sort_keys=True)
 
 
 def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:

@@ -56,16 +56,29 @@ tf = require_tensorflow("python -m tfcovseg.predict")
 
 from data_tools import dicom_io  # noqa: E402
 from data_tools.convert import read_nifti_volume  # noqa: E402
+from data_tools.ct_values import ct_value_problem  # noqa: E402
 from data_tools.dicom_io import SkipFile  # noqa: E402
-from data_tools.lung import lung_mask  # noqa: E402
+from data_tools.files import (  # noqa: E402
+    OutputError,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    remove_partial_directories,
+)
+from data_tools.lung import (  # noqa: E402
+    LESION_MARGIN_MM,
+    LESION_RULE,
+    lesions_in_lung,
+    lung_mask,
+)
 from data_tools.masks import RAS_FROM_LPS  # noqa: E402
-from data_tools.privacy import Redactor, pseudonym, resolve_salt  # noqa: E402
+from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
 from tfcovseg.metrics import patient_score  # noqa: E402
-from tfcovseg.report import DISCLAIMER, atomic_directory, atomic_write_text  # noqa: E402
+from tfcovseg.report import DISCLAIMER  # noqa: E402
 from tfcovseg.severity import grade_severity  # noqa: E402
 from tfcovseg.viz import DEFAULT_WINDOW  # noqa: E402
 
-GAP_FACTOR = 1.5  # a step between slices over 1.5x the median step is a gap
 MONTAGE_SLICES = 12
 DICOM_SUFFIXES_IGNORED = (".csv", ".txt", ".md", ".json", ".png", ".jpg", ".jpeg", ".html")
 
@@ -184,29 +197,20 @@ class Volume:
     unreadable: list = dataclasses.field(default_factory=list)  # slice indices left empty
     skipped: list = dataclasses.field(default_factory=list)  # (file, reason)
     warnings: list = dataclasses.field(default_factory=list)
+    tilt_deg: float = 0.0  # angle between the slice normal and the patient's long axis
 
 
-def _contiguous(positions: np.ndarray) -> tuple[slice, str | None]:
-    """The longest run of slices without a gap, and a description of the gap(s)."""
-    if len(positions) < 3:
-        return slice(0, len(positions)), None
-    steps = np.diff(positions)
-    step = float(np.median(steps))
-    breaks = np.nonzero(steps > GAP_FACTOR * step)[0]
-    if not len(breaks):
-        return slice(0, len(positions)), None
-    bounds = [0, *(int(b) + 1 for b in breaks), len(positions)]
-    runs = [(bounds[i + 1] - bounds[i], bounds[i]) for i in range(len(bounds) - 1)]
-    length, start = max(runs, key=lambda r: (r[0], -r[1]))
-    gaps = ", ".join(f"{steps[b]:.1f} mm after slice {b}" for b in breaks)
-    return slice(start, start + length), (
-        f"gap in slice positions ({gaps}; regular step {step:.1f} mm)"
-    )
+def _tilt_deg(direction) -> float:
+    """Degrees between a slice normal (any length, LPS or RAS) and the head-feet axis."""
+    direction = np.asarray(direction, np.float64)
+    cos = abs(direction[2]) / max(float(np.linalg.norm(direction)), 1e-12)
+    return float(np.degrees(np.arccos(min(cos, 1.0))))
 
 
-def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[list, list]:
-    """Reads every CT series under `root` (or the one chosen); (volumes, skipped files)."""
-    redactor = Redactor()
+def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes, redactor) -> tuple[list, list]:
+    """Reads every CT series under `root` (or the one chosen); (volumes, skipped files).
+
+    The identities met in the headers are taught to `redactor`."""
     skipped, headers = [], []
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for path in files:
@@ -248,7 +252,7 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
         pseudo = pseudonym("S", series.uid, salt)
         own_skips, warnings = [], []
         # Gaps are in the geometry (the header positions), not in which files decode.
-        block, gap = _contiguous(series.positions)
+        block, gap = dicom_io.gap_free_run(series.positions)
         for i, header in enumerate(series.slices):
             if not block.start <= i < block.stop:
                 own_skips.append(
@@ -277,6 +281,11 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
             skipped += own_skips
             skipped.append((f"series {pseudo}", "no slice of the series could be read"))
             continue
+        problem = ct_value_problem(np.stack(hu))
+        if problem:
+            skipped += own_skips
+            skipped.append((f"series {pseudo}", problem))
+            continue
         if unreadable:
             warnings.append(
                 f"{len(unreadable)} unreadable slice(s) left empty: lesion and lung volumes "
@@ -295,19 +304,24 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes) -> tuple[lis
                 unreadable=unreadable,
                 skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
                 warnings=[redactor(w) for w in warnings],
+                tilt_deg=_tilt_deg(sub.normal),
             )
         )
     return volumes, [(redactor(f), redactor(r)) for f, r in skipped]
 
 
-def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
+def read_input(path, series_uid=None, salt=None, redactor=None) -> tuple[list[Volume], list]:
     """The volumes to predict on and the files skipped, from a DICOM folder or a NIfTI file.
 
+    ``redactor``: a `Redactor` to teach the input's identities (for the console).
+
     Raises:
-        PredictionError: missing input, or nothing usable in it.
+        PredictionError: missing input, nothing usable in it, or a NIfTI volume that is
+            not CT in Hounsfield units (`data_tools.ct_values`).
     """
     path = Path(path)
     salt = resolve_salt(salt)
+    redactor = Redactor() if redactor is None else redactor
     if not path.exists():
         raise PredictionError(f"--input {path} does not exist")
     if path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
@@ -315,6 +329,9 @@ def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
             hu, spacing, affine = read_nifti_volume(path)
         except SkipFile as e:
             raise PredictionError(f"{path.name}: {e}") from None
+        problem = ct_value_problem(hu)
+        if problem:
+            raise PredictionError(f"{path.name} is refused: {problem}")
         key = path.resolve().as_posix()
         volume = Volume(
             kind="nifti",
@@ -323,9 +340,10 @@ def read_input(path, series_uid=None, salt=None) -> tuple[list[Volume], list]:
             patient=pseudonym("P", f"nifti:{key}", salt),
             series=pseudonym("S", key, salt),
             affine=affine,
+            tilt_deg=_tilt_deg(affine[:3, 2]),
         )
         return [volume], []
-    volumes, skipped = _dicom_volumes(path, series_uid, salt)
+    volumes, skipped = _dicom_volumes(path, series_uid, salt, redactor)
     if not volumes:
         reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5]) or "no files"
         raise PredictionError(f"no usable CT series in {path} ({reasons})")
@@ -373,11 +391,44 @@ def _label_volume(masks: np.ndarray | None, shape, mask_threshold: float) -> np.
     return labels
 
 
-def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
-    """Lung and lesion volumes (mL), percentages of lung, lesion slices and severity."""
+MIN_LUNG_ML = 300.0  # less is partial coverage, not a chest CT, or a failed lung mask
+MAX_TILT_DEG = 30.0  # slices tilted more than this from axial are not an axial series
+
+
+def grading_limits(volume: Volume, lung_ml: float) -> list[str]:
+    """Why the study cannot support a severity grade (empty when it can)."""
+    limits = []
+    if volume.hu.shape[0] < 2:
+        limits.append("a single slice: lesion and lung volumes need a series of slices")
+    if volume.tilt_deg > MAX_TILT_DEG:
+        limits.append(
+            f"not an axial series (slices {volume.tilt_deg:.0f} degrees from axial): the "
+            "model and the lung mask work on axial slices"
+        )
+    if lung_ml <= 0:
+        limits.append("no lung found in the study")
+    elif lung_ml < MIN_LUNG_ML:
+        limits.append(
+            f"lungs of {lung_ml:.0f} mL, below the {MIN_LUNG_ML:.0f} mL a chest CT covers "
+            "(partial coverage, not a chest CT, or the lung mask failed)"
+        )
+    return limits
+
+
+def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple[dict, np.ndarray]:
+    """Lung and lesion volumes (mL), percentages of lung, lesion slices and severity.
+
+    Only lesion voxels in the lung (within `LESION_MARGIN_MM` of the lung mask, for
+    pleural consolidation) count; the others are dropped and their volume reported.
+
+    Returns:
+        (the measures, the label volume with the lesions outside the lung removed).
+    """
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
-    lung = lung_mask(volume.hu, volume.spacing_mm[:2], lesions=labels > 0)
-    lung_voxels = int(lung.sum())
+    lung = lung_mask(volume.hu, volume.spacing_mm[:2])
+    counted, dropped = lesions_in_lung(labels > 0, lung, volume.spacing_mm[:2])
+    labels = np.where(counted, labels, 0).astype(np.uint8)
+    lung_voxels = int((lung | counted).sum())
     lesions = {}
     total = 0.0
     for c, name in enumerate(classes):
@@ -390,7 +441,8 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
             "percent_of_lung": round(100.0 * ratio, 3),
             "slices": [int(z) for z in np.nonzero(on.any(axis=(1, 2)))[0]],
         }
-    return {
+    limits = grading_limits(volume, lung_voxels * voxel_ml)
+    measured = {
         "lung_volume_ml": round(lung_voxels * voxel_ml, 3),
         "lesions": lesions,
         "total": {
@@ -398,26 +450,37 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> dict:
             "percent_of_lung": round(100.0 * total, 3),
             "slices": [int(z) for z in np.nonzero((labels > 0).any(axis=(1, 2)))[0]],
         },
+        "outside_lung": {
+            "volume_ml": round(dropped * voxel_ml, 3),
+            "rule": f"predicted lesion voxels farther than {LESION_MARGIN_MM:g} mm from the "
+            "lung mask (chest wall, table, abdomen) are not counted, nor written as lesions",
+        },
         "severity": {
-            "grade": grade_severity(total, severity_rule),
+            "grade": None if limits else grade_severity(total, severity_rule),
+            "not_graded": limits,
             "total_lesion_lung_ratio": round(total, 6),
             "thresholds": (severity_rule or {}).get("thresholds"),
             "rule": "mild < t1 <= moderate < t2 <= severe, on the total lesion/lung ratio",
             "fitted": bool((severity_rule or {}).get("fitted")),
         },
     }
+    return measured, labels
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def burden_call(ratio: float, rule: dict | None, mask_threshold: float | None = None) -> dict:
+def burden_call(
+    ratio: float, rule: dict | None, mask_threshold: float | None = None, not_graded=()
+) -> dict:
     """The patient call from the segmentation: lesion / lung ratio >= the export's t.
 
     The export chooses t on its run's validation patients (`export.calibrate_burden_rule`);
     models exported without one (older versions) give ``positive: None``. t holds for the
-    mask threshold it was chosen at: a prediction made at another `mask_threshold`
-    (``--mask-threshold``) counts other voxels as lesion, so it makes no call either.
+    mask threshold and the lesion-counting rule it was chosen with: a prediction made at
+    another `mask_threshold` (``--mask-threshold``), or by a model whose t was chosen
+    under another rule, counts other voxels as lesion, so it makes no call either; nor
+    does a study that cannot support a ratio (`not_graded`: `grading_limits`).
     """
     rule = rule or {}
     t = rule.get("threshold")
@@ -428,7 +491,16 @@ def burden_call(ratio: float, rule: dict | None, mask_threshold: float | None = 
         "positive": None if t is None else bool(ratio >= t),
         "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",
     }
-    if (
+    if t is not None and rule.get("lesion_rule") != LESION_RULE:
+        call["positive"] = None
+        call["rule"] = (
+            "no call: the threshold was chosen counting lesions by another rule "
+            f"({rule.get('lesion_rule') or 'all predicted voxels'}); export the model again"
+        )
+    elif t is not None and not_graded:
+        call["positive"] = None
+        call["rule"] = f"no call: {'; '.join(not_graded)}"
+    elif (
         t is not None
         and chosen_at is not None
         and mask_threshold is not None
@@ -460,8 +532,17 @@ def _nifti(volume: Volume, data: np.ndarray):
     return image
 
 
-def write_seg(volume: Volume, labels: np.ndarray, classes, path: Path, version) -> bool:
-    """A DICOM SEG of the label volume referencing the source slices; False if empty."""
+def write_seg(
+    volume: Volume, labels: np.ndarray, classes, path: Path, version, research=False
+) -> bool:
+    """A DICOM SEG of the label volume referencing the source slices; False if empty.
+
+    As DICOM requires, the SEG carries the source study's patient and study modules (so a
+    PACS files it with the study). With `research`, the patient module holds the
+    pseudonyms instead (PatientName and PatientID the patient's pseudonym, no birth date,
+    accession number or referring physician); the UIDs still reference the source images,
+    which the segmentation's frames are aligned to.
+    """
     import highdicom as hd
     from pydicom.sr.coding import Code
     from pydicom.uid import generate_uid
@@ -505,8 +586,24 @@ def write_seg(volume: Volume, labels: np.ndarray, classes, path: Path, version) 
         device_serial_number="0",
         series_description="tfcovseg lesions (research use)",
     )
+    if research:
+        _pseudonymise_patient(seg, volume.patient)
     seg.save_as(path)
     return True
+
+
+def _pseudonymise_patient(ds, patient: str) -> None:
+    """Replaces a dataset's patient identity (and the study's identifying attributes) with
+    a pseudonym, as the research SEG carries it."""
+    ds.PatientName = ds.PatientID = patient
+    for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName"):
+        if keyword in ds:
+            setattr(ds, keyword, "")
+    for keyword in ("OtherPatientIDsSequence", "OtherPatientIDs", "OtherPatientNames"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "tfcovseg research SEG: patient pseudonymised, UIDs retained"
 
 
 def montage(volume: Volume, labels: np.ndarray, classes, window, k=MONTAGE_SLICES) -> bytes:
@@ -556,6 +653,17 @@ def _burden_html(call: dict) -> str:
     )
 
 
+def _severity_html(sev: dict) -> str:
+    if sev["grade"] is None:
+        why = "; ".join(sev["not_graded"])
+        return f"<p>Severity estimate: <strong>not graded</strong> ({html.escape(why)}).</p>"
+    return (
+        f"<p>Severity estimate: <strong>{html.escape(sev['grade'])}</strong> (total lesion / "
+        f"lung ratio {sev['total_lesion_lung_ratio']:.4f}; thresholds "
+        f"{html.escape(str(sev['thresholds']))}).</p>"
+    )
+
+
 def render_html(report: dict, png: bytes) -> str:
     """A self-contained HTML page of a study report (the montage embedded)."""
     e = html.escape
@@ -591,14 +699,14 @@ def render_html(report: dict, png: bytes) -> str:
         "<h2>Lesions</h2>",
         "<table><tr><th>lesion type</th><th>volume (mL)</th><th>% of lung</th>"
         f"<th>slices</th></tr>{rows}</table>",
-        f"<p>Lung volume {report['lung_volume_ml']:.0f} mL.</p>",
+        f"<p>Lung volume {report['lung_volume_ml']:.0f} mL. Not counted: "
+        f"{report['outside_lung']['volume_ml']:.1f} mL of predicted lesion outside the lungs "
+        f"({e(report['outside_lung']['rule'])}).</p>",
         "<h2>Assessment</h2>",
         f"<p>COVID-19 probability (highest slice): {covid['probability']:.3f} (positive at "
         f"&ge; {covid['threshold']:.3f}: <strong>{positive}</strong>).</p>",
         _burden_html(covid["lesion_burden"]),
-        f"<p>Severity estimate: <strong>{e(sev['grade'])}</strong> (total lesion / lung "
-        f"ratio {sev['total_lesion_lung_ratio']:.4f}; thresholds {e(str(sev['thresholds']))})."
-        "</p>",
+        _severity_html(sev),
         f"<p>Slice gate: {'on' if gate['enabled'] else 'off'}, threshold "
         f"{gate['threshold']:.3f}; {gate['slices_segmented']} of {study['slices']} slices "
         "segmented.</p>",
@@ -624,11 +732,14 @@ def predict_volume(
     mask_threshold=0.5,
     batch_size=8,
     study_skipped=(),
+    research_seg=False,
 ) -> dict:
     """Predicts one volume and writes its files into `out_dir` (created); returns the report.
 
     ``study_skipped``: (file, reason) of the input's files that belong to no usable series
     (other modalities, corrupt headers), reported with the series' own skipped slices.
+    ``research_seg``: the DICOM SEG carries pseudonyms instead of the source's patient
+    module (`write_seg`).
     """
     meta = predictor.metadata
     classes = list(meta["class_names"])
@@ -638,8 +749,26 @@ def predict_volume(
     inference_s = time.perf_counter() - start
     if masks is not None and volume.unreadable:
         masks[volume.unreadable] = 0.0  # slices that could not be read stay empty
-    labels = _label_volume(masks, volume.hu.shape, mask_threshold)
-    measured = measure(volume, labels, classes, meta.get("severity"))
+    measured, labels = measure(
+        volume, _label_volume(masks, volume.hu.shape, mask_threshold), classes, meta.get("severity")
+    )
+    report = _report(predictor, volume, probs, passed, measured, gate, threshold, mask_threshold)
+    report["skipped"] = [{"file": f, "reason": r, "scope": "series"} for f, r in volume.skipped] + [
+        {"file": f, "reason": r, "scope": "study"} for f, r in study_skipped
+    ]
+    report["timings_s"] = {"inference": round(inference_s, 3)}
+    if masks is None:
+        masks = np.zeros((*volume.hu.shape, len(classes)), np.float32)
+    png = _write_outputs(volume, labels, masks, classes, meta, out_dir, report, research_seg)
+    report["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out_dir / "report.html", render_html(report, png))
+    atomic_write_json(out_dir / "report.json", report)
+    return report
+
+
+def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_threshold) -> dict:
+    """The report of one volume (without its skipped files, timings and outputs)."""
+    meta = predictor.metadata
     k, h, w = volume.hu.shape
     if not gate:
         gate_method = "--no-gate"
@@ -650,7 +779,8 @@ def predict_volume(
     rule = meta.get("patient_rule", {})
     patient_threshold = float(rule.get("threshold", 0.5))
     patient_probability = patient_score(probs, int(rule.get("min_slices", 1)))
-    report = {
+    not_graded = measured["severity"]["not_graded"]
+    return {
         "disclaimer": DISCLAIMER,
         "study": {
             "patient": volume.patient,
@@ -666,7 +796,7 @@ def predict_volume(
             "model_version": meta.get("model_version"),
             "experiment": meta.get("experiment"),
             "architecture": meta.get("architecture"),
-            "classes": classes,
+            "classes": list(meta["class_names"]),
             "tfcovseg": __version__,
         },
         "gate": {
@@ -686,32 +816,37 @@ def predict_volume(
                 measured["severity"]["total_lesion_lung_ratio"],
                 meta.get("burden_rule"),
                 mask_threshold,
+                not_graded,
             ),
         },
         "mask_threshold": float(mask_threshold),
         **measured,
-        "skipped": [{"file": f, "reason": r, "scope": "series"} for f, r in volume.skipped]
-        + [{"file": f, "reason": r, "scope": "study"} for f, r in study_skipped],
-        "warnings": list(volume.warnings),
-        "timings_s": {"inference": round(inference_s, 3)},
+        "warnings": list(volume.warnings) + [f"no severity grade: {r}" for r in not_graded],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {"labels": "lesions.nii.gz"}
+
+
+def _write_outputs(volume, labels, masks, classes, meta, out_dir, report, research_seg) -> bytes:
+    """Writes the label and probability volumes, the SEG and the overlay; returns the
+    overlay PNG (for the HTML report) and records the files in ``report["outputs"]``."""
     import nibabel as nib
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"labels": "lesions.nii.gz"}
     nib.save(_nifti(volume, labels), out_dir / "lesions.nii.gz")
-    if masks is None:
-        masks = np.zeros((k, h, w, len(classes)), np.float32)
     for c, name in enumerate(classes):
         file = f"probability_{name}.nii.gz"
         nib.save(_nifti(volume, masks[..., c].astype(np.float32)), out_dir / file)
         outputs[f"probability_{name}"] = file
     if volume.kind == "dicom":
         version = meta.get("model_version") or "run"
+        path = out_dir / "segmentation.dcm"
         try:
-            if write_seg(volume, labels, classes, out_dir / "segmentation.dcm", version):
+            if write_seg(volume, labels, classes, path, version, research=research_seg):
                 outputs["dicom_seg"] = "segmentation.dcm"
+                report["dicom_seg_identity"] = (
+                    "pseudonymised (research SEG)" if research_seg else "the source study's"
+                )
             else:
                 report["warnings"].append("no lesion found: no DICOM SEG written")
         except Exception as e:  # highdicom refuses some source headers (missing modules)
@@ -721,10 +856,75 @@ def predict_volume(
     outputs["overlay"] = "overlay.png"
     outputs |= {"report_json": "report.json", "report_html": "report.html"}
     report["outputs"] = outputs
-    report["timings_s"]["total"] = round(time.perf_counter() - start, 3)
-    atomic_write_text(out_dir / "report.html", render_html(report, png))
-    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-    return report
+    return png
+
+
+def _settings(report: dict) -> dict:
+    """What makes two predictions of a series the same: the model and the options."""
+    return {
+        "model": report["model"]["source"],
+        "model_version": report["model"].get("model_version"),
+        "gate": report["gate"]["enabled"],
+        "gate_threshold": report["gate"]["threshold"],
+        "mask_threshold": report.get("mask_threshold"),
+    }
+
+
+def _finished_report(folder: Path) -> dict | None:
+    """The report of a completed series folder, or None (missing or unreadable)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and "outputs" in report else None
+
+
+def _index_entry(report: dict) -> dict:
+    return {
+        "series": report["study"]["series"],
+        "patient": report["study"]["patient"],
+        "folder": report["study"]["series"],
+        "slices": report["study"]["slices"],
+        "covid_probability": report["covid"]["probability"],
+        "severity": report["severity"]["grade"],
+        "lesion_percent_of_lung": report["total"]["percent_of_lung"],
+    }
+
+
+def _read_index(index_path: Path) -> dict:
+    index = {"disclaimer": DISCLAIMER, "series": [], "skipped": []}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            raise PredictionError(f"{index_path} is not valid JSON: choose another --out") from None
+    return index
+
+
+def _done_before(out: Path, volumes, expected: dict) -> dict:
+    """{series: report} of the volumes a previous run into `out` completed with the same
+    model and options; other results in `out` are an error (never overwritten)."""
+    done = {}
+    for v in volumes:
+        folder = out / v.series
+        if not folder.exists():
+            continue
+        report = _finished_report(folder)
+        if report is None:
+            raise PredictionError(
+                f"{folder} exists but holds no finished prediction (no readable report.json): "
+                "remove it or choose another --out"
+            )
+        found = _settings(report)
+        differ = {k: (found[k], expected[k]) for k in expected if found[k] != expected[k]}
+        if differ:
+            detail = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise PredictionError(
+                f"{out} already holds results for series {v.series} made with other settings "
+                f"({detail}): choose another --out"
+            )
+        done[v.series] = report
+    return done
 
 
 def predict(
@@ -738,72 +938,118 @@ def predict(
     batch_size=8,
     salt=None,
     log=print,
+    research_seg=False,
 ) -> dict:
     """Predicts every usable series of the input into ``out/<series pseudonym>/``.
 
-    Each series folder is written under a temporary name and renamed when complete; an
-    existing series folder is never overwritten. Returns the index (also ``index.json``).
+    Each series folder is written under a temporary name and renamed when complete. A
+    rerun into the same `out` (after a kill, say) keeps the series already finished with
+    the same model and options, removes the partial folders and predicts the rest;
+    results made with other settings are never overwritten. Returns the index (also
+    ``index.json``).
 
     Raises:
-        PredictionError: bad model or input, nothing usable, an output that exists.
+        PredictionError: bad model, input or output folder, nothing usable, results in
+            `out` made with other settings.
     """
     if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
         raise PredictionError(f"--threshold must be in [0, 1], got {threshold}")
     if not 0.0 < float(mask_threshold) <= 1.0:
         raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
     out = Path(out)
+    try:
+        check_output_dir(out)
+    except OutputError as e:
+        raise PredictionError(str(e)) from None
     predictor = model if hasattr(model, "segment") else open_model(model)
     if predictor.metadata.get("pre_windowed"):
         raise PredictionError(
             f"{predictor.source} was trained on 8-bit windowed images (PNG/JPEG slices); "
             "predict reads CT in Hounsfield units and needs a model trained on HU"
         )
-    volumes, skipped = read_input(input_path, series_uid, salt)
-    taken = [v.series for v in volumes if (out / v.series).exists()]
-    if taken:
-        raise PredictionError(
-            f"{out} already holds results for series {', '.join(taken)}: choose another --out"
+    redactor = Redactor()
+    with redacted_warnings(redactor):
+        volumes, skipped = read_input(input_path, series_uid, salt, redactor)
+        return _predict_volumes(
+            predictor,
+            volumes,
+            skipped,
+            out,
+            gate,
+            threshold,
+            mask_threshold,
+            batch_size,
+            log,
+            research_seg,
         )
+
+
+def _predict_volumes(
+    predictor,
+    volumes,
+    skipped,
+    out,
+    gate,
+    threshold,
+    mask_threshold,
+    batch_size,
+    log,
+    research_seg,
+) -> dict:
+    meta_threshold = float(predictor.metadata["gate"]["threshold"])
+    gate_threshold = meta_threshold if threshold is None else float(threshold)
+    expected = {
+        "model": predictor.source,
+        "model_version": predictor.metadata.get("model_version"),
+        "gate": bool(gate) and gate_threshold > 0.0,
+        "gate_threshold": gate_threshold,
+        "mask_threshold": float(mask_threshold),
+    }
+    done = _done_before(out, volumes, expected)
     for f, r in skipped:
         log(f"warning: skipped {f}: {r}")
     out.mkdir(parents=True, exist_ok=True)
     # Results already in OUT stay listed: the index grows with every study predicted into it.
     index_path = out / "index.json"
-    index = {"disclaimer": DISCLAIMER, "series": [], "skipped": []}
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except ValueError:
-            raise PredictionError(f"{index_path} is not valid JSON: choose another --out") from None
+    index = _read_index(index_path)
     index["model"] = predictor.source
+    listed = {s.get("series") for s in index.setdefault("series", [])}
     index.setdefault("skipped", []).extend({"file": f, "reason": r} for f, r in skipped)
     for volume in volumes:
+        if volume.series in done:
+            log(f"series {volume.series}: already predicted in {out / volume.series}, kept")
+            if volume.series not in listed:
+                index["series"].append(_index_entry(done[volume.series]))
+            continue
         for w in volume.warnings:
             log(f"warning: series {volume.series}: {w}")
+        for left in remove_partial_directories(out / volume.series):
+            log(f"removed {left}, left by an interrupted run")
         with atomic_directory(out / volume.series) as tmp:
             report = predict_volume(
-                predictor, volume, tmp, gate, threshold, mask_threshold, batch_size, skipped
+                predictor,
+                volume,
+                tmp,
+                gate,
+                threshold,
+                mask_threshold,
+                batch_size,
+                skipped,
+                research_seg,
             )
-        index["series"].append(
-            {
-                "series": volume.series,
-                "patient": volume.patient,
-                "folder": volume.series,
-                "slices": report["study"]["slices"],
-                "covid_probability": report["covid"]["probability"],
-                "severity": report["severity"]["grade"],
-                "lesion_percent_of_lung": report["total"]["percent_of_lung"],
-            }
-        )
-        atomic_write_text(index_path, json.dumps(index, indent=2))  # after every series
+        index["series"].append(_index_entry(report))
+        atomic_write_json(index_path, index)  # after every series
+        for w in report["warnings"][len(volume.warnings) :]:
+            log(f"warning: series {volume.series}: {w}")
+        grade = report["severity"]["grade"] or "not graded"
         log(
             f"series {volume.series}: {report['study']['slices']} slices, "
             f"{report['gate']['slices_segmented']} segmented, lesions "
             f"{report['total']['percent_of_lung']:.2f} % of lung, severity "
-            f"{report['severity']['grade']}, COVID-19 probability "
+            f"{grade}, COVID-19 probability "
             f"{report['covid']['probability']:.3f} -> {out / volume.series}"
         )
-    atomic_write_text(index_path, json.dumps(index, indent=2))
+    atomic_write_json(index_path, index)
     return index
 
 
@@ -828,6 +1074,12 @@ def main(argv=None) -> int:
     parser.add_argument("--series", help="SeriesInstanceUID (or its pseudonym) to process")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per model call")
     parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
+    parser.add_argument(
+        "--research-seg",
+        action="store_true",
+        help="write the DICOM SEG with the patient's pseudonym instead of the source study's "
+        "patient name, ID and birth date (UIDs still reference the source images)",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
@@ -843,6 +1095,7 @@ def main(argv=None) -> int:
             series_uid=args.series,
             batch_size=args.batch_size,
             salt=args.salt,
+            research_seg=args.research_seg,
         )
     except PredictionError as e:
         print(f"error: {e}", file=sys.stderr)

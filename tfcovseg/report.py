@@ -22,15 +22,12 @@ Python; no TensorFlow or Keras. Research use, not a medical device.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from data_tools.files import atomic_directory, atomic_write_text  # noqa: F401 (re-exported)
 from tfcovseg.severity import SEVERITY_ORDER, TOTAL
 
 DISCLAIMER = "Research use, not a medical device."
@@ -430,56 +427,6 @@ def render_html(results: Mapping, name: str, base_dir=None) -> str:
                 out.append(_img(block[1], block[2], base_dir))
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Writes text to a temporary file beside `path`, then renames it into place.
-
-    A reader sees the old file or the new one, never half of one; on failure the
-    temporary file is removed and the old file stays. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the report the usual mode (or keep the old file's).
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(target):
-    """Yields a temporary folder beside `target` that becomes `target` when the block ends.
-
-    The folder is renamed into place only if the block completes; on any error it is
-    removed and nothing appears at `target`. Its name starts with a dot, which TF Serving
-    (numbered versions only) and readers of ``OUT/<name>/`` ignore. An existing `target`
-    is never replaced: the caller checks, and a non-empty one makes the rename fail.
-    The folder gets the usual mode (mkdtemp makes it owner-only), so a model server
-    running as another user can read an export.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_reports(results: Mapping, name: str, out_dir) -> tuple[Path, Path]:

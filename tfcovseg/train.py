@@ -62,6 +62,7 @@ tf = require_tensorflow("python -m tfcovseg.train")
 
 import keras  # noqa: E402
 
+from data_tools.files import atomic_write_json  # noqa: E402
 from tfcovseg.callbacks import OverlayImages, PatientEvaluation  # noqa: E402
 from tfcovseg.data import (  # noqa: E402
     make_dataset,
@@ -80,7 +81,6 @@ from tfcovseg.losses import deep_supervision  # noqa: E402
 from tfcovseg.metrics import segmentation_metrics  # noqa: E402
 from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
-from tfcovseg.report import atomic_write_text  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
 EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/experiments, shipped in the wheel
@@ -233,12 +233,23 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
                 f"the {split} split of fold {config.data.fold} in {folder} is "
                 f"empty: too few patients for {len(folds)} folds"
             )
-    n_train = split_slices(manifest, "train", config.data.fold)
-    if config.train.batch_size > n_train:
-        raise TrainingError(
-            f"train.batch_size {config.train.batch_size} is larger than the "
-            f"{n_train} training slices of fold {config.data.fold} in {folder}"
-        )
+    tasks = {"segmentation": "segment", "classification": "classify"}
+    for phase in config.train.phases:
+        task = tasks[phase]
+        for split in ("train", "validation"):
+            n = split_slices(manifest, split, config.data.fold, task)
+            if n == 0:
+                raise TrainingError(
+                    f"the {split} split of fold {config.data.fold} in {folder} has no slice "
+                    f"with ground-truth lesion masks for the {phase} phase (series converted "
+                    "without a mask are left out unless their diagnosis is healthy)"
+                )
+            if split == "train" and config.train.batch_size > n:
+                raise TrainingError(
+                    f"train.batch_size {config.train.batch_size} is larger than the {n} "
+                    f"training slices of fold {config.data.fold} in {folder} that the "
+                    f"{phase} phase can use"
+                )
     return manifest
 
 
@@ -322,7 +333,7 @@ def _data_fingerprint(folder: Path) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_json(path, data)
 
 
 def _read_state(out: Path) -> dict:

@@ -176,11 +176,15 @@ def test_bad_inputs_are_skipped_with_reasons(cohort, tmp_path):
     assert reasons["junk/readme.bin"] == "not a DICOM file"
     assert "modality MR is not CT" in reasons["junk/mr.dcm"]
     assert "not an image" in reasons["junk/plan.dcm"]
-    assert "does not cover the series" in reasons["badmask/ct"]
+    # A mask that does not fit is left out; its series is converted without masks.
+    assert "covers only part of the series" in reasons["badmask/lesions.nii.gz"]
     assert any(p.endswith(ct[3].name) for p in reasons)
-    assert summary["patients"] == 1
+    assert summary["patients"] == 2
     n = len(list((cohort / "case_0001" / "ct").glob("*.dcm")))
-    assert summary["slices"] == n - 1
+    n_bad = len(list((cohort / "case_0002" / "ct").glob("*.dcm")))
+    assert summary["slices"] == n - 1 + n_bad
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert sorted(e["annotated"] for e in manifest["patients"].values()) == [False, True]
     with pytest.raises(ConversionError, match="--strict"):
         convert(src, tmp_path / "strict", size=64, salt=SALT, strict=True, progress=False)
     assert not (tmp_path / "strict" / "manifest.json").exists()

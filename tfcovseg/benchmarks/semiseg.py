@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
@@ -117,7 +116,8 @@ def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
 
     folder = Path(folder)
     try:
-        studies, skipped, _ = discover(folder, classes=CLASSES)
+        found = discover(folder, classes=CLASSES)
+        studies = found.studies
     except ConversionError as e:
         raise BenchmarkError(str(e)) from None
     studies = [s for s in studies if s.kind == "png"]
@@ -454,9 +454,9 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
 
 
 def _write(out: Path, results: dict) -> None:
-    from tfcovseg.report import atomic_write_text
+    from data_tools.files import atomic_write_json, atomic_write_text
 
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", render_table(results))
 
 

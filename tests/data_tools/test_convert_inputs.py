@@ -1,0 +1,192 @@
+"""The converter on inputs that used to pass silently: masks on the wrong series, stray
+images, cropped masks, gaps, reruns in other processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from data_tools.convert import ConversionError, convert, main
+from tests.data_tools.conftest import SALT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _as_other_patient(src: Path, dst: Path, patient_id: str) -> None:
+    """A copy of the CT series in `src` as another patient's series (same geometry)."""
+    dst.mkdir(parents=True)
+    series = generate_uid(entropy_srcs=[patient_id, "series"])
+    for path in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientID, ds.PatientName = patient_id, f"OTHER^{patient_id}"
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[patient_id, path.name])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dst / path.name)
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _slice_counts(cohort: Path) -> dict:
+    return {p.name: len(list((p / "ct").glob("*.dcm"))) for p in sorted(cohort.glob("case_*"))}
+
+
+def _two_patients_of_different_length(cohort: Path):
+    counts = _slice_counts(cohort)
+    first = next(iter(counts))
+    other = next(n for n, k in counts.items() if k != counts[first])
+    return first, other
+
+
+def _lesion_volumes(manifest: dict) -> dict:
+    """{annotated: total lesion mL} per patient, keyed by slice count (patients are
+    pseudonyms)."""
+    return {
+        e["num_slices"]: (e["annotated"], sum(v for k, v in e["volume_ml"].items() if k != "lung"))
+        for e in manifest["patients"].values()
+    }
+
+
+def test_a_mask_belongs_to_the_one_series_whose_grid_it_fits(cohort, tmp_path):
+    # Two patients' series in one study folder, one mask beside them: it is the first
+    # patient's (its grid), and the other patient must not borrow it.
+    first, other = _two_patients_of_different_length(cohort)
+    src = tmp_path / "in" / "study"
+    shutil.copytree(cohort / first / "ct", src / "a")
+    shutil.copytree(cohort / other / "ct", src / "b")
+    shutil.copy(cohort / first / "lesions.nii.gz", src / "lesions.nii.gz")
+    convert(tmp_path / "in", tmp_path / "out", size=64, salt=SALT, strict=True, progress=False)
+    volumes = _lesion_volumes(_manifest(tmp_path / "out"))
+    counts = _slice_counts(cohort)
+    truth = nib.load(cohort / first / "lesions.nii.gz").get_fdata() > 0
+    assert volumes[counts[first]][0] is True and volumes[counts[first]][1] > 0
+    assert truth.any()
+    # Not annotated (no mask of its own): lesions unknown, not "none".
+    assert volumes[counts[other]] == (False, 0.0)
+
+
+def test_a_mask_that_fits_two_patients_is_used_for_none(cohort, tmp_path):
+    first = next(iter(_slice_counts(cohort)))
+    src = tmp_path / "in" / "study"
+    shutil.copytree(cohort / first / "ct", src / "a")
+    _as_other_patient(cohort / first / "ct", src / "b", "HEALTHY-0001")
+    shutil.copy(cohort / first / "lesions.nii.gz", src / "lesions.nii.gz")
+    summary = convert(tmp_path / "in", tmp_path / "out", size=64, salt=SALT, progress=False)
+    reasons = {s["path"]: s["reason"] for s in summary["skipped"]}
+    assert "ambiguous" in reasons["study/lesions.nii.gz"]
+    assert "2 patient(s)" in reasons["study/lesions.nii.gz"]
+    manifest = _manifest(tmp_path / "out")
+    assert [e["annotated"] for e in manifest["patients"].values()] == [False, False]
+    with pytest.raises(ConversionError, match="ambiguous"):
+        convert(tmp_path / "in", tmp_path / "o2", size=64, salt=SALT, strict=True, progress=False)
+    assert not (tmp_path / "o2" / "manifest.json").exists()
+
+
+def test_lesion_free_only_from_a_mask_or_the_diagnosis(cohort, tmp_path):
+    first, other = _two_patients_of_different_length(cohort)
+    src = tmp_path / "in"
+    shutil.copytree(cohort / first / "ct", src / "p1")
+    shutil.copytree(cohort / other / "ct", src / "p2")
+    ids = {n: str(pydicom.dcmread(next((src / n).glob("*.dcm"))).PatientID) for n in ("p1", "p2")}
+    (src / "labels.csv").write_text(
+        f"patient,diagnosis,severity\n{ids['p1']},healthy,none\n{ids['p2']},covid,moderate\n"
+    )
+    convert(src, tmp_path / "out", size=64, salt=SALT, progress=False)
+    manifest = _manifest(tmp_path / "out")
+    by_diagnosis = {e["diagnosis"]: e for e in manifest["patients"].values()}
+    assert by_diagnosis["healthy"]["annotated"] is True
+    assert by_diagnosis["covid"]["annotated"] is False
+    assert by_diagnosis["covid"]["annotated_slices"] == 0
+    covid_slices = [s for s in manifest["slices"] if not s["annotated"]]
+    assert len(covid_slices) == by_diagnosis["covid"]["num_slices"]
+
+
+def test_images_outside_a_slice_dataset_are_ignored(cohort, tmp_path):
+    from PIL import Image
+
+    first = next(iter(_slice_counts(cohort)))
+    src = tmp_path / "in"
+    shutil.copytree(cohort / first, src / first)
+    shot = np.zeros((40, 60, 3), np.uint8)
+    Image.fromarray(shot).save(src / first / "screenshot.png")
+    Image.fromarray(shot).save(src / "preview.jpg")
+    summary = convert(src, tmp_path / "out", size=64, salt=SALT, strict=True, progress=False)
+    assert summary["patients"] == 1 and summary["series"] == 1
+    ignored = {i["path"]: i["reason"] for i in summary["ignored"]}
+    assert set(ignored) == {f"{first}/screenshot.png", "preview.jpg"}
+    assert all("ignored" in r for r in ignored.values())
+    manifest = _manifest(tmp_path / "out")
+    assert all(s["series"] == manifest["slices"][0]["series"] for s in manifest["slices"])
+
+
+def test_a_cropped_mask_and_a_gap_are_reported_and_fatal_when_strict(cohort, tmp_path, capsys):
+    first = next(iter(_slice_counts(cohort)))
+    src = tmp_path / "in"
+    shutil.copytree(cohort / first, src / first)
+    mask = nib.load(src / first / "lesions.nii.gz")
+    longer = np.concatenate([np.asarray(mask.dataobj), np.zeros((64, 64, 3), np.uint8)], axis=2)
+    nib.save(nib.Nifti1Image(longer, mask.affine), src / first / "lesions.nii.gz")
+    files = sorted((src / first / "ct").glob("*.dcm"))  # IM0000 is mask plane 0
+    files[len(files) // 2].unlink()
+    labels = np.asarray(mask.dataobj)
+    kept = np.delete(labels, len(files) // 2, axis=2)
+    assert main(["--input", str(src), "--out", str(tmp_path / "out"), "--size", "64",
+                 "--salt", SALT]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    # 3 slices beyond the series and the one in its gap
+    assert "4 mask plane(s) lie outside the series" in printed
+    assert "gap in slice positions" in printed
+    manifest = _manifest(tmp_path / "out")
+    assert len(manifest["warnings"]) == 2
+    assert next(iter(manifest["patients"].values()))["annotated"] is True
+    # Slice by slice on its own position: the slices after the gap keep their masks.
+    per_slice = [sum(s["lesion_pixels"]) for s in manifest["slices"]]
+    assert per_slice == [int((kept[:, :, k] > 0).sum()) for k in range(kept.shape[2])]
+    assert main(["--input", str(src), "--out", str(tmp_path / "strict"), "--size", "64",
+                 "--salt", SALT, "--strict"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--strict" in err and "outside the series" in err and "gap" in err
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def _convert_in_a_process(src: Path, out: Path, hash_seed: str) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = ["--input", str(src), "--out", str(out), "--size", "64", "--salt", SALT]
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools.convert", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_reruns_in_two_processes_are_byte_identical(cohort, tmp_path):
+    src = tmp_path / "in"
+    for name in list(_slice_counts(cohort))[:2]:
+        shutil.copytree(cohort / name, src / name)
+    _convert_in_a_process(src, tmp_path / "a", "1")
+    _convert_in_a_process(src, tmp_path / "b", "2")
+
+    def digests(folder):
+        return {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+        }
+
+    first, second = digests(tmp_path / "a"), digests(tmp_path / "b")
+    assert len(first) >= 2 and first == second
