@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -524,13 +525,46 @@ def _safe_process(args):
         return None, f"unexpected error ({type(e).__name__}: {e})"
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends when the converting process does.
+
+    A parent killed with SIGKILL cannot shut its pool down, and the workers would go on
+    converting for nobody. Linux delivers SIGKILL to the worker when its parent dies
+    (prctl PR_SET_PDEATHSIG); elsewhere, and as a safety net, a thread checks every
+    second whether the parent is still there.
+    """
+    import signal
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PDEATHSIG
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 def _ordered_map(fn, items, workers: int):
-    """map(fn, items) in order, in `workers` spawned processes, at most 2*workers in flight."""
+    """map(fn, items) in order, in `workers` spawned processes, at most 2*workers in flight.
+
+    The workers end with this process, even when it is killed (`_die_with_parent`).
+    """
     if workers <= 1:
         yield from map(fn, items)
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         iterator = iter(items)
         pending = collections.deque(
             pool.submit(fn, x) for x in itertools.islice(iterator, 2 * workers)

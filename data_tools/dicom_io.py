@@ -92,6 +92,41 @@ class DicomSeries:
         return affine
 
 
+def _unreadable(e: OSError) -> SkipFile:
+    """The reason for a file the system will not read (permissions, I/O), as it is."""
+    reason = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+    return SkipFile(f"cannot read the file ({reason})")
+
+
+def _ends_in_header(path: Path) -> bool:
+    """Whether the file ends before its pixel data (a copy or download cut short)."""
+    try:
+        full = pydicom.dcmread(path, defer_size=1024, force=True)
+    except Exception:  # cut inside an element: truncated
+        return True
+    return "PixelData" not in full
+
+
+def _dataset(path: Path) -> pydicom.Dataset:
+    """The header of a DICOM file (no pixels), or the reason it is not one."""
+    try:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except InvalidDicomError:
+            # Older exporters omit the 128-byte preamble; accept such files only when they
+            # parse into a dataset with a SOP class.
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            if "SOPClassUID" not in ds:
+                raise SkipFile("not a DICOM file") from None
+            return ds
+    except SkipFile:
+        raise
+    except OSError as e:
+        raise _unreadable(e) from None
+    except Exception as e:  # truncated or corrupt files raise many kinds of errors
+        raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
+
+
 def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
     """Reads a DICOM header and classifies it.
 
@@ -99,30 +134,19 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
         ("ct", dataset) for a CT image, ("seg", dataset) for a DICOM SEG object.
 
     Raises:
-        SkipFile: not DICOM, not an image, or not CT.
+        SkipFile: unreadable, not DICOM, truncated, not an image, or not CT; the reason
+            names which.
     """
-    try:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except InvalidDicomError:
-            # Older exporters omit the 128-byte preamble; accept such files only when they
-            # parse into a dataset with a SOP class.
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            if "SOPClassUID" not in ds:
-                raise SkipFile("not a DICOM file") from None
-    except SkipFile:
-        raise
-    except Exception as e:  # truncated or corrupt files raise many kinds of errors
-        raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
+    ds = _dataset(path)
     modality = str(ds.get("Modality", ""))
-    sop_class = str(ds.get("SOPClassUID", ""))
+    meta = ds.get("file_meta") or {}
+    sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
     if modality == "SEG" or sop_class == SEG_STORAGE:
         return "seg", ds
-    if ("Rows" not in ds or "Columns" not in ds) and (
-        modality == "CT" or sop_class == CT_IMAGE_STORAGE
-    ):
-        raise SkipFile("corrupt or truncated CT file: its header has no image size")
+    is_ct = modality == "CT" or sop_class == CT_IMAGE_STORAGE
     if "Rows" not in ds or "Columns" not in ds:
+        if is_ct or (not modality and _ends_in_header(path)):
+            raise SkipFile("corrupt or truncated file: it ends inside its header")
         raise SkipFile(
             f"not an image (SOP class {sop_class or 'unknown'}, modality {modality or 'unknown'})"
         )
@@ -137,6 +161,8 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
         "PixelSpacing",
     ):
         if key not in ds:
+            if _ends_in_header(path):
+                raise SkipFile("corrupt or truncated file: it ends inside its header")
             raise SkipFile(f"CT image without {key}")
     return "ct", ds
 
@@ -288,6 +314,8 @@ def read_hu(path: Path) -> np.ndarray:
     """
     try:
         ds = pydicom.dcmread(path)
+    except OSError as e:
+        raise _unreadable(e) from None
     except Exception as e:
         raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
     syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None

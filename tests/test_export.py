@@ -216,14 +216,36 @@ def test_bad_requests_raise_instead_of_returning_garbage(exported, rng):
     hu = _hu(rng, n=1)
     with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
         serve(hu=tf.constant(hu.astype(np.int32)))  # wrong dtype
-    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
-        serve(hu=tf.constant(hu[..., None]))  # rank 4
     with pytest.raises(TypeError):
         serve()  # missing input
     with pytest.raises(TypeError):
         serve(image=tf.constant(hu))  # wrong input name
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["predict_examples"](examples=tf.constant([b"not an example"]))
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "classify", "segment"])
+def test_signatures_check_their_input_and_name_the_expected_one(exported, rng, signature):
+    # A wrong rank or an empty slice is refused at the input, naming the expected shape
+    # and dtype (not deep inside the resize); NaN is refused; an empty batch is answered.
+    _, loaded = exported
+    call = loaded.signatures[signature]
+    hu = _hu(rng, n=2, h=40, w=48)
+    for bad in (hu[..., None], hu[0], hu[:, :, :0]):
+        with pytest.raises(tf.errors.InvalidArgumentError) as err:
+            call(hu=tf.constant(bad))
+        assert "hu: float32 [batch, height, width] Hounsfield units" in str(err.value)
+        assert str(list(bad.shape)).replace(",", "") in str(err.value)
+    hu[1, 3, 4] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
+        call(hu=tf.constant(hu))
+    out = call(hu=tf.constant(np.zeros((0, 40, 48), np.float32)))
+    if signature != "classify":
+        assert out["masks"].shape == (0, 40, 48, 3)
+    if signature != "segment":
+        assert out["covid_probability"].shape == (0,)
+    meta = json.loads(loaded.signatures["metadata"]()["json"].numpy().decode())
+    assert "non_finite" in meta["input"] and "empty_batch" in meta["input"]
 
 
 def test_saved_model_cli_lists_the_signatures(exported):
@@ -235,7 +257,8 @@ def test_saved_model_cli_lists_the_signatures(exported):
     for name in SIGNATURES:
         assert f"signature_def['{name}']" in shown, name
     assert "inputs['hu'] tensor_info:" in shown and "outputs['masks'] tensor_info:" in shown
-    assert "shape: (-1, -1, -1)" in shown and "shape: (-1, -1, -1, 3)" in shown
+    # hu of any rank reaches the graph's own check (`check_hu`), which names the shape.
+    assert "shape: unknown_rank" in shown and "shape: (-1, -1, -1, 3)" in shown
 
 
 def test_versions_are_never_overwritten(phantom_run, tmp_path, capsys):

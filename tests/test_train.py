@@ -459,3 +459,113 @@ def test_figure6_prefers_true_lesions_then_predicted_then_probability():
     offer(empty, "a", 0, 0.2)
     offer(empty, "b", 0, 0.1, pred_pixels=1)
     assert [item[1] for item in empty.items] == ["b", "a"]
+
+
+# A process that dies (as under SIGKILL) while it writes classifier_best.keras: Keras writes
+# the file through saving_lib.save_model, so the kill comes with part of the file written.
+_DIE_WRITING_CLASSIFIER = """
+import os, sys
+from keras.src.saving import saving_lib
+real = saving_lib.save_model
+def dying(model, filepath, *args, **kwargs):
+    if "classifier_best" in str(filepath):
+        with open(filepath, "wb") as f:
+            f.write(b"PK\\x03\\x04 cut short")
+        os._exit(137)
+    return real(model, filepath, *args, **kwargs)
+saving_lib.save_model = dying
+from tfcovseg.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tfcovseg.export import export_run
+
+    config_path = _tiny_yaml(
+        tiny, tmp_path, "train.epochs=1", "train.classifier_epochs=1", "train.overlay_images=0"
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--config", str(config_path), "--out", str(out), "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIE_WRITING_CLASSIFIER, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    # Nothing half-written under the final name (the old code left the cut file there).
+    assert not (out / "classifier_best.keras").exists()
+    assert main(["--out", str(out), "--resume", "--quiet"]) == 0
+    assert not list(out.glob(".*.partial-*"))
+    segmenter, classifier = load_run_models(out)
+    assert classifier is not None and (out / "classifier_best.keras").stat().st_size > 0
+    target = export_run(out, tmp_path / "models", log=lambda *a: None)
+    assert (target / "saved_model.pb").is_file()
+
+
+def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_path):
+    import shutil
+
+    root, config, _ = tiny
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    (out / "segmenter_best.keras").write_bytes(b"")  # left by a kill before writes were atomic
+    (out / "segmenter_last.keras").write_bytes(b"")
+    messages = []
+    train(config, out, resume=True, verbose=0, log=messages.append)
+    text = "\n".join(messages)
+    assert "segmenter_best.keras is empty (0 bytes)" in text and "runs again" in text
+    assert "already completed" not in text  # the classifier builds on it: redone too
+    segmenter, classifier = load_run_models(out)
+    assert segmenter is not None and classifier is not None
+    state = json.loads((out / "state.json").read_text())
+    assert state["completed"] == ["segmentation", "classification"]
+
+
+def test_a_truncated_shard_is_named_and_leaves_no_run_folder(tiny, tmp_path, capsys):
+    import shutil
+
+    root, config, _ = tiny
+    records = tmp_path / "records"
+    shutil.copytree(config_records(config), records)
+    manifest = json.loads((records / "manifest.json").read_text())
+    shard = records / manifest["shards"][0]
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    args = ["--config", str(root / "run" / "config.yaml"), "--set"]
+    args += [f"data.records_dir={records}", "--quiet", "--out"]
+    assert main(args + [str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "truncated" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o1").exists()
+    # Records written before the manifest kept shard sizes: the error comes at read time,
+    # still naming the shard, and still no run folder blocks the next --out.
+    del manifest["shard_bytes"]
+    (records / "manifest.json").write_text(json.dumps(manifest))
+    assert main(args + [str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "corrupt" in err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
+    root, _, _ = tiny
+    assert main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no run to continue" in err
+    assert not (tmp_path / "nothing").exists()
+    (tmp_path / "file").write_text("x")
+    config = ["--config", str(root / "run" / "config.yaml")]
+    for out, words in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "under")):
+        assert main(config + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and words in err and str(out) in err
+        assert len(err.strip().splitlines()) == 1
+    assert main(config + ["--out", str(tmp_path / "r"), "--export", str(tmp_path / "file")]) == 2
+    assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()

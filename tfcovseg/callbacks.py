@@ -11,12 +11,22 @@ see them. `tfcovseg.train` uses these same classes.
   classifier under the any-slice rule.
 - `OverlayImages`: a few slices with ground truth and prediction as TensorBoard images
   (red GGO, green consolidation, blue fibrosis, as in the paper's figures).
+- `AtomicModelCheckpoint`, `AtomicBackupAndRestore`, `AtomicCSVLogger`: Keras'
+  checkpoint, backup and CSV log, written so that a kill leaves the old file or the new
+  one, never half of one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 
+from data_tools.files import atomic_write_json, atomic_write_text
 from data_tools.lung import lesions_in_lung
 from tfcovseg import require_tensorflow
 from tfcovseg.metrics import (
@@ -28,6 +38,9 @@ from tfcovseg.metrics import (
 )
 
 __all__ = [
+    "AtomicBackupAndRestore",
+    "AtomicCSVLogger",
+    "AtomicModelCheckpoint",
     "OverlayImages",
     "PatientEvaluation",
     "SegmentationEvaluation",
@@ -40,6 +53,7 @@ tf = require_tensorflow("tfcovseg.callbacks")
 
 import keras  # noqa: E402
 
+from tfcovseg.models import save_model, save_weights  # noqa: E402
 from tfcovseg.models.baselines import DEFAULT_CLASSES  # noqa: E402
 from tfcovseg.viz import overlay_rgb  # noqa: E402
 
@@ -264,3 +278,113 @@ class OverlayImages(keras.callbacks.Callback):
                 max_outputs=len(self.images),
             )
         self.writer.flush()
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` that never leaves a half-written ``.keras`` file.
+
+    Keras writes checkpoints in place: a kill during the write leaves a truncated (often
+    0-byte) file under the checkpoint's name, which a resumed run takes for the best model.
+    Here each save goes to a temporary file beside it, renamed over the old one when
+    complete (`tfcovseg.models.save_model`).
+
+    Args:
+        target: The model the checkpoint holds when it is not the model being fit (a
+            segmenter fit together with a classifier head, sharing its weights).
+    """
+
+    def __init__(self, *args, target=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._target = target
+
+    def set_model(self, model):
+        super().set_model(_AtomicSaver(self._target if self._target is not None else model))
+
+
+class _AtomicSaver:
+    """A model whose ``save`` / ``save_weights`` write atomically; all else is the model's."""
+
+    def __init__(self, model):
+        self._wrapped = model
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        save_model(self._wrapped, filepath, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        save_weights(self._wrapped, filepath, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose backup (weights and epoch) is replaced atomically.
+
+    A backup that still does not load (written by an older version, a full disk) is set
+    aside with a warning and the phase starts again from its first epoch, rather than
+    failing or resuming from a broken state.
+    """
+
+    def __init__(self, backup_dir, log=print, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self._log = log
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as e:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
+            self.model._initial_epoch = 0
+            self._log(
+                f"warning: the backup in {self.backup_dir} does not load "
+                f"({type(e).__name__}: {e}); this phase starts again from its first epoch"
+            )
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        save_weights(self.model, self._weights_path)
+        atomic_write_json(
+            self._training_metadata_path,
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+        )
+
+
+class AtomicCSVLogger(keras.callbacks.Callback):
+    """`CSVLogger`'s file (one row per epoch), rewritten atomically after every epoch.
+
+    An appended line cut by a kill would leave a malformed row that the next run appends
+    after; here the file always holds whole rows. With `append`, the rows of an earlier
+    run (a resumed one) are kept.
+    """
+
+    def __init__(self, filename, append=False):
+        super().__init__()
+        self.filename = Path(filename)
+        self.append = append
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        self.rows = []
+        if self.append and self.filename.is_file():
+            with self.filename.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if r.get("epoch")]
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": str(epoch)} | {k: _csv_value(v) for k, v in sorted((logs or {}).items())}
+        self.rows.append(row)
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.filename, text.getvalue())
+
+
+def _csv_value(value) -> str:
+    try:
+        return repr(float(np.asarray(value)))
+    except (TypeError, ValueError):
+        return str(value)

@@ -44,7 +44,13 @@ OTHER_PNEUMONIA = ("bacterial", "viral")
 
 
 def read_manifest(record_dir) -> dict:
-    """The converter's manifest.json, with errors that name the directory."""
+    """The converter's manifest.json, with errors that name the directory.
+
+    Raises:
+        FileNotFoundError: no folder, no manifest, a shard missing.
+        CorruptRecordsError: a manifest that does not parse, a shard of another size
+            than the converter wrote.
+    """
     record_dir = Path(record_dir)
     path = record_dir / "manifest.json"
     if not record_dir.is_dir():
@@ -57,13 +63,47 @@ def read_manifest(record_dir) -> dict:
             f"{record_dir} has no manifest.json: it is empty or not written "
             f"by data_tools.convert (or the conversion did not finish)"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise CorruptRecordsError(f"{path} is not valid JSON ({e})") from None
     missing = [s for s in manifest.get("shards", []) if not (record_dir / s).is_file()]
     if missing or not manifest.get("shards"):
         raise FileNotFoundError(
             f"{record_dir}: shards listed in manifest.json are missing: {missing or 'none listed'}"
         )
+    # The converter records each shard's size: a shard cut short (a copy or a download
+    # that stopped) is named here, before any training, not by a DataLossError later.
+    sizes = manifest.get("shard_bytes") or {}
+    changed = [
+        f"{name} ({(record_dir / name).stat().st_size} bytes, the manifest says {size})"
+        for name, size in sizes.items()
+        if (record_dir / name).stat().st_size != size
+    ]
+    if changed:
+        raise CorruptRecordsError(
+            f"{record_dir}: truncated or changed shards: {', '.join(changed)}; copy them "
+            "again or convert the records again"
+        )
     return manifest
+
+
+class CorruptRecordsError(ValueError):
+    """Records whose manifest or shards are damaged; the message names the files."""
+
+
+def find_corrupt_shards(record_dir, manifest: dict) -> list[str]:
+    """The shards of a record folder that do not read to the end (slow: reads them all)."""
+    record_dir = Path(record_dir)
+    bad = []
+    for name in manifest.get("shards", []):
+        ds = tf.data.TFRecordDataset(str(record_dir / name), manifest.get("compression") or None)
+        try:
+            for _ in ds:
+                pass
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+            bad.append(name)
+    return bad
 
 
 def split_patients(manifest: dict, split: str, fold: int) -> list[str]:

@@ -97,6 +97,45 @@ class ExportError(Exception):
 # ----------------------------------------------------------------------------- the graph
 
 
+HU_INPUT = "hu: float32 [batch, height, width] Hounsfield units (height, width >= 1)"
+INPUT_CHECKS = {
+    "hu": HU_INPUT,
+    "non_finite": "refused: a request with NaN or infinite values fails with INVALID_ARGUMENT",
+    "wrong_shape": "refused: another rank or an empty height / width fails with "
+    "INVALID_ARGUMENT naming the expected shape",
+    "empty_batch": "a batch of 0 slices returns empty outputs",
+}
+
+
+def check_hu(hu):
+    """The serving input, checked inside the graph: rank 3, a non-empty slice, finite.
+
+    The signatures take ``hu`` of unknown rank, so that a wrong one reaches this check
+    (a fixed-rank input lets TensorFlow fold the check away and fail later, inside the
+    resize, with a message that names neither the input nor its shape). Returns `hu`
+    with its static rank set.
+    """
+    hu = tf.convert_to_tensor(hu, tf.float32)
+    shape = tf.shape(hu)
+    rank_ok = tf.debugging.Assert(
+        tf.equal(tf.rank(hu), 3),
+        [f"{HU_INPUT} expected; got a tensor of shape", shape],
+        summarize=8,
+    )
+    with tf.control_dependencies([rank_ok]):
+        size_ok = tf.debugging.Assert(
+            tf.reduce_all(tf.shape(hu)[1:] > 0),
+            [f"{HU_INPUT} expected; got shape", shape],
+            summarize=8,
+        )
+    with tf.control_dependencies([size_ok]):
+        hu = tf.debugging.assert_all_finite(
+            hu, "hu holds NaN or infinite values: send finite Hounsfield units"
+        )
+    hu.set_shape([None, None, None])
+    return hu
+
+
 def _same_weights(a, b) -> bool:
     wa, wb = a.get_weights(), b.get_weights()
     return len(wa) == len(wb) and all(
@@ -154,8 +193,8 @@ class InferenceGraph:
         self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
 
     def _prepare(self, hu):
-        hu = tf.convert_to_tensor(hu)
-        tf.debugging.assert_rank(hu, 3, message="hu must be [batch, height, width]")
+        """`hu` checked (`check_hu`) and resized to the model's input size."""
+        hu = check_hu(hu)
         size = tf.shape(hu)[1:3]
         return resize_image(hu[..., None], self.input_size), size
 
@@ -519,6 +558,7 @@ def export_metadata(
         "hu_window": [float(w) for w in config.model.hu_window],
         "pre_windowed": bool(config.model.pre_windowed),
         "input_size": [int(s) for s in config.model.input_size],
+        "input": INPUT_CHECKS,
         "gate": gate,
         # The patient call is the paper's any-slice rule at 0.5, apart from the gate: the gate
         # is tuned to keep lesion slices (recall), a diagnosis also needs precision.
@@ -552,7 +592,8 @@ def next_version(base: Path) -> int:
 
 
 def _hu_spec():
-    return [tf.TensorSpec([None, None, None], tf.float32, name="hu")]
+    # Unknown rank on purpose: `check_hu` refuses a wrong one with a message naming it.
+    return [tf.TensorSpec(None, tf.float32, name="hu")]
 
 
 def write_saved_model(graph: InferenceGraph, path: Path) -> None:

@@ -37,10 +37,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,9 +64,16 @@ tf = require_tensorflow("python -m tfcovseg.train")
 
 import keras  # noqa: E402
 
-from data_tools.files import atomic_write_json  # noqa: E402
-from tfcovseg.callbacks import OverlayImages, PatientEvaluation  # noqa: E402
+from data_tools.files import OutputError, atomic_write_json, check_output_dir  # noqa: E402
+from tfcovseg.callbacks import (  # noqa: E402
+    AtomicBackupAndRestore,
+    AtomicCSVLogger,
+    AtomicModelCheckpoint,
+    OverlayImages,
+    PatientEvaluation,
+)
 from tfcovseg.data import (  # noqa: E402
+    find_corrupt_shards,
     make_dataset,
     read_manifest,
     split_patients,
@@ -79,7 +88,15 @@ from tfcovseg.distributed import (  # noqa: E402
 )
 from tfcovseg.losses import deep_supervision  # noqa: E402
 from tfcovseg.metrics import segmentation_metrics  # noqa: E402
-from tfcovseg.models import build_classifier, build_model, load_model  # noqa: E402
+from tfcovseg.models import (  # noqa: E402
+    ModelFileError,
+    build_classifier,
+    build_model,
+    load_model,
+    model_file_problem,
+    run_model_path,
+    save_model,
+)
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
@@ -206,7 +223,7 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
     """Validates records against the config before any training; returns the manifest."""
     try:
         manifest = read_manifest(folder)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise TrainingError(str(e)) from None
     classes = list(manifest["classes"])
     if classes != list(config.model.class_names):
@@ -254,7 +271,7 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
 
 
 def _best_so_far(csv_path: Path, monitor="val_loss"):
-    """The best (lowest) monitored value in a CSVLogger file, or None."""
+    """The best (lowest) monitored value in a CSV log of the run, or None."""
     if not csv_path.is_file():
         return None
     import csv
@@ -262,21 +279,6 @@ def _best_so_far(csv_path: Path, monitor="val_loss"):
     with csv_path.open(newline="") as f:
         values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
     return min(values) if values else None
-
-
-class _CheckpointOf(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that saves another model than the one being fit (sharing weights).
-
-    Phase 1 with ``train.classifier_aux_weight`` fits the segmenter plus the classifier
-    head; the checkpoint must stay the segmenter alone.
-    """
-
-    def __init__(self, target, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._target = target
-
-    def set_model(self, model):
-        super().set_model(self._target)
 
 
 def _build_classifier(segmenter, model):
@@ -291,7 +293,7 @@ def _build_classifier(segmenter, model):
     )
 
 
-def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), save=None):
+def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), save=None, log=print):
     """Evaluation callbacks first (their logs reach the rest), then the bookkeeping.
 
     ``save``: the model the best checkpoint holds when it is not the model being fit.
@@ -300,26 +302,24 @@ def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), sav
     logs.mkdir(parents=True, exist_ok=True)
     best = out / f"{phase_name(phase)}_best.keras"
     csv_path = logs / f"{phase}.csv"
-    # After --resume, the best checkpoint must stay the best of the whole run.
+    # After --resume, the best checkpoint must stay the best of the whole run (a broken
+    # one was removed by `_verified_state`: the next epoch writes it again).
     best_so_far = _best_so_far(csv_path) if resume and best.is_file() else None
-    checkpoint = dict(
-        filepath=str(best),
-        monitor="val_loss",
-        save_best_only=True,
-        initial_value_threshold=best_so_far,
-    )
+    # Every file of the run is replaced atomically: a kill leaves the old or the new one.
     return [
         *extra,
-        keras.callbacks.BackupAndRestore(str(out / "backup" / phase)),
-        (
-            _CheckpointOf(save, **checkpoint)
-            if save is not None
-            else keras.callbacks.ModelCheckpoint(**checkpoint)
+        AtomicBackupAndRestore(str(out / "backup" / phase), log=log),
+        AtomicModelCheckpoint(
+            filepath=str(best),
+            monitor="val_loss",
+            save_best_only=True,
+            initial_value_threshold=best_so_far,
+            target=save,
         ),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True
         ),
-        keras.callbacks.CSVLogger(str(csv_path), append=resume),
+        AtomicCSVLogger(csv_path, append=resume),
         keras.callbacks.TensorBoard(str(logs / "tensorboard" / phase), write_graph=False),
     ]
 
@@ -384,6 +384,82 @@ def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose):
     )
 
 
+RUN_MODELS = {"segmentation": "segmenter", "classification": "classifier"}
+PHASE_NUMBER = {"segmentation": 1, "classification": 2}
+
+
+def _verified_state(out: Path, config, log) -> dict:
+    """The run's state for ``--resume``, with every phase whose files do not load undone.
+
+    A completed phase needs its best or last model to load; when it does not (a file cut
+    by a kill, before writes were atomic), that phase and the ones after it, which build
+    on it, run again. A broken best checkpoint of any phase is removed, so the phase's
+    next epoch writes it again instead of keeping a file that cannot be a model.
+    """
+    state = _read_state(out)
+    for phase in config.train.phases:
+        best = out / f"{RUN_MODELS[phase]}_best.keras"
+        problem = model_file_problem(best) if best.exists() else None
+        if problem:
+            log(f"warning: {problem}; removed, the phase writes it again")
+            best.unlink()
+    completed = []
+    for phase in config.train.phases:
+        if phase not in state["completed"]:
+            break
+        path = run_model_path(out, RUN_MODELS[phase])
+        problem = "no model file" if path is None else _load_problem(path)
+        if problem:
+            log(f"warning: {phase} phase marked completed but {problem}: it runs again")
+            break
+        completed.append(phase)
+    state["completed"] = completed
+    return state
+
+
+def _load_problem(path: Path) -> str | None:
+    """Why a model file of the run does not load, or None."""
+    try:
+        load_model(path)
+    except Exception as e:  # a truncated zip, a missing layer: any failure counts
+        return str(e) if isinstance(e, ModelFileError) else f"{path} does not load ({e})"
+    return None
+
+
+def _nothing_to_keep(out: Path) -> bool:
+    """Whether a run folder holds no trained epoch (a run that failed or was killed
+    before its first epoch ended): nothing a rerun could lose."""
+    if not out.is_dir():
+        return True
+    if (out / "state.json").is_file() or any(out.glob("*.keras")):
+        return False
+    return not any(p.is_file() for p in (out / "backup").rglob("*"))
+
+
+def _check_run_folder(out: Path, config, resume: bool, log) -> None:
+    """Refuses a run folder that cannot be used (errors name the fix)."""
+    try:
+        check_output_dir(out)
+    except OutputError as e:
+        raise TrainingError(str(e)) from None
+    if resume and not out.is_dir():
+        raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue")
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not _nothing_to_keep(out):
+            raise TrainingError(
+                f"{out} already holds a run: pass --resume to continue it or choose another --out"
+            )
+        log(f"{out} holds a run that never finished an epoch: starting it afresh")
+        shutil.rmtree(out)
+    if resume and (out / "config.yaml").is_file():
+        saved = load_config(out / "config.yaml")
+        if saved != config:
+            raise TrainingError(
+                f"{out} was started with another configuration: resume it with "
+                f"--config {out / 'config.yaml'}"
+            )
+
+
 def train(
     config: ExperimentConfig,
     out: Path,
@@ -394,8 +470,10 @@ def train(
 ) -> dict:
     """Runs the configured phases; returns the run summary (also in ``run.json``).
 
-    With ``resume``, phases already completed in ``out`` are skipped and an interrupted
-    phase continues from its last completed epoch (BackupAndRestore).
+    With ``resume``, phases already completed in ``out`` are skipped (when their models
+    load; `_verified_state`) and an interrupted phase continues from its last completed
+    epoch (BackupAndRestore). A fresh run that fails before its first epoch ends leaves
+    no folder behind to block the next one.
 
     ``strategy``: a `tf.distribute.Strategy` made by `choose_strategy` (default: made here
     from ``train.strategy``). MultiWorkerMirroredStrategy must exist before any other
@@ -404,27 +482,27 @@ def train(
     start = time.perf_counter()
     if strategy is None:
         strategy = choose_strategy(config.train.strategy)
-    chief = is_chief(strategy)
     # Only the chief writes the run folder; other workers write to a temporary one.
     out = Path(worker_path(str(out), strategy))
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise TrainingError(
-            f"{out} already holds a run: pass --resume to continue it or choose another --out"
-        )
-    if resume and (out / "config.yaml").is_file():
-        saved = load_config(out / "config.yaml")
-        if saved != config:
-            raise TrainingError(
-                f"{out} was started with another configuration: resume it with "
-                f"--config {out / 'config.yaml'}"
-            )
+    _check_run_folder(out, config, resume, log)
+    fresh = not out.exists()
+    try:
+        return _train(config, out, resume, verbose, log, strategy, start)
+    except BaseException:
+        if fresh and _nothing_to_keep(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(config, out, resume, verbose, log, strategy, start) -> dict:
+    chief = is_chief(strategy)
     folder = prepare_records(config, log)
     manifest = check_inputs(config, folder)
-    # Every replica needs at least one example of the last validation batch.
-    eval_drop = strategy.num_replicas_in_sync > 1
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial-*"):  # a save that a kill interrupted
+        stale.unlink()
     save_config(config, out / "config.yaml")
-    state = _read_state(out) if resume else {"completed": [], "timings": {}}
+    state = _verified_state(out, config, log) if resume else {"completed": [], "timings": {}}
     keras.utils.set_random_seed(config.train.seed)
     keras.config.set_dtype_policy(config.train.precision)
     t = config.train
@@ -439,7 +517,7 @@ def train(
         cache=config.data.cache,
         seed=t.seed,
     )
-    inspect_val = make_dataset(split="validation", training=False, task="inspect", **common)
+    run = _Run(config, out, resume, verbose, log, strategy, common)
 
     def finish_phase(phase, phase_start):
         state["completed"] = [*state["completed"], phase]
@@ -448,155 +526,19 @@ def train(
         _write_json(out / "state.json", state)
 
     segmenter = None
-    if "segmentation" in t.phases and "segmentation" in state["completed"]:
-        log("phase 1: segmentation already completed in this run folder")
-    elif "segmentation" in t.phases:
+    for phase in t.phases:
+        if phase in state["completed"]:
+            log(f"phase {PHASE_NUMBER[phase]}: {phase} already completed in this run folder")
+            continue
         phase_start = time.perf_counter()
-        with strategy.scope():
-            segmenter = build_model(config.model)
-            outputs = tuple(segmenter.output)
-            losses, weights = deep_supervision(
-                list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight
-            )
-            metrics = {"final": segmentation_metrics(config.model.class_names)}
-            fit_model, label_output = segmenter, None
-            if t.classifier_aux_weight:
-                # Segmentation and the slice classifier's head train the encoder together.
-                head = _build_classifier(segmenter, config.model)
-                fit_model = with_classifier_head(segmenter, head)
-                label_output = "covid_probability"
-                losses[label_output] = "binary_crossentropy"
-                weights[label_output] = t.classifier_aux_weight
-                metrics[label_output] = [keras.metrics.AUC(name="auc")]
-            fit_model.compile(
-                optimizer=keras.optimizers.Adam(t.learning_rate),
-                loss=losses,
-                loss_weights=weights,
-                metrics=metrics,
-                jit_compile=t.jit_compile,
-            )
-        train_ds = make_dataset(
-            split="train",
-            training=True,
-            compact=True,  # int16/uint8 batches: the model casts
-            outputs=outputs,
-            augment_data=config.data.augment,
-            oversample_lesions=config.data.oversample_lesions,
-            oversample_pneumonia=config.data.oversample_pneumonia,
-            shuffle_buffer=config.data.shuffle_buffer,
-            label_output=label_output,
-            **common,
-        )
-        val_ds = make_dataset(
-            split="validation",
-            training=False,
-            compact=True,  # int16/uint8 batches: the model casts
-            outputs=outputs,
-            label_output=label_output,
-            drop_remainder=eval_drop,
-            **common,
-        )
-        extra = []
-        if t.overlay_images and chief:
-            images, masks = _overlay_slices(inspect_val, t.overlay_images)
-            if images:
-                extra.append(
-                    OverlayImages(
-                        images,
-                        masks,
-                        out / "logs" / "tensorboard" / "segmentation",
-                        window=config.model.hu_window,
-                        class_names=config.model.class_names,
-                    )
-                )
-        log(
-            f"phase 1: segmentation, {config.model.architecture} at "
-            f"{config.model.input_size[0]}x{config.model.input_size[1]}, fold {fold}, up to "
-            f"{t.epochs} epochs"
-        )
-        _fit(
-            fit_model,
-            strategy,
-            train_ds,
-            val_ds,
-            t.epochs,
-            _callbacks(
-                out, "segmentation", t.early_stopping_patience, resume, extra, save=segmenter
-            ),
-            verbose,
-        )
-        segmenter.save(out / "segmenter_last.keras")
-        finish_phase("segmentation", phase_start)
-    if "classification" in t.phases and "classification" in state["completed"]:
-        log("phase 2: classification already completed in this run folder")
-    elif "classification" in t.phases:
-        phase_start = time.perf_counter()
-        with strategy.scope():
-            if config.model.architecture == "seresnet_classifier":
-                classifier = build_model(config.model)
+        try:
+            if phase == "segmentation":
+                segmenter = _segmentation_phase(run)
             else:
-                # The encoder of the best segmenter (the checkpoint, which also holds after
-                # a resumed run), frozen: the paper's phase 2.
-                best = out / "segmenter_best.keras"
-                if best.is_file():
-                    segmenter = load_model(best)
-                elif segmenter is None:
-                    raise TrainingError(
-                        f"classification without segmentation needs {best} from an "
-                        f"earlier segmentation phase"
-                    )
-                classifier = _build_classifier(segmenter, config.model)
-                classifier.encoder.trainable = False
-            classifier.compile(
-                optimizer=keras.optimizers.Adam(t.classifier_learning_rate),
-                loss="binary_crossentropy",
-                metrics=[
-                    keras.metrics.BinaryAccuracy(name="accuracy"),
-                    keras.metrics.AUC(name="auc"),
-                ],
-                jit_compile=t.jit_compile,
-            )
-        train_ds = make_dataset(
-            split="train",
-            training=True,
-            compact=True,  # int16/uint8 batches: the model casts
-            task="classify",
-            augment_data=config.data.augment,
-            oversample_pneumonia=config.data.oversample_pneumonia,
-            shuffle_buffer=config.data.shuffle_buffer,
-            **common,
-        )
-        val_ds = make_dataset(
-            split="validation",
-            training=False,
-            compact=True,  # int16/uint8 batches: the model casts
-            task="classify",
-            drop_remainder=eval_drop,
-            **common,
-        )
-        # Patient-level metrics predict slice by slice on one worker: not under multi-worker.
-        patient_eval = [] if is_multi_worker(strategy) else [PatientEvaluation(inspect_val)]
-        log(
-            f"phase 2: classification head on the frozen encoder, up to {t.classifier_epochs} "
-            f"epochs"
-        )
-        _fit(
-            classifier,
-            strategy,
-            train_ds,
-            val_ds,
-            t.classifier_epochs,
-            _callbacks(
-                out,
-                "classification",
-                t.early_stopping_patience,
-                resume,
-                patient_eval,
-            ),
-            verbose,
-        )
-        classifier.save(out / "classifier_last.keras")
-        finish_phase("classification", phase_start)
+                _classification_phase(run, segmenter)
+        except tf.errors.DataLossError as e:
+            raise TrainingError(_corrupt_records_message(folder, manifest, e)) from None
+        finish_phase(phase, phase_start)
     if chief:
         # The severity grades' ratio thresholds, from the training patients' ground truth;
         # exports and predictions read them from here.
@@ -608,20 +550,208 @@ def train(
         with contextlib.suppress(OSError):
             (out / "backup").rmdir()
     timings["total_s"] = round(time.perf_counter() - start, 1)
-    summary = {
+    summary = _summary(config, folder, manifest, strategy, resume, timings)
+    _write_json(out / "run.json", summary)
+    return summary
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one training run share."""
+
+    config: ExperimentConfig
+    out: Path
+    resume: bool
+    verbose: object
+    log: object
+    strategy: object
+    common: dict
+
+    @property
+    def eval_drop(self) -> bool:
+        # Every replica needs at least one example of the last validation batch.
+        return self.strategy.num_replicas_in_sync > 1
+
+    @functools.cached_property
+    def inspect_val(self):
+        return make_dataset(split="validation", training=False, task="inspect", **self.common)
+
+
+def _corrupt_records_message(folder: Path, manifest: dict, error) -> str:
+    bad = find_corrupt_shards(folder, manifest)
+    where = ", ".join(bad) if bad else "a shard"
+    return (
+        f"the records in {folder} are corrupt ({where}: {error.message.splitlines()[0]}); "
+        "convert them again with python -m data_tools.convert"
+    )
+
+
+def _finish_best(model, out: Path, phase: str, log) -> None:
+    """Makes sure the phase's best checkpoint loads; writes the model there when not.
+
+    A resumed phase whose epochs were all done before the kill runs no epoch, so the
+    checkpoint a kill interrupted is never written again: the weights the phase ends
+    with (the best, restored by EarlyStopping, or the backup's) take its place.
+    """
+    best = out / f"{RUN_MODELS[phase]}_best.keras"
+    if model_file_problem(best) is None:
+        return
+    log(f"{best.name} was not written by this phase's epochs: saving the phase's model")
+    save_model(model, best)
+
+
+def _segmentation_phase(run: _Run):
+    """Phase 1: the segmenter with the hybrid loss (and the classifier head, with
+    ``train.classifier_aux_weight``); returns the segmenter."""
+    config, t, out = run.config, run.config.train, run.out
+    with run.strategy.scope():
+        segmenter = build_model(config.model)
+        outputs = tuple(segmenter.output)
+        losses, weights = deep_supervision(
+            list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight
+        )
+        metrics = {"final": segmentation_metrics(config.model.class_names)}
+        fit_model, label_output = segmenter, None
+        if t.classifier_aux_weight:
+            # Segmentation and the slice classifier's head train the encoder together.
+            head = _build_classifier(segmenter, config.model)
+            fit_model = with_classifier_head(segmenter, head)
+            label_output = "covid_probability"
+            losses[label_output] = "binary_crossentropy"
+            weights[label_output] = t.classifier_aux_weight
+            metrics[label_output] = [keras.metrics.AUC(name="auc")]
+        fit_model.compile(
+            optimizer=keras.optimizers.Adam(t.learning_rate),
+            loss=losses,
+            loss_weights=weights,
+            metrics=metrics,
+            jit_compile=t.jit_compile,
+        )
+    train_ds = make_dataset(
+        split="train",
+        training=True,
+        compact=True,  # int16/uint8 batches: the model casts
+        outputs=outputs,
+        augment_data=config.data.augment,
+        oversample_lesions=config.data.oversample_lesions,
+        oversample_pneumonia=config.data.oversample_pneumonia,
+        shuffle_buffer=config.data.shuffle_buffer,
+        label_output=label_output,
+        **run.common,
+    )
+    val_ds = make_dataset(
+        split="validation",
+        training=False,
+        compact=True,  # int16/uint8 batches: the model casts
+        outputs=outputs,
+        label_output=label_output,
+        drop_remainder=run.eval_drop,
+        **run.common,
+    )
+    extra = []
+    if t.overlay_images and is_chief(run.strategy):
+        images, masks = _overlay_slices(run.inspect_val, t.overlay_images)
+        if images:
+            extra.append(
+                OverlayImages(
+                    images,
+                    masks,
+                    out / "logs" / "tensorboard" / "segmentation",
+                    window=config.model.hu_window,
+                    class_names=config.model.class_names,
+                )
+            )
+    run.log(
+        f"phase 1: segmentation, {config.model.architecture} at "
+        f"{config.model.input_size[0]}x{config.model.input_size[1]}, fold {config.data.fold}, "
+        f"up to {t.epochs} epochs"
+    )
+    callbacks = _callbacks(
+        out, "segmentation", t.early_stopping_patience, run.resume, extra, segmenter, run.log
+    )
+    _fit(fit_model, run.strategy, train_ds, val_ds, t.epochs, callbacks, run.verbose)
+    save_model(segmenter, out / "segmenter_last.keras")
+    _finish_best(segmenter, out, "segmentation", run.log)
+    return segmenter
+
+
+def _classification_phase(run: _Run, segmenter) -> None:
+    """Phase 2: the classifier head on the best segmenter's frozen encoder (the paper's
+    gate), or the plain SE-ResNet classifier."""
+    config, t, out = run.config, run.config.train, run.out
+    with run.strategy.scope():
+        if config.model.architecture == "seresnet_classifier":
+            classifier = build_model(config.model)
+        else:
+            # The encoder of the best segmenter (the checkpoint, which also holds after
+            # a resumed run), frozen: the paper's phase 2.
+            best = out / "segmenter_best.keras"
+            if best.is_file():
+                segmenter = load_model(best)
+            elif segmenter is None:
+                raise TrainingError(
+                    f"classification without segmentation needs {best} from an "
+                    f"earlier segmentation phase"
+                )
+            classifier = _build_classifier(segmenter, config.model)
+            classifier.encoder.trainable = False
+        classifier.compile(
+            optimizer=keras.optimizers.Adam(t.classifier_learning_rate),
+            loss="binary_crossentropy",
+            metrics=[
+                keras.metrics.BinaryAccuracy(name="accuracy"),
+                keras.metrics.AUC(name="auc"),
+            ],
+            jit_compile=t.jit_compile,
+        )
+    train_ds = make_dataset(
+        split="train",
+        training=True,
+        compact=True,  # int16/uint8 batches: the model casts
+        task="classify",
+        augment_data=config.data.augment,
+        oversample_pneumonia=config.data.oversample_pneumonia,
+        shuffle_buffer=config.data.shuffle_buffer,
+        **run.common,
+    )
+    val_ds = make_dataset(
+        split="validation",
+        training=False,
+        compact=True,  # int16/uint8 batches: the model casts
+        task="classify",
+        drop_remainder=run.eval_drop,
+        **run.common,
+    )
+    # Patient-level metrics predict slice by slice on one worker: not under multi-worker.
+    multi = is_multi_worker(run.strategy)
+    patient_eval = [] if multi else [PatientEvaluation(run.inspect_val)]
+    run.log(
+        f"phase 2: classification head on the frozen encoder, up to {t.classifier_epochs} epochs"
+    )
+    callbacks = _callbacks(
+        out, "classification", t.early_stopping_patience, run.resume, patient_eval, log=run.log
+    )
+    _fit(classifier, run.strategy, train_ds, val_ds, t.classifier_epochs, callbacks, run.verbose)
+    save_model(classifier, out / "classifier_last.keras")
+    _finish_best(classifier, out, "classification", run.log)
+
+
+def _summary(config, folder, manifest, strategy, resume, timings) -> dict:
+    """The content of ``run.json``."""
+    return {
         "experiment": config.name,
-        "fold": fold,
+        "fold": config.data.fold,
         "records": str(folder),
         "data_fingerprint": _data_fingerprint(folder),
         "num_slices": manifest["num_slices"],
-        "seed": t.seed,
+        "seed": config.train.seed,
         "strategy": (
             "MultiWorkerMirroredStrategy"  # TF's class is CollectiveAllReduceStrategy
             if is_multi_worker(strategy)
             else type(strategy).__name__
         ),
         "replicas": strategy.num_replicas_in_sync,
-        "chief": chief,
+        "chief": is_chief(strategy),
         "resumed": bool(resume),
         "versions": {
             "tfcovseg": __version__,
@@ -633,8 +763,6 @@ def train(
         "timings": timings,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(out / "run.json", summary)
-    return summary
 
 
 def _parse_fold(value: str):
@@ -663,6 +791,12 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
     from tfcovseg.evaluate import evaluate_run
 
     out = Path(out)
+    try:
+        check_output_dir(out)
+    except OutputError as e:
+        raise TrainingError(str(e)) from None
+    if resume and not out.is_dir():
+        raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue")
     if out.exists() and any(out.iterdir()) and not resume:
         raise TrainingError(
             f"{out} already holds a run: pass --resume to continue it or choose another --out"
@@ -744,6 +878,14 @@ def main(argv=None) -> int:
         return 2
     verbose = 2 if args.quiet else "auto"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    quickstart = config.name == "quickstart"
+    export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
+    if export_dir is not None and args.fold != "all":
+        try:  # before hours of training, not after
+            check_output_dir(export_dir, "--export")
+        except OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.fold == "all":
         out = args.out or Path("runs") / f"{config.name}-cv-{stamp}"
         try:
@@ -763,13 +905,11 @@ def main(argv=None) -> int:
     print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
     if not summary.get("chief", True):
         return 0  # other workers of a multi-worker run: the chief evaluates and exports
-    quickstart = config.name == "quickstart"
     if args.evaluate or quickstart:
         from tfcovseg.evaluate import evaluate_run, print_headline
 
         results = evaluate_run(out, split="test")
         print_headline(results, out)
-    export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
     if export_dir is not None:
         from tfcovseg.export import ExportError, export_run
 

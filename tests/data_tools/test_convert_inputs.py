@@ -3,6 +3,7 @@ images, cropped masks, gaps, reruns in other processes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,8 +144,8 @@ def test_a_cropped_mask_and_a_gap_are_reported_and_fatal_when_strict(cohort, tmp
     files[len(files) // 2].unlink()
     labels = np.asarray(mask.dataobj)
     kept = np.delete(labels, len(files) // 2, axis=2)
-    assert main(["--input", str(src), "--out", str(tmp_path / "out"), "--size", "64",
-                 "--salt", SALT]) == 0  # fmt: skip
+    args = ["--input", str(src), "--size", "64", "--salt", SALT]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     # 3 slices beyond the series and the one in its gap
     assert "4 mask plane(s) lie outside the series" in printed
@@ -155,8 +156,7 @@ def test_a_cropped_mask_and_a_gap_are_reported_and_fatal_when_strict(cohort, tmp
     # Slice by slice on its own position: the slices after the gap keep their masks.
     per_slice = [sum(s["lesion_pixels"]) for s in manifest["slices"]]
     assert per_slice == [int((kept[:, :, k] > 0).sum()) for k in range(kept.shape[2])]
-    assert main(["--input", str(src), "--out", str(tmp_path / "strict"), "--size", "64",
-                 "--salt", SALT, "--strict"]) == 2  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "strict"), "--strict"]) == 2
     err = capsys.readouterr().err
     assert "--strict" in err and "outside the series" in err and "gap" in err
     assert not (tmp_path / "strict" / "manifest.json").exists()
@@ -190,3 +190,60 @@ def test_reruns_in_two_processes_are_byte_identical(cohort, tmp_path):
 
     first, second = digests(tmp_path / "a"), digests(tmp_path / "b")
     assert len(first) >= 2 and first == second
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and fields.get("State", "")[:1] != "Z":
+            found.add(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state
+
+
+def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = ["--input", str(cohort), "--out", str(tmp_path / "out"), "--size", "64"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.convert", *args, "--salt", SALT, "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        workers: set[int] = set()
+        while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the converter never started its two workers"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if _alive(p)], "workers outlived the converter"
+    finally:
+        proc.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not (tmp_path / "out" / "manifest.json").exists()

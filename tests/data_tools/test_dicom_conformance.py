@@ -57,7 +57,12 @@ def test_ct_files_have_no_dciodvfy_errors(dciodvfy, ct_folder):
         assert not errors, f"{f.name}:\n" + "\n".join(lines)
 
 
-def test_seg_from_phantom_ct_has_no_dciodvfy_errors(dciodvfy, ct_folder, patient, tmp_path):
+@pytest.mark.parametrize("research", [False, True], ids=["source-identity", "research"])
+def test_seg_from_phantom_ct_has_no_dciodvfy_errors(
+    dciodvfy, ct_folder, patient, tmp_path, research
+):
+    import pydicom
+
     from tfcovseg.predict import read_input, write_seg
 
     volumes, _ = read_input(ct_folder, salt="x")
@@ -66,8 +71,23 @@ def test_seg_from_phantom_ct_has_no_dciodvfy_errors(dciodvfy, ct_folder, patient
     assert labels.shape == volume.hu.shape and labels.any()
     path = tmp_path / "seg.dcm"
     assert write_seg(
-        volume, labels.astype(np.uint8), ["ggo", "consolidation", "fibrosis"], path, "1"
+        volume,
+        labels.astype(np.uint8),
+        ["ggo", "consolidation", "fibrosis"],
+        path,
+        "1",
+        research=research,
     )
     lines, errors = verify(dciodvfy, path)
     assert "Segmentation" in lines, "not checked as a SEG:\n" + "\n".join(lines)
     assert not errors, "\n".join(lines)
+    seg = pydicom.dcmread(path)
+    # The source's patient module by default (a PACS files the SEG with the study); the
+    # patient's pseudonym in a research SEG, which still references the source images.
+    names = (str(seg.PatientName), str(seg.PatientID), seg.get("PatientBirthDate", ""))
+    if research:
+        assert names == (volume.patient, volume.patient, "")
+        assert seg.PatientIdentityRemoved == "YES"
+    else:
+        assert names == ("TEST^ONE", "X-1", "19600101")
+    assert seg.StudyInstanceUID == volume.datasets[0].StudyInstanceUID

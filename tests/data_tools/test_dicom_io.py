@@ -112,6 +112,35 @@ def test_skip_reasons(tmp_path):
     assert kind == "ct" and ds.Modality == "CT"
 
 
+def test_reasons_name_the_real_cause(tmp_path, monkeypatch):
+    # A CT file cut anywhere inside its header is truncated, never "not an image" or
+    # "without PixelSpacing"; a file the system will not read is not "corrupt".
+    p = make_patient(2, 32, "healthy", "none", n_slices=3)
+    write_patient(p, tmp_path / "s", patient_id="P1", patient_name="A^B")
+    data = (tmp_path / "s" / "ct" / "IM0000.dcm").read_bytes()
+    header_end = data.index(b"\xe0\x7f\x10\x00")  # the (7FE0,0010) pixel data tag
+    cut = tmp_path / "cut.dcm"
+    reasons = set()
+    for end in range(200, header_end, 40):
+        cut.write_bytes(data[:end])
+        try:
+            read_header(cut)  # cut after every tag a CT header needs: the pixels fail later
+        except SkipFile as e:
+            reasons.add(str(e))
+        else:
+            with pytest.raises(SkipFile, match="pixel data"):
+                read_hu(cut)
+    assert reasons == {"corrupt or truncated file: it ends inside its header"}
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(cut))
+
+    monkeypatch.setattr(pydicom, "dcmread", refused)
+    for read in (read_header, read_hu):
+        with pytest.raises(SkipFile, match=r"^cannot read the file \(permission denied\)$"):
+            read(cut)
+
+
 def _write_series(folder, seed, n=6, patient_id="P1"):
     p = make_patient(seed, 32, "healthy", "none", n_slices=n)
     write_patient(p, folder, patient_id=patient_id, patient_name="A^B", seed=seed)

@@ -13,6 +13,7 @@ from tfcovseg.models.classifier import CovidClassifier, build_classifier
 from tfcovseg.models.encoder import PYRAMID_LEVELS, SEResNetEncoder
 from tfcovseg.models.layers import ResizeToMatch, SqueezeAxis
 from tfcovseg.models.preprocessing import HUWindow, window_hu
+from tfcovseg.models.saving import ModelFileError, model_file_problem, save_model, save_weights
 from tfcovseg.models.segmenter import CoarseRefineNet
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "CoarseRefineNet",
     "CovidClassifier",
     "HUWindow",
+    "ModelFileError",
     "ResizeToMatch",
     "SEResNetEncoder",
     "SqueezeAxis",
@@ -29,7 +31,10 @@ __all__ = [
     "build_model",
     "load_model",
     "load_run_models",
+    "model_file_problem",
     "run_model_path",
+    "save_model",
+    "save_weights",
     "window_hu",
 ]
 
@@ -114,11 +119,17 @@ def load_model(path, compile=False):
     Args:
         path: A ``.keras`` file written by tfcovseg.
         compile: Restore the optimizer, losses and metrics as well.
+
+    Raises:
+        ModelFileError: a missing, empty or truncated file (`model_file_problem`).
     """
     import keras
 
     from tfcovseg import losses, metrics  # noqa: F401  (registration)
 
+    problem = model_file_problem(path)
+    if problem:
+        raise ModelFileError(problem)
     return keras.saving.load_model(path, compile=compile, safe_mode=True)
 
 

@@ -1,0 +1,215 @@
+"""predict on inputs a user may well give it: one slice, a sagittal series, an abdomen, NaN,
+a label volume, tagged files (privacy), an interrupted run, an --out that is a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from data_tools.phantom import make_patient, write_patient
+from tfcovseg.predict import PredictionError, main, open_model, predict
+
+SALT = "test-salt"
+QUIET = dict(salt=SALT, log=lambda *a: None)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(phantom_export):
+    return open_model(phantom_export)
+
+
+def _strict(path: Path) -> dict:
+    """A JSON file read by a strict parser (no NaN / Infinity)."""
+
+    def refuse(name):
+        raise ValueError(f"{path.name} holds {name}: not standard JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _reports(out: Path) -> list[dict]:
+    return [_strict(p) for p in sorted(out.glob("*/report.json"))]
+
+
+def _sagittal_copy(src: Path, dst: Path) -> None:
+    """The series of `src` re-labelled as sagittal slices (same pixels)."""
+    dst.mkdir(parents=True)
+    files = sorted(src.glob("*.dcm"))
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [float(k) * 5.0, -150.0, 150.0]
+        ds.save_as(dst / path.name)
+
+
+def _abdomen(path: Path) -> None:
+    """A NIfTI slab of soft tissue with a little bowel gas: a CT without lungs."""
+    rng = np.random.default_rng(4)
+    z, h, w = 12, 64, 64
+    yy, xx = np.mgrid[:h, :w]
+    body = ((yy - 32) / 26) ** 2 + ((xx - 32) / 30) ** 2 <= 1
+    hu = np.full((z, h, w), -1000.0, np.float32)
+    hu[:, body] = 40.0
+    hu += rng.normal(0, 15, hu.shape).astype(np.float32)
+    hu[:, 30:33, 28:31] = -950.0  # gas
+    affine = np.diag([5.0, 5.0, 5.0, 1.0])
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)), affine), path)
+
+
+def test_studies_that_cannot_support_a_grade_get_none_and_say_why(model, phantom_run, tmp_path):
+    case = phantom_run.cohort / "case_0000" / "ct"
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(case.glob("*.dcm"))[10], one)
+    _sagittal_copy(case, tmp_path / "sagittal")
+    _abdomen(tmp_path / "abdomen.nii.gz")
+    expected = {
+        "one": "a single slice",
+        "sagittal": "not an axial series",
+        "abdomen.nii.gz": "lung",  # no lung found, or lungs far too small
+    }
+    for name, why in expected.items():
+        out = tmp_path / f"out-{name}"
+        printed = []
+        predict(model, tmp_path / name, out, gate=False, salt=SALT, log=printed.append)
+        (report,) = _reports(out)
+        severity = report["severity"]
+        assert severity["grade"] is None, name
+        assert any(why in r for r in severity["not_graded"]), (name, severity)
+        assert report["covid"]["lesion_burden"]["positive"] is None
+        assert any("no severity grade" in w for w in report["warnings"])
+        assert any("no severity grade" in line and why in line for line in printed), printed
+        index = _strict(out / "index.json")
+        assert index["series"][0]["severity"] is None
+        assert "not graded" in (out / report["study"]["series"] / "report.html").read_text()
+    # The abdomen is not reported as lesions on 100 % of a lung.
+    (report,) = _reports(tmp_path / "out-abdomen.nii.gz")
+    assert report["total"]["percent_of_lung"] < 100.0 or report["lung_volume_ml"] == 0
+
+
+def _nifti_like(phantom_run, path: Path, data: np.ndarray) -> None:
+    affine = nib.load(phantom_run.cohort / "case_0000" / "lesions.nii.gz").affine
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
+
+
+def test_nan_and_non_ct_volumes_are_refused_with_the_reason(model, phantom_run, tmp_path, capsys):
+    labels = np.asarray(nib.load(phantom_run.cohort / "case_0000" / "lesions.nii.gz").dataobj)
+    hu = np.where(labels > 0, -500.0, -1000.0) + np.arange(labels.size).reshape(labels.shape) % 50
+    hu[0, 0, 0] = np.nan
+    stored = 1024.0 + np.arange(labels.size).reshape(labels.shape) % 3000  # no rescale to HU
+    cases = {
+        "nan.nii.gz": (hu, "NaN or infinite"),
+        "labels.nii.gz": (labels, "distinct values"),
+        "stored.nii.gz": (stored, "no air"),
+    }
+    for name, (data, reason) in cases.items():
+        _nifti_like(phantom_run, tmp_path / name, data)
+        args = ["--model", str(model.path), "--salt", SALT, "--input", str(tmp_path / name)]
+        assert main(args + ["--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert reason in err and name in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _tagged_patient(folder: Path) -> dict:
+    """A phantom series whose headers carry identifiers to look for on the console."""
+    ids = {
+        "name": "A072894",  # one component: highdicom warns about it, quoting it
+        "id": "MRN-55512345",
+        "birth": "19711203",
+        "accession": "ACC-9988776",
+    }
+    p = make_patient(21, 64, "covid", "severe", n_slices=6)
+    write_patient(
+        p, folder, patient_id=ids["id"], patient_name=ids["name"], birth_date=ids["birth"]
+    )
+    study = generate_uid(entropy_srcs=["tagged-study"])
+    for path in sorted((folder / "ct").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber, ds.StudyInstanceUID = ids["accession"], study
+        ds.save_as(path)
+    ds = pydicom.dcmread(next((folder / "ct").glob("*.dcm")))
+    ids |= {"study": study, "series": ds.SeriesInstanceUID, "sop": ds.SOPInstanceUID}
+    return ids
+
+
+def _run(module: str, *args) -> str:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TFCOVSEG_SALT": SALT}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_no_identifier_reaches_the_console(phantom_export, tmp_path):
+    ids = _tagged_patient(tmp_path / "in" / "patient")
+    (tmp_path / "in" / "patient" / "ct" / "IM0002.dcm").write_bytes(b"broken")  # a skip line
+    records = tmp_path / "records"
+    printed = _run("data_tools.convert", "--input", str(tmp_path / "in"), "--out", str(records))
+    series = tmp_path / "in" / "patient" / "ct"
+    args = ["--model", str(phantom_export), "--input", str(series), "--no-gate"]
+    printed += _run("tfcovseg.predict", *args, "--out", str(tmp_path / "pred"))
+    assert "skipped" in printed and "series S" in printed  # the commands did speak
+    for kind, value in ids.items():
+        assert value not in printed, f"the {kind} {value} was printed"
+    seg = pydicom.dcmread(next((tmp_path / "pred").glob("*/segmentation.dcm")))
+    assert str(seg.PatientName) == ids["name"]  # the SEG keeps the source identity by default
+
+
+def test_a_rerun_keeps_finished_series_and_finishes_the_rest(model, phantom_run, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(phantom_run.cohort / "case_0003" / "ct", study / "a")
+    shutil.copytree(phantom_run.cohort / "case_0004" / "ct", study / "b")
+    out = tmp_path / "out"
+    index = predict(model, study, out, gate=False, **QUIET)
+    first, second = [s["series"] for s in index["series"]]
+    kept = (out / first / "report.json").read_bytes()
+    # As after a kill during the second series: its folder is a hidden partial one.
+    shutil.rmtree(out / second)
+    (out / f".{second}-x1y2").mkdir()
+    (out / f".{second}-x1y2" / "lesions.nii.gz").write_bytes(b"half")
+    index["series"] = index["series"][:1]
+    (out / "index.json").write_text(json.dumps(index))
+    printed = []
+    index = predict(model, study, out, gate=False, salt=SALT, log=printed.append)
+    assert any("already predicted" in line for line in printed)
+    assert (out / first / "report.json").read_bytes() == kept
+    assert (out / second / "report.json").is_file()
+    assert not list(out.glob(".*"))
+    assert [s["series"] for s in _strict(out / "index.json")["series"]] == [first, second]
+    # Results made with other settings are never overwritten or mixed.
+    with pytest.raises(PredictionError, match="other settings.*mask_threshold"):
+        predict(model, study, out, gate=False, mask_threshold=0.3, **QUIET)
+
+
+def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, tmp_path, capsys):
+    from data_tools.convert import main as convert_main
+
+    (tmp_path / "file").write_text("x")
+    case = str(phantom_run.cohort / "case_0000")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        args = ["--model", str(phantom_export), "--input", case, "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and str(out) in err
+        assert len(err.strip().splitlines()) == 1
+        assert convert_main(["--input", case, "--out", str(out), "--salt", SALT]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and len(err.strip().splitlines()) == 1
