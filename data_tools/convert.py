@@ -9,7 +9,8 @@ What it finds under ``--input``:
 - DICOM CT series (grouped by SeriesInstanceUID, sorted along the slice normal), with
   lesion masks from a DICOM SEG object that references the series, or else from a NIfTI
   label volume named like ``*lesion*``, ``*mask*``, ``*seg*`` or ``*label*`` in the
-  series folder or the folder above it;
+  series folder or a folder above it, given to the one series whose voxel grid it fits
+  (never shared, never borrowed: an ambiguous mask is skipped);
 - NIfTI CT volumes, with a mask next to them named ``<stem>_mask`` (``_seg``,
   ``_lesions``, ``_label``) or with ``im`` replaced by ``mask`` (``tr_im`` -> ``tr_mask``);
 - 2-D slice datasets in the COVID-SemiSeg layout: ``Imgs/N.jpg`` (already windowed 8-bit)
@@ -56,7 +57,13 @@ from data_tools.features import DIAGNOSES, SEVERITIES
 from data_tools.files import OutputError, atomic_write_json, check_output_dir
 from data_tools.folds import assign_subgroups, fold_splits
 from data_tools.lung import lung_mask
-from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt
+from data_tools.privacy import (
+    Redactor,
+    held_warnings,
+    pseudonym,
+    redacted_warnings,
+    resolve_salt,
+)
 
 DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
 MANIFEST = "manifest.json"
@@ -88,6 +95,7 @@ class Study:
     image_path: Path | None = None
     mask_path: Path | None = None
     mask_kind: str | None = None  # nifti | seg | png
+    mask_fit: masks.MaskFit | None = None  # a NIfTI mask of a DICOM series: its voxels
     diagnosis: str = "unknown"
     severity: str = "unknown"
     warnings: list[str] = dataclasses.field(default_factory=list)  # converted, but say so
@@ -210,8 +218,18 @@ def discover(
         return labels.get(key, (default_diagnosis, default_severity))
 
     mask_niftis = [p for p in niftis if _looks_like_mask(p)]
-    found.studies += _dicom_studies(root, series_list, segs, mask_niftis, label_of, found)
-    found.studies += _nifti_studies(root, niftis, mask_niftis, label_of, found)
+    # A mask named after a NIfTI volume beside it is that volume's; the rest may be a
+    # DICOM series'.
+    volume_masks = _volume_masks(niftis, mask_niftis)
+    free = [p for p in mask_niftis if p not in volume_masks.values()]
+    found.studies += _dicom_studies(root, series_list, segs, free, label_of, found)
+    found.studies += _nifti_studies(root, volume_masks, label_of)
+    used = {s.mask_path for s in found.studies}
+    reported = {p for p, _ in found.skipped}
+    for path in mask_niftis:
+        rel = path.relative_to(root).as_posix()
+        if path not in used and rel not in reported:
+            found.skipped.append((rel, "mask with no matching CT series or volume"))
     found.studies += _image_studies(root, images, label_of, found)
     found.studies.sort(key=lambda s: s.rel)
     return found
@@ -229,6 +247,7 @@ def _dicom_studies(root, series_list, segs, mask_niftis, label_of, found) -> lis
         folder = series.slices[0].path.parent
         mask_path, mask_kind = seg_by_series.get(series.uid), "seg"
         warnings = []
+        fit = None
         if mask_path is None and series.uid in nifti_for:
             (mask_path, fit), mask_kind = nifti_for[series.uid], "nifti"
             if fit.status == "cropped":
@@ -246,6 +265,7 @@ def _dicom_studies(root, series_list, segs, mask_niftis, label_of, found) -> lis
                 series=series,
                 mask_path=mask_path,
                 mask_kind=mask_kind if mask_path else None,
+                mask_fit=fit,
                 diagnosis=diagnosis,
                 severity=severity,
                 warnings=warnings,
@@ -262,7 +282,14 @@ def _match_nifti_masks(root, series_list, mask_niftis, seg_by_series, found) -> 
     for path in mask_niftis:
         rel = path.relative_to(root).as_posix()
         scope = [s for s in series_list if path.parent in s.slices[0].path.parents]
-        fits = [(s, masks.fit_on_series(path, s)) for s in scope]
+        if not scope:
+            continue
+        try:
+            header = masks.load_label_header(path)  # once per mask: no voxels read
+        except SkipFile as e:
+            found.skipped.append((rel, str(e)))
+            continue
+        fits = [(s, masks.fit_on_series(header, s)) for s in scope]
         matched = [(s, f) for s, f in fits if f.status != "none"]
         if len(matched) == 1:
             claims.setdefault(matched[0][0].uid, []).append((path, matched[0][1]))
@@ -281,7 +308,6 @@ def _match_nifti_masks(root, series_list, mask_niftis, seg_by_series, found) -> 
             found.skipped.append(
                 (rel, f"mask does not fit {which} in its folder: {fits[0][1].reason}")
             )
-        # A mask with no series under its folder may belong to a NIfTI volume (see there).
     chosen = {}
     for uid, claimed in claims.items():
         names = ", ".join(p.relative_to(root).as_posix() for p, _ in claimed)
@@ -303,21 +329,28 @@ def _match_nifti_masks(root, series_list, mask_niftis, seg_by_series, found) -> 
     return chosen
 
 
-def _nifti_studies(root, niftis, mask_niftis, label_of, found) -> list:
-    """A study per NIfTI CT volume, with the mask named after it in its folder."""
-    studies, used = [], set()
+def _volume_masks(niftis, mask_niftis) -> dict:
+    """{NIfTI CT volume: its mask or None}: ``<stem>_mask`` (``_seg``, ``_lesions``,
+    ``_label``), or ``im`` replaced by ``mask``, in the volume's folder."""
+    out = {}
     for path in niftis:
         if path in mask_niftis:
             continue
         stem = _nifti_stem(path)
         names = [f"{stem}_{w}" for w in ("mask", "seg", "lesions", "label")]
         names.append(re.sub(r"(^|_)im($|_)", r"\1mask\2", stem))
-        mask = next(
+        out[path] = next(
             (p for p in mask_niftis if _nifti_stem(p) in names and p.parent == path.parent), None
         )
-        used.add(mask)
+    return out
+
+
+def _nifti_studies(root, volume_masks: dict, label_of) -> list:
+    """A study per NIfTI CT volume, with its mask (`_volume_masks`)."""
+    studies = []
+    for path, mask in volume_masks.items():
         rel = path.relative_to(root).as_posix()
-        diagnosis, severity = label_of(stem)
+        diagnosis, severity = label_of(_nifti_stem(path))
         studies.append(
             Study(
                 kind="nifti",
@@ -331,20 +364,7 @@ def _nifti_studies(root, niftis, mask_niftis, label_of, found) -> list:
                 severity=severity,
             )
         )
-    # A mask beside its NIfTI volume is that volume's, whatever the series around it.
-    taken = {p.relative_to(root).as_posix() for p in used if p is not None}
-    found.skipped = [(p, r) for p, r in found.skipped if p not in taken]
-    reported = {p for p, _ in found.skipped}
-    for path in mask_niftis:
-        rel = path.relative_to(root).as_posix()
-        if path not in used and rel not in reported and not _under_any_series(path, found):
-            found.skipped.append((rel, "mask with no matching CT series or volume"))
     return studies
-
-
-def _under_any_series(mask: Path, found: Discovery) -> bool:
-    """Whether a DICOM study already holds `mask` (the matcher assigned it)."""
-    return any(s.mask_path == mask for s in found.studies)
 
 
 def _image_studies(root, images, label_of, found) -> list:
@@ -451,7 +471,7 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
         check_ct_values(hu)
         labels = None
         if study.mask_kind == "nifti":
-            labels = masks.nifti_labels_on_series(study.mask_path, series)[kept]
+            labels = masks.nifti_labels_on_series(study.mask_path, series, study.mask_fit)[kept]
         elif study.mask_kind == "seg":
             labels = masks.seg_labels_on_series(study.mask_path, series, classes)[kept]
         first = series.slices[0]
@@ -516,13 +536,17 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
 
 
 def _safe_process(args):
+    """(result, None) or (None, reason), and the warnings the study raised: held back (in
+    a worker process too) for the converter to show redacted."""
     study, size, classes = args
-    try:
-        return process_study(study, size, classes), None
-    except SkipFile as e:
-        return None, str(e)
-    except Exception as e:  # a bug or an unforeseen file problem must not stop the run
-        return None, f"unexpected error ({type(e).__name__}: {e})"
+    with held_warnings() as held:
+        try:
+            result, reason = process_study(study, size, classes), None
+        except SkipFile as e:
+            result, reason = None, str(e)
+        except Exception as e:  # a bug or an unforeseen file problem must not stop the run
+            result, reason = None, f"unexpected error ({type(e).__name__}: {e})"
+    return result, reason, list(held)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -607,9 +631,10 @@ class _Records:
         self.total = self.with_lesions = 0
 
     def close(self) -> dict:
-        """Closes the shards; returns {shard name: bytes} for the manifest."""
+        """Closes the shards (once); returns {shard name: bytes} for the manifest."""
         for w in self.writers:
             w.close()
+        self.writers = []
         return {n: (self.partial / n).stat().st_size for n in self.shard_names}
 
     def add(self, study: Study, pid: str, shard: int, result: StudyResult) -> None:
@@ -743,8 +768,8 @@ def convert(
         start,
     )
     redactor = Redactor()
-    with redacted_warnings(redactor):
-        return _convert(job, redactor)
+    with redacted_warnings(redactor) as held:
+        return _convert(job, redactor, held)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -768,7 +793,7 @@ class _Job:
     start: float
 
 
-def _convert(job: _Job, redactor: Redactor) -> dict:
+def _convert(job: _Job, redactor: Redactor, held: list) -> dict:
     found = discover(
         job.input_dir,
         job.classes,
@@ -777,7 +802,7 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
         exclude=job.out_dir,
         redactor=redactor,
     )
-    studies, skipped, redactor = found.studies, found.skipped, found.redactor
+    studies, skipped = found.studies, found.skipped
     if job.strict and (skipped or any(s.warnings for s in studies)):
         raise ConversionError("--strict: " + _strict_problems(found, redactor))
     if not studies:
@@ -798,53 +823,63 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
         pid = pseudonym("P", study.patient_key, job.key)
         redactor.add(study.patient_key.split(":", 1)[1], pid)
         patients.setdefault(pid, []).append(study)
-    order = sorted(patients)
-    rank = {pid: i for i, pid in enumerate(order)}
     expected_slices = sum(len(s.series.slices) if s.series else 1 for s in studies)
-    n_shards = job.shards or max(1, min(len(order), math.ceil(expected_slices / 256)))
+    n_shards = job.shards or max(1, min(len(patients), math.ceil(expected_slices / 256)))
     suffix = ".tfrecord.gz" if job.compression == "GZIP" else ".tfrecord"
     shard_names = [f"slices-{i:05d}-of-{n_shards:05d}{suffix}" for i in range(n_shards)]
-
     job.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in job.out_dir.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
     partial = job.out_dir / f".partial-{os.getpid()}"
     partial.mkdir()
     records = _Records(partial, shard_names, job.compression, job.classes, job.key)
-    jobs = [(s, job.size, job.classes) for pid in order for s in patients[pid]]
-    owners = [pid for pid in order for _ in patients[pid]]
-    warnings = [(s.rel, w) for s in studies for w in s.warnings]
     try:
-        for done, (study, pid, (result, reason)) in enumerate(
-            zip((j[0] for j in jobs), owners, _ordered_map(_safe_process, jobs, job.workers)),
-            start=1,
-        ):
-            if result is None:
-                skipped.append((study.rel, reason))
-                if job.strict:
-                    raise ConversionError(f"--strict: {redactor(study.rel)}: {redactor(reason)}")
-                continue
-            skipped += [(f"{study.rel}/{name}", r) for name, r in result.skipped]
-            if job.strict and result.skipped:
-                raise ConversionError(
-                    f"--strict: {redactor(study.rel)}: {redactor(result.skipped[0][1])}"
-                )
-            records.add(study, pid, rank[pid] % n_shards, result)
-            if job.progress:
-                _progress(done, len(jobs), records.total, job.start)
-        if job.progress:
-            _progress(len(jobs), len(jobs), records.total, job.start, final=True)
+        _write_studies(job, patients, records, found, held)
         shard_bytes = records.close()
+        if not records.patients:
+            raise ConversionError(
+                f"no usable study under {job.input_dir}: all {len(studies)} failed, e.g. "
+                f"{redactor(skipped[-1][0])}: {redactor(skipped[-1][1])}"
+            )
     except BaseException:
-        records.close()
+        with contextlib.suppress(OSError):
+            records.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if not records.patients:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ConversionError(
-            f"no usable study under {job.input_dir}: all {len(studies)} failed, e.g. "
-            f"{redactor(skipped[-1][0])}: {redactor(skipped[-1][1])}"
-        )
+    return _finish(job, records, shard_bytes, found)
+
+
+def _write_studies(job: _Job, patients: dict, records: _Records, found: Discovery, held):
+    """Converts the studies (in `job.workers` processes) into the shards, patient by
+    patient in pseudonym order; what cannot be used goes to ``found.skipped``."""
+    redactor, skipped = found.redactor, found.skipped
+    order = sorted(patients)
+    jobs = [(s, job.size, job.classes) for pid in order for s in patients[pid]]
+    owners = [(i, pid) for i, pid in enumerate(order) for _ in patients[pid]]
+    results = _ordered_map(_safe_process, jobs, job.workers)
+    for done, (study, (rank, pid), (result, reason, said)) in enumerate(
+        zip((j[0] for j in jobs), owners, results), start=1
+    ):
+        held.extend(said)
+        if result is None:
+            skipped.append((study.rel, reason))
+            if job.strict:
+                raise ConversionError(f"--strict: {redactor(study.rel)}: {redactor(reason)}")
+            continue
+        skipped += [(f"{study.rel}/{name}", r) for name, r in result.skipped]
+        if job.strict and result.skipped:
+            raise ConversionError(
+                f"--strict: {redactor(study.rel)}: {redactor(result.skipped[0][1])}"
+            )
+        records.add(study, pid, rank % len(records.shard_names), result)
+        if job.progress:
+            _progress(done, len(jobs), records.total, job.start)
+    if job.progress:
+        _progress(len(jobs), len(jobs), records.total, job.start, final=True)
+
+
+def _finish(job: _Job, records: _Records, shard_bytes: dict, found: Discovery) -> dict:
+    """Folds, the manifest, the shards moved into place (the manifest last); the summary."""
     manifest_patients = records.finish_patients()
     subgroups = assign_subgroups(
         [(pid, e["diagnosis"], e["severity"]) for pid, e in manifest_patients.items()],
@@ -854,9 +889,10 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
     for pid, group in subgroups.items():
         manifest_patients[pid]["subgroup"] = group
     splits = fold_splits(subgroups, job.folds)
+    warnings = [(s.rel, w) for s in found.studies for w in s.warnings]
 
     def redacted(items, field):
-        return [{"path": redactor(p), field: redactor(r)} for p, r in items]
+        return [{"path": found.redactor(p), field: found.redactor(r)} for p, r in items]
 
     manifest = {
         "format": "tfcovseg-records",
@@ -864,7 +900,7 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
         "classes": list(job.classes),
         "size": job.size,
         "compression": job.compression,
-        "shards": shard_names,
+        "shards": records.shard_names,
         "shard_bytes": shard_bytes,
         "num_patients": len(manifest_patients),
         "num_slices": records.total,
@@ -876,19 +912,18 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
         },
         "patients": manifest_patients,
         "slices": records.slices,
-        "skipped": redacted(skipped, "reason"),
+        "skipped": redacted(found.skipped, "reason"),
         "warnings": redacted(warnings, "warning"),
         "ignored": redacted(found.ignored, "reason"),
     }
     # Move the finished shards in, drop shards of an earlier run, then the manifest.
-    for name in shard_names:
-        os.replace(partial / name, job.out_dir / name)
+    for name in records.shard_names:
+        os.replace(records.partial / name, job.out_dir / name)
     for old in job.out_dir.iterdir():
-        if SHARD_RE.match(old.name) and old.name not in shard_names:
+        if SHARD_RE.match(old.name) and old.name not in records.shard_names:
             old.unlink()
     atomic_write_json(job.out_dir / MANIFEST, manifest, indent=1)
-    shutil.rmtree(partial, ignore_errors=True)
-    elapsed = time.perf_counter() - job.start
+    shutil.rmtree(records.partial, ignore_errors=True)
     empty = [f"fold {k} {s}" for k, v in splits.items() for s, ids in v.items() if not ids]
     return {
         "out": str(job.out_dir),
@@ -896,8 +931,8 @@ def _convert(job: _Job, redactor: Redactor) -> dict:
         "series": sum(len(e["series"]) for e in manifest_patients.values()),
         "slices": records.total,
         "lesion_slices": records.with_lesions,
-        "shards": n_shards,
-        "seconds": elapsed,
+        "shards": len(records.shard_names),
+        "seconds": time.perf_counter() - job.start,
         "skipped": manifest["skipped"],
         "warnings": manifest["warnings"],
         "ignored": manifest["ignored"],

@@ -201,7 +201,9 @@ def lesions_in_lung(
 
     Args:
         lesions: bool [H, W] or [Z, H, W] (any lesion type).
-        lung: bool of the same shape: a lung mask *without* the lesions added.
+        lung: bool of the same shape: the lung mask. `tfcovseg.predict` passes one
+            without lesions added; evaluation and the burden threshold pass the records'
+            mask, which the converter joins with the annotated lesions.
         spacing_mm: In-plane (row, column) pixel spacing.
 
     Returns:

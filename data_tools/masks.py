@@ -3,9 +3,9 @@
 Every reader returns labels in the class order of the conversion (0 background, i + 1 for
 ``classes[i]``), on the image's own grid:
 
-- NIfTI: mapped through both affines (mask voxel -> RAS -> LPS -> series voxel), so a mask
-  stored in any orientation lines up with the DICOM series; a mask that does not cover the
-  series is rejected.
+- NIfTI: mapped through both affines (mask voxel -> RAS -> LPS -> series voxel, slice by
+  slice), so a mask stored in any axis order and direction lines up with the DICOM
+  series; a mask on another grid (other voxel sizes, oblique, partial) is refused.
 - PNG: label values 0, 1, 2, ... (COVID-SemiSeg: 1 GGO, 2 consolidation); a binary 0/255
   mask counts as the first class.
 - DICOM SEG (highdicom): segments matched to classes by their labels ("ground glass" or
@@ -38,7 +38,7 @@ def labels_to_channels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
-def _load_label_volume(path: Path):
+def load_label_header(path: Path):
     """(nibabel image, 3-D shape) of a NIfTI label volume, without reading its voxels."""
     import nibabel as nib
 
@@ -73,15 +73,14 @@ class MaskFit:
     """How a NIfTI mask's voxel grid lies on a series' grid (`fit_on_series`).
 
     status: "exact" (the same voxels, in any axis order and direction), "cropped" (the
-    series' voxels and more: `outside` mask planes that no series voxel lands on) or
-    "none" (another grid: `reason` says how). rows, cols, planes: on the "exact" and
-    "cropped" fits, the mask axis and indices of the series' rows and columns, and the
-    mask axis and index of each series slice.
+    series' voxels and more: mask planes beyond the series, or in a gap of its slice
+    positions, that no series voxel lands on) or "none" (another grid: `reason` says
+    how). rows, cols, planes: on the "exact" and "cropped" fits, the mask axis and
+    indices of the series' rows and columns, and the mask axis and index of each slice.
     """
 
     status: str
     reason: str = ""
-    outside: int = 0
     rows: tuple | None = None  # (mask axis, indices [H])
     cols: tuple | None = None  # (mask axis, indices [W])
     planes: tuple | None = None  # (mask axis, indices [Z])
@@ -111,63 +110,48 @@ def _fit(maps: np.ndarray, shape, series_shape, tol: float) -> MaskFit:
             return MaskFit("none", f"{grid}: the mask covers only part of the series")
     if len(np.unique(planes)) != z:
         return MaskFit("none", f"{grid}: several series slices fall on one mask slice")
-    extra = shape[row_axis] - h + shape[col_axis] - w + shape[plane_axis] - z
+    spanned = int(planes.max() - planes.min() + 1)
+    beyond = shape[row_axis] - h + shape[col_axis] - w + shape[plane_axis] - spanned
+    in_gaps = spanned - z
     fit = MaskFit(
         "exact", rows=(row_axis, rows), cols=(col_axis, cols), planes=(plane_axis, planes)
     )
-    if extra:
-        fit.status, fit.outside = "cropped", int(extra)
-        fit.reason = f"{grid}: {extra} mask plane(s) lie outside the series"
+    parts = [f"{beyond} mask plane(s) beyond the series"] if beyond else []
+    parts += [f"{in_gaps} in its gaps (no slice there)"] if in_gaps else []
+    if parts:
+        fit.status, fit.reason = "cropped", f"{grid}: {', '.join(parts)}"
     return fit
 
 
-def fit_on_series(path: Path, series: DicomSeries, tol: float = 0.05) -> MaskFit:
-    """Compares a NIfTI mask's header (shape and affine; no voxels are read) with a series.
+def fit_on_series(header, series: DicomSeries, tol: float = 0.05) -> MaskFit:
+    """Compares a NIfTI mask's grid (`load_label_header`: shape and affine, no voxels)
+    with a series'.
 
     The mask fits when every series voxel lands on a mask voxel, within `tol` voxels: the
     grids differ by an axis permutation, flips and an integer shift.
     """
-    try:
-        image, shape = _load_label_volume(path)
-    except SkipFile as e:
-        return MaskFit("none", str(e))
+    image, shape = header
     return _fit(_slice_maps(image, series), shape, series.shape, tol)
 
 
-def nifti_labels_on_series(path: Path, series: DicomSeries) -> np.ndarray:
-    """A NIfTI label volume on a DICOM series grid (nearest voxel): [Z, H, W] uint8.
+def nifti_labels_on_series(path: Path, series: DicomSeries, fit: MaskFit | None = None):
+    """A NIfTI label volume on a DICOM series grid: [Z, H, W] uint8.
+
+    `fit` (`fit_on_series`; computed when not given) says which mask voxel each series
+    voxel is; a mask on another grid is refused, not resampled.
 
     Raises:
-        SkipFile: unreadable, not 3-D, or covering less than 99 % of the series' voxels.
+        SkipFile: unreadable, not 3-D, or on another grid (the reason says how).
     """
-    image, shape = _load_label_volume(path)
-    maps = _slice_maps(image, series)
-    fit = _fit(maps, shape, series.shape, tol=0.05)
+    image, shape = load_label_header(path)
+    fit = fit or fit_on_series((image, shape), series)
+    if fit.status == "none":
+        raise SkipFile(f"mask {path.name}: {fit.reason}")
     try:
         data = np.asanyarray(image.dataobj).reshape(shape)
     except Exception as e:
         raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {e})") from None
-    if fit.status != "none":
-        return _aligned_labels(data, fit)
-    z, h, w = series.shape
-    rows, cols = np.mgrid[:h, :w]
-    points = np.stack([rows.ravel(), cols.ravel(), np.ones(rows.size)])
-    out = np.zeros((z, h, w), np.uint8)
-    outside = 0
-    for k in range(z):
-        idx = np.rint(maps[k] @ points).astype(np.int64)
-        inside = np.all((idx >= 0) & (idx < np.array(shape)[:, None]), axis=0)
-        outside += int((~inside).sum())
-        values = np.zeros(rows.size, np.uint8)
-        values[inside] = data[idx[0, inside], idx[1, inside], idx[2, inside]]
-        out[k] = values.reshape(h, w)
-    if outside > 0.01 * out.size:
-        raise SkipFile(
-            f"mask of shape {shape} does not cover the series of shape "
-            f"{(w, h, z)} (columns, rows, slices) in patient space "
-            f"({100 * outside / out.size:.0f} % of voxels outside)"
-        )
-    return out
+    return _aligned_labels(data, fit)
 
 
 def _aligned_labels(data: np.ndarray, fit: MaskFit) -> np.ndarray:

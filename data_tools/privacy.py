@@ -77,15 +77,9 @@ _DICOM_LOGGERS = ("pydicom", "highdicom")
 
 
 @contextlib.contextmanager
-def redacted_warnings(redactor: Redactor, stream=None):
-    """Holds back the warnings of the block (the `warnings` module and the pydicom /
-    highdicom loggers), then shows each once, redacted, on `stream` (stderr).
-
-    pydicom and highdicom quote header values in their warnings (highdicom: 'The string
-    "A072894" is unlikely to represent ... person name'); shown as they happen they would
-    print a patient's name before the redactor knows it. Held to the end of the block,
-    every identity met in the meantime is known.
-    """
+def held_warnings():
+    """Yields the list that collects the block's warnings (the `warnings` module and the
+    pydicom / highdicom loggers) as text, instead of showing them."""
     held: list[str] = []
 
     class _Hold(logging.Handler):
@@ -100,11 +94,30 @@ def redacted_warnings(redactor: Redactor, stream=None):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
-            yield
+            yield held
     finally:
         for lg, (handlers, propagate) in zip(loggers, saved):
             lg.handlers, lg.propagate = handlers, propagate
         held += [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+@contextlib.contextmanager
+def redacted_warnings(redactor: Redactor, stream=None):
+    """Holds back the warnings of the block (`held_warnings`), then shows each once,
+    redacted, on `stream` (stderr); yields the list, for warnings held elsewhere (worker
+    processes) to be added.
+
+    pydicom and highdicom quote header values in their warnings (highdicom: 'The string
+    "A072894" is unlikely to represent ... person name'); shown as they happen they would
+    print a patient's name before the redactor knows it. Held to the end of the block,
+    every identity met in the meantime is known.
+    """
+    held: list[str] = []
+    try:
+        with held_warnings() as caught:
+            held = caught
+            yield held
+    finally:  # errors too: what was held is still shown
         out = stream or sys.stderr
         for text in dict.fromkeys(redactor(t) for t in held):  # once each, in order
             print(f"warning: {text}", file=out)

@@ -162,7 +162,8 @@ def test_no_identifier_reaches_the_console(phantom_export, tmp_path):
     ids = _tagged_patient(tmp_path / "in" / "patient")
     (tmp_path / "in" / "patient" / "ct" / "IM0002.dcm").write_bytes(b"broken")  # a skip line
     records = tmp_path / "records"
-    printed = _run("data_tools.convert", "--input", str(tmp_path / "in"), "--out", str(records))
+    convert = ["--input", str(tmp_path / "in"), "--out", str(records), "--workers", "2"]
+    printed = _run("data_tools.convert", *convert)
     series = tmp_path / "in" / "patient" / "ct"
     args = ["--model", str(phantom_export), "--input", str(series), "--no-gate"]
     printed += _run("tfcovseg.predict", *args, "--out", str(tmp_path / "pred"))
@@ -197,6 +198,8 @@ def test_a_rerun_keeps_finished_series_and_finishes_the_rest(model, phantom_run,
     # Results made with other settings are never overwritten or mixed.
     with pytest.raises(PredictionError, match="other settings.*mask_threshold"):
         predict(model, study, out, gate=False, mask_threshold=0.3, **QUIET)
+    with pytest.raises(PredictionError, match="other settings.*research_seg"):
+        predict(model, study, out, gate=False, research_seg=True, **QUIET)
 
 
 def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, tmp_path, capsys):

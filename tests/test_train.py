@@ -479,6 +479,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _phase_one_done(tiny, tmp_path, *overrides):
+    """A copy of the tiny run with phase 1 done and phase 2 still to run (its files gone),
+    under the tiny config with `overrides` (phase 2 without retraining phase 1)."""
+    import shutil
+
+    from tfcovseg.config import save_config
+
+    root, _, _ = tiny
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    for name in ("classifier_best.keras", "classifier_last.keras", "run.json", "severity.json"):
+        (out / name).unlink(missing_ok=True)
+    (out / "logs" / "classification.csv").unlink()
+    state = json.loads((out / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps(state | {"completed": ["segmentation"]}))
+    config = load_config(out / "config.yaml", list(overrides))
+    save_config(config, out / "config.yaml")
+    return out, config
+
+
 def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp_path):
     import os
     import subprocess
@@ -486,12 +506,10 @@ def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp
 
     from tfcovseg.export import export_run
 
-    config_path = _tiny_yaml(
-        tiny, tmp_path, "train.epochs=1", "train.classifier_epochs=1", "train.overlay_images=0"
-    )
-    out = tmp_path / "run"
+    # The kill comes in the last epoch's checkpoint: nothing after it would write it again.
+    out, _ = _phase_one_done(tiny, tmp_path, "train.classifier_epochs=1")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    args = ["--config", str(config_path), "--out", str(out), "--quiet"]
+    args = ["--out", str(out), "--resume", "--quiet"]
     proc = subprocess.run(
         [sys.executable, "-c", _DIE_WRITING_CLASSIFIER, *args],
         env=env,
@@ -513,20 +531,34 @@ def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp
 def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_path):
     import shutil
 
-    root, config, _ = tiny
+    from tfcovseg.config import save_config
+    from tfcovseg.train import _verified_state
+
+    root, _, _ = tiny
     out = tmp_path / "run"
     shutil.copytree(root / "run", out)
-    (out / "segmenter_best.keras").write_bytes(b"")  # left by a kill before writes were atomic
-    (out / "segmenter_last.keras").write_bytes(b"")
+    config = load_config(out / "config.yaml", ["train.classifier_epochs=1"])
+    save_config(config, out / "config.yaml")
+    kept = (out / "segmenter_best.keras").stat().st_mtime_ns
+    (out / "classifier_best.keras").write_bytes(b"")  # left by a kill before atomic writes
     messages = []
     train(config, out, resume=True, verbose=0, log=messages.append)
     text = "\n".join(messages)
-    assert "segmenter_best.keras is empty (0 bytes)" in text and "runs again" in text
-    assert "already completed" not in text  # the classifier builds on it: redone too
-    segmenter, classifier = load_run_models(out)
-    assert segmenter is not None and classifier is not None
-    state = json.loads((out / "state.json").read_text())
-    assert state["completed"] == ["segmentation", "classification"]
+    assert "classifier_best.keras is empty (0 bytes)" in text and "runs again" in text
+    assert "phase 1: segmentation already completed" in text
+    assert (out / "segmenter_best.keras").stat().st_mtime_ns == kept
+    assert load_run_models(out)[1] is not None
+    assert json.loads((out / "state.json").read_text())["completed"] == [
+        "segmentation",
+        "classification",
+    ]
+    assert _csv_epochs(out / "logs" / "classification.csv") == [0]  # afresh, not appended
+    # A broken segmenter undoes the classifier built on it too.
+    (out / "segmenter_best.keras").write_bytes(b"PK\x03\x04 cut")
+    state = _verified_state(out, config, messages.append)
+    assert state["completed"] == []
+    assert not (out / "segmenter_best.keras").exists()
+    assert not (out / "logs" / "classification.csv").exists()
 
 
 def test_a_truncated_shard_is_named_and_leaves_no_run_folder(tiny, tmp_path, capsys):
@@ -569,3 +601,10 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     assert main(config + ["--out", str(tmp_path / "r"), "--export", str(tmp_path / "file")]) == 2
     assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # A folder that is not a run (records, say) is never taken for a failed start and
+    # cleared: it is "already holds a run", and stays as it was.
+    records = config_records(tiny[1])
+    before = sorted(p.name for p in records.iterdir())
+    assert main(config + ["--out", str(records)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert sorted(p.name for p in records.iterdir()) == before

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -335,15 +336,18 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         try:
             super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, json.JSONDecodeError, KeyError) as e:  # the files, not the model
             shutil.rmtree(self.backup_dir, ignore_errors=True)
             self.model._initial_epoch = 0
             self._log(
                 f"warning: the backup in {self.backup_dir} does not load "
-                f"({type(e).__name__}: {e}); this phase starts again from its first epoch"
+                f"({type(e).__name__}: {e}); this phase counts its epochs from the first "
+                "again (with whatever weights the backup had restored)"
             )
 
     def _save_model(self):
+        # Weights first, then the epoch: a kill between the two resumes one epoch early,
+        # which trains that epoch again, never one fewer.
         os.makedirs(self.backup_dir, exist_ok=True)
         save_weights(self.model, self._weights_path)
         atomic_write_json(

@@ -91,7 +91,7 @@ def resolve_config(path: str | Path) -> Path:
             message lists the built-in experiments.
     """
     path = Path(path)
-    if path.exists():
+    if path.is_file():
         return path
     stem = _experiment_name(path)
     names = builtin_experiments()
@@ -565,5 +565,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    """Writes the resolved config as YAML (loadable again by `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), "utf-8")
+    """Writes the resolved config as YAML (loadable again by `load_config`), atomically:
+    ``--resume`` compares against it, so a kill must not leave half of it."""
+    from data_tools.files import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -540,8 +540,9 @@ def write_seg(
     As DICOM requires, the SEG carries the source study's patient and study modules (so a
     PACS files it with the study). With `research`, the patient module holds the
     pseudonyms instead (PatientName and PatientID the patient's pseudonym, no birth date,
-    accession number or referring physician); the UIDs still reference the source images,
-    which the segmentation's frames are aligned to.
+    accession number, study ID or referring physician); the UIDs still reference the
+    source images, which the segmentation's frames are aligned to, and the study date,
+    time and the patient's sex stay.
     """
     import highdicom as hd
     from pydicom.sr.coding import Code
@@ -596,7 +597,7 @@ def _pseudonymise_patient(ds, patient: str) -> None:
     """Replaces a dataset's patient identity (and the study's identifying attributes) with
     a pseudonym, as the research SEG carries it."""
     ds.PatientName = ds.PatientID = patient
-    for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName"):
+    for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         if keyword in ds:
             setattr(ds, keyword, "")
     for keyword in ("OtherPatientIDsSequence", "OtherPatientIDs", "OtherPatientNames"):
@@ -757,6 +758,8 @@ def predict_volume(
         {"file": f, "reason": r, "scope": "study"} for f, r in study_skipped
     ]
     report["timings_s"] = {"inference": round(inference_s, 3)}
+    report["options"] = {"research_seg": bool(research_seg)}
+    report["lesion_rule"] = LESION_RULE
     if masks is None:
         masks = np.zeros((*volume.hu.shape, len(classes)), np.float32)
     png = _write_outputs(volume, labels, masks, classes, meta, out_dir, report, research_seg)
@@ -860,13 +863,16 @@ def _write_outputs(volume, labels, masks, classes, meta, out_dir, report, resear
 
 
 def _settings(report: dict) -> dict:
-    """What makes two predictions of a series the same: the model and the options."""
+    """What makes two predictions of a series the same: the model, the options and the
+    rule lesions were counted by (a report without it predates the rule)."""
     return {
         "model": report["model"]["source"],
         "model_version": report["model"].get("model_version"),
         "gate": report["gate"]["enabled"],
         "gate_threshold": report["gate"]["threshold"],
         "mask_threshold": report.get("mask_threshold"),
+        "research_seg": report.get("options", {}).get("research_seg"),
+        "lesion_rule": report.get("lesion_rule"),
     }
 
 
@@ -889,6 +895,12 @@ def _index_entry(report: dict) -> dict:
         "severity": report["severity"]["grade"],
         "lesion_percent_of_lung": report["total"]["percent_of_lung"],
     }
+
+
+def _list(index: dict, entry: dict) -> None:
+    """Puts a series' entry into the index, replacing an older one of the same series."""
+    index["series"] = [s for s in index["series"] if s.get("series") != entry["series"]]
+    index["series"].append(entry)
 
 
 def _read_index(index_path: Path) -> dict:
@@ -967,35 +979,23 @@ def predict(
             f"{predictor.source} was trained on 8-bit windowed images (PNG/JPEG slices); "
             "predict reads CT in Hounsfield units and needs a model trained on HU"
         )
+    options = dict(
+        gate=gate,
+        threshold=threshold,
+        mask_threshold=mask_threshold,
+        batch_size=batch_size,
+        research_seg=research_seg,
+    )
     redactor = Redactor()
     with redacted_warnings(redactor):
         volumes, skipped = read_input(input_path, series_uid, salt, redactor)
-        return _predict_volumes(
-            predictor,
-            volumes,
-            skipped,
-            out,
-            gate,
-            threshold,
-            mask_threshold,
-            batch_size,
-            log,
-            research_seg,
-        )
+        return _predict_volumes(predictor, volumes, skipped, out, options, log)
 
 
-def _predict_volumes(
-    predictor,
-    volumes,
-    skipped,
-    out,
-    gate,
-    threshold,
-    mask_threshold,
-    batch_size,
-    log,
-    research_seg,
-) -> dict:
+def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> dict:
+    """`predict` once the input is read: `options` are `predict_volume`'s keywords."""
+    gate, threshold = options["gate"], options["threshold"]
+    mask_threshold, research_seg = options["mask_threshold"], options["research_seg"]
     meta_threshold = float(predictor.metadata["gate"]["threshold"])
     gate_threshold = meta_threshold if threshold is None else float(threshold)
     expected = {
@@ -1004,6 +1004,8 @@ def _predict_volumes(
         "gate": bool(gate) and gate_threshold > 0.0,
         "gate_threshold": gate_threshold,
         "mask_threshold": float(mask_threshold),
+        "research_seg": bool(research_seg),
+        "lesion_rule": LESION_RULE,
     }
     done = _done_before(out, volumes, expected)
     for f, r in skipped:
@@ -1013,31 +1015,21 @@ def _predict_volumes(
     index_path = out / "index.json"
     index = _read_index(index_path)
     index["model"] = predictor.source
-    listed = {s.get("series") for s in index.setdefault("series", [])}
-    index.setdefault("skipped", []).extend({"file": f, "reason": r} for f, r in skipped)
+    index.setdefault("series", [])
+    known = {(s.get("file"), s.get("reason")) for s in index.setdefault("skipped", [])}
+    index["skipped"] += [{"file": f, "reason": r} for f, r in skipped if (f, r) not in known]
     for volume in volumes:
         if volume.series in done:
             log(f"series {volume.series}: already predicted in {out / volume.series}, kept")
-            if volume.series not in listed:
-                index["series"].append(_index_entry(done[volume.series]))
+            _list(index, _index_entry(done[volume.series]))
             continue
         for w in volume.warnings:
             log(f"warning: series {volume.series}: {w}")
         for left in remove_partial_directories(out / volume.series):
             log(f"removed {left}, left by an interrupted run")
         with atomic_directory(out / volume.series) as tmp:
-            report = predict_volume(
-                predictor,
-                volume,
-                tmp,
-                gate,
-                threshold,
-                mask_threshold,
-                batch_size,
-                skipped,
-                research_seg,
-            )
-        index["series"].append(_index_entry(report))
+            report = predict_volume(predictor, volume, tmp, study_skipped=skipped, **options)
+        _list(index, _index_entry(report))
         atomic_write_json(index_path, index)  # after every series
         for w in report["warnings"][len(volume.warnings) :]:
             log(f"warning: series {volume.series}: {w}")

@@ -1,9 +1,10 @@
 """Train the coarse-refine segmenter and its slice classifier.
 
-    python -m tfcovseg.train [--config experiments/X.yaml] [--set key=value ...]
+    python -m tfcovseg.train [--config NAME|FILE.yaml] [--set key=value ...]
         [--fold K] [--out runs/NAME] [--resume]
 
-Without ``--config`` this runs ``experiments/quickstart.yaml``, the embedded default: it
+Without ``--config`` this runs the built-in ``quickstart`` experiment
+(``tfcovseg/experiments/quickstart.yaml``), the embedded default: it
 writes a synthetic phantom cohort into a cache folder (once), converts it, trains a narrow
 network at reduced size for both phases, evaluates the test patients of the fold and prints
 where everything went and the headline figures.
@@ -94,7 +95,6 @@ from tfcovseg.models import (  # noqa: E402
     build_model,
     load_model,
     model_file_problem,
-    run_model_path,
     save_model,
 )
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
@@ -338,7 +338,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _read_state(out: Path) -> dict:
     path = out / "state.json"
-    return json.loads(path.read_text()) if path.is_file() else {"completed": [], "timings": {}}
+    if not path.is_file():
+        return {"completed": [], "timings": {}}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise TrainingError(f"{path} is not valid JSON ({e}): choose another --out") from None
 
 
 def _overlay_slices(dataset, k: int):
@@ -389,30 +394,33 @@ PHASE_NUMBER = {"segmentation": 1, "classification": 2}
 
 
 def _verified_state(out: Path, config, log) -> dict:
-    """The run's state for ``--resume``, with every phase whose files do not load undone.
+    """The run's state for ``--resume``, with every phase whose best model does not load
+    undone.
 
-    A completed phase needs its best or last model to load; when it does not (a file cut
-    by a kill, before writes were atomic), that phase and the ones after it, which build
-    on it, run again. A broken best checkpoint of any phase is removed, so the phase's
-    next epoch writes it again instead of keeping a file that cannot be a model.
+    A completed phase needs its best checkpoint to load (the next phase and the export
+    build on it); when it does not (a file cut by a kill, before writes were atomic), that
+    phase and the ones after it run again from their first epoch: their backup and CSV
+    log go. The broken best checkpoint of a phase that runs again, completed or not, is
+    removed, so that its next epoch writes it again.
     """
     state = _read_state(out)
+    completed, redo = [], False
     for phase in config.train.phases:
         best = out / f"{RUN_MODELS[phase]}_best.keras"
-        problem = model_file_problem(best) if best.exists() else None
-        if problem:
+        problem = _load_problem(best) if best.exists() else None
+        done = phase in state["completed"] and not redo
+        if done and (problem or not best.exists()):
+            why = problem or f"{best.name} is missing"
+            log(f"warning: {phase} phase marked completed but {why}: it runs again")
+            redo, done = True, False
+        if redo:
+            shutil.rmtree(out / "backup" / phase, ignore_errors=True)
+            (out / "logs" / f"{phase}.csv").unlink(missing_ok=True)
+        if problem and not done:
             log(f"warning: {problem}; removed, the phase writes it again")
             best.unlink()
-    completed = []
-    for phase in config.train.phases:
-        if phase not in state["completed"]:
-            break
-        path = run_model_path(out, RUN_MODELS[phase])
-        problem = "no model file" if path is None else _load_problem(path)
-        if problem:
-            log(f"warning: {phase} phase marked completed but {problem}: it runs again")
-            break
-        completed.append(phase)
+        if done:
+            completed.append(phase)
     state["completed"] = completed
     return state
 
@@ -426,24 +434,36 @@ def _load_problem(path: Path) -> str | None:
     return None
 
 
+# What a run writes before its first epoch ends: a folder holding these alone can go.
+_START_FILES = {"config.yaml", "logs", "backup"}
+
+
 def _nothing_to_keep(out: Path) -> bool:
-    """Whether a run folder holds no trained epoch (a run that failed or was killed
-    before its first epoch ended): nothing a rerun could lose."""
+    """Whether `out` is a run folder (its ``config.yaml``) holding no trained epoch: a run
+    that failed or was killed during start-up. Any other folder (records, a project, a
+    parent of runs) is never taken for one."""
     if not out.is_dir():
         return True
-    if (out / "state.json").is_file() or any(out.glob("*.keras")):
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    if "config.yaml" not in names or not names <= _START_FILES:
         return False
-    return not any(p.is_file() for p in (out / "backup").rglob("*"))
+    logs = [p for p in (out / "logs").rglob("*") if p.is_file() and p.suffix == ".csv"]
+    return not logs and not any(p.is_file() for p in (out / "backup").rglob("*"))
 
 
-def _check_run_folder(out: Path, config, resume: bool, log) -> None:
-    """Refuses a run folder that cannot be used (errors name the fix)."""
+def _check_out(out: Path, resume: bool) -> None:
+    """An --out that can be written, and exists when resumed (errors name the fix)."""
     try:
         check_output_dir(out)
     except OutputError as e:
         raise TrainingError(str(e)) from None
     if resume and not out.is_dir():
         raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue")
+
+
+def _check_run_folder(out: Path, config, resume: bool, log) -> None:
+    """Refuses a run folder that cannot be used (errors name the fix)."""
+    _check_out(out, resume)
     if out.exists() and any(out.iterdir()) and not resume:
         if not _nothing_to_keep(out):
             raise TrainingError(
@@ -482,9 +502,11 @@ def train(
     start = time.perf_counter()
     if strategy is None:
         strategy = choose_strategy(config.train.strategy)
-    # Only the chief writes the run folder; other workers write to a temporary one.
+    # Only the chief writes the run folder (and checks it); other workers write to a
+    # temporary one.
+    if is_chief(strategy):
+        _check_run_folder(Path(out), config, resume, log)
     out = Path(worker_path(str(out), strategy))
-    _check_run_folder(out, config, resume, log)
     fresh = not out.exists()
     try:
         return _train(config, out, resume, verbose, log, strategy, start)
@@ -791,12 +813,7 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
     from tfcovseg.evaluate import evaluate_run
 
     out = Path(out)
-    try:
-        check_output_dir(out)
-    except OutputError as e:
-        raise TrainingError(str(e)) from None
-    if resume and not out.is_dir():
-        raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue")
+    _check_out(out, resume)
     if out.exists() and any(out.iterdir()) and not resume:
         raise TrainingError(
             f"{out} already holds a run: pass --resume to continue it or choose another --out"

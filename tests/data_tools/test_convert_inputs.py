@@ -147,8 +147,7 @@ def test_a_cropped_mask_and_a_gap_are_reported_and_fatal_when_strict(cohort, tmp
     args = ["--input", str(src), "--size", "64", "--salt", SALT]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    # 3 slices beyond the series and the one in its gap
-    assert "4 mask plane(s) lie outside the series" in printed
+    assert "3 mask plane(s) beyond the series, 1 in its gaps (no slice there)" in printed
     assert "gap in slice positions" in printed
     manifest = _manifest(tmp_path / "out")
     assert len(manifest["warnings"]) == 2
@@ -158,7 +157,7 @@ def test_a_cropped_mask_and_a_gap_are_reported_and_fatal_when_strict(cohort, tmp
     assert per_slice == [int((kept[:, :, k] > 0).sum()) for k in range(kept.shape[2])]
     assert main([*args, "--out", str(tmp_path / "strict"), "--strict"]) == 2
     err = capsys.readouterr().err
-    assert "--strict" in err and "outside the series" in err and "gap" in err
+    assert "--strict" in err and "beyond the series" in err and "gap in slice positions" in err
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
 
@@ -247,3 +246,23 @@ def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_mask_named_after_a_nifti_volume_is_that_volumes_alone(cohort, tmp_path):
+    # dcm2niix beside the DICOM series: ct.nii.gz and its ct_mask.nii.gz fit the series'
+    # grid too, but the mask is the volume's; the series does not borrow it.
+    from data_tools.dicom_io import read_hu
+
+    first = next(iter(_slice_counts(cohort)))
+    src = tmp_path / "in" / "p"
+    shutil.copytree(cohort / first / "ct", src / "ct")
+    mask = nib.load(cohort / first / "lesions.nii.gz")
+    files = sorted((src / "ct").glob("*.dcm"))  # IM0000 is the mask's plane 0
+    hu = np.stack([read_hu(f) for f in files])  # [slice, row, column]
+    volume = np.ascontiguousarray(hu.transpose(2, 1, 0))  # as the mask: column, row, slice
+    nib.save(nib.Nifti1Image(volume, mask.affine), src / "ct.nii.gz")
+    shutil.copy(cohort / first / "lesions.nii.gz", src / "ct_mask.nii.gz")
+    summary = convert(tmp_path / "in", tmp_path / "out", size=64, salt=SALT, progress=False)
+    assert summary["patients"] == 2 and not summary["skipped"]
+    annotated = sorted(e["annotated"] for e in _manifest(tmp_path / "out")["patients"].values())
+    assert annotated == [False, True]
