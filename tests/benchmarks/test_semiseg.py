@@ -15,9 +15,11 @@ from PIL import Image
 
 from tfcovseg.benchmarks.semiseg import (
     PUBLISHED,
+    SEMI,
     TARGETS,
     BenchmarkError,
     load_slices,
+    load_unlabelled,
     main,
     prediction_folder,
     run,
@@ -38,6 +40,7 @@ TINY_WIDTHS = {
     "unet_filters": (4, 8, 8, 16, 16),
 }
 FAST = dict(size=32, epochs=1, patience=1, passes=1, widths=TINY_WIDTHS, log=lambda *a: None)
+SEMI_FAST = dict(semi_epochs=1, semi_pool=4, semi_keep=0.5, semi_tta=2)
 
 
 def make_folder(root: Path, names, seed=0) -> Path:
@@ -54,6 +57,62 @@ def make_folder(root: Path, names, seed=0) -> Path:
         Image.fromarray(image).save(root / "Imgs" / f"{name}.jpg")
         Image.fromarray(labels).save(root / "GT" / f"{name}.png")
     return root
+
+
+def make_unlabelled(root: Path, volumes=("coronacases_org_001", "radiopaedia_x_1-dcm"), k=3):
+    """Imgs/Data-1_<volume>_<k>.jpg without GT/, dark as COVID-SemiSeg's coronacases."""
+    rng = np.random.default_rng(5)
+    (root / "Imgs").mkdir(parents=True)
+    for volume in volumes:
+        for i in range(1, k + 1):
+            image = rng.integers(0, 120, (50, 36), dtype=np.uint8)
+            Image.fromarray(image).save(root / "Imgs" / f"Data-1_{volume}_{i}.jpg")
+    return root
+
+
+def test_load_unlabelled_groups_slices_by_volume(tmp_path):
+    data = load_unlabelled(make_unlabelled(tmp_path / "u"), 32)
+    assert data.images.shape == (6, 32, 32) and data.images.max() <= 120.5
+    assert sorted(set(data.volumes)) == ["Data-1_coronacases_org_001", "Data-1_radiopaedia_x_1-dcm"]
+    assert data.names[0] == "Data-1_coronacases_org_001_1"
+    labelled = make_folder(tmp_path / "labelled", ["1", "2"])
+    with pytest.raises(BenchmarkError, match="holds masks.*--train-dir"):
+        load_unlabelled(labelled, 32)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(BenchmarkError, match="no Imgs"):
+        load_unlabelled(tmp_path / "none", 32)
+
+
+def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    unlabelled = make_unlabelled(tmp_path / "u")
+    out = tmp_path / "out"
+    lines = []
+    kw = FAST | SEMI_FAST | dict(log=lines.append, intensity=True, tta=2)
+    results = run(folder, out, folds=2, models=("coarse_refine",), unlabelled_dir=unlabelled, **kw)
+    assert list(results["models"]) == ["coarse_refine", SEMI] and results["complete"]
+    semi = results["models"][SEMI]
+    assert len(semi["folds"]) == 2 and semi["runs"][0]["rounds"][0]["pseudo_labelled"] == 2
+    assert any("epoch 1/1: loss" in line for line in lines)  # a progress line per epoch
+    assert any("pseudo-labelled" in line for line in lines)
+    assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
+    table = (out / "results.md").read_text()
+    assert "self-training" in table and "per fold" in table
+    # A kill after fold 0: the semi-supervised fold 1 is redone from the stored teacher,
+    # nothing else is trained again and the figures of the finished folds stay.
+    (out / "folds" / SEMI / "fold1.json").unlink()
+    lines.clear()
+    again = run(folder, out, folds=2, models=("coarse_refine",), unlabelled_dir=unlabelled, **kw)
+    assert sum("done before" in line for line in lines) == 3
+    assert sum("pseudo-labelled" in line for line in lines) == 1
+    assert again["models"]["coarse_refine"]["folds"] == results["models"]["coarse_refine"]["folds"]
+    assert len(again["models"][SEMI]["folds"]) == 2
+    # Other settings in the same folder are refused, naming what differs.
+    with pytest.raises(BenchmarkError, match="other settings.*settings.semi_keep"):
+        run(folder, out, folds=2, models=("coarse_refine",), unlabelled_dir=unlabelled,
+            **(kw | {"semi_keep": 0.9}))  # fmt: skip
+    with pytest.raises(BenchmarkError, match="include coarse_refine"):
+        run(folder, tmp_path / "o2", models=("unet",), unlabelled_dir=unlabelled, **FAST)
 
 
 def test_load_slices_reads_images_and_original_truth(tmp_path):

@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,11 @@ from tfcovseg.benchmarks import protocol  # noqa: E402
 CLASSES = ("ggo", "consolidation")
 TARGETS = ("infection", "ggo", "consolidation")
 MODELS = {"coarse_refine": "hybrid", "unet": "bce"}  # architecture -> loss
-LABELS = {"coarse_refine": "coarse-refine (ours, hybrid loss)", "unet": "U-Net (ours, BCE)"}
+LABELS = {
+    "coarse_refine": "coarse-refine (ours, hybrid loss)",
+    "coarse_refine_semi": "coarse-refine + self-training on unlabelled slices (ours)",
+    "unet": "U-Net (ours, BCE)",
+}
 # A quarter of the paper's widths (the quickstart network): trains in minutes on a CPU.
 WIDTHS = {
     "stem_filters": 16,
@@ -159,6 +164,55 @@ def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
     return Slices(names, np.stack(images), np.stack(masks), truth, kinds.get(True, False))
 
 
+@dataclasses.dataclass
+class Unlabelled:
+    """Unlabelled slices in memory, with the CT volume each comes from."""
+
+    names: list[str]
+    volumes: list[str]  # Data-1_<volume>_<k>.jpg -> <volume>; the name when there is no _k
+    images: np.ndarray  # [K, S, S] float32, 0-255
+
+
+def load_unlabelled(folder, size: int) -> Unlabelled:
+    """The slices of a slice-dataset folder without masks (``Imgs/*.jpg``), resized.
+
+    Raises:
+        BenchmarkError: no folder, no image, an unreadable image, or a folder whose
+            slices have masks (``GT/``): labelled slices belong in --train-dir.
+    """
+    from PIL import Image
+
+    from data_tools.convert import ConversionError, discover
+    from data_tools.dicom_io import SkipFile
+    from data_tools.masks import read_image_slice
+
+    folder = Path(folder)
+    try:
+        studies = [s for s in discover(folder, classes=CLASSES).studies if s.kind == "png"]
+    except ConversionError as e:
+        raise BenchmarkError(str(e)) from None
+    if not studies:
+        raise BenchmarkError(f"{folder} holds no Imgs/*.jpg|png slices (unlabelled slices)")
+    labelled = [s.rel for s in studies if s.mask_path is not None]
+    if labelled:
+        raise BenchmarkError(
+            f"{folder} holds masks ({labelled[0]} has one): --unlabelled-dir takes slices "
+            "without GT/, labelled slices belong in --train-dir"
+        )
+    names, volumes, images = [], [], []
+    for study in sorted(studies, key=lambda s: s.image_path.name):
+        try:
+            image = read_image_slice(study.image_path)
+        except SkipFile as e:
+            raise BenchmarkError(f"{study.rel}: {e}") from None
+        image = Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR)
+        stem = study.image_path.stem
+        names.append(stem)
+        volumes.append(re.sub(r"_\d+$", "", stem))
+        images.append(np.asarray(image, np.float32))
+    return Unlabelled(names, volumes, np.stack(images))
+
+
 def _relative(path: Path, folder: Path) -> str:
     try:
         return path.relative_to(folder).as_posix()
@@ -187,12 +241,24 @@ def _slice_key(stem: str):
 
 
 class _Augmented(keras.utils.PyDataset):
-    """Batches of (image, {output: mask}) with the paper's augmentation, from memory."""
+    """Batches of (image, {output: mask}) from memory, with the paper's augmentation
+    (random quarter turn and horizontal flip, image and mask together) and, with
+    `jitter`, random intensity changes (`semisup.IntensityJitter`).
 
-    def __init__(self, images, masks, outputs, batch_size, passes, seed, augment=True):
+    With `extra` (images, masks: pseudo-labelled slices), `extra_share` of every batch is
+    drawn from them at random; the epoch is still `passes` passes over the labelled slices.
+    """
+
+    def __init__(
+        self, images, masks, outputs, batch_size, passes, seed, augment=True, jitter=None,
+        extra=None, extra_share=0.5,
+    ):  # fmt: skip
         super().__init__()
         self.images, self.masks, self.outputs = images, masks, tuple(outputs)
-        self.batch_size, self.augment = batch_size, augment
+        self.augment, self.jitter, self.extra = augment, jitter, extra
+        n_extra = int(round(extra_share * batch_size)) if extra is not None else 0
+        self.n_extra = min(max(n_extra, 1), batch_size - 1) if extra is not None else 0
+        self.batch_size = batch_size - self.n_extra  # labelled slices per batch
         self.rng = np.random.default_rng(seed)
         self.passes = passes
         self._order()
@@ -207,18 +273,48 @@ class _Augmented(keras.utils.PyDataset):
     def __getitem__(self, i):
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         x, y = self.images[idx][..., None], self.masks[idx]
+        if self.n_extra:
+            pick = self.rng.integers(len(self.extra[0]), size=self.n_extra)
+            x = np.concatenate([x, self.extra[0][pick][..., None]])
+            y = np.concatenate([y, self.extra[1][pick]])
         if self.augment:
             x, y = x.copy(), y.copy()
-            for j in range(len(idx)):
+            for j in range(len(x)):
                 k = int(self.rng.integers(4))
                 x[j], y[j] = np.rot90(x[j], k), np.rot90(y[j], k)
                 if self.rng.random() < 0.5:
                     x[j], y[j] = x[j][:, ::-1], y[j][:, ::-1]
+            if self.jitter is not None:
+                x = self.jitter(x, self.rng)
         return x, {name: y for name in self.outputs}
 
     def on_epoch_end(self):
         if self.augment:
             self._order()
+
+
+class _Progress(keras.callbacks.Callback):
+    """One line per epoch: losses, the best epoch so far and the epoch's time."""
+
+    def __init__(self, prefix, epochs, log):
+        super().__init__()
+        self.prefix, self.epochs, self.log = prefix, epochs, log
+        self.best = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        val = logs.get("val_loss")
+        if val is not None and (self.best is None or val < self.best[1]):
+            self.best = (epoch + 1, val)
+        best = f", best {self.best[0]}" if self.best else ""
+        self.log(
+            f"{self.prefix} epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', np.nan):.4f}"
+            f", val_loss {val if val is not None else np.nan:.4f}{best}"
+            f" ({time.perf_counter() - self.start:.0f} s)"
+        )
 
 
 def build(architecture: str, size: int, widths=WIDTHS):
@@ -235,12 +331,24 @@ def build(architecture: str, size: int, widths=WIDTHS):
     return build_model(config)
 
 
-def train_one(architecture, data: Slices, train_idx, val_idx, settings, seed, log=print):
-    """Trains one model from scratch; returns it with the best validation weights."""
+def _jitter(settings):
+    from tfcovseg.semisup import IntensityJitter
+
+    return IntensityJitter() if settings.get("intensity", False) else None
+
+
+def train_one(
+    architecture, data: Slices, train_idx, val_idx, settings, seed, log=print, *,
+    init=None, extra=None, epochs=None, prefix="",
+):  # fmt: skip
+    """Trains one model (from scratch, or from `init`'s weights); returns it with the best
+    validation weights. `extra`: pseudo-labelled (images, masks) mixed into every batch."""
     from tfcovseg.losses import deep_supervision
 
     keras.utils.set_random_seed(seed)
     model = build(architecture, settings["size"], settings.get("widths", WIDTHS))
+    if init is not None:
+        model.set_weights(init.get_weights())
     outputs = list(model.output)
     losses, weights = deep_supervision(outputs, MODELS[architecture])
     model.compile(
@@ -250,46 +358,79 @@ def train_one(architecture, data: Slices, train_idx, val_idx, settings, seed, lo
     )
     batch = settings["batch_size"]
     train = _Augmented(
-        data.images[train_idx], data.masks[train_idx], outputs, batch, settings["passes"], seed
-    )
+        data.images[train_idx], data.masks[train_idx], outputs, batch, settings["passes"], seed,
+        jitter=_jitter(settings), extra=extra,
+    )  # fmt: skip
     val = _Augmented(
         data.images[val_idx], data.masks[val_idx], outputs, batch, 1, seed, augment=False
     )
+    epochs = epochs or settings["epochs"]
     stop = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=settings["patience"], restore_best_weights=True
     )
+    progress = _Progress(f"    {prefix or architecture}", epochs, log)
     history = model.fit(
-        train, validation_data=val, epochs=settings["epochs"], callbacks=[stop], verbose=0
+        train, validation_data=val, epochs=epochs, callbacks=[stop, progress], verbose=0
     )
-    epochs = len(history.history["loss"])
+    ran = len(history.history["loss"])
     best = int(np.argmin(history.history["val_loss"])) + 1
-    log(f"    {architecture}: {epochs} epochs, best {best}")
-    return model, {"epochs": epochs, "best_epoch": best}
+    log(f"    {prefix or architecture}: {ran} epochs, best {best}")
+    return model, {"epochs": ran, "best_epoch": best}
 
 
-def predict_maps(model, data: Slices, idx, batch_size=4) -> dict:
-    """8-bit probability maps at each slice's original size: {target: [maps]}."""
+def train_student(teacher, data: Slices, train_idx, val_idx, unlabelled, settings, seed, log):
+    """Self-training: the teacher pseudo-labels the unlabelled slices (intensity-matched to
+    the labelled ones), the surest `semi_keep` of them join every batch, and a student
+    starting from the teacher's weights trains on both; repeated `semi_rounds` times with
+    the student as the next teacher."""
+    from tfcovseg import semisup
+
+    rng = np.random.default_rng(seed)
+    matched = semisup.match_intensity(unlabelled.images, data.images[train_idx])
+    tta = semisup.DIHEDRAL[: settings["semi_tta"]]
+    model, rounds = teacher, []
+    for r in range(settings["semi_rounds"]):
+        pool = np.sort(rng.permutation(len(matched))[: settings["semi_pool"]])
+        start = time.perf_counter()
+        probs = semisup.predict_probabilities(model, matched[pool], tta=tta)
+        pseudo = semisup.select_pseudo_labels(probs, settings["semi_keep"])
+        log(
+            f"    round {r + 1}: {len(pseudo.index)} of {len(pool)} unlabelled slices "
+            f"pseudo-labelled (confidence >= {pseudo.confidence.min():.3f}, "
+            f"{time.perf_counter() - start:.0f} s)"
+        )
+        model, info = train_one(
+            "coarse_refine", data, train_idx, val_idx, settings, seed + 1000 * (r + 1), log,
+            init=model, extra=(matched[pool][pseudo.index], pseudo.masks),
+            epochs=settings["semi_epochs"], prefix=f"student {r + 1}",
+        )  # fmt: skip
+        rounds.append(info | {"pseudo_labelled": len(pseudo.index), "pool": len(pool)})
+    return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
+
+
+def predict_maps(model, data: Slices, idx, views=1) -> dict:
+    """8-bit probability maps at each slice's original size: {target: [maps]}; `views`
+    (1 or up to 8) averages the model over that many quarter turns and flips."""
     from PIL import Image
 
+    from tfcovseg.semisup import DIHEDRAL, predict_probabilities
+
     maps = {t: [] for t in TARGETS}
-    for start in range(0, len(idx), batch_size):
-        chunk = idx[start : start + batch_size]
-        out = model.predict_on_batch(data.images[chunk][..., None])
-        probs = np.asarray(out["final"] if isinstance(out, dict) else out, np.float32)
-        for j, i in enumerate(chunk):
-            h, w = data.truth[i].shape
-            full = np.stack(
-                [
-                    np.asarray(
-                        Image.fromarray(probs[j, ..., c], mode="F").resize((w, h), Image.BILINEAR)
-                    )
-                    for c in range(len(CLASSES))
-                ],
-                -1,
-            )
-            maps["ggo"].append(protocol.to_uint8(full[..., 0]))
-            maps["consolidation"].append(protocol.to_uint8(full[..., 1]))
-            maps["infection"].append(protocol.to_uint8(full.max(-1)))
+    probs = predict_probabilities(model, data.images[idx], batch_size=4, tta=DIHEDRAL[:views])
+    for j, i in enumerate(idx):
+        h, w = data.truth[i].shape
+        full = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(probs[j, ..., c], mode="F").resize((w, h), Image.BILINEAR)
+                )
+                for c in range(len(CLASSES))
+            ],
+            -1,
+        )
+        maps["ggo"].append(protocol.to_uint8(full[..., 0]))
+        maps["consolidation"].append(protocol.to_uint8(full[..., 1]))
+        maps["infection"].append(protocol.to_uint8(full.max(-1)))
     return maps
 
 
@@ -353,48 +494,203 @@ def summarise(per_fold: list[dict]) -> dict:
     return out
 
 
-def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, log=print, **kw):
-    """Runs the benchmark; returns the results (also written to ``out``)."""
-    settings = {
-        "size": 256,
-        "epochs": 60,
-        "patience": 15,
-        "batch_size": 4,
-        "learning_rate": 1e-3,
-        "passes": 2,
-        "val_fraction": 0.2,
-        "widths": WIDTHS,
-    } | kw
+DEFAULTS = {
+    "size": 256,
+    "epochs": 60,
+    "patience": 15,
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "passes": 2,
+    "val_fraction": 0.2,
+    "widths": WIDTHS,
+    "tta": 1,  # test-time views (1: none, 8: all quarter turns and flips), every row alike
+    "intensity": False,  # random window / contrast / gamma / noise in training, every row
+    # Self-training (the semi-supervised row, with --unlabelled-dir):
+    "semi_rounds": 1,  # teacher -> student rounds
+    "semi_pool": 400,  # unlabelled slices drawn (at random) per round
+    "semi_keep": 0.5,  # the surest fraction of them kept as pseudo-labels
+    "semi_tta": 2,  # views averaged for the pseudo-labels
+    "semi_epochs": 30,  # per round; the same early stopping as the teacher
+}
+SEMI = "coarse_refine_semi"
+
+
+@dataclasses.dataclass
+class Split:
+    fold: int
+    fit: np.ndarray  # training slices
+    val: np.ndarray  # early-stopping slices
+    test: np.ndarray  # scored slices (of the test folder in test mode)
+
+
+def _splits(train: Slices, test, folds, settings, seed) -> list[Split]:
+    n = len(train.names)
+    if test is not None:
+        fit, val = _holdout(np.arange(n), settings["val_fraction"], seed)
+        return [Split(0, fit, val, np.arange(len(test.names)))]
+    out = []
+    for k, test_idx in enumerate(_folds(n, folds, seed)):
+        fit, val = _holdout(
+            np.setdiff1d(np.arange(n), test_idx), settings["val_fraction"], seed + k
+        )
+        out.append(Split(k, fit, val, test_idx))
+    return out
+
+
+def _rows(models, unlabelled) -> list[str]:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise BenchmarkError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    rows = list(dict.fromkeys(models))
+    if unlabelled is not None:
+        if "coarse_refine" not in rows:
+            raise BenchmarkError(
+                "--unlabelled-dir trains the semi-supervised coarse-refine row from the "
+                "supervised one (its teacher): include coarse_refine in --models"
+            )
+        rows.insert(rows.index("coarse_refine") + 1, SEMI)
+    return rows
+
+
+def run(
+    train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, log=print,
+    unlabelled_dir=None, **kw,
+):  # fmt: skip
+    """Runs the benchmark; returns the results (also written to ``out``).
+
+    Each finished (row, fold) is kept in ``out`` (`store.FoldStore`): a rerun with the
+    same arguments goes on from there."""
+    from tfcovseg.benchmarks.store import FoldStore, StoreError
+
+    settings = DEFAULTS | kw
     if settings["size"] % 32:
         raise BenchmarkError(f"--size must be a multiple of 32, got {settings['size']}")
+    if not 1 <= settings["tta"] <= 8 or not 1 <= settings["semi_tta"] <= 8:
+        raise BenchmarkError("--tta takes 1 to 8 views")
+    if not 0.0 < settings["semi_keep"] <= 1.0:
+        raise BenchmarkError(f"--semi-keep must be in (0, 1], got {settings['semi_keep']}")
+    for key in ("semi_rounds", "semi_pool", "semi_epochs", "epochs"):
+        if settings[key] < 1:
+            raise BenchmarkError(f"--{key.replace('_', '-')} must be at least 1")
     out = Path(out)
     start = time.perf_counter()
     train = load_slices(train_dir, settings["size"])
     test = load_slices(test_dir, settings["size"], allow_infection_only=True) if test_dir else None
+    unlabelled = load_unlabelled(unlabelled_dir, settings["size"]) if unlabelled_dir else None
+    rows = _rows(models, unlabelled)
     if test is None and not 2 <= folds <= len(train.names):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
-    log(
-        f"{len(train.names)} training slices"
-        + (
-            f", {len(test.names)} test slices"
-            + (
-                " (infection-only masks: GGO and consolidation not scored)"
-                if test.infection_only
-                else ""
+    log(_describe(train, test, unlabelled, folds, settings))
+    results = _header(train, test, unlabelled, folds, seed, settings)
+    try:
+        store = FoldStore(out, _fingerprint(results, rows))
+    except StoreError as e:
+        raise BenchmarkError(str(e)) from None
+    splits = _splits(train, test, folds, settings, seed)
+    scored = test if test is not None else train
+    for split in splits:
+        if test is None:
+            log(
+                f"fold {split.fold}: {len(split.fit)} train, {len(split.val)} validation, "
+                f"{len(split.test)} test"
             )
-            if test
-            else f", {folds}-fold cross-validation"
+        teacher = None
+        for row in rows:
+            done = store.get(row, split.fold)
+            if done is not None:
+                log(f"  {LABELS[row]}: done before ({_headline(done['scores'])})")
+                continue
+            log(f"  {LABELS[row]}")
+            row_start = time.perf_counter()
+            seed_k = seed + split.fold
+            if row == SEMI:
+                if teacher is None:  # the supervised fold was done before this process
+                    teacher = _load_teacher(store, split.fold, settings)
+                model, info = train_student(
+                    teacher, train, split.fit, split.val, unlabelled, settings, seed_k, log
+                )
+            else:
+                model, info = train_one(row, train, split.fit, split.val, settings, seed_k, log)
+                if row == "coarse_refine" and SEMI in rows:
+                    teacher = model
+                    _save_teacher(model, store, split.fold)
+            maps = predict_maps(model, scored, split.test, settings["tta"])
+            truth = truths(scored, split.test)
+            scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
+            write_maps(prediction_folder(out, row), [scored.names[i] for i in split.test], maps)
+            names = [scored.names[i] for i in split.test] if test is None else None
+            store.put(
+                row,
+                split.fold,
+                {
+                    "scores": scores,
+                    "run": info | ({"test_slices": names} if names else {}),
+                    "wall_s": round(time.perf_counter() - row_start, 1),
+                },
+            )
+            log(f"    {_headline(scores)}")
+        results = _assemble(results, store, rows, splits, start)
+        _write(out, results)  # after every fold: a crash later keeps what is done
+    results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _write(out, results)
+    return results
+
+
+def _headline(scores) -> str:
+    return f"infection meanDic {scores['infection']['meanDic']:.3f}"
+
+
+def _save_teacher(model, store, fold) -> None:
+    from tfcovseg.models.saving import save_weights
+
+    path = store.weights("coarse_refine", fold)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model, path)
+
+
+def _load_teacher(store, fold, settings):
+    from tfcovseg.models.saving import model_file_problem
+
+    path = store.weights("coarse_refine", fold)
+    problem = model_file_problem(path)
+    if problem:
+        raise BenchmarkError(
+            f"the supervised model of fold {fold} (the semi-supervised row's teacher) "
+            f"cannot be read: {problem}; delete {store.path('coarse_refine', fold)} to "
+            "train it again"
         )
-        + f", {settings['size']}x{settings['size']}, backend {keras.backend.backend()}"
+    model = build("coarse_refine", settings["size"], settings.get("widths", WIDTHS))
+    model.load_weights(path)
+    return model
+
+
+def _describe(train, test, unlabelled, folds, settings) -> str:
+    if test is None:
+        where = f", {folds}-fold cross-validation"
+    else:
+        where = f", {len(test.names)} test slices" + (
+            " (infection-only masks: GGO and consolidation not scored)"
+            if test.infection_only
+            else ""
+        )
+    more = (
+        f", {len(unlabelled.names)} unlabelled slices of {len(set(unlabelled.volumes))} volumes"
+        if unlabelled is not None
+        else ""
     )
-    results = {
+    return (
+        f"{len(train.names)} training slices{where}{more}, "
+        f"{settings['size']}x{settings['size']}, backend {keras.backend.backend()}"
+    )
+
+
+def _header(train, test, unlabelled, folds, seed, settings) -> dict:
+    return {
         "benchmark": "COVID-SemiSeg",
         "mode": "test" if test else "cross-validation",
         "train_slices": len(train.names),
         "test_slices": len(test.names) if test else None,
+        "unlabelled_slices": len(unlabelled.names) if unlabelled is not None else None,
         "targets": list(test.targets if test else train.targets),
         "folds": None if test else folds,
         "seed": seed,
@@ -405,51 +701,34 @@ def run(train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, lo
         "models": {},
         "disclaimer": DISCLAIMER,
     }
-    for architecture in models:
-        model_start = time.perf_counter()
-        log(f"{LABELS[architecture]}")
-        per_fold, runs = [], []
-        if test is not None:
-            fit_idx, val_idx = _holdout(np.arange(len(train.names)), settings["val_fraction"], seed)
-            model, info = train_one(architecture, train, fit_idx, val_idx, settings, seed, log)
-            idx = np.arange(len(test.names))
-            maps = predict_maps(model, test, idx)
-            truth = truths(test, idx)
-            per_fold.append({t: protocol.score(maps[t], truth[t]) for t in test.targets})
-            runs.append(info)
-            write_maps(prediction_folder(out, architecture), test.names, maps)
-        else:
-            all_maps = {t: [None] * len(train.names) for t in TARGETS}
-            for k, test_idx in enumerate(_folds(len(train.names), folds, seed)):
-                rest = np.setdiff1d(np.arange(len(train.names)), test_idx)
-                fit_idx, val_idx = _holdout(rest, settings["val_fraction"], seed + k)
-                log(
-                    f"  fold {k}: {len(fit_idx)} train, {len(val_idx)} validation, "
-                    f"{len(test_idx)} test"
-                )
-                model, info = train_one(
-                    architecture, train, fit_idx, val_idx, settings, seed + k, log
-                )
-                maps = predict_maps(model, train, test_idx)
-                scores = {t: protocol.score(maps[t], truths(train, test_idx)[t]) for t in TARGETS}
-                per_fold.append(scores)
-                runs.append(info | {"test_slices": [train.names[i] for i in test_idx]})
-                log(f"    infection meanDic {scores['infection']['meanDic']:.3f}")
-                for t in TARGETS:
-                    for j, i in enumerate(test_idx):
-                        all_maps[t][i] = maps[t][j]
-            write_maps(prediction_folder(out, architecture), train.names, all_maps)
-        results["models"][architecture] = {
-            "label": LABELS[architecture],
+
+
+def _fingerprint(results, rows) -> dict:
+    keep = ("mode", "train_slices", "test_slices", "unlabelled_slices", "folds", "seed")
+    settings = {f"settings.{k}": v for k, v in results["settings"].items()}
+    return {k: results[k] for k in keep} | settings | {"rows": rows, "backend": results["backend"]}
+
+
+def _assemble(results, store, rows, splits, start) -> dict:
+    """The results so far: every row's finished folds, summarised."""
+    import resource
+
+    results = dict(results, models={})
+    for row in rows:
+        done = [d for d in (store.get(row, s.fold) for s in splits) if d is not None]
+        if not done:
+            continue
+        per_fold = [d["scores"] for d in done]
+        results["models"][row] = {
+            "label": LABELS[row],
             "folds": per_fold,
             "summary": summarise(per_fold),
-            "runs": runs,
-            "wall_s": round(time.perf_counter() - model_start, 1),
+            "runs": [d["run"] for d in done],
+            "wall_s": round(sum(d["wall_s"] for d in done), 1),
         }
-        results["wall_s"] = round(time.perf_counter() - start, 1)
-        _write(out, results)  # after every model: a crash later keeps what is done
-    results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    _write(out, results)
+    results["complete"] = all(len(r["folds"]) == len(splits) for r in results["models"].values())
+    results["wall_s"] = round(time.perf_counter() - start, 1)  # this process
+    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return results
 
 
@@ -512,7 +791,30 @@ def render_table(results: dict) -> str:
             f"| {name} (published, 48 test slices) | {cells[0]} "
             f"| | | | | | {cells[1]} | {cells[2]} |"
         )
+    if cv:
+        lines += _fold_table(results)
+    if not results.get("complete", True):
+        lines += ["", "Not finished: the rows above hold the folds done so far."]
     return "\n".join(lines) + "\n"
+
+
+def _fold_table(results) -> list[str]:
+    """Infection meanDic per fold and row (which row wins in which fold)."""
+    entries = list(results["models"].values())
+    if not entries:
+        return []
+    n = max(len(e["folds"]) for e in entries)
+    lines = [
+        "",
+        "Infection meanDic per fold:",
+        "",
+        "| model | " + " | ".join(f"fold {k}" for k in range(n)) + " |",
+        "|---|" + "---|" * n,
+    ]
+    for e in entries:
+        cells = [f"{f['infection']['meanDic']:.3f}" for f in e["folds"]]
+        lines.append(f"| {e['label']} | " + " | ".join(cells + [""] * (n - len(cells))) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -536,6 +838,20 @@ def main(argv=None) -> int:
     parser.add_argument("--patience", type=int, default=15)
     parser.add_argument("--passes", type=int, default=2, help="augmented passes per epoch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tta", type=int, default=1, help="test-time views: 1 (none) to 8 (turns and flips)"
+    )
+    parser.add_argument(
+        "--intensity",
+        action="store_true",
+        help="random window / contrast / gamma / noise while training (every row)",
+    )
+    semi = parser.add_argument_group("semi-supervised row (self-training)")
+    semi.add_argument("--unlabelled-dir", type=Path, help="unlabelled slices (Imgs/ without GT/)")
+    semi.add_argument("--semi-rounds", type=int, default=DEFAULTS["semi_rounds"])
+    semi.add_argument("--semi-pool", type=int, default=DEFAULTS["semi_pool"])
+    semi.add_argument("--semi-keep", type=float, default=DEFAULTS["semi_keep"])
+    semi.add_argument("--semi-epochs", type=int, default=DEFAULTS["semi_epochs"])
     args = parser.parse_args(argv)
     try:
         results = run(
@@ -545,10 +861,18 @@ def main(argv=None) -> int:
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             folds=args.folds,
             seed=args.seed,
+            unlabelled_dir=args.unlabelled_dir,
             size=args.size,
             epochs=args.epochs,
             patience=args.patience,
             passes=args.passes,
+            tta=args.tta,
+            intensity=args.intensity,
+            semi_rounds=args.semi_rounds,
+            semi_pool=args.semi_pool,
+            semi_keep=args.semi_keep,
+            semi_epochs=args.semi_epochs,
+            log=lambda line: print(line, flush=True),  # one line per epoch, as it comes
         )
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)

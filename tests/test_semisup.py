@@ -1,0 +1,84 @@
+"""Semi-supervised building blocks: intensity jitter and matching, TTA, pseudo-labels."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tfcovseg import semisup
+
+
+def test_jitter_is_seeded_per_image_and_stays_8_bit():
+    x = np.tile(np.linspace(0, 255, 32, dtype=np.float32), (4, 32, 1))[..., None]
+    jitter = semisup.IntensityJitter()
+    a = jitter(x, np.random.default_rng(1))
+    b = jitter(x, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == x.shape and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 255.0
+    # Each image gets its own window: the four copies of one ramp differ.
+    assert np.abs(a[0] - a[1]).mean() > 1.0
+    # No change at all with every range collapsed to the identity.
+    same = semisup.IntensityJitter(shift=0.0, contrast=(1, 1), gamma=(1, 1), noise=0.0)
+    np.testing.assert_allclose(same(x, np.random.default_rng(0)), x, atol=1e-3)
+
+
+def test_match_intensity_moves_a_dark_window_onto_the_reference():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(40, 240, (6, 24, 24)).astype(np.float32)
+    dark = reference * 0.4 + 5  # soft tissue at ~100 instead of ~240
+    matched = semisup.match_intensity(dark, reference)
+    target = np.median(semisup.intensity_scale(reference), axis=0)
+    np.testing.assert_allclose(np.median(semisup.intensity_scale(matched), 0), target, atol=1)
+    assert np.abs(matched - reference).mean() < 3.0
+    assert matched.min() >= 0 and matched.max() <= 255
+
+
+def _pixelwise_model():
+    """A model that scores each pixel alone: its maps turn with the image."""
+    x = keras.Input((16, 16, 1))
+    y = keras.layers.Conv2D(2, 1, activation="sigmoid", name="final")(x)
+    return keras.Model(x, {"final": y})
+
+
+def test_tta_views_undo_their_transform():
+    keras.utils.set_random_seed(0)
+    model = _pixelwise_model()
+    images = np.random.default_rng(0).uniform(0, 1, (3, 16, 16)).astype(np.float32)
+    plain = semisup.predict_probabilities(model, images)
+    every = semisup.predict_probabilities(model, images, tta=semisup.DIHEDRAL)
+    assert plain.shape == (3, 16, 16, 2)
+    np.testing.assert_allclose(every, plain, atol=1e-5)  # equivariant model: same maps
+    assert len(set(semisup.DIHEDRAL)) == 8
+
+
+def test_tta_averages_a_model_that_is_not_equivariant():
+    x = keras.Input((8, 8, 1))
+    # Output = row index of the pixel / 7: changes when the image is turned.
+    rows = keras.layers.Lambda(lambda t: keras.ops.zeros_like(t) + keras.ops.reshape(
+        keras.ops.arange(8, dtype="float32") / 7.0, (1, 8, 1, 1)))(x)  # fmt: skip
+    model = keras.Model(x, {"final": rows})
+    images = np.zeros((1, 8, 8), np.float32)
+    plain = semisup.predict_probabilities(model, images)[0, ..., 0]
+    turned = semisup.predict_probabilities(model, images, tta=semisup.DIHEDRAL[:2])[0, ..., 0]
+    np.testing.assert_allclose(plain[:, 0], np.arange(8) / 7.0, atol=1e-6)
+    # Half the plain rows, half the turned-back columns.
+    expected = 0.5 * (np.arange(8)[:, None] / 7.0) + 0.5 * (np.arange(8)[None, ::-1] / 7.0)
+    np.testing.assert_allclose(turned, expected, atol=1e-6)
+
+
+def test_pseudo_labels_keep_the_surest_slices():
+    probs = np.zeros((4, 8, 8, 1), np.float32)
+    probs[0, :4] = 0.95  # sure lesion
+    probs[1, :4] = 0.55  # undecided
+    probs[2] = 0.02  # sure lesion-free
+    probs[3, :4] = 0.95
+    probs[3, 4:] = 0.5  # half of what it sees is undecided
+    np.testing.assert_allclose(semisup.confidence(probs), [1.0, 0.0, 1.0, 0.5])
+    kept = semisup.select_pseudo_labels(probs, keep=0.5)
+    assert kept.index.tolist() == [0, 2]
+    assert kept.masks.shape == (2, 8, 8, 1) and kept.masks[0, :4].all() and not kept.masks[1].any()
+    assert semisup.select_pseudo_labels(probs, keep=0.75).index.tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="keep"):
+        semisup.select_pseudo_labels(probs, keep=0.0)

@@ -1,0 +1,139 @@
+"""Semi-supervised building blocks: intensity augmentation, intensity matching and
+confidence-filtered pseudo-labels (self-training).
+
+Pure NumPy plus a Keras model's `predict_on_batch`, so they run under any backend (the
+COVID-SemiSeg benchmark runs them under JAX on a machine without TensorFlow).
+
+Images are 8-bit grey levels as float arrays [N, H, W, 1] in 0-255 (pre-windowed slices,
+or HU studies after the model's window layer would map them there).
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Grey-level percentiles that define an image's intensity scale for matching: low enough
+# to sit in aerated lung, high enough to sit in soft tissue of a body-cropped slice.
+MATCH_PERCENTILES = (5.0, 95.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensityJitter:
+    """Random per-image intensity changes: a window shift (grey levels), a contrast factor
+    about mid-grey, a gamma and Gaussian noise, then clipped to 0-255.
+
+    Slices of different sources are windowed differently (COVID-SemiSeg's unlabelled
+    coronacases slices put soft tissue at grey level 100, its training slices at 230); a
+    model trained on one windowing fails on the other without this.
+    """
+
+    shift: float = 30.0  # +- grey levels
+    contrast: tuple[float, float] = (0.6, 1.4)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise: float = 6.0  # maximum noise sd (grey levels)
+
+    def __call__(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = np.asarray(images, np.float32)
+        n = x.shape[0]
+        shape = (n,) + (1,) * (x.ndim - 1)
+        contrast = rng.uniform(*self.contrast, n).astype(np.float32).reshape(shape)
+        shift = rng.uniform(-self.shift, self.shift, n).astype(np.float32).reshape(shape)
+        gamma = np.exp(rng.uniform(*np.log(self.gamma), n)).astype(np.float32).reshape(shape)
+        x = np.clip((x - 127.5) * contrast + 127.5 + shift, 0.0, 255.0)
+        x = 255.0 * (x / 255.0) ** gamma
+        sd = rng.uniform(0.0, self.noise, n).astype(np.float32).reshape(shape)
+        x = x + sd * rng.standard_normal(x.shape).astype(np.float32)
+        return np.clip(x, 0.0, 255.0)
+
+
+def intensity_scale(images: np.ndarray) -> np.ndarray:
+    """Each image's (low, high) grey levels at `MATCH_PERCENTILES`: [N, 2]."""
+    flat = np.asarray(images, np.float32).reshape(len(images), -1)
+    return np.percentile(flat, MATCH_PERCENTILES, axis=1).T
+
+
+def match_intensity(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Maps each image linearly so its (low, high) percentiles land on `reference`'s median
+    (low, high): slices windowed another way look like the reference slices.
+
+    Args:
+        images: [N, H, W(, 1)] grey levels 0-255.
+        reference: [M, H', W'(, 1)] grey levels of the slices to look like.
+    """
+    target = np.median(intensity_scale(reference), axis=0)
+    scale = intensity_scale(images)
+    span = np.maximum(scale[:, 1] - scale[:, 0], 1.0)
+    gain = (target[1] - target[0]) / span
+    shape = (len(images),) + (1,) * (np.ndim(images) - 1)
+    out = (np.asarray(images, np.float32) - scale[:, 0].reshape(shape)) * gain.reshape(
+        shape
+    ) + target[0]
+    return np.clip(out, 0.0, 255.0).astype(np.float32)
+
+
+def _dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    x = np.rot90(x, k, axes=(1, 2))
+    return x[:, :, ::-1] if flip else x
+
+
+def _undo_dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    x = x[:, :, ::-1] if flip else x
+    return np.rot90(x, -k, axes=(1, 2))
+
+
+DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
+def predict_probabilities(model, images: np.ndarray, batch_size=8, tta=DIHEDRAL[:1]):
+    """The model's "final" probabilities [N, H, W, C], averaged over the `tta` transforms
+    ((k quarter turns, horizontal flip) pairs; `DIHEDRAL` is all eight)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    total = None
+    for k, flip in tta:
+        view = np.ascontiguousarray(_dihedral(images, k, flip))
+        parts = []
+        for start in range(0, len(view), batch_size):
+            out = model.predict_on_batch(view[start : start + batch_size])
+            parts.append(np.asarray(out["final"] if isinstance(out, dict) else out, np.float32))
+        probs = _undo_dihedral(np.concatenate(parts), k, flip)
+        total = probs if total is None else total + probs
+    return total / len(tta)
+
+
+@dataclasses.dataclass(frozen=True)
+class PseudoLabels:
+    """Hard pseudo-labels of the kept unlabelled slices."""
+
+    index: np.ndarray  # [K] indices into the unlabelled images
+    masks: np.ndarray  # [K, H, W, C] float32 0/1
+    confidence: np.ndarray  # [K] the slices' confidence (see `confidence`)
+
+
+def confidence(probs: np.ndarray, low=0.1, high=0.9) -> np.ndarray:
+    """Per slice: 1 - (pixels with a probability in (low, high)) / (pixels above `low`).
+
+    1 when the teacher is sure of every pixel it calls lesion; near 0 when most of what it
+    sees is undecided. A slice the teacher sees no lesion in scores 1 (a confident
+    lesion-free label)."""
+    probs = np.asarray(probs, np.float32).reshape(len(probs), -1)
+    unsure = ((probs > low) & (probs < high)).sum(1)
+    seen = np.maximum((probs > low).sum(1), 1)
+    return 1.0 - unsure / seen
+
+
+def select_pseudo_labels(probs: np.ndarray, keep: float, threshold=0.5) -> PseudoLabels:
+    """Keeps the `keep` fraction (0-1] of slices the teacher is surest of, thresholded."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    score = confidence(probs)
+    n = max(1, int(round(keep * len(probs))))
+    # Stable sort: ties keep slice order, so a seed gives one selection.
+    index = np.sort(np.argsort(-score, kind="stable")[:n])
+    masks = (np.asarray(probs)[index] >= threshold).astype(np.float32)
+    return PseudoLabels(index, masks, score[index])
