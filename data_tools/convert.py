@@ -14,7 +14,10 @@ What it finds under ``--input``:
 - NIfTI CT volumes, with a mask next to them named ``<stem>_mask`` (``_seg``,
   ``_lesions``, ``_label``) or with ``im`` replaced by ``mask`` (``tr_im`` -> ``tr_mask``);
 - 2-D slice datasets in the COVID-SemiSeg layout: ``Imgs/N.jpg`` (already windowed 8-bit)
-  with ``GT/N.png`` (0 background, 1 GGO, 2 consolidation); each slice is its own patient;
+  with ``GT/N.png`` (0 background, 1 GGO, 2 consolidation), or without ``GT/`` (unlabelled
+  slices: records with ``mask/annotated`` 0); each slice is its own patient, except that
+  slices named ``<volume>_<k>`` (COVID-SemiSeg's ``Data-1_coronacases_org_001_10``) are
+  one patient per volume;
 - patient labels in ``manifest.csv`` or ``labels.csv`` at the input root (columns
   patient, diagnosis, severity; the phantom writes one).
 
@@ -214,8 +217,12 @@ def discover(
     series_list, dropped = dicom_io.build_series(headers)
     found.skipped += [(p.relative_to(root).as_posix(), r) for p, r in dropped]
 
-    def label_of(key):
-        return labels.get(key, (default_diagnosis, default_severity))
+    def label_of(*keys):
+        """The labels.csv row of the first key that has one, else the defaults."""
+        for key in keys:
+            if key in labels:
+                return labels[key]
+        return default_diagnosis, default_severity
 
     mask_niftis = [p for p in niftis if _looks_like_mask(p)]
     # A mask named after a NIfTI volume beside it is that volume's; the rest may be a
@@ -367,6 +374,17 @@ def _nifti_studies(root, volume_masks: dict, label_of) -> list:
     return studies
 
 
+_VOLUME_SLICE = re.compile(r"^(?P<volume>.*[^\d_].*?)_(?P<index>\d+)$")
+
+
+def slice_volume(stem: str) -> str | None:
+    """The CT volume in a slice file's name ``<volume>_<k>`` (COVID-SemiSeg's unlabelled
+    ``Data-1_coronacases_org_001_10`` -> ``Data-1_coronacases_org_001``), or None for a
+    name without one (``10``: the slice is its own patient)."""
+    match = _VOLUME_SLICE.match(stem)
+    return match.group("volume") if match else None
+
+
 def _image_studies(root, images, label_of, found) -> list:
     """A study per PNG/JPEG slice of a slice-dataset layout (``Imgs/N`` with ``GT/N``).
 
@@ -392,12 +410,16 @@ def _image_studies(root, images, label_of, found) -> list:
                     break
             if gt:
                 break
-        diagnosis, severity = label_of(path.stem)
+        volume = slice_volume(path.stem)
+        # A labels.csv row may name the slice or its volume.
+        diagnosis, severity = label_of(path.stem, *([volume] if volume else []))
+        where = path.parent.relative_to(root).as_posix()
         studies.append(
             Study(
                 kind="png",
                 rel=rel,
-                patient_key=f"png:{rel}",
+                # Slices of one CT volume are one patient (patient-level folds).
+                patient_key=f"png:{where}/{volume}" if volume else f"png:{rel}",
                 series_key=rel,
                 image_path=path,
                 mask_path=gt,
@@ -628,7 +650,7 @@ class _Records:
         self.writers = [tf.io.TFRecordWriter(str(partial / n), options) for n in shard_names]
         self.classes, self.key = tuple(classes), key
         self.patients, self.slices = {}, []
-        self.total = self.with_lesions = 0
+        self.total = self.with_lesions = self.unannotated = 0
 
     def close(self) -> dict:
         """Closes the shards (once); returns {shard name: bytes} for the manifest."""
@@ -697,6 +719,7 @@ class _Records:
                 entry["volume_ml"][name] += lesion_pixels[c] * voxel_ml
             self.total += 1
             self.with_lesions += label
+            self.unannotated += int(not result.annotated)
 
     def finish_patients(self) -> dict:
         """The patients' entries with rounded volumes and lesion / lung ratios."""
@@ -931,6 +954,7 @@ def _finish(job: _Job, records: _Records, shard_bytes: dict, found: Discovery) -
         "series": sum(len(e["series"]) for e in manifest_patients.values()),
         "slices": records.total,
         "lesion_slices": records.with_lesions,
+        "unlabelled_slices": records.unannotated,
         "shards": len(records.shard_names),
         "seconds": time.perf_counter() - job.start,
         "skipped": manifest["skipped"],
@@ -941,11 +965,14 @@ def _finish(job: _Job, records: _Records, shard_bytes: dict, found: Discovery) -
 
 
 def print_summary(summary: dict) -> None:
+    unlabelled = summary.get("unlabelled_slices", 0)
+    rate = summary["slices"] / max(summary["seconds"], 1e-9)
     print(
         f"converted {summary['patients']} patients ({summary['series']} series), "
-        f"{summary['slices']} slices ({summary['lesion_slices']} with lesions) into "
-        f"{summary['shards']} shards in {summary['out']} in {summary['seconds']:.1f} s "
-        f"({summary['slices'] / max(summary['seconds'], 1e-9):.0f} slices/s)"
+        f"{summary['slices']} slices ({summary['lesion_slices']} with lesions"
+        + (f", {unlabelled} unlabelled: no lesion mask" if unlabelled else "")
+        + f") into {summary['shards']} shards in {summary['out']} in "
+        f"{summary['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 1}f} slices/s)"
     )
     if summary["empty_splits"]:
         print(

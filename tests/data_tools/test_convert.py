@@ -320,6 +320,38 @@ def test_covid_semiseg_slices(tmp_path):
     assert max(e["hu"].max() for e in examples) <= 255 and min(e["hu"].min() for e in examples) >= 0
 
 
+def test_unlabelled_slices_are_marked_and_grouped_by_volume(tmp_path, capsys):
+    """Imgs/ without GT/ (COVID-SemiSeg's unlabelled split): records with annotated 0,
+    the slices of one volume one patient (patient-level folds), numbered slices apart."""
+    from PIL import Image
+
+    from data_tools.convert import print_summary, slice_volume
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in" / "Imgs").mkdir(parents=True)
+    names = [f"Data-1_coronacases_org_00{v}_{k}" for v in (1, 2) for k in (1, 2, 10)]
+    for name in names + ["7"]:
+        image = rng.integers(0, 120, (40, 36), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / "in" / "Imgs" / f"{name}.jpg")
+    summary = convert(
+        tmp_path / "in", tmp_path / "o", size=32, salt=SALT, classes=("ggo", "consolidation"),
+        default_diagnosis="covid", progress=False,
+    )  # fmt: skip
+    assert summary["slices"] == 7 and summary["unlabelled_slices"] == 7
+    assert summary["patients"] == 3  # two volumes and the numbered slice
+    manifest, examples = _examples(tmp_path / "o")
+    assert all(e["mask/annotated"] == 0 for e in examples)
+    sizes = sorted(p["num_slices"] for p in manifest["patients"].values())
+    assert sizes == [1, 3, 3]
+    assert not any(p["annotated"] for p in manifest["patients"].values())
+    print_summary(summary)
+    assert "7 unlabelled: no lesion mask" in capsys.readouterr().out
+    assert slice_volume("Data-1_radiopaedia_org_covid-19-pneumonia-4_85506_1-dcm_12") == (
+        "Data-1_radiopaedia_org_covid-19-pneumonia-4_85506_1-dcm"
+    )
+    assert slice_volume("10") is None and slice_volume("case_") is None
+
+
 def _binary_mask_slices(folder, n=2, size=32):
     """Imgs/N.png + GT/N.png with 0/255 (infection-only) masks, as Inf-Net's data."""
     from PIL import Image
