@@ -19,7 +19,7 @@ import tensorflow as tf
 from data_tools.convert import convert
 from data_tools.features import decode_numpy
 from data_tools.phantom import make_cohort
-from tfcovseg.data import NON_COVID, make_dataset
+from tfcovseg.data import NON_COVID, make_dataset, split_slices
 
 SIZE = 64
 CLASSES = ["ggo", "consolidation", "fibrosis"]
@@ -617,6 +617,18 @@ def test_slices_without_masks_never_train_as_lesion_free(cohort, tmp_path):
         ds = make_dataset(out, "all", 0, batch_size=8, training=False, task=task)
         seen = sum(int(x.shape[0]) for x, _ in ds)
         assert seen == expected == int(ds.cardinality()) * 8 - (-expected % 8)
+    # The unlabelled task serves exactly the slices without masks, as images alone.
+    ds = make_dataset(out, "all", 0, batch_size=4, training=False, task="unlabelled")
+    batches = list(ds)
+    assert all(isinstance(b, tf.Tensor) and b.shape[1:] == (64, 64, 1) for b in batches)
+    assert (
+        sum(int(b.shape[0]) for b in batches)
+        == n_unknown
+        == split_slices(manifest, "all", 0, "unlabelled")
+    )
+    with pytest.raises(ValueError, match="every slice has lesion masks"):
+        make_dataset(_convert(cohort, tmp_path / "all-masked", folds=2), "all", 0,
+                     task="unlabelled")  # fmt: skip
     everything = _inspect(out)
     assert len(everything) == total
     assert sum(e["mask/annotated"] == 0 for e in everything) == n_unknown

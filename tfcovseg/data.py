@@ -38,7 +38,7 @@ tf = require_tensorflow("tfcovseg.data (the tf.data pipeline)")
 from data_tools.features import decode_example, feature_spec  # noqa: E402
 
 SPLITS = ("train", "validation", "test", "all")
-TASKS = ("segment", "classify", "inspect")
+TASKS = ("segment", "classify", "unlabelled", "inspect")
 NON_COVID = ("healthy", "bacterial", "viral")
 OTHER_PNEUMONIA = ("bacterial", "viral")
 
@@ -123,9 +123,12 @@ def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
 def slice_is_usable(task: str, annotated: bool, diagnosis: str) -> bool:
     """Whether a slice serves `task`: segmentation needs ground-truth masks; the slice
     label (the "classify" task) needs them too, except for patients diagnosed with
-    another disease, whose slices are negatives whatever their masks ("inspect": all)."""
+    another disease, whose slices are negatives whatever their masks; "unlabelled" takes
+    the slices without masks ("inspect": all)."""
     if task == "segment":
         return bool(annotated)
+    if task == "unlabelled":  # the slices a semi-supervised method labels itself
+        return not annotated
     if task == "classify":
         return bool(annotated) or diagnosis in NON_COVID
     return True
@@ -306,7 +309,9 @@ def make_dataset(
         fold: Cross-validation fold.
         batch_size: Global batch size.
         training: Shuffle and augment (default: split == "train").
-        task: "segment", "classify" or "inspect".
+        task: "segment" ((image, {output: masks}) of annotated slices), "classify"
+            ((image, slice label)), "unlabelled" (images of the slices without masks, for
+            semi-supervised training) or "inspect" (every decoded feature).
         image_size: (H, W) of the model; records of another size are resized.
         class_names: The model's classes; must equal the records' classes when given.
         outputs: Target names of the "segment" task (the model's output names).
@@ -352,7 +357,9 @@ def make_dataset(
     n_slices = split_slices(manifest, split, fold, task)
     if not patients or n_slices == 0:
         why = "too few patients for the folds?"
-        if patients and task != "inspect":
+        if patients and task == "unlabelled":
+            why = "every slice has lesion masks"
+        elif patients and task != "inspect":
             why = "none has the lesion masks this task needs"
         raise ValueError(f"split {split!r} of fold {fold} in {record_dir} has no slices ({why})")
     if drop_remainder and batch_size > n_slices:
@@ -401,6 +408,8 @@ def make_dataset(
             annotated = e["mask/annotated"] > 0
             if task == "segment":
                 return annotated
+            if task == "unlabelled":
+                return tf.logical_not(annotated)
             other = tf.reduce_any(tf.equal(e["patient/diagnosis"], list(NON_COVID)))
             return tf.logical_or(annotated, other)
 
@@ -471,6 +480,8 @@ def make_dataset(
         ds = ds.map(
             lambda e: (e["hu"][..., None], classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
         )
+    elif task == "unlabelled":  # images only: there is no target
+        ds = ds.map(lambda e: e["hu"][..., None], num_parallel_calls=tf.data.AUTOTUNE)
     # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
     n_examples = n_slices
     if oversample:
