@@ -344,6 +344,24 @@ def test_training_pipeline_is_reproducible_for_a_seed(records):
     assert a != c
 
 
+def test_intensity_jitter_changes_the_image_not_the_masks(records):
+    """With `intensity_window`, each training slice's grey levels in that window are
+    jittered (seeded); its masks and the paper's transforms stay as without."""
+    window = (-1250.0, 250.0)
+    plain = {e["slice/id"]: e for e in _train_examples(records, seed=3, augment_data=False)}
+    a = _train_examples(records, seed=3, augment_data=True, intensity_window=window)
+    b = _train_examples(records, seed=3, augment_data=True, intensity_window=window)
+    changed = 0
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["hu"], y["hu"])  # reproducible for a seed
+        ref = plain[x["slice/id"]]
+        # Masks follow the paper's transform alone; the image differs by more than it.
+        assert any(np.array_equal(_dihedral(ref["lesions"], *t), x["lesions"]) for t in TRANSFORMS)
+        changed += not any(np.array_equal(_dihedral(ref["hu"], *t), x["hu"]) for t in TRANSFORMS)
+        assert x["hu"].min() >= window[0] - 1e-3 and x["hu"].max() <= window[1] + 1e-3
+    assert changed == len(a) > 0
+
+
 def test_cached_pipeline_draws_new_transforms_every_epoch(records):
     reference = {e["slice/id"]: e for e in _inspect(records, "train", 0)}
     ds = make_dataset(

@@ -1,7 +1,7 @@
 """Experiment configuration: frozen dataclasses, YAML files and dotted overrides.
 
-An experiment is one YAML file with up to four top-level keys (``name``, ``model``,
-``data``, ``train``); every key that is left out takes the dataclass default below, which
+An experiment is one YAML file with up to five top-level keys (``name``, ``model``,
+``data``, ``train``, ``semi``); every key that is left out takes the dataclass default below, which
 are the settings of Huang et al. (2021) where the paper gives them. Overrides use dotted
 keys and YAML values, as on the command line::
 
@@ -36,7 +36,9 @@ ARCHITECTURES = (
     "seresnet_classifier",  # plain SE-ResNet-34 slice classifier (Table 6)
 )
 LOSSES = ("hybrid", "bce")
-PHASES = ("segmentation", "classification")
+PHASES = ("segmentation", "self_training", "classification")  # in this order
+DEFAULT_PHASES = ("segmentation", "classification")
+SEMI_METHODS = ("none", "self_training")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POOLINGS = ("avg", "max", "avg_max")
 HEADS = ("dense", "conv")
@@ -229,6 +231,9 @@ class DataConfig:
             with another pneumonia (bacterial, viral) are repeated in each epoch, in both
             phases: few patients, and patterns that look like COVID-19 lesions (1: none).
         cache: Cache decoded slices in memory after the first epoch.
+        intensity_augment: Random window shift, contrast, gamma and noise on training
+            slices (`tfcovseg.semisup.IntensityJitter`, in grey levels of the model's
+            window), so that one model serves slices windowed differently.
     """
 
     records_dir: str = "data/records"
@@ -244,6 +249,7 @@ class DataConfig:
     oversample_lesions: int = 1
     oversample_pneumonia: int = 1
     cache: bool = False
+    intensity_augment: bool = False
 
     def __post_init__(self):
         _normalise(self)
@@ -273,7 +279,8 @@ class TrainConfig:
     """Optimisation (Huang et al. 2021, Section 3.2: Adam 3e-4, batch 8, 200 epochs).
 
     Attributes:
-        phases: Which phases to run, in order: "segmentation", "classification".
+        phases: Which phases to run, in order: "segmentation", "self_training" (with
+            ``semi.method: self_training``), "classification".
         loss: "hybrid" (BCE + SSIM + IoU, BASNet) or "bce" (the Table 7 ablation).
         coarse_loss_weight: Weight of the loss on the coarse output (deep supervision).
         final_loss_weight: Weight of the loss on the refined output.
@@ -297,7 +304,7 @@ class TrainConfig:
         seed: Seed for weights, shuffling and augmentation.
     """
 
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = DEFAULT_PHASES
     loss: str = "hybrid"
     coarse_loss_weight: float = 1.0
     final_loss_weight: float = 1.0
@@ -346,6 +353,58 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SemiConfig:
+    """Semi-supervised training on slices without masks (the "self_training" phase).
+
+    Self-training as Semi-Inf-Net does it: the segmentation phase's model is the teacher;
+    it labels unlabelled slices, the surest of its labels join the training batches, and a
+    student starting from the teacher's weights trains on both, under the same callbacks,
+    early stopping and run folder; the student becomes the run's segmenter.
+
+    Attributes:
+        method: "none" or "self_training".
+        records_dir: Records of the unlabelled slices (``data_tools.convert`` of a folder
+            without masks); all of their slices are used. "": the slices without masks
+            of the training split of ``data.records_dir``.
+        rounds: Teacher -> student rounds (the student is the next round's teacher).
+        pool: Unlabelled slices drawn at random in each round (0: all of them).
+        keep: The fraction (0, 1] of the pool kept as pseudo-labels: the slices the
+            teacher is surest of (`tfcovseg.semisup.confidence`).
+        views: Test-time views (1-8 quarter turns and flips) averaged for the labels.
+        share: The fraction of every training batch drawn from the pseudo-labels.
+        epochs: Maximum epochs of each round (``train.early_stopping_patience`` applies).
+        match_intensity: Map the unlabelled slices' grey levels onto the labelled ones'
+            (`tfcovseg.semisup.match_intensity`) before labelling them; for pre-windowed
+            slices from sources windowed differently (HU records need none).
+    """
+
+    method: str = "none"
+    records_dir: str = ""
+    rounds: int = 1
+    pool: int = 400
+    keep: float = 0.5
+    views: int = 2
+    share: float = 0.5
+    epochs: int = 20
+    match_intensity: bool = True
+
+    def __post_init__(self):
+        _normalise(self)
+        _check_choice("semi.method", self.method, SEMI_METHODS)
+        _check_positive("semi.rounds", self.rounds)
+        _check_positive("semi.epochs", self.epochs)
+        if self.pool < 0:
+            raise ConfigError(f"semi.pool must be >= 0 (0: all), got {self.pool}")
+        if not 1 <= self.views <= 8:
+            raise ConfigError(f"semi.views must be 1 to 8, got {self.views}")
+        for key in ("keep", "share"):
+            value = getattr(self, key)
+            if not 0.0 < value <= 1.0 or (key == "share" and value >= 1.0):
+                raise ConfigError(f"semi.{key} must be in (0, 1{']' if key == 'keep' else ')'}"
+                                  f", got {value}")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """A named experiment: model, data and training settings together."""
 
@@ -353,9 +412,18 @@ class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    semi: SemiConfig = dataclasses.field(default_factory=SemiConfig)
 
     def __post_init__(self):
         arch, phases = self.model.architecture, self.train.phases
+        semi = self.semi.method != "none"
+        if semi != ("self_training" in phases):
+            raise ConfigError(
+                "semi.method self_training and the train.phases entry self_training go "
+                f"together: semi.method is {self.semi.method}, train.phases {list(phases)}"
+            )
+        if semi and arch == "seresnet_classifier":
+            raise ConfigError("semi.method self_training needs a segmenter")
         if arch == "seresnet_classifier" and "segmentation" in phases:
             raise ConfigError(
                 "model.architecture seresnet_classifier is a classifier: train.phases must "
@@ -377,7 +445,7 @@ class ExperimentConfig:
             )
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "semi": SemiConfig}
 
 
 def _normalise(instance):

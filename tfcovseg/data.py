@@ -207,6 +207,34 @@ def augment(example, seed):
     return out
 
 
+def jitter_intensity(image, seed, window):
+    """`tfcovseg.semisup.IntensityJitter` on one slice [H, W] inside tf.data: the values
+    are mapped through `window` (low, high) to grey levels 0-255, jittered there and
+    mapped back (HU records stay in HU, pre-windowed ones use (0, 255)).
+
+    Args:
+        image: [H, W] tensor of any real dtype; returned as float32.
+        seed: int tensor [2] (the augmentation's seed: one draw per slice and epoch).
+        window: (low, high) of the model's window.
+    """
+    import numpy as np
+
+    from tfcovseg.semisup import IntensityJitter
+
+    low, high = (float(w) for w in window)
+    jitter = IntensityJitter()
+
+    def apply(x, s):
+        rng = np.random.default_rng([int(v) & 0xFFFFFFFF for v in s])
+        grey = np.clip((x - low) / (high - low), 0.0, 1.0) * 255.0
+        return (jitter(grey[None, ..., None], rng)[0, ..., 0] / 255.0 * (high - low) + low).astype(
+            np.float32
+        )
+
+    out = tf.numpy_function(apply, [tf.cast(image, tf.float32), seed], tf.float32, stateful=False)
+    return tf.ensure_shape(out, image.shape)
+
+
 def resize_image(images, size):
     """THE image resize of tfcovseg: bilinear with antialiasing, as float32.
 
@@ -300,6 +328,7 @@ def make_dataset(
     drop_remainder=None,
     label_output=None,
     compact=False,
+    intensity_window=None,
 ):
     """A batched `tf.data.Dataset` of one split of one fold.
 
@@ -334,6 +363,9 @@ def make_dataset(
             an accelerator. Keras models cast inputs to their input dtype and tfcovseg's
             losses and metrics cast the targets, so ``model.fit`` takes either; `train`
             uses this. Default: float32 throughout.
+        intensity_window: With augmentation, also jitter every slice's intensities
+            (`jitter_intensity`) in grey levels of this (low, high) window (the model's:
+            its HU window, or (0, 255) for pre-windowed slices). None: no jitter.
 
     Raises:
         FileNotFoundError: missing or empty record directory.
@@ -434,11 +466,19 @@ def make_dataset(
 
     oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    augment_fn = augment
+    if intensity_window is not None:
+
+        def augment_fn(example, sd):  # the paper's, then the intensities
+            out = augment(example, sd)
+            out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)
+            return out
+
     if augment_data and not cache and not oversample:
         # Nothing to cache and no repeated slices: augment in the same map as the parsing
         # (each slice still gets its own random transform every epoch), then shuffle.
         ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda s, sd: augment(load(s), sd), num_parallel_calls=tf.data.AUTOTUNE
+            lambda s, sd: augment_fn(load(s), sd), num_parallel_calls=tf.data.AUTOTUNE
         )
         if training:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -461,7 +501,9 @@ def make_dataset(
         if augment_data:
             # After the cache (a fresh transform every epoch) and the oversampling (each
             # copy of a lesion slice its own).
-            ds = tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(
+                augment_fn, num_parallel_calls=tf.data.AUTOTUNE
+            )
     # Batch in the compact dtypes, then cast and build the task's structure once per batch.
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if task == "inspect" or not compact:

@@ -48,6 +48,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
 
 from tfcovseg import __version__, require_tensorflow  # noqa: E402
@@ -98,6 +100,12 @@ from tfcovseg.models import (  # noqa: E402
     save_model,
 )
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
+from tfcovseg.selftrain import (  # noqa: E402
+    collect_images,
+    label_round,
+    mixed_dataset,
+    pseudo_dataset,
+)
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
 EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/experiments, shipped in the wheel
@@ -250,7 +258,9 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
                 f"the {split} split of fold {config.data.fold} in {folder} is "
                 f"empty: too few patients for {len(folds)} folds"
             )
-    tasks = {"segmentation": "segment", "classification": "classify"}
+    tasks = {"segmentation": "segment", "self_training": "segment", "classification": "classify"}
+    if "self_training" in config.train.phases:
+        _check_unlabelled(config, folder, manifest)
     for phase in config.train.phases:
         task = tasks[phase]
         for split in ("train", "validation"):
@@ -268,6 +278,32 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
                     f"{phase} phase can use"
                 )
     return manifest
+
+
+def _check_unlabelled(config, folder: Path, manifest: dict) -> None:
+    """Self-training needs slices without masks: ``semi.records_dir``'s, or the training
+    split's of ``data.records_dir``."""
+    semi = config.semi
+    if semi.records_dir:
+        where = Path(semi.records_dir).expanduser()
+        try:
+            other = read_manifest(where)
+        except (FileNotFoundError, ValueError) as e:
+            raise TrainingError(f"semi.records_dir: {e}") from None
+        if list(other["classes"]) != list(manifest["classes"]):
+            raise TrainingError(
+                f"semi.records_dir {where} has classes {other['classes']}, the training "
+                f"records {manifest['classes']}: convert both with the same --classes"
+            )
+        n = split_slices(other, "all", 0, "unlabelled")
+    else:
+        where = f"the training split of fold {config.data.fold} in {folder}"
+        n = split_slices(manifest, "train", config.data.fold, "unlabelled")
+    if n == 0:
+        raise TrainingError(
+            f"self-training has no slice without lesion masks to label in {where}: convert "
+            "unlabelled slices (Imgs/ without GT/) and name them in semi.records_dir"
+        )
 
 
 def _best_so_far(csv_path: Path, monitor="val_loss"):
@@ -293,14 +329,19 @@ def _build_classifier(segmenter, model):
     )
 
 
-def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), save=None, log=print):
+def _callbacks(
+    out: Path, phase: str, patience: int, resume: bool, extra=(), save=None, log=print, tag=None
+):
     """Evaluation callbacks first (their logs reach the rest), then the bookkeeping.
 
     ``save``: the model the best checkpoint holds when it is not the model being fit.
+    ``tag``: the name of the phase's files when it fits several models (self-training's
+    rounds): ``logs/<tag>.csv``, ``backup/<tag>``, ``<tag>_best.keras``.
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    best = out / f"{phase_name(phase)}_best.keras"
+    best = out / f"{tag or phase_name(phase)}_best.keras"
+    phase = tag or phase
     csv_path = logs / f"{phase}.csv"
     # After --resume, the best checkpoint must stay the best of the whole run (a broken
     # one was removed by `_verified_state`: the next epoch writes it again).
@@ -325,7 +366,8 @@ def _callbacks(out: Path, phase: str, patience: int, resume: bool, extra=(), sav
 
 
 def phase_name(phase: str) -> str:
-    return {"segmentation": "segmenter", "classification": "classifier"}[phase]
+    """The model a phase trains, as its checkpoints are named (``<name>_best.keras``)."""
+    return RUN_MODELS[phase]
 
 
 def _data_fingerprint(folder: Path) -> str:
@@ -389,8 +431,13 @@ def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose):
     )
 
 
-RUN_MODELS = {"segmentation": "segmenter", "classification": "classifier"}
-PHASE_NUMBER = {"segmentation": 1, "classification": 2}
+RUN_MODELS = {
+    "segmentation": "segmenter",
+    "self_training": "student",
+    "classification": "classifier",
+}
+# The paper's two phases keep their numbers; self-training refines phase 1's segmenter.
+PHASE_NUMBER = {"segmentation": "1", "self_training": "1b", "classification": "2"}
 
 
 def _verified_state(out: Path, config, log) -> dict:
@@ -556,6 +603,8 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
         try:
             if phase == "segmentation":
                 segmenter = _segmentation_phase(run)
+            elif phase == "self_training":
+                segmenter = _self_training_phase(run, segmenter, state)
             else:
                 _classification_phase(run, segmenter)
         except tf.errors.DataLossError as e:
@@ -573,6 +622,8 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
             (out / "backup").rmdir()
     timings["total_s"] = round(time.perf_counter() - start, 1)
     summary = _summary(config, folder, manifest, strategy, resume, timings)
+    if state.get("self_training"):
+        summary["self_training"] = state["self_training"]
     _write_json(out / "run.json", summary)
     return summary
 
@@ -622,6 +673,28 @@ def _finish_best(model, out: Path, phase: str, log) -> None:
     save_model(model, best)
 
 
+def _intensity_window(config):
+    """The window the intensity jitter works in (None: no jitter): the model's own."""
+    if not config.data.intensity_augment:
+        return None
+    return (0.0, 255.0) if config.model.pre_windowed else tuple(config.model.hu_window)
+
+
+def _compile_segmenter(config, segmenter):
+    """The segmentation loss (deep supervision) and metrics on a segmenter."""
+    t = config.train
+    losses, weights = deep_supervision(
+        list(segmenter.output), t.loss, t.coarse_loss_weight, t.final_loss_weight
+    )
+    segmenter.compile(
+        optimizer=keras.optimizers.Adam(t.learning_rate),
+        loss=losses,
+        loss_weights=weights,
+        metrics={"final": segmentation_metrics(config.model.class_names)},
+        jit_compile=t.jit_compile,
+    )
+
+
 def _segmentation_phase(run: _Run):
     """Phase 1: the segmenter with the hybrid loss (and the classifier head, with
     ``train.classifier_aux_weight``); returns the segmenter."""
@@ -659,6 +732,7 @@ def _segmentation_phase(run: _Run):
         oversample_pneumonia=config.data.oversample_pneumonia,
         shuffle_buffer=config.data.shuffle_buffer,
         label_output=label_output,
+        intensity_window=_intensity_window(config),
         **run.common,
     )
     val_ds = make_dataset(
@@ -695,6 +769,123 @@ def _segmentation_phase(run: _Run):
     save_model(segmenter, out / "segmenter_last.keras")
     _finish_best(segmenter, out, "segmentation", run.log)
     return segmenter
+
+
+def _unlabelled_images(run: _Run) -> np.ndarray:
+    """The unlabelled slices self-training labels: ``semi.records_dir``'s (all), else
+    those of the training split of ``data.records_dir``."""
+    semi = run.config.semi
+    common = dict(run.common)
+    split = "train"
+    if semi.records_dir:
+        common["record_dir"] = Path(semi.records_dir).expanduser()
+        split = "all"
+    ds = make_dataset(split=split, training=False, task="unlabelled", **common)
+    return collect_images(ds)
+
+
+def _first_teacher(run: _Run, segmenter):
+    """Phase 1's best segmenter, kept as ``teacher_best.keras`` (``segmenter_best.keras``
+    becomes the student's when the phase ends)."""
+    out = run.out
+    teacher = out / "teacher_best.keras"
+    if segmenter is not None or model_file_problem(teacher):
+        # Phase 1 ran in this process, or it never handed over: its best is the teacher.
+        save_model(load_model(out / "segmenter_best.keras"), teacher)
+    return load_model(teacher)
+
+
+def _self_training_phase(run: _Run, segmenter, state: dict):
+    """Phase 1b: self-training (`tfcovseg.config.SemiConfig`); returns the student, which
+    is also saved as ``segmenter_best.keras`` for the phases and tools after it."""
+    config, t, semi, out = run.config, run.config.train, run.config.semi, run.out
+    teacher = _first_teacher(run, segmenter)
+    unlabelled = _unlabelled_images(run)
+    reference = None
+    if config.model.pre_windowed and semi.match_intensity:
+        labelled = make_dataset(split="train", training=False, task="segment", **run.common)
+        reference = collect_images(labelled)
+    n_pseudo = max(1, int(round(semi.share * t.batch_size)))
+    window = _intensity_window(config)
+    rng = np.random.default_rng(t.seed)
+    fresh_teacher = segmenter is not None  # phase 1 ran now: earlier rounds are stale
+    done = {} if fresh_teacher or not run.resume else {
+        r["round"]: r for r in state.get("self_training", [])
+    }  # fmt: skip
+    if fresh_teacher or not run.resume:  # an interrupted round's backup is kept otherwise
+        for r in range(1, semi.rounds + 1):
+            shutil.rmtree(out / "backup" / f"student_r{r}", ignore_errors=True)
+            (out / "logs" / f"student_r{r}.csv").unlink(missing_ok=True)
+    rounds = []
+    run.log(
+        f"phase 1b: self-training on {len(unlabelled)} unlabelled slices, {semi.rounds} "
+        f"round(s) of up to {semi.epochs} epochs, {n_pseudo} of every {t.batch_size} "
+        "slices pseudo-labelled"
+    )
+    for r in range(1, semi.rounds + 1):
+        pool = np.sort(rng.permutation(len(unlabelled))[: semi.pool or len(unlabelled)])
+        tag = f"student_r{r}"
+        best = out / f"{tag}_best.keras"
+        if r in done and model_file_problem(best) is None:
+            run.log(f"  round {r}: completed before")
+            teacher = load_model(best)
+            rounds.append(done[r])
+            continue
+        labels = label_round(teacher, unlabelled[pool], semi, reference)
+        run.log(
+            f"  round {r}: {len(labels.images)} of {labels.pool} slices pseudo-labelled "
+            f"(confidence >= {labels.confidence_min:.3f})"
+        )
+        with run.strategy.scope():
+            student = build_model(config.model)
+            student.set_weights(teacher.get_weights())
+            _compile_segmenter(config, student)
+        outputs = tuple(student.output)
+        labelled = make_dataset(
+            split="train",
+            training=True,
+            compact=True,
+            outputs=outputs,
+            augment_data=config.data.augment,
+            oversample_lesions=config.data.oversample_lesions,
+            oversample_pneumonia=config.data.oversample_pneumonia,
+            shuffle_buffer=config.data.shuffle_buffer,
+            intensity_window=window,
+            **{**run.common, "batch_size": t.batch_size - n_pseudo},
+        )
+        pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
+        val_ds = make_dataset(
+            split="validation",
+            training=False,
+            compact=True,
+            outputs=outputs,
+            drop_remainder=run.eval_drop,
+            **run.common,
+        )
+        callbacks = _callbacks(
+            out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag
+        )
+        history = _fit(
+            student, run.strategy, mixed_dataset(labelled, pseudo, outputs), val_ds,
+            semi.epochs, callbacks, run.verbose,
+        )  # fmt: skip
+        if model_file_problem(best):
+            save_model(student, best)
+        teacher = load_model(best)
+        rounds.append(
+            {
+                "round": r,
+                "pool": labels.pool,
+                "pseudo_labelled": len(labels.images),
+                "confidence_min": round(labels.confidence_min, 4),
+                "epochs": len(getattr(history, "history", {}).get("loss", [])),
+            }
+        )
+        state["self_training"] = rounds
+        _write_json(out / "state.json", state)
+    save_model(teacher, out / "student_best.keras")
+    save_model(teacher, out / "segmenter_best.keras")  # what phase 2, evaluate and export use
+    return teacher
 
 
 def _classification_phase(run: _Run, segmenter) -> None:
@@ -734,6 +925,7 @@ def _classification_phase(run: _Run, segmenter) -> None:
         augment_data=config.data.augment,
         oversample_pneumonia=config.data.oversample_pneumonia,
         shuffle_buffer=config.data.shuffle_buffer,
+        intensity_window=_intensity_window(config),
         **run.common,
     )
     val_ds = make_dataset(
