@@ -2,7 +2,9 @@
 
     python -m tfcovseg.benchmarks.semiseg --train-dir ../shared/data/covid-semiseg/train
         [--test-dir DIR] [--out runs/semiseg] [--size 256] [--models coarse_refine,unet]
-        [--folds 5] [--epochs 60] [--seed 0]
+        [--folds 5] [--epochs 60] [--seed 0] [--tta 8] [--intensity]
+        [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
+         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 30]]
 
 The slices (``Imgs/N.jpg``: 8-bit windowed CT; ``GT/N.png``: 0 background, 1 GGO, 2
 consolidation) are read through `data_tools.convert` (its discovery and per-study
@@ -28,6 +30,12 @@ consolidation separately. Writes ``OUT/results.json``, ``OUT/results.md``
 the images, ``OUT/predictions/{infection,ggo,consolidation}/N.png`` for the coarse-refine
 network and ``OUT/unet/predictions/...`` for the U-Net baseline, which any evaluator
 (Inf-Net's MATLAB toolbox included) can score.
+
+With ``--unlabelled-dir`` (slices without masks), a semi-supervised row follows the
+supervised coarse-refine row in every fold: self-training (`train_student`) with the
+fold's supervised model as the teacher. ``--tta`` and ``--intensity`` apply to every row
+alike. A line per epoch shows progress; each finished (row, fold) is kept in
+``OUT/folds/`` (`tfcovseg.benchmarks.store`), so a killed run goes on from there.
 
 Research use, not a medical device.
 """
