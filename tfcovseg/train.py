@@ -695,6 +695,25 @@ def _compile_segmenter(config, segmenter):
     )
 
 
+def _segment_train_ds(run: _Run, outputs, label_output=None, batch_size=None):
+    """The training split's segmentation batches, augmented as the config says."""
+    data = run.config.data
+    common = run.common if batch_size is None else {**run.common, "batch_size": batch_size}
+    return make_dataset(
+        split="train",
+        training=True,
+        compact=True,  # int16/uint8 batches: the model casts
+        outputs=outputs,
+        augment_data=data.augment,
+        oversample_lesions=data.oversample_lesions,
+        oversample_pneumonia=data.oversample_pneumonia,
+        shuffle_buffer=data.shuffle_buffer,
+        label_output=label_output,
+        intensity_window=_intensity_window(run.config),
+        **common,
+    )
+
+
 def _segmentation_phase(run: _Run):
     """Phase 1: the segmenter with the hybrid loss (and the classifier head, with
     ``train.classifier_aux_weight``); returns the segmenter."""
@@ -722,19 +741,7 @@ def _segmentation_phase(run: _Run):
             metrics=metrics,
             jit_compile=t.jit_compile,
         )
-    train_ds = make_dataset(
-        split="train",
-        training=True,
-        compact=True,  # int16/uint8 batches: the model casts
-        outputs=outputs,
-        augment_data=config.data.augment,
-        oversample_lesions=config.data.oversample_lesions,
-        oversample_pneumonia=config.data.oversample_pneumonia,
-        shuffle_buffer=config.data.shuffle_buffer,
-        label_output=label_output,
-        intensity_window=_intensity_window(config),
-        **run.common,
-    )
+    train_ds = _segment_train_ds(run, outputs, label_output)
     val_ds = make_dataset(
         split="validation",
         training=False,
@@ -841,18 +848,7 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
             student.set_weights(teacher.get_weights())
             _compile_segmenter(config, student)
         outputs = tuple(student.output)
-        labelled = make_dataset(
-            split="train",
-            training=True,
-            compact=True,
-            outputs=outputs,
-            augment_data=config.data.augment,
-            oversample_lesions=config.data.oversample_lesions,
-            oversample_pneumonia=config.data.oversample_pneumonia,
-            shuffle_buffer=config.data.shuffle_buffer,
-            intensity_window=window,
-            **{**run.common, "batch_size": t.batch_size - n_pseudo},
-        )
+        labelled = _segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
         pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
         val_ds = make_dataset(
             split="validation",
