@@ -4,7 +4,7 @@
         [--test-dir DIR] [--out runs/semiseg] [--size 256] [--models coarse_refine,unet]
         [--folds 5] [--epochs 60] [--seed 0] [--tta 8] [--intensity]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
-         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 30]]
+         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20]]
 
 The slices (``Imgs/N.jpg``: 8-bit windowed CT; ``GT/N.png``: 0 background, 1 GGO, 2
 consolidation) are read through `data_tools.convert` (its discovery and per-study
@@ -518,7 +518,7 @@ DEFAULTS = {
     "semi_pool": 400,  # unlabelled slices drawn (at random) per round
     "semi_keep": 0.5,  # the surest fraction of them kept as pseudo-labels
     "semi_tta": 2,  # views averaged for the pseudo-labels
-    "semi_epochs": 30,  # per round; the same early stopping as the teacher
+    "semi_epochs": 20,  # per round; the same early stopping as the teacher
 }
 SEMI = "coarse_refine_semi"
 
