@@ -20,6 +20,7 @@ from tfcovseg.export import (
     VALIDATION_CACHE,
     ExportError,
     InferenceGraph,
+    _windowing,
     calibrate_burden_rule,
     calibrate_gate,
     export_run,
@@ -30,6 +31,7 @@ from tfcovseg.export import (
 )
 from tfcovseg.metrics import choose_burden_threshold
 from tfcovseg.models import load_run_models
+from tfcovseg.models.preprocessing import grey_from_hu
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,11 @@ def test_any_input_size_is_resized_in_and_out(exported, phantom_run, rng):
 
 def test_shared_encoder_runs_once_and_agrees(phantom_run, rng):
     segmenter, classifier = load_run_models(phantom_run.run)
-    meta = {"class_names": ["ggo", "consolidation", "fibrosis"], "pre_windowed": False}
+    meta = {
+        "class_names": ["ggo", "consolidation", "fibrosis"],
+        "pre_windowed": False,
+        "hu_window": [-1250.0, 250.0],
+    }
     graph = InferenceGraph(segmenter, classifier, meta)
     assert graph.joint is not None  # the classifier's encoder holds the segmenter's weights
     hu = _hu(rng, n=2)
@@ -321,7 +327,11 @@ def test_conv_head_classifier_shares_the_encoder_in_the_served_graph(phantom_run
     classifier = build_classifier(segmenter, head="conv", head_filters=4)
     for w in classifier._head.logit.weights:
         w.assign(w + 0.3)  # a head unlike a fresh one: the copy into the graph must carry it
-    meta = {"class_names": ["ggo", "consolidation", "fibrosis"], "pre_windowed": False}
+    meta = {
+        "class_names": ["ggo", "consolidation", "fibrosis"],
+        "pre_windowed": False,
+        "hu_window": [-1250.0, 250.0],
+    }
     graph = InferenceGraph(segmenter, classifier, meta)
     assert graph.joint is not None
     hu = _hu(rng, n=2)
@@ -329,4 +339,43 @@ def test_conv_head_classifier_shares_the_encoder_in_the_served_graph(phantom_run
         graph.serve(hu)["covid_probability"].numpy(),
         graph.classify(hu)["covid_probability"].numpy(),
         atol=1e-5,
+    )
+
+
+def test_image_signatures_agree_with_hu_ones_through_the_window(exported, rng):
+    # A PNG/JPEG slice windowed at the model's HU window gives the masks of its HU slice.
+    _, loaded = exported
+    # Inside the window (values it clips would be clipped before the resize as images).
+    hu = rng.uniform(-1240.0, 240.0, (2, 48, 56)).astype(np.float32)
+    grey = np.asarray(grey_from_hu(hu, (-1250.0, 250.0)))
+    by_hu = loaded.signatures["segment"](hu=tf.constant(hu))["masks"].numpy()
+    by_image = loaded.signatures["segment_image"](image=tf.constant(grey))["masks"].numpy()
+    np.testing.assert_allclose(by_image, by_hu, atol=1e-4)
+    served = loaded.signatures["serve_image"](image=tf.constant(grey))
+    np.testing.assert_allclose(served["masks"].numpy(), by_hu, atol=1e-4)
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        loaded.signatures["segment_image"](image=tf.constant(grey[0]))
+    assert "image: float32 [batch, height, width] grey levels 0-255" in str(err.value)
+
+
+def test_a_pre_windowed_model_takes_hu_through_its_images_window(rng):
+    # A model trained on windowed JPEGs: HU reach it as the grey levels of model.hu_window;
+    # grey levels reach it unchanged; examples of pre-windowed records as grey levels.
+    from tests.conftest import tiny_config
+    from tfcovseg.models import build_model
+
+    window = (-1000.0, 200.0)
+    segmenter = build_model(tiny_config(pre_windowed=True, hu_window=window))
+    meta = {"class_names": ["ggo", "consolidation", "fibrosis"], "pre_windowed": True}
+    graph = InferenceGraph(segmenter, None, {**meta, "hu_window": list(window)})
+    hu = _hu(rng, n=2)
+    grey = np.clip((hu - window[0]) / (window[1] - window[0]), 0, 1) * 255.0
+    expected = np.asarray(segmenter.predict_on_batch(grey[..., None])["final"])
+    np.testing.assert_allclose(graph.segment(hu)["masks"].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(graph.segment_image(grey)["masks"].numpy(), expected, atol=1e-5)
+    # The window matters: another one gives other masks.
+    other = InferenceGraph(segmenter, None, {**meta, "hu_window": [-1250.0, 250.0]})
+    assert np.abs(other.segment(hu)["masks"].numpy() - expected).max() > 1e-3
+    assert "correspond to HU [-1000, 200]" in _windowing(
+        tiny_config(pre_windowed=True, hu_window=window)
     )

@@ -216,3 +216,68 @@ def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, 
         assert convert_main(["--input", case, "--out", str(out), "--salt", SALT]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --out") and len(err.strip().splitlines()) == 1
+
+
+def _grey_pngs(folder: Path, rng) -> list[np.ndarray]:
+    """Two 64x64 slices and one 48x40 (another size), windowed like COVID-SemiSeg's, plus
+    a text file and a corrupt image that predict must skip and name."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    greys = []
+    for name, shape in (
+        ("case_01.png", (64, 64)),
+        ("case_02.jpg", (64, 64)),
+        ("small.png", (48, 40)),
+    ):
+        grey = rng.integers(0, 256, shape).astype(np.uint8)
+        grey[8:-8, 6:18] = 20  # a dark lung-like region
+        Image.fromarray(grey).save(folder / name, quality=100)
+        greys.append(np.asarray(Image.open(folder / name).convert("L"), np.float32))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return greys
+
+
+def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp_path, rng):
+    from PIL import Image
+
+    greys = _grey_pngs(tmp_path / "Imgs", rng)
+    out = tmp_path / "out"
+    index = predict(model, tmp_path / "Imgs", out, **QUIET)
+    (entry,) = index["series"]
+    folder = out / entry["folder"]
+    report = _strict(folder / "report.json")
+    assert [s["file"] for s in report["slices"]] == ["case_01.png", "case_02.png", "small.png"]
+    assert {s["file"] for s in report["skipped"]} == {"notes.txt", "broken.png"}
+    assert "no severity grade" in report["warnings"][0] and "mL" in report["warnings"][0]
+    classes = model.metadata["class_names"]
+    for grey, name in zip(greys, ("case_01.png", "case_02.png", "small.png")):
+        _, masks = model.serve_image(grey[None])
+        labels = np.asarray(Image.open(folder / "labels" / name))
+        assert labels.shape == grey.shape and labels.dtype == np.uint8
+        on = masks[0] >= 0.5
+        expected = np.where(on.any(-1), np.argmax(np.where(on, masks[0], -1), -1) + 1, 0)
+        np.testing.assert_array_equal(labels, expected)
+        for c, cls in enumerate(classes):
+            prob = np.asarray(Image.open(folder / f"probability_{cls}" / name))
+            np.testing.assert_array_equal(prob, np.round(masks[0, ..., c] * 255).astype(np.uint8))
+        infection = np.asarray(Image.open(folder / "probability_infection" / name))
+        assert np.abs(infection.astype(int) - np.round(masks[0].max(-1) * 255)).max() <= 0
+    html_text = (folder / "report.html").read_text()
+    assert "not a medical device" in html_text and "small.png" in html_text
+    # A rerun keeps the results; one with another threshold is refused, nothing changed.
+    before = (folder / "report.json").read_bytes()
+    predict(model, tmp_path / "Imgs", out, **QUIET)
+    assert (folder / "report.json").read_bytes() == before
+    with pytest.raises(PredictionError, match="made otherwise"):
+        predict(model, tmp_path / "Imgs", out, mask_threshold=0.3, **QUIET)
+    assert (folder / "report.json").read_bytes() == before
+
+
+def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):
+    (tmp_path / "Imgs").mkdir()
+    (tmp_path / "Imgs" / "broken.jpg").write_bytes(b"no jpeg")
+    with pytest.raises(PredictionError, match="no readable .png/.jpg image.*broken.jpg"):
+        predict(model, tmp_path / "Imgs", tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

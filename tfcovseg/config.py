@@ -203,6 +203,9 @@ class ModelConfig:
         return len(self.class_names)
 
 
+TRAIN_SPLITS = ("train", "development")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the TFRecords are and how batches are made.
@@ -234,6 +237,10 @@ class DataConfig:
         intensity_augment: Random window shift, contrast, gamma and noise on training
             slices (`tfcovseg.semisup.IntensityJitter`, in grey levels of the model's
             window), so that one model serves slices windowed differently.
+        train_split: The patients the network trains on: "train" (the fold's training
+            split), or "development" (its training and test patients: a final model to
+            ship, trained on all but the validation patients that choose its epoch; it
+            leaves no test patient, so ``--evaluate`` is refused).
     """
 
     records_dir: str = "data/records"
@@ -250,9 +257,11 @@ class DataConfig:
     oversample_pneumonia: int = 1
     cache: bool = False
     intensity_augment: bool = False
+    train_split: str = "train"
 
     def __post_init__(self):
         _normalise(self)
+        _check_choice("data.train_split", self.train_split, TRAIN_SPLITS)
         _check_choice("data.compression", self.compression, ("", "GZIP"))
         _check_choice("data.phantom_mix", self.phantom_mix, PHANTOM_MIXES)
         _check_positive("data.num_folds", self.num_folds)

@@ -37,7 +37,8 @@ tf = require_tensorflow("tfcovseg.data (the tf.data pipeline)")
 
 from data_tools.features import decode_example, feature_spec  # noqa: E402
 
-SPLITS = ("train", "validation", "test", "all")
+# "development": every patient but the fold's validation ones (a final model's training set).
+SPLITS = ("train", "validation", "test", "all", "development")
 TASKS = ("segment", "classify", "unlabelled", "inspect")
 NON_COVID = ("healthy", "bacterial", "viral")
 OTHER_PNEUMONIA = ("bacterial", "viral")
@@ -107,7 +108,9 @@ def find_corrupt_shards(record_dir, manifest: dict) -> list[str]:
 
 
 def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
-    """Patient pseudonyms of one split of one fold ("all": every patient)."""
+    """Patient pseudonyms of one split of one fold ("all": every patient; "development":
+    the fold's training and test patients, for a final model that keeps only the
+    validation patients out to choose its epoch)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "all":
@@ -117,6 +120,8 @@ def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
         raise ValueError(
             f"fold {fold} does not exist: the records have folds {sorted(int(k) for k in folds)}"
         )
+    if split == "development":
+        return sorted(folds[str(fold)]["train"] + folds[str(fold)]["test"])
     return list(folds[str(fold)][split])
 
 
@@ -334,7 +339,7 @@ def make_dataset(
 
     Args:
         record_dir: Output folder of `data_tools.convert`.
-        split: "train", "validation", "test" or "all".
+        split: "train", "validation", "test", "all" or "development" (`split_patients`).
         fold: Cross-validation fold.
         batch_size: Global batch size.
         training: Shuffle and augment (default: split == "train").
@@ -382,7 +387,7 @@ def make_dataset(
             f"the model has classes {list(class_names)} but the records in "
             f"{record_dir} have {classes}"
         )
-    training = split == "train" if training is None else bool(training)
+    training = split in ("train", "development") if training is None else bool(training)
     augment_data = training if augment_data is None else bool(augment_data)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     patients = split_patients(manifest, split, fold)

@@ -11,6 +11,8 @@ through Keras 3's `keras.export.ExportArchive`. Signatures:
   ``covid_probability`` float32 [batch];
 - ``classify``: ``hu`` -> ``covid_probability`` (the slice gate alone: encoder + head);
 - ``segment``: ``hu`` -> ``masks``;
+- ``serve_image`` and ``segment_image``: the same on ``image`` float32 [batch, H, W], grey
+  levels 0-255 of windowed slices (PNG/JPEG);
 - ``predict_examples``: ``examples`` string [batch] of serialized `tf.train.Example` in
   the records' spec (`data_tools.features`) -> ``masks``, ``covid_probability``,
   ``slice_id``, ``patient_id``;
@@ -20,7 +22,11 @@ through Keras 3's `keras.export.ExportArchive`. Signatures:
 
 Inside the graph a slice is resized to the model's input size with `tfcovseg.data.resize_image`
 (the resize the training records went through), windowed by the model's own `HUWindow`
-layer (the function training uses) and the masks are resized back to the input size.
+layer (the function training uses) and the masks are resized back to the input size. A
+model trained on windowed 8-bit images (``model.pre_windowed``) takes HU too: the graph maps
+them to grey levels through ``model.hu_window``, the HU window those images correspond to
+(`data_tools.windows` estimates it from the images and a real CT); the ``image`` signatures
+take such grey levels for either kind of model.
 
 ``assets/tfcovseg.json`` holds the same metadata as the ``metadata`` signature: class names,
 HU window, input size, the slice gate threshold, the patient rule, the lesion-burden rule
@@ -75,6 +81,11 @@ from tfcovseg.models.classifier import (  # noqa: E402
     copy_head,
     with_classifier_head,
 )
+from tfcovseg.models.preprocessing import (  # noqa: E402
+    DEFAULT_WINDOW,
+    grey_from_hu,
+    hu_from_grey,
+)
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
 DEFAULT_OUT = Path("saved_models") / "tfcovseg"
@@ -87,7 +98,15 @@ GATE_RECALL = 0.95  # the automatic gate keeps at least this share of lesion sli
 # Below this validation slice AUC the gate is switched off. A gate that is off costs time;
 # one that drops a patient's lesion slices loses the lesions: the bar is set high.
 GATE_MIN_AUC = 0.95
-SIGNATURES = ("serving_default", "classify", "segment", "predict_examples", "metadata")
+SIGNATURES = (
+    "serving_default",
+    "classify",
+    "segment",
+    "serve_image",
+    "segment_image",
+    "predict_examples",
+    "metadata",
+)
 
 
 class ExportError(Exception):
@@ -98,8 +117,13 @@ class ExportError(Exception):
 
 
 HU_INPUT = "hu: float32 [batch, height, width] Hounsfield units (height, width >= 1)"
+IMAGE_INPUT = (
+    "image: float32 [batch, height, width] grey levels 0-255 of windowed slices, as in "
+    "PNG/JPEG datasets (height, width >= 1)"
+)
 INPUT_CHECKS = {
     "hu": HU_INPUT,
+    "image": IMAGE_INPUT,
     "non_finite": "refused: a request with NaN or infinite values fails with INVALID_ARGUMENT",
     "wrong_shape": "refused: another rank or an empty height / width fails with "
     "INVALID_ARGUMENT naming the expected shape",
@@ -107,30 +131,32 @@ INPUT_CHECKS = {
 }
 
 
-def check_hu(hu):
+def check_hu(hu, described=HU_INPUT):
     """The serving input, checked inside the graph: rank 3, a non-empty slice, finite.
 
     The signatures take ``hu`` of unknown rank, so that a wrong one reaches this check
     (a fixed-rank input lets TensorFlow fold the check away and fail later, inside the
     resize, with a message that names neither the input nor its shape). Returns `hu`
-    with its static rank set.
+    with its static rank set. `described`: the input's description (`IMAGE_INPUT` for
+    the ``image`` signatures).
     """
+    name = described.split(":")[0]
     hu = tf.convert_to_tensor(hu, tf.float32)
     shape = tf.shape(hu)
     rank_ok = tf.debugging.Assert(
         tf.equal(tf.rank(hu), 3),
-        [f"{HU_INPUT} expected; got a tensor of shape", shape],
+        [f"{described} expected; got a tensor of shape", shape],
         summarize=8,
     )
     with tf.control_dependencies([rank_ok]):
         size_ok = tf.debugging.Assert(
             tf.reduce_all(tf.shape(hu)[1:] > 0),
-            [f"{HU_INPUT} expected; got shape", shape],
+            [f"{described} expected; got shape", shape],
             summarize=8,
         )
     with tf.control_dependencies([size_ok]):
         hu = tf.debugging.assert_all_finite(
-            hu, "hu holds NaN or infinite values: send finite Hounsfield units"
+            hu, f"{name} holds NaN or infinite values: send finite values"
         )
     hu.set_shape([None, None, None])
     return hu
@@ -172,6 +198,8 @@ class InferenceGraph:
         self.classifier = classifier
         self.metadata = metadata
         self.input_size = tuple(int(s) for s in segmenter.input_shape[1:3])
+        self.pre_windowed = bool(metadata["pre_windowed"])
+        self.hu_window = tuple(float(w) for w in metadata["hu_window"])
         self.num_classes = len(metadata["class_names"])
         self.joint = None
         encoder = getattr(segmenter, "encoder", None)
@@ -193,10 +221,25 @@ class InferenceGraph:
         self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
 
     def _prepare(self, hu):
-        """`hu` checked (`check_hu`) and resized to the model's input size."""
+        """`hu` checked (`check_hu`) and resized to the model's input size; for a model
+        trained on windowed images, mapped to their grey levels through ``hu_window`` (the
+        HU window those images correspond to: `data_tools.windows` estimates it)."""
         hu = check_hu(hu)
         size = tf.shape(hu)[1:3]
-        return resize_image(hu[..., None], self.input_size), size
+        x = resize_image(hu[..., None], self.input_size)
+        if self.pre_windowed:
+            x = grey_from_hu(x, self.hu_window)
+        return x, size
+
+    def _prepare_image(self, image):
+        """Grey levels 0-255 checked and resized; for a model that takes HU, mapped back
+        to HU through its window (so that its own window layer gives the same grey)."""
+        image = check_hu(image, IMAGE_INPUT)
+        size = tf.shape(image)[1:3]
+        x = resize_image(image[..., None], self.input_size)
+        if not self.pre_windowed:
+            x = hu_from_grey(x, self.hu_window)
+        return x, size
 
     def _masks(self, final, size):
         return resize_image(final, size)
@@ -204,9 +247,7 @@ class InferenceGraph:
     def _probability_from(self, masks):
         return tf.reduce_max(masks, axis=[1, 2, 3])
 
-    def serve(self, hu):
-        """Masks at the input size and the slice's covid probability."""
-        x, size = self._prepare(hu)
+    def _serve(self, x, size):
         if self.joint is not None:
             out = self.joint(x, training=False)
             final, prob = out["final"], out["covid_probability"]
@@ -222,20 +263,36 @@ class InferenceGraph:
             "covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1]),
         }
 
-    def classify(self, hu):
-        """The slice gate alone: much cheaper than segmentation."""
-        x, _ = self._prepare(hu)
+    def _classify(self, x):
         if self.classifier is not None:
             prob = self.classifier(x, training=False)
         else:
             prob = self._probability_from(_final(self.segmenter(x, training=False)))
         return {"covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1])}
 
-    def segment(self, hu):
-        """Masks only, at the input size."""
-        x, size = self._prepare(hu)
+    def _segment(self, x, size):
         final = _final(self.segmenter(x, training=False))
         return {"masks": self._masks(tf.cast(final, tf.float32), size)}
+
+    def serve(self, hu):
+        """Masks at the input size and the slice's covid probability."""
+        return self._serve(*self._prepare(hu))
+
+    def classify(self, hu):
+        """The slice gate alone: much cheaper than segmentation."""
+        return self._classify(self._prepare(hu)[0])
+
+    def segment(self, hu):
+        """Masks only, at the input size."""
+        return self._segment(*self._prepare(hu))
+
+    def serve_image(self, image):
+        """`serve` on windowed 8-bit slices (PNG/JPEG grey levels 0-255)."""
+        return self._serve(*self._prepare_image(image))
+
+    def segment_image(self, image):
+        """`segment` on windowed 8-bit slices (PNG/JPEG grey levels 0-255)."""
+        return self._segment(*self._prepare_image(image))
 
     def serve_examples(self, examples):
         """`serve` on serialized `tf.train.Example` slices (the records' feature spec).
@@ -267,7 +324,8 @@ class InferenceGraph:
             )
             raw = tf.io.decode_raw(parsed["image/hu"], tf.int16, little_endian=True)
             hu = tf.reshape(tf.cast(raw, tf.float32), shape)
-        out = self.serve(hu)
+        # The examples hold what the model trained on: HU, or grey levels if pre-windowed.
+        out = self.serve_image(hu) if self.pre_windowed else self.serve(hu)
         out["slice_id"] = parsed["slice/id"]
         out["patient_id"] = parsed["patient/id"]
         return out
@@ -539,6 +597,20 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
     }
 
 
+def _windowing(model_config) -> str:
+    low, high = (float(w) for w in model_config.hu_window)
+    if model_config.pre_windowed:
+        return (
+            f"trained on windowed 8-bit images whose grey levels 0-255 correspond to HU "
+            f"[{low:g}, {high:g}]: hu inputs are mapped to grey levels through that window, "
+            "image inputs are used as they are"
+        )
+    return (
+        f"trained on HU: hu inputs are windowed at [{low:g}, {high:g}], image inputs "
+        "(grey levels 0-255) are taken as windowed at the same window"
+    )
+
+
 def export_metadata(
     run: Path, config, severity: dict, gate: dict, version: int, burden: dict | None = None
 ) -> dict:
@@ -557,6 +629,7 @@ def export_metadata(
         "class_names": list(config.model.class_names),
         "hu_window": [float(w) for w in config.model.hu_window],
         "pre_windowed": bool(config.model.pre_windowed),
+        "windowing": _windowing(config.model),
         "input_size": [int(s) for s in config.model.input_size],
         "input": INPUT_CHECKS,
         "gate": gate,
@@ -604,6 +677,9 @@ def write_saved_model(graph: InferenceGraph, path: Path) -> None:
     archive.add_endpoint("serving_default", graph.serve, input_signature=_hu_spec())
     archive.add_endpoint("classify", graph.classify, input_signature=_hu_spec())
     archive.add_endpoint("segment", graph.segment, input_signature=_hu_spec())
+    image = [tf.TensorSpec(None, tf.float32, name="image")]
+    archive.add_endpoint("serve_image", graph.serve_image, input_signature=image)
+    archive.add_endpoint("segment_image", graph.segment_image, input_signature=image)
     archive.add_endpoint(
         "predict_examples",
         graph.serve_examples,
@@ -641,6 +717,7 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
     provisional = {
         "class_names": list(config.model.class_names),
         "pre_windowed": bool(config.model.pre_windowed),
+        "hu_window": list(config.model.hu_window),
     }
     if gate_threshold == "auto":
         probe = InferenceGraph(segmenter, classifier, provisional)
@@ -684,6 +761,13 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
         )
     graph = prepare_run(run, gate_threshold, int(version))
     gate = graph.metadata["gate"]
+    if graph.pre_windowed and tuple(graph.hu_window) == DEFAULT_WINDOW:
+        log(
+            "warning: the model trained on windowed images and model.hu_window is the "
+            f"default {list(DEFAULT_WINDOW)}: HU studies will be windowed with it. Estimate "
+            "the window of your images (python -m data_tools.windows --images DIR) and set "
+            "model.hu_window in the run's config.yaml"
+        )
     # TF Serving only loads folders named by a number: the temporary one is invisible to it.
     with atomic_directory(target) as tmp:
         write_saved_model(graph, tmp)

@@ -1,8 +1,8 @@
 """Run a trained model on a CT study: gated segmentation, masks, DICOM SEG, overlays, report.
 
     python -m tfcovseg.predict --model (saved_models/tfcovseg[/N] | runs/NAME)
-        --input (DICOM folder | NIfTI volume) --out DIR [--no-gate] [--threshold T]
-        [--mask-threshold 0.5] [--series UID] [--batch-size 8]
+        --input (DICOM folder | NIfTI volume | PNG/JPEG folder) --out DIR [--no-gate]
+        [--threshold T] [--mask-threshold 0.5] [--series UID] [--batch-size 8]
 
 The study is read with `data_tools` exactly as training data are (DICOM grouping and
 sorting along the slice normal, Hounsfield units, padding, the NIfTI orientation, the
@@ -23,6 +23,10 @@ into ``OUT/<series pseudonym>/``:
   highest slice probability, the paper's any-slice rule), the severity grade from the
   thresholds fitted on the training and validation patients (`tfcovseg.severity`), the
   model version, what was skipped and why, and "Research use, not a medical device."
+
+A folder of windowed 2-D PNG/JPEG slices (COVID-SemiSeg's, Inf-Net's) goes to
+`tfcovseg.predict_images`: label and probability PNGs named like the inputs, and a report,
+in ``OUT/<folder pseudonym>/``.
 
 ``OUT/index.json`` lists the series processed and the files skipped. File and folder names
 carry pseudonyms only. Files that cannot be used (not DICOM, not CT, corrupt, undecodable)
@@ -75,6 +79,13 @@ from data_tools.lung import (  # noqa: E402
 from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
 from tfcovseg.metrics import patient_score  # noqa: E402
+from tfcovseg.predict_images import (  # noqa: E402
+    ImageInputError,
+    is_image_folder,
+    label_map,
+    predict_images,
+    read_image_folder,
+)
 from tfcovseg.report import DISCLAIMER  # noqa: E402
 from tfcovseg.severity import grade_severity  # noqa: E402
 from tfcovseg.viz import DEFAULT_WINDOW  # noqa: E402
@@ -129,6 +140,15 @@ class SavedModelPredictor:
         out = self._model.signatures["serving_default"](hu=tf.constant(hu, tf.float32))
         return out["covid_probability"].numpy(), out["masks"].numpy()
 
+    def serve_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if "serve_image" not in self._model.signatures:
+            raise PredictionError(
+                f"{self.path} has no serve_image signature (exported by an older tfcovseg): "
+                "export its run again to predict on PNG/JPEG slices"
+            )
+        out = self._model.signatures["serve_image"](image=tf.constant(image, tf.float32))
+        return out["covid_probability"].numpy(), out["masks"].numpy()
+
 
 class RunPredictor:
     """A training run folder, through the same graph functions the export saves."""
@@ -144,6 +164,7 @@ class RunPredictor:
         self._classify = tf.function(graph.classify, input_signature=spec)
         self._segment = tf.function(graph.segment, input_signature=spec)
         self._serve = tf.function(graph.serve, input_signature=spec)
+        self._serve_image = tf.function(graph.serve_image, input_signature=spec)
         self.metadata = graph.metadata
         self.source = f"run folder {run.name}"
 
@@ -155,6 +176,10 @@ class RunPredictor:
 
     def serve(self, hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self._serve(tf.constant(hu, tf.float32))
+        return out["covid_probability"].numpy(), out["masks"].numpy()
+
+    def serve_image(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._serve_image(tf.constant(image, tf.float32))
         return out["covid_probability"].numpy(), out["masks"].numpy()
 
 
@@ -385,10 +410,7 @@ def _label_volume(masks: np.ndarray | None, shape, mask_threshold: float) -> np.
     """[K, H, W] uint8: the most probable class among those at or above the threshold."""
     if masks is None:
         return np.zeros(shape, np.uint8)
-    on = masks >= mask_threshold
-    labels = (np.argmax(np.where(on, masks, -1.0), axis=-1) + 1).astype(np.uint8)
-    labels[~on.any(-1)] = 0
-    return labels
+    return label_map(masks, mask_threshold)
 
 
 MIN_LUNG_ML = 300.0  # less is partial coverage, not a chest CT, or a failed lung mask
@@ -974,10 +996,14 @@ def predict(
     except OutputError as e:
         raise PredictionError(str(e)) from None
     predictor = model if hasattr(model, "segment") else open_model(model)
-    if predictor.metadata.get("pre_windowed"):
+    if predictor.metadata.get("pre_windowed") and "windowing" not in predictor.metadata:
         raise PredictionError(
-            f"{predictor.source} was trained on 8-bit windowed images (PNG/JPEG slices); "
-            "predict reads CT in Hounsfield units and needs a model trained on HU"
+            f"{predictor.source} was trained on 8-bit windowed images and exported before "
+            "exports windowed HU for such models: export its run again"
+        )
+    if is_image_folder(Path(input_path)):
+        return _predict_image_folder(
+            predictor, Path(input_path), out, mask_threshold, batch_size, salt, log
         )
     options = dict(
         gate=gate,
@@ -990,6 +1016,50 @@ def predict(
     with redacted_warnings(redactor):
         volumes, skipped = read_input(input_path, series_uid, salt, redactor)
         return _predict_volumes(predictor, volumes, skipped, out, options, log)
+
+
+def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, salt, log):
+    """`predict` on a folder of PNG/JPEG slices (`tfcovseg.predict_images`) into
+    ``out/<folder pseudonym>/``; a rerun with the same model and threshold keeps it."""
+    try:
+        slices, skipped = read_image_folder(folder)
+    except ImageInputError as e:
+        raise PredictionError(str(e)) from None
+    name = pseudonym("S", f"images:{folder.resolve().as_posix()}", resolve_salt(salt))
+    target = out / name
+    expected = {"model": predictor.source, "mask_threshold": float(mask_threshold)}
+    index_path = out / "index.json"
+    index = _read_index(index_path)
+    report = _finished_report(target)
+    if target.exists():
+        found = {"model": None, "mask_threshold": None}
+        if report is not None:
+            found = {"model": report["model"]["source"], "mask_threshold": report["mask_threshold"]}
+        if found != expected:
+            raise PredictionError(
+                f"{target} already holds results made otherwise ({found}, now {expected}): "
+                "choose another --out"
+            )
+        log(f"images {name}: already predicted in {target}, kept")
+    else:
+        for f, r in skipped:
+            log(f"warning: skipped {f}: {r}")
+        for left in remove_partial_directories(target):
+            log(f"removed {left}, left by an interrupted run")
+        report = predict_images(predictor, slices, skipped, target, mask_threshold, batch_size)
+        with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
+        log(
+            f"images {name}: {len(slices)} slices, {with_lesion} with lesions; label PNGs in "
+            f"{target / 'labels'}, probabilities in {target}/probability_<class>, report "
+            f"{target / 'report.html'}"
+        )
+    log(f"warning: images {name}: {report['warnings'][0]}")
+    index["model"] = predictor.source
+    index.setdefault("series", [])
+    entry = {"series": name, "folder": name, "input": "images", "slices": len(report["slices"])}
+    _list(index, entry)
+    atomic_write_json(index_path, index)
+    return index
 
 
 def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> dict:
@@ -1054,7 +1124,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model", type=Path, required=True, help="SavedModel (version or model folder) or run"
     )
-    parser.add_argument("--input", type=Path, required=True, help="DICOM folder or NIfTI file")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="DICOM folder, NIfTI file, or folder of windowed PNG/JPEG slices",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-gate", action="store_true", help="segment every slice")
     parser.add_argument(

@@ -251,7 +251,7 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
             f"fold {config.data.fold} does not exist in {folder}: it has folds "
             f"{sorted(int(k) for k in folds)}"
         )
-    for split in ("train", "validation"):
+    for split in (config.data.train_split, "validation"):
         n = split_slices(manifest, split, config.data.fold)
         if n == 0:
             raise TrainingError(
@@ -263,7 +263,7 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
         _check_unlabelled(config, folder, manifest)
     for phase in config.train.phases:
         task = tasks[phase]
-        for split in ("train", "validation"):
+        for split in (config.data.train_split, "validation"):
             n = split_slices(manifest, split, config.data.fold, task)
             if n == 0:
                 raise TrainingError(
@@ -271,7 +271,7 @@ def check_inputs(config: ExperimentConfig, folder: Path) -> dict:
                     f"with ground-truth lesion masks for the {phase} phase (series converted "
                     "without a mask are left out unless their diagnosis is healthy)"
                 )
-            if split == "train" and config.train.batch_size > n:
+            if split != "validation" and config.train.batch_size > n:
                 raise TrainingError(
                     f"train.batch_size {config.train.batch_size} is larger than the {n} "
                     f"training slices of fold {config.data.fold} in {folder} that the "
@@ -298,7 +298,7 @@ def _check_unlabelled(config, folder: Path, manifest: dict) -> None:
         n = split_slices(other, "all", 0, "unlabelled")
     else:
         where = f"the training split of fold {config.data.fold} in {folder}"
-        n = split_slices(manifest, "train", config.data.fold, "unlabelled")
+        n = split_slices(manifest, config.data.train_split, config.data.fold, "unlabelled")
     if n == 0:
         raise TrainingError(
             f"self-training has no slice without lesion masks to label in {where}: convert "
@@ -613,7 +613,7 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     if chief:
         # The severity grades' ratio thresholds, from the training patients' ground truth;
         # exports and predictions read them from here.
-        fitted_on = split_patients(manifest, "train", fold)
+        fitted_on = split_patients(manifest, config.data.train_split, fold)
         fitted_on += split_patients(manifest, "validation", fold)
         _write_json(out / "severity.json", severity_rule_from_manifest(manifest, fitted_on))
         # BackupAndRestore removes its phase folders when a phase ends; drop their parent
@@ -700,7 +700,7 @@ def _segment_train_ds(run: _Run, outputs, label_output=None, batch_size=None):
     data = run.config.data
     common = run.common if batch_size is None else {**run.common, "batch_size": batch_size}
     return make_dataset(
-        split="train",
+        split=data.train_split,
         training=True,
         compact=True,  # int16/uint8 batches: the model casts
         outputs=outputs,
@@ -783,7 +783,7 @@ def _unlabelled_images(run: _Run) -> np.ndarray:
     those of the training split of ``data.records_dir``."""
     semi = run.config.semi
     common = dict(run.common)
-    split = "train"
+    split = run.config.data.train_split
     if semi.records_dir:
         common["record_dir"] = Path(semi.records_dir).expanduser()
         split = "all"
@@ -810,7 +810,9 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
     unlabelled = _unlabelled_images(run)
     reference = None
     if config.model.pre_windowed and semi.match_intensity:
-        labelled = make_dataset(split="train", training=False, task="segment", **run.common)
+        labelled = make_dataset(
+            split=config.data.train_split, training=False, task="segment", **run.common
+        )
         reference = collect_images(labelled)
     n_pseudo = max(1, int(round(semi.share * t.batch_size)))
     window = _intensity_window(config)
@@ -914,7 +916,7 @@ def _classification_phase(run: _Run, segmenter) -> None:
             jit_compile=t.jit_compile,
         )
     train_ds = make_dataset(
-        split="train",
+        split=config.data.train_split,
         training=True,
         compact=True,  # int16/uint8 batches: the model casts
         task="classify",
@@ -1084,6 +1086,13 @@ def main(argv=None) -> int:
     verbose = 2 if args.quiet else "auto"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     quickstart = config.name == "quickstart"
+    if config.data.train_split == "development" and (args.evaluate or args.fold == "all"):
+        print(
+            "error: data.train_split 'development' trains on the fold's test patients too: "
+            "there is nothing left to evaluate (--evaluate, --fold all)",
+            file=sys.stderr,
+        )
+        return 2
     export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
     if export_dir is not None and args.fold != "all":
         try:  # before hours of training, not after

@@ -28,6 +28,20 @@ def window_hu(x, window=DEFAULT_WINDOW, pre_windowed=False):
     return ops.clip((x - low) / (high - low), 0.0, 1.0)
 
 
+def grey_from_hu(x, window=DEFAULT_WINDOW):
+    """HU to the grey levels (0-255, float32) of an 8-bit image windowed at `window`: how
+    HU studies reach a model trained on windowed PNG/JPEG slices."""
+    return window_hu(x, window) * 255.0
+
+
+def hu_from_grey(x, window=DEFAULT_WINDOW):
+    """Grey levels 0-255 of an image windowed at `window` back to HU (the inverse of
+    `grey_from_hu` inside the window): how such images reach a model that takes HU."""
+    low, high = float(window[0]), float(window[1])
+    grey = ops.clip(ops.cast(x, "float32"), 0.0, 255.0)
+    return low + grey / 255.0 * (high - low)
+
+
 @keras.saving.register_keras_serializable(package="tfcovseg")
 class HUWindow(keras.layers.Layer):
     """Layer form of `window_hu`, the first layer of every tfcovseg network.

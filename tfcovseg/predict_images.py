@@ -1,0 +1,267 @@
+"""Prediction on a folder of windowed 2-D slices (PNG/JPEG), as COVID-SemiSeg ships them.
+
+`tfcovseg.predict` comes here when ``--input`` is a folder of .png/.jpg/.jpeg images (and
+no DICOM). Every image is one slice of grey levels 0-255, already windowed; it is segmented
+whole through the model's ``image`` signatures (``serve_image``; resized to the model's
+input and back). Into OUT, named like the inputs (``<stem>.png``) so that any evaluator,
+Inf-Net's included, can score them:
+
+- ``labels/``: 0 background, 1.. the classes in the model's order (the most probable class
+  at or above ``--mask-threshold``);
+- ``probability_<class>/``: 8-bit probabilities (round(255 p));
+- ``probability_infection/``: 8-bit probability of any lesion (the highest class's), the
+  "infection" maps of Inf-Net's evaluation;
+- ``report.json`` / ``report.html``: per slice the lesion area per class in pixels and in
+  % of the lung (the image's lung mask, Otsu's threshold, lesions added), the slice's
+  COVID-19 probability, a montage of the slices with the most lesion, what was skipped.
+
+2-D slices carry no pixel spacing and no volume: no mL, no severity grade. Research use,
+not a medical device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.dicom_io import SkipFile
+from data_tools.files import atomic_directory, atomic_write_json, atomic_write_text
+from data_tools.lung import lung_mask
+from data_tools.masks import read_image_slice
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # as data_tools.convert reads slice datasets
+DISCLAIMER = "Research use, not a medical device."
+NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"
+
+
+class ImageInputError(Exception):
+    """The image folder cannot be predicted on; the message says why."""
+
+
+def is_image_folder(path: Path) -> bool:
+    """A folder whose files (recursively) include images and no other slice data."""
+    if not path.is_dir():
+        return False
+    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and not any(
+        p.suffix.lower() in ("", ".dcm", ".ima") or p.name.endswith((".nii", ".nii.gz"))
+        for p in files
+    )
+
+
+@dataclasses.dataclass
+class Slice:
+    name: str  # the output file name: the input's stem + .png
+    source: str  # the input's path relative to the folder
+    grey: np.ndarray  # float32 [H, W] in 0-255
+
+
+def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
+    """The folder's images (sorted by path) and the (file, reason) of those skipped."""
+    slices, skipped, names = [], [], {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if path.name.startswith("."):
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((rel, "not a .png/.jpg/.jpeg image, ignored"))
+            continue
+        name = f"{path.stem}.png"
+        if name in names:
+            skipped.append((rel, f"its output name {name} is taken by {names[name]}"))
+            continue
+        try:
+            grey = read_image_slice(path)
+        except SkipFile as e:
+            skipped.append((rel, str(e)))
+            continue
+        names[name] = rel
+        slices.append(Slice(name, rel, grey))
+    if not slices:
+        reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5]) or "no files"
+        raise ImageInputError(f"no readable .png/.jpg image in {folder} ({reasons})")
+    return slices, skipped
+
+
+def label_map(masks: np.ndarray, mask_threshold: float) -> np.ndarray:
+    """[..., H, W] uint8 from probabilities [..., H, W, C]: the most probable class among
+    those at or above the threshold, 0 where none is."""
+    on = masks >= mask_threshold
+    labels = (np.argmax(np.where(on, masks, -1.0), axis=-1) + 1).astype(np.uint8)
+    labels[~on.any(-1)] = 0
+    return labels
+
+
+def _by_shape(slices: list[Slice], batch_size: int):
+    """Batches of indices of equal-shape slices, in the folder's order."""
+    batch = []
+    for i, s in enumerate(slices):
+        if batch and (len(batch) == batch_size or slices[batch[0]].grey.shape != s.grey.shape):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _slice_entry(s: Slice, probs: np.ndarray, prob: float, labels, classes) -> dict:
+    lesion = labels > 0
+    lung = lung_mask(s.grey, pre_windowed=True, lesions=lesion)
+    lung_px = int(lung.sum())
+    per_class = {}
+    for c, name in enumerate(classes):
+        px = int((labels == c + 1).sum())
+        per_class[name] = {
+            "pixels": px,
+            "percent_of_lung": round(100.0 * px / lung_px, 3) if lung_px else None,
+            "max_probability": round(float(probs[..., c].max()), 4),
+        }
+    total = int(lesion.sum())
+    return {
+        "file": s.name,
+        "source": s.source,
+        "rows": int(s.grey.shape[0]),
+        "columns": int(s.grey.shape[1]),
+        "covid_probability": round(float(prob), 4),
+        "lung_pixels": lung_px,
+        "lesions": per_class,
+        "total": {
+            "pixels": total,
+            "percent_of_lung": round(100.0 * total / lung_px, 3) if lung_px else None,
+        },
+    }
+
+
+def _write_slice(tmp: Path, s: Slice, probs: np.ndarray, labels, classes) -> None:
+    _png(tmp / "labels" / s.name, labels)
+    for c, name in enumerate(classes):
+        _png(tmp / f"probability_{name}" / s.name, np.round(probs[..., c] * 255).astype(np.uint8))
+    infection = np.round(probs.max(axis=-1) * 255).astype(np.uint8)
+    _png(tmp / "probability_infection" / s.name, infection)
+
+
+def _montage(slices: list[Slice], labels: list, classes, k=8) -> bytes:
+    """PNG bytes: up to k slices with the most lesion (the first slice if none)."""
+    import io
+
+    from PIL import Image
+
+    from tfcovseg.viz import overlay_rgb
+
+    area = [int((lab > 0).sum()) for lab in labels]
+    order = sorted([i for i in np.argsort(area)[::-1][:k] if area[i] > 0]) or [0]
+    tiles = []
+    for i in order:
+        channels = np.stack([labels[i] == c + 1 for c in range(len(classes))], -1)
+        rgb = overlay_rgb(
+            slices[i].grey[None], channels[None].astype(np.float32), classes, (0, 255)
+        )
+        tile = Image.fromarray((rgb[0] * 255).round().astype(np.uint8))
+        tile.thumbnail((256, 256))
+        tiles.append(tile)
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    cols = min(4, len(tiles))
+    sheet = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * h))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % cols) * w, (i // cols) * h))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render_html(report: dict, png: bytes) -> str:
+    """A self-contained HTML page of an image-folder report (the montage embedded)."""
+    import base64
+
+    e = html.escape
+    classes = report["model"]["classes"]
+    head = "".join(f"<th>{e(c)} (% of lung)</th>" for c in classes)
+    rows = []
+    for s in report["slices"]:
+        cells = "".join(f"<td>{_pct(s['lesions'][c]['percent_of_lung'])}</td>" for c in classes)
+        rows.append(
+            f"<tr><td>{e(s['file'])}</td>{cells}<td>{_pct(s['total']['percent_of_lung'])}</td>"
+            f"<td>{s['covid_probability']:.3f}</td></tr>"
+        )
+    skipped = "".join(f"<li>{e(s['file'])}: {e(s['reason'])}</li>" for s in report["skipped"])
+    image = base64.b64encode(png).decode("ascii")
+    body = [
+        "<h1>COVID-19 lesion report: image slices</h1>",
+        f"<p><strong>{e(report['disclaimer'])}</strong></p>",
+        f"<p>{len(report['slices'])} slices; model {e(report['model']['source'])}. "
+        f"{e(NOT_GRADED)}.</p>",
+        f"<table><tr><th>slice</th>{head}<th>total</th><th>COVID-19 probability</th></tr>"
+        + "".join(rows)
+        + "</table>",
+        f'<h2>Overlay</h2><p><img alt="slices with the most lesion" '
+        f'src="data:image/png;base64,{image}"></p>',
+        f"<h2>Skipped</h2><ul>{skipped}</ul>" if skipped else "",
+        f"<p><strong>{e(report['disclaimer'])}</strong></p>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>tfcovseg image report</title></head><body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5, batch_size=8):
+    """Segments `slices` (`read_image_folder`) into the new folder `out_dir` (written
+    whole or not at all); returns the report (also ``report.json``)."""
+    classes = list(predictor.metadata["class_names"])
+    start = time.perf_counter()
+    entries, all_labels = [], []
+    with atomic_directory(out_dir) as tmp:
+        for sub in ("labels", "probability_infection", *(f"probability_{c}" for c in classes)):
+            (tmp / sub).mkdir()
+        for batch in _by_shape(slices, batch_size):
+            probs, masks = predictor.serve_image(np.stack([slices[i].grey for i in batch]))
+            for j, i in enumerate(batch):
+                labels = label_map(masks[j], mask_threshold)
+                _write_slice(tmp, slices[i], masks[j], labels, classes)
+                entries.append(_slice_entry(slices[i], masks[j], probs[j], labels, classes))
+                all_labels.append(labels)
+        report = {
+            "disclaimer": DISCLAIMER,
+            "input": "images",
+            "model": {
+                "source": predictor.source,
+                "model_version": predictor.metadata.get("model_version"),
+                "experiment": predictor.metadata.get("experiment"),
+                "classes": classes,
+            },
+            "mask_threshold": float(mask_threshold),
+            "outputs": {
+                "labels": "labels/<name>.png: 0 background, "
+                + ", ".join(f"{i + 1} {c}" for i, c in enumerate(classes)),
+                "probabilities": "probability_<class>/<name>.png: round(255 p); "
+                "probability_infection: the highest class's",
+            },
+            "lung_mask": "per image: Otsu's threshold on the grey levels, lesions added",
+            "slices": entries,
+            "skipped": [{"file": f, "reason": r} for f, r in skipped],
+            "warnings": [NOT_GRADED],
+            "timings_s": {"total": round(time.perf_counter() - start, 3)},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        png = _montage(slices, all_labels, classes)
+        (tmp / "overlay.png").write_bytes(png)
+        atomic_write_text(tmp / "report.html", render_html(report, png))
+        atomic_write_json(tmp / "report.json", report)
+    return report
