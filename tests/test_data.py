@@ -19,7 +19,7 @@ import tensorflow as tf
 from data_tools.convert import convert
 from data_tools.features import decode_numpy
 from data_tools.phantom import make_cohort
-from tfcovseg.data import NON_COVID, make_dataset, split_slices
+from tfcovseg.data import NON_COVID, make_dataset, split_patients, split_slices
 
 SIZE = 64
 CLASSES = ["ggo", "consolidation", "fibrosis"]
@@ -206,6 +206,10 @@ def test_split_yields_exactly_the_manifest_patients(records, manifest, fold):
     assert not seen["train"] & seen["test"]
     assert not seen["validation"] & seen["test"]
     assert seen["train"] | seen["validation"] | seen["test"] == set(manifest["patients"])
+    # A final model's training set: every patient but the validation ones, augmented.
+    development = {e["patient/id"] for e in _inspect(records, "development", fold)}
+    assert development == seen["train"] | seen["test"]
+    assert split_patients(manifest, "development", fold) == sorted(development)
 
 
 # ----------------------------------------------------------------------------- classify

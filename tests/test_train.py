@@ -208,6 +208,11 @@ def test_missing_records_and_folds(tmp_path, capsys):
     code = main(["--set", "model.aspp_rate=[1]"])
     assert code == 2 and "unknown key 'model.aspp_rate'" in capsys.readouterr().err
     assert main(["--resume"]) == 2
+    # A final model trains on the test patients too: nothing is left to evaluate.
+    code = main(["--set", "data.train_split=development", "--evaluate"])
+    assert code == 2 and "nothing left to evaluate" in capsys.readouterr().err
+    code = main(["--set", "data.train_split=everything"])
+    assert code == 2 and "data.train_split" in capsys.readouterr().err
 
 
 def test_evaluate_cli_in_a_fresh_process(tiny):
