@@ -275,6 +275,20 @@ def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp
     assert (folder / "report.json").read_bytes() == before
 
 
+def test_a_slice_dataset_folder_predicts_its_imgs_only(model, tmp_path, rng):
+    # Imgs/ beside GT/ (COVID-SemiSeg's layout): the masks are not taken for slices.
+    _grey_pngs(tmp_path / "data" / "Imgs", rng)
+    _grey_pngs(tmp_path / "data" / "GT", rng)
+    index = predict(model, tmp_path / "data", tmp_path / "out", **QUIET)
+    report = _strict(tmp_path / "out" / index["series"][0]["folder"] / "report.json")
+    assert [s["source"] for s in report["slices"]] == [
+        "Imgs/case_01.png",
+        "Imgs/case_02.jpg",
+        "Imgs/small.png",
+    ]
+    assert "GT/case_01.png" in {s["file"] for s in report["skipped"]}
+
+
 def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):
     (tmp_path / "Imgs").mkdir()
     (tmp_path / "Imgs" / "broken.jpg").write_bytes(b"no jpeg")

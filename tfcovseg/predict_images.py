@@ -44,14 +44,29 @@ class ImageInputError(Exception):
 
 
 def is_image_folder(path: Path) -> bool:
-    """A folder whose files (recursively) include images and no other slice data."""
+    """A folder holding images and nothing that may be slice data of another kind: no
+    NIfTI, no DICOM file (by its "DICM" preamble, whatever its name: DICOM files are often
+    named by UID or have no suffix)."""
     if not path.is_dir():
         return False
-    files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in files) and not any(
-        p.suffix.lower() in ("", ".dcm", ".ima") or p.name.endswith((".nii", ".nii.gz"))
-        for p in files
-    )
+    found = False
+    for p in path.rglob("*"):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            found = True
+        elif p.name.endswith((".nii", ".nii.gz")) or _has_dicom_preamble(p):
+            return False
+    return found
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
 
 
 @dataclasses.dataclass
@@ -62,11 +77,18 @@ class Slice:
 
 
 def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
-    """The folder's images (sorted by path) and the (file, reason) of those skipped."""
+    """The folder's images (sorted by path) and the (file, reason) of those skipped.
+
+    A slice dataset's folder (``Imgs/`` beside ``GT/`` masks, as `data_tools.convert`
+    reads it) contributes its ``Imgs/`` only."""
     slices, skipped, names = [], [], {}
+    root = folder / "Imgs" if (folder / "Imgs").is_dir() else folder
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if path.name.startswith("."):
+            continue
+        if root not in path.parents:
+            skipped.append((rel, "outside Imgs/ of a slice dataset, ignored"))
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((rel, "not a .png/.jpg/.jpeg image, ignored"))
