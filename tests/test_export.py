@@ -318,6 +318,24 @@ def test_gate_keeps_lesion_slices_or_switches_off():
     # Nothing to check it on: off as well.
     unchecked = gate_from_scores(good, np.zeros(200, bool))
     assert unchecked["threshold"] == 0.0 and unchecked["method"].startswith("off")
+    # Every validation slice a lesion slice (COVID-SemiSeg): the AUC is undefined, and said so.
+    lesions_only = gate_from_scores(good, np.ones(200, bool))
+    assert (
+        lesions_only["threshold"] == 0.0
+        and "every validation slice has a lesion" in (lesions_only["method"])
+    )
+
+
+def test_no_burden_rule_when_every_validation_patient_is_covid(phantom_run, monkeypatch):
+    # Any cut "separates" patients of one kind: the exported threshold would mean nothing.
+    import tfcovseg.export as export
+
+    def one_kind(*args, **kwargs):
+        return {"P1": 0.02, "P2": 0.2}, {"P1": "covid", "P2": "covid"}
+
+    monkeypatch.setattr(export, "validation_burdens", one_kind)
+    rule = calibrate_burden_rule(None, phantom_run.config)
+    assert rule["threshold"] is None and "every validation patient is COVID-19" in rule["method"]
 
 
 def test_conv_head_classifier_shares_the_encoder_in_the_served_graph(phantom_run, rng):

@@ -543,6 +543,14 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, 
         return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
     if not burdens:
         return {"threshold": None, "method": "off: the validation split has no patients"}
+    covid = {diagnosis[p] == "covid" for p in burdens}
+    if len(covid) == 1:  # any cut calls all of them right: the threshold would mean nothing
+        which = "COVID-19" if covid == {True} else "without COVID-19"
+        return {
+            "threshold": None,
+            "method": f"off: cannot be chosen (every validation patient is {which})",
+            "validation_patients": len(burdens),
+        }
     return burden_rule_from(burdens, diagnosis) | {
         "mask_threshold": float(mask_threshold),
         "lesion_rule": LESION_RULE,
@@ -581,11 +589,17 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
         f"highest threshold <= {PAPER_GATE_THRESHOLD} keeping {recall:.0%} of the validation "
         "lesion slices"
     )
-    if auc is None or auc < min_auc:
+    if auc is None:
         threshold = 0.0
         method = (
-            f"off: the classifier's validation slice AUC {auc if auc is None else round(auc, 3)}"
-            f" is below {min_auc}, so every slice is segmented"
+            "off: cannot be checked (every validation slice has a lesion, so the slice AUC "
+            "is undefined): every slice is segmented"
+        )
+    elif auc < min_auc:
+        threshold = 0.0
+        method = (
+            f"off: the classifier's validation slice AUC {round(auc, 3)} is below {min_auc}, "
+            "so every slice is segmented"
         )
     return {
         "threshold": threshold,

@@ -81,14 +81,15 @@ def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
 
     A slice dataset's folder (``Imgs/`` beside ``GT/`` masks, as `data_tools.convert`
     reads it) contributes its ``Imgs/`` only."""
-    slices, skipped, names = [], [], {}
+    slices, skipped, names, outside = [], [], {}, {}
     root = folder / "Imgs" if (folder / "Imgs").is_dir() else folder
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if path.name.startswith("."):
             continue
-        if root not in path.parents:
-            skipped.append((rel, "outside Imgs/ of a slice dataset, ignored"))
+        if root not in path.parents:  # GT/ masks and the like: one entry per folder
+            top = rel.split("/")[0] + ("/" if "/" in rel else "")
+            outside[top] = outside.get(top, 0) + 1
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append((rel, "not a .png/.jpg/.jpeg image, ignored"))
@@ -104,6 +105,10 @@ def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
             continue
         names[name] = rel
         slices.append(Slice(name, rel, grey))
+    skipped += [
+        (f"{top} ({n} file{'s' if n > 1 else ''})", "outside Imgs/ of a slice dataset, ignored")
+        for top, n in outside.items()
+    ]
     if not slices:
         reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5]) or "no files"
         raise ImageInputError(f"no readable .png/.jpg image in {folder} ({reasons})")
