@@ -82,3 +82,24 @@ def test_pseudo_labels_keep_the_surest_slices():
     assert semisup.select_pseudo_labels(probs, keep=0.75).index.tolist() == [0, 2, 3]
     with pytest.raises(ValueError, match="keep"):
         semisup.select_pseudo_labels(probs, keep=0.0)
+
+
+class _Teacher:
+    """Lesion probability = grey level / 255: bright slices are sure lesions, mid-grey ones
+    undecided, dark ones sure background."""
+
+    def predict_on_batch(self, x):
+        return {"final": np.asarray(x, np.float32) / 255.0}
+
+
+def test_a_round_keeps_the_surest_slices_matched_to_the_labelled_grey_levels():
+    images = np.stack([np.full((8, 8, 1), v, np.float32) for v in (250, 128, 120, 5)])
+    kept = semisup.label_round(_Teacher(), images, views=2, keep=0.5)
+    assert kept.pool == 4 and len(kept.images) == 2
+    np.testing.assert_array_equal(kept.images[:, 0, 0, 0], [250, 5])  # the undecided go
+    np.testing.assert_array_equal(kept.masks[:, 0, 0, 0], [1, 0])
+    assert kept.masks.dtype == np.uint8 and kept.confidence_min == pytest.approx(1.0)
+    # With a reference, the pool is first mapped onto the labelled slices' grey levels.
+    reference = images * 0.5
+    matched = semisup.label_round(_Teacher(), images, views=1, keep=1.0, reference=reference)
+    np.testing.assert_allclose(matched.images, semisup.match_intensity(images, reference))

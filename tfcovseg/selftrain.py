@@ -7,8 +7,6 @@ benchmark. Research use, not a medical device.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from tfcovseg import require_tensorflow, semisup
@@ -27,40 +25,9 @@ def collect_images(dataset) -> np.ndarray:
     return np.concatenate(parts)
 
 
-@dataclasses.dataclass
-class Round:
-    """One round's pseudo-labelled slices and what was kept."""
-
-    images: np.ndarray  # [K, H, W, 1] grey levels / HU as the model reads them
-    masks: np.ndarray  # [K, H, W, C] 0/1
-    pool: int
-    confidence_min: float
-
-
-def label_round(teacher, images: np.ndarray, semi, reference=None) -> Round:
-    """The teacher labels `images` (one round's pool), averaged over `semi.views` views;
-    the surest `semi.keep` of them are kept.
-
-    Args:
-        teacher: A segmenter (outputs "final").
-        images: [N, H, W, 1] unlabelled images.
-        semi: `tfcovseg.config.SemiConfig`.
-        reference: Labelled images to match the unlabelled grey levels to
-            (`semisup.match_intensity`), or None.
-    """
-    if reference is not None:
-        images = semisup.match_intensity(images, reference)
-    probs = semisup.predict_probabilities(teacher, images, tta=semisup.DIHEDRAL[: semi.views])
-    kept = semisup.select_pseudo_labels(probs, semi.keep)
-    return Round(
-        np.asarray(images)[kept.index].astype(np.float32),
-        kept.masks.astype(np.uint8),
-        len(images),
-        float(kept.confidence.min()),
-    )
-
-
-def pseudo_dataset(round_: Round, batch_size: int, seed: int, augment_data=True, window=None):
+def pseudo_dataset(
+    round_: semisup.Round, batch_size: int, seed: int, augment_data=True, window=None
+):
     """An endless, shuffled dataset of (image, masks) batches of the pseudo-labels, with
     the labelled batches' augmentation (and intensity jitter with `window`)."""
     ds = tf.data.Dataset.from_tensor_slices((round_.images[..., 0], round_.masks))

@@ -137,3 +137,38 @@ def select_pseudo_labels(probs: np.ndarray, keep: float, threshold=0.5) -> Pseud
     index = np.sort(np.argsort(-score, kind="stable")[:n])
     masks = (np.asarray(probs)[index] >= threshold).astype(np.float32)
     return PseudoLabels(index, masks, score[index])
+
+
+@dataclasses.dataclass
+class Round:
+    """One round's pseudo-labelled slices and what was kept."""
+
+    images: np.ndarray  # [K, H, W, 1] grey levels / HU as the model reads them
+    masks: np.ndarray  # [K, H, W, C] 0/1
+    pool: int
+    confidence_min: float
+
+
+def label_round(teacher, images: np.ndarray, views: int, keep: float, reference=None) -> Round:
+    """One self-training round's pseudo-labels: the teacher labels `images` (the round's
+    pool) averaged over `views` of `DIHEDRAL`, and the surest `keep` of them are kept.
+    `tfcovseg.train`'s self-training phase and the COVID-SemiSeg benchmark both use it.
+
+    Args:
+        teacher: A segmenter (outputs "final").
+        images: [N, H, W, 1] unlabelled images.
+        views: Test-time views averaged (1-8).
+        keep: Fraction (0, 1] of the pool kept.
+        reference: Labelled images to match the unlabelled grey levels to
+            (`match_intensity`), or None (already matched).
+    """
+    if reference is not None:
+        images = match_intensity(images, reference)
+    probs = predict_probabilities(teacher, images, tta=DIHEDRAL[:views])
+    kept = select_pseudo_labels(probs, keep)
+    return Round(
+        np.asarray(images)[kept.index].astype(np.float32),
+        kept.masks.astype(np.uint8),
+        len(images),
+        float(kept.confidence.min()),
+    )

@@ -100,12 +100,8 @@ from tfcovseg.models import (  # noqa: E402
     save_model,
 )
 from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
-from tfcovseg.selftrain import (  # noqa: E402
-    collect_images,
-    label_round,
-    mixed_dataset,
-    pseudo_dataset,
-)
+from tfcovseg.selftrain import collect_images, mixed_dataset, pseudo_dataset  # noqa: E402
+from tfcovseg.semisup import label_round  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
 EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/experiments, shipped in the wheel
@@ -840,7 +836,7 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
             teacher = load_model(best)
             rounds.append(done[r])
             continue
-        labels = label_round(teacher, unlabelled[pool], semi, reference)
+        labels = label_round(teacher, unlabelled[pool], semi.views, semi.keep, reference)
         run.log(
             f"  round {r}: {len(labels.images)} of {labels.pool} slices pseudo-labelled "
             f"(confidence >= {labels.confidence_min:.3f})"

@@ -395,24 +395,24 @@ def train_student(teacher, data: Slices, train_idx, val_idx, unlabelled, setting
 
     rng = np.random.default_rng(seed)
     matched = semisup.match_intensity(unlabelled.images, data.images[train_idx])
-    tta = semisup.DIHEDRAL[: settings["semi_tta"]]
     model, rounds = teacher, []
     for r in range(settings["semi_rounds"]):
         pool = np.sort(rng.permutation(len(matched))[: settings["semi_pool"]])
         start = time.perf_counter()
-        probs = semisup.predict_probabilities(model, matched[pool], tta=tta)
-        pseudo = semisup.select_pseudo_labels(probs, settings["semi_keep"])
+        pseudo = semisup.label_round(
+            model, matched[pool], settings["semi_tta"], settings["semi_keep"]
+        )
         log(
-            f"    round {r + 1}: {len(pseudo.index)} of {len(pool)} unlabelled slices "
-            f"pseudo-labelled (confidence >= {pseudo.confidence.min():.3f}, "
+            f"    round {r + 1}: {len(pseudo.images)} of {pseudo.pool} unlabelled slices "
+            f"pseudo-labelled (confidence >= {pseudo.confidence_min:.3f}, "
             f"{time.perf_counter() - start:.0f} s)"
         )
         model, info = train_one(
             "coarse_refine", data, train_idx, val_idx, settings, seed + 1000 * (r + 1), log,
-            init=model, extra=(matched[pool][pseudo.index], pseudo.masks),
+            init=model, extra=(pseudo.images, pseudo.masks.astype(np.float32)),
             epochs=settings["semi_epochs"], prefix=f"student {r + 1}",
         )  # fmt: skip
-        rounds.append(info | {"pseudo_labelled": len(pseudo.index), "pool": len(pool)})
+        rounds.append(info | {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool})
     return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
 
 
