@@ -273,6 +273,10 @@ def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp
     with pytest.raises(PredictionError, match="made otherwise"):
         predict(model, tmp_path / "Imgs", out, mask_threshold=0.3, **QUIET)
     assert (folder / "report.json").read_bytes() == before
+    # Options that mean nothing for 2-D slices are named, not silently dropped.
+    said = []
+    predict(model, tmp_path / "Imgs", out, gate=False, salt=SALT, log=said.append)
+    assert any("--no-gate ignored" in line for line in said)
 
 
 def test_a_slice_dataset_folder_predicts_its_imgs_only(model, tmp_path, rng):

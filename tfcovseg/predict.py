@@ -1002,6 +1002,18 @@ def predict(
             "exports windowed HU for such models: export its run again"
         )
     if is_image_folder(Path(input_path)):
+        options = {
+            "--no-gate": not gate,
+            "--threshold": threshold is not None,
+            "--series": series_uid is not None,
+            "--research-seg": research_seg,
+        }
+        ignored = [name for name, given in options.items() if given]
+        if ignored:
+            log(
+                f"warning: {', '.join(ignored)} ignored: a folder of image slices is "
+                "segmented slice by slice, without gate, series or DICOM SEG"
+            )
         return _predict_image_folder(
             predictor, Path(input_path), out, mask_threshold, batch_size, salt, log
         )
