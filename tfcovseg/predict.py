@@ -1033,10 +1033,6 @@ def predict(
 def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, salt, log):
     """`predict` on a folder of PNG/JPEG slices (`tfcovseg.predict_images`) into
     ``out/<folder pseudonym>/``; a rerun with the same model and threshold keeps it."""
-    try:
-        slices, skipped = read_image_folder(folder)
-    except ImageInputError as e:
-        raise PredictionError(str(e)) from None
     name = pseudonym("S", f"images:{folder.resolve().as_posix()}", resolve_salt(salt))
     target = out / name
     expected = {"model": predictor.source, "mask_threshold": float(mask_threshold)}
@@ -1053,7 +1049,11 @@ def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, sa
                 "choose another --out"
             )
         log(f"images {name}: already predicted in {target}, kept")
-    else:
+    else:  # the images are read only when they are to be predicted
+        try:
+            slices, skipped = read_image_folder(folder)
+        except ImageInputError as e:
+            raise PredictionError(str(e)) from None
         for f, r in skipped:
             log(f"warning: skipped {f}: {r}")
         for left in remove_partial_directories(target):
@@ -1061,9 +1061,9 @@ def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, sa
         report = predict_images(predictor, slices, skipped, target, mask_threshold, batch_size)
         with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
         log(
-            f"images {name}: {len(slices)} slices, {with_lesion} with lesions; label PNGs in "
-            f"{target / 'labels'}, probabilities in {target}/probability_<class>, report "
-            f"{target / 'report.html'}"
+            f"images {name}: {len(report['slices'])} slices, {with_lesion} with lesions; "
+            f"label PNGs in {target / 'labels'}, probabilities in "
+            f"{target}/probability_<class>, report {target / 'report.html'}"
         )
     log(f"warning: images {name}: {report['warnings'][0]}")
     index["model"] = predictor.source

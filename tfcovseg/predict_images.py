@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.convert import IMAGE_SUFFIXES
 from data_tools.dicom_io import SkipFile
 from data_tools.files import atomic_directory, atomic_write_json, atomic_write_text
 from data_tools.lung import lung_mask
 from data_tools.masks import read_image_slice
+from tfcovseg.report import DISCLAIMER
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # as data_tools.convert reads slice datasets
-DISCLAIMER = "Research use, not a medical device."
 NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"
 
 
@@ -178,18 +178,31 @@ def _write_slice(tmp: Path, s: Slice, probs: np.ndarray, labels, classes) -> Non
     _png(tmp / "probability_infection" / s.name, infection)
 
 
-def _montage(slices: list[Slice], labels: list, classes, k=8) -> bytes:
-    """PNG bytes: up to k slices with the most lesion (the first slice if none)."""
+MONTAGE_SLICES = 8
+
+
+def _keep_top(kept: dict, i: int, labels: np.ndarray, k=MONTAGE_SLICES) -> None:
+    """Keeps the labels of the k slices with the most lesion seen so far (ties: the later
+    slice), so that a folder of thousands of slices is not held in memory for the montage."""
+    area = int((labels > 0).sum())
+    if area == 0:
+        return
+    kept[i] = (area, labels)
+    if len(kept) > k:
+        del kept[min(kept, key=lambda j: (kept[j][0], j))]
+
+
+def _montage(slices: list[Slice], kept: dict, classes) -> bytes:
+    """PNG bytes: the slices `_keep_top` kept, in folder order (the first slice if none)."""
     import io
 
     from PIL import Image
 
     from tfcovseg.viz import overlay_rgb
 
-    area = [int((lab > 0).sum()) for lab in labels]
-    order = sorted([i for i in np.argsort(area)[::-1][:k] if area[i] > 0]) or [0]
+    labels = {i: lab for i, (_, lab) in kept.items()} or {0: np.zeros(slices[0].grey.shape)}
     tiles = []
-    for i in order:
+    for i in sorted(labels):
         channels = np.stack([labels[i] == c + 1 for c in range(len(classes))], -1)
         rgb = overlay_rgb(
             slices[i].grey[None], channels[None].astype(np.float32), classes, (0, 255)
@@ -253,7 +266,7 @@ def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5
     whole or not at all); returns the report (also ``report.json``)."""
     classes = list(predictor.metadata["class_names"])
     start = time.perf_counter()
-    entries, all_labels = [], []
+    entries, kept = [], {}
     with atomic_directory(out_dir) as tmp:
         for sub in ("labels", "probability_infection", *(f"probability_{c}" for c in classes)):
             (tmp / sub).mkdir()
@@ -263,7 +276,7 @@ def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5
                 labels = label_map(masks[j], mask_threshold)
                 _write_slice(tmp, slices[i], masks[j], labels, classes)
                 entries.append(_slice_entry(slices[i], masks[j], probs[j], labels, classes))
-                all_labels.append(labels)
+                _keep_top(kept, i, labels)
         report = {
             "disclaimer": DISCLAIMER,
             "input": "images",
@@ -287,7 +300,7 @@ def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5
             "timings_s": {"total": round(time.perf_counter() - start, 3)},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        png = _montage(slices, all_labels, classes)
+        png = _montage(slices, kept, classes)
         (tmp / "overlay.png").write_bytes(png)
         atomic_write_text(tmp / "report.html", render_html(report, png))
         atomic_write_json(tmp / "report.json", report)
