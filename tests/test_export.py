@@ -61,6 +61,19 @@ def test_layout_version_and_assets(exported, phantom_run):
     expected = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
     assert meta["burden_rule"]["threshold"] == pytest.approx(expected["threshold"])
     assert meta["burden_rule"]["validation_patients"] == len(burdens) >= 1
+    # The training slices' grey levels (windowed at the model's window), for predict to
+    # match PNG/JPEG slices to.
+    train = np.concatenate(
+        [
+            grey_from_hu(b["hu"], meta["hu_window"])
+            for b in split_dataset(phantom_run.config, "train")
+        ]
+    )
+    grey = meta["grey_levels"]
+    assert grey["percentiles"] == [5.0, 95.0] and grey["slices"] == len(train)
+    assert grey["reference"] == pytest.approx(
+        np.median(np.percentile(train.reshape(len(train), -1), [5, 95], axis=1), axis=1), abs=0.01
+    )
     # The metadata signature returns the same values.
     sig = loaded.signatures["metadata"]()
     assert [c.decode() for c in sig["class_names"].numpy()] == meta["class_names"]

@@ -18,6 +18,8 @@ from pydicom.uid import generate_uid
 
 from data_tools.phantom import make_patient, write_patient
 from tfcovseg.predict import PredictionError, main, open_model, predict
+from tfcovseg.predict_images import ImageInputError, Slice, intensity_setting, predict_images
+from tfcovseg.semisup import match_to_scale
 
 SALT = "test-salt"
 QUIET = dict(salt=SALT, log=lambda *a: None)
@@ -252,8 +254,11 @@ def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp
     assert {s["file"] for s in report["skipped"]} == {"notes.txt", "broken.png"}
     assert "no severity grade" in report["warnings"][0] and "mL" in report["warnings"][0]
     classes = model.metadata["class_names"]
+    reference = model.metadata["grey_levels"]["reference"]
+    assert report["intensity"]["mode"] == "match" and report["intensity"]["reference"] == reference
     for grey, name in zip(greys, ("case_01.png", "case_02.png", "small.png")):
-        _, masks = model.serve_image(grey[None])
+        # By default each image is matched to the training slices' grey levels first.
+        _, masks = model.serve_image(match_to_scale(grey[None], reference))
         labels = np.asarray(Image.open(folder / "labels" / name))
         assert labels.shape == grey.shape and labels.dtype == np.uint8
         on = masks[0] >= 0.5
@@ -272,11 +277,49 @@ def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp
     assert (folder / "report.json").read_bytes() == before
     with pytest.raises(PredictionError, match="made otherwise"):
         predict(model, tmp_path / "Imgs", out, mask_threshold=0.3, **QUIET)
+    with pytest.raises(PredictionError, match="made otherwise"):
+        predict(model, tmp_path / "Imgs", out, intensity="as-is", **QUIET)
     assert (folder / "report.json").read_bytes() == before
     # Options that mean nothing for 2-D slices are named, not silently dropped.
     said = []
     predict(model, tmp_path / "Imgs", out, gate=False, salt=SALT, log=said.append)
     assert any("--no-gate ignored" in line for line in said)
+
+
+def _probabilities(report_folder: Path, name: str, classes) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack(
+        [np.asarray(Image.open(report_folder / f"probability_{c}" / name)) for c in classes], -1
+    ).astype(int)
+
+
+def test_matched_intensity_reads_a_rewindowed_slice_like_the_original(model, tmp_path, rng):
+    # The same slice windowed another way (half the contrast, shifted: as COVID-SemiSeg's
+    # unlabelled slices are against its training ones) reaches the model as the original
+    # when matched, and differently as-is.
+    grey = rng.integers(0, 256, (64, 64)).astype(np.float32)
+    grey[8:-8, 6:18] = 20.0
+    slices = [Slice("a.png", "a.png", grey), Slice("b.png", "b.png", 0.5 * grey + 10.0)]
+    classes = model.metadata["class_names"]
+    probs = {}
+    for mode in ("match", "as-is"):
+        report = predict_images(model, slices, [], tmp_path / mode, intensity=mode)
+        assert report["intensity"]["mode"] == mode
+        assert report["slices"][1]["grey_percentiles"] == pytest.approx(
+            [0.5 * v + 10.0 for v in report["slices"][0]["grey_percentiles"]], abs=0.01
+        )
+        probs[mode] = [_probabilities(tmp_path / mode, n, classes) for n in ("a.png", "b.png")]
+    assert np.abs(probs["match"][0] - probs["match"][1]).max() <= 1
+    assert np.abs(probs["as-is"][0] - probs["as-is"][1]).max() > 1
+
+
+def test_a_model_without_training_grey_levels_uses_images_as_they_are(tmp_path):
+    assert intensity_setting({"class_names": ["ggo"]}, "as-is") == {"mode": "as-is"}
+    old = intensity_setting({"class_names": ["ggo"]}, "match")
+    assert old["mode"] == "as-is" and "export its run again" in old["warning"]
+    with pytest.raises(ImageInputError, match="--intensity must be one of match, as-is"):
+        intensity_setting({"grey_levels": {"reference": [1, 2]}}, "auto")
 
 
 def test_a_slice_dataset_folder_predicts_its_imgs_only(model, tmp_path, rng):

@@ -86,6 +86,7 @@ from tfcovseg.models.preprocessing import (  # noqa: E402
     grey_from_hu,
     hu_from_grey,
 )
+from tfcovseg.semisup import MATCH_PERCENTILES, reference_scale  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
 DEFAULT_OUT = Path("saved_models") / "tfcovseg"
@@ -611,6 +612,43 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
     }
 
 
+GREY_REFERENCE_SLICES = 512
+
+
+def grey_levels(config, batch_size=32) -> dict:
+    """The grey-level scale of the slices the network trained on, as 8-bit images.
+
+    `semisup.reference_scale` of up to `GREY_REFERENCE_SLICES` slices of the training
+    split (HU models' slices windowed at their window first). `predict` maps PNG/JPEG
+    slices onto it (``--intensity match``): slices windowed another way are read
+    off-scale otherwise (the shipped model's Dice on its training slices fell from 0.70
+    to 0.46 when they were re-windowed like COVID-SemiSeg's unlabelled slices, and came
+    back to 0.71 matched; MODEL_CARD.md).
+
+    Raises:
+        FileNotFoundError, ValueError: no training records (from `make_dataset`).
+    """
+    images, n = [], 0
+    for batch in split_dataset(config, config.data.train_split, batch_size=batch_size):
+        x = batch["hu"]
+        if not config.model.pre_windowed:
+            x = grey_from_hu(x, config.model.hu_window)
+        images.append(keras.ops.convert_to_numpy(x))
+        n += len(images[-1])
+        if n >= GREY_REFERENCE_SLICES:
+            break
+    if not n:
+        raise ValueError(f"no {config.data.train_split} slices to take the grey levels from")
+    low, high = (float(v) for v in reference_scale(np.concatenate(images)[:GREY_REFERENCE_SLICES]))
+    return {
+        "percentiles": [float(q) for q in MATCH_PERCENTILES],
+        "reference": [round(low, 2), round(high, 2)],
+        "slices": min(n, GREY_REFERENCE_SLICES),
+        "split": config.data.train_split,
+        "rule": "per slice, the grey levels at these percentiles, median over the slices",
+    }
+
+
 def _windowing(model_config) -> str:
     low, high = (float(w) for w in model_config.hu_window)
     if model_config.pre_windowed:
@@ -626,7 +664,13 @@ def _windowing(model_config) -> str:
 
 
 def export_metadata(
-    run: Path, config, severity: dict, gate: dict, version: int, burden: dict | None = None
+    run: Path,
+    config,
+    severity: dict,
+    gate: dict,
+    version: int,
+    burden: dict | None = None,
+    grey: dict | None = None,
 ) -> dict:
     info = {}
     if (run / "run.json").is_file():
@@ -644,6 +688,7 @@ def export_metadata(
         "hu_window": [float(w) for w in config.model.hu_window],
         "pre_windowed": bool(config.model.pre_windowed),
         "windowing": _windowing(config.model),
+        "grey_levels": grey,
         "input_size": [int(s) for s in config.model.input_size],
         "input": INPUT_CHECKS,
         "gate": gate,
@@ -743,7 +788,7 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
         gate = {"threshold": t, "method": "given"}
     severity = severity_rule_for_run(run, config)
     burden = calibrate_burden_rule(segmenter, config, run=run)
-    metadata = export_metadata(run, config, severity, gate, version, burden)
+    metadata = export_metadata(run, config, severity, gate, version, burden, grey_levels(config))
     return InferenceGraph(segmenter, classifier, metadata)
 
 

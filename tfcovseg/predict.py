@@ -81,6 +81,7 @@ from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_s
 from tfcovseg.metrics import patient_score  # noqa: E402
 from tfcovseg.predict_images import (  # noqa: E402
     ImageInputError,
+    intensity_setting,
     is_image_folder,
     label_map,
     predict_images,
@@ -973,6 +974,7 @@ def predict(
     salt=None,
     log=print,
     research_seg=False,
+    intensity=None,
 ) -> dict:
     """Predicts every usable series of the input into ``out/<series pseudonym>/``.
 
@@ -980,7 +982,8 @@ def predict(
     rerun into the same `out` (after a kill, say) keeps the series already finished with
     the same model and options, removes the partial folders and predicts the rest;
     results made with other settings are never overwritten. Returns the index (also
-    ``index.json``).
+    ``index.json``). `intensity` ("match", the default, or "as-is") applies to folders of
+    PNG/JPEG slices only (`tfcovseg.predict_images`).
 
     Raises:
         PredictionError: bad model, input or output folder, nothing usable, results in
@@ -1015,8 +1018,11 @@ def predict(
                 "segmented slice by slice, without gate, series or DICOM SEG"
             )
         return _predict_image_folder(
-            predictor, Path(input_path), out, mask_threshold, batch_size, salt, log
-        )
+            predictor, Path(input_path), out, mask_threshold, batch_size, salt, log,
+            intensity or "match",
+        )  # fmt: skip
+    if intensity is not None:
+        log("warning: --intensity ignored: studies in HU are windowed by the model's own window")
     options = dict(
         gate=gate,
         threshold=threshold,
@@ -1030,19 +1036,33 @@ def predict(
         return _predict_volumes(predictor, volumes, skipped, out, options, log)
 
 
-def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, salt, log):
+def _predict_image_folder(
+    predictor, folder, out, mask_threshold, batch_size, salt, log, intensity
+):  # fmt: skip
     """`predict` on a folder of PNG/JPEG slices (`tfcovseg.predict_images`) into
-    ``out/<folder pseudonym>/``; a rerun with the same model and threshold keeps it."""
+    ``out/<folder pseudonym>/``; a rerun with the same model and settings keeps it."""
+    try:
+        setting = intensity_setting(predictor.metadata, intensity)
+    except ImageInputError as e:
+        raise PredictionError(str(e)) from None
     name = pseudonym("S", f"images:{folder.resolve().as_posix()}", resolve_salt(salt))
     target = out / name
-    expected = {"model": predictor.source, "mask_threshold": float(mask_threshold)}
+    expected = {
+        "model": predictor.source,
+        "mask_threshold": float(mask_threshold),
+        "intensity": setting["mode"],
+    }
     index_path = out / "index.json"
     index = _read_index(index_path)
     report = _finished_report(target)
     if target.exists():
-        found = {"model": None, "mask_threshold": None}
+        found = {"model": None, "mask_threshold": None, "intensity": None}
         if report is not None:
-            found = {"model": report["model"]["source"], "mask_threshold": report["mask_threshold"]}
+            found = {
+                "model": report["model"]["source"],
+                "mask_threshold": report["mask_threshold"],
+                "intensity": report.get("intensity", {}).get("mode", "as-is"),
+            }
         if found != expected:
             raise PredictionError(
                 f"{target} already holds results made otherwise ({found}, now {expected}): "
@@ -1058,14 +1078,24 @@ def _predict_image_folder(predictor, folder, out, mask_threshold, batch_size, sa
             log(f"warning: skipped {f}: {r}")
         for left in remove_partial_directories(target):
             log(f"removed {left}, left by an interrupted run")
-        report = predict_images(predictor, slices, skipped, target, mask_threshold, batch_size)
+        report = predict_images(
+            predictor, slices, skipped, target, mask_threshold, batch_size, intensity
+        )
         with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
         log(
             f"images {name}: {len(report['slices'])} slices, {with_lesion} with lesions; "
             f"label PNGs in {target / 'labels'}, probabilities in "
             f"{target}/probability_<class>, report {target / 'report.html'}"
         )
-    log(f"warning: images {name}: {report['warnings'][0]}")
+    for warning in report["warnings"]:
+        log(f"warning: images {name}: {warning}")
+    matched = report.get("intensity", {})
+    if matched.get("mode") == "match":
+        log(
+            f"images {name}: grey levels matched to the training slices' "
+            f"(5th, 95th) percentiles {matched['reference']} (--intensity as-is to use them "
+            "unchanged)"
+        )
     index["model"] = predictor.source
     index.setdefault("series", [])
     entry = {"series": name, "folder": name, "input": "images", "slices": len(report["slices"])}
@@ -1154,6 +1184,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="slices per model call")
     parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
     parser.add_argument(
+        "--intensity",
+        choices=("match", "as-is"),
+        help="PNG/JPEG slices only: map each image's grey levels onto the training slices' "
+        "(match, the default) or use them unchanged (as-is)",
+    )
+    parser.add_argument(
         "--research-seg",
         action="store_true",
         help="write the DICOM SEG with the patient's pseudonym instead of the source study's "
@@ -1175,6 +1211,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             salt=args.salt,
             research_seg=args.research_seg,
+            intensity=args.intensity,
         )
     except PredictionError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,11 @@ Inf-Net's included, can score them:
 - ``probability_<class>/``: 8-bit probabilities (round(255 p));
 - ``probability_infection/``: 8-bit probability of any lesion (the highest class's), the
   "infection" maps of Inf-Net's evaluation;
+With ``intensity="match"`` (the default) each image's grey levels are first mapped
+linearly so that its 5th and 95th percentiles land on those of the model's training slices
+(the export's ``grey_levels``): slices windowed another way than the training images are
+otherwise read off-scale. ``"as-is"`` feeds the grey levels unchanged.
+
 - ``report.json`` / ``report.html``: per slice the lesion area per class in pixels and in
   % of the lung (the image's lung mask, Otsu's threshold, lesions added), the slice's
   COVID-19 probability, a montage of the slices with the most lesion, what was skipped.
@@ -35,8 +40,10 @@ from data_tools.files import atomic_directory, atomic_write_json, atomic_write_t
 from data_tools.lung import lung_mask
 from data_tools.masks import read_image_slice
 from tfcovseg.report import DISCLAIMER
+from tfcovseg.semisup import MATCH_PERCENTILES, intensity_scale, match_to_scale
 
 NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"
+INTENSITY_MODES = ("match", "as-is")
 
 
 class ImageInputError(Exception):
@@ -261,21 +268,67 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5, batch_size=8):
+def intensity_setting(metadata: dict, mode: str) -> dict:
+    """What `predict_images` does to the grey levels: {"mode", "reference", ...}.
+
+    "match" with a model whose export has no ``grey_levels`` (exported before they were
+    recorded) falls back to "as-is", with a warning in the report.
+
+    Raises:
+        ImageInputError: an unknown mode.
+    """
+    if mode not in INTENSITY_MODES:
+        raise ImageInputError(
+            f"--intensity must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}"
+        )
+    reference = (metadata.get("grey_levels") or {}).get("reference")
+    if mode == "as-is":
+        return {"mode": "as-is"}
+    if reference is None:
+        return {
+            "mode": "as-is",
+            "warning": "the model records no training grey levels (exported before they "
+            "were): images are used as they are; export its run again to match them",
+        }
+    return {
+        "mode": "match",
+        "reference": [float(r) for r in reference],
+        "percentiles": [float(q) for q in MATCH_PERCENTILES],
+        "rule": "per image, a linear map of its grey levels at these percentiles onto the "
+        "training slices' (reference), clipped to 0-255",
+    }
+
+
+def _model_input(grey: np.ndarray, setting: dict) -> np.ndarray:
+    """[N, H, W] grey levels as the model is to read them (`intensity_setting`)."""
+    if setting["mode"] == "match":
+        return match_to_scale(grey, setting["reference"])
+    return grey
+
+
+def predict_images(
+    predictor, slices, skipped, out_dir: Path, mask_threshold=0.5, batch_size=8,
+    intensity="match",
+):  # fmt: skip
     """Segments `slices` (`read_image_folder`) into the new folder `out_dir` (written
     whole or not at all); returns the report (also ``report.json``)."""
     classes = list(predictor.metadata["class_names"])
+    setting = intensity_setting(predictor.metadata, intensity)
     start = time.perf_counter()
     entries, kept = [], {}
     with atomic_directory(out_dir) as tmp:
         for sub in ("labels", "probability_infection", *(f"probability_{c}" for c in classes)):
             (tmp / sub).mkdir()
         for batch in _by_shape(slices, batch_size):
-            probs, masks = predictor.serve_image(np.stack([slices[i].grey for i in batch]))
+            grey = np.stack([slices[i].grey for i in batch])
+            probs, masks = predictor.serve_image(_model_input(grey, setting))
+            scales = intensity_scale(grey)
             for j, i in enumerate(batch):
                 labels = label_map(masks[j], mask_threshold)
                 _write_slice(tmp, slices[i], masks[j], labels, classes)
-                entries.append(_slice_entry(slices[i], masks[j], probs[j], labels, classes))
+                entry = _slice_entry(slices[i], masks[j], probs[j], labels, classes)
+                entry["grey_percentiles"] = [round(float(v), 2) for v in scales[j]]
+                entries.append(entry)
                 _keep_top(kept, i, labels)
         report = {
             "disclaimer": DISCLAIMER,
@@ -287,6 +340,7 @@ def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5
                 "classes": classes,
             },
             "mask_threshold": float(mask_threshold),
+            "intensity": {k: v for k, v in setting.items() if k != "warning"},
             "outputs": {
                 "labels": "labels/<name>.png: 0 background, "
                 + ", ".join(f"{i + 1} {c}" for i, c in enumerate(classes)),
@@ -296,7 +350,7 @@ def predict_images(predictor, slices, skipped, out_dir: Path, mask_threshold=0.5
             "lung_mask": "per image: Otsu's threshold on the grey levels, lesions added",
             "slices": entries,
             "skipped": [{"file": f, "reason": r} for f, r in skipped],
-            "warnings": [NOT_GRADED],
+            "warnings": [NOT_GRADED] + ([setting["warning"]] if "warning" in setting else []),
             "timings_s": {"total": round(time.perf_counter() - start, 3)},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }

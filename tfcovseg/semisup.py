@@ -56,23 +56,34 @@ def intensity_scale(images: np.ndarray) -> np.ndarray:
     return np.percentile(flat, MATCH_PERCENTILES, axis=1).T
 
 
-def match_intensity(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Maps each image linearly so its (low, high) percentiles land on `reference`'s median
-    (low, high): slices windowed another way look like the reference slices.
+def reference_scale(reference: np.ndarray) -> np.ndarray:
+    """The (low, high) grey levels to match to: the median over `reference`'s slices of
+    their `intensity_scale` ([2] float). Exports keep it as ``grey_levels.reference``."""
+    return np.median(intensity_scale(reference), axis=0)
+
+
+def match_to_scale(images: np.ndarray, target) -> np.ndarray:
+    """Maps each image linearly so its (low, high) `intensity_scale` lands on `target`
+    (low, high), clipped to 0-255: slices windowed another way look like the slices
+    `target` was taken from.
 
     Args:
         images: [N, H, W(, 1)] grey levels 0-255.
-        reference: [M, H', W'(, 1)] grey levels of the slices to look like.
+        target: (low, high), e.g. `reference_scale` of the training slices.
     """
-    target = np.median(intensity_scale(reference), axis=0)
+    low, high = (float(t) for t in target)
     scale = intensity_scale(images)
     span = np.maximum(scale[:, 1] - scale[:, 0], 1.0)
-    gain = (target[1] - target[0]) / span
+    gain = (high - low) / span
     shape = (len(images),) + (1,) * (np.ndim(images) - 1)
-    out = (np.asarray(images, np.float32) - scale[:, 0].reshape(shape)) * gain.reshape(
-        shape
-    ) + target[0]
+    out = (np.asarray(images, np.float32) - scale[:, 0].reshape(shape)) * gain.reshape(shape) + low
     return np.clip(out, 0.0, 255.0).astype(np.float32)
+
+
+def match_intensity(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`match_to_scale` onto `reference_scale(reference)`: [N, H, W(, 1)] grey levels
+    mapped to look like the reference slices [M, H', W'(, 1)]."""
+    return match_to_scale(images, reference_scale(reference))
 
 
 def _dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
