@@ -300,7 +300,10 @@ def test_matched_intensity_reads_a_rewindowed_slice_like_the_original(model, tmp
     # when matched, and differently as-is.
     grey = rng.integers(0, 256, (64, 64)).astype(np.float32)
     grey[8:-8, 6:18] = 20.0
-    slices = [Slice("a.png", "a.png", grey), Slice("b.png", "b.png", 0.5 * grey + 10.0)]
+    slices = [
+        Slice("a.png", "a.png", grey.shape, pixels=grey),
+        Slice("b.png", "b.png", grey.shape, pixels=0.5 * grey + 10.0),
+    ]
     classes = model.metadata["class_names"]
     probs = {}
     for mode in ("match", "as-is"):
@@ -312,6 +315,19 @@ def test_matched_intensity_reads_a_rewindowed_slice_like_the_original(model, tmp
         probs[mode] = [_probabilities(tmp_path / mode, n, classes) for n in ("a.png", "b.png")]
     assert np.abs(probs["match"][0] - probs["match"][1]).max() <= 1
     assert np.abs(probs["as-is"][0] - probs["as-is"][1]).max() > 1
+
+
+def test_images_are_read_when_predicted_and_a_changed_file_is_named(model, tmp_path, rng):
+    from tfcovseg.predict_images import read_image_folder
+
+    _grey_pngs(tmp_path / "Imgs", rng)
+    slices, _ = read_image_folder(tmp_path / "Imgs")
+    assert all(s.pixels is None and s.path.is_file() for s in slices)  # not held in memory
+    assert [s.shape for s in slices] == [(64, 64), (64, 64), (48, 40)]
+    (tmp_path / "Imgs" / "case_02.jpg").write_bytes(b"truncated")  # changed since listed
+    with pytest.raises(ImageInputError, match="case_02.jpg cannot be read any more"):
+        predict_images(model, slices, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_without_training_grey_levels_uses_images_as_they_are(tmp_path):
@@ -344,3 +360,17 @@ def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):
     with pytest.raises(PredictionError, match="no readable .png/.jpg image.*broken.jpg"):
         predict(model, tmp_path / "Imgs", tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_montage_keeps_only_the_slices_with_the_most_lesion():
+    from tfcovseg.predict_images import MONTAGE_SLICES, _keep_top
+
+    kept = {}
+    areas = [3, 0, 7, 1, 9, 2, 8, 5, 6, 4, 10]
+    for i, area in enumerate(areas):
+        labels = np.zeros((8, 8), np.uint8)
+        labels.flat[:area] = 1
+        _keep_top(kept, i, labels, np.full((8, 8), float(i), np.float32))
+    top = sorted(range(len(areas)), key=lambda i: -areas[i])[:MONTAGE_SLICES]
+    assert sorted(kept) == sorted(top)  # the empty slice and the two smallest are dropped
+    assert all(kept[i][2][0, 0] == i for i in kept)  # with their own grey levels

@@ -80,12 +80,25 @@ def _has_dicom_preamble(path: Path) -> bool:
 class Slice:
     name: str  # the output file name: the input's stem + .png
     source: str  # the input's path relative to the folder
-    grey: np.ndarray  # float32 [H, W] in 0-255
+    shape: tuple[int, int]
+    path: Path | None = None  # read again when predicted: one batch in memory at a time
+    pixels: np.ndarray | None = None  # or held: float32 [H, W] in 0-255
+
+    def grey(self) -> np.ndarray:
+        """float32 [H, W] grey levels in 0-255."""
+        if self.pixels is not None:
+            return self.pixels
+        try:
+            return read_image_slice(self.path)
+        except SkipFile as e:  # changed since the folder was listed
+            raise ImageInputError(f"{self.source} cannot be read any more: {e}") from None
 
 
 def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
     """The folder's images (sorted by path) and the (file, reason) of those skipped.
 
+    Each image is decoded once here (to skip those that cannot be) and again when it is
+    predicted, so that a folder of thousands of slices is never held in memory.
     A slice dataset's folder (``Imgs/`` beside ``GT/`` masks, as `data_tools.convert`
     reads it) contributes its ``Imgs/`` only."""
     slices, skipped, names, outside = [], [], {}, {}
@@ -111,7 +124,7 @@ def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
             skipped.append((rel, str(e)))
             continue
         names[name] = rel
-        slices.append(Slice(name, rel, grey))
+        slices.append(Slice(name, rel, tuple(grey.shape), path=path))
     skipped += [
         (f"{top} ({n} file{'s' if n > 1 else ''})", "outside Imgs/ of a slice dataset, ignored")
         for top, n in outside.items()
@@ -135,7 +148,7 @@ def _by_shape(slices: list[Slice], batch_size: int):
     """Batches of indices of equal-shape slices, in the folder's order."""
     batch = []
     for i, s in enumerate(slices):
-        if batch and (len(batch) == batch_size or slices[batch[0]].grey.shape != s.grey.shape):
+        if batch and (len(batch) == batch_size or slices[batch[0]].shape != s.shape):
             yield batch
             batch = []
         batch.append(i)
@@ -149,9 +162,9 @@ def _png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
-def _slice_entry(s: Slice, probs: np.ndarray, prob: float, labels, classes) -> dict:
+def _slice_entry(s: Slice, grey, probs: np.ndarray, prob: float, labels, classes) -> dict:
     lesion = labels > 0
-    lung = lung_mask(s.grey, pre_windowed=True, lesions=lesion)
+    lung = lung_mask(grey, pre_windowed=True, lesions=lesion)
     lung_px = int(lung.sum())
     per_class = {}
     for c, name in enumerate(classes):
@@ -165,8 +178,8 @@ def _slice_entry(s: Slice, probs: np.ndarray, prob: float, labels, classes) -> d
     return {
         "file": s.name,
         "source": s.source,
-        "rows": int(s.grey.shape[0]),
-        "columns": int(s.grey.shape[1]),
+        "rows": int(s.shape[0]),
+        "columns": int(s.shape[1]),
         "covid_probability": round(float(prob), 4),
         "lung_pixels": lung_px,
         "lesions": per_class,
@@ -188,13 +201,14 @@ def _write_slice(tmp: Path, s: Slice, probs: np.ndarray, labels, classes) -> Non
 MONTAGE_SLICES = 8
 
 
-def _keep_top(kept: dict, i: int, labels: np.ndarray, k=MONTAGE_SLICES) -> None:
-    """Keeps the labels of the k slices with the most lesion seen so far (ties: the later
-    slice), so that a folder of thousands of slices is not held in memory for the montage."""
+def _keep_top(kept: dict, i: int, labels: np.ndarray, grey, k=MONTAGE_SLICES) -> None:
+    """Keeps the labels and grey levels of the k slices with the most lesion seen so far
+    (ties: the later slice), so that a folder of thousands of slices is not held in memory
+    for the montage."""
     area = int((labels > 0).sum())
     if area == 0:
         return
-    kept[i] = (area, labels)
+    kept[i] = (area, labels, grey)
     if len(kept) > k:
         del kept[min(kept, key=lambda j: (kept[j][0], j))]
 
@@ -207,13 +221,14 @@ def _montage(slices: list[Slice], kept: dict, classes) -> bytes:
 
     from tfcovseg.viz import overlay_rgb
 
-    labels = {i: lab for i, (_, lab) in kept.items()} or {0: np.zeros(slices[0].grey.shape)}
+    shown = {i: (lab, grey) for i, (_, lab, grey) in kept.items()}
+    if not shown:
+        shown = {0: (np.zeros(slices[0].shape, np.uint8), slices[0].grey())}
     tiles = []
-    for i in sorted(labels):
-        channels = np.stack([labels[i] == c + 1 for c in range(len(classes))], -1)
-        rgb = overlay_rgb(
-            slices[i].grey[None], channels[None].astype(np.float32), classes, (0, 255)
-        )
+    for i in sorted(shown):
+        labels, grey = shown[i]
+        channels = np.stack([labels == c + 1 for c in range(len(classes))], -1)
+        rgb = overlay_rgb(grey[None], channels[None].astype(np.float32), classes, (0, 255))
         tile = Image.fromarray((rgb[0] * 255).round().astype(np.uint8))
         tile.thumbnail((256, 256))
         tiles.append(tile)
@@ -320,16 +335,16 @@ def predict_images(
         for sub in ("labels", "probability_infection", *(f"probability_{c}" for c in classes)):
             (tmp / sub).mkdir()
         for batch in _by_shape(slices, batch_size):
-            grey = np.stack([slices[i].grey for i in batch])
+            grey = np.stack([slices[i].grey() for i in batch])
             probs, masks = predictor.serve_image(_model_input(grey, setting))
             scales = intensity_scale(grey)
             for j, i in enumerate(batch):
                 labels = label_map(masks[j], mask_threshold)
                 _write_slice(tmp, slices[i], masks[j], labels, classes)
-                entry = _slice_entry(slices[i], masks[j], probs[j], labels, classes)
+                entry = _slice_entry(slices[i], grey[j], masks[j], probs[j], labels, classes)
                 entry["grey_percentiles"] = [round(float(v), 2) for v in scales[j]]
                 entries.append(entry)
-                _keep_top(kept, i, labels)
+                _keep_top(kept, i, labels, grey[j].copy())
         report = {
             "disclaimer": DISCLAIMER,
             "input": "images",
