@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_figures  # experiments/benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _CONVERT = """
@@ -120,10 +122,7 @@ def main(argv=None) -> int:
         f"convert / bare read: x{result['ratio_1_worker']:.2f} (1 worker), "
         f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_figures(args.out, result)
     return 0
 
 

@@ -21,7 +21,6 @@ The ratios are the figures to compare across machines; absolute times depend on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.benchmarks.semiseg import build  # noqa: E402
 from tfcovseg.losses import HybridLoss  # noqa: E402
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
             f"{what:<22} tf.image.ssim {times['tf']:.3f} s, tfcovseg.losses.ssim "
             f"{times['ops']:.3f} s: x{r[f'speedup_{key}']:.2f}"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=2))
-        print(f"wrote {args.out}")
+    write_figures(args.out, r)
     return 0
 
 

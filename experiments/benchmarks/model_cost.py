@@ -17,7 +17,6 @@ The ratio is the figure to compare across machines; absolute times depend on the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.config import ModelConfig  # noqa: E402
 from tfcovseg.losses import deep_supervision  # noqa: E402
@@ -120,10 +120,7 @@ def main(argv=None) -> int:
         f"coarse_refine / seresnet_unet: wall x{r['ratio_wall']:.2f}, "
         f"CPU x{r['ratio_cpu']:.2f}, forward GFLOPs x{r['ratio_gflops']:.2f}"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=2))
-        print(f"wrote {args.out}")
+    write_figures(args.out, r)
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
+from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from data_tools.convert import convert  # noqa: E402
 from data_tools.features import feature_spec  # noqa: E402
@@ -266,10 +266,7 @@ def main(argv=None) -> int:
         f"{ok[r['meets_ratio_target']]}); {r['per_core']:.0f} slices/s per core "
         f"(target >= {TARGET_PER_CORE:.0f}: {ok[r['meets_per_core_target']]})"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(r, indent=2))
-        print(f"wrote {args.out}")
+    write_figures(args.out, r)
     return 0
 
 

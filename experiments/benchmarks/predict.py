@@ -41,6 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from data_tools.phantom import make_patient, write_patient  # noqa: E402
 from tfcovseg.predict import open_model, predict  # noqa: E402
@@ -263,10 +264,7 @@ def main(argv=None) -> int:
         _print_run(
             "3. paper network at 512, oracle gate", result["paper_oracle_gate"], args.repeats
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+    write_figures(args.out, result)
     return 0
 
 
