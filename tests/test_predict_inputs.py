@@ -202,6 +202,11 @@ def test_a_rerun_keeps_finished_series_and_finishes_the_rest(model, phantom_run,
         predict(model, study, out, gate=False, mask_threshold=0.3, **QUIET)
     with pytest.raises(PredictionError, match="other settings.*research_seg"):
         predict(model, study, out, gate=False, research_seg=True, **QUIET)
+    # --intensity means nothing for HU studies: said, and the finished series are kept.
+    printed = []
+    predict(model, study, out, gate=False, intensity="as-is", salt=SALT, log=printed.append)
+    assert any("--intensity ignored" in line for line in printed)
+    assert (out / first / "report.json").read_bytes() == kept
 
 
 def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, tmp_path, capsys):

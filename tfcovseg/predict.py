@@ -80,6 +80,7 @@ from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
 from tfcovseg.metrics import patient_score  # noqa: E402
 from tfcovseg.predict_images import (  # noqa: E402
+    INTENSITY_MODES,
     ImageInputError,
     intensity_setting,
     is_image_folder,
@@ -1185,7 +1186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
     parser.add_argument(
         "--intensity",
-        choices=("match", "as-is"),
+        choices=INTENSITY_MODES,
         help="PNG/JPEG slices only: map each image's grey levels onto the training slices' "
         "(match, the default) or use them unchanged (as-is)",
     )
