@@ -59,6 +59,7 @@ setup(
         "serving": SERVING,
         "test": [
             "pytest>=7.0",
+            "pytest-xdist>=3.5",  # the suite runs on every core (pytest.ini: -n auto)
             "jax[cpu]>=0.4.30",
             "pydicom-data",
             "ruff>=0.5",

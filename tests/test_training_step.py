@@ -64,3 +64,31 @@ def test_mixed_precision_training_step_is_finite(rng):
         model.train_on_batch(x, {"coarse": y, "final": y})
         changed = sum(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert changed > 0
+
+
+@pytest.mark.parametrize("prebuilt", [True, False])
+def test_the_training_loop_traces_the_train_step_once(prebuilt, rng):
+    """`tfcovseg.train` builds the loss, metric and optimizer state before `fit`: left to
+    the first trace, they make TensorFlow trace the whole step a second time."""
+    import tensorflow as tf
+
+    from tfcovseg.train import _fit
+
+    inputs = keras.Input((16, 16, 1))
+    out = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="final")(inputs)
+    model = keras.Model(inputs, out)
+    model.compile(optimizer="adam", loss="binary_crossentropy",
+                  metrics=segmentation_metrics(("a", "b", "c")))  # fmt: skip
+    traces = []
+    step = model.train_step
+    model.train_step = lambda data: traces.append(1) or step(data)
+    x = rng.random((4, 16, 16, 1), dtype="float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, (x > 0.5).repeat(3, -1).astype("float32")))
+    ds = ds.batch(2)
+    strategy = tf.distribute.get_strategy()
+    if prebuilt:
+        history = _fit(model, strategy, ds, ds, 2, [], verbose=0)
+    else:  # what plain model.fit does
+        history = model.fit(ds, validation_data=ds, epochs=2, verbose=0)
+    assert len(traces) == (1 if prebuilt else 2)
+    assert np.isfinite(history.history["val_loss"]).all()

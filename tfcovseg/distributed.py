@@ -52,6 +52,7 @@ import keras  # noqa: E402
 
 __all__ = [
     "STRATEGY_KINDS",
+    "build_training_state",
     "choose_strategy",
     "fit_distributed",
     "is_chief",
@@ -346,13 +347,16 @@ def _make_steps(model, strategy):
     return reduced(train_replica), reduced(test_replica)
 
 
-def _build(model, strategy, dataset):
-    """Builds the compiled loss, compiled metrics and optimizer state before stepping.
+def build_training_state(model, strategy, dataset):
+    """Builds the compiled loss, compiled metrics and optimizer state before training.
 
-    Variables cannot be created inside `strategy.run`. `model.fit` builds them in
+    `model.fit` builds them itself only under a non-default strategy, in
     `_maybe_symbolic_build` from a distributed batch, which is what fails under the
-    multi-worker strategy; here the same symbolic build runs from the dataset's
-    `element_spec` (shapes and dtypes only, no data read).
+    multi-worker strategy. Under the default strategy it leaves them to the first trace
+    of the train step, and a `tf.function` whose first trace creates variables is traced
+    a second time: a second trace of the whole network and its gradients, about a fifth
+    of the first `fit`'s start-up for our segmenters. Here the same symbolic build runs
+    from the dataset's `element_spec` (shapes and dtypes only, no data read).
     """
     with strategy.scope():
         if hasattr(model, "_symbolic_build"):
@@ -445,7 +449,7 @@ def fit_distributed(
             "build and compile the model) inside the scope of the strategy passed here"
         )
     multi_worker = is_multi_worker(strategy)
-    _build(model, strategy, train_ds)
+    build_training_state(model, strategy, train_ds)
     train_step, test_step = _make_steps(model, strategy)
     dist_train = strategy.experimental_distribute_dataset(train_ds)
     dist_val = (

@@ -83,6 +83,7 @@ from tfcovseg.data import (  # noqa: E402
     split_slices,
 )
 from tfcovseg.distributed import (  # noqa: E402
+    build_training_state,
     choose_strategy,
     fit_distributed,
     is_chief,
@@ -417,6 +418,7 @@ def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose):
             callbacks=callbacks,
             verbose=verbose,
         )
+    build_training_state(model, strategy, train_ds)  # one trace of the step, not two
     return model.fit(
         train_ds,
         validation_data=val_ds,
