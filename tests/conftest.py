@@ -12,6 +12,15 @@ import pytest  # noqa: E402
 
 from tfcovseg.config import ModelConfig  # noqa: E402
 
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    # Grappler's graph rewrites take ~3 s on the first run of each traced train step at
+    # these tiny shapes (~0.7 s without them) and speed nothing up at them. The tests that
+    # run our commands in subprocesses (training CLIs, the quickstart from the wheel,
+    # multi-worker training) keep them on, as users run them.
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+
 TINY = dict(
     input_size=(64, 64),
     stem_filters=8,
