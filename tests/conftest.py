@@ -17,8 +17,9 @@ if keras.backend.backend() == "tensorflow":
 
     # Grappler's graph rewrites take ~3 s on the first run of each traced train step at
     # these tiny shapes (~0.7 s without them) and speed nothing up at them. The tests that
-    # run our commands in subprocesses (training CLIs, the quickstart from the wheel,
-    # multi-worker training) keep them on, as users run them.
+    # run our commands in subprocesses (the training and predict CLIs, the quickstart from
+    # the wheel, multi-worker training through the CLI) keep them on, as users run them;
+    # test_distributed's own subprocesses import this module and run without them.
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
 
 TINY = dict(

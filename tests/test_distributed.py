@@ -48,7 +48,7 @@ from tfcovseg.models import build_model, load_model
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 4
 EPOCHS = 2  # the workers resume at epoch 1 from a backup, so each trains one epoch
-TIMEOUT_S = 180
+TIMEOUT_S = 600  # a hang guard: under pytest-xdist the subprocesses share the cores
 
 
 def _arrays():

@@ -228,7 +228,7 @@ def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         workers: set[int] = set()
         while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
             workers = _children(proc.pid)
