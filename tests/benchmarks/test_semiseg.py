@@ -260,3 +260,24 @@ def test_real_slices_load():
     assert sum(int((t == 2).any()) for t in data.truth) > 10  # consolidation is common
     sizes = {t.shape for t in data.truth}
     assert len(sizes) > 5  # images keep their own sizes for the protocol
+
+
+def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch):
+    from tfcovseg.benchmarks import semiseg
+    from tfcovseg.config import ModelConfig
+
+    seen = {}
+
+    def fake_run(train_dir, out, **kw):
+        seen[kw["widths"]["stem_filters"]] = kw["widths"]
+        raise BenchmarkError("stop here")
+
+    monkeypatch.setattr(semiseg, "run", fake_run)
+    train = str(tmp_path)
+    assert main(["--train-dir", train, "--width", "full"]) == 2
+    assert main(["--train-dir", train]) == 2
+    full, quarter = seen[64], seen[16]
+    assert full["encoder_filters"] == ModelConfig().encoder_filters == (64, 128, 256, 512)
+    assert full["decoder_filters"] == ModelConfig().decoder_filters
+    assert quarter == semiseg.WIDTHS and set(full) == set(quarter)
+    assert all(f >= q for f, q in zip(full["encoder_filters"], quarter["encoder_filters"]))

@@ -2,7 +2,7 @@
 
     python -m tfcovseg.benchmarks.semiseg --train-dir ../shared/data/covid-semiseg/train
         [--test-dir DIR] [--out runs/semiseg] [--size 256] [--models coarse_refine,unet]
-        [--folds 5] [--epochs 60] [--seed 0] [--tta 8] [--intensity]
+        [--folds 5] [--epochs 60] [--seed 0] [--tta 8] [--intensity] [--width full]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
          [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20]]
 
@@ -79,6 +79,17 @@ WIDTHS = {
     "refine_filters": 16,
     "unet_filters": (16, 32, 64, 128, 256),
 }
+
+
+def _paper_widths() -> dict:
+    """The paper's widths: `ModelConfig`'s defaults for the same fields as `WIDTHS`."""
+    from tfcovseg.config import ModelConfig
+
+    return {k: getattr(ModelConfig, k) for k in WIDTHS}
+
+
+# --width: "quarter" fits a 2-core CPU; "full" is the paper's network (for a GPU).
+WIDTH_PRESETS = {"quarter": lambda: WIDTHS, "full": _paper_widths}
 # Inf-Net (Fan et al., IEEE TMI 2020), 48 test slices of the same collection: meanDic.
 PUBLISHED = {
     "U-Net": {"infection": 0.439},
@@ -845,6 +856,12 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--patience", type=int, default=15)
     parser.add_argument("--passes", type=int, default=2, help="augmented passes per epoch")
+    parser.add_argument(
+        "--width",
+        choices=list(WIDTH_PRESETS),
+        default="quarter",
+        help="network widths: a quarter of the paper's (default, CPU) or the paper's (GPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tta", type=int, default=1, help="test-time views: 1 (none) to 8 (turns and flips)"
@@ -874,6 +891,7 @@ def main(argv=None) -> int:
             epochs=args.epochs,
             patience=args.patience,
             passes=args.passes,
+            widths=WIDTH_PRESETS[args.width](),
             tta=args.tta,
             intensity=args.intensity,
             semi_rounds=args.semi_rounds,
