@@ -73,31 +73,95 @@ def test_gaussian_window_matches_tensorflow():
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
 
 
+@pytest.mark.parametrize("filters", ["matmul", "slices"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ops_ssim_matches_tf_image_ssim(seed):
+def test_ops_ssim_matches_tf_image_ssim(seed, filters):
     rng = np.random.default_rng(seed)
     p = rng.random((3, 32, 40, 3)).astype("float32")
     g = (rng.random((3, 32, 40, 3)) > 0.6).astype("float32")
     g[0] = 0.0  # an empty mask
     g[1, ..., 1] = 1.0  # an all-ones channel
     for a, b in ((p, g), (p, p**2), (g, g)):
-        ours = _np(ssim(a, b))
+        ours = _np(ssim(a, b, filters=filters))
         ref = tf.image.ssim(
             a, b, max_val=1.0, filter_size=11, filter_sigma=1.5, k1=0.01, k2=0.03
         ).numpy()
         np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_ops_ssim_gradient_matches_tf_image_ssim():
+@pytest.mark.parametrize("filters", ["matmul", "slices"])
+def test_ops_ssim_gradient_matches_tf_image_ssim(filters):
     rng = np.random.default_rng(3)
     p = tf.Variable(rng.random((2, 24, 24, 2)).astype("float32"))
     g = (rng.random((2, 24, 24, 2)) > 0.5).astype("float32")
     grads = []
-    for fn in (lambda: ssim(p, g), lambda: tf.image.ssim(p, g, 1.0)):
+    for fn in (lambda: ssim(p, g, filters=filters), lambda: tf.image.ssim(p, g, 1.0)):
         with tf.GradientTape() as tape:
             value = tf.reduce_sum(fn())
         grads.append(tape.gradient(value, p).numpy())
     np.testing.assert_allclose(grads[0], grads[1], atol=1e-6)
+
+
+def _tf32(t):
+    """float32 rounded to TF32's 10-bit mantissa, as NVIDIA tensor cores round it."""
+    bits = tf.bitcast(tf.cast(t, tf.float32), tf.int32)
+    return tf.bitcast(tf.bitwise.bitwise_and(bits + 0x1000, ~0x1FFF), tf.float32)
+
+
+def _sum_to(t, shape):
+    extra = len(t.shape) - len(shape)
+    return tf.reduce_sum(t, axis=list(range(extra))) if extra > 0 else t
+
+
+@tf.custom_gradient
+def _tf32_matmul(a, b):
+    """A matrix product whose operands are rounded to TF32, forward and backward."""
+
+    def grad(g):
+        return (
+            _sum_to(_tf32_matmul(g, tf.linalg.matrix_transpose(b)), a.shape),
+            _sum_to(_tf32_matmul(tf.linalg.matrix_transpose(a), g), b.shape),
+        )
+
+    return tf.matmul(_tf32(a), _tf32(b)), grad
+
+
+def test_ssim_on_accelerators_avoids_rounded_matrix_products(monkeypatch):
+    from tfcovseg import losses
+
+    # Lesion blobs on flat background, predicted confidently: as late in training.
+    yy, xx = np.mgrid[:64, :64]
+    g = np.zeros((2, 64, 64, 2), "float32")
+    g[0, ..., 0] = (yy - 20) ** 2 + (xx - 24) ** 2 < 100
+    g[1, ..., 0] = (yy - 40) ** 2 + (xx - 30) ** 2 < 60
+    g[0, 10:20, 40:56, 1] = 1
+    logits = (2 * g - 1) * 4 + np.random.default_rng(6).normal(0, 0.3, g.shape)
+    p = tf.Variable((1 / (1 + np.exp(-logits))).astype("float32"))
+
+    def value_and_grad(**kw):
+        with tf.GradientTape() as tape:
+            value = tf.reduce_sum(ssim(p, g, **kw))
+        return value.numpy(), tape.gradient(value, p).numpy()
+
+    def error(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    exact = {f: value_and_grad(filters=f) for f in ("matmul", "slices")}
+    assert error(exact["slices"][1], exact["matmul"][1]) < 1e-5
+    # Matrix products as a GPU's TF32 tensor cores compute them (the default for float32
+    # under TensorFlow and JAX on Ampere and newer): the gradient of SSIM by products is
+    # wrong (the variances' cancellation), SSIM by slices does not use products at all.
+    monkeypatch.setattr(keras.ops, "matmul", lambda a, b: _tf32_matmul(tf.convert_to_tensor(a), b))
+    rounded = {f: value_and_grad(filters=f) for f in ("matmul", "slices")}
+    assert error(rounded["matmul"][1], exact["matmul"][1]) > 0.5
+    np.testing.assert_array_equal(rounded["slices"][1], exact["slices"][1])
+    # "auto" picks the slices on an accelerator and the (faster) products on a CPU.
+    monkeypatch.setattr(losses, "on_accelerator", lambda: True)
+    np.testing.assert_array_equal(value_and_grad()[1], exact["slices"][1])
+    monkeypatch.setattr(losses, "on_accelerator", lambda: False)
+    np.testing.assert_array_equal(value_and_grad()[1], rounded["matmul"][1])
+    with pytest.raises(ValueError, match="filters must be one of"):
+        ssim(p, g, filters="conv")
 
 
 def test_ssim_rejects_images_of_unknown_size():
