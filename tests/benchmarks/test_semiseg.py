@@ -281,3 +281,30 @@ def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch
     assert full["decoder_filters"] == ModelConfig().decoder_filters
     assert quarter == semiseg.WIDTHS and set(full) == set(quarter)
     assert all(f >= q for f, q in zip(full["encoder_filters"], quarter["encoder_filters"]))
+
+
+def test_only_folds_fill_one_run_folder_in_turn(tmp_path, capsys):
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    out = tmp_path / "out"
+    kw = FAST | dict(folds=2, models=("unet",))
+    later = run(folder, out, only_folds=[1], **kw)
+    entry = later["models"]["unet"]
+    assert entry["fold_ids"] == [1] and not later["complete"]
+    table = (out / "results.md").read_text()
+    assert "| fold 1 |" in table and "fold 0" not in table and "Not finished" in table
+    both = run(folder, out, only_folds=[0], **kw)
+    entry = both["models"]["unet"]
+    assert entry["fold_ids"] == [0, 1] and both["complete"]
+    assert entry["folds"][1] == later["models"]["unet"]["folds"][0]  # kept, not redone
+    # The folds of one run are those of the whole run: fold 1 tests the same slices.
+    assert entry["runs"][1]["test_slices"] == later["models"]["unet"]["runs"][0]["test_slices"]
+    assert set(entry["runs"][0]["test_slices"]) | set(entry["runs"][1]["test_slices"]) == {
+        str(i) for i in range(6)
+    }
+    with pytest.raises(BenchmarkError, match="folds 0 to 1, got \\[3\\]"):
+        run(folder, out, only_folds=[3], **kw)
+    test = make_folder(tmp_path / "test", ["100"], seed=1)
+    with pytest.raises(BenchmarkError, match="not with --test-dir"):
+        run(folder, tmp_path / "o2", test_dir=test, only_folds=[0], **FAST)
+    assert main(["--train-dir", str(folder), "--only-folds", "a,b", "--out", str(out)]) == 2
+    assert "fold numbers such as 3,4" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
     python -m tfcovseg.benchmarks.semiseg --train-dir ../shared/data/covid-semiseg/train
         [--test-dir DIR] [--out runs/semiseg] [--size 256] [--models coarse_refine,unet]
-        [--folds 5] [--epochs 60] [--seed 0] [--tta 8] [--intensity] [--width full]
+        [--folds 5] [--only-folds 3,4] [--epochs 60] [--seed 0] [--tta 8] [--intensity]
+        [--width full]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
          [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20]]
 
@@ -573,12 +574,14 @@ def _rows(models, unlabelled) -> list[str]:
 
 def run(
     train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, log=print,
-    unlabelled_dir=None, **kw,
+    unlabelled_dir=None, only_folds=None, **kw,
 ):  # fmt: skip
     """Runs the benchmark; returns the results (also written to ``out``).
 
     Each finished (row, fold) is kept in ``out`` (`store.FoldStore`): a rerun with the
-    same arguments goes on from there."""
+    same arguments goes on from there. `only_folds` (cross-validation only) trains just
+    those folds, so that runs in turn or on several machines fill one ``out`` (the table
+    counts every fold found there)."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
 
     settings = DEFAULTS | kw
@@ -606,8 +609,9 @@ def run(
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
     splits = _splits(train, test, folds, settings, seed)
+    todo = _pick_folds(only_folds, splits, test)
     scored = test if test is not None else train
-    for split in splits:
+    for split in (s for s in splits if s.fold in todo):
         if test is None:
             log(
                 f"fold {split.fold}: {len(split.fit)} train, {len(split.val)} validation, "
@@ -653,6 +657,20 @@ def run(
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _write(out, results)
     return results
+
+
+def _pick_folds(only_folds, splits, test) -> set[int]:
+    """The folds to train: `only_folds` (checked), or all."""
+    if only_folds is None:
+        return {s.fold for s in splits}
+    if test is not None:
+        raise BenchmarkError("--only-folds is for cross-validation, not with --test-dir")
+    wrong = sorted(set(only_folds) - {s.fold for s in splits})
+    if wrong or not only_folds:
+        raise BenchmarkError(
+            f"--only-folds takes folds 0 to {len(splits) - 1}, got {sorted(set(only_folds))}"
+        )
+    return set(only_folds)
 
 
 def _headline(scores) -> str:
@@ -734,13 +752,15 @@ def _assemble(results, store, rows, splits, start) -> dict:
 
     results = dict(results, models={})
     for row in rows:
-        done = [d for d in (store.get(row, s.fold) for s in splits) if d is not None]
+        found = {s.fold: store.get(row, s.fold) for s in splits}
+        done = [d for d in found.values() if d is not None]
         if not done:
             continue
         per_fold = [d["scores"] for d in done]
         results["models"][row] = {
             "label": LABELS[row],
             "folds": per_fold,
+            "fold_ids": [k for k, d in found.items() if d is not None],
             "summary": summarise(per_fold),
             "runs": [d["run"] for d in done],
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
@@ -822,18 +842,28 @@ def _fold_table(results) -> list[str]:
     entries = list(results["models"].values())
     if not entries:
         return []
-    n = max(len(e["folds"]) for e in entries)
+    ids = sorted({k for e in entries for k in e["fold_ids"]})
     lines = [
         "",
         "Infection meanDic per fold:",
         "",
-        "| model | " + " | ".join(f"fold {k}" for k in range(n)) + " |",
-        "|---|" + "---|" * n,
+        "| model | " + " | ".join(f"fold {k}" for k in ids) + " |",
+        "|---|" + "---|" * len(ids),
     ]
     for e in entries:
-        cells = [f"{f['infection']['meanDic']:.3f}" for f in e["folds"]]
-        lines.append(f"| {e['label']} | " + " | ".join(cells + [""] * (n - len(cells))) + " |")
+        scores = dict(zip(e["fold_ids"], e["folds"]))
+        cells = [f"{scores[k]['infection']['meanDic']:.3f}" if k in scores else "" for k in ids]
+        lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _parse_folds(text):
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BenchmarkError(f"--only-folds takes fold numbers such as 3,4, got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -862,6 +892,10 @@ def main(argv=None) -> int:
         default="quarter",
         help="network widths: a quarter of the paper's (default, CPU) or the paper's (GPU)",
     )
+    parser.add_argument(
+        "--only-folds",
+        help="comma-separated folds to train now (e.g. 3,4); the others stay as stored in --out",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tta", type=int, default=1, help="test-time views: 1 (none) to 8 (turns and flips)"
@@ -879,6 +913,7 @@ def main(argv=None) -> int:
     semi.add_argument("--semi-epochs", type=int, default=DEFAULTS["semi_epochs"])
     args = parser.parse_args(argv)
     try:
+        only = _parse_folds(args.only_folds)
         results = run(
             args.train_dir,
             args.out,
@@ -887,6 +922,7 @@ def main(argv=None) -> int:
             folds=args.folds,
             seed=args.seed,
             unlabelled_dir=args.unlabelled_dir,
+            only_folds=only,
             size=args.size,
             epochs=args.epochs,
             patience=args.patience,
