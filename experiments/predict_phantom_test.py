@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     t = model.metadata.get("burden_rule", {}).get("threshold")
     print(f"lesion-burden call at >= {'-' if t is None else f'{100 * t:.2f} %'} of the lungs")
     print(
-        "| patient | truth | lesions, truth | predicted | lesions, predicted | "
-        "burden call | COVID-19 p |"
+        "| patient | truth | lesions, truth | verdict (rule) | severity | lesions, predicted "
+        "| burden call | COVID-19 p |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for i, row in enumerate(rows):
         pid = pseudonym("P", dicom_patient_key(row["patient"]), PHANTOM_SALT.encode())
         if pid not in test:
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
         truth = 100 * sum(manifest["patients"][pid]["lesion_lung_ratio"].values())
         print(
             f"| {case} | {row['diagnosis']}, {row['severity']} | {truth:.2f} % | "
-            f"{report['severity']['grade']} | {report['total']['percent_of_lung']:.2f} % | "
+            f"{report['verdict']['call']} ({report['verdict']['rule'] or '-'}) | "
+            f"{report['severity']['grade'] or '-'} | {report['total']['percent_of_lung']:.2f} % | "
             f"{_call(report['covid'].get('lesion_burden', {}).get('positive'))} | "
             f"{report['covid']['probability']:.3f} |"
         )

@@ -18,7 +18,6 @@ from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
 from tfcovseg.predict import (
     DISCLAIMER,
     PredictionError,
-    _burden_html,
     _label_volume,
     burden_call,
     main,
@@ -26,6 +25,7 @@ from tfcovseg.predict import (
     predict,
     read_input,
 )
+from tfcovseg.verdict import classifier_problem
 
 SALT = "test-salt"
 QUIET = dict(salt=SALT, log=lambda *a: None)
@@ -105,14 +105,26 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     }
     assert report["disclaimer"] == DISCLAIMER and DISCLAIMER in (folder / "report.html").read_text()
     assert report["model"]["model_version"] == 1
-    assert report["severity"]["grade"] in ("none", "mild", "moderate", "severe", "unknown")
+    assert report["severity"]["grade"] in (None, "none", "mild", "moderate", "severe", "unknown")
     assert len(report["covid"]["slice_probabilities"]) == len(series.slices)
     # The lesion-burden call: this study's total lesion / lung ratio against the export's t.
     call, rule = report["covid"]["lesion_burden"], model.metadata["burden_rule"]
     assert call["ratio"] == report["severity"]["total_lesion_lung_ratio"]
     assert call["threshold"] == pytest.approx(rule["threshold"])
     assert call["positive"] is (call["ratio"] >= rule["threshold"])
-    assert "Lesion-burden call" in (folder / "report.html").read_text()
+    # One verdict, by the rule the export validated, the other rule's figure as evidence.
+    verdict = report["verdict"]
+    expected_rule = (
+        "lesion burden" if classifier_problem(model.metadata["gate"]) else ("slice classifier")
+    )
+    assert verdict["rule"] == expected_rule and verdict["evidence"][0]["rule"] == expected_rule
+    assert {e["rule"] for e in verdict["evidence"]} == {"lesion burden", "slice classifier"}
+    if verdict["rule"] == "lesion burden":
+        assert verdict["call"] == ("COVID-19" if call["positive"] else "not COVID-19")
+    if verdict["call"] != "COVID-19":
+        assert report["severity"]["grade"] is None
+    page = (folder / "report.html").read_text()
+    assert f"Verdict: <strong>{verdict['call']}</strong>" in page and "Evidence (each rule" in page
     # The DICOM SEG references the source instances and holds the same labels.
     assert expected.any()  # the untrained network marks plenty
     seg = pydicom.dcmread(folder / "segmentation.dcm")
@@ -143,7 +155,6 @@ def test_burden_call_against_the_exports_threshold():
     assert burden_call(0.004, rule, 0.5)["positive"] is True
     other = burden_call(0.004, rule, 0.3)
     assert other["positive"] is None and "mask threshold 0.5" in other["rule"]
-    assert "0.3" in _burden_html(other) and "none" in _burden_html(other)
     # ... and for ratios counted the same way: a t chosen on all predicted voxels (exports
     # before lesions outside the lung were dropped) makes no call.
     old = burden_call(0.004, {"threshold": 0.003, "mask_threshold": 0.5}, 0.5)
@@ -192,7 +203,10 @@ def test_the_gate_segments_only_the_slices_it_passes(model, phantom_run, tmp_pat
     predict(model, case, tmp_path / "none", threshold=1.0, **QUIET)
     report = json.loads((_only_folder(tmp_path / "none") / "report.json").read_text())
     assert report["gate"]["slices_segmented"] == 0 and report["total"]["volume_ml"] == 0
-    assert report["severity"]["grade"] == "none"
+    # No lesion: not called COVID-19, so no severity grade (the grade says why).
+    call = report["verdict"]["call"]
+    assert call != "COVID-19" and report["severity"]["grade"] is None
+    assert f"the verdict is {call}" in report["severity"]["not_graded"]
     assert "dicom_seg" not in report["outputs"] and any(
         "no DICOM SEG" in w for w in report["warnings"]
     )

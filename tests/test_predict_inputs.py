@@ -207,6 +207,14 @@ def test_a_rerun_keeps_finished_series_and_finishes_the_rest(model, phantom_run,
     predict(model, study, out, gate=False, intensity="as-is", salt=SALT, log=printed.append)
     assert any("--intensity ignored" in line for line in printed)
     assert (out / first / "report.json").read_bytes() == kept
+    # A series predicted before the verdict existed is kept as well (no verdict indexed).
+    old = json.loads(kept)
+    assert old["verdict"]["call"] in ("COVID-19", "not COVID-19", "no call")
+    del old["verdict"]
+    (out / first / "report.json").write_text(json.dumps(old))
+    index = predict(model, study, out, gate=False, **QUIET)
+    entry = next(s for s in index["series"] if s["series"] == first)
+    assert entry["verdict"] is None and entry["covid_probability"] == old["covid"]["probability"]
 
 
 def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, tmp_path, capsys):

@@ -19,9 +19,11 @@ into ``OUT/<series pseudonym>/``:
 - ``overlay.png``: a montage of the slices with the most lesion (red GGO, green
   consolidation, blue fibrosis);
 - ``report.json`` and ``report.html``: per lesion type the volume in mL and the percentage
-  of lung volume, the slices with lesions, the patient-level COVID-19 probability (the
-  highest slice probability, the paper's any-slice rule), the severity grade from the
-  thresholds fitted on the training and validation patients (`tfcovseg.severity`), the
+  of lung volume, the slices with lesions, one patient-level verdict with the rule that
+  made it (`tfcovseg.verdict`: the slice classifier's any-slice rule when the export
+  validated it, else the lesion burden) and the other rule's figure as evidence, the
+  severity grade for a patient called COVID-19 from the thresholds fitted on the
+  training and validation patients (`tfcovseg.severity`), the
   model version, what was skipped and why, and "Research use, not a medical device."
 
 A folder of windowed 2-D PNG/JPEG slices (COVID-SemiSeg's, Inf-Net's) goes to
@@ -90,6 +92,8 @@ from tfcovseg.predict_images import (  # noqa: E402
 )
 from tfcovseg.report import DISCLAIMER  # noqa: E402
 from tfcovseg.severity import grade_severity  # noqa: E402
+from tfcovseg.verdict import patient_verdict, severity_for_verdict  # noqa: E402
+from tfcovseg.verdict import summary as verdict_summary  # noqa: E402
 from tfcovseg.viz import DEFAULT_WINDOW  # noqa: E402
 
 MONTAGE_SLICES = 12
@@ -666,15 +670,18 @@ _CSS = (
 )
 
 
-def _burden_html(call: dict) -> str:
-    if call["threshold"] is None:
-        return "<p>Lesion-burden call: none (the model was exported without its rule).</p>"
-    if call["positive"] is None:
-        return f"<p>Lesion-burden call: none ({html.escape(call['rule'])}).</p>"
+def _verdict_html(verdict: dict) -> str:
+    """The verdict and the rule that made it, then every rule's figure as evidence."""
+    e = html.escape
+    items = "".join(
+        f"<li>{e(ev['rule'])}: {e(ev['figure'])}: "
+        + ("no call" if ev["positive"] is None else ("COVID-19" if ev["positive"] else "no"))
+        + f" ({e(ev['note'])})</li>"
+        for ev in verdict["evidence"]
+    )
     return (
-        f"<p>Lesion-burden call: lesions on {100 * call['ratio']:.2f} % of the lung (COVID-19 "
-        f"at &ge; {100 * call['threshold']:.2f} %): "
-        f"<strong>{'yes' if call['positive'] else 'no'}</strong>.</p>"
+        f"<p>Verdict: <strong>{e(verdict['call'])}</strong>, by {e(verdict['why'])}.</p>"
+        f"<p>Evidence (each rule's own call):</p><ul>{items}</ul>"
     )
 
 
@@ -693,7 +700,7 @@ def render_html(report: dict, png: bytes) -> str:
     """A self-contained HTML page of a study report (the montage embedded)."""
     e = html.escape
     study, model, gate = report["study"], report["model"], report["gate"]
-    covid, sev, total = report["covid"], report["severity"], report["total"]
+    sev, total = report["severity"], report["total"]
 
     def row(name, v, strong=False):
         cell = f"<strong>{e(name)}</strong>" if strong else e(name)
@@ -705,7 +712,6 @@ def render_html(report: dict, png: bytes) -> str:
     rows = "".join(row(name, v) for name, v in report["lesions"].items())
     rows += row("total", total, strong=True)
     spacing = ", ".join(f"{s:.2f}" for s in study["spacing_mm"])
-    positive = "yes" if covid["positive"] else "no"
     lists = ""
     if report["warnings"]:
         items = "".join(f"<li>{e(w)}</li>" for w in report["warnings"])
@@ -728,9 +734,7 @@ def render_html(report: dict, png: bytes) -> str:
         f"{report['outside_lung']['volume_ml']:.1f} mL of predicted lesion outside the lungs "
         f"({e(report['outside_lung']['rule'])}).</p>",
         "<h2>Assessment</h2>",
-        f"<p>COVID-19 probability (highest slice): {covid['probability']:.3f} (positive at "
-        f"&ge; {covid['threshold']:.3f}: <strong>{positive}</strong>).</p>",
-        _burden_html(covid["lesion_burden"]),
+        _verdict_html(report["verdict"]),
         _severity_html(sev),
         f"<p>Slice gate: {'on' if gate['enabled'] else 'off'}, threshold "
         f"{gate['threshold']:.3f}; {gate['slices_segmented']} of {study['slices']} slices "
@@ -806,7 +810,22 @@ def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_th
     rule = meta.get("patient_rule", {})
     patient_threshold = float(rule.get("threshold", 0.5))
     patient_probability = patient_score(probs, int(rule.get("min_slices", 1)))
-    not_graded = measured["severity"]["not_graded"]
+    not_graded = measured["severity"]["not_graded"]  # the study's limits
+    covid = {
+        "probability": patient_probability,
+        "threshold": patient_threshold,
+        "positive": bool(patient_probability >= patient_threshold),
+        "rule": f"at least {int(rule.get('min_slices', 1))} slice(s) at or above the "
+        "threshold (the paper: any slice, Huang et al. 2021)",
+        "slice_probabilities": [round(float(p), 4) for p in probs],
+        "lesion_burden": burden_call(
+            measured["severity"]["total_lesion_lung_ratio"],
+            meta.get("burden_rule"),
+            mask_threshold,
+            not_graded,
+        ),
+    }
+    verdict = patient_verdict(covid, meta.get("gate", {}), covid["lesion_burden"])
     return {
         "disclaimer": DISCLAIMER,
         "study": {
@@ -832,22 +851,11 @@ def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_th
             "method": gate_method,
             "slices_segmented": int(len(passed)),
         },
-        "covid": {
-            "probability": patient_probability,
-            "threshold": patient_threshold,
-            "positive": bool(patient_probability >= patient_threshold),
-            "rule": f"at least {int(rule.get('min_slices', 1))} slice(s) at or above the "
-            "threshold (the paper: any slice, Huang et al. 2021)",
-            "slice_probabilities": [round(float(p), 4) for p in probs],
-            "lesion_burden": burden_call(
-                measured["severity"]["total_lesion_lung_ratio"],
-                meta.get("burden_rule"),
-                mask_threshold,
-                not_graded,
-            ),
-        },
+        "verdict": verdict,
+        "covid": covid,
         "mask_threshold": float(mask_threshold),
         **measured,
+        "severity": severity_for_verdict(measured["severity"], verdict),
         "warnings": list(volume.warnings) + [f"no severity grade: {r}" for r in not_graded],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -915,6 +923,9 @@ def _index_entry(report: dict) -> dict:
         "patient": report["study"]["patient"],
         "folder": report["study"]["series"],
         "slices": report["study"]["slices"],
+        # Reports written before the verdict existed (kept by a rerun) have none.
+        "verdict": report.get("verdict", {}).get("call"),
+        "verdict_rule": report.get("verdict", {}).get("rule"),
         "covid_probability": report["covid"]["probability"],
         "severity": report["severity"]["grade"],
         "lesion_percent_of_lung": report["total"]["percent_of_lung"],
@@ -1150,9 +1161,8 @@ def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> di
         log(
             f"series {volume.series}: {report['study']['slices']} slices, "
             f"{report['gate']['slices_segmented']} segmented, lesions "
-            f"{report['total']['percent_of_lung']:.2f} % of lung, severity "
-            f"{grade}, COVID-19 probability "
-            f"{report['covid']['probability']:.3f} -> {out / volume.series}"
+            f"{report['total']['percent_of_lung']:.2f} % of lung; "
+            f"{verdict_summary(report['verdict'])}; severity {grade} -> {out / volume.series}"
         )
     atomic_write_json(index_path, index)
     return index
