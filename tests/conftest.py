@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,6 +54,42 @@ TINY_MODEL = [
 def tiny_config(**overrides) -> ModelConfig:
     """A narrow 64x64 model config of the given architecture and overrides."""
     return ModelConfig(**(TINY | overrides))
+
+
+@contextlib.contextmanager
+def eager_functions():
+    """Keras' train, test and predict functions run op by op instead of traced.
+
+    For tests of the plumbing around tiny networks (benchmark folds, training runs,
+    resumes): tracing a coarse-refine train step takes ~15 s on these CPUs, longer than all
+    the eager steps of such a test (the COVID-SemiSeg benchmark's resume test: 240 s traced,
+    40 s eager). Tests of tracing itself, of the SavedModel and of what users run in
+    subprocesses keep graph mode. TensorFlow backend only (a no-op under others).
+    """
+    if keras.backend.backend() != "tensorflow":
+        yield
+        return
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(before)
+
+
+@pytest.fixture
+def eager():
+    """`eager_functions` for one test."""
+    with eager_functions():
+        yield
+
+
+@pytest.fixture(scope="module")
+def eager_module():
+    """`eager_functions` for a whole module, its module fixtures included: name it first
+    in the module's ``pytestmark = pytest.mark.usefixtures("eager_module")``."""
+    with eager_functions():
+        yield
 
 
 @pytest.fixture(autouse=True)

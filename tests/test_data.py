@@ -141,6 +141,7 @@ def test_compact_batches_hold_the_same_values_in_the_stored_dtypes(records):
                 np.testing.assert_array_equal(cy.numpy(), y.numpy())
 
 
+@pytest.mark.usefixtures("eager")
 def test_a_model_trains_the_same_on_compact_batches(records):
     """Keras casts the int16 input to the model's float32 input; the losses and metrics
     cast the uint8 targets: two steps on either batch end with the same weights."""

@@ -335,6 +335,7 @@ class _StopAfter(keras.callbacks.Callback):
 
 
 @pytest.mark.usefixtures("runs")  # the subprocesses run meanwhile
+@pytest.mark.usefixtures("eager")
 def test_fit_distributed_default_strategy_callbacks(tmp_path):
     strategy = tf.distribute.get_strategy()
     model = _compiled_segmenter(strategy, "adam")

@@ -14,6 +14,9 @@ from tfcovseg.config import ConfigError, config_from_dict, load_config
 from tfcovseg.models import load_model
 from tfcovseg.train import TrainingError, train
 
+# Tiny networks: eager steps cost less than tracing them (tests.conftest.eager_functions).
+pytestmark = pytest.mark.usefixtures("eager_module")
+
 SIZE = 32
 
 

@@ -24,6 +24,7 @@ def _lesion_batch(rng, n=4):
     return x, y
 
 
+@pytest.mark.usefixtures("eager")
 @pytest.mark.parametrize("loss", ["hybrid", "bce"])
 def test_fit_reduces_the_deep_supervision_loss(loss, rng):
     cfg = tiny_config()
@@ -47,6 +48,7 @@ def test_fit_reduces_the_deep_supervision_loss(loss, rng):
             assert f"final_{name}_{cls}" in history
 
 
+@pytest.mark.usefixtures("eager")
 def test_mixed_precision_training_step_is_finite(rng):
     keras.config.set_dtype_policy("mixed_float16")
     model = build_model(tiny_config())

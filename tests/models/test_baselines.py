@@ -50,6 +50,7 @@ def test_baselines_reject_indivisible_sizes():
         UNetPlusPlus(input_size=(36, 36), filters=(4, 8, 16, 32))
 
 
+@pytest.mark.usefixtures("eager")
 def test_unet_trains_on_a_fixed_batch(rng):
     model = build_model(tiny_config(architecture="unet", class_names=("lesion",)))
     x = hu_batch(rng, n=4)

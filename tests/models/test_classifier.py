@@ -34,6 +34,7 @@ def test_classifier_shares_the_segmenter_encoder_weights(rng):
     assert not np.allclose(_np(segmenter(x)["coarse"]), before_seg)
 
 
+@pytest.mark.usefixtures("eager")
 def test_frozen_encoder_trains_only_the_head(rng):
     segmenter = build_model(tiny_config())
     classifier = build_classifier(segmenter)
@@ -128,6 +129,7 @@ def test_classifier_pooling_heads(rng, pooling, features):
         build_classifier(segmenter, pooling="median")
 
 
+@pytest.mark.usefixtures("eager")
 def test_with_classifier_head_trains_encoder_and_head_together(rng):
     from tfcovseg.models.classifier import with_classifier_head
 
@@ -163,6 +165,7 @@ def test_with_classifier_head_trains_encoder_and_head_together(rng):
         with_classifier_head(segmenter, other)
 
 
+@pytest.mark.usefixtures("eager")
 def test_conv_head_reads_stages_two_to_four_and_trains_alone(rng):
     segmenter = build_model(tiny_config())
     classifier = build_classifier(segmenter, pooling="avg_max", head="conv", head_filters=6)

@@ -10,6 +10,9 @@ from tests.conftest import hu_batch, tiny_config
 from tfcovseg.config import ARCHITECTURES
 from tfcovseg.models import build_classifier, build_model
 
+# Tiny networks: eager steps cost less than tracing them (tests.conftest.eager_functions).
+pytestmark = pytest.mark.usefixtures("eager_module")
+
 
 def _all_layers(model):
     for layer in model.layers:
