@@ -53,7 +53,7 @@ def test_segmentation_evaluation_matches_offline_scores_and_reaches_logs():
     for cls, scores in expected.items():
         assert seen[f"val_seg_dice_{cls}"] == pytest.approx(scores["dice"])
         assert seen[f"val_seg_iou_{cls}"] == pytest.approx(scores["iou"])
-        assert seen[f"val_seg_image_dice_{cls}"] == pytest.approx(scores["mean_image_dice"])
+        assert seen[f"val_seg_slice_dice_{cls}"] == pytest.approx(scores["lesion_slice_dice"])
     assert seen["loss"] == 1.0
 
 

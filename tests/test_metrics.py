@@ -9,14 +9,15 @@ import pytest
 from tfcovseg.metrics import (
     DiceScore,
     IoUScore,
-    MeanImageDice,
+    LesionSliceDice,
     PixelPrecision,
     PixelRecall,
     confusion_counts,
-    per_image_dice,
+    lesion_slice_mean,
     scores_from_counts,
     segmentation_metrics,
     segmentation_scores,
+    slice_dice,
 )
 
 T = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], "float32")
@@ -86,17 +87,28 @@ def test_empty_cases(name):
     assert np_scores == [1.0, 0.0, 0.0]
 
 
-def test_mean_image_dice():
+def test_lesion_slice_dice_leaves_out_slices_empty_in_truth_and_prediction():
     empty = np.zeros((4, 4), "float32")
-    t = np.stack([T, empty, T])[..., None]
-    p = np.stack([P, empty, empty])[..., None]
-    metric = MeanImageDice()
+    # Found half a lesion; an empty slice left empty (not counted); a lesion missed; a
+    # false positive on an empty slice.
+    t = np.stack([T, empty, T, empty])[..., None]
+    p = np.stack([P, empty, empty, T])[..., None]
+    metric = LesionSliceDice()
     metric.update_state(t, p)
-    assert _result(metric) == pytest.approx((4 / 7 + 1 + 0) / 3)
-    np.testing.assert_allclose(per_image_dice(t, p)[:, 0], [4 / 7, 1, 0])
-    weighted = MeanImageDice()
-    weighted.update_state(t, p, sample_weight=np.array([1.0, 1.0, 0.0]))
-    assert _result(weighted) == pytest.approx((4 / 7 + 1) / 2)
+    assert _result(metric) == pytest.approx((4 / 7 + 0 + 0) / 3)  # not (4/7 + 1) / 4
+    dice, present = slice_dice(t, p)
+    np.testing.assert_allclose(dice[:, 0], [4 / 7, 1, 0, 0])
+    assert present[:, 0].tolist() == [True, False, True, True]
+    np.testing.assert_allclose(lesion_slice_mean(dice, present), [(4 / 7) / 3])
+    assert segmentation_scores(t, p, ["ggo"])["ggo"]["lesion_slices"] == 3
+    weighted = LesionSliceDice()
+    weighted.update_state(t, p, sample_weight=np.array([1.0, 1.0, 0.0, 0.0]))
+    assert _result(weighted) == pytest.approx(4 / 7)
+    # A class on no slice at all: nothing to find, nothing claimed.
+    none = LesionSliceDice()
+    none.update_state(np.stack([empty, empty])[..., None], np.stack([empty, empty])[..., None])
+    assert _result(none) == 1.0
+    np.testing.assert_allclose(lesion_slice_mean(np.ones((2, 1)), np.zeros((2, 1), bool)), [1.0])
 
 
 def test_sample_weight_excludes_images():
@@ -115,13 +127,13 @@ def test_per_pixel_sample_weights():
     metric.update_state(_img(T), _img(P), sample_weight=weights)
     assert _result(metric) == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="per image"):
-        MeanImageDice().update_state(_img(T), _img(P), sample_weight=weights)
+        LesionSliceDice().update_state(_img(T), _img(P), sample_weight=weights)
     with pytest.raises(ValueError, match="sample_weight"):
         DiceScore().update_state(_img(T), _img(P), sample_weight=np.ones((1, 4)))
 
 
-def test_mean_image_dice_before_any_image_follows_the_empty_rule():
-    assert _result(MeanImageDice()) == 1.0
+def test_lesion_slice_dice_before_any_image_follows_the_empty_rule():
+    assert _result(LesionSliceDice()) == 1.0
 
 
 def test_class_index_selects_channel_and_numpy_agrees():
@@ -144,13 +156,13 @@ def test_class_index_selects_channel_and_numpy_agrees():
         "iou": "iou",
         "precision": "precision",
         "recall": "recall",
-        "image_dice": "mean_image_dice",
+        "slice_dice": "lesion_slice_dice",
     }
     for m in metrics:
         prefix, cls = (
             m.name.split("_", 1)
-            if not m.name.startswith("image_dice")
-            else ("image_dice", m.name[len("image_dice_") :])
+            if not m.name.startswith("slice_dice")
+            else ("slice_dice", m.name[len("slice_dice_") :])
         )
         assert _result(m) == pytest.approx(offline[cls][keys[prefix]], rel=1e-6), m.name
 

@@ -51,17 +51,19 @@ def _results():
                 "iou": 0.6834,
                 "precision": 0.8,
                 "recall": 0.82,
-                "mean_image_dice": 0.7512,
+                "lesion_slice_dice": 0.7512,
+                "lesion_slices": 14,
             },
             "consolidation": {
                 "dice": 0.5,
                 "iou": 0.333,
                 "precision": 0.6,
                 "recall": 0.4,
-                "mean_image_dice": 0.45,
+                "lesion_slice_dice": 0.45,
+                "lesion_slices": 6,
             },
             "fibrosis": dict.fromkeys(
-                ["dice", "iou", "precision", "recall", "mean_image_dice"], nan
+                ["dice", "iou", "precision", "recall", "lesion_slice_dice"], nan
             ),
         },
         "lesion_lung_ratio": ratios,
@@ -134,7 +136,8 @@ def test_markdown_has_all_tables_numbers_and_disclaimer():
     head = md.splitlines()[:5]
     assert md.startswith("# quickstart: evaluation on the test split of fold 0")
     assert "**Research use, not a medical device.**" in head
-    assert "| ggo | 0.812 | 0.683 | 0.800 | 0.820 | 0.751 |" in md
+    assert "| ggo | 0.812 | 0.683 | 0.800 | 0.820 | 0.751 | 14 |" in md
+    assert "Dice per lesion slice" in md and "in the truth or in the prediction" in md
     assert "| fibrosis | — | — | — | — | — |" in md
     assert "nan" not in md.lower()
     assert "| any-slice | 24 | 0.900 | 0.944 | 0.895 | 0.919 | 17 | 2 | 1 | 4 |" in md

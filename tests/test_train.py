@@ -125,7 +125,9 @@ def test_evaluate_writes_metrics_and_report(tiny):
         config.model.class_names
     )
     for scores in metrics["segmentation"].values():
-        assert set(scores) == {"dice", "iou", "precision", "recall", "mean_image_dice"}
+        assert set(scores) == {
+            "dice", "iou", "precision", "recall", "lesion_slice_dice", "lesion_slices"
+        }  # fmt: skip
         assert all(0.0 <= v <= 1.0 for v in scores.values())
     patients = results["classification"]["any_slice"]
     c = patients["confusion"]

@@ -43,7 +43,7 @@ def test_fit_reduces_the_deep_supervision_loss(loss, rng):
     assert history["loss"][-1] == pytest.approx(
         history["coarse_loss"][-1] + history["final_loss"][-1], rel=1e-4
     )
-    for name in ("dice", "iou", "precision", "recall", "image_dice"):
+    for name in ("dice", "iou", "precision", "recall", "slice_dice"):
         for cls in cfg.class_names:
             assert f"final_{name}_{cls}" in history
 

@@ -32,10 +32,11 @@ from data_tools.lung import lesions_in_lung
 from tfcovseg import require_tensorflow
 from tfcovseg.metrics import (
     confusion_counts,
+    lesion_slice_mean,
     patient_calls,
     patient_scores,
-    per_image_dice,
     scores_from_counts,
+    slice_dice,
 )
 
 __all__ = [
@@ -96,19 +97,25 @@ class SegmentationEvaluation(keras.callbacks.Callback):
     def compute(self) -> dict:
         """The metrics of the current model as a flat dict of floats."""
         counts = np.zeros((3, len(self.class_names)), np.int64)
-        dice = []
+        dice, present = [], []
         for x, y in self.validation_data:
             pred = np.asarray(_select(self.model.predict_on_batch(x), self.output))
             true = np.asarray(_select(y, self.output))
             counts += np.stack(confusion_counts(true, pred, self.threshold))
-            dice.append(per_image_dice(true, pred, self.threshold))
+            d, on = slice_dice(true, pred, self.threshold)
+            dice.append(d)
+            present.append(on)
         scores = scores_from_counts(*counts)
-        image_dice = np.concatenate(dice).mean(0) if dice else np.ones(len(self.class_names))
+        per_slice = (
+            lesion_slice_mean(np.concatenate(dice), np.concatenate(present))
+            if dice
+            else np.ones(len(self.class_names))
+        )
         out = {}
         for c, name in enumerate(self.class_names):
             for metric, values in scores.items():
                 out[f"{self.prefix}{metric}_{name}"] = float(values[c])
-            out[f"{self.prefix}image_dice_{name}"] = float(image_dice[c])
+            out[f"{self.prefix}slice_dice_{name}"] = float(per_slice[c])
         return out
 
     def on_epoch_end(self, epoch, logs=None):

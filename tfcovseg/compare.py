@@ -43,7 +43,7 @@ from data_tools.files import json_text, plain
 from tfcovseg.report import atomic_write_text
 
 DISCLAIMER = "Research use, not a medical device."
-SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "mean_image_dice")
+SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "lesion_slice_dice")
 TABLE4_METRICS = (
     ("dice", "Dice"),
     ("iou", "IoU"),
@@ -606,7 +606,7 @@ def render_cv_report(summary: dict) -> str:
     if _has_segmentation(summary):
         seg = Table(
             "Segmentation (Table 4)",
-            ["lesion", "Dice", "IoU", "precision", "recall", "mean image Dice"],
+            ["lesion", "Dice", "IoU", "precision", "recall", "Dice per lesion slice"],
             [
                 [c] + [_cell(summary, f"segmentation/{c}/{m}") for m in SEGMENTATION_METRICS]
                 for c in classes

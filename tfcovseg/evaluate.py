@@ -44,10 +44,11 @@ from tfcovseg.config import load_config  # noqa: E402
 from tfcovseg.metrics import (  # noqa: E402
     choose_patient_rule,
     confusion_counts,
+    lesion_slice_mean,
     patient_calls,
     patient_scores,
-    per_image_dice,
     scores_from_counts,
+    slice_dice,
 )
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
@@ -104,7 +105,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
     ds = split_dataset(config, split, fold, batch_size)
     counts = np.zeros((3, len(classes)), np.int64)
-    image_dice = []
+    image_dice, image_present = [], []
     slice_prob = {}
     areas = {}
     diagnosis, severity = {}, {}
@@ -123,7 +124,9 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             annotated = batch["mask/annotated"].numpy() > 0
             if annotated.any():
                 counts += np.stack(confusion_counts(masks[annotated], pred[annotated], threshold))
-                image_dice.append(per_image_dice(masks[annotated], pred[annotated], threshold))
+                dice, present = slice_dice(masks[annotated], pred[annotated], threshold)
+                image_dice.append(dice)
+                image_present.append(present)
             # Predicted lesions count in the lung only (`callbacks.in_lung`), as in predict.
             kept = in_lung((pred >= threshold).any(-1), lung, batch["spacing_mm"].numpy())
             binary = (pred >= threshold) & kept[..., None]
@@ -165,14 +168,17 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     }
     if segmenter is not None:
         scores = scores_from_counts(*counts)
-        dice_per_image = np.concatenate(image_dice) if image_dice else np.zeros((0, len(classes)))
+        present = (
+            np.concatenate(image_present) if image_present else np.zeros((0, len(classes)), bool)
+        )
+        per_slice = (
+            lesion_slice_mean(np.concatenate(image_dice), present)
+            if image_dice
+            else np.full(len(classes), np.nan)  # no annotated slice: nothing to score
+        )
         results["segmentation"] = {
             name: {k: float(v[c]) for k, v in scores.items()}
-            | {
-                "mean_image_dice": float(dice_per_image[:, c].mean())
-                if len(dice_per_image)
-                else float("nan")
-            }
+            | {"lesion_slice_dice": float(per_slice[c]), "lesion_slices": int(present[:, c].sum())}
             for c, name in enumerate(classes)
         }
         results["lesion_lung_ratio"] = {

@@ -141,19 +141,23 @@ def _segmentation(results: Mapping, figures: Mapping):
     seg = results.get("segmentation")
     if not seg:
         return None
-    header = ["lesion", "Dice", "IoU", "precision", "recall", "mean image Dice"]
+    header = ["lesion", "Dice", "IoU", "precision", "recall", "Dice per lesion slice", "slices"]
+    keys = ("dice", "iou", "precision", "recall", "lesion_slice_dice")
     rows = []
     for cls in _classes(results, list(seg)):
         s = seg[cls] or {}
+        slices = s.get("lesion_slices")
         rows.append(
-            [str(cls)]
-            + [fmt(s.get(k)) for k in ("dice", "iou", "precision", "recall", "mean_image_dice")]
+            [str(cls)] + [fmt(s.get(k)) for k in keys] + ["" if slices is None else str(slices)]
         )
     blocks = [
         (
             "p",
-            "Pixel scores from global pixel counts over the split's annotated slices; the "
-            "mean image Dice averages the Dice of each slice.",
+            "Pixel scores from global pixel counts over the split's annotated slices. Dice "
+            "per lesion slice: the Dice of each slice averaged over the slices that have the "
+            "lesion type in the truth or in the prediction (their number in the last column; "
+            "1 when there is none). Slices where both are empty are left out: they would "
+            "each score 1 and hide a type the model never finds.",
         ),
         ("table", header, rows),
     ]
