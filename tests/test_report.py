@@ -160,8 +160,9 @@ def test_markdown_severity_table():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "0.0150 [0.0125, 0.0175] (n=2)"  # mild
     assert cells[4] == "0.3000 [0.3000, 0.3000] (n=1)"  # severe
-    assert cells[-4] == f"{st['kruskal']['h']:.3f}"
-    assert cells[-3] == f"{st['kruskal']['p']:.3f}"
+    # The severe group has one patient: no Kruskal-Wallis test, and the report says why.
+    assert st["kruskal"]["p"] is None and cells[-4] == cells[-3] == "—"
+    assert "ggo (true), Kruskal–Wallis: a group of one patient (severe)" in md
     assert cells[-2] == f"{st['spearman']['rho']:.3f}"
     assert "| total | predicted |" in md
     assert "5 COVID-19 patients with a known severity (left out: 1 non-COVID" in md

@@ -76,6 +76,14 @@ def test_one_patient_per_severity_gives_rho_one():
         stats.spearmanr([0, 1, 2, 3], [0.0, 0.05, 0.2, 0.5]).pvalue
     )
     assert out["true"]["kruskal"]["groups"] == 4
+    # Groups of one patient: no Kruskal-Wallis p-value, and the reason names them.
+    assert out["true"]["kruskal"]["p"] is None and out["true"]["kruskal"]["h"] is None
+    assert (
+        "a group of one patient (none, mild, moderate, severe)" in out["true"]["kruskal"]["reason"]
+    )
+    one = kruskal_test({"mild": [0.1, 0.2], "moderate": [0.3], "severe": [0.5, 0.6]})
+    assert one["p"] is None and "(moderate)" in one["reason"]
+    assert kruskal_test({"mild": [0.1, 0.2], "severe": [0.5, 0.6]})["p"] is not None
 
 
 def test_group_summaries():

@@ -72,7 +72,8 @@ def kruskal_test(groups: Mapping[str, Iterable[float]]) -> dict:
     """Kruskal-Wallis H test across the non-empty groups.
 
     Returns ``{"h", "p", "groups"}``; h and p are None with a ``"reason"`` when the test is
-    undefined.
+    undefined, or when a group holds a single patient: its rank says nothing about its
+    group's spread, and scipy's p-value for such groups is not one to report.
     """
     samples = {k: np.asarray(list(v), np.float64) for k, v in groups.items()}
     samples = {k: v for k, v in samples.items() if v.size}
@@ -84,6 +85,12 @@ def kruskal_test(groups: Mapping[str, Iterable[float]]) -> dict:
     pooled = np.concatenate(list(samples.values()))
     if np.all(pooled == pooled[0]):
         return out | {"reason": "all ratios are identical"}
+    single = [k for k, v in samples.items() if v.size == 1]
+    if single:
+        return out | {
+            "reason": f"a group of one patient ({', '.join(single)}): no p-value; "
+            "each group needs at least 2"
+        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = stats.kruskal(*samples.values())
