@@ -274,3 +274,43 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
             (tmp / "other.bin").write_bytes(b"z")
     assert sorted(p.name for p in target.iterdir()) == ["whole.bin"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["7"]
+
+
+def test_training_patient_dice_and_slice_auc_sections():
+    results = _results()
+    results["training"] = {
+        "phases": {
+            "segmentation": {
+                "epochs": 7,
+                "max_epochs": 20,
+                "best_epoch": 4,
+                "best_val_loss": 1.23456,
+                "stopped_early": True,
+            },
+            "classification": {
+                "epochs": 3,
+                "max_epochs": 3,
+                "best_epoch": 3,
+                "best_val_loss": 0.5,
+                "stopped_early": False,
+            },
+        },  # fmt: skip
+        "timings": {"segmentation_s": 61.4, "total_s": 99.6},
+        "data_fingerprint": "f00d",
+        "versions": {"keras": "3.15.1"},
+    }
+    results["patient_dice"] = {
+        "P1": {"diagnosis": "covid", "dice": {"ggo": 0.8, "consolidation": 1.0, "fibrosis": 0.0},
+               "lesion_pixels": {"ggo": 50, "consolidation": 0, "fibrosis": 0}},
+    }  # fmt: skip
+    results["classification"]["slices"] = {"auc": 0.9123, "positives": 12, "negatives": 30}
+    md = render_markdown(results, "quickstart")
+    assert "| segmentation | 7 (20) | 4 | 1.2346 | yes | 61 s |" in md
+    assert "| classification | 3 (3) | 3 | 0.5000 | no | — |" in md
+    assert "data fingerprint: f00d" in md and "keras 3.15.1" in md and "whole run: 100 s" in md
+    # No lesion in truth or prediction: a dash; false positives only: 0.
+    assert "| P1 | covid | 0.800 | — | 0.000 |" in md
+    assert "12 annotated slices with a lesion and 30 without" in md and "AUC is 0.912" in md
+    # The sections come in reading order: training first.
+    assert md.index("## Training") < md.index("## Segmentation") < md.index("## Dice per patient")
+    _parse(render_html(results, "quickstart"))

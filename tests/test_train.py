@@ -128,7 +128,7 @@ def test_evaluate_writes_metrics_and_report(tiny):
         assert set(scores) == {
             "dice", "iou", "precision", "recall", "lesion_slice_dice", "lesion_slices"
         }  # fmt: skip
-        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        assert all(0.0 <= scores[k] <= 1.0 for k in scores if k != "lesion_slices")
     patients = results["classification"]["any_slice"]
     c = patients["confusion"]
     assert c["tp"] + c["fp"] + c["fn"] + c["tn"] == patients["patients"] > 0
@@ -162,6 +162,36 @@ def test_evaluate_writes_metrics_and_report(tiny):
     for rel in results["figures"].values():
         assert (root / "run" / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", rel
     assert {"ratios", "confusion", "overlays"} <= set(results["figures"])
+    # The training record from the run's logs and run.json: each phase's epochs (2 of 2,
+    # so no early stop), its best epoch, the data fingerprint and versions.
+    phases = results["training"]["phases"]
+    assert list(phases) == ["segmentation", "classification"]
+    seg = phases["segmentation"]
+    assert seg["epochs"] == seg["max_epochs"] == 2 and seg["stopped_early"] is False
+    assert seg["best_epoch"] == 1 + min(range(2), key=seg["val_loss"].__getitem__)
+    assert results["training"]["data_fingerprint"] and results["training"]["versions"]["keras"]
+    # The slice classifier's ROC on the annotated slices, its AUC the area under it.
+    roc = results["classification"]["slices"]
+    lesion = [
+        bool(m.any())
+        for b in ds
+        for m, a in zip(b["lesions"].numpy(), b["mask/annotated"].numpy())
+        if a
+    ]
+    assert (roc["positives"], roc["negatives"]) == (sum(lesion), len(lesion) - sum(lesion))
+    if roc["positives"] and roc["negatives"]:
+        fpr, tpr = roc["fpr"], roc["tpr"]
+        area = sum((b - a) * (c + d) / 2 for a, b, c, d in zip(fpr, fpr[1:], tpr, tpr[1:]))
+        assert roc["auc"] == pytest.approx(area) and fpr[-1] == tpr[-1] == 1.0
+    else:  # this split's patients have no lesion slice: the AUC is undefined and said so
+        assert roc["auc"] is None and "slice AUC is undefined" in report
+    # Dice per patient of the split, with its diagnosis.
+    assert set(results["patient_dice"]) == set(results["lesion_lung_ratio"])
+    assert all(
+        set(e["dice"]) == set(config.model.class_names) for e in results["patient_dice"].values()
+    )
+    assert "## Training" in report and "## Dice per patient" in report
+    assert "learning_curves" in results["figures"]
 
 
 def test_existing_run_folder_needs_resume(tiny):

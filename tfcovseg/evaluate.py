@@ -47,9 +47,11 @@ from tfcovseg.metrics import (  # noqa: E402
     lesion_slice_mean,
     patient_calls,
     patient_scores,
+    roc_curve,
     scores_from_counts,
     slice_dice,
 )
+from tfcovseg.runlog import training_summary  # noqa: E402
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
 
@@ -106,7 +108,8 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     ds = split_dataset(config, split, fold, batch_size)
     counts = np.zeros((3, len(classes)), np.int64)
     image_dice, image_present = [], []
-    slice_prob = {}
+    patient_counts = {}  # per patient: [TP, FP, FN] x class over its annotated slices
+    slice_prob, slice_roc = {}, ([], [])  # ROC: lesion on the slice, its probability
     areas = {}
     diagnosis, severity = {}, {}
     overlays = _Overlays(OVERLAY_SLICES, threshold)
@@ -119,9 +122,10 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             pids, batch["patient/diagnosis"].numpy(), batch["patient/severity"].numpy()
         ):
             diagnosis[pid], severity[pid] = d.decode(), sev.decode()
+        annotated = batch["mask/annotated"].numpy() > 0
         if segmenter is not None:
             pred = np.asarray(segmenter.predict_on_batch(hu)["final"])
-            annotated = batch["mask/annotated"].numpy() > 0
+            _count_patients(patient_counts, pids, masks, pred, annotated, threshold)
             if annotated.any():
                 counts += np.stack(confusion_counts(masks[annotated], pred[annotated], threshold))
                 dice, present = slice_dice(masks[annotated], pred[annotated], threshold)
@@ -155,6 +159,8 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)
             for pid, p in zip(pids, probs):
                 slice_prob.setdefault(pid, []).append(float(p))
+            slice_roc[0].extend(masks[annotated].reshape(int(annotated.sum()), -1).max(-1) >= 0.5)
+            slice_roc[1].extend(float(p) for p in probs[annotated])
     results = {
         "experiment": config.name,
         "architecture": config.model.architecture,
@@ -165,6 +171,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         "classes": classes,
         "disclaimer": DISCLAIMER,
         "patients": split_composition(diagnosis, severity),
+        "training": training_summary(run, config),
     }
     if segmenter is not None:
         scores = scores_from_counts(*counts)
@@ -181,6 +188,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             | {"lesion_slice_dice": float(per_slice[c]), "lesion_slices": int(present[:, c].sum())}
             for c, name in enumerate(classes)
         }
+        results["patient_dice"] = _patient_dice(patient_counts, diagnosis, classes)
         results["lesion_lung_ratio"] = {
             pid: {
                 "diagnosis": diagnosis[pid],
@@ -199,6 +207,8 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         results["classification"] = classification_results(
             classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size, run
         )
+        # Slice level: does the classifier find the annotated slices with a lesion?
+        results["classification"]["slices"] = roc_curve(*slice_roc)
     if segmenter is not None and areas:
         burdens = {pid: a["any_pred"] / max(a["lung_pred"], 1) for pid, a in areas.items()}
         cls = results.setdefault("classification", {})
@@ -211,6 +221,28 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     atomic_write_json(run / "metrics.json", results)
     report.write_reports(results, config.name, run)
     return results
+
+
+def _count_patients(patient_counts, pids, masks, pred, annotated, threshold) -> None:
+    for i in np.nonzero(annotated)[0]:
+        counts = np.stack(confusion_counts(masks[i], pred[i], threshold))
+        patient_counts[pids[i]] = patient_counts.get(pids[i], 0) + counts
+
+
+def _patient_dice(patient_counts, diagnosis, classes) -> dict:
+    """Dice per patient and class from the patient's pixel counts (the empty-case rule of
+    `tfcovseg.metrics`: 1 when neither truth nor prediction has the class)."""
+    out = {}
+    for pid, counts in sorted(patient_counts.items()):
+        dice = scores_from_counts(*counts)["dice"]
+        out[pid] = {
+            "diagnosis": diagnosis[pid],
+            "dice": {name: float(dice[c]) for c, name in enumerate(classes)},
+            "lesion_pixels": {
+                name: int(counts[0, c] + counts[2, c]) for c, name in enumerate(classes)
+            },
+        }
+    return out
 
 
 def split_composition(diagnosis: dict, severity: dict) -> dict:
@@ -323,6 +355,14 @@ def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict
                 title=f"Patients, >= {cls['robust']['min_slices']} slice(s) rule",
             )
             written["confusion_robust"] = "figures/fig5_confusion_robust.png"
+    phases = results.get("training", {}).get("phases")
+    if phases:
+        viz.plot_learning_curves(phases, folder / "learning_curves.png")
+        written["learning_curves"] = "figures/learning_curves.png"
+    slices = (cls or {}).get("slices")
+    if slices and slices.get("fpr"):
+        viz.plot_roc(slices, folder / "slice_roc.png")
+        written["slice_roc"] = "figures/slice_roc.png"
     if overlays.items:
         items = overlays.items
         viz.plot_overlays(

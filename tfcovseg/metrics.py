@@ -335,6 +335,28 @@ def roc_auc(labels, scores) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
+def roc_curve(labels, scores) -> dict:
+    """The ROC curve of scores against binary labels: false and true positive rates at
+    every distinct score taken as the threshold (highest first), from (0, 0) to (1, 1),
+    with the area under it (`roc_auc`). Rates are None without both classes."""
+    labels = np.asarray(labels, bool).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    out = {"auc": roc_auc(labels, scores), "positives": n_pos, "negatives": n_neg}
+    if n_pos == 0 or n_neg == 0:
+        return out | {"fpr": None, "tpr": None, "thresholds": None}
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(ranked))[0], len(ranked) - 1]  # end of each tie
+    tpr = np.cumsum(hits)[last] / n_pos
+    fpr = np.cumsum(~hits)[last] / n_neg
+    return out | {
+        "fpr": [0.0] + [float(v) for v in fpr],
+        "tpr": [0.0] + [float(v) for v in tpr],
+        "thresholds": [float(t) for t in ranked[last]],
+    }
+
+
 def patient_score(slice_probabilities, min_slices=1) -> float:
     """The `min_slices`-th highest slice probability of a patient (0 with fewer slices).
 

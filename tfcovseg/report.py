@@ -37,6 +37,8 @@ FIGURES = (
     ("overlays", "Figure 6: CT slices, ground-truth contours and predicted lesions"),
     ("confusion", "Figure 5: patient-level confusion matrix"),
     ("ratios", "Figure 4: lesion / lung area ratio by severity (COVID-19 patients)"),
+    ("learning_curves", "Loss per epoch of each training phase (dashed: the best epoch)"),
+    ("slice_roc", "The slice classifier's ROC curve on the split's annotated slices"),
 )
 
 
@@ -194,8 +196,92 @@ def _classification(results: Mapping, figures: Mapping):
         ("p", "The truth is the patient's diagnosis (COVID-19 or not)."),
         ("table", header, rows),
         ("list", notes),
-    ]
+    ] + _slice_blocks(cls.get("slices"), figures)
     return "Patient-level classification (Table 6)", blocks + _figure_block(figures, *FIGURES[1])
+
+
+def _slice_blocks(slices, figures) -> list:
+    """The slice classifier against the annotated slices (lesion or not): AUC and ROC."""
+    if not slices:
+        return []
+    auc = slices.get("auc")
+    text = (
+        f"Slice level: {fmt_count(slices.get('positives'))} annotated slices with a lesion "
+        f"and {fmt_count(slices.get('negatives'))} without; the classifier's slice AUC is "
+        + ("undefined (one kind of slice only)." if auc is None else f"{fmt(auc)}.")
+    )
+    return [("p", text)] + _figure_block(figures, *FIGURES[4])
+
+
+def _training(results: Mapping, figures: Mapping):
+    training = results.get("training") or {}
+    phases = training.get("phases") or {}
+    if not phases:
+        return None
+    timings = training.get("timings") or {}
+    header = [
+        "phase",
+        "epochs (max)",
+        "best epoch",
+        "best validation loss",
+        "stopped early",
+        "time",
+    ]
+    rows = []
+    for name, p in phases.items():
+        seconds = timings.get(f"{name}_s")
+        most = _plain(p["max_epochs"]) if p.get("max_epochs") else MISSING
+        rows.append(
+            [
+                name,
+                f"{p['epochs']} ({most})",
+                _plain(p.get("best_epoch")) if p.get("best_epoch") else MISSING,
+                fmt(p.get("best_val_loss"), 4),
+                {True: "yes", False: "no"}.get(p.get("stopped_early"), MISSING),
+                MISSING if seconds is None else f"{float(seconds):.0f} s",
+            ]
+        )
+    facts = [
+        f"{k.replace('_', ' ')}: {_plain(training[k])}"
+        for k in ("data_fingerprint", "seed", "strategy", "replicas")
+        if training.get(k) is not None
+    ]
+    versions = training.get("versions") or {}
+    if versions:
+        facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if timings.get("total_s") is not None:
+        facts.append(f"whole run: {float(timings['total_s']):.0f} s")
+    blocks = [
+        ("p", "Each phase keeps the epoch with the lowest validation loss (its *_best.keras)."),
+        ("table", header, rows),
+    ]
+    blocks += [("list", facts)] if facts else []
+    return "Training", blocks + _figure_block(figures, *FIGURES[3])
+
+
+def _patient_dice(results: Mapping):
+    per_patient = results.get("patient_dice")
+    if not per_patient:
+        return None
+    classes = _classes(results, [c for e in per_patient.values() for c in e.get("dice", {})])
+    header = ["patient", "diagnosis"] + [f"{c} Dice" for c in classes]
+    rows = [
+        [str(pid), str(e.get("diagnosis", MISSING))] + [_dice_cell(e, c) for c in classes]
+        for pid, e in per_patient.items()
+    ]
+    text = (
+        "Dice of each patient's annotated slices from its own pixel counts; a dash where "
+        "neither the truth nor the prediction has the lesion type (nothing to score)."
+    )
+    return "Dice per patient", [("p", text), ("table", header, rows)]
+
+
+def _dice_cell(entry, cls) -> str:
+    lesion = (entry.get("lesion_pixels") or {}).get(cls)
+    dice = (entry.get("dice") or {}).get(cls)
+    if lesion == 0 and dice == 1.0:
+        return MISSING
+    return fmt(dice)
 
 
 def _ratios(results: Mapping):
@@ -303,7 +389,9 @@ def build_document(results: Mapping, name: str) -> tuple[str, list]:
     title, header = _header(results, name)
     sections = [(None, header)]
     for section in (
+        _training(results, figures),
         _segmentation(results, figures),
+        _patient_dice(results),
         _classification(results, figures),
         _ratios(results),
         _severity(results, figures),

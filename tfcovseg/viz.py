@@ -3,7 +3,9 @@
 - `plot_ratio_boxplots` (Figure 4): lesion / lung area ratio by clinical severity of the
   COVID-19 patients, per lesion type and in total, ground truth and prediction side by side;
 - `plot_confusion` (Figure 5): the 2x2 patient-level confusion matrix;
-- `plot_overlays` (Figure 6): CT slices with ground-truth contours and the predicted lesions.
+- `plot_overlays` (Figure 6): CT slices with ground-truth contours and the predicted lesions;
+- `plot_learning_curves` and `plot_roc`: the run's loss per epoch and the slice classifier's
+  ROC curve, for the training report.
 
 Figures are built as ``matplotlib.figure.Figure`` with an Agg canvas, so nothing touches
 pyplot's global figure registry or the selected backend, and nothing stays open after a
@@ -358,3 +360,52 @@ __all__ = [
     "plot_confusion",
     "plot_ratio_boxplots",
 ]
+
+
+def plot_learning_curves(phases: Mapping, path) -> Path:
+    """Training and validation loss per epoch, one panel per phase, the best epoch marked.
+
+    Args:
+        phases: ``{phase: {"loss": [...], "val_loss": [...], "best_epoch": k}}`` as in
+            `tfcovseg.runlog.training_summary`.
+        path: PNG file to write; parent folders are created.
+    """
+    names = list(phases)
+    fig = Figure(figsize=(3.6 * max(len(names), 1), 3.2), dpi=100)
+    axes = np.atleast_1d(fig.subplots(1, max(len(names), 1), squeeze=False)[0])
+    for ax, name in zip(axes, names):
+        entry = phases[name]
+        epochs = np.arange(1, len(entry["loss"]) + 1)
+        ax.plot(epochs, entry["loss"], label="training", color="0.3")
+        if entry.get("val_loss"):
+            ax.plot(epochs[: len(entry["val_loss"])], entry["val_loss"], label="validation")
+        if entry.get("best_epoch"):
+            ax.axvline(entry["best_epoch"], color="tab:green", ls="--", lw=1, label="best")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_roc(roc: Mapping, path, title="Slice classifier") -> Path:
+    """The ROC curve of `tfcovseg.metrics.roc_curve` with its AUC and the chance line."""
+    fig = Figure(figsize=(3.8, 3.6), dpi=100)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.7", ls=":", lw=1)
+    if roc.get("fpr"):
+        ax.plot(roc["fpr"], roc["tpr"], color="tab:blue", drawstyle="default")
+    auc = roc.get("auc")
+    label = "AUC undefined (one class only)" if auc is None else f"AUC {auc:.3f}"
+    ax.set_title(
+        f"{title}: {label}\n{roc.get('positives', 0)} lesion, {roc.get('negatives', 0)} "
+        "lesion-free slices",
+        fontsize=9,
+    )
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    fig.tight_layout()
+    return _save(fig, path)

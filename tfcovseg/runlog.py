@@ -1,0 +1,84 @@
+"""What a run folder records about its training, read back for the evaluation report.
+
+``run.json`` (written by `tfcovseg.train`): the data fingerprint, seed, strategy, versions
+and the time of each phase. ``logs/<phase>.csv`` (one row per epoch, Keras' CSVLogger):
+the learning curves, from which the best epoch (lowest validation loss, the one the
+``*_best.keras`` checkpoint holds) and whether early stopping ended the phase follow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+# The config field bounding each phase's epochs (a self-training round's log is
+# ``student_r<N>.csv``).
+_MAX_EPOCHS = {"segmentation": "train.epochs", "classification": "train.classifier_epochs"}
+_RUN_FIELDS = ("data_fingerprint", "seed", "strategy", "replicas", "versions", "timings")
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    """A CSV log as columns of floats (NaN where a cell is empty or not a number)."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            columns.setdefault(key, []).append(_number(value))
+    return columns
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _phase_order(path: Path):
+    """Segmentation, self-training's rounds, then the classifier: the order they run."""
+    rank = {"segmentation": 0, "classification": 2}.get(path.stem, 1)
+    return rank, path.stem
+
+
+def _max_epochs(phase: str, config) -> int | None:
+    field = "semi.epochs" if phase.startswith("student_") else _MAX_EPOCHS.get(phase)
+    if field is None or config is None:
+        return None
+    section, name = field.split(".")
+    return int(getattr(getattr(config, section), name))
+
+
+def phase_summary(history: dict, max_epochs: int | None) -> dict:
+    """Epochs run, the best epoch and its validation loss, and whether it stopped early."""
+    loss = history.get("loss", [])
+    val = [v for v in history.get("val_loss", []) if not math.isnan(v)]
+    best = None
+    if val and len(val) == len(loss):
+        best = min(range(len(val)), key=val.__getitem__) + 1
+    return {
+        "epochs": len(loss),
+        "max_epochs": max_epochs,
+        "best_epoch": best,
+        "best_val_loss": None if best is None else val[best - 1],
+        "stopped_early": None if max_epochs is None else len(loss) < max_epochs,
+        "loss": loss,
+        "val_loss": history.get("val_loss", []),
+    }
+
+
+def training_summary(run, config=None) -> dict:
+    """The run's training record: its phases' curves and epochs, and what ``run.json``
+    says (fields missing from older runs are left out)."""
+    run = Path(run)
+    info = {}
+    if (run / "run.json").is_file():
+        info = json.loads((run / "run.json").read_text())
+    phases = {}
+    for path in sorted((run / "logs").glob("*.csv"), key=_phase_order):
+        history = read_history(path)
+        if history.get("loss"):
+            phases[path.stem] = phase_summary(history, _max_epochs(path.stem, config))
+    return {"phases": phases} | {k: info[k] for k in _RUN_FIELDS if k in info}
