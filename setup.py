@@ -49,7 +49,7 @@ setup(
         "nibabel>=5.0",
         "matplotlib>=3.7",
         "pyyaml>=6.0",
-        "pillow>=10.0",
+        "pillow>=10.1",  # ImageFont.load_default(size=...) for the montages
         "highdicom>=0.22",
     ],
     extras_require={

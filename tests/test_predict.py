@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -150,6 +152,11 @@ def test_burden_call_against_the_exports_threshold():
     for rule in (None, {}, {"threshold": None, "method": "off"}):
         call = burden_call(0.5, rule)
         assert call["positive"] is None and call["threshold"] is None and call["ratio"] == 0.5
+        assert call["rule"].startswith("no call: the export chose no threshold (")
+    assert (
+        "(off: every patient is COVID-19)"
+        in burden_call(0.1, {"method": "off: every patient is COVID-19"})["rule"]
+    )
     # t holds at the mask threshold it was chosen at; another one makes no call.
     rule = {"threshold": 0.003, "mask_threshold": 0.5} | counted
     assert burden_call(0.004, rule, 0.5)["positive"] is True
@@ -381,3 +388,79 @@ def test_index_keeps_earlier_studies(model, phantom_run, tmp_path):
     )
     report = json.loads((out / index["series"][0]["folder"] / "report.json").read_text())
     assert report["gate"]["enabled"] is False and report["gate"]["method"] == "--no-gate"
+
+
+def test_display_geometry_and_lung_sides_follow_the_series_orientation(phantom_run):
+    import types
+
+    from tfcovseg.predict import Volume, display_geometry, lung_sides
+
+    (volume,), _ = read_input(phantom_run.cohort / "case_0001" / "ct", salt=SALT)
+    markers, z = display_geometry(volume)
+    # The phantom is written in the usual axial orientation: rows anterior to posterior,
+    # columns the patient's right to left; z is each slice's position (superior +).
+    assert markers == {"top": "A", "bottom": "P", "left": "R", "right": "L"}
+    files = sorted(
+        (pydicom.dcmread(f, stop_before_pixels=True) for f in (phantom_run.cohort / "case_0001"
+         / "ct").glob("*.dcm")),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )  # fmt: skip
+    np.testing.assert_allclose(z, [float(ds.ImagePositionPatient[2]) for ds in files], atol=1e-3)
+    # A series stored mirrored (rows run right to left): the letters and sides follow.
+    mirrored = np.eye(4)  # rows toward posterior (+y), columns toward the right (-x)
+    mirrored[:3, :3] = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    flipped = Volume("dicom", volume.hu, volume.spacing_mm, "P", "S",
+                     series_obj=types.SimpleNamespace(affine_lps=lambda: mirrored))  # fmt: skip
+    assert display_geometry(flipped)[0] == {"top": "A", "bottom": "P", "left": "L", "right": "R"}
+    lung = np.zeros((1, 4, 10), bool)
+    lung[0, :, 1:3] = lung[0, :, 7:9] = True  # two lungs, midline between columns 4 and 5
+    sides = lung_sides(lung, dataclasses.replace(volume, hu=np.zeros((1, 4, 10))))
+    assert sides["right"][0, 0].nonzero()[0].tolist() == [1, 2]  # image left: patient right
+    assert lung_sides(lung, dataclasses.replace(flipped, hu=np.zeros((1, 4, 10))))["right"][
+        0, 0
+    ].nonzero()[0].tolist() == [7, 8]
+    # NIfTI slices are in display orientation; z from the affine.
+    nifti = Volume(
+        "nifti", np.zeros((3, 4, 4)), (1, 1, 2), "P", "S", affine=np.diag([1, 1, 2, 1.0])
+    )
+    assert display_geometry(nifti) == (markers, [0.0, 2.0, 4.0])
+
+
+def test_lesions_per_lung_side_and_mean_hu(model, phantom_run):
+    from tfcovseg.predict import lung_sides, measure
+
+    (volume,), _ = read_input(phantom_run.cohort / "case_0001" / "ct", salt=SALT)
+    lung = lung_mask(volume.hu, volume.spacing_mm[:2])
+    left = lung_sides(lung, volume)["left"]
+    labels = np.zeros(volume.hu.shape, np.uint8)
+    labels[left] = 1  # GGO over the whole left lung, nothing on the right
+    measured, _ = measure(volume, labels, model.metadata["class_names"], None)
+    ggo = measured["lesions"]["ggo"]
+    assert ggo["percent_of_each_lung"]["right"] == 0.0
+    assert ggo["percent_of_each_lung"]["left"] > 90.0
+    assert ggo["mean_hu"] == pytest.approx(float(volume.hu[left].mean()), abs=0.1)
+    assert measured["lesions"]["consolidation"]["mean_hu"] is None  # none found
+    assert measured["total"]["percent_of_each_lung"] == ggo["percent_of_each_lung"]
+
+
+def test_the_overlay_sheet_has_captions_legend_and_no_black_cells():
+    from PIL import Image
+
+    from tfcovseg.viz import TILE_PIXELS, class_colours, tile_sheet
+
+    tiles = [np.full((64, 80, 3), 0.0, np.float32) for _ in range(5)]  # black CT tiles
+    png = tile_sheet(tiles, [f"slice {i}" for i in range(5)], ["ggo", "consolidation"],
+                     {"top": "A", "bottom": "P", "left": "R", "right": "L"})  # fmt: skip
+    sheet = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    cell_w, cell_h = 80 + 2, 64 + 16
+    assert sheet.shape[:2] == (2 * cell_h + 24, 4 * cell_w) and 80 <= TILE_PIXELS
+    # Row 2 holds one tile: the three free cells are white background, not black tiles.
+    assert (sheet[cell_h : cell_h + 64, cell_w:] == 255).all()
+    # Each tile carries its orientation letters (yellow), each caption is written beneath.
+    assert (np.abs(sheet[:64, :80].astype(int) - [255, 255, 0]).sum(-1) < 60).any()
+    assert (sheet[64:cell_h, :80] < 128).any()
+    # The legend strip shows every class in its overlay colour.
+    legend = sheet[2 * cell_h :]
+    for colour in class_colours(["ggo", "consolidation"]):
+        rgb = np.round(np.asarray(colour) * 255).astype(int)
+        assert (np.abs(legend.astype(int) - rgb).sum(-1) == 0).any(), colour

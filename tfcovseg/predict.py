@@ -45,7 +45,6 @@ import base64
 import dataclasses
 import datetime
 import html
-import io
 import json
 import os
 import sys
@@ -443,6 +442,20 @@ def grading_limits(volume: Volume, lung_ml: float) -> list[str]:
     return limits
 
 
+def lung_sides(lung: np.ndarray, volume: Volume) -> dict:
+    """{"right": mask, "left": mask}: the lung voxels on each side of the midline between
+    the lungs (the middle of the lung mask's extent across the columns), the patient's
+    side read from the series orientation; {} when the columns do not run right-left."""
+    markers, _ = display_geometry(volume)
+    columns = np.nonzero(lung.any(axis=(0, 1)))[0]
+    if markers["right"] not in ("L", "R") or columns.size == 0:
+        return {}
+    beyond = np.arange(lung.shape[2]) > (columns.min() + columns.max()) / 2
+    far = "left" if markers["right"] == "L" else "right"
+    near = "right" if far == "left" else "left"
+    return {near: lung & ~beyond, far: lung & beyond}
+
+
 def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple[dict, np.ndarray]:
     """Lung and lesion volumes (mL), percentages of lung, lesion slices and severity.
 
@@ -457,6 +470,7 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple
     counted, dropped = lesions_in_lung(labels > 0, lung, volume.spacing_mm[:2])
     labels = np.where(counted, labels, 0).astype(np.uint8)
     lung_voxels = int((lung | counted).sum())
+    sides = lung_sides(lung | counted, volume)
     lesions = {}
     total = 0.0
     for c, name in enumerate(classes):
@@ -467,6 +481,11 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple
         lesions[name] = {
             "volume_ml": round(voxels * voxel_ml, 3),
             "percent_of_lung": round(100.0 * ratio, 3),
+            "percent_of_each_lung": {
+                side: round(100.0 * int((on & mask).sum()) / max(int(mask.sum()), 1), 3)
+                for side, mask in sides.items()
+            },
+            "mean_hu": round(float(volume.hu[on].mean()), 1) if voxels else None,
             "slices": [int(z) for z in np.nonzero(on.any(axis=(1, 2)))[0]],
         }
     limits = grading_limits(volume, lung_voxels * voxel_ml)
@@ -476,6 +495,11 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple
         "total": {
             "volume_ml": round(sum(v["volume_ml"] for v in lesions.values()), 3),
             "percent_of_lung": round(100.0 * total, 3),
+            "percent_of_each_lung": {
+                side: round(100.0 * int(((labels > 0) & mask).sum()) / max(int(mask.sum()), 1), 3)
+                for side, mask in sides.items()
+            },
+            "mean_hu": round(float(volume.hu[labels > 0].mean()), 1) if labels.any() else None,
             "slices": [int(z) for z in np.nonzero((labels > 0).any(axis=(1, 2)))[0]],
         },
         "outside_lung": {
@@ -519,18 +543,20 @@ def burden_call(
         "positive": None if t is None else bool(ratio >= t),
         "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",
     }
-    if t is not None and rule.get("lesion_rule") != LESION_RULE:
+    if t is None:
+        why = rule.get("method") or "the model was exported before the rule existed"
+        call["rule"] = f"no call: the export chose no threshold ({why})"
+    elif rule.get("lesion_rule") != LESION_RULE:
         call["positive"] = None
         call["rule"] = (
             "no call: the threshold was chosen counting lesions by another rule "
             f"({rule.get('lesion_rule') or 'all predicted voxels'}); export the model again"
         )
-    elif t is not None and not_graded:
+    elif not_graded:
         call["positive"] = None
         call["rule"] = f"no call: {'; '.join(not_graded)}"
     elif (
-        t is not None
-        and chosen_at is not None
+        chosen_at is not None
         and mask_threshold is not None
         and abs(float(chosen_at) - float(mask_threshold)) > 1e-9
     ):
@@ -635,31 +661,59 @@ def _pseudonymise_patient(ds, patient: str) -> None:
     ds.DeidentificationMethod = "tfcovseg research SEG: patient pseudonymised, UIDs retained"
 
 
-def montage(volume: Volume, labels: np.ndarray, classes, window, k=MONTAGE_SLICES) -> bytes:
-    """PNG bytes: up to k slices with the most lesion (the middle slice if none)."""
-    from PIL import Image
+# Patient axes (LPS: +x left, +y posterior, +z superior) and the letter of each end.
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
 
-    from tfcovseg.viz import overlay_rgb
+
+def _letter(direction) -> str:
+    """The patient direction a voxel axis mostly points to (LPS vector): R/L, A/P, I/S."""
+    d = np.asarray(direction, np.float64)
+    axis = int(np.argmax(np.abs(d)))
+    return _AXIS_LETTERS[axis][int(d[axis] > 0)]
+
+
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "I": "S", "S": "I"}
+
+
+def display_geometry(volume: Volume) -> tuple[dict, list[float]]:
+    """Orientation letters at a slice's edges and each slice's z (mm, superior +).
+
+    DICOM: from the series geometry (rows follow the column direction cosines); NIfTI: the
+    display orientation `read_nifti_volume` gives (rows anterior to posterior, columns the
+    patient's right to left) and the canonical affine's z of each slice.
+    """
+    k = volume.hu.shape[0]
+    if volume.kind == "dicom":
+        affine = volume.series_obj.affine_lps()
+        down, across = _letter(affine[:3, 0]), _letter(affine[:3, 1])
+    else:
+        affine = volume.affine
+        down, across = "P", "L"
+    centre = np.array([volume.hu.shape[1] / 2, volume.hu.shape[2] / 2])
+    z = []
+    for i in range(k):
+        if volume.kind == "dicom":
+            z.append(float((affine @ [centre[0], centre[1], i, 1.0])[2]))
+        else:  # display slice i is canonical voxel plane k = i
+            z.append(float((affine @ [centre[1], centre[0], i, 1.0])[2]))
+    markers = {"top": _OPPOSITE[down], "bottom": down, "left": _OPPOSITE[across], "right": across}
+    return markers, z
+
+
+def montage(volume: Volume, labels: np.ndarray, classes, window, k=MONTAGE_SLICES) -> bytes:
+    """PNG bytes: up to k slices with the most lesion (the middle slice if none), each with
+    its slice number and z, the patient orientation letters and the colour legend."""
+    from tfcovseg.viz import overlay_rgb, tile_sheet
 
     area = (labels > 0).sum(axis=(1, 2))
     order = [int(z) for z in np.argsort(-area, kind="stable") if area[z] > 0][:k]
     order = sorted(order) or [volume.hu.shape[0] // 2]
     channels = np.stack([labels[order] == c + 1 for c in range(len(classes))], -1)
     rgb = overlay_rgb(volume.hu[order], channels.astype(np.float32), classes, window=window)
-    tiles = [Image.fromarray((t * 255).round().astype(np.uint8)) for t in rgb]
-    h, w = rgb.shape[1:3]
-    scale = min(1.0, 256 / max(h, w))
-    size = (max(int(w * scale), 1), max(int(h * scale), 1))
-    cols = min(4, len(tiles))
-    rows = -(-len(tiles) // cols)
-    sheet = Image.new("RGB", (cols * size[0], rows * size[1]))
-    for i, tile in enumerate(tiles):
-        sheet.paste(
-            tile.resize(size, Image.BILINEAR), ((i % cols) * size[0], (i // cols) * size[1])
-        )
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
+    markers, z = display_geometry(volume)
+    total = volume.hu.shape[0]
+    captions = [f"slice {i + 1}/{total}, z {z[i]:.1f} mm" for i in order]
+    return tile_sheet(list(rgb), captions, classes, markers)
 
 
 _CSS = (
@@ -704,9 +758,16 @@ def render_html(report: dict, png: bytes) -> str:
 
     def row(name, v, strong=False):
         cell = f"<strong>{e(name)}</strong>" if strong else e(name)
+        sides = v.get("percent_of_each_lung") or {}
+        each = "".join(
+            f"<td>{sides[s]:.2f}</td>" if s in sides else "<td>&mdash;</td>"
+            for s in ("right", "left")
+        )
+        hu = "&mdash;" if v.get("mean_hu") is None else f"{v['mean_hu']:.0f}"
         return (
             f"<tr><td>{cell}</td><td>{v['volume_ml']:.1f}</td>"
-            f"<td>{v['percent_of_lung']:.2f}</td><td>{len(v['slices'])}</td></tr>"
+            f"<td>{v['percent_of_lung']:.2f}</td>{each}<td>{hu}</td>"
+            f"<td>{len(v['slices'])}</td></tr>"
         )
 
     rows = "".join(row(name, v) for name, v in report["lesions"].items())
@@ -729,6 +790,7 @@ def render_html(report: dict, png: bytes) -> str:
         f"{e(str(model['model_version']))}).</p>",
         "<h2>Lesions</h2>",
         "<table><tr><th>lesion type</th><th>volume (mL)</th><th>% of lung</th>"
+        "<th>% of right lung</th><th>% of left lung</th><th>mean HU</th>"
         f"<th>slices</th></tr>{rows}</table>",
         f"<p>Lung volume {report['lung_volume_ml']:.0f} mL. Not counted: "
         f"{report['outside_lung']['volume_ml']:.1f} mL of predicted lesion outside the lungs "
@@ -741,7 +803,8 @@ def render_html(report: dict, png: bytes) -> str:
         "segmented.</p>",
         "<h2>Overlay</h2>",
         f'<p><img alt="slices with the most lesion" src="data:image/png;base64,{image}"></p>',
-        "<p>Red: ground-glass opacity, green: consolidation, blue: fibrosis.</p>",
+        "<p>Each tile: the slice number and z position; the letters at its edges are the "
+        "patient's directions (R/L, A/P); the colours are in the legend below the tiles.</p>",
         lists,
         f'<p class="warn">{e(report["disclaimer"])}</p>',
     ]

@@ -214,12 +214,9 @@ def _keep_top(kept: dict, i: int, labels: np.ndarray, grey, k=MONTAGE_SLICES) ->
 
 
 def _montage(slices: list[Slice], kept: dict, classes) -> bytes:
-    """PNG bytes: the slices `_keep_top` kept, in folder order (the first slice if none)."""
-    import io
-
-    from PIL import Image
-
-    from tfcovseg.viz import overlay_rgb
+    """PNG bytes: the slices `_keep_top` kept, in folder order (the first slice if none),
+    each named under its tile, with the colour legend (2-D images: no orientation)."""
+    from tfcovseg.viz import overlay_rgb, tile_sheet
 
     shown = {i: (lab, grey) for i, (_, lab, grey) in kept.items()}
     if not shown:
@@ -228,18 +225,10 @@ def _montage(slices: list[Slice], kept: dict, classes) -> bytes:
     for i in sorted(shown):
         labels, grey = shown[i]
         channels = np.stack([labels == c + 1 for c in range(len(classes))], -1)
-        rgb = overlay_rgb(grey[None], channels[None].astype(np.float32), classes, (0, 255))
-        tile = Image.fromarray((rgb[0] * 255).round().astype(np.uint8))
-        tile.thumbnail((256, 256))
-        tiles.append(tile)
-    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
-    cols = min(4, len(tiles))
-    sheet = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * h))
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, ((i % cols) * w, (i // cols) * h))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
+        tiles.append(
+            overlay_rgb(grey[None], channels[None].astype(np.float32), classes, (0, 255))[0]
+        )
+    return tile_sheet(tiles, [slices[i].name for i in sorted(shown)], classes)
 
 
 def render_html(report: dict, png: bytes) -> str:

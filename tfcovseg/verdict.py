@@ -83,7 +83,7 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         "call": NO_CALL,
         "rule": None,
         "why": f"the {CLASSIFIER} is not validated ({problem}) and the {BURDEN} makes no "
-        f"call ({burden['rule']})",
+        f"call ({burden['rule'].removeprefix('no call: ')})",
         "evidence": [classifier, lesion],
     }
 

@@ -409,3 +409,67 @@ def plot_roc(roc: Mapping, path, title="Slice classifier") -> Path:
     ax.set_ylim(0, 1.01)
     fig.tight_layout()
     return _save(fig, path)
+
+
+TILE_PIXELS = 256
+SHEET_BACKGROUND = (255, 255, 255)
+
+
+def tile_sheet(tiles, captions, classes, markers=None, columns=4) -> bytes:
+    """PNG bytes of overlay tiles on a white sheet, a caption under each, a colour legend.
+
+    Args:
+        tiles: RGB images [H, W, 3] in [0, 1] (e.g. `overlay_rgb`), shrunk to fit
+            `TILE_PIXELS`; the last row's free cells stay background, never black tiles.
+        captions: One line per tile (slice number and position, file name).
+        classes: Lesion classes, for the legend in their overlay colours.
+        markers: Patient orientation letters at the tiles' edges, ``{"top", "bottom",
+            "left", "right"}`` (e.g. A, P, R, L), or None when unknown (2-D images).
+        columns: Tiles per row at most.
+    """
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=12)
+    images = []
+    for tile in tiles:
+        image = Image.fromarray((np.clip(tile, 0, 1) * 255).round().astype(np.uint8))
+        image.thumbnail((TILE_PIXELS, TILE_PIXELS))
+        images.append(image)
+    w, h = max(i.width for i in images) + 2, max(i.height for i in images)
+    cell = h + 16  # the tile, its caption beneath
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (max(cols * w, 200), rows * cell + 24), SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for n, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (n % cols) * w, (n // cols) * cell
+        sheet.paste(image, (x, y))
+        draw.text((x + 2, y + h + 1), caption, fill=(0, 0, 0), font=font)
+        for side, letter in (markers or {}).items():
+            _marker(draw, (x, y, image.width, image.height), side, letter, font)
+    x, y = 4, rows * cell + 5
+    for name, colour in zip(classes, class_colours(classes)):
+        draw.rectangle((x, y + 1, x + 12, y + 13), fill=_rgb255(colour))
+        draw.text((x + 16, y), str(name), fill=(0, 0, 0), font=font)
+        x += 24 + int(draw.textlength(str(name), font=font))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rgb255(colour) -> tuple[int, int, int]:
+    return tuple(int(round(255 * c)) for c in colour)
+
+
+def _marker(draw, tile, side, letter, font) -> None:
+    x, y, w, h = tile
+    tw = draw.textlength(letter, font=font)
+    where = {
+        "top": (x + (w - tw) / 2, y + 2),
+        "bottom": (x + (w - tw) / 2, y + h - 15),
+        "left": (x + 3, y + h / 2 - 7),
+        "right": (x + w - tw - 3, y + h / 2 - 7),
+    }[side]
+    draw.text(where, letter, fill=(255, 255, 0), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
