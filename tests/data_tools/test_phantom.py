@@ -165,3 +165,30 @@ def test_cohort_plan_is_balanced():
     assert {d for d in diagnoses} == {"covid", "healthy", "bacterial", "viral"}
     covid = [s for d, s in plan if d == "covid"]
     assert covid.count("mild") == covid.count("moderate") == covid.count("severe") == 4
+
+
+def test_the_phantom_figure_shows_one_slice_per_diagnosis_and_severity(tmp_path, capsys):
+    from PIL import Image
+
+    from data_tools.phantom_figure import CASES, main, pick_slice
+
+    assert len({d for d, _ in CASES}) == 4 and [s for d, s in CASES if d == "covid"] == [
+        "mild", "moderate", "severe"
+    ]  # fmt: skip
+    out = tmp_path / "docs" / "phantom.png"
+    assert main(["--out", str(out), "--size", "64"]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > im.height
+    assert not list(out.parent.glob(".*tmp"))
+    # The slice with the most labelled lesion; without labels, the most dense lung.
+    hu = np.full((3, 4, 4), -900.0, np.float32)
+    lung = np.ones((3, 4, 4), bool)
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[1, :2] = 1
+    labels[2, 0, 0] = 2
+    hu[2] = -300.0
+    assert pick_slice(hu, labels, lung) == 1
+    assert pick_slice(hu, np.zeros_like(labels), lung) == 2
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
