@@ -106,7 +106,6 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
     ds = split_dataset(config, split, fold, batch_size)
-    counts = np.zeros((3, len(classes)), np.int64)
     image_dice, image_present = [], []
     patient_counts = {}  # per patient: [TP, FP, FN] x class over its annotated slices
     slice_prob, slice_roc = {}, ([], [])  # ROC: lesion on the slice, its probability
@@ -127,7 +126,6 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
             pred = np.asarray(segmenter.predict_on_batch(hu)["final"])
             _count_patients(patient_counts, pids, masks, pred, annotated, threshold)
             if annotated.any():
-                counts += np.stack(confusion_counts(masks[annotated], pred[annotated], threshold))
                 dice, present = slice_dice(masks[annotated], pred[annotated], threshold)
                 image_dice.append(dice)
                 image_present.append(present)
@@ -174,6 +172,8 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         "training": training_summary(run, config),
     }
     if segmenter is not None:
+        # The split's pixel counts: its patients' together.
+        counts = sum(patient_counts.values(), np.zeros((3, len(classes)), np.int64))
         scores = scores_from_counts(*counts)
         present = (
             np.concatenate(image_present) if image_present else np.zeros((0, len(classes)), bool)
