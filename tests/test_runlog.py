@@ -34,6 +34,11 @@ def test_phases_epochs_best_epoch_and_early_stop(tmp_path):
     assert summary["phases"]["student_r1"]["max_epochs"] == config.semi.epochs
     assert summary["data_fingerprint"] == "abc" and summary["timings"] == {"segmentation_s": 12}
     assert "other" not in summary
+    # A damaged log is named, the others still read.
+    (tmp_path / "logs" / "classification.csv").write_bytes(b"\xff\xfe\x00garbage")
+    damaged = training_summary(tmp_path, config)
+    assert "classification" not in damaged["phases"] and "segmentation" in damaged["phases"]
+    assert damaged["unreadable_logs"] == ["classification.csv: UnicodeDecodeError"]
     # A run folder without logs or run.json (an older or foreign run): no phases, no facts.
     assert training_summary(tmp_path / "nothing") == {"phases": {}}
 

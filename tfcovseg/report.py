@@ -251,6 +251,8 @@ def _training(results: Mapping, figures: Mapping):
         facts.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     if timings.get("total_s") is not None:
         facts.append(f"whole run: {float(timings['total_s']):.0f} s")
+    if training.get("unreadable_logs"):
+        facts.append("logs that could not be read: " + ", ".join(training["unreadable_logs"]))
     blocks = [
         ("p", "Each phase keeps the epoch with the lowest validation loss (its *_best.keras)."),
         ("table", header, rows),

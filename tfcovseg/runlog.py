@@ -76,9 +76,14 @@ def training_summary(run, config=None) -> dict:
     info = {}
     if (run / "run.json").is_file():
         info = json.loads((run / "run.json").read_text())
-    phases = {}
+    phases, unreadable = {}, []
     for path in sorted((run / "logs").glob("*.csv"), key=_phase_order):
-        history = read_history(path)
+        try:
+            history = read_history(path)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:  # the report goes on without it
+            unreadable.append(f"{path.name}: {type(e).__name__}")
+            continue
         if history.get("loss"):
             phases[path.stem] = phase_summary(history, _max_epochs(path.stem, config))
-    return {"phases": phases} | {k: info[k] for k in _RUN_FIELDS if k in info}
+    out = {"phases": phases} | {k: info[k] for k in _RUN_FIELDS if k in info}
+    return out | ({"unreadable_logs": unreadable} if unreadable else {})
