@@ -51,6 +51,8 @@ setup(
         "pyyaml>=6.0",
         "pillow>=10.1",  # ImageFont.load_default(size=...) for the montages
         "highdicom>=0.22",
+        # Anti-aliased drawing (partial volume at every edge) and fast blurs for the phantom.
+        "opencv-python-headless>=4.8",
     ],
     extras_require={
         "cpu": TF_CPU,

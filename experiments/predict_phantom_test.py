@@ -1,7 +1,7 @@
 """Predict the test patients of a phantom fold from their DICOM series, against the truth.
 
     python experiments/predict_phantom_test.py [--model saved_models/tfcovseg]
-        [--cache ~/.cache/tfcovseg/quickstart-128-v3] [--fold 0] [--out runs/phantom-predict]
+        [--cache ~/.cache/tfcovseg/quickstart-128-v4] [--fold 0] [--out runs/phantom-predict]
         [--no-gate]
 
 The phantom cohort and the records the quickstart wrote (``--cache``) say which patients
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("saved_models/tfcovseg"))
     parser.add_argument(
-        "--cache", type=Path, default=Path("~/.cache/tfcovseg/quickstart-128-v3").expanduser()
+        "--cache", type=Path, default=Path("~/.cache/tfcovseg/quickstart-128-v4").expanduser()
     )
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/phantom-predict"))

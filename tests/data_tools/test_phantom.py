@@ -60,32 +60,66 @@ def test_burden_grows_with_severity_and_lesions_cover_some_slices():
 
 
 def test_other_pneumonias_are_not_labelled_but_visible():
+    # Same seed, same anatomy (patients differ only in their lesions).
     healthy = make_patient(21, 128, "healthy", "none")
     bacterial = make_patient(21, 128, "bacterial", "none")
     viral = make_patient(21, 128, "viral", "none")
+    np.testing.assert_array_equal(healthy.lung, bacterial.lung)
     for p in (healthy, bacterial, viral):
         assert not p.lesions.any()
 
     def dense_lung(p, low, high):
         return ((p.hu > low) & (p.hu < high) & p.lung).sum()
 
-    assert dense_lung(bacterial, -200, 200) > 5 * dense_lung(healthy, -200, 200) + 100
+    # Bacterial: consolidation (soft-tissue density where the healthy twin has aerated
+    # lung), in one lung, with air bronchograms: air enclosed by the consolidation.
+    assert dense_lung(bacterial, -200, 200) > 1.5 * dense_lung(healthy, -200, 200) + 500
+    gained = (bacterial.hu > -200) & (healthy.hu < -500) & bacterial.lung
+    columns = gained.sum(axis=(0, 1))
+    middle = len(columns) // 2
+    assert max(columns[:middle].sum(), columns[middle:].sum()) > 0.9 * columns.sum()
 
-    def air_in_consolidation(p):  # air bronchograms: air pixels amid consolidated lung
-        dense = ndimage.uniform_filter((p.hu > -200).astype(np.float32), size=(1, 7, 7))
-        return ((p.hu < -900) & (dense > 0.4) & p.lung).sum()
+    def enclosed_air(p):
+        dense = (p.hu > -200) & p.lung
+        closed = ndimage.binary_closing(dense, structure=np.ones((1, 5, 5)))
+        return ((p.hu < -500) & closed & ~dense & p.lung).sum()
 
-    assert air_in_consolidation(bacterial) > 3 * air_in_consolidation(healthy) + 50
-    # The lobar consolidation fills its lobe up to the fissure instead of tapering off: at
-    # most one slice at each end is much smaller than the largest (a tapering ellipsoid of
-    # the same depth, the old pattern, has two at each end).
-    area = ((bacterial.hu > -200) & bacterial.lung).sum((1, 2))
-    area = area[area > 0]
-    assert (area < 0.7 * area.max()).sum() <= 2
-    # Viral: thickened bronchial walls and centrilobular nodules (soft-tissue density in
-    # the lung, which a healthy lung's blurred vessels do not reach), faint ground glass.
-    assert dense_lung(viral, -350, 100) > 2 * dense_lung(healthy, -350, 100) + 100
-    assert dense_lung(viral, -760, -560) > dense_lung(healthy, -760, -560) + 50
+    assert enclosed_air(bacterial) > 1.5 * enclosed_air(healthy) + 50
+    # Viral: thickened bronchial walls and tree-in-bud (soft tissue in the lung beyond a
+    # healthy lung's vessels), faint peribronchovascular ground glass.
+    assert dense_lung(viral, -350, 100) > 1.2 * dense_lung(healthy, -350, 100) + 100
+    assert dense_lung(viral, -700, -450) > dense_lung(healthy, -700, -450) + 300
+
+
+def test_anatomy_structures():
+    """Spine, heart, trachea, bronchial and vascular trees, ribs: where a chest has them."""
+    p = make_patient(3, 256, "healthy", "none")
+    z_count = p.hu.shape[0]
+    middle = p.hu[z_count // 2]
+    rows, cols = middle.shape
+    # Vertebral body behind the mediastinum, bone density, on the midline.
+    spine = middle[int(rows * 0.6) :, cols // 2 - 8 : cols // 2 + 8]
+    assert (spine > 400).sum() > 30
+    # The trachea, air in the mediastinum, in the upper chest only.
+    top = p.hu[int(z_count * 0.85)]
+    centre = top[rows // 3 : 2 * rows // 3, cols // 2 - 10 : cols // 2 + 10]
+    assert (centre < -900).sum() > 10
+    # Vessels: soft-tissue density inside the lungs, more of it near the hila than at
+    # the periphery (they taper as they branch outwards).
+    lung = p.lung
+    distance = ndimage.distance_transform_edt(lung, sampling=(1e3, 1.4, 1.4))  # in-plane
+    vessel = lung & (p.hu > -300)
+    lateral = np.abs(np.arange(cols) - cols / 2) > 0.3 * cols  # away from the hila
+    deep, shallow = lung & (distance > 15), lung & (distance < 6) & lateral
+    assert vessel[deep].mean() > 2 * vessel[shallow].mean() > 0
+    # Lungs are denser towards the back (supine), as real lungs are.
+    z = z_count // 2
+    ys = np.nonzero(lung[z])[0]
+    front = lung[z] & (np.arange(rows)[:, None] < np.percentile(ys, 30))
+    back = lung[z] & (np.arange(rows)[:, None] > np.percentile(ys, 70))
+    assert np.median(p.hu[z][back]) > np.median(p.hu[z][front]) + 15
+    # Ribs on the chest wall: several separate bone pieces around the lungs.
+    assert ndimage.label(middle > 400)[1] >= 10
 
 
 @pytest.mark.parametrize("signed", [True, False])
