@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import keras
@@ -645,3 +646,43 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(config + ["--out", str(records)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in records.iterdir()) == before
+
+
+def test_classifier_trains_on_its_own_larger_cohort(tmp_path):
+    """data.classifier_phantom_patients: phase 2 on a second cohort's pooled features."""
+    from tfcovseg.config import ConfigError
+    from tfcovseg.data import read_manifest
+
+    overrides = TINY_MODEL + [
+        f"data.records_dir={tmp_path / 'cache' / 'records'}",
+        "data.phantom_patients=5",
+        "data.classifier_phantom_patients=4",
+        "data.phantom_seed=2",
+        "data.phantom_slices=[6,8]",
+        "train.epochs=1",
+        "train.classifier_epochs=3",
+        "train.batch_size=4",
+        "name=tiny-cohort",
+    ]
+    messages = []
+    train(load_config("quickstart", overrides), tmp_path / "run", verbose=0, log=messages.append)
+    main_cohort = read_manifest(tmp_path / "cache" / "records")["patients"]
+    own = read_manifest(tmp_path / "cache" / "classifier-records")["patients"]
+    assert len(main_cohort) == 5 and len(own) == 4 and not set(own) & set(main_cohort)
+    slices = sum(p["num_slices"] for p in own.values())
+    assert any(f"pooled features of {slices} slices of cache/classifier-records" in m
+               for m in messages)  # fmt: skip
+    with (tmp_path / "run" / "logs" / "classification.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 1 and {"val_auc", "val_patient_accuracy"} <= set(rows[0])
+    assert (tmp_path / "run" / "classifier_best.keras").is_file()
+    # Made once: a second run reuses both cohorts.
+    stamp = (tmp_path / "cache" / "classifier-records" / "manifest.json").stat().st_mtime_ns
+    from tfcovseg.train import classifier_records
+
+    assert classifier_records(load_config("quickstart", overrides)) == (
+        tmp_path / "cache" / "classifier-records"
+    )
+    assert (tmp_path / "cache" / "classifier-records" / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="classifier_phantom_patients needs a phantom cohort"):
+        load_config("quickstart", [*overrides, "data.phantom_patients=0"])

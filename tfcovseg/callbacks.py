@@ -190,6 +190,8 @@ class PatientEvaluation(keras.callbacks.Callback):
         threshold: Slice probability at which a slice counts as positive.
         min_slices: Positive slices that make a patient positive.
         prefix: Prefix of the log keys, e.g. "val_patient_accuracy".
+        classifier: The classifier to evaluate when it is not the model being fit (a head
+            trained on pooled features: `tfcovseg.models.classifier.head_on_features`).
     """
 
     def __init__(
@@ -199,8 +201,10 @@ class PatientEvaluation(keras.callbacks.Callback):
         threshold=0.5,
         min_slices=1,
         prefix="val_patient_",
+        classifier=None,
     ):
         super().__init__()
+        self.classifier = classifier
         self.validation_data = validation_data
         self.every_n_epochs = int(every_n_epochs)
         self.threshold = float(threshold)
@@ -211,7 +215,7 @@ class PatientEvaluation(keras.callbacks.Callback):
 
     def slice_probabilities(self):
         """{patient: [slice probabilities]} and {patient: diagnosis}."""
-        return slice_probabilities(self.model, self.validation_data)
+        return slice_probabilities(self.classifier or self.model, self.validation_data)
 
     def compute(self) -> dict:
         probs, diagnosis = self.slice_probabilities()

@@ -222,6 +222,14 @@ class DataConfig:
         phantom_slices: [low, high] slices per phantom patient, drawn per patient; they
             always cover 300 mm of chest, so fewer slices are thicker and the same number
             of slices holds more patients.
+        classifier_phantom_patients: When > 0 (with `phantom_patients`), phase 2 trains
+            the classifier head on a second phantom cohort of this many patients (seed
+            `phantom_seed` + 1, same mix and slices; written and converted once beside the
+            first, in ``classifier-phantom/`` and ``classifier-records/``), all of its
+            slices, instead of on the fold's training split: the head has few weights and
+            wants many patients, the segmenter's cohort stays small. The validation and
+            test patients stay the first cohort's. With the "dense" head the frozen
+            encoder's pooled features are computed once and the head trains on them.
         compression: "" or "GZIP", as the records were written.
         fold: Which patient-level fold to train on.
         num_folds: Number of folds in the records' manifest.
@@ -248,6 +256,7 @@ class DataConfig:
     phantom_seed: int = 0
     phantom_mix: str = "default"
     phantom_slices: tuple[int, int] = (20, 40)  # data_tools.phantom.SLICE_RANGE
+    classifier_phantom_patients: int = 0
     compression: str = ""
     fold: int = 0
     num_folds: int = 5
@@ -267,6 +276,16 @@ class DataConfig:
         _check_positive("data.num_folds", self.num_folds)
         if self.phantom_patients < 0:
             raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")
+        if self.classifier_phantom_patients < 0:
+            raise ConfigError(
+                f"data.classifier_phantom_patients must be >= 0, "
+                f"got {self.classifier_phantom_patients}"
+            )
+        if self.classifier_phantom_patients and not self.phantom_patients:
+            raise ConfigError(
+                "data.classifier_phantom_patients needs a phantom cohort "
+                "(data.phantom_patients > 0)"
+            )
         low, high = self.phantom_slices
         if not 4 <= low <= high:  # data_tools.phantom.MIN_SLICES
             raise ConfigError(

@@ -76,6 +76,8 @@ from tfcovseg.callbacks import (  # noqa: E402
     PatientEvaluation,
 )
 from tfcovseg.data import (  # noqa: E402
+    OTHER_PNEUMONIA,
+    classify_label,
     find_corrupt_shards,
     make_dataset,
     read_manifest,
@@ -100,7 +102,7 @@ from tfcovseg.models import (  # noqa: E402
     model_file_problem,
     save_model,
 )
-from tfcovseg.models.classifier import with_classifier_head  # noqa: E402
+from tfcovseg.models.classifier import head_on_features, with_classifier_head  # noqa: E402
 from tfcovseg.selftrain import collect_images, mixed_dataset, pseudo_dataset  # noqa: E402
 from tfcovseg.semisup import label_round  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
@@ -126,8 +128,25 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
     folder = records_dir(config)
     if config.data.phantom_patients == 0:
         return folder
-    cohort = folder.parent / "phantom"
-    check_phantom_cache(config, folder, cohort)
+    return _phantom_records(config, folder, folder.parent / "phantom", None, None, log)
+
+
+def classifier_records(config: ExperimentConfig, log=print) -> Path | None:
+    """Records of the classifier's own phantom cohort (`data.classifier_phantom_patients`),
+    written and converted beside the first cohort once; None when not configured."""
+    d = config.data
+    if not d.classifier_phantom_patients:
+        return None
+    parent = records_dir(config).parent
+    return _phantom_records(config, parent / "classifier-records", parent / "classifier-phantom",
+                            d.classifier_phantom_patients, d.phantom_seed + 1, log)  # fmt: skip
+
+
+def _phantom_records(config, folder: Path, cohort: Path, patients, seed, log) -> Path:
+    """Writes (once) and converts (once) a phantom cohort; None, None: the first one's."""
+    check_phantom_cache(config, folder, cohort, patients, seed)
+    if patients is None:
+        patients, seed = config.data.phantom_patients, config.data.phantom_seed
     if (folder / "manifest.json").is_file():
         return folder
     from data_tools.convert import convert
@@ -136,24 +155,18 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
     size = config.model.input_size[0]
     if not (cohort / "manifest.csv").is_file():
         log(
-            f"writing a synthetic phantom cohort of {config.data.phantom_patients} patients "
+            f"writing a synthetic phantom cohort of {patients} patients "
             f"({config.data.phantom_mix} mix) to {cohort} (once)"
         )
-        make_cohort(
-            cohort,
-            config.data.phantom_patients,
-            config.data.phantom_seed,
-            size,
-            mix=config.data.phantom_mix,
-            slices=config.data.phantom_slices,
-        )
+        make_cohort(cohort, patients, seed, size, mix=config.data.phantom_mix,
+                    slices=config.data.phantom_slices)  # fmt: skip
     log(f"converting {cohort} to TFRecords in {folder}")
     convert(
         cohort,
         folder,
         size=size,
         folds=config.data.num_folds,
-        seed=config.data.phantom_seed,
+        seed=seed,
         classes=config.model.class_names,
         progress=False,
         salt=PHANTOM_SALT,
@@ -161,7 +174,9 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
     return folder
 
 
-def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) -> None:
+def check_phantom_cache(
+    config: ExperimentConfig, folder: Path, cohort: Path, patients=None, seed=None
+) -> None:
     """Stops when a cached phantom cohort or its records were made with other settings.
 
     The cache is reused across runs, so a changed `data.phantom_patients`, `phantom_seed`,
@@ -176,9 +191,13 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
     from data_tools.privacy import pseudonym
 
     d = config.data
-    plan = cohort_plan(d.phantom_patients, d.phantom_seed, d.phantom_mix)
+    if patients is None or seed is None:
+        patients, seed, count = d.phantom_patients, d.phantom_seed, "phantom_patients"
+    else:
+        count = "classifier_phantom_patients"
+    plan = cohort_plan(patients, seed, d.phantom_mix)
     wanted = (
-        f"data.phantom_patients={d.phantom_patients}, phantom_seed={d.phantom_seed}, "
+        f"data.{count}={patients}, phantom_seed={seed}, "
         f"phantom_mix={d.phantom_mix}, phantom_slices={list(d.phantom_slices)}"
     )
     low, high = d.phantom_slices
@@ -214,7 +233,7 @@ def check_phantom_cache(config: ExperimentConfig, folder: Path, cohort: Path) ->
             raise TrainingError(f"{records} is not a readable records manifest ({e})") from None
         salt = PHANTOM_SALT.encode("utf-8")
         expected = {
-            pseudonym("P", dicom_patient_key(phantom_patient_id(d.phantom_seed, i)), salt): tuple(p)
+            pseudonym("P", dicom_patient_key(phantom_patient_id(seed, i)), salt): tuple(p)
             for i, p in enumerate(plan)
         }
         if found != expected or not slices_ok:
@@ -886,7 +905,24 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
 
 def _classification_phase(run: _Run, segmenter) -> None:
     """Phase 2: the classifier head on the best segmenter's frozen encoder (the paper's
-    gate), or the plain SE-ResNet classifier."""
+    gate), or the plain SE-ResNet classifier; on the classifier's own phantom cohort when
+    one is configured (`data.classifier_phantom_patients`)."""
+    config, out = run.config, run.out
+    classifier = _phase_two_classifier(run, segmenter)
+    cohort = classifier_records(config, run.log)
+    # Patient-level metrics predict slice by slice on one worker: not under multi-worker.
+    multi = is_multi_worker(run.strategy)
+    patient_eval = [] if multi else [PatientEvaluation(run.inspect_val, classifier=classifier)]
+    frozen = config.model.architecture != "seresnet_classifier"
+    if cohort is not None and frozen and not multi and classifier.head == "dense":
+        _fit_head_on_features(run, classifier, cohort, patient_eval)
+    else:
+        _fit_classifier(run, classifier, cohort, patient_eval)
+    save_model(classifier, out / "classifier_last.keras")
+    _finish_best(classifier, out, "classification", run.log)
+
+
+def _phase_two_classifier(run: _Run, segmenter):
     config, t, out = run.config, run.config.train, run.out
     with run.strategy.scope():
         if config.model.architecture == "seresnet_classifier":
@@ -913,8 +949,15 @@ def _classification_phase(run: _Run, segmenter) -> None:
             ],
             jit_compile=t.jit_compile,
         )
+    return classifier
+
+
+def _fit_classifier(run: _Run, classifier, cohort, patient_eval) -> None:
+    """Phase 2 on batches of slices (augmented, through the frozen encoder each step)."""
+    config, t = run.config, run.config.train
+    train_common = {**run.common, "record_dir": cohort} if cohort else run.common
     train_ds = make_dataset(
-        split=config.data.train_split,
+        split="all" if cohort else config.data.train_split,
         training=True,
         compact=True,  # int16/uint8 batches: the model casts
         task="classify",
@@ -922,7 +965,7 @@ def _classification_phase(run: _Run, segmenter) -> None:
         oversample_pneumonia=config.data.oversample_pneumonia,
         shuffle_buffer=config.data.shuffle_buffer,
         intensity_window=_intensity_window(config),
-        **run.common,
+        **train_common,
     )
     val_ds = make_dataset(
         split="validation",
@@ -932,18 +975,52 @@ def _classification_phase(run: _Run, segmenter) -> None:
         drop_remainder=run.eval_drop,
         **run.common,
     )
-    # Patient-level metrics predict slice by slice on one worker: not under multi-worker.
-    multi = is_multi_worker(run.strategy)
-    patient_eval = [] if multi else [PatientEvaluation(run.inspect_val)]
     run.log(
         f"phase 2: classification head on the frozen encoder, up to {t.classifier_epochs} epochs"
     )
     callbacks = _callbacks(
-        out, "classification", t.early_stopping_patience, run.resume, patient_eval, log=run.log
-    )
+        run.out, "classification", t.early_stopping_patience, run.resume, patient_eval,
+        log=run.log,
+    )  # fmt: skip
     _fit(classifier, run.strategy, train_ds, val_ds, t.classifier_epochs, callbacks, run.verbose)
-    save_model(classifier, out / "classifier_last.keras")
-    _finish_best(classifier, out, "classification", run.log)
+
+
+def _fit_head_on_features(run: _Run, classifier, cohort: Path, patient_eval) -> None:
+    """Phase 2 on the frozen encoder's pooled features, computed once per slice."""
+    t = run.config.train
+    features, head = head_on_features(classifier)
+    head.compile(
+        optimizer=keras.optimizers.Adam(t.classifier_learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+    every = make_dataset(
+        split="all", training=False, task="inspect", **{**run.common, "record_dir": cohort}
+    )
+    x, y, w = _pooled(features, every, run.config.data.oversample_pneumonia)
+    val = make_dataset(split="validation", training=False, task="inspect", **run.common)
+    xv, yv, _ = _pooled(features, val, 1)
+    run.log(
+        f"phase 2: classification head on the frozen encoder's pooled features of {len(y)} "
+        f"slices of {cohort.parent.name}/{cohort.name}, up to {t.classifier_epochs} epochs"
+    )
+    callbacks = _callbacks(
+        run.out, "classification", t.early_stopping_patience, run.resume, patient_eval,
+        save=classifier, log=run.log,
+    )  # fmt: skip
+    head.fit(x, y, sample_weight=w, batch_size=t.batch_size, epochs=t.classifier_epochs,
+             validation_data=(xv, yv), callbacks=callbacks, verbose=run.verbose)  # fmt: skip
+
+
+def _pooled(features, dataset, pneumonia_weight: int):
+    """(pooled features, slice labels, sample weights) of every slice of a dataset."""
+    xs, ys, ws = [], [], []
+    for batch in dataset:
+        xs.append(np.asarray(features.predict_on_batch(batch["hu"][..., None])))
+        ys.append(classify_label(batch).numpy())
+        diagnosis = batch["patient/diagnosis"].numpy().astype(str)
+        ws.append(np.where(np.isin(diagnosis, OTHER_PNEUMONIA), float(pneumonia_weight), 1.0))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
 
 
 def _summary(config, folder, manifest, strategy, resume, timings) -> dict:

@@ -27,9 +27,9 @@ LABELS = {"ggo": 1, "consolidation": 2, "fibrosis": 3}
 
 # (count range, radius range mm) per severity; paving: share of GGO with crazy paving.
 COVID_PLAN = {
-    "mild": dict(ggo=(2, 4), radius=(6, 13), cons=(0, 1), fib=(0, 0), paving=0.0),
-    "moderate": dict(ggo=(4, 8), radius=(8, 18), cons=(1, 3), fib=(0, 1), paving=0.3),
-    "severe": dict(ggo=(8, 14), radius=(11, 27), cons=(3, 5), fib=(2, 5), paving=0.6),
+    "mild": dict(ggo=(2, 4), radius=(9, 18), cons=(0, 1), fib=(0, 0), paving=0.0),
+    "moderate": dict(ggo=(4, 8), radius=(12, 25), cons=(1, 3), fib=(0, 1), paving=0.3),
+    "severe": dict(ggo=(8, 14), radius=(18, 38), cons=(3, 5), fib=(2, 5), paving=0.6),
 }
 
 
@@ -115,18 +115,18 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
     for _ in range(rng.integers(plan["ggo"][0], plan["ggo"][1] + 1)):
         side = -side  # both lungs
         a = rng.uniform(*plan["radius"])
-        p = sampler.point((35, 250), (0.0, max(0.6 * a, 4.0)), side, lateral)
+        p = sampler.point((35, 250), (0.3 * a, max(0.8 * a, 4.0)), side, lateral)
         if p is None:
             continue
         lesion = Lesion(
-            "ggo", p, (a * rng.uniform(0.7, 1.3), a, max(a * rng.uniform(1.2, 2.5), 12.0)),
+            "ggo", p, (a * rng.uniform(0.7, 1.3), a, max(a * rng.uniform(1.0, 2.0), 15.0)),
             rng.uniform(-700, -380), 0.6, LABELS["ggo"], rng.uniform(0, math.pi),
             _lobes(rng, 0.18), paving=bool(rng.uniform() < plan["paving"]),
         )  # fmt: skip
         ggo.append(lesion)
         out.append(lesion)
     for _ in range(rng.integers(plan["cons"][0], plan["cons"][1] + 1)):
-        a = rng.uniform(8, 16)
+        a = rng.uniform(10, 20)
         if ggo and rng.uniform() < 0.5:  # consolidation inside ground glass
             host = ggo[rng.integers(len(ggo))]
             a = min(a, 0.6 * host.axes[1] + 4)
@@ -134,7 +134,7 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
             p = (x + rng.normal(0, 2), y + rng.normal(0, 2), z + rng.normal(0, 3))
         else:
             side = -side
-            p = sampler.point((35, 220), (0.0, max(0.7 * a, 4.0)), side, lateral)
+            p = sampler.point((35, 220), (0.3 * a, max(0.8 * a, 4.0)), side, lateral)
         if p is None:
             continue
         out.append(
@@ -164,11 +164,11 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
             Lesion(
                 "fibrosis",
                 p,
-                (rng.uniform(18, 35), 0.0, rng.uniform(12, 30)),
+                (rng.uniform(22, 40), 0.0, rng.uniform(15, 35)),
                 rng.uniform(-680, -600),
                 0.35,
                 LABELS["fibrosis"],
-                depth=rng.uniform(6, 12),
+                depth=rng.uniform(8, 15),
                 band=rng.uniform(1.5, 3.0),
             )  # fmt: skip
         )

@@ -209,3 +209,29 @@ def test_copy_head_and_joint_model_with_the_conv_head(rng):
     np.testing.assert_allclose(_np(joint(x)["covid_probability"]), _np(trained(x)), atol=1e-6)
     with pytest.raises(ValueError, match="heads differ"):
         copy_head(build_classifier(segmenter), trained)
+
+
+@pytest.mark.parametrize("pooling", ["avg", "avg_max"])
+def test_head_on_features_splits_the_classifier_and_trains_it(rng, pooling):
+    from tfcovseg.models.classifier import head_on_features
+
+    classifier = build_classifier(build_model(tiny_config()), pooling=pooling, dropout=0.2)
+    classifier.encoder.trainable = False
+    features, head = head_on_features(classifier)
+    x = hu_batch(rng, n=4)
+    pooled = _np(features(x))
+    assert pooled.shape == (4, 32 * (2 if pooling == "avg_max" else 1))
+    # The two halves in a row are the classifier (inference mode: dropout off).
+    np.testing.assert_allclose(_np(head(pooled)), _np(classifier(x)), rtol=1e-5, atol=1e-6)
+    # Training the head on the features trains the classifier's own head layers only.
+    encoder_before = [_np(w).copy() for w in classifier.encoder.weights]
+    before = _np(classifier(x))
+    head.compile(optimizer=keras.optimizers.Adam(1e-1), loss="binary_crossentropy")
+    head.fit(pooled, np.array([1, 0, 1, 0], "float32"), epochs=3, verbose=0)
+    assert not np.allclose(_np(classifier(x)), before)
+    np.testing.assert_allclose(_np(head(pooled)), _np(classifier(x)), rtol=1e-5, atol=1e-6)
+    for w, b in zip(classifier.encoder.weights, encoder_before):
+        np.testing.assert_array_equal(_np(w), b)
+    conv = build_classifier(build_model(tiny_config()), head="conv")
+    with pytest.raises(ValueError, match="only a dense head"):
+        head_on_features(conv)

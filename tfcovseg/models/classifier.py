@@ -231,6 +231,30 @@ def copy_head(classifier, source):
         layer.set_weights(other.get_weights())
 
 
+def head_on_features(classifier):
+    """(features, head): two models that split a dense-head `CovidClassifier` in two.
+
+    ``features`` maps HU slices to the pooled last-stage features of the (frozen) encoder;
+    ``head`` maps those to the probability through the classifier's own head layers
+    (normalisation, dropout, dense), so training ``head`` trains ``classifier``. With the
+    encoder frozen the features of a slice never change: computed once, they let the head
+    train for many epochs at the cost of a few matrix products.
+    """
+    if classifier.head != "dense":
+        raise ValueError(f"only a dense head trains on pooled features, not {classifier.head!r}")
+    h = classifier._head
+    x = classifier.encoder(classifier.window_layer(classifier.input))["stage4"]
+    pooled = [pool(x) for pool in h.pool]
+    pooled = h.concat(pooled) if h.concat is not None else pooled[0]
+    features = keras.Model(classifier.input, pooled, name=f"{classifier.name}_features")
+    inputs = keras.Input((pooled.shape[-1],), name="pooled")
+    y = h.norm(inputs) if h.norm is not None else inputs
+    if h.dropout is not None:
+        y = h.dropout(y)
+    head = keras.Model(inputs, h.squeeze(h.sigmoid(h.logit(y))), name=f"{classifier.name}_head")
+    return features, head
+
+
 def with_classifier_head(segmenter, classifier):
     """A training model: the segmenter's outputs plus ``covid_probability`` from its encoder.
 
