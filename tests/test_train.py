@@ -648,6 +648,7 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert sorted(p.name for p in records.iterdir()) == before
 
 
+@pytest.mark.usefixtures("eager")
 def test_classifier_trains_on_its_own_larger_cohort(tmp_path):
     """data.classifier_phantom_patients: phase 2 on a second cohort's pooled features."""
     from tfcovseg.config import ConfigError
