@@ -429,7 +429,12 @@ def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys)
         metrics = json.loads((out / f"fold{k}" / "metrics.json").read_text())
         assert metrics["fold"] == k
     cv = json.loads((out / "cv_metrics.json").read_text())
-    assert (out / "cv_report.md").is_file() and "cross-validation folder" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (out / "cv_report.md").is_file() and "cross-validation folder" in printed
+    # Not a terminal: one short line per epoch (both phases, every fold), no progress bar.
+    epochs = [line for line in printed.splitlines() if line.startswith("  epoch 1/1: loss")]
+    assert len(epochs) == 2 * folds and all(len(line) < 200 for line in epochs)
+    assert "\x1b" not in printed and "━" not in printed
     assert folds == 2 and len(cv["folds"]) == folds
     with pytest.raises(SystemExit) as exit_info:
         main(["--fold", "seven"])

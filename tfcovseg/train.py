@@ -72,6 +72,7 @@ from tfcovseg.callbacks import (  # noqa: E402
     AtomicBackupAndRestore,
     AtomicCSVLogger,
     AtomicModelCheckpoint,
+    EpochLine,
     OverlayImages,
     PatientEvaluation,
 )
@@ -417,7 +418,16 @@ def _overlay_slices(dataset, k: int):
     return images, masks
 
 
-def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose):
+def keras_verbose(verbose, callbacks, epochs, log=print):
+    """(Keras' verbose, callbacks): 2 means one short `EpochLine` per epoch, not Keras'
+    line of every metric; "auto"/1 keep Keras' progress bar (a terminal); 0 nothing."""
+    if verbose == 2:
+        return 0, [*callbacks, EpochLine(epochs, log)]
+    return verbose, callbacks
+
+
+def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose, log=print):
+    verbose, callbacks = keras_verbose(verbose, callbacks, epochs, log)
     if is_multi_worker(strategy):
         # Shard by element: a record folder may hold fewer shards than workers.
         options = tf.data.Options()
@@ -789,7 +799,7 @@ def _segmentation_phase(run: _Run):
     callbacks = _callbacks(
         out, "segmentation", t.early_stopping_patience, run.resume, extra, segmenter, run.log
     )
-    _fit(fit_model, run.strategy, train_ds, val_ds, t.epochs, callbacks, run.verbose)
+    _fit(fit_model, run.strategy, train_ds, val_ds, t.epochs, callbacks, run.verbose, run.log)
     save_model(segmenter, out / "segmenter_last.keras")
     _finish_best(segmenter, out, "segmentation", run.log)
     return segmenter
@@ -882,7 +892,7 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
         )
         history = _fit(
             student, run.strategy, mixed_dataset(labelled, pseudo, outputs), val_ds,
-            semi.epochs, callbacks, run.verbose,
+            semi.epochs, callbacks, run.verbose, run.log,
         )  # fmt: skip
         if model_file_problem(best):
             save_model(student, best)
@@ -982,7 +992,16 @@ def _fit_classifier(run: _Run, classifier, cohort, patient_eval) -> None:
         run.out, "classification", t.early_stopping_patience, run.resume, patient_eval,
         log=run.log,
     )  # fmt: skip
-    _fit(classifier, run.strategy, train_ds, val_ds, t.classifier_epochs, callbacks, run.verbose)
+    _fit(
+        classifier,
+        run.strategy,
+        train_ds,
+        val_ds,
+        t.classifier_epochs,
+        callbacks,
+        run.verbose,
+        run.log,
+    )
 
 
 def _fit_head_on_features(run: _Run, classifier, cohort: Path, patient_eval) -> None:
@@ -1008,8 +1027,9 @@ def _fit_head_on_features(run: _Run, classifier, cohort: Path, patient_eval) -> 
         run.out, "classification", t.early_stopping_patience, run.resume, patient_eval,
         save=classifier, log=run.log,
     )  # fmt: skip
+    verbose, callbacks = keras_verbose(run.verbose, callbacks, t.classifier_epochs, run.log)
     head.fit(x, y, sample_weight=w, batch_size=t.batch_size, epochs=t.classifier_epochs,
-             validation_data=(xv, yv), callbacks=callbacks, verbose=run.verbose)  # fmt: skip
+             validation_data=(xv, yv), callbacks=callbacks, verbose=verbose)  # fmt: skip
 
 
 def _pooled(features, dataset, pneumonia_weight: int):
@@ -1158,7 +1178,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    verbose = 2 if args.quiet else "auto"
+    # A progress bar in a terminal; one short line per epoch in a log file or with --quiet.
+    verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     quickstart = config.name == "quickstart"
     if config.data.train_split == "development" and (args.evaluate or args.fold == "all"):
