@@ -88,14 +88,14 @@ class Anatomy:
             apex = cv.blank()
             frac = min((z - 225) / (292 - 225), 1.0)
             a = 150 * math.sqrt(max(1.0 - frac**2, 0.0)) + 5
-            w = self._mediastinal_half_width(z)
+            w = self.mediastinal_half_width(z)
             for side in (-1, 1):
                 x = self.xm + side * (w + 0.55 * a)
                 cv.ellipse(apex, x, self.y0 + 10, 0.6 * a, 0.75 * a)
             np.minimum(lung, apex, out=lung)
         return lung
 
-    def _mediastinal_half_width(self, z):
+    def mediastinal_half_width(self, z):
         return float(np.interp(z, [0, 140, 160, 205, 225, 300], [16, 18, 27, 27, 18, 14]))
 
     def _heart(self, z):
@@ -129,7 +129,7 @@ class Anatomy:
             out.append(("tube", xm - 3, yf + 0.38 * d, xm + 24, ys - 12, 12, 40.0))  # arch
         if 145 < z < 178:
             out.append(("ellipse", xm + 15, yf + 0.22 * d, 13, 13, 0.0, 38.0))  # pulm. trunk
-        w = self._mediastinal_half_width(z)
+        w = self.mediastinal_half_width(z)
         if 165 < z < 176:
             out.append(("tube", xm + 10, yf + 0.3 * d, xm - w - 14, ys - 30, 9, 38.0))
         if 172 < z < 185:
@@ -149,7 +149,7 @@ class Anatomy:
 
     def _not_lung(self, z):
         """Shapes (canvas method, args) that the lungs give way to on this slice."""
-        w = self._mediastinal_half_width(z)
+        w = self.mediastinal_half_width(z)
         top = self.y_front - 4
         shapes = [
             ("polygon",  # narrow behind the sternum (the anterior junction), wider behind

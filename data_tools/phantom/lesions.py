@@ -108,7 +108,7 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
     out = []
 
     def lateral(xx, yy, z):  # under the costal pleura, not the mediastinal one
-        return np.abs(xx - an.xm) > an._mediastinal_half_width(z) + 30
+        return np.abs(xx - an.xm) > an.mediastinal_half_width(z) + 30
 
     side = rng.choice((-1, 1))
     ggo = []

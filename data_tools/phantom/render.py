@@ -10,7 +10,14 @@ import numpy as np
 from data_tools.phantom import lesions as lesion_lib
 from data_tools.phantom.anatomy import CHEST_MM, Anatomy, distance_to_pleura
 from data_tools.phantom.canvas import Canvas, blend
-from data_tools.phantom.trees import bronchi, concat, draw_segments, make_tree, slab_segments
+from data_tools.phantom.trees import (
+    Tree,
+    bronchi,
+    concat,
+    draw_segments,
+    make_tree,
+    slab_segments,
+)
 
 FOV_MM = 360.0
 AIR = -1000.0
@@ -56,7 +63,7 @@ class _Textures:
     """Per-patient fields larger than a slice; each slice takes a window at random."""
 
     def __init__(self, rng, cv: Canvas):
-        n = cv.size
+        n = self.n = cv.size
         self.pad = max(n // 8, 2)
         big = Canvas(n + 2 * self.pad, cv.mm * (n + 2 * self.pad))
         shape = (big.size, big.size)
@@ -109,7 +116,6 @@ class _Patient:
         self.cv = Canvas(size, FOV_MM)
         an = self.an = Anatomy(rng)
         self.tex = _Textures(rng, self.cv)
-        self.tex.n = size
         self.par = an.parenchyma(self.cv)
         self.tex_sigma = rng.uniform(8, 15)
         self.noise = rng.uniform(10, 22)
@@ -129,19 +135,19 @@ class _Patient:
         hila = []
         for side, drop, lat in ((-1, 22, 10), (1, 28, 14)):
             z = an.carina - drop
-            w = an._mediastinal_half_width(z)
+            w = an.mediastinal_half_width(z)
             hila.append((side, np.array([an.xm + side * (w + lat), an.y_trachea + 6, z])))
         self.arteries = concat(*(make_tree(rng, h, s, 5.5, 28.0, 8) for s, h in hila))
         veins = []
         for side, _ in hila:
-            root = (an.xm + side * (an._mediastinal_half_width(135) + 4),
+            root = (an.xm + side * (an.mediastinal_half_width(135) + 4),
                     an.y_front + 0.55 * an.depth, 135.0)  # fmt: skip
             veins.append(make_tree(rng, root, side, 5.0, 26.0, 7))
         self.vessels = concat(self.arteries, *veins)
         self.bronchi = bronchi(self.arteries, 4)
         carina = np.array([an.xm, an.y_trachea, an.carina])
         ends = np.array([h for _, h in hila])
-        self.main_bronchi = type(self.bronchi)(
+        self.main_bronchi = Tree(
             np.stack([carina, carina]), ends, np.array([6.5, 6.0]), np.zeros(2, int)
         )
 
