@@ -692,3 +692,24 @@ def test_classifier_trains_on_its_own_larger_cohort(tmp_path):
     assert (tmp_path / "cache" / "classifier-records" / "manifest.json").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigError, match="classifier_phantom_patients needs a phantom cohort"):
         load_config("quickstart", [*overrides, "data.phantom_patients=0"])
+
+
+def test_pooled_features_keep_the_classify_task_slices():
+    """An unannotated slice of a COVID-19 patient is no negative: the head never sees it."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tfcovseg.train import _pooled
+
+    class Features:
+        def predict_on_batch(self, hu):
+            return np.arange(len(hu), dtype="float32")[:, None]
+
+    batch = {
+        "hu": tf.zeros((4, 8, 8)),
+        "mask/annotated": tf.constant([1, 0, 0, 1]),
+        "patient/diagnosis": tf.constant(["covid", "covid", "viral", "healthy"]),
+        "slice/label": tf.constant([1, 1, 0, 0]),
+    }
+    x, y, w = _pooled(Features(), [batch], 3)
+    assert x[:, 0].tolist() == [0, 2, 3] and y.tolist() == [1, 0, 0] and w.tolist() == [1, 3, 1]

@@ -82,6 +82,7 @@ from tfcovseg.data import (  # noqa: E402
     find_corrupt_shards,
     make_dataset,
     read_manifest,
+    slice_is_usable,
     split_patients,
     split_slices,
 )
@@ -1036,10 +1037,14 @@ def _pooled(features, dataset, pneumonia_weight: int):
     """(pooled features, slice labels, sample weights) of every slice of a dataset."""
     xs, ys, ws = [], [], []
     for batch in dataset:
-        xs.append(np.asarray(features.predict_on_batch(batch["hu"][..., None])))
-        ys.append(classify_label(batch).numpy())
         diagnosis = batch["patient/diagnosis"].numpy().astype(str)
-        ws.append(np.where(np.isin(diagnosis, OTHER_PNEUMONIA), float(pneumonia_weight), 1.0))
+        # The "classify" task's slices: annotated ones, and every other pneumonia's slice.
+        usable = [slice_is_usable("classify", a > 0, d)
+                  for a, d in zip(batch["mask/annotated"].numpy(), diagnosis)]  # fmt: skip
+        xs.append(np.asarray(features.predict_on_batch(batch["hu"][..., None]))[usable])
+        ys.append(classify_label(batch).numpy()[usable])
+        weight = np.where(np.isin(diagnosis, OTHER_PNEUMONIA), float(pneumonia_weight), 1.0)
+        ws.append(weight[usable])
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
 
 
