@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -425,8 +426,6 @@ class EpochLine(keras.callbacks.Callback):
         self._start = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        import time
-
         self._start = time.perf_counter()
 
     @staticmethod
@@ -448,7 +447,5 @@ class EpochLine(keras.callbacks.Callback):
         return ", ".join(parts)
 
     def on_epoch_end(self, epoch, logs=None):
-        import time
-
         seconds = time.perf_counter() - (self._start or time.perf_counter())
         self.log(f"  epoch {epoch + 1}/{self.epochs}: {self.describe(logs or {})}, {seconds:.0f} s")

@@ -130,25 +130,32 @@ def prepare_records(config: ExperimentConfig, log=print) -> Path:
     folder = records_dir(config)
     if config.data.phantom_patients == 0:
         return folder
-    return _phantom_records(config, folder, folder.parent / "phantom", None, None, log)
+    return _phantom_records(config, folder, folder.parent / "phantom", "phantom_patients", log)
 
 
 def classifier_records(config: ExperimentConfig, log=print) -> Path | None:
     """Records of the classifier's own phantom cohort (`data.classifier_phantom_patients`),
     written and converted beside the first cohort once; None when not configured."""
-    d = config.data
-    if not d.classifier_phantom_patients:
+    if not config.data.classifier_phantom_patients:
         return None
     parent = records_dir(config).parent
     return _phantom_records(config, parent / "classifier-records", parent / "classifier-phantom",
-                            d.classifier_phantom_patients, d.phantom_seed + 1, log)  # fmt: skip
+                            "classifier_phantom_patients", log)  # fmt: skip
 
 
-def _phantom_records(config, folder: Path, cohort: Path, patients, seed, log) -> Path:
-    """Writes (once) and converts (once) a phantom cohort; None, None: the first one's."""
-    check_phantom_cache(config, folder, cohort, patients, seed)
-    if patients is None:
-        patients, seed = config.data.phantom_patients, config.data.phantom_seed
+def _cohort_settings(config: ExperimentConfig, key: str) -> tuple[int, int]:
+    """(patients, seed) of the cohort counted by `data.<key>`; the classifier's cohort
+    takes the next seed, so that its patients are not the segmenter's."""
+    d = config.data
+    if key == "classifier_phantom_patients":
+        return d.classifier_phantom_patients, d.phantom_seed + 1
+    return d.phantom_patients, d.phantom_seed
+
+
+def _phantom_records(config, folder: Path, cohort: Path, key: str, log) -> Path:
+    """Writes (once) and converts (once) the phantom cohort counted by `data.<key>`."""
+    check_phantom_cache(config, folder, cohort, key)
+    patients, seed = _cohort_settings(config, key)
     if (folder / "manifest.json").is_file():
         return folder
     from data_tools.convert import convert
@@ -177,7 +184,7 @@ def _phantom_records(config, folder: Path, cohort: Path, patients, seed, log) ->
 
 
 def check_phantom_cache(
-    config: ExperimentConfig, folder: Path, cohort: Path, patients=None, seed=None
+    config: ExperimentConfig, folder: Path, cohort: Path, key: str = "phantom_patients"
 ) -> None:
     """Stops when a cached phantom cohort or its records were made with other settings.
 
@@ -193,13 +200,10 @@ def check_phantom_cache(
     from data_tools.privacy import pseudonym
 
     d = config.data
-    if patients is None or seed is None:
-        patients, seed, count = d.phantom_patients, d.phantom_seed, "phantom_patients"
-    else:
-        count = "classifier_phantom_patients"
+    patients, seed = _cohort_settings(config, key)
     plan = cohort_plan(patients, seed, d.phantom_mix)
     wanted = (
-        f"data.{count}={patients}, phantom_seed={seed}, "
+        f"data.{key}={patients}, phantom_seed={d.phantom_seed}, "
         f"phantom_mix={d.phantom_mix}, phantom_slices={list(d.phantom_slices)}"
     )
     low, high = d.phantom_slices
