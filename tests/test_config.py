@@ -180,6 +180,8 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("model.classifier_head_filters=0", "classifier_head_filters"),
         ("data.oversample_pneumonia=0", "oversample_pneumonia"),
         ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
+        ("train.positive_weights=[1, 0, 4]", r"positive_weights must be finite and > 0"),
+        ("train.positive_weights=[1, 4]", r"2 values for the 3 classes"),
     ],
 )
 def test_bad_values_are_named(override, message):

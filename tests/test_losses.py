@@ -288,3 +288,46 @@ def test_deep_supervision_weights():
     assert weights == {"final": 1.0} and losses["final"].terms == ("bce",)
     with pytest.raises(ValueError, match="'final'"):
         deep_supervision(["coarse"])
+
+
+def test_positive_weights_scale_the_lesion_pixels_bce_per_channel():
+    # Channel 0 is G/P as in test_bce_known_answer, channel 1 the same with weight 5 on
+    # its four lesion pixels (two at 0.8, two at 0.4).
+    g, p = np.stack([G, G], -1)[None], np.stack([P, P], -1)[None]
+    terms = hybrid_loss_terms(g, p, terms=("bce",), positive_weights=(1.0, 5.0))
+    plain = (14 * -math.log(0.8) + 2 * -math.log(0.4)) / 16
+    weighted = (12 * -math.log(0.8) + 5 * (2 * -math.log(0.8) + 2 * -math.log(0.4))) / 16
+    np.testing.assert_allclose(_np(terms["bce"]), [(plain + weighted) / 2], rtol=1e-6)
+    # The weights reach the loss through the config path and survive a save.
+    losses, _ = deep_supervision(("coarse", "final"), "bce", positive_weights=(1.0, 5.0))
+    clone = HybridLoss.from_config(losses["final"].get_config())
+    assert clone.positive_weights == (1.0, 5.0) and clone.terms == ("bce",)
+    np.testing.assert_allclose(_np(clone(g, p)), (plain + weighted) / 2, rtol=1e-6)
+    assert HybridLoss.from_config(make_loss("bce").get_config()).positive_weights is None
+
+
+def test_positive_weights_keep_a_saturated_rare_class_learning():
+    # A channel whose sigmoid has collapsed to ~0 on a rare lesion: the paper's loss
+    # barely moves its logits (IoU's gradient passes through p (1 - p)); a weight of 10
+    # gives the lesion pixels a gradient ten times larger.
+    g = np.zeros((1, 32, 32, 1), "float32")
+    g[0, 10:13, 10:13, 0] = 1.0
+    logits = tf.Variable(np.full(g.shape, -7.0, "float32"))
+
+    def lesion_gradient(loss):
+        with tf.GradientTape() as tape:
+            value = loss(g, tf.sigmoid(logits))
+        return -float(tf.reduce_sum(tape.gradient(value, logits) * g))
+
+    plain, weighted = (
+        lesion_gradient(HybridLoss()),
+        lesion_gradient(HybridLoss(positive_weights=(10.0,))),
+    )
+    assert plain > 0 and weighted > 8 * plain
+
+
+def test_positive_weights_rejected_when_wrong():
+    with pytest.raises(ValueError, match="positive_weights"):
+        HybridLoss(positive_weights=(1.0, 0.0))
+    with pytest.raises(ValueError, match="2 positive_weights for 1 channels"):
+        HybridLoss(positive_weights=(1.0, 2.0))(_img(G), _img(P))

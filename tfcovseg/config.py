@@ -312,6 +312,9 @@ class TrainConfig:
         loss: "hybrid" (BCE + SSIM + IoU, BASNet) or "bce" (the Table 7 ablation).
         coarse_loss_weight: Weight of the loss on the coarse output (deep supervision).
         final_loss_weight: Weight of the loss on the refined output.
+        positive_weights: BCE weight of lesion pixels, one per class of
+            ``model.class_names`` (empty: 1 for all, the paper's loss). Rare lesion types
+            collapse to "never" without it (`tfcovseg.losses`).
         learning_rate: Adam learning rate of the segmentation phase.
         batch_size: Global batch size.
         epochs: Maximum segmentation epochs.
@@ -336,6 +339,7 @@ class TrainConfig:
     loss: str = "hybrid"
     coarse_loss_weight: float = 1.0
     final_loss_weight: float = 1.0
+    positive_weights: tuple[float, ...] = ()
     learning_rate: float = 3e-4
     batch_size: int = 8
     epochs: int = 200
@@ -377,6 +381,10 @@ class TrainConfig:
         if self.early_stopping_patience < 0:
             raise ConfigError(
                 f"train.early_stopping_patience must be >= 0, got {self.early_stopping_patience}"
+            )
+        if any(not math.isfinite(w) or w <= 0 for w in self.positive_weights):
+            raise ConfigError(
+                f"train.positive_weights must be finite and > 0, got {list(self.positive_weights)}"
             )
 
 
@@ -444,6 +452,12 @@ class ExperimentConfig:
 
     def __post_init__(self):
         arch, phases = self.model.architecture, self.train.phases
+        weights, classes = self.train.positive_weights, self.model.class_names
+        if weights and len(weights) != len(classes):
+            raise ConfigError(
+                f"train.positive_weights has {len(weights)} values for the "
+                f"{len(classes)} classes of model.class_names {list(classes)}"
+            )
         semi = self.semi.method != "none"
         if semi != ("self_training" in phases):
             raise ConfigError(

@@ -4,9 +4,16 @@
 
 on probabilities in [0, 1], with
 
-    BCE = mean over pixels of -(g log p + (1 - g) log(1 - p))      (p clipped to [1e-7, 1-1e-7])
+    BCE = mean over pixels of -(w g log p + (1 - g) log(1 - p))    (p clipped to [1e-7, 1-1e-7])
     SSIM = tf.image.ssim(p, g, max_val=1, 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03)
     IoU = 1 - sum(p g) / (sum(p) + sum(g) - sum(p g) + eps)
+
+w is a positive-pixel weight per channel, 1 in BASNet and the paper (`positive_weights`).
+A lesion type that covers a few hundredths of a percent of the pixels (small consolidation
+cores, thin fibrotic bands at 128 px) otherwise collapses: its sigmoid saturates at 0 in the
+first epochs, where the IoU term's gradient (through p (1 - p)) vanishes and BCE's positives
+are outweighed by every other pixel, and it never recovers. A weight > 1 keeps the positives'
+gradient alive; IoU and SSIM still punish the false positives it invites.
 
 The three terms pull at different scales: BCE per pixel, SSIM per 11x11 patch (sharp
 boundaries), IoU per map (the lesion as a whole). On an empty mask (most CT slices) the IoU
@@ -173,7 +180,7 @@ def _ssim_backend(y_true, y_pred, impl):
     return ssim(y_pred, y_true)
 
 
-def hybrid_loss_terms(y_true, y_pred, ssim_impl="auto", terms=TERMS):
+def hybrid_loss_terms(y_true, y_pred, ssim_impl="auto", terms=TERMS, positive_weights=None):
     """The terms of the hybrid loss per image, each averaged over channels.
 
     Args:
@@ -182,6 +189,7 @@ def hybrid_loss_terms(y_true, y_pred, ssim_impl="auto", terms=TERMS):
         ssim_impl: "auto" or "ops" (the keras.ops twin `ssim`, any backend), or "tf"
             (`tf.image.ssim`, TensorFlow backend only).
         terms: Which terms to compute, of "bce", "ssim" (the loss term 1 - SSIM), "iou".
+        positive_weights: BCE weight of the positive pixels, one per channel (None: 1).
 
     Returns:
         dict from term name to [N] float32.
@@ -191,7 +199,10 @@ def hybrid_loss_terms(y_true, y_pred, ssim_impl="auto", terms=TERMS):
     values = {}
     if "bce" in terms:
         p = ops.clip(y_pred, BCE_EPSILON, 1.0 - BCE_EPSILON)
-        bce = -(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p))
+        positive = y_true * ops.log(p)
+        if positive_weights is not None:
+            positive = positive * ops.convert_to_tensor(positive_weights, "float32")
+        bce = -(positive + (1.0 - y_true) * ops.log(1.0 - p))
         values["bce"] = ops.mean(bce, axis=(1, 2, 3))
     if "ssim" in terms:
         values["ssim"] = 1.0 - _ssim_backend(y_true, y_pred, ssim_impl)
@@ -211,6 +222,8 @@ class HybridLoss(keras.losses.Loss):
     Args:
         terms: Which of "bce", "ssim", "iou" to sum.
         ssim_impl: "auto", "tf" or "ops" (see `hybrid_loss_terms`).
+        positive_weights: BCE weight of positive pixels per channel (None or empty: 1
+            everywhere, the paper's loss); see the module's note on rare lesion types.
         name, reduction, dtype: As `keras.losses.Loss`.
     """
 
@@ -218,6 +231,7 @@ class HybridLoss(keras.losses.Loss):
         self,
         terms=TERMS,
         ssim_impl="auto",
+        positive_weights=None,
         name="hybrid_loss",
         reduction="sum_over_batch_size",
         dtype=None,
@@ -233,30 +247,47 @@ class HybridLoss(keras.losses.Loss):
             raise ValueError(
                 f"ssim_impl='tf' needs the TensorFlow backend, not {keras.backend.backend()!r}"
             )
+        weights = tuple(float(w) for w in positive_weights or ())
+        if any(not math.isfinite(w) or w <= 0 for w in weights):
+            raise ValueError(f"HybridLoss positive_weights must be finite and > 0, got {weights}")
         self.terms = terms
         self.ssim_impl = ssim_impl
+        self.positive_weights = weights or None
 
     def call(self, y_true, y_pred):
-        values = hybrid_loss_terms(y_true, y_pred, self.ssim_impl, self.terms)
+        weights = self.positive_weights
+        if weights is not None and y_pred.shape[-1] not in (None, len(weights)):
+            raise ValueError(
+                f"HybridLoss has {len(weights)} positive_weights for {y_pred.shape[-1]} channels"
+            )
+        values = hybrid_loss_terms(y_true, y_pred, self.ssim_impl, self.terms, weights)
         total = values[self.terms[0]]
         for term in self.terms[1:]:
             total = total + values[term]
         return total
 
     def get_config(self):
-        return {**super().get_config(), "terms": list(self.terms), "ssim_impl": self.ssim_impl}
+        return {
+            **super().get_config(),
+            "terms": list(self.terms),
+            "ssim_impl": self.ssim_impl,
+            "positive_weights": list(self.positive_weights or ()),
+        }
 
 
-def make_loss(name="hybrid"):
-    """The segmentation loss by config name: "hybrid" or "bce" (Table 7 ablation)."""
+def make_loss(name="hybrid", positive_weights=None):
+    """The segmentation loss by config name: "hybrid" or "bce" (Table 7 ablation), with
+    optional per-channel positive weights (`HybridLoss`)."""
     if name == "hybrid":
-        return HybridLoss()
+        return HybridLoss(positive_weights=positive_weights)
     if name == "bce":
-        return HybridLoss(terms=("bce",), name="bce_loss")
+        return HybridLoss(terms=("bce",), positive_weights=positive_weights, name="bce_loss")
     raise ValueError(f"unknown loss {name!r}; choose 'hybrid' or 'bce'")
 
 
-def deep_supervision(output_names, loss="hybrid", coarse_weight=1.0, final_weight=1.0):
+def deep_supervision(
+    output_names, loss="hybrid", coarse_weight=1.0, final_weight=1.0, positive_weights=None
+):
     """Losses and loss weights for `model.compile` on a segmenter's outputs.
 
     The paper supervises both the coarse and the refined map and sums the losses; models
@@ -266,6 +297,7 @@ def deep_supervision(output_names, loss="hybrid", coarse_weight=1.0, final_weigh
         output_names: The model's output keys, e.g. ("coarse", "final").
         loss: "hybrid" or "bce".
         coarse_weight, final_weight: Weights of the two terms of the sum.
+        positive_weights: Per-channel BCE weights of positive pixels (`HybridLoss`).
 
     Returns:
         (losses, loss_weights): dicts keyed by output name.
@@ -277,6 +309,6 @@ def deep_supervision(output_names, loss="hybrid", coarse_weight=1.0, final_weigh
             f"segmenter outputs must be 'final' and optionally 'coarse', got {list(output_names)}"
         )
     return (
-        {n: make_loss(loss) for n in output_names},
+        {n: make_loss(loss, positive_weights) for n in output_names},
         {n: weights[n] for n in output_names},
     )

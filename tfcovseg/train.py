@@ -716,7 +716,11 @@ def _compile_segmenter(config, segmenter):
     """The segmentation loss (deep supervision) and metrics on a segmenter."""
     t = config.train
     losses, weights = deep_supervision(
-        list(segmenter.output), t.loss, t.coarse_loss_weight, t.final_loss_weight
+        list(segmenter.output),
+        t.loss,
+        t.coarse_loss_weight,
+        t.final_loss_weight,
+        t.positive_weights,
     )
     segmenter.compile(
         optimizer=keras.optimizers.Adam(t.learning_rate),
@@ -754,7 +758,7 @@ def _segmentation_phase(run: _Run):
         segmenter = build_model(config.model)
         outputs = tuple(segmenter.output)
         losses, weights = deep_supervision(
-            list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight
+            list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight, t.positive_weights
         )
         metrics = {"final": segmentation_metrics(config.model.class_names)}
         fit_model, label_output = segmenter, None
