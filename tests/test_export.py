@@ -318,7 +318,7 @@ def test_gate_keeps_lesion_slices_or_switches_off():
     good = np.where(labels, rng.uniform(0.3, 1.0, 200), rng.uniform(0.0, 0.32, 200))
     gate = gate_from_scores(good, labels)
     assert gate["validation_slice_auc"] > 0.95 and 0.3 <= gate["threshold"] <= 0.5
-    assert gate["validation_lesion_recall"] >= 0.95
+    assert gate["validation_lesion_recall"] >= 0.98  # GATE_RECALL
     assert gate["validation_pass_rate"] < 0.6  # it does skip slices
     # A classifier that already separates at 0.5 keeps the paper's threshold.
     sharp = np.where(labels, 0.9, 0.1)

@@ -95,7 +95,7 @@ FORMAT = "tfcovseg-export"
 FORMAT_VERSION = 1
 DISCLAIMER = "Research use, not a medical device."
 PAPER_GATE_THRESHOLD = 0.5
-GATE_RECALL = 0.95  # the automatic gate keeps at least this share of lesion slices
+GATE_RECALL = 0.98  # the automatic gate keeps at least this share of lesion slices
 # Below this validation slice AUC the gate is switched off. A gate that is off costs time;
 # one that drops a patient's lesion slices loses the lesions: the bar is set high.
 GATE_MIN_AUC = 0.95
@@ -856,7 +856,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--gate-threshold",
         default="auto",
-        help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 95%% of the "
+        help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 98%% of the "
         "validation lesion slices (default)",
     )
     args = parser.parse_args(argv)
