@@ -17,7 +17,7 @@ lesion's strongest response.
 features brought to stride 8 (bilinear upsampling) and concatenated: a segmentation encoder
 leaves much of the "is there a lesion here" decision to its decoder, and this head looks for
 lesions locally before pooling. On the phantom quickstart neither head generalised to new
-patients (README, "Results on the phantom"); the conv head is an option for experiments.
+patients (docs/results-phantom.md); the conv head is an option for experiments.
 The encoder stays frozen and shared either way.
 """
 
