@@ -57,6 +57,7 @@ def _config(root, *more):
             f"model.input_size=[{SIZE},{SIZE}]",
             "model.pre_windowed=true",
             "model.class_names=[ggo,consolidation]",
+            "train.positive_weights=[]",  # the quickstart's are for its three classes
             f"data.records_dir={root / 'rec'}",
             "data.phantom_patients=0",
             "data.oversample_lesions=1",

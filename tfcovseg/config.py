@@ -456,7 +456,8 @@ class ExperimentConfig:
         if weights and len(weights) != len(classes):
             raise ConfigError(
                 f"train.positive_weights has {len(weights)} values for the "
-                f"{len(classes)} classes of model.class_names {list(classes)}"
+                f"{len(classes)} classes of model.class_names {list(classes)}: give one "
+                "per class, or [] for the paper's loss (1 for every class)"
             )
         semi = self.semi.method != "none"
         if semi != ("self_training" in phases):
