@@ -41,6 +41,20 @@ setup(
     # The built-in experiments (python -m tfcovseg.train --config paper), found next to
     # tfcovseg/config.py in an installed wheel as in the source tree.
     package_data={"tfcovseg": ["experiments/*.yaml"]},
+    entry_points={
+        "console_scripts": [
+            "tfcovseg-train = tfcovseg.cli.train:main",
+            "tfcovseg-evaluate = tfcovseg.cli.evaluate:main",
+            "tfcovseg-export = tfcovseg.cli.export:main",
+            "tfcovseg-predict = tfcovseg.cli.predict:main",
+            "tfcovseg-summary = tfcovseg.cli.summary:main",
+            "tfcovseg-compare = tfcovseg.compare:main",
+            "tfcovseg-serving-client = tfcovseg.serving_client:main",
+            "tfcovseg-semiseg-benchmark = tfcovseg.benchmarks.semiseg:main",
+            "tfcovseg-convert = data_tools.convert:main",
+            "tfcovseg-phantom = data_tools.phantom.cohort:main",
+        ]
+    },
     install_requires=[
         "keras>=3.5",
         "numpy>=1.26",

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfcovseg.callbacks import lesion_burdens
+from tfcovseg.cli.export import main
 from tfcovseg.data import make_dataset
 from tfcovseg.export import (
     ASSET_NAME,
@@ -24,7 +25,6 @@ from tfcovseg.export import (
     calibrate_burden_rule,
     calibrate_gate,
     export_run,
-    main,
     prepare_run,
     split_dataset,
     validation_burdens,

@@ -17,12 +17,12 @@ from pydicom.data import get_testdata_file
 from data_tools import dicom_io
 from data_tools.lung import LESION_RULE, lesions_in_lung, lung_mask
 from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
+from tfcovseg.cli.predict import main
 from tfcovseg.predict import (
     DISCLAIMER,
     PredictionError,
     _label_volume,
     burden_call,
-    main,
     open_model,
     predict,
     read_input,

@@ -17,7 +17,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from data_tools.phantom import make_patient, write_patient
-from tfcovseg.predict import PredictionError, main, open_model, predict
+from tfcovseg.cli.predict import main
+from tfcovseg.predict import PredictionError, open_model, predict
 from tfcovseg.predict_images import ImageInputError, Slice, intensity_setting, predict_images
 from tfcovseg.semisup import match_to_scale
 

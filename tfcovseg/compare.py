@@ -26,7 +26,6 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -40,9 +39,10 @@ import numpy as np
 import yaml
 
 from data_tools.files import json_text, plain
+from tfcovseg import cli
+from tfcovseg.constants import DISCLAIMER
 from tfcovseg.report import atomic_write_text
 
-DISCLAIMER = "Research use, not a medical device."
 SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "lesion_slice_dice")
 TABLE4_METRICS = (
     ("dice", "Dice"),
@@ -736,10 +736,10 @@ def _printable(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.compare",
-        description="Compare evaluated runs or cross-validation folders in the layouts of the "
-        "paper's Tables 4, 6 and 7 (research use, not a medical device).",
+    parser = cli.parser(
+        "compare",
+        "Compare evaluated runs or cross-validation folders in the layouts of the paper's "
+        "Tables 4, 6 and 7",
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run or cross-validation folders")
     parser.add_argument(

@@ -28,7 +28,13 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the door answers --help before TensorFlow loads
+    import sys
+
+    from tfcovseg.cli.evaluate import main
+
+    sys.exit(main())
+
 import os
 import sys
 from pathlib import Path
@@ -41,6 +47,7 @@ from data_tools.files import atomic_write_json  # noqa: E402
 from tfcovseg import require_tensorflow  # noqa: E402
 from tfcovseg.callbacks import in_lung  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
+from tfcovseg.constants import DISCLAIMER  # noqa: E402
 from tfcovseg.metrics import (  # noqa: E402
     choose_patient_rule,
     confusion_counts,
@@ -66,7 +73,6 @@ from tfcovseg.export import (  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.severity import ratio_statistics  # noqa: E402
 
-DISCLAIMER = "Research use, not a medical device."
 OVERLAY_SLICES = 4
 
 
@@ -411,22 +417,8 @@ def print_headline(results: dict, run: Path) -> None:
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.evaluate", description="Evaluate a training run (research use)."
-    )
-    parser.add_argument("--run", type=Path, required=True, help="run folder of tfcovseg.train")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--fold", type=int, help="fold (default: the run's)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    args = parser.parse_args(argv)
-    if not (args.run / "config.yaml").is_file():
-        print(f"error: {args.run} is not a run folder (no config.yaml)", file=sys.stderr)
-        return 2
-    if not 0.0 < args.threshold < 1.0:
-        print(f"error: --threshold must be in (0, 1), got {args.threshold}", file=sys.stderr)
-        return 2
+def command(args) -> int:
+    """Runs evaluate (the arguments parsed by `tfcovseg.cli.evaluate`); the exit code."""
     try:
         results = evaluate_run(
             args.run, args.split, args.fold, args.threshold, figures=not args.no_figures
@@ -436,7 +428,3 @@ def main(argv=None) -> int:
         return 2
     print_headline(results, args.run)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

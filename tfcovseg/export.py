@@ -40,7 +40,13 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the door answers --help before TensorFlow loads
+    import sys
+
+    from tfcovseg.cli.export import main
+
+    sys.exit(main())
+
 import datetime
 import hashlib
 import json
@@ -67,6 +73,7 @@ from data_tools.files import (  # noqa: E402
 from data_tools.lung import LESION_RULE  # noqa: E402
 from tfcovseg.callbacks import lesion_burdens  # noqa: E402
 from tfcovseg.config import load_config  # noqa: E402
+from tfcovseg.constants import DEFAULT_EXPORT_DIR, DISCLAIMER  # noqa: E402
 from tfcovseg.data import (  # noqa: E402
     classify_label,
     make_dataset,
@@ -89,11 +96,10 @@ from tfcovseg.models.preprocessing import (  # noqa: E402
 from tfcovseg.semisup import MATCH_PERCENTILES, reference_scale  # noqa: E402
 from tfcovseg.severity import GRADES, severity_rule_from_manifest  # noqa: E402
 
-DEFAULT_OUT = Path("saved_models") / "tfcovseg"
+DEFAULT_OUT = DEFAULT_EXPORT_DIR
 ASSET_NAME = "tfcovseg.json"
 FORMAT = "tfcovseg-export"
 FORMAT_VERSION = 1
-DISCLAIMER = "Research use, not a medical device."
 PAPER_GATE_THRESHOLD = 0.5
 GATE_RECALL = 0.98  # the automatic gate keeps at least this share of lesion slices
 # Below this validation slice AUC the gate is switched off. A gate that is off costs time;
@@ -842,35 +848,10 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
     return target
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.export",
-        description="Export a training run as a SavedModel for TF Serving "
-        "(research use, not a medical device).",
-    )
-    parser.add_argument("--run", type=Path, required=True, help="training run folder")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"model folder (default: {DEFAULT_OUT})"
-    )
-    parser.add_argument("--version", type=int, help="version number (default: next free)")
-    parser.add_argument(
-        "--gate-threshold",
-        default="auto",
-        help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 98%% of the "
-        "validation lesion slices (default)",
-    )
-    args = parser.parse_args(argv)
-    gate = args.gate_threshold
-    if gate != "auto":
-        try:
-            gate = float(gate)
-        except ValueError:
-            print(
-                f"error: --gate-threshold must be a number or 'auto', got {gate!r}", file=sys.stderr
-            )
-            return 2
+def command(args) -> int:
+    """Runs the export (the arguments parsed by `tfcovseg.cli.export`); the exit code."""
     try:
-        target = export_run(args.run, args.out, args.version, gate)
+        target = export_run(args.run, args.out, args.version, args.gate_threshold)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -882,7 +863,3 @@ def main(argv=None) -> int:
         f"-e MODEL_NAME={target.parent.name} tensorflow/serving"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

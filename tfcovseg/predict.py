@@ -40,7 +40,13 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the door answers --help before TensorFlow loads
+    import sys
+
+    from tfcovseg.cli.predict import main
+
+    sys.exit(main())
+
 import base64
 import dataclasses
 import datetime
@@ -81,7 +87,6 @@ from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
 from tfcovseg.metrics import patient_score  # noqa: E402
 from tfcovseg.predict_images import (  # noqa: E402
-    INTENSITY_MODES,
     ImageInputError,
     intensity_setting,
     is_image_folder,
@@ -1231,48 +1236,8 @@ def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> di
     return index
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.predict",
-        description="Segment COVID-19 lesions in a CT study and estimate severity "
-        "(research use, not a medical device).",
-    )
-    parser.add_argument(
-        "--model", type=Path, required=True, help="SavedModel (version or model folder) or run"
-    )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        required=True,
-        help="DICOM folder, NIfTI file, or folder of windowed PNG/JPEG slices",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--no-gate", action="store_true", help="segment every slice")
-    parser.add_argument(
-        "--threshold", type=float, help="slice gate threshold (default: the model's)"
-    )
-    parser.add_argument(
-        "--mask-threshold", type=float, default=0.5, help="lesion probability threshold"
-    )
-    parser.add_argument("--series", help="SeriesInstanceUID (or its pseudonym) to process")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per model call")
-    parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
-    parser.add_argument(
-        "--intensity",
-        choices=INTENSITY_MODES,
-        help="PNG/JPEG slices only: map each image's grey levels onto the training slices' "
-        "(match, the default) or use them unchanged (as-is)",
-    )
-    parser.add_argument(
-        "--research-seg",
-        action="store_true",
-        help="write the DICOM SEG with the patient's pseudonym instead of the source study's "
-        "patient name, ID and birth date (UIDs still reference the source images)",
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+def command(args) -> int:
+    """Runs predict (the arguments parsed by `tfcovseg.cli.predict`); the exit code."""
     try:
         predict(
             args.model,
@@ -1292,7 +1257,3 @@ def main(argv=None) -> int:
         return 2
     print(DISCLAIMER)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from data_tools.files import atomic_directory, atomic_write_text  # noqa: F401 (re-exported)
+from tfcovseg.constants import DISCLAIMER  # noqa: F401 (re-exported)
 from tfcovseg.severity import SEVERITY_ORDER, TOTAL
 
-DISCLAIMER = "Research use, not a medical device."
 MISSING = "—"
 RULE_ORDER = ("any_slice", "robust", "lesion_burden")
 FIGURES = (

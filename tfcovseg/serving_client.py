@@ -25,7 +25,6 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import urllib.error
@@ -197,10 +196,12 @@ def predict_grpc(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.serving_client",
-        description="Send a DICOM CT slice to a tfcovseg model behind TF Serving "
-        "(research use, not a medical device).",
+    from tfcovseg import cli
+
+    parser = cli.parser(
+        "serving_client",
+        "Send a DICOM CT slice to a tfcovseg model behind TF Serving",
+        tool_version=False,  # --version is the model's
     )
     parser.add_argument("--dicom", type=Path, required=True, nargs="+", help="CT slice(s)")
     where = parser.add_mutually_exclusive_group(required=True)

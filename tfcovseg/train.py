@@ -34,7 +34,13 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the door answers --help before TensorFlow loads
+    import sys
+
+    from tfcovseg.cli.train import main
+
+    sys.exit(main())
+
 import contextlib
 import dataclasses
 import datetime
@@ -55,10 +61,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up 
 from tfcovseg import __version__, require_tensorflow  # noqa: E402
 from tfcovseg.config import (  # noqa: E402
     BUILTIN_EXPERIMENTS,
-    ConfigError,
     ExperimentConfig,
-    builtin_experiment,
-    builtin_experiments,
     load_config,
     save_config,
 )
@@ -110,7 +113,6 @@ from tfcovseg.semisup import label_round  # noqa: E402
 from tfcovseg.severity import severity_rule_from_manifest  # noqa: E402
 
 EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/experiments, shipped in the wheel
-DEFAULT_CONFIG = builtin_experiment("quickstart")
 
 
 # The fixed pseudonymisation salt of phantom records (synthetic patients, nothing to hide).
@@ -1085,26 +1087,6 @@ def _summary(config, folder, manifest, strategy, resume, timings) -> dict:
     }
 
 
-def _parse_fold(value: str):
-    if value == "all":
-        return "all"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--fold must be an integer or 'all', got {value!r}"
-        ) from None
-
-
-def _base_config(args):
-    """The config to run: --config, the run folder's own when resuming, or the quickstart."""
-    path = args.config
-    if path is None and args.resume and args.out is not None:
-        if (args.out / "config.yaml").is_file():
-            path = args.out / "config.yaml"
-    return path or DEFAULT_CONFIG
-
-
 def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2, log=print):
     """Trains and evaluates every fold into out/foldK; writes cv_metrics.json and cv_report.md."""
     from tfcovseg.compare import write_cv_summary
@@ -1138,70 +1120,13 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
     return write_cv_summary(out)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.train",
-        description="Train the coarse-refine segmenter and its slice classifier "
-        "(research use, not a medical device).",
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="experiment: a YAML file, or the name of a built-in one "
-        f"({', '.join(builtin_experiments())}); default: quickstart",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value",
-    )
-    parser.add_argument(
-        "--fold",
-        type=_parse_fold,
-        help="cross-validation fold, or 'all' to train every fold and report mean +- sd "
-        "(default: data.fold)",
-    )
-    parser.add_argument("--out", type=Path, help="run folder (default: runs/NAME-foldK-TIME)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
-    parser.add_argument(
-        "--evaluate", action="store_true", help="evaluate the test split after training"
-    )
-    parser.add_argument(
-        "--export",
-        nargs="?",
-        const="saved_models/tfcovseg",
-        type=Path,
-        metavar="DIR",
-        help="export the trained run for TF Serving into DIR/<next version> "
-        "(default DIR saved_models/tfcovseg; the quickstart always exports)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="one line per epoch at most")
-    args = parser.parse_args(argv)
-    if args.resume and args.out is None:
-        print("error: --resume needs --out, the run folder to continue", file=sys.stderr)
-        return 2
-    overrides = list(args.overrides)
-    if isinstance(args.fold, int):
-        overrides.append(f"data.fold={args.fold}")
-    try:
-        config = load_config(_base_config(args), overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def command(args, config: ExperimentConfig) -> int:
+    """Trains (and evaluates, exports) as `tfcovseg.cli.train` parsed and configured it;
+    returns the exit code."""
     # A progress bar in a terminal; one short line per epoch in a log file or with --quiet.
     verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     quickstart = config.name == "quickstart"
-    if config.data.train_split == "development" and (args.evaluate or args.fold == "all"):
-        print(
-            "error: data.train_split 'development' trains on the fold's test patients too: "
-            "there is nothing left to evaluate (--evaluate, --fold all)",
-            file=sys.stderr,
-        )
-        return 2
     export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
     if export_dir is not None and args.fold != "all":
         try:  # before hours of training, not after
@@ -1246,7 +1171,3 @@ def main(argv=None) -> int:
             f"--input DICOM_DIR --out predictions)"
         )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

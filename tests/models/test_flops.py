@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import pytest
 
+from tfcovseg.cli import summary as summary_cli
 from tfcovseg.models import summary
 from tfcovseg.models.flops import count_flops, flops_by_part, layer_flops
 
@@ -42,7 +43,7 @@ def test_nested_models_are_counted_under_their_name():
 
 
 def test_summary_cli_prints_parameters_and_gflops(capsys):
-    code = summary.main(["--config", "quickstart", "--set", "model.input_size=[64,64]"])
+    code = summary_cli.main(["--config", "quickstart", "--set", "model.input_size=[64,64]"])
     out = capsys.readouterr().out
     assert code == 0
     assert "architecture    coarse_refine" in out
@@ -52,7 +53,7 @@ def test_summary_cli_prints_parameters_and_gflops(capsys):
 
 
 def test_summary_cli_reports_bad_keys(capsys):
-    assert summary.main(["--set", "model.aspp_rate=[1]"]) == 2
+    assert summary_cli.main(["--set", "model.aspp_rate=[1]"]) == 2
     assert "unknown key 'model.aspp_rate'" in capsys.readouterr().err
 
 

@@ -60,6 +60,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from tfcovseg.benchmarks import protocol  # noqa: E402
+from tfcovseg.constants import DISCLAIMER  # noqa: E402
 
 CLASSES = ("ggo", "consolidation")
 TARGETS = ("infection", "ggo", "consolidation")
@@ -99,7 +100,6 @@ PUBLISHED = {
     "Semi-Inf-Net (+1600 pseudo-labelled slices)": {"infection": 0.739},
     "Semi-Inf-Net + U-Net (multi-class)": {"ggo": 0.624, "consolidation": 0.362},
 }
-DISCLAIMER = "Research use, not a medical device."
 
 
 class BenchmarkError(Exception):

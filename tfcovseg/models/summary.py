@@ -16,11 +16,16 @@ batch norm, activations, pooling and resizing would add well under 1 %.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # python -m: the door answers --help before TensorFlow loads
+    import sys
+
+    from tfcovseg.cli.summary import main
+
+    sys.exit(main())
+
 import math
 import sys
 
-from tfcovseg.config import ConfigError, load_config
 from tfcovseg.models import build_model
 from tfcovseg.models.flops import flops_by_part
 
@@ -41,29 +46,8 @@ def summarize(config) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.models.summary",
-        description="Print parameters and forward GFLOPs of a configured tfcovseg network.",
-    )
-    parser.add_argument(
-        "--config",
-        help="experiment YAML file or built-in name, e.g. paper (default: the paper's settings)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.input_size=[256,256]",
-    )
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def command(config) -> int:
+    """Prints the summary of a config (`tfcovseg.cli.summary` loads it); the exit code."""
     s = summarize(config)
     h, w = s["input_size"]
     print(f"experiment      {config.name}")
@@ -77,7 +61,3 @@ def main(argv=None) -> int:
     for part, g in s["gflops_by_part"].items():
         print(f"  {part:<14}{g:8.2f}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The command-line doors: each parses its arguments before it imports TensorFlow (so
+``--help``, ``--version`` and a bad option answer at once), then delegates to the library
+module that does the work. Console scripts (``tfcovseg-train``, ``tfcovseg-predict``, ...)
+and the ``python -m tfcovseg.<command>`` forms run the same `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tfcovseg import __version__
+from tfcovseg.constants import DISCLAIMER
+
+
+def parser(command: str, description: str, tool_version=True) -> argparse.ArgumentParser:
+    """An argument parser named as it was called (console script or ``python -m``), with
+    ``--version`` (unless the command has its own: the export's is the model version); the
+    description ends with the disclaimer."""
+    called = os.path.basename(sys.argv[0] or "")
+    prog = called if called.startswith("tfcovseg-") else f"python -m tfcovseg.{command}"
+    p = argparse.ArgumentParser(prog=prog, description=f"{description} ({DISCLAIMER})")
+    if tool_version:
+        p.add_argument("--version", action="version", version=f"tfcovseg {__version__}")
+    return p
+
+
+def quiet_libraries() -> None:
+    """TensorFlow's C++ start-up chatter off unless the user asked for it (before it loads)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def fail(message: str) -> int:
+    """The one error path of the doors: the message on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def add_set(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """``--set KEY=VALUE`` (repeatable): overrides of the experiment's config keys."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value" + (f", {example}" if example else ""),
+    )

@@ -1,0 +1,30 @@
+"""``tfcovseg-evaluate`` / ``python -m tfcovseg.evaluate``: evaluate a training run (the
+library: `tfcovseg.evaluate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfcovseg import cli
+
+
+def build_parser():
+    parser = cli.parser("evaluate", "Evaluate a training run")
+    parser.add_argument("--run", type=Path, required=True, help="run folder of tfcovseg.train")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--fold", type=int, help="fold (default: the run's)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.run / "config.yaml").is_file():
+        return cli.fail(f"{args.run} is not a run folder (no config.yaml)")
+    if not 0.0 < args.threshold < 1.0:
+        return cli.fail(f"--threshold must be in (0, 1), got {args.threshold}")
+    cli.quiet_libraries()
+    from tfcovseg.evaluate import command
+
+    return command(args)

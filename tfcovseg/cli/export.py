@@ -1,0 +1,45 @@
+"""``tfcovseg-export`` / ``python -m tfcovseg.export``: a training run as a SavedModel for
+TF Serving (the library: `tfcovseg.export`). Its ``--version`` is the model version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfcovseg import cli
+from tfcovseg.constants import DEFAULT_EXPORT_DIR
+
+
+def build_parser():
+    parser = cli.parser(
+        "export", "Export a training run as a SavedModel for TF Serving", tool_version=False
+    )
+    parser.add_argument("--run", type=Path, required=True, help="training run folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_EXPORT_DIR,
+        help=f"model folder (default: {DEFAULT_EXPORT_DIR})",
+    )
+    parser.add_argument("--version", type=int, help="version number (default: next free)")
+    parser.add_argument(
+        "--gate-threshold",
+        default="auto",
+        help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 98%% of the "
+        "validation lesion slices (default)",
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.gate_threshold != "auto":
+        try:
+            args.gate_threshold = float(args.gate_threshold)
+        except ValueError:
+            return cli.fail(
+                f"--gate-threshold must be a number or 'auto', got {args.gate_threshold!r}"
+            )
+    cli.quiet_libraries()
+    from tfcovseg.export import command
+
+    return command(args)

@@ -1,0 +1,14 @@
+"""Constants shared by the library and its command-line doors (no heavy imports here, so
+that `tfcovseg.cli` answers ``--help`` before TensorFlow loads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DISCLAIMER = "Research use, not a medical device."
+
+# Where `tfcovseg.export` (and the quickstart) write TF Serving versions by default.
+DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
+
+# How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.predict_images`).
+INTENSITY_MODES = ("match", "as-is")
