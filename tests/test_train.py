@@ -389,6 +389,9 @@ def test_severity_rule_and_export_at_the_end(tiny, tmp_path, capsys):
     assert main(args + ["--export", str(models)]) == 0
     assert (models / "2" / "saved_model.pb").is_file()
     assert f"servable model: {models / '2'}" in capsys.readouterr().out
+    # The config's train.export_dir does the same (the quickstart sets it).
+    assert main(args + ["--set", f"train.export_dir={models}"]) == 0
+    assert (models / "3" / "saved_model.pb").is_file()
 
 
 def config_records(config):
@@ -646,6 +649,9 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
         assert err.startswith("error: --out") and words in err and str(out) in err
         assert len(err.strip().splitlines()) == 1
     assert main(config + ["--out", str(tmp_path / "r"), "--export", str(tmp_path / "file")]) == 2
+    assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    bad = f"train.export_dir={tmp_path / 'file'}"
+    assert main(config + ["--out", str(tmp_path / "r"), "--set", bad]) == 2
     assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()
     # A folder that is not a run (records, say) is never taken for a failed start and
     # cleared: it is "already holds a run", and stays as it was.

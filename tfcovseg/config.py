@@ -333,6 +333,9 @@ class TrainConfig:
             "multi_worker" or "default".
         overlay_images: Validation slices shown as overlays in TensorBoard (0: none).
         seed: Seed for weights, shuffling and augmentation.
+        evaluate: Evaluate the fold's test patients after training (as ``--evaluate``).
+        export_dir: Export the run for TF Serving into this folder after training (as
+            ``--export DIR``; empty: only with ``--export``).
     """
 
     phases: tuple[str, ...] = DEFAULT_PHASES
@@ -352,6 +355,8 @@ class TrainConfig:
     strategy: str = "auto"
     overlay_images: int = 4
     seed: int = 42
+    evaluate: bool = False
+    export_dir: str = ""
 
     def __post_init__(self):
         _normalise(self)

@@ -27,8 +27,9 @@ severity grades' lesion / lung ratio thresholds fitted on the training patients)
 ``validation_scores.json`` (`tfcovseg.export.validation_burdens` and
 `validation_slice_scores`).
 
-``--export`` (and the quickstart, always) ends by exporting the run as a SavedModel for TF
-Serving into ``saved_models/tfcovseg/<next version>`` (`tfcovseg.export`).
+``--export`` (or ``train.export_dir``, which the quickstart sets) ends by exporting the run
+as a SavedModel for TF Serving into ``saved_models/tfcovseg/<next version>``
+(`tfcovseg.export`); ``--evaluate`` (or ``train.evaluate``) evaluates the test patients.
 Research use, not a medical device.
 """
 
@@ -542,6 +543,13 @@ def _check_out(out: Path, resume: bool) -> None:
         raise TrainingError(f"--resume: {out} does not exist, so there is no run to continue")
 
 
+def _training_settings(config):
+    """The config without what only happens after training (evaluate, export), which a
+    resumed run may change."""
+    after = {"evaluate": False, "export_dir": ""}
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **after))
+
+
 def _check_run_folder(out: Path, config, resume: bool, log) -> None:
     """Refuses a run folder that cannot be used (errors name the fix)."""
     _check_out(out, resume)
@@ -554,7 +562,7 @@ def _check_run_folder(out: Path, config, resume: bool, log) -> None:
         shutil.rmtree(out)
     if resume and (out / "config.yaml").is_file():
         saved = load_config(out / "config.yaml")
-        if saved != config:
+        if _training_settings(saved) != _training_settings(config):
             raise TrainingError(
                 f"{out} was started with another configuration: resume it with "
                 f"--config {out / 'config.yaml'}"
@@ -1126,8 +1134,8 @@ def command(args, config: ExperimentConfig) -> int:
     # A progress bar in a terminal; one short line per epoch in a log file or with --quiet.
     verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    quickstart = config.name == "quickstart"
-    export_dir = args.export or (Path("saved_models") / "tfcovseg" if quickstart else None)
+    t = config.train
+    export_dir = args.export or (Path(t.export_dir) if t.export_dir else None)
     if export_dir is not None and args.fold != "all":
         try:  # before hours of training, not after
             check_output_dir(export_dir, "--export")
@@ -1153,7 +1161,7 @@ def command(args, config: ExperimentConfig) -> int:
     print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
     if not summary.get("chief", True):
         return 0  # other workers of a multi-worker run: the chief evaluates and exports
-    if args.evaluate or quickstart:
+    if args.evaluate or t.evaluate:
         from tfcovseg.evaluate import evaluate_run, print_headline
 
         results = evaluate_run(out, split="test")

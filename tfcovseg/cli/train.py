@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tfcovseg import cli
 from tfcovseg.config import ConfigError, builtin_experiment, builtin_experiments, load_config
+from tfcovseg.constants import DEFAULT_EXPORT_DIR
 
 DEFAULT_EXPERIMENT = "quickstart"
 
@@ -42,16 +43,19 @@ def build_parser():
     parser.add_argument("--out", type=Path, help="run folder (default: runs/NAME-foldK-TIME)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument(
-        "--evaluate", action="store_true", help="evaluate the test split after training"
+        "--evaluate",
+        action="store_true",
+        help="evaluate the test split after training (or the config's train.evaluate)",
     )
     parser.add_argument(
         "--export",
         nargs="?",
-        const="saved_models/tfcovseg",
+        const=str(DEFAULT_EXPORT_DIR),
         type=Path,
         metavar="DIR",
         help="export the trained run for TF Serving into DIR/<next version> "
-        "(default DIR saved_models/tfcovseg; the quickstart always exports)",
+        f"(default DIR {DEFAULT_EXPORT_DIR}; the config's train.export_dir, which the "
+        "quickstart sets, does the same)",
     )
     parser.add_argument("--quiet", action="store_true", help="one line per epoch at most")
     return parser
