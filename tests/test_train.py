@@ -652,7 +652,7 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()
     bad = f"train.export_dir={tmp_path / 'file'}"
     assert main(config + ["--out", str(tmp_path / "r"), "--set", bad]) == 2
-    assert "--export" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert "train.export_dir" in capsys.readouterr().err and not (tmp_path / "r").exists()
     # A folder that is not a run (records, say) is never taken for a failed start and
     # cleared: it is "already holds a run", and stays as it was.
     records = config_records(tiny[1])

@@ -1138,7 +1138,7 @@ def command(args, config: ExperimentConfig) -> int:
     export_dir = args.export or (Path(t.export_dir) if t.export_dir else None)
     if export_dir is not None and args.fold != "all":
         try:  # before hours of training, not after
-            check_output_dir(export_dir, "--export")
+            check_output_dir(export_dir, "--export" if args.export else "train.export_dir")
         except OutputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
