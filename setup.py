@@ -39,8 +39,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tfcovseg", "tfcovseg.*", "data_tools", "data_tools.*"]),
     # The built-in experiments (python -m tfcovseg.train --config paper), found next to
-    # tfcovseg/config.py in an installed wheel as in the source tree.
-    package_data={"tfcovseg": ["experiments/*.yaml"]},
+    # tfcovseg/configs/experiment.py in an installed wheel as in the source tree.
+    package_data={"tfcovseg": ["configs/experiments/*.yaml"]},
     entry_points={
         "console_scripts": [
             "tfcovseg-train = tfcovseg.cli.train:main",
@@ -48,8 +48,8 @@ setup(
             "tfcovseg-export = tfcovseg.cli.export:main",
             "tfcovseg-predict = tfcovseg.cli.predict:main",
             "tfcovseg-summary = tfcovseg.cli.summary:main",
-            "tfcovseg-compare = tfcovseg.compare:main",
-            "tfcovseg-serving-client = tfcovseg.serving_client:main",
+            "tfcovseg-compare = tfcovseg.cli.compare:main",
+            "tfcovseg-serving-client = tfcovseg.cli.serving_client:main",
             "tfcovseg-semiseg-benchmark = tfcovseg.benchmarks.semiseg:main",
             "tfcovseg-convert = data_tools.convert:main",
             "tfcovseg-phantom = data_tools.phantom.cohort:main",

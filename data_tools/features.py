@@ -1,7 +1,7 @@
 """THE TFRecord feature spec: one `tf.train.Example` per CT slice.
 
 Everything that writes or reads records imports this module: the converter
-(`data_tools.convert`), the input pipeline (`tfcovseg.data`), the tests and the serving
+(`data_tools.convert`), the input pipeline (`tfcovseg.data.dataset`), the tests and the serving
 signature that takes serialized examples. The spec itself is plain Python, so importing this
 module does not import TensorFlow; the functions that build or parse examples do.
 

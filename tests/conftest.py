@@ -11,7 +11,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tfcovseg.config import ModelConfig  # noqa: E402
+from tfcovseg.configs.experiment import ModelConfig  # noqa: E402
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -123,7 +123,7 @@ def phantom_run(tmp_path_factory):
 
     from data_tools.convert import convert
     from data_tools.phantom import make_cohort
-    from tfcovseg.config import load_config, save_config
+    from tfcovseg.configs.experiment import load_config, save_config
     from tfcovseg.models import build_classifier, build_model
 
     root = tmp_path_factory.mktemp("phantom_run")
@@ -149,7 +149,7 @@ def phantom_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def phantom_export(phantom_run, tmp_path_factory):
     """The phantom run exported once as a TF Serving model folder: ``<tmp>/tfcovseg/1``."""
-    from tfcovseg.export import export_run
+    from tfcovseg.inference.export import export_run
 
     out = tmp_path_factory.mktemp("saved") / "tfcovseg"
     return export_run(phantom_run.run, out, log=lambda *a: None)

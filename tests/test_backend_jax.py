@@ -21,9 +21,9 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     from tests.conftest import TINY
-    from tfcovseg.config import ModelConfig
-    from tfcovseg.losses import HybridLoss, deep_supervision
-    from tfcovseg.metrics import segmentation_metrics
+    from tfcovseg.configs.experiment import ModelConfig
+    from tfcovseg.training.losses import HybridLoss, deep_supervision
+    from tfcovseg.evaluation.metrics import segmentation_metrics
     from tfcovseg.models import build_classifier, build_model
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
@@ -85,7 +85,7 @@ def test_segmenter_loss_and_gradient_step_under_jax():
     assert result["jax_type"].startswith("jax")
     assert 0.0 < result["loss"] < 10.0
     # The same loss on the same arrays as under TensorFlow (tf.image.ssim) in this process.
-    from tfcovseg.losses import HybridLoss
+    from tfcovseg.training.losses import HybridLoss
 
     fixed_rng = np.random.default_rng(1)
     fixed_true = (fixed_rng.random((2, 24, 24, 3)) > 0.7).astype("float32")

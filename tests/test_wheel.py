@@ -1,7 +1,7 @@
 """The wheel: built from the sources, installed into a fresh virtual environment, run elsewhere.
 
 A plain ``pip install ".[cpu]"`` (not ``-e``) must run the quickstart from any folder: the
-built-in experiments (``tfcovseg/experiments/*.yaml``) ship in the wheel and ``--config``
+built-in experiments (``tfcovseg/configs/experiments/*.yaml``) ship in the wheel and ``--config``
 takes their names. The wheel is built offline from a copy of the sources (so the checkout
 gets no ``build/`` or ``*.egg-info``) and installed with ``--no-deps`` into a new virtual
 environment; its dependencies come from this environment's site-packages through a
@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY_MODEL
-from tfcovseg.config import builtin_experiments
+from tfcovseg.configs.experiment import builtin_experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 JUNK = ("build", "dist", "tfcovseg.egg-info")  # what a build in the checkout would leave
@@ -112,8 +112,10 @@ def test_the_wheel_ships_the_builtin_experiments(wheel_env):
     names = builtin_experiments()
     assert {"paper", "quickstart"} <= set(names)
     with zipfile.ZipFile(wheel_env.wheel) as whl:
-        shipped = {n: whl.read(n) for n in whl.namelist() if n.startswith("tfcovseg/experiments/")}
-    expected = {f"tfcovseg/experiments/{name}.yaml" for name in names}
+        shipped = {
+            n: whl.read(n) for n in whl.namelist() if n.startswith("tfcovseg/configs/experiments/")
+        }
+    expected = {f"tfcovseg/configs/experiments/{name}.yaml" for name in names}
     assert set(shipped) == expected
     for name, data in shipped.items():
         assert data == (ROOT / name).read_bytes(), name
@@ -122,7 +124,7 @@ def test_the_wheel_ships_the_builtin_experiments(wheel_env):
 def test_the_fresh_venv_imports_the_wheel_not_the_checkout(wheel_env):
     code = (
         "import json, sys, tfcovseg, data_tools, keras, tensorflow\n"
-        "from tfcovseg.config import BUILTIN_EXPERIMENTS\n"
+        "from tfcovseg.configs.experiment import BUILTIN_EXPERIMENTS\n"
         "print(json.dumps([tfcovseg.__file__, data_tools.__file__, str(BUILTIN_EXPERIMENTS),"
         " sys.path]))\n"
     )
@@ -171,7 +173,7 @@ def test_the_quickstart_runs_from_the_installed_wheel(wheel_env):
 
     # Built-in names resolve inside the installed package, from any folder.
     code = (
-        "from tfcovseg.config import load_config\n"
+        "from tfcovseg.configs.experiment import load_config\n"
         "print(load_config('quickstart').name, load_config('paper.yaml').model.input_size)\n"
     )
     names = _ok(_run([wheel_env.python, "-c", code], wheel_env.env, work))

@@ -10,5 +10,5 @@ DISCLAIMER = "Research use, not a medical device."
 # Where `tfcovseg.export` (and the quickstart) write TF Serving versions by default.
 DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
 
-# How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.predict_images`).
+# How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")

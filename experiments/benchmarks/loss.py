@@ -7,14 +7,14 @@ Two measurements, each alternating between the SSIM implementations step by step
 that machine drift affects all alike (medians of wall time reported with their ratios):
 
 1. the hybrid loss alone, forward and backward, on a [batch, size, size, 2] map, with
-   `tf.image.ssim`, with `tfcovseg.losses.ssim` filtering by matrix products (its choice on
+   `tf.image.ssim`, with `tfcovseg.training.losses.ssim` filtering by matrix products (its choice on
    a CPU) and by shifted slices (its choice on a GPU, where matrix products are rounded);
 2. a whole training step of the COVID-SemiSeg benchmark's network (quarter-width
    coarse-refine, two classes, the hybrid loss on "coarse" and "final", Adam), with
-   `tf.image.ssim` and with `tfcovseg.losses.ssim` as it runs here.
+   `tf.image.ssim` and with `tfcovseg.training.losses.ssim` as it runs here.
 
 `tf.image.ssim` filters with an 11x11 depthwise convolution, whose backward pass is slow on
-CPUs (one channel in, one out); `tfcovseg.losses.ssim` filters the same separable window as
+CPUs (one channel in, one out); `tfcovseg.training.losses.ssim` filters the same separable window as
 two products with banded matrices on a CPU. The loss is a tiny share of a step's FLOPs, but
 with `tf.image.ssim` it was about 60 % of the benchmark network's training step at 256x256.
 
@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.benchmarks.semiseg import build  # noqa: E402
-from tfcovseg.losses import HybridLoss, hybrid_loss_terms, ssim  # noqa: E402
+from tfcovseg.training.losses import HybridLoss, hybrid_loss_terms, ssim  # noqa: E402
 
 IMPLS = ("tf", "ops")
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     for what, key in (("loss forward+backward", "loss"), ("training step", "train_step")):
         times = r[f"{key}_forward_backward_s" if key == "loss" else "train_step_s"]
         print(
-            f"{what:<22} tf.image.ssim {times['tf']:.3f} s, tfcovseg.losses.ssim "
+            f"{what:<22} tf.image.ssim {times['tf']:.3f} s, tfcovseg.training.losses.ssim "
             f"{times['ops']:.3f} s: x{r[f'speedup_{key}']:.2f}"
         )
     slices = r["loss_forward_backward_s"]["slices"]

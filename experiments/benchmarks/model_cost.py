@@ -30,10 +30,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
-from tfcovseg.config import ModelConfig  # noqa: E402
-from tfcovseg.losses import deep_supervision  # noqa: E402
+from tfcovseg.configs.experiment import ModelConfig  # noqa: E402
 from tfcovseg.models import build_model  # noqa: E402
 from tfcovseg.models.flops import count_flops  # noqa: E402
+from tfcovseg.training.losses import deep_supervision  # noqa: E402
 
 MODELS = {"coarse_refine": "coarse_refine", "seresnet_unet": "seresnet_unet"}
 

@@ -49,7 +49,7 @@ from common import write_figures  # noqa: E402  (experiments/benchmarks/common.p
 from data_tools.convert import convert  # noqa: E402
 from data_tools.features import feature_spec  # noqa: E402
 from data_tools.phantom import make_cohort  # noqa: E402
-from tfcovseg.data import make_dataset, read_manifest  # noqa: E402
+from tfcovseg.data.dataset import make_dataset, read_manifest  # noqa: E402
 
 TARGET_RATIO = 0.5
 TARGET_PER_CORE = 60.0

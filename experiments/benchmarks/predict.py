@@ -44,7 +44,7 @@ import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from data_tools.phantom import make_patient, write_patient  # noqa: E402
-from tfcovseg.predict import open_model, predict  # noqa: E402
+from tfcovseg.inference.predict import open_model, predict  # noqa: E402
 
 LESION_FREE = 0.6
 
@@ -63,8 +63,8 @@ def choose_patient(size: int, start_seed: int = 0):
 def _paper_graph(size=512):
     import keras
 
-    from tfcovseg.config import ModelConfig
-    from tfcovseg.export import InferenceGraph
+    from tfcovseg.configs.experiment import ModelConfig
+    from tfcovseg.inference.export import InferenceGraph
     from tfcovseg.models import build_classifier, build_model
 
     keras.utils.set_random_seed(0)

@@ -270,7 +270,7 @@ def test_real_slices_load():
 
 def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch):
     from tfcovseg.benchmarks import semiseg
-    from tfcovseg.config import ModelConfig
+    from tfcovseg.configs.experiment import ModelConfig
 
     seen = {}
 

@@ -63,7 +63,7 @@ def test_seg_from_phantom_ct_has_no_dciodvfy_errors(
 ):
     import pydicom
 
-    from tfcovseg.predict import read_input, write_seg
+    from tfcovseg.inference.predict import read_input, write_seg
 
     volumes, _ = read_input(ct_folder, salt="x")
     volume = volumes[0]

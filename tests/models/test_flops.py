@@ -59,7 +59,7 @@ def test_summary_cli_reports_bad_keys(capsys):
 
 @pytest.mark.parametrize("config", ["paper"])
 def test_summarize_paper_numbers(config):
-    from tfcovseg.config import load_config
+    from tfcovseg.configs.experiment import load_config
 
     s = summary.summarize(load_config(config))
     assert round(s["parameters"] / 1e6) == 26

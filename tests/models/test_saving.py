@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import hu_batch, tiny_config
-from tfcovseg.config import ARCHITECTURES
+from tfcovseg.configs.experiment import ARCHITECTURES
 from tfcovseg.models import build_classifier, build_model
 
 # Tiny networks: eager steps cost less than tracing them (tests.conftest.eager_functions).

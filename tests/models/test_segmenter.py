@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import hu_batch, tiny_config
-from tfcovseg.config import ModelConfig
+from tfcovseg.configs.experiment import ModelConfig
 from tfcovseg.models import CoarseRefineNet, build_model
 from tfcovseg.models.flops import count_flops, flops_by_part
 

@@ -24,7 +24,7 @@ slices (the collection has no patient ids), mean ± sd over folds. With it: trai
 training slices, evaluate on the test slices: ``Imgs/`` + ``GT/`` with 0/1/2 masks as the
 training split, or binary 0/255 infection masks as in Inf-Net's ``LungInfection-Test``
 folder (then only infection is scored). Evaluation follows
-Inf-Net's protocol (`tfcovseg.benchmarks.protocol`) at the original image size, for
+Inf-Net's protocol (`tfcovseg.evaluation.protocol`) at the original image size, for
 infection (GGO ∪ consolidation: the maximum of the two channels) and for GGO and
 consolidation separately. Writes ``OUT/results.json``, ``OUT/results.md``
 (beside Inf-Net's published values) and the probability maps as 8-bit PNGs named like
@@ -59,8 +59,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-from tfcovseg.benchmarks import protocol  # noqa: E402
 from tfcovseg.constants import DISCLAIMER  # noqa: E402
+from tfcovseg.evaluation import protocol  # noqa: E402
 
 CLASSES = ("ggo", "consolidation")
 TARGETS = ("infection", "ggo", "consolidation")
@@ -85,7 +85,7 @@ WIDTHS = {
 
 def _paper_widths() -> dict:
     """The paper's widths: `ModelConfig`'s defaults for the same fields as `WIDTHS`."""
-    from tfcovseg.config import ModelConfig
+    from tfcovseg.configs.experiment import ModelConfig
 
     return {k: getattr(ModelConfig, k) for k in WIDTHS}
 
@@ -263,7 +263,7 @@ def _slice_key(stem: str):
 class _Augmented(keras.utils.PyDataset):
     """Batches of (image, {output: mask}) from memory, with the paper's augmentation
     (random quarter turn and horizontal flip, image and mask together) and, with
-    `jitter`, random intensity changes (`semisup.IntensityJitter`).
+    `jitter`, random intensity changes (`intensity.IntensityJitter`).
 
     With `extra` (images, masks: pseudo-labelled slices), `extra_share` of every batch is
     drawn from them at random; the epoch is still `passes` passes over the labelled slices.
@@ -338,7 +338,7 @@ class _Progress(keras.callbacks.Callback):
 
 
 def build(architecture: str, size: int, widths=WIDTHS):
-    from tfcovseg.config import ModelConfig
+    from tfcovseg.configs.experiment import ModelConfig
     from tfcovseg.models import build_model
 
     config = ModelConfig(
@@ -352,7 +352,7 @@ def build(architecture: str, size: int, widths=WIDTHS):
 
 
 def _jitter(settings):
-    from tfcovseg.semisup import IntensityJitter
+    from tfcovseg.data.intensity import IntensityJitter
 
     return IntensityJitter() if settings.get("intensity", False) else None
 
@@ -363,7 +363,7 @@ def train_one(
 ):  # fmt: skip
     """Trains one model (from scratch, or from `init`'s weights); returns it with the best
     validation weights. `extra`: pseudo-labelled (images, masks) mixed into every batch."""
-    from tfcovseg.losses import deep_supervision
+    from tfcovseg.training.losses import deep_supervision
 
     keras.utils.set_random_seed(seed)
     model = build(architecture, settings["size"], settings.get("widths", WIDTHS))
@@ -403,10 +403,11 @@ def train_student(teacher, data: Slices, train_idx, val_idx, unlabelled, setting
     the labelled ones), the surest `semi_keep` of them join every batch, and a student
     starting from the teacher's weights trains on both; repeated `semi_rounds` times with
     the student as the next teacher."""
-    from tfcovseg import semisup
+    from tfcovseg.data import intensity
+    from tfcovseg.training import semisup
 
     rng = np.random.default_rng(seed)
-    matched = semisup.match_intensity(unlabelled.images, data.images[train_idx])
+    matched = intensity.match_intensity(unlabelled.images, data.images[train_idx])
     model, rounds = teacher, []
     for r in range(settings["semi_rounds"]):
         pool = np.sort(rng.permutation(len(matched))[: settings["semi_pool"]])
@@ -433,7 +434,7 @@ def predict_maps(model, data: Slices, idx, views=1) -> dict:
     (1 or up to 8) averages the model over that many quarter turns and flips."""
     from PIL import Image
 
-    from tfcovseg.semisup import DIHEDRAL, predict_probabilities
+    from tfcovseg.training.semisup import DIHEDRAL, predict_probabilities
 
     maps = {t: [] for t in TARGETS}
     probs = predict_probabilities(model, data.images[idx], batch_size=4, tta=DIHEDRAL[:views])

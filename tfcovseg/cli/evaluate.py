@@ -25,6 +25,6 @@ def main(argv=None) -> int:
     if not 0.0 < args.threshold < 1.0:
         return cli.fail(f"--threshold must be in (0, 1), got {args.threshold}")
     cli.quiet_libraries()
-    from tfcovseg.evaluate import command
+    from tfcovseg.evaluation.run import command
 
     return command(args)

@@ -40,6 +40,6 @@ def main(argv=None) -> int:
                 f"--gate-threshold must be a number or 'auto', got {args.gate_threshold!r}"
             )
     cli.quiet_libraries()
-    from tfcovseg.export import command
+    from tfcovseg.inference.export import command
 
     return command(args)

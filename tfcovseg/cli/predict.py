@@ -51,6 +51,6 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         return cli.fail("--batch-size must be >= 1")
     cli.quiet_libraries()
-    from tfcovseg.predict import command
+    from tfcovseg.inference.predict import command
 
     return command(args)

@@ -4,7 +4,7 @@ configured network (the library: `tfcovseg.models.summary`)."""
 from __future__ import annotations
 
 from tfcovseg import cli
-from tfcovseg.config import ConfigError, load_config
+from tfcovseg.configs.experiment import ConfigError, load_config
 
 
 def build_parser():

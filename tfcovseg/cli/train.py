@@ -8,7 +8,12 @@ import argparse
 from pathlib import Path
 
 from tfcovseg import cli
-from tfcovseg.config import ConfigError, builtin_experiment, builtin_experiments, load_config
+from tfcovseg.configs.experiment import (
+    ConfigError,
+    builtin_experiment,
+    builtin_experiments,
+    load_config,
+)
 from tfcovseg.constants import DEFAULT_EXPORT_DIR
 
 DEFAULT_EXPERIMENT = "quickstart"
@@ -87,6 +92,6 @@ def main(argv=None) -> int:
             "there is nothing left to evaluate (--evaluate, --fold all)"
         )
     cli.quiet_libraries()
-    from tfcovseg.train import command
+    from tfcovseg.training.trainer import command
 
     return command(args, config)

@@ -50,7 +50,7 @@ def build_model(model_config=None):
     """Builds the network a `ModelConfig` describes.
 
     Args:
-        model_config: A `tfcovseg.config.ModelConfig` (None: the paper's defaults).
+        model_config: A `tfcovseg.configs.experiment.ModelConfig` (None: the paper's defaults).
 
     Returns:
         A functional `keras.Model` taking "hu" [N, H, W, 1] float32. Segmenters return a
@@ -58,7 +58,7 @@ def build_model(model_config=None):
         coarse_refine, {"final"} for the other architectures. The classifier architecture
         ("seresnet_classifier") returns `covid_probability` [N].
     """
-    from tfcovseg.config import ModelConfig
+    from tfcovseg.configs.experiment import ModelConfig
 
     cfg = model_config if model_config is not None else ModelConfig()
     common = dict(
@@ -125,7 +125,8 @@ def load_model(path, compile=False):
     """
     import keras
 
-    from tfcovseg import losses, metrics  # noqa: F401  (registration)
+    from tfcovseg.evaluation import metrics  # noqa: F401  (registration)
+    from tfcovseg.training import losses  # noqa: F401  (registration)
 
     problem = model_file_problem(path)
     if problem:

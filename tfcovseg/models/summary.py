@@ -2,7 +2,8 @@
 
     python -m tfcovseg.models.summary --config paper [--set key=value ...]
 
-``--config`` takes a YAML file or the name of a built-in experiment (``tfcovseg/experiments``).
+``--config`` takes a YAML file or the name of a built-in experiment
+(``tfcovseg/configs/experiments``).
 
 At the paper's settings (512x512, 3 classes) the coarse-refine network has 25.97 M
 parameters (25.95 M trainable; the rest are batch-norm moving statistics) and costs

@@ -1,0 +1,90 @@
+"""The command-line doors (tfcovseg.cli): --help, --version and bad options answer before
+TensorFlow or Keras is imported; console scripts name the doors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tfcovseg import __version__
+
+ROOT = Path(__file__).resolve().parents[2]
+DOORS = ("train", "predict", "evaluate", "export", "summary")
+
+PROBE = """
+import sys
+from tfcovseg.cli import {door} as door
+try:
+    code = door.main({argv!r})
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("tensorflow", "keras", "jax", "torch") if m in sys.modules)
+print("exit", code, "heavy", ",".join(heavy) or "none")
+"""
+
+
+def _probe(door, argv):
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(door=door, argv=list(argv))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    return out.stdout.strip().splitlines()[-1], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("door", DOORS)
+def test_help_answers_without_tensorflow(door):
+    last, text = _probe(door, ["--help"])
+    assert last == "exit 0 heavy none"
+    assert "usage:" in text and "Research use, not a medical device." in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    "door, argv, message",
+    [
+        ("train", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
+        ("train", ["--resume"], "--resume needs --out"),
+        ("train", ["--fold", "x"], "--fold must be an integer or 'all'"),
+        ("evaluate", ["--run", "/no/such/run"], "is not a run folder"),
+        ("export", ["--run", "r", "--gate-threshold", "x"], "--gate-threshold must be"),
+        ("predict", ["--model", "m", "--input", "i", "--out", "o", "--batch-size", "0"], ">= 1"),
+        ("summary", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
+    ],
+)
+def test_bad_options_answer_without_tensorflow(door, argv, message):
+    last, text = _probe(door, argv)
+    assert last == "exit 2 heavy none"
+    assert message in text
+
+
+def test_version_and_the_python_m_form(tmp_path):
+    last, text = _probe("train", ["--version"])
+    assert last == "exit 0 heavy none" and f"tfcovseg {__version__}" in text
+    # python -m tfcovseg.train goes through the same door (its error, its exit code).
+    out = subprocess.run(
+        [sys.executable, "-m", "tfcovseg.train", "--set", "model.nope=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and "unknown key 'model.nope'" in out.stderr
+
+
+def test_console_scripts_name_importable_doors():
+    import importlib
+    import re
+
+    setup = (ROOT / "setup.py").read_text()
+    scripts = re.findall(r'"(tfcovseg-[\w-]+) = ([\w.]+):(\w+)"', setup)
+    names = {name for name, _, _ in scripts}
+    assert {f"tfcovseg-{d}" for d in DOORS} <= names
+    assert {"tfcovseg-convert", "tfcovseg-phantom", "tfcovseg-compare"} <= names
+    for _, module, function in scripts:
+        if module.startswith("tfcovseg.cli"):
+            assert callable(getattr(importlib.import_module(module), function))

@@ -1,0 +1,248 @@
+"""Configuration: YAML files, dotted overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tfcovseg.configs.experiment import (
+    BUILTIN_EXPERIMENTS,
+    PHANTOM_MIXES,
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    builtin_experiment,
+    builtin_experiments,
+    config_to_dict,
+    load_config,
+    resolve_config,
+    save_config,
+)
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "tfcovseg" / "configs" / "experiments"
+
+
+def test_phantom_mix_is_checked_against_the_phantoms_mixes():
+    from data_tools.phantom import COHORT_MIXES
+
+    assert sorted(COHORT_MIXES) == sorted(PHANTOM_MIXES)
+    with pytest.raises(ConfigError, match="data.phantom_mix must be one of"):
+        load_config(overrides=["data.phantom_mix=covid-only"])
+    assert load_config(overrides=["data.phantom_mix=pneumonia"]).data.phantom_mix == "pneumonia"
+
+
+def test_phantom_slices_default_and_bounds():
+    from data_tools.phantom import SLICE_RANGE
+
+    assert load_config().data.phantom_slices == SLICE_RANGE
+    assert load_config(overrides=["data.phantom_slices=[8,16]"]).data.phantom_slices == (8, 16)
+    for bad in ("[2,16]", "[16,8]"):
+        with pytest.raises(ConfigError, match="data.phantom_slices must be"):
+            load_config(overrides=[f"data.phantom_slices={bad}"])
+
+
+def test_paper_yaml_holds_the_papers_settings():
+    cfg = load_config(EXPERIMENTS / "paper.yaml")
+    assert cfg.name == "paper"
+    assert cfg.model.input_size == (512, 512)
+    assert cfg.model.num_classes == 3
+    assert cfg.model.encoder_blocks == (3, 4, 6, 3)
+    assert cfg.model.aspp_rates == (3, 6, 9)
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.train.batch_size == 8
+    assert cfg.train.epochs == 200
+    assert cfg.train.loss == "hybrid"
+    assert cfg.train.early_stopping_patience > 0
+    # The defaults are the paper's settings too.
+    assert load_config() == dataclasses.replace(cfg, name="default")
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_builtin_experiments_are_the_package_files():
+    assert BUILTIN_EXPERIMENTS == EXPERIMENTS
+    assert builtin_experiments() == sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+    assert {"paper", "quickstart", "unet", "unetpp"} <= set(builtin_experiments())
+
+
+def test_a_builtin_name_loads_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no experiment files here
+    paper = load_config(EXPERIMENTS / "paper.yaml")
+    assert load_config("paper") == paper
+    assert load_config("paper.yaml") == paper
+    assert load_config(Path("paper")) == paper  # what --config (type=Path) passes
+    assert load_config("quickstart", ["train.epochs=2"]).train.epochs == 2
+    assert resolve_config("paper") == resolve_config("paper.yaml") == EXPERIMENTS / "paper.yaml"
+    assert builtin_experiment("quickstart") == EXPERIMENTS / "quickstart.yaml"
+
+
+def test_an_existing_path_wins_over_a_builtin_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "paper.yaml").write_text("name: mine\ntrain:\n  epochs: 3\n")
+    cfg = load_config("paper.yaml")
+    assert cfg.name == "mine" and cfg.train.epochs == 3
+    assert resolve_config("paper.yaml") == Path("paper.yaml")
+    assert load_config("paper").name == "paper"  # no file named "paper" here: the built-in
+    (tmp_path / "paper").write_text("name: bare\n")
+    assert load_config("paper").name == "bare"
+    # builtin_experiment (the train default) never looks at the working directory.
+    assert load_config(builtin_experiment("paper.yaml")).name == "paper"
+
+
+def test_an_unknown_name_lists_the_builtin_experiments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config("nosuch")
+    message = str(e.value)
+    assert "config file nosuch does not exist" in message
+    assert "'nosuch' is not a built-in experiment" in message
+    assert "path of a YAML file" in message
+    assert message.endswith(", ".join(builtin_experiments()))
+    # A path with a folder is never looked up among the built-in experiments.
+    with pytest.raises(ConfigError, match=r"elsewhere.paper.yaml does not exist; .*paper"):
+        load_config("elsewhere/paper.yaml")
+    with pytest.raises(ConfigError, match="not a built-in experiment; .*paper, quickstart"):
+        builtin_experiment("nosuch")
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(
+        None,
+        [
+            "model.aspp_rates=[2,4,8]",
+            "train.epochs=5",
+            "train.learning_rate=1e-3",
+            "model.pre_windowed=true",
+            "name=trial",
+        ],
+    )
+    assert cfg.model.aspp_rates == (2, 4, 8)
+    assert cfg.train.epochs == 5
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.pre_windowed is True
+    assert cfg.name == "trial"
+
+
+def test_unknown_override_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.aspp_rate=[3,6,9]"])
+    msg = str(e.value)
+    assert "model.aspp_rate" in msg and "aspp_rates" in msg and "input_size" in msg
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model:\n  input_sise: [64, 64]\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.input_sise' in .*x.yaml"):
+        load_config(path)
+    path.write_text("modle:\n  input_size: [64, 64]\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'.*allowed top-level keys"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.input_size=[100,100]", "multiples of 32"),
+        ("model.input_size=[64]", "list of 2 values"),
+        ("model.aspp_rates=abc", "must be a list"),
+        ("train.batch_size=eight", "must be an integer"),
+        ("train.batch_size=0", "must be positive"),
+        ("train.loss=dice", "must be one of"),
+        ("train.phases=[segmentation, nap]", "must be one of"),
+        ("data.fold=5", r"data.fold must be in \[0, 4\]"),
+        ("model.pre_windowed=maybe", "true or false"),
+        ("model.hu_window=[250,-1250]", "hu_window"),
+        ("model.class_names=[ggo,ggo]", "duplicates"),
+        ("epochs=3", "unknown key 'epochs'"),
+        ("train.learning_rate=.nan", "positive and finite"),
+        ("train.learning_rate=inf", "positive and finite"),
+        ("train.coarse_loss_weight=.nan", "finite"),
+        ("data.records_dir=null", "must be a string"),
+        ("model.class_names=[ggo, null]", "must be a string"),
+        ("train.phases=[classification, segmentation]", "in the order"),
+        ("train.phases=[segmentation, segmentation]", "once"),
+        ("train.early_stopping_patience=-1", ">= 0"),
+        ("model.aspp_rates=[]", "must not be empty"),
+        ("model.architecture=unet", "set train.phases to \\[segmentation\\]"),
+        ("model.architecture=seresnet_classifier", "must be \\[classification\\]"),
+        ("train.epochs", "section.key=value"),
+        ("train.strategy=tpu", "train.strategy must be one of"),
+        ("train.overlay_images=-1", "overlay_images"),
+        ("model.classifier_pooling=median", "classifier_pooling must be one of"),
+        ("model.classifier_head=mlp", "classifier_head must be one of"),
+        ("model.classifier_head_filters=0", "classifier_head_filters"),
+        ("data.oversample_pneumonia=0", "oversample_pneumonia"),
+        ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
+        ("train.positive_weights=[1, 0, 4]", r"positive_weights must be finite and > 0"),
+        ("train.positive_weights=[1, 4]", r"2 values for the 3 classes"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_classifier_aux_weight_needs_an_se_resnet_segmenter():
+    with pytest.raises(ConfigError, match="classifier_aux_weight needs a segmenter"):
+        load_config(
+            None,
+            [
+                "model.architecture=unet",
+                "train.phases=[segmentation]",
+                "train.classifier_aux_weight=0.5",
+            ],
+        )
+    assert load_config(None, ["train.classifier_aux_weight=0.5"]).train.classifier_aux_weight == 0.5
+
+
+def test_sections_must_be_mappings(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: []\n")
+    with pytest.raises(ConfigError, match="'model' in .* must be a mapping"):
+        load_config(path)
+    path.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path, ["model.input_size=[64,64]"])
+    path.write_text("model:\n")  # an empty section means the defaults
+    assert load_config(path).model == ModelConfig()
+
+
+def test_lists_become_tuples_outside_yaml_too():
+    cfg = ModelConfig(input_size=[64, 64], aspp_rates=[1, 2])
+    assert cfg.input_size == (64, 64) and cfg.aspp_rates == (1, 2)
+    assert hash(cfg)
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(EXPERIMENTS / "quickstart.yaml", ["train.epochs=2"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert config_to_dict(cfg)["model"]["input_size"] == [128, 128]
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dataclass_defaults():
+    assert ExperimentConfig().model == ModelConfig()
+    assert ModelConfig().class_names == ("ggo", "consolidation", "fibrosis")
+    assert ModelConfig().hu_window == (-1250.0, 250.0)

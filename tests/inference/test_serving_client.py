@@ -1,0 +1,229 @@
+"""tfcovseg.serving_client against the TF Serving request/response formats, offline.
+
+The TF Serving binary cannot be installed here, so two stand-ins serve the exported
+SavedModel in-process: an HTTP server that follows the REST predict API (row and columnar
+formats, ``{"error": ...}`` with HTTP 400) and a gRPC server implementing
+``tensorflow.serving.PredictionService`` from tensorflow-serving-api's generated code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from pydicom.data import get_testdata_file
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tfcovseg.cli.serving_client import main as client_main
+from tfcovseg.inference import serving_client as client
+
+MODEL = "tfcovseg"
+
+
+@pytest.fixture(scope="module")
+def loaded(phantom_export):
+    return tf.saved_model.load(str(phantom_export))
+
+
+def _run_signature(loaded, name, inputs):
+    if name not in loaded.signatures:
+        raise ValueError(f'Serving signature name: "{name}" not found in signature def')
+    fn = loaded.signatures[name]
+    return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in inputs.items()}).items()}
+
+
+class _RestHandler(BaseHTTPRequestHandler):
+    """POST /v1/models/<name>[/versions/<n>]:predict as TF Serving's REST API answers it."""
+
+    loaded = None
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        path = self.path
+        if not (path.startswith(f"/v1/models/{MODEL}") and path.endswith(":predict")):
+            return self._reply(404, {"error": f"Servable not found for request: {path}"})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        signature = body.get("signature_name", "serving_default")
+        try:
+            if "instances" in body:
+                rows = body["instances"]
+                names = rows[0].keys()
+                inputs = {k: np.asarray([r[k] for r in rows], np.float32) for k in names}
+                out = _run_signature(self.loaded, signature, inputs)
+                n = len(rows)
+                predictions = [{k: v[i].tolist() for k, v in out.items()} for i in range(n)]
+                if len(out) == 1:
+                    predictions = [next(iter(p.values())) for p in predictions]
+                return self._reply(200, {"predictions": predictions})
+            if "inputs" in body:
+                inputs = {k: np.asarray(v, np.float32) for k, v in body["inputs"].items()}
+                out = _run_signature(self.loaded, signature, inputs)
+                outputs = {k: v.tolist() for k, v in out.items()}
+                if len(outputs) == 1:
+                    outputs = next(iter(outputs.values()))
+                return self._reply(200, {"outputs": outputs})
+            return self._reply(400, {"error": "Missing 'inputs' or 'instances' key"})
+        except Exception as e:  # what TF Serving does with a failed run
+            return self._reply(400, {"error": str(e).splitlines()[0]})
+
+
+@pytest.fixture(scope="module")
+def rest_server(loaded):
+    handler = type("Handler", (_RestHandler,), {"loaded": loaded})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.requests = []
+
+    def Predict(self, request, context):
+        self.requests.append(request)
+        if request.model_spec.name != MODEL:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Servable not found: {request.model_spec.name}"
+            )
+        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        try:
+            out = _run_signature(
+                self.loaded, request.model_spec.signature_name or "serving_default", inputs
+            )
+        except Exception as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e).splitlines()[0])
+        response = predict_pb2.PredictResponse()
+        response.model_spec.CopyFrom(request.model_spec)
+        for key, value in out.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+
+@pytest.fixture(scope="module")
+def grpc_server(loaded):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    service = _PredictionService(loaded)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", service
+    server.stop(0)
+
+
+def _slices(rng, n=2, size=48):
+    return rng.uniform(-1100.0, 200.0, (n, size, size)).astype(np.float32)
+
+
+def test_rest_urls_and_bodies_follow_the_api(rng):
+    assert client.rest_url("http://h:8501/") == "http://h:8501/v1/models/tfcovseg:predict"
+    assert (
+        client.rest_url("http://h:8501", "m", 3) == "http://h:8501/v1/models/m/versions/3:predict"
+    )
+    hu = _slices(rng)
+    rows = json.loads(json.dumps(client.rest_request(hu)))
+    assert rows["signature_name"] == "serving_default" and len(rows["instances"]) == 2
+    np.testing.assert_array_equal(np.asarray(rows["instances"][1]["hu"], np.float32), hu[1])
+    cols = client.rest_request(hu[0], "classify", form="inputs")
+    assert cols["signature_name"] == "classify"
+    assert np.asarray(cols["inputs"]["hu"]).shape == (1, 48, 48)
+    with pytest.raises(ValueError, match="form"):
+        client.rest_request(hu, form="rows")
+    with pytest.raises(ValueError, match="shape"):
+        client.rest_request(hu[..., None])
+    with pytest.raises(ValueError, match="NaN"):
+        client.rest_request(np.full((4, 4), np.nan))
+
+
+def test_rest_answers_parse_in_both_formats():
+    two = {"predictions": [{"masks": [[[0.1]]], "covid_probability": 0.2}] * 2}
+    out = client.parse_rest_response(json.dumps(two))
+    assert out["masks"].shape == (2, 1, 1, 1) and out[
+        "covid_probability"
+    ].tolist() == pytest.approx([0.2, 0.2])
+    assert client.parse_rest_response({"predictions": [0.3, 0.4]})["output"].shape == (2,)
+    cols = client.parse_rest_response({"outputs": {"covid_probability": [0.5]}})
+    assert cols["covid_probability"].tolist() == [0.5]
+    with pytest.raises(client.ServingError, match="bad input"):
+        client.parse_rest_response('{"error": "bad input"}')
+    with pytest.raises(client.ServingError, match="neither"):
+        client.parse_rest_response({"result": 1})
+
+
+@pytest.mark.parametrize("form", client.FORMS)
+def test_rest_round_trip_matches_the_savedmodel(rest_server, loaded, rng, form):
+    hu = _slices(rng)
+    url = client.rest_url(rest_server)
+    out = client.predict_rest(url, hu, form=form)
+    direct = _run_signature(loaded, "serving_default", {"hu": hu})
+    np.testing.assert_allclose(out["masks"], direct["masks"], atol=1e-6)
+    np.testing.assert_allclose(out["covid_probability"], direct["covid_probability"], atol=1e-6)
+    gate = client.predict_rest(url, hu, signature="classify", form=form)
+    np.testing.assert_allclose(gate["output"], direct["covid_probability"], atol=1e-6)
+
+
+def test_rest_errors_surface(rest_server, rng):
+    with pytest.raises(client.ServingError, match="not found"):
+        client.predict_rest(client.rest_url(rest_server), _slices(rng), signature="nope")
+    with pytest.raises(client.ServingError, match="Servable not found"):
+        client.predict_rest(client.rest_url(rest_server, "other"), _slices(rng))
+    with pytest.raises(client.ServingError, match="cannot reach"):
+        client.predict_rest("http://127.0.0.1:9/v1/models/x:predict", _slices(rng), timeout=2)
+
+
+def test_grpc_request_is_a_predict_request(rng):
+    hu = _slices(rng, n=1)
+    request = client.grpc_request(hu[0], signature="segment", version=4)
+    again = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    assert again.model_spec.name == MODEL and again.model_spec.signature_name == "segment"
+    assert again.model_spec.version.value == 4
+    tensor = again.inputs["hu"]
+    assert tensor.dtype == tf.float32.as_datatype_enum
+    assert [d.size for d in tensor.tensor_shape.dim] == [1, 48, 48]
+    np.testing.assert_array_equal(tf.make_ndarray(tensor), hu)
+
+
+def test_grpc_round_trip_matches_the_savedmodel(grpc_server, loaded, rng):
+    target, service = grpc_server
+    hu = _slices(rng)
+    out = client.predict_grpc(target, hu)
+    direct = _run_signature(loaded, "serving_default", {"hu": hu})
+    np.testing.assert_allclose(out["masks"], direct["masks"], atol=1e-6)
+    np.testing.assert_allclose(out["covid_probability"], direct["covid_probability"], atol=1e-6)
+    assert service.requests[-1].model_spec.signature_name == "serving_default"
+    with pytest.raises(client.ServingError, match="NOT_FOUND"):
+        client.predict_grpc(target, hu, model="other")
+    with pytest.raises(client.ServingError, match="INVALID_ARGUMENT"):
+        client.predict_grpc(target, hu, signature="nope")
+
+
+def test_cli_sends_a_real_dicom_slice(rest_server, grpc_server, capsys):
+    path = get_testdata_file("CT_small.dcm")
+    assert client_main(["--dicom", path, "--rest", rest_server]) == 0
+    printed = capsys.readouterr().out
+    assert "CT_small.dcm, covid_probability" in printed and "not a medical device" in printed
+    assert client_main(["--dicom", path, "--grpc", grpc_server[0], "--signature", "classify"]) == 0
+    assert "covid_probability" in capsys.readouterr().out
+    not_ct = get_testdata_file("MR_small.dcm")
+    assert client_main(["--dicom", not_ct, "--rest", rest_server]) == 2
+    assert "not CT" in capsys.readouterr().err
+    hu = client.hu_from_dicom(path)
+    assert hu.shape == (128, 128) and hu.dtype == np.float32

@@ -1,0 +1,64 @@
+"""``tfcovseg-serving-client`` / ``python -m tfcovseg.serving_client``: send DICOM CT slices
+to a tfcovseg model behind TF Serving (the library: `tfcovseg.inference.serving_client`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tfcovseg import cli
+from tfcovseg.constants import DISCLAIMER
+from tfcovseg.inference.serving_client import (  # NumPy and the standard library only
+    FORMS,
+    ServingError,
+    hu_from_dicom,
+    predict_grpc,
+    predict_rest,
+    rest_url,
+)
+
+
+def build_parser():
+    parser = cli.parser(
+        "serving_client",
+        "Send a DICOM CT slice to a tfcovseg model behind TF Serving",
+        tool_version=False,  # --version is the model's
+    )
+    parser.add_argument("--dicom", type=Path, required=True, nargs="+", help="CT slice(s)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--rest", help="REST base URL, e.g. http://localhost:8501")
+    where.add_argument("--grpc", help="gRPC target, e.g. localhost:8500")
+    parser.add_argument("--model", default="tfcovseg", help="model name (default tfcovseg)")
+    parser.add_argument("--version", type=int, help="model version (default: the newest)")
+    parser.add_argument("--signature", default="serving_default")
+    parser.add_argument("--form", choices=FORMS, default="instances", help="REST body format")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        slices = [hu_from_dicom(p) for p in args.dicom]
+        if len({s.shape for s in slices}) > 1:
+            raise ValueError("the slices of one request must have one size")
+        hu = np.stack(slices)
+        if args.rest:
+            url = rest_url(args.rest, args.model, args.version)
+            out = predict_rest(url, hu, args.signature, args.form)
+        else:
+            out = predict_grpc(args.grpc, hu, args.model, args.signature, args.version)
+    except (ValueError, ServingError, ImportError) as e:
+        return cli.fail(str(e))
+    if "output" in out:  # REST answers of a single-output signature are unnamed
+        out = {"covid_probability" if out["output"].ndim == 1 else "masks": out["output"]}
+    for i, path in enumerate(args.dicom):
+        parts = [path.name]
+        if "covid_probability" in out:
+            parts.append(f"covid_probability {float(out['covid_probability'][i]):.3f}")
+        if "masks" in out:
+            lesion = (out["masks"][i] >= 0.5).mean(axis=(0, 1))
+            parts.append("lesion pixels " + " ".join(f"{100 * v:.2f}%" for v in lesion))
+        print(", ".join(parts))
+    print(DISCLAIMER)
+    return 0

@@ -1,0 +1,3 @@
+"""Experiment configuration: per-component dataclasses, YAML loading with `--set`
+overrides, and the built-in experiments found by name.
+"""

@@ -1,0 +1,116 @@
+"""One patient-level verdict per study, the rule that made it, and the others as evidence.
+
+A study gets two patient calls: the slice classifier's (the paper's gate network, any
+slice at or above `patient_rule`'s threshold) and the segmentation's (total lesion / lung
+ratio at or above the export's lesion-burden threshold, `tfcovseg.inference.predict.burden_call`).
+Reporting both side by side left readers with contradictions ("COVID-19 probability 0.75:
+yes", "lesion burden: no", "severity mild"). The verdict takes one of them:
+
+1. the slice classifier, when the export validated it (its gate is on: the validation
+   slice AUC was measured and reached the export's minimum), as the paper does;
+2. otherwise the lesion-burden rule, when the export chose its threshold and the study
+   supports a ratio;
+3. otherwise no call, saying why.
+
+The rule not taken is kept as evidence with its own figure. A severity grade is given only
+to a patient called COVID-19 (`severity_for_verdict`).
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+COVID = "COVID-19"
+NOT_COVID = "not COVID-19"
+NO_CALL = "no call"
+CLASSIFIER = "slice classifier"
+BURDEN = "lesion burden"
+
+
+def classifier_problem(gate: dict) -> str | None:
+    """Why the slice classifier cannot make the call (None: the export validated it)."""
+    auc = gate.get("validation_slice_auc")
+    if auc is not None and float(gate.get("threshold") or 0.0) > 0.0:
+        return None
+    if gate.get("method") == "given":
+        return "the gate threshold was given by hand, not validated"
+    if auc is None:
+        return "its validation slice AUC could not be measured"
+    return f"its validation slice AUC {float(auc):.3f} is below the export's minimum"
+
+
+def _evidence(rule: str, figure: str, positive, validated: bool, note: str) -> dict:
+    return {"rule": rule, "figure": figure, "positive": positive, "validated": validated,
+            "note": note}  # fmt: skip
+
+
+def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
+    """The study's verdict.
+
+    Args:
+        covid: The classifier's call: ``probability``, ``threshold``, ``positive``, ``rule``.
+        gate: The export's gate metadata (``threshold``, ``method``, validation figures).
+        burden: `tfcovseg.inference.predict.burden_call`'s result (``positive`` None: no call).
+
+    Returns:
+        ``call`` (`COVID`, `NOT_COVID` or `NO_CALL`), ``rule`` (`CLASSIFIER`, `BURDEN` or
+        None), ``why`` (a sentence) and ``evidence`` (both rules' figures, the deciding
+        rule first).
+    """
+    problem = classifier_problem(gate)
+    classifier = _evidence(
+        CLASSIFIER,
+        f"highest slice probability {covid['probability']:.3f}, threshold {covid['threshold']:.3f}",
+        bool(covid["positive"]),
+        problem is None,
+        covid["rule"] if problem is None else f"not validated: {problem}",
+    )
+    t = burden.get("threshold")
+    lesion = _evidence(
+        BURDEN,
+        f"lesions {100.0 * burden['ratio']:.2f} % of lung"
+        + ("" if t is None else f", threshold {100.0 * t:.2f} %"),
+        burden.get("positive"),
+        burden.get("positive") is not None,
+        burden["rule"],
+    )
+    if problem is None:
+        auc = float(gate["validation_slice_auc"])
+        return _decided(classifier, [classifier, lesion], f"validated (slice AUC {auc:.3f})")
+    if lesion["positive"] is not None:
+        return _decided(lesion, [lesion, classifier], f"the {CLASSIFIER}: {problem}")
+    return {
+        "call": NO_CALL,
+        "rule": None,
+        "why": f"the {CLASSIFIER} is not validated ({problem}) and the {BURDEN} makes no "
+        f"call ({burden['rule'].removeprefix('no call: ')})",
+        "evidence": [classifier, lesion],
+    }
+
+
+def _decided(entry: dict, evidence: list, context: str) -> dict:
+    return {
+        "call": COVID if entry["positive"] else NOT_COVID,
+        "rule": entry["rule"],
+        "why": f"the {entry['rule']}: {entry['figure']} ({context})",
+        "evidence": evidence,
+    }
+
+
+def severity_for_verdict(severity: dict, verdict: dict) -> dict:
+    """The severity estimate, its grade withheld unless the patient is called COVID-19."""
+    if verdict["call"] == COVID or severity.get("grade") is None:
+        return severity
+    return {
+        **severity,
+        "grade": None,
+        "not_graded": [*severity.get("not_graded", []), f"the verdict is {verdict['call']}"],
+    }
+
+
+def summary(verdict: dict) -> str:
+    """One line for a console: the call, the rule and its figure."""
+    if verdict["rule"] is None:
+        return f"verdict {NO_CALL}: {verdict['why']}"
+    figure = verdict["evidence"][0]["figure"]
+    return f"verdict {verdict['call']} by the {verdict['rule']} ({figure})"

@@ -1,0 +1,859 @@
+"""Export a trained run as a SavedModel for TF Serving, preprocessing inside the graph.
+
+    python -m tfcovseg.export --run runs/NAME [--out saved_models/tfcovseg] [--version N]
+        [--gate-threshold auto|T]
+
+Writes the TF Serving layout ``OUT/<N>/`` (N: the next free version unless ``--version``)
+through Keras 3's `keras.export.ExportArchive`. Signatures:
+
+- ``serving_default``: ``hu`` float32 [batch, H, W] Hounsfield units of any H, W ->
+  ``masks`` float32 [batch, H, W, C] probabilities at the input size and
+  ``covid_probability`` float32 [batch];
+- ``classify``: ``hu`` -> ``covid_probability`` (the slice gate alone: encoder + head);
+- ``segment``: ``hu`` -> ``masks``;
+- ``serve_image`` and ``segment_image``: the same on ``image`` float32 [batch, H, W], grey
+  levels 0-255 of windowed slices (PNG/JPEG);
+- ``predict_examples``: ``examples`` string [batch] of serialized `tf.train.Example` in
+  the records' spec (`data_tools.features`) -> ``masks``, ``covid_probability``,
+  ``slice_id``, ``patient_id``;
+- ``metadata``: no input -> ``class_names``, ``hu_window``, ``input_size``,
+  ``gate_threshold``, ``severity_thresholds``, ``severity_grades`` and ``json`` (all of
+  the metadata below).
+
+Inside the graph a slice is resized to the model's input size with
+`tfcovseg.data.dataset.resize_image` (the resize the training records went through),
+windowed by the model's own `HUWindow` layer (the function training uses) and the masks are
+resized back to the input size. A model trained on windowed 8-bit images
+(``model.pre_windowed``) takes HU too: the graph maps them to grey levels through
+``model.hu_window``, the HU window those images correspond to (`data_tools.windows`
+estimates it from the images and a real CT); the ``image`` signatures take such grey levels
+for either kind of model.
+
+``assets/tfcovseg.json`` holds the same metadata as the ``metadata`` signature: class names,
+HU window, input size, the slice gate threshold, the patient rule, the lesion-burden rule
+(`calibrate_burden_rule`: the segmentation's patient call) and the severity rule
+(`tfcovseg.evaluation.severity`, fitted on the training patients' lesion / lung ratios), the run it
+came from and the versions. The version folder is written under a temporary name and
+renamed when complete, so TF Serving never sees a half-written version.
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tfcovseg import __version__, require_tensorflow  # noqa: E402
+
+tf = require_tensorflow("python -m tfcovseg.export")
+
+import keras  # noqa: E402
+
+from data_tools.features import feature_spec  # noqa: E402
+from data_tools.files import (  # noqa: E402
+    atomic_directory,
+    atomic_write_json,
+    json_text,
+)
+from data_tools.lung import LESION_RULE  # noqa: E402
+from tfcovseg.configs.experiment import load_config  # noqa: E402
+from tfcovseg.constants import DEFAULT_EXPORT_DIR, DISCLAIMER  # noqa: E402
+from tfcovseg.data.dataset import (  # noqa: E402
+    classify_label,
+    make_dataset,
+    read_manifest,
+    resize_image,
+    split_patients,
+)
+from tfcovseg.data.intensity import MATCH_PERCENTILES, reference_scale  # noqa: E402
+from tfcovseg.evaluation.metrics import choose_burden_threshold, roc_auc  # noqa: E402
+from tfcovseg.evaluation.severity import GRADES, severity_rule_from_manifest  # noqa: E402
+from tfcovseg.models import load_run_models, run_model_path  # noqa: E402
+from tfcovseg.models.classifier import (  # noqa: E402
+    build_classifier,
+    copy_head,
+    with_classifier_head,
+)
+from tfcovseg.models.preprocessing import (  # noqa: E402
+    DEFAULT_WINDOW,
+    grey_from_hu,
+    hu_from_grey,
+)
+from tfcovseg.training.callbacks import lesion_burdens  # noqa: E402
+
+DEFAULT_OUT = DEFAULT_EXPORT_DIR
+ASSET_NAME = "tfcovseg.json"
+FORMAT = "tfcovseg-export"
+FORMAT_VERSION = 1
+PAPER_GATE_THRESHOLD = 0.5
+GATE_RECALL = 0.98  # the automatic gate keeps at least this share of lesion slices
+# Below this validation slice AUC the gate is switched off. A gate that is off costs time;
+# one that drops a patient's lesion slices loses the lesions: the bar is set high.
+GATE_MIN_AUC = 0.95
+SIGNATURES = (
+    "serving_default",
+    "classify",
+    "segment",
+    "serve_image",
+    "segment_image",
+    "predict_examples",
+    "metadata",
+)
+
+
+class ExportError(Exception):
+    """The run cannot be exported; the message says why (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+HU_INPUT = "hu: float32 [batch, height, width] Hounsfield units (height, width >= 1)"
+IMAGE_INPUT = (
+    "image: float32 [batch, height, width] grey levels 0-255 of windowed slices, as in "
+    "PNG/JPEG datasets (height, width >= 1)"
+)
+INPUT_CHECKS = {
+    "hu": HU_INPUT,
+    "image": IMAGE_INPUT,
+    "non_finite": "refused: a request with NaN or infinite values fails with INVALID_ARGUMENT",
+    "wrong_shape": "refused: another rank or an empty height / width fails with "
+    "INVALID_ARGUMENT naming the expected shape",
+    "empty_batch": "a batch of 0 slices returns empty outputs",
+}
+
+
+def check_hu(hu, described=HU_INPUT):
+    """The serving input, checked inside the graph: rank 3, a non-empty slice, finite.
+
+    The signatures take ``hu`` of unknown rank, so that a wrong one reaches this check
+    (a fixed-rank input lets TensorFlow fold the check away and fail later, inside the
+    resize, with a message that names neither the input nor its shape). Returns `hu`
+    with its static rank set. `described`: the input's description (`IMAGE_INPUT` for
+    the ``image`` signatures).
+    """
+    name = described.split(":")[0]
+    hu = tf.convert_to_tensor(hu, tf.float32)
+    shape = tf.shape(hu)
+    rank_ok = tf.debugging.Assert(
+        tf.equal(tf.rank(hu), 3),
+        [f"{described} expected; got a tensor of shape", shape],
+        summarize=8,
+    )
+    with tf.control_dependencies([rank_ok]):
+        size_ok = tf.debugging.Assert(
+            tf.reduce_all(tf.shape(hu)[1:] > 0),
+            [f"{described} expected; got shape", shape],
+            summarize=8,
+        )
+    with tf.control_dependencies([size_ok]):
+        hu = tf.debugging.assert_all_finite(
+            hu, f"{name} holds NaN or infinite values: send finite values"
+        )
+    hu.set_shape([None, None, None])
+    return hu
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = a.get_weights(), b.get_weights()
+    return len(wa) == len(wb) and all(
+        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(wa, wb)
+    )
+
+
+def _final(outputs):
+    return outputs["final"] if isinstance(outputs, dict) else outputs
+
+
+class InferenceGraph:
+    """The serving computation, shared by the SavedModel and by in-process prediction.
+
+    All methods take Hounsfield units [batch, H, W] (any H, W) and return dicts of
+    float32 tensors; they are plain functions of TensorFlow tensors, traced by
+    `ExportArchive` for the SavedModel and by `tf.function` for `tfcovseg.predict` on a
+    run folder, so both paths compute the same thing.
+
+    When the classifier's encoder holds the segmenter's weights (the paper's phase 2
+    freezes it), ``serve`` runs the encoder once for both outputs.
+
+    Args:
+        segmenter: A tfcovseg segmenter (outputs "final" [N, h, w, C]).
+        classifier: A `CovidClassifier`, or None: the covid probability is then the
+            highest lesion probability of the slice's mask.
+        metadata: The export metadata (`export_metadata`).
+    """
+
+    def __init__(self, segmenter, classifier, metadata: dict):
+        if segmenter is None:
+            raise ExportError("the run has no segmenter: nothing to serve masks with")
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.metadata = metadata
+        self.input_size = tuple(int(s) for s in segmenter.input_shape[1:3])
+        self.pre_windowed = bool(metadata["pre_windowed"])
+        self.hu_window = tuple(float(w) for w in metadata["hu_window"])
+        self.num_classes = len(metadata["class_names"])
+        self.joint = None
+        encoder = getattr(segmenter, "encoder", None)
+        if (
+            classifier is not None
+            and encoder is not None
+            and _same_weights(encoder, classifier.encoder)
+        ):
+            head = build_classifier(
+                segmenter,
+                classifier.dropout,
+                classifier.pooling,
+                classifier.head,
+                classifier.head_filters,
+                classifier.norm,
+            )
+            copy_head(head, classifier)
+            self.joint = with_classifier_head(segmenter, head)
+        self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
+
+    def _prepare(self, hu):
+        """`hu` checked (`check_hu`) and resized to the model's input size; for a model
+        trained on windowed images, mapped to their grey levels through ``hu_window`` (the
+        HU window those images correspond to: `data_tools.windows` estimates it)."""
+        hu = check_hu(hu)
+        size = tf.shape(hu)[1:3]
+        x = resize_image(hu[..., None], self.input_size)
+        if self.pre_windowed:
+            x = grey_from_hu(x, self.hu_window)
+        return x, size
+
+    def _prepare_image(self, image):
+        """Grey levels 0-255 checked and resized; for a model that takes HU, mapped back
+        to HU through its window (so that its own window layer gives the same grey)."""
+        image = check_hu(image, IMAGE_INPUT)
+        size = tf.shape(image)[1:3]
+        x = resize_image(image[..., None], self.input_size)
+        if not self.pre_windowed:
+            x = hu_from_grey(x, self.hu_window)
+        return x, size
+
+    def _masks(self, final, size):
+        return resize_image(final, size)
+
+    def _probability_from(self, masks):
+        return tf.reduce_max(masks, axis=[1, 2, 3])
+
+    def _serve(self, x, size):
+        if self.joint is not None:
+            out = self.joint(x, training=False)
+            final, prob = out["final"], out["covid_probability"]
+        else:
+            final = _final(self.segmenter(x, training=False))
+            prob = (
+                self.classifier(x, training=False)
+                if self.classifier is not None
+                else self._probability_from(final)
+            )
+        return {
+            "masks": self._masks(tf.cast(final, tf.float32), size),
+            "covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1]),
+        }
+
+    def _classify(self, x):
+        if self.classifier is not None:
+            prob = self.classifier(x, training=False)
+        else:
+            prob = self._probability_from(_final(self.segmenter(x, training=False)))
+        return {"covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1])}
+
+    def _segment(self, x, size):
+        final = _final(self.segmenter(x, training=False))
+        return {"masks": self._masks(tf.cast(final, tf.float32), size)}
+
+    def serve(self, hu):
+        """Masks at the input size and the slice's covid probability."""
+        return self._serve(*self._prepare(hu))
+
+    def classify(self, hu):
+        """The slice gate alone: much cheaper than segmentation."""
+        return self._classify(self._prepare(hu)[0])
+
+    def segment(self, hu):
+        """Masks only, at the input size."""
+        return self._segment(*self._prepare(hu))
+
+    def serve_image(self, image):
+        """`serve` on windowed 8-bit slices (PNG/JPEG grey levels 0-255)."""
+        return self._serve(*self._prepare_image(image))
+
+    def segment_image(self, image):
+        """`segment` on windowed 8-bit slices (PNG/JPEG grey levels 0-255)."""
+        return self._segment(*self._prepare_image(image))
+
+    def serve_examples(self, examples):
+        """`serve` on serialized `tf.train.Example` slices (the records' feature spec).
+
+        Every example of one request must have the same height and width, and be windowed
+        as the model expects (HU, or 8-bit windowed for a pre-windowed model).
+        """
+        parsed = tf.io.parse_example(examples, feature_spec())
+        height, width = parsed["image/height"], parsed["image/width"]
+        checks = [
+            tf.debugging.assert_equal(
+                height, height[:1], message="all examples of a request must have one height"
+            ),
+            tf.debugging.assert_equal(
+                width, width[:1], message="all examples of a request must have one width"
+            ),
+            tf.debugging.assert_equal(
+                parsed["image/pre_windowed"],
+                tf.constant(int(self.metadata["pre_windowed"]), tf.int64),
+                message=(
+                    "image/pre_windowed of the examples differs from the model's "
+                    f"(pre_windowed={self.metadata['pre_windowed']})"
+                ),
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            shape = tf.stack(
+                [tf.shape(examples)[0], tf.cast(height[0], tf.int32), tf.cast(width[0], tf.int32)]
+            )
+            raw = tf.io.decode_raw(parsed["image/hu"], tf.int16, little_endian=True)
+            hu = tf.reshape(tf.cast(raw, tf.float32), shape)
+        # The examples hold what the model trained on: HU, or grey levels if pre-windowed.
+        out = self.serve_image(hu) if self.pre_windowed else self.serve(hu)
+        out["slice_id"] = parsed["slice/id"]
+        out["patient_id"] = parsed["patient/id"]
+        return out
+
+    def metadata_tensors(self):
+        """The export metadata as constants (the ``metadata`` signature)."""
+        m = self.metadata
+        thresholds = m["severity"].get("thresholds") or [float("nan")] * 2
+        return {
+            "class_names": tf.constant(m["class_names"]),
+            "hu_window": tf.constant(m["hu_window"], tf.float32),
+            "input_size": tf.constant(m["input_size"], tf.int32),
+            "gate_threshold": tf.constant(m["gate"]["threshold"], tf.float32),
+            "severity_thresholds": tf.constant(thresholds, tf.float32),
+            "severity_grades": tf.constant(list(GRADES)),
+            "json": tf.constant(json_text(m, indent=None, sort_keys=True)),
+        }
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _records_folder(config) -> Path:
+    return Path(config.data.records_dir).expanduser()
+
+
+def severity_rule_for_run(run: Path, config) -> dict:
+    """The run's severity rule: ``severity.json`` of the run, else fitted from its records."""
+    path = run / "severity.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        manifest = read_manifest(_records_folder(config))
+    except FileNotFoundError as e:
+        return {"fitted": False, "thresholds": None, "grades": list(GRADES), "reason": str(e)}
+    patients = split_patients(manifest, "train", config.data.fold)
+    patients += split_patients(manifest, "validation", config.data.fold)
+    return severity_rule_from_manifest(manifest, patients)
+
+
+def calibrate_gate(
+    classifier_fn, config, recall=GATE_RECALL, min_auc=GATE_MIN_AUC, batch_size=16, run=None
+) -> dict:
+    """The slice gate threshold: the paper's 0.5, lowered until the gate keeps `recall`.
+
+    On the validation split of the run's fold, the highest threshold t <= 0.5 such that at
+    least `recall` of the slices with lesions have probability >= t. A gate that drops
+    lesion slices silently loses lesions; one that passes everything only costs time. So
+    when the classifier separates lesion slices poorly (validation slice ROC AUC below
+    `min_auc`), a threshold fitted on a few validation patients would not hold on others:
+    the gate is switched off (threshold 0, every slice is segmented) and the reason kept
+    (``predict --threshold T`` still forces one).
+
+    Args:
+        classifier_fn: [batch, H, W] HU -> {"covid_probability": [batch]}.
+        config: The run's `ExperimentConfig`.
+        run: The run folder the classifier came from: its validation scores are shared
+            with `tfcovseg.evaluate` through `validation_slice_scores`.
+    """
+    try:
+        scores = validation_slice_scores(
+            lambda hu: classifier_fn(hu)["covid_probability"], config, None, batch_size, run
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return {"threshold": 0.0, "method": f"off: cannot be checked (validation records: {e})"}
+    return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc)
+
+
+def split_dataset(config, split="validation", fold=None, batch_size=16):
+    """The run's records of one split, unshuffled, as evaluate and the export read them.
+
+    Batches of `make_dataset(..., task="inspect")` (HU, masks, lung, patient ids and
+    diagnoses) at the run's input size and classes; `fold` defaults to the run's.
+    """
+    return make_dataset(
+        _records_folder(config),
+        split=split,
+        fold=config.data.fold if fold is None else fold,
+        batch_size=batch_size,
+        training=False,
+        task="inspect",
+        image_size=config.model.input_size,
+        class_names=config.model.class_names,
+    )
+
+
+VALIDATION_CACHE = "validation_scores.json"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kept_in_run(run, stem: str, config, fold: int, extra: dict, compute):
+    """`compute()` (JSON-able), kept in ``run/validation_scores.json`` when `run` is given.
+
+    The key is the model file's SHA-256 (the file `load_run_models` loads for `stem`), the
+    records' manifest, the fold, the input size and `extra`; a call with the same key reads
+    the value back, any other computes it again and adds it. An unreadable cache is
+    rewritten; a run folder that cannot be written only keeps nothing.
+    """
+    model_file = None if run is None else run_model_path(run, stem)
+    if model_file is None:
+        return compute()
+    key = json.dumps(
+        {
+            "model": stem,
+            "model_sha256": _file_digest(model_file),
+            "manifest_sha256": _file_digest(_records_folder(config) / "manifest.json"),
+            "fold": int(fold),
+            "input_size": list(config.model.input_size),
+            **extra,
+        },
+        sort_keys=True,
+    )
+    path = Path(run) / VALIDATION_CACHE
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    if key in cache:
+        return cache[key]
+    value = compute()
+    cache[key] = value
+    try:
+        atomic_write_json(path, cache, indent=1, sort_keys=True)
+    except OSError:
+        pass
+    return value
+
+
+def validation_burdens(
+    segmenter, config, fold=None, mask_threshold=0.5, batch_size=16, run=None
+) -> tuple[dict, dict]:
+    """`lesion_burdens` of the segmenter on the validation split of `fold`, kept in the run.
+
+    `tfcovseg.evaluate` (its lesion-burden rows) and the export (the `burden_rule` it
+    stores, also what `predict --model runs/X` computes at start-up) need the same pass
+    over the validation patients; at 512² it takes minutes on a CPU. With `run` (the
+    folder the segmenter was loaded from) the result is kept in
+    ``run/validation_scores.json``, keyed by the segmenter file's SHA-256, the records, the
+    fold, the input size and `mask_threshold`, and read back by the next caller.
+
+    Raises:
+        FileNotFoundError, ValueError: no validation records (from `make_dataset`).
+    """
+    fold = config.data.fold if fold is None else fold
+    ds = split_dataset(config, "validation", fold, batch_size)
+    burdens, diagnosis = _kept_in_run(
+        run,
+        "segmenter",
+        config,
+        fold,
+        {
+            "scores": "lesion_burdens",
+            "mask_threshold": float(mask_threshold),
+            "lesion_rule": LESION_RULE,
+        },
+        lambda: list(lesion_burdens(segmenter, ds, mask_threshold)),
+    )
+    return burdens, diagnosis
+
+
+def validation_slice_scores(classify, config, fold=None, batch_size=16, run=None) -> dict:
+    """A slice classifier's probabilities on the validation split of `fold`, kept in the run.
+
+    Returns {"probabilities": [...], "labels": [...] (the classifier's target,
+    `data.classify_label`: a COVID-19 lesion slice), "patients": [...] (per slice),
+    "diagnosis": {patient: diagnosis}}. Shared, as `validation_burdens`, by the export's
+    gate (`calibrate_gate`) and `tfcovseg.evaluate`'s robust patient rule.
+
+    Args:
+        classify: [batch, H, W] HU -> [batch] probabilities.
+
+    Raises:
+        FileNotFoundError, ValueError: no validation records (from `make_dataset`).
+    """
+    fold = config.data.fold if fold is None else fold
+    ds = split_dataset(config, "validation", fold, batch_size)
+
+    def compute():
+        out = {"probabilities": [], "labels": [], "patients": [], "diagnosis": {}}
+        for batch in ds:
+            out["probabilities"] += np.asarray(classify(batch["hu"])).reshape(-1).tolist()
+            out["labels"] += (classify_label(batch).numpy() > 0).tolist()
+            for pid, d in zip(batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy()):
+                out["patients"].append(pid.decode())
+                out["diagnosis"][pid.decode()] = d.decode()
+        return out
+
+    return _kept_in_run(run, "classifier", config, fold, {"scores": "slice_probabilities"}, compute)
+
+
+def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, run=None) -> dict:
+    """The patient call on the segmentation: lesion burden >= t, t chosen on validation.
+
+    The same rule as `tfcovseg.evaluate`'s lesion-burden rows: the segmenter's lesion
+    volume (any type, probability >= `mask_threshold`) over the lung volume, per patient of
+    the run's validation split, and t in the middle of the widest gap that separates their
+    COVID-19 and other patients best (`tfcovseg.evaluation.metrics.choose_burden_threshold`).
+    `tfcovseg.predict` reports this call beside the slice classifier's. Without
+    validation records the rule is left out (threshold None) and the reason kept. With
+    `run`, the validation burdens are shared with evaluate through `validation_burdens`.
+    """
+    try:
+        burdens, diagnosis = validation_burdens(
+            segmenter, config, None, mask_threshold, batch_size, run=run
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
+    if not burdens:
+        return {"threshold": None, "method": "off: the validation split has no patients"}
+    covid = {diagnosis[p] == "covid" for p in burdens}
+    if len(covid) == 1:  # any cut calls all of them right: the threshold would mean nothing
+        which = "COVID-19" if covid == {True} else "without COVID-19"
+        return {
+            "threshold": None,
+            "method": f"off: cannot be chosen (every validation patient is {which})",
+            "validation_patients": len(burdens),
+        }
+    return burden_rule_from(burdens, diagnosis) | {
+        "mask_threshold": float(mask_threshold),
+        "lesion_rule": LESION_RULE,
+    }
+
+
+def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
+    """The lesion-burden rule chosen on validation burdens {patient: ratio} and diagnoses.
+
+    The one place where the rule is chosen: the export's `burden_rule` and evaluate's
+    lesion-burden rows both come from here.
+    """
+    rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
+    return {
+        "threshold": float(rule["threshold"]),
+        "method": "lesion burden, chosen on the validation patients",
+        "validation_patients": len(burdens),
+        "validation_accuracy": float(rule["accuracy"]),
+    }
+
+
+def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) -> dict:
+    """`calibrate_gate`'s rule on slice probabilities and lesion labels (numpy)."""
+    probs = np.asarray(probs, np.float64)
+    labels = np.asarray(labels, bool)
+    positives = np.sort(probs[labels])[::-1]
+    if positives.size == 0:
+        return {
+            "threshold": 0.0,
+            "method": "off: cannot be checked (no lesion slice in validation)",
+        }
+    auc = roc_auc(labels, probs)
+    keep = int(np.ceil(recall * positives.size))
+    threshold = float(min(PAPER_GATE_THRESHOLD, positives[keep - 1]))
+    method = (
+        f"highest threshold <= {PAPER_GATE_THRESHOLD} keeping {recall:.0%} of the validation "
+        "lesion slices"
+    )
+    if auc is None:
+        threshold = 0.0
+        method = (
+            "off: cannot be checked (every validation slice has a lesion, so the slice AUC "
+            "is undefined): every slice is segmented"
+        )
+    elif auc < min_auc:
+        threshold = 0.0
+        method = (
+            f"off: the classifier's validation slice AUC {round(auc, 3)} is below {min_auc}, "
+            "so every slice is segmented"
+        )
+    return {
+        "threshold": threshold,
+        "method": method,
+        "validation_slice_auc": auc,
+        "validation_lesion_recall": float((probs[labels] >= threshold).mean()),
+        "validation_pass_rate": float((probs >= threshold).mean()),
+        "validation_slices": int(probs.size),
+    }
+
+
+GREY_REFERENCE_SLICES = 512
+
+
+def grey_levels(config, batch_size=32) -> dict:
+    """The grey-level scale of the slices the network trained on, as 8-bit images.
+
+    `intensity.reference_scale` of up to `GREY_REFERENCE_SLICES` slices of the training
+    split (HU models' slices windowed at their window first). `predict` maps PNG/JPEG
+    slices onto it (``--intensity match``): slices windowed another way are read
+    off-scale otherwise (the shipped model's Dice on its training slices fell from 0.70
+    to 0.46 when they were re-windowed like COVID-SemiSeg's unlabelled slices, and came
+    back to 0.71 matched; MODEL_CARD.md).
+
+    Raises:
+        FileNotFoundError, ValueError: no training records (from `make_dataset`).
+    """
+    images, n = [], 0
+    for batch in split_dataset(config, config.data.train_split, batch_size=batch_size):
+        x = batch["hu"]
+        if not config.model.pre_windowed:
+            x = grey_from_hu(x, config.model.hu_window)
+        images.append(keras.ops.convert_to_numpy(x))
+        n += len(images[-1])
+        if n >= GREY_REFERENCE_SLICES:
+            break
+    if not n:
+        raise ValueError(f"no {config.data.train_split} slices to take the grey levels from")
+    low, high = (float(v) for v in reference_scale(np.concatenate(images)[:GREY_REFERENCE_SLICES]))
+    return {
+        "percentiles": [float(q) for q in MATCH_PERCENTILES],
+        "reference": [round(low, 2), round(high, 2)],
+        "slices": min(n, GREY_REFERENCE_SLICES),
+        "split": config.data.train_split,
+        "rule": "per slice, the grey levels at these percentiles, median over the slices",
+    }
+
+
+def _windowing(model_config) -> str:
+    low, high = (float(w) for w in model_config.hu_window)
+    if model_config.pre_windowed:
+        return (
+            f"trained on windowed 8-bit images whose grey levels 0-255 correspond to HU "
+            f"[{low:g}, {high:g}]: hu inputs are mapped to grey levels through that window, "
+            "image inputs are used as they are"
+        )
+    return (
+        f"trained on HU: hu inputs are windowed at [{low:g}, {high:g}], image inputs "
+        "(grey levels 0-255) are taken as windowed at the same window"
+    )
+
+
+def export_metadata(
+    run: Path,
+    config,
+    severity: dict,
+    gate: dict,
+    version: int,
+    burden: dict | None = None,
+    grey: dict | None = None,
+) -> dict:
+    info = {}
+    if (run / "run.json").is_file():
+        info = json.loads((run / "run.json").read_text())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_version": None if version is None else int(version),
+        "experiment": config.name,
+        "architecture": config.model.architecture,
+        "run": run.name,
+        "fold": config.data.fold,
+        "data_fingerprint": info.get("data_fingerprint"),
+        "class_names": list(config.model.class_names),
+        "hu_window": [float(w) for w in config.model.hu_window],
+        "pre_windowed": bool(config.model.pre_windowed),
+        "windowing": _windowing(config.model),
+        "grey_levels": grey,
+        "input_size": [int(s) for s in config.model.input_size],
+        "input": INPUT_CHECKS,
+        "gate": gate,
+        # The patient call is the paper's any-slice rule at 0.5, apart from the gate: the gate
+        # is tuned to keep lesion slices (recall), a diagnosis also needs precision.
+        "patient_rule": {"min_slices": 1, "threshold": PAPER_GATE_THRESHOLD, "name": "any_slice"},
+        # The same call from the segmentation (lesion volume / lung volume >= t).
+        "burden_rule": burden or {"threshold": None, "method": "off: not chosen"},
+        "severity": severity,
+        "versions": {
+            "tfcovseg": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+        "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": DISCLAIMER,
+    }
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def existing_versions(base: Path) -> list[int]:
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def next_version(base: Path) -> int:
+    """The next free TF Serving version number under `base` (1 for a new model)."""
+    versions = existing_versions(base)
+    return versions[-1] + 1 if versions else 1
+
+
+def _hu_spec():
+    # Unknown rank on purpose: `check_hu` refuses a wrong one with a message naming it.
+    return [tf.TensorSpec(None, tf.float32, name="hu")]
+
+
+def write_saved_model(graph: InferenceGraph, path: Path) -> None:
+    """Writes the graph's signatures (`SIGNATURES`) and the metadata asset to `path`."""
+    archive = keras.export.ExportArchive()
+    for model in graph.models:
+        archive.track(model)
+    archive.add_endpoint("serving_default", graph.serve, input_signature=_hu_spec())
+    archive.add_endpoint("classify", graph.classify, input_signature=_hu_spec())
+    archive.add_endpoint("segment", graph.segment, input_signature=_hu_spec())
+    image = [tf.TensorSpec(None, tf.float32, name="image")]
+    archive.add_endpoint("serve_image", graph.serve_image, input_signature=image)
+    archive.add_endpoint("segment_image", graph.segment_image, input_signature=image)
+    archive.add_endpoint(
+        "predict_examples",
+        graph.serve_examples,
+        input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
+    )
+    archive.add_endpoint("metadata", graph.metadata_tensors, input_signature=[])
+    archive.write_out(str(path), verbose=False)
+    assets = path / "assets"
+    assets.mkdir(exist_ok=True)
+    atomic_write_json(assets / ASSET_NAME, graph.metadata, sort_keys=True)
+
+
+def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
+    """A run folder's models, gate and severity rule as the serving graph (with metadata).
+
+    Shared by the export and by `tfcovseg.predict` on a run folder.
+
+    Raises:
+        ExportError: no run folder, no segmenter, a model that does not load, a bad
+            threshold.
+    """
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    try:
+        config = load_config(run / "config.yaml")
+        segmenter, classifier = load_run_models(run)
+    except Exception as e:  # a bad config or a corrupt .keras file
+        raise ExportError(f"cannot load the run {run}: {type(e).__name__}: {e}") from None
+    if segmenter is None:
+        raise ExportError(
+            f"{run} holds no segmenter (segmenter_best.keras / segmenter_last.keras)"
+            + (": a classifier-only run cannot produce masks" if classifier is not None else "")
+        )
+    provisional = {
+        "class_names": list(config.model.class_names),
+        "pre_windowed": bool(config.model.pre_windowed),
+        "hu_window": list(config.model.hu_window),
+    }
+    if gate_threshold == "auto":
+        probe = InferenceGraph(segmenter, classifier, provisional)
+        gate = calibrate_gate(tf.function(probe.classify, reduce_retracing=True), config, run=run)
+    else:
+        t = float(gate_threshold)
+        if not 0.0 <= t <= 1.0:
+            raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
+        gate = {"threshold": t, "method": "given"}
+    severity = severity_rule_for_run(run, config)
+    burden = calibrate_burden_rule(segmenter, config, run=run)
+    metadata = export_metadata(run, config, severity, gate, version, burden, grey_levels(config))
+    return InferenceGraph(segmenter, classifier, metadata)
+
+
+def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print) -> Path:
+    """Exports a run folder as ``out/<version>``; returns that folder.
+
+    Args:
+        run: A training run folder (``config.yaml`` and ``segmenter_*.keras``).
+        out: The model's folder in the TF Serving layout (versions beneath it).
+        version: The version number (default: the next free one); an existing version is
+            never overwritten.
+        gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
+
+    Raises:
+        ExportError: no run, no segmenter, a taken version, a bad threshold.
+    """
+    run, out = Path(run), Path(out)
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    if version is None:
+        version = next_version(out)
+    if int(version) < 1:
+        raise ExportError(f"--version must be a positive integer, got {version}")
+    target = out / str(int(version))
+    if target.exists():
+        raise ExportError(
+            f"{target} already exists: TF Serving versions are immutable; omit --version to "
+            f"write version {next_version(out)}"
+        )
+    graph = prepare_run(run, gate_threshold, int(version))
+    gate = graph.metadata["gate"]
+    if graph.pre_windowed and tuple(graph.hu_window) == DEFAULT_WINDOW:
+        log(
+            "warning: the model trained on windowed images and model.hu_window is the "
+            f"default {list(DEFAULT_WINDOW)}: HU studies will be windowed with it. Estimate "
+            "the window of your images (python -m data_tools.windows --images DIR) and set "
+            "model.hu_window in the run's config.yaml"
+        )
+    # TF Serving only loads folders named by a number: the temporary one is invisible to it.
+    with atomic_directory(target) as tmp:
+        write_saved_model(graph, tmp)
+    log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
+    burden = graph.metadata["burden_rule"]
+    if burden["threshold"] is None:
+        log(f"patient call by lesion burden: {burden['method']}")
+    else:
+        log(
+            f"patient call by lesion burden: COVID-19 at >= {100 * burden['threshold']:.2f} % "
+            f"of the lungs (chosen on {burden['validation_patients']} validation patients)"
+        )
+    return target
+
+
+def command(args) -> int:
+    """Runs the export (the arguments parsed by `tfcovseg.cli.export`); the exit code."""
+    try:
+        target = export_run(args.run, args.out, args.version, args.gate_threshold)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"signatures: {', '.join(SIGNATURES)}")
+    print(f"inspect:    saved_model_cli show --dir {target} --all")
+    print(
+        f"serve:      docker run -p 8501:8501 -p 8500:8500 "
+        f"-v {target.parent.resolve()}:/models/{target.parent.name} "
+        f"-e MODEL_NAME={target.parent.name} tensorflow/serving"
+    )
+    return 0

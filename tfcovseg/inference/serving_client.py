@@ -1,0 +1,196 @@
+"""Client side of TF Serving for a tfcovseg export: REST and gRPC requests from DICOM slices
+(the library of ``python -m tfcovseg.serving_client``,
+    `tfcovseg.cli.serving_client`):
+
+    python -m tfcovseg.serving_client --dicom slice.dcm [--rest http://localhost:8501 |
+        --grpc localhost:8500] [--model tfcovseg] [--version N] [--signature serving_default]
+
+Builders and parsers (no server needed, so they are tested offline):
+
+- REST, ``POST /v1/models/NAME[/versions/N]:predict``: `rest_url`, `rest_request` in the
+  row ("instances") or columnar ("inputs") format, `parse_rest_response` for either answer
+  format ("predictions" / "outputs") and the ``{"error": ...}`` answer;
+- gRPC ``tensorflow.serving.PredictionService/Predict``: `grpc_request` (a
+  ``PredictRequest`` from `tensorflow-serving-api`) and `parse_grpc_response`;
+- `predict_rest` and `predict_grpc` send them.
+
+Inputs are Hounsfield units [H, W] or [batch, H, W] (`hu_from_dicom` reads a DICOM CT
+slice the way training does); the export resizes and windows inside the graph. Outputs
+come back as numpy arrays: ``masks`` [batch, H, W, C] and ``covid_probability`` [batch].
+
+`tensorflow-serving-api` is needed for gRPC only. It declares a dependency on the full
+``tensorflow`` wheel; next to ``tensorflow-cpu`` install it without dependencies:
+``pip install --no-deps tensorflow-serving-api`` (grpcio and protobuf come with TensorFlow).
+
+Research use, not a medical device.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+SERVING_API_HINT = (
+    "gRPC needs tensorflow-serving-api: pip install --no-deps tensorflow-serving-api "
+    "(without --no-deps it pulls the full tensorflow wheel next to tensorflow-cpu)"
+)
+FORMS = ("instances", "inputs")
+
+
+class ServingError(Exception):
+    """TF Serving answered with an error, or the answer cannot be read."""
+
+
+def hu_from_dicom(path) -> np.ndarray:
+    """One DICOM CT slice in Hounsfield units [H, W] float32 (`data_tools.dicom_io`)."""
+    from data_tools.dicom_io import SkipFile, read_header, read_hu
+
+    path = Path(path)
+    try:
+        kind, _ = read_header(path)
+        if kind != "ct":
+            raise SkipFile("a DICOM SEG object, not a CT image")
+        return read_hu(path)
+    except SkipFile as e:
+        raise ValueError(f"{path.name}: {e}") from None
+
+
+def _batch(hu) -> np.ndarray:
+    hu = np.asarray(hu, np.float32)
+    if hu.ndim == 2:
+        hu = hu[None]
+    if hu.ndim != 3:
+        raise ValueError(f"hu must be [H, W] or [batch, H, W], got shape {hu.shape}")
+    if not np.isfinite(hu).all():
+        raise ValueError("hu holds NaN or infinite values")
+    return hu
+
+
+# ----------------------------------------------------------------------------- REST
+
+
+def rest_url(base: str, model: str = "tfcovseg", version: int | None = None) -> str:
+    """``BASE/v1/models/MODEL[/versions/N]:predict``, e.g. base http://localhost:8501."""
+    path = f"{base.rstrip('/')}/v1/models/{model}"
+    if version is not None:
+        path += f"/versions/{int(version)}"
+    return path + ":predict"
+
+
+def rest_request(hu, signature: str = "serving_default", form: str = "instances") -> dict:
+    """The JSON body of a REST predict request for slices in HU.
+
+    Args:
+        hu: [H, W] or [batch, H, W] Hounsfield units.
+        signature: The export's signature ("serving_default", "classify", "segment").
+        form: "instances" (row format: one object per slice) or "inputs" (columnar).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    hu = _batch(hu)
+    if form == "instances":
+        return {"signature_name": signature, "instances": [{"hu": s.tolist()} for s in hu]}
+    return {"signature_name": signature, "inputs": {"hu": hu.tolist()}}
+
+
+def parse_rest_response(body) -> dict[str, np.ndarray]:
+    """Arrays from a REST predict answer (a dict or its JSON text), either format.
+
+    Row format: ``{"predictions": [{"masks": ..., "covid_probability": ...}, ...]}`` (or a
+    list of values when the signature has one output); columnar: ``{"outputs": {...}}``
+    (or the value of the single output).
+
+    Raises:
+        ServingError: an ``{"error": ...}`` answer or an unknown shape of answer.
+    """
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except ValueError as e:
+            raise ServingError(f"the answer is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ServingError(f"unexpected answer of type {type(body).__name__}")
+    if "error" in body:
+        raise ServingError(f"TF Serving: {body['error']}")
+    if "predictions" in body:
+        rows = body["predictions"]
+        if rows and isinstance(rows[0], dict):
+            return {k: np.asarray([r[k] for r in rows], np.float32) for k in rows[0]}
+        return {"output": np.asarray(rows, np.float32)}
+    if "outputs" in body:
+        outputs = body["outputs"]
+        if isinstance(outputs, dict):
+            return {k: np.asarray(v, np.float32) for k, v in outputs.items()}
+        return {"output": np.asarray(outputs, np.float32)}
+    raise ServingError(f"the answer has neither 'predictions' nor 'outputs': keys {list(body)}")
+
+
+def predict_rest(url: str, hu, signature="serving_default", form="instances", timeout=60.0):
+    """POSTs a predict request to a TF Serving REST `url` (`rest_url`); returns arrays."""
+    data = json.dumps(rest_request(hu, signature, form)).encode("utf-8")
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return parse_rest_response(response.read())
+    except urllib.error.HTTPError as e:  # TF Serving puts {"error": ...} in the body
+        return parse_rest_response(e.read())
+    except urllib.error.URLError as e:
+        raise ServingError(f"cannot reach {url}: {e.reason}") from None
+    except OSError as e:  # timeouts and dropped connections after connecting
+        raise ServingError(f"{url}: {type(e).__name__}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- gRPC
+
+
+def _serving_apis():
+    try:
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    except ImportError:
+        raise ImportError(SERVING_API_HINT) from None
+    return predict_pb2, prediction_service_pb2_grpc
+
+
+def grpc_request(hu, model="tfcovseg", signature="serving_default", version=None):
+    """A ``tensorflow.serving.PredictRequest`` for slices in HU."""
+    import tensorflow as tf
+
+    predict_pb2, _ = _serving_apis()
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    request.inputs["hu"].CopyFrom(tf.make_tensor_proto(_batch(hu), dtype=tf.float32))
+    return request
+
+
+def parse_grpc_response(response) -> dict[str, np.ndarray]:
+    """Arrays from a ``PredictResponse`` (its ``outputs`` map of TensorProtos)."""
+    import tensorflow as tf
+
+    return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+
+
+def predict_grpc(
+    target: str, hu, model="tfcovseg", signature="serving_default", version=None, timeout=60.0
+):
+    """Sends a Predict call to TF Serving's gRPC `target` (host:port); returns arrays."""
+    import grpc
+
+    _, service = _serving_apis()
+    request = grpc_request(hu, model, signature, version)
+    # Masks of 512 x 512 x C float32 slices exceed gRPC's 4 MB default message size.
+    options = [("grpc.max_receive_message_length", 512 << 20)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = service.PredictionServiceStub(channel)
+        try:
+            return parse_grpc_response(stub.Predict(request, timeout=timeout))
+        except grpc.RpcError as e:
+            raise ServingError(f"TF Serving at {target}: {e.code().name}: {e.details()}") from None
