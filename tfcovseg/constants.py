@@ -12,3 +12,7 @@ DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
 
 # How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")
+
+# Severity grades in order, and the name of the all-lesions total beside the lesion types.
+SEVERITY_ORDER = ("none", "mild", "moderate", "severe")
+TOTAL = "total"

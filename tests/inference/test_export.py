@@ -13,25 +13,27 @@ import pytest
 import tensorflow as tf
 
 from tfcovseg.cli.export import main
-from tfcovseg.data.dataset import make_dataset
+from tfcovseg.data.dataset import make_dataset, split_dataset
+from tfcovseg.evaluation import calibration
+from tfcovseg.evaluation.burden import lesion_burdens
+from tfcovseg.evaluation.calibration import (
+    VALIDATION_CACHE,
+    calibrate_burden_rule,
+    calibrate_gate,
+    validation_burdens,
+)
 from tfcovseg.evaluation.metrics import choose_burden_threshold
 from tfcovseg.inference.export import (
     ASSET_NAME,
     SIGNATURES,
-    VALIDATION_CACHE,
     ExportError,
     InferenceGraph,
     _windowing,
-    calibrate_burden_rule,
-    calibrate_gate,
     export_run,
     prepare_run,
-    split_dataset,
-    validation_burdens,
 )
 from tfcovseg.models import load_run_models
 from tfcovseg.models.preprocessing import grey_from_hu
-from tfcovseg.training.callbacks import lesion_burdens
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,6 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
 
 
 def test_evaluate_then_export_run_the_validation_split_once(phantom_run, tmp_path, monkeypatch):
-    import tfcovseg.inference.export as export_module
     from tfcovseg.evaluation.run import evaluate_run
 
     run = tmp_path / "run"
@@ -149,9 +150,9 @@ def test_evaluate_then_export_run_the_validation_split_once(phantom_run, tmp_pat
         return wrapped
 
     # The export's two passes over validation: the segmenter's burdens, the gate's slices.
-    monkeypatch.setattr(export_module, "lesion_burdens", counting("burdens", lesion_burdens))
+    monkeypatch.setattr(calibration, "lesion_burdens", counting("burdens", lesion_burdens))
     monkeypatch.setattr(
-        export_module, "classify_label", counting("slices", export_module.classify_label)
+        calibration, "classify_label", counting("slices", calibration.classify_label)
     )
     graph = prepare_run(run)
     assert calls == []
@@ -311,7 +312,7 @@ def test_a_run_without_a_segmenter_is_refused(phantom_run, tmp_path):
 
 
 def test_gate_keeps_lesion_slices_or_switches_off():
-    from tfcovseg.inference.export import gate_from_scores
+    from tfcovseg.evaluation.calibration import gate_from_scores
 
     rng = np.random.default_rng(3)
     labels = np.arange(200) < 80
@@ -341,12 +342,10 @@ def test_gate_keeps_lesion_slices_or_switches_off():
 
 def test_no_burden_rule_when_every_validation_patient_is_covid(phantom_run, monkeypatch):
     # Any cut "separates" patients of one kind: the exported threshold would mean nothing.
-    import tfcovseg.inference.export as export
-
     def one_kind(*args, **kwargs):
         return {"P1": 0.02, "P2": 0.2}, {"P1": "covid", "P2": "covid"}
 
-    monkeypatch.setattr(export, "validation_burdens", one_kind)
+    monkeypatch.setattr(calibration, "validation_burdens", one_kind)
     rule = calibrate_burden_rule(None, phantom_run.config)
     assert rule["threshold"] is None and "every validation patient is COVID-19" in rule["method"]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
 from tfcovseg.reporting import figures as viz
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,15 +126,16 @@ def _ratios():
 
 
 def test_ratio_boxplots(tmp_path):
-    path = viz.plot_ratio_boxplots(_ratios(), CLASSES, tmp_path / "fig4.png")
+    patients, _ = covid_cohort(_ratios(), CLASSES)
+    stats = ratio_statistics(_ratios(), CLASSES)
+    path = viz.plot_ratio_boxplots(patients, stats, CLASSES, tmp_path / "fig4.png")
     rgb = _png(path, min_size=(600, 200))
     assert rgb.shape[1] > rgb.shape[0]  # four panels side by side
     assert _reddish(rgb).sum() > 50  # GGO predicted boxes in the class colour
 
 
 def test_ratio_boxplots_without_covid_patients(tmp_path):
-    ratios = {"H": {"diagnosis": "healthy", "true": {"ggo": 0.0}, "pred": {"ggo": 0.0}}}
-    _png(viz.plot_ratio_boxplots(ratios, ["ggo"], tmp_path / "fig4.png", stats={}))
+    _png(viz.plot_ratio_boxplots([], {}, ["ggo"], tmp_path / "fig4.png"))
 
 
 def test_figures_are_released(tmp_path, monkeypatch):

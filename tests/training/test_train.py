@@ -12,10 +12,10 @@ from tests.conftest import TINY_MODEL
 from tfcovseg.cli.train import main
 from tfcovseg.configs.experiment import load_config
 from tfcovseg.data.dataset import make_dataset
+from tfcovseg.evaluation.burden import lesion_burdens
 from tfcovseg.evaluation.metrics import patient_scores
 from tfcovseg.evaluation.run import evaluate_run
 from tfcovseg.models import load_run_models
-from tfcovseg.training.callbacks import lesion_burdens
 from tfcovseg.training.trainer import TrainingError, train
 
 

@@ -25,6 +25,13 @@ def main(argv=None) -> int:
     if not 0.0 < args.threshold < 1.0:
         return cli.fail(f"--threshold must be in (0, 1), got {args.threshold}")
     cli.quiet_libraries()
-    from tfcovseg.evaluation.run import command
+    from tfcovseg.evaluation.run import evaluate_run, print_headline
 
-    return command(args)
+    try:
+        results = evaluate_run(
+            args.run, args.split, args.fold, args.threshold, figures=not args.no_figures
+        )
+    except (FileNotFoundError, ValueError) as e:
+        return cli.fail(str(e))
+    print_headline(results, args.run)
+    return 0

@@ -40,6 +40,17 @@ def main(argv=None) -> int:
                 f"--gate-threshold must be a number or 'auto', got {args.gate_threshold!r}"
             )
     cli.quiet_libraries()
-    from tfcovseg.inference.export import command
+    from tfcovseg.inference.export import SIGNATURES, ExportError, export_run
 
-    return command(args)
+    try:
+        target = export_run(args.run, args.out, args.version, args.gate_threshold)
+    except ExportError as e:
+        return cli.fail(str(e))
+    print(f"signatures: {', '.join(SIGNATURES)}")
+    print(f"inspect:    saved_model_cli show --dir {target} --all")
+    print(
+        f"serve:      docker run -p 8501:8501 -p 8500:8500 "
+        f"-v {target.parent.resolve()}:/models/{target.parent.name} "
+        f"-e MODEL_NAME={target.parent.name} tensorflow/serving"
+    )
+    return 0

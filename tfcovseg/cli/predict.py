@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfcovseg import cli
-from tfcovseg.constants import INTENSITY_MODES
+from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES
 
 
 def build_parser():
@@ -51,6 +51,23 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         return cli.fail("--batch-size must be >= 1")
     cli.quiet_libraries()
-    from tfcovseg.inference.predict import command
+    from tfcovseg.inference.predict import PredictionError, predict
 
-    return command(args)
+    try:
+        predict(
+            args.model,
+            args.input,
+            args.out,
+            gate=not args.no_gate,
+            threshold=args.threshold,
+            mask_threshold=args.mask_threshold,
+            series_uid=args.series,
+            batch_size=args.batch_size,
+            salt=args.salt,
+            research_seg=args.research_seg,
+            intensity=args.intensity,
+        )
+    except PredictionError as e:
+        return cli.fail(str(e))
+    print(DISCLAIMER)
+    return 0

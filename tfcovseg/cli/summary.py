@@ -24,6 +24,22 @@ def main(argv=None) -> int:
     except ConfigError as e:
         return cli.fail(str(e))
     cli.quiet_libraries()
-    from tfcovseg.models.summary import command
+    return _print(config)
 
-    return command(config)
+
+def _print(config) -> int:
+    from tfcovseg.models.summary import summarize
+
+    s = summarize(config)
+    h, w = s["input_size"]
+    print(f"experiment      {config.name}")
+    print(f"architecture    {s['architecture']}")
+    print(f"input           {h}x{w}x1 HU, {len(s['classes'])} classes: {', '.join(s['classes'])}")
+    print(
+        f"parameters      {s['parameters']:,} ({s['parameters'] / 1e6:.2f} M; "
+        f"{s['trainable_parameters']:,} trainable)"
+    )
+    print(f"forward GFLOPs  {s['gflops']:.2f} per slice (2 FLOPs per multiply-accumulate)")
+    for part, g in s["gflops_by_part"].items():
+        print(f"  {part:<14}{g:8.2f}")
+    return 0

@@ -1,10 +1,12 @@
 """``tfcovseg-train`` / ``python -m tfcovseg.train``: train the segmenter and its slice
-classifier, then evaluate and export (the library: `tfcovseg.train`). The config is read
+classifier, then evaluate and export (the library: `tfcovseg.training`). The config is read
 and checked here, so a bad ``--set`` answers before TensorFlow loads."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import sys
 from pathlib import Path
 
 from tfcovseg import cli
@@ -92,6 +94,57 @@ def main(argv=None) -> int:
             "there is nothing left to evaluate (--evaluate, --fold all)"
         )
     cli.quiet_libraries()
-    from tfcovseg.training.trainer import command
+    return _run(args, config)
 
-    return command(args, config)
+
+def _export_dir(args, config):
+    """Where the run is exported: --export, else train.export_dir, else nowhere (None)."""
+    if args.export:
+        return args.export
+    return Path(config.train.export_dir) if config.train.export_dir else None
+
+
+def _run(args, config) -> int:
+    """Trains (one fold or every fold), then evaluates and exports as asked."""
+    from data_tools.files import OutputError, check_output_dir
+    from tfcovseg.training.trainer import TrainingError, cross_validate, train
+
+    # A progress bar in a terminal; one short line per epoch in a log file or with --quiet.
+    verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    export_dir = _export_dir(args, config)
+    try:
+        if args.fold == "all":
+            out = args.out or Path("runs") / f"{config.name}-cv-{stamp}"
+            cross_validate(config, out, resume=args.resume, verbose=verbose)
+            print(f"cross-validation folder: {out}")
+            print((out / "cv_report.md").read_text())
+            return 0
+        if export_dir is not None:  # before hours of training, not after
+            check_output_dir(export_dir, "--export" if args.export else "train.export_dir")
+        out = args.out or Path("runs") / f"{config.name}-fold{config.data.fold}-{stamp}"
+        summary = train(config, out, resume=args.resume, verbose=verbose)
+    except (OutputError, TrainingError) as e:
+        return cli.fail(str(e))
+    print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
+    if not summary.get("chief", True):
+        return 0  # other workers of a multi-worker run: the chief evaluates and exports
+    if args.evaluate or config.train.evaluate:
+        from tfcovseg.evaluation.run import evaluate_run, print_headline
+
+        print_headline(evaluate_run(out, split="test"), out)
+    return 0 if export_dir is None else _export(out, export_dir)
+
+
+def _export(run: Path, export_dir: Path) -> int:
+    from tfcovseg.inference.export import ExportError, export_run
+
+    try:
+        target = export_run(run, export_dir)
+    except ExportError as e:
+        return cli.fail(f"export: {e}")
+    print(
+        f"servable model: {target} (python -m tfcovseg.predict --model {target} "
+        f"--input DICOM_DIR --out predictions)"
+    )
+    return 0

@@ -538,3 +538,26 @@ def make_dataset(
     n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def records_folder(config) -> Path:
+    """The records folder of an `ExperimentConfig` (``data.records_dir``, ``~`` expanded)."""
+    return Path(config.data.records_dir).expanduser()
+
+
+def split_dataset(config, split="validation", fold=None, batch_size=16):
+    """The run's records of one split, unshuffled, as evaluate and the export read them.
+
+    Batches of `make_dataset(..., task="inspect")` (HU, masks, lung, patient ids and
+    diagnoses) at the run's input size and classes; `fold` defaults to the run's.
+    """
+    return make_dataset(
+        records_folder(config),
+        split=split,
+        fold=config.data.fold if fold is None else fold,
+        batch_size=batch_size,
+        training=False,
+        task="inspect",
+        image_size=config.model.input_size,
+        class_names=config.model.class_names,
+    )

@@ -29,7 +29,6 @@ Research use, not a medical device.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,18 +50,18 @@ from tfcovseg.evaluation.metrics import (  # noqa: E402
     slice_dice,
 )
 from tfcovseg.evaluation.runlog import training_summary  # noqa: E402
-from tfcovseg.training.callbacks import in_lung  # noqa: E402
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
 
 
-from tfcovseg.evaluation.severity import ratio_statistics  # noqa: E402
-from tfcovseg.inference.export import (  # noqa: E402
+from tfcovseg.data.dataset import split_dataset  # noqa: E402
+from tfcovseg.evaluation.burden import burden, burden_masks  # noqa: E402
+from tfcovseg.evaluation.calibration import (  # noqa: E402
     burden_rule_from,
-    split_dataset,
     validation_burdens,
     validation_slice_scores,
 )
+from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics  # noqa: E402
 from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.reporting import figures as viz  # noqa: E402
 from tfcovseg.reporting import report  # noqa: E402
@@ -129,8 +128,10 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
                 dice, present = slice_dice(masks[annotated], pred[annotated], threshold)
                 image_dice.append(dice)
                 image_present.append(present)
-            # Predicted lesions count in the lung only (`callbacks.in_lung`), as in predict.
-            kept = in_lung((pred >= threshold).any(-1), lung, batch["spacing_mm"].numpy())
+            # Predicted lesions count in the lung only (`burden.burden_masks`), as in predict.
+            kept, region = burden_masks(
+                (pred >= threshold).any(-1), lung, batch["spacing_mm"].numpy()
+            )
             binary = (pred >= threshold) & kept[..., None]
             truth = masks >= 0.5
             for i, pid in enumerate(pids):
@@ -145,10 +146,10 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
                     },
                 )
                 a["lung_true"] += int((lung[i] | truth[i].any(-1)).sum())
-                a["lung_pred"] += int((lung[i] | binary[i].any(-1)).sum())
+                a["lung_pred"] += int(region[i].sum())
                 a["true"] += truth[i].reshape(-1, len(classes)).sum(0)
                 a["pred"] += binary[i].reshape(-1, len(classes)).sum(0)
-                a["any_pred"] += int(binary[i].any(-1).sum())
+                a["any_pred"] += int(kept[i].sum())
                 if annotated[i]:
                     overlays.offer(
                         int(truth[i].sum()), pid, hu[i, ..., 0].numpy(), masks[i], pred[i]
@@ -210,7 +211,7 @@ def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figu
         # Slice level: does the classifier find the annotated slices with a lesion?
         results["classification"]["slices"] = roc_curve(*slice_roc)
     if segmenter is not None and areas:
-        burdens = {pid: a["any_pred"] / max(a["lung_pred"], 1) for pid, a in areas.items()}
+        burdens = {pid: burden(a["any_pred"], a["lung_pred"]) for pid, a in areas.items()}
         cls = results.setdefault("classification", {})
         cls["lesion_burden"] = burden_results(
             segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size, run
@@ -333,12 +334,9 @@ def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict
     written = {}
     classes = results["classes"]
     if results.get("lesion_lung_ratio"):
-        viz.plot_ratio_boxplots(
-            results["lesion_lung_ratio"],
-            classes,
-            folder / "fig4_ratios.png",
-            stats=results.get("severity_statistics"),
-        )
+        patients, _ = covid_cohort(results["lesion_lung_ratio"], classes)
+        stats = results.get("severity_statistics") or {}
+        viz.plot_ratio_boxplots(patients, stats, classes, folder / "fig4_ratios.png")
         written["ratios"] = "figures/fig4_ratios.png"
     cls = results.get("classification")
     if cls and "any_slice" in cls:
@@ -409,16 +407,3 @@ def print_headline(results: dict, run: Path) -> None:
         f"metrics: {run / 'metrics.json'}, report: {run / 'report.md'} and "
         f"{run / 'report.html'}, figures: {run / 'figures'}"
     )
-
-
-def command(args) -> int:
-    """Runs evaluate (the arguments parsed by `tfcovseg.cli.evaluate`); the exit code."""
-    try:
-        results = evaluate_run(
-            args.run, args.split, args.fold, args.threshold, figures=not args.no_figures
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_headline(results, args.run)
-    return 0

@@ -37,9 +37,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from scipy import stats
 
-SEVERITY_ORDER = ("none", "mild", "moderate", "severe")
+from tfcovseg.constants import SEVERITY_ORDER, TOTAL
+
 SEVERITY_RANK = {name: rank for rank, name in enumerate(SEVERITY_ORDER)}
-TOTAL = "total"
 KINDS = ("true", "pred")
 COVID = "covid"
 

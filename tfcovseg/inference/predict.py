@@ -46,7 +46,6 @@ import datetime
 import html
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -73,11 +72,11 @@ from data_tools.files import (  # noqa: E402
 from data_tools.lung import (  # noqa: E402
     LESION_MARGIN_MM,
     LESION_RULE,
-    lesions_in_lung,
     lung_mask,
 )
 from data_tools.masks import RAS_FROM_LPS  # noqa: E402
 from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
+from tfcovseg.evaluation.burden import burden, burden_masks  # noqa: E402
 from tfcovseg.evaluation.metrics import patient_score  # noqa: E402
 from tfcovseg.evaluation.severity import grade_severity  # noqa: E402
 from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict  # noqa: E402
@@ -465,16 +464,17 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple
     """
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     lung = lung_mask(volume.hu, volume.spacing_mm[:2])
-    counted, dropped = lesions_in_lung(labels > 0, lung, volume.spacing_mm[:2])
+    counted, region = burden_masks(labels > 0, lung, volume.spacing_mm[:2])
+    dropped = int((labels > 0).sum() - counted.sum())
     labels = np.where(counted, labels, 0).astype(np.uint8)
-    lung_voxels = int((lung | counted).sum())
-    sides = lung_sides(lung | counted, volume)
+    lung_voxels = int(region.sum())
+    sides = lung_sides(region, volume)
     lesions = {}
     total = 0.0
     for c, name in enumerate(classes):
         on = labels == c + 1
         voxels = int(on.sum())
-        ratio = voxels / lung_voxels if lung_voxels else 0.0
+        ratio = burden(voxels, lung_voxels)
         total += ratio
         lesions[name] = {
             "volume_ml": round(voxels * voxel_ml, 3),
@@ -525,7 +525,7 @@ def burden_call(
 ) -> dict:
     """The patient call from the segmentation: lesion / lung ratio >= the export's t.
 
-    The export chooses t on its run's validation patients (`export.calibrate_burden_rule`);
+    The export chooses t on its run's validation patients (`calibration.calibrate_burden_rule`);
     models exported without one (older versions) give ``positive: None``. t holds for the
     mask threshold and the lesion-counting rule it was chosen with: a prediction made at
     another `mask_threshold` (``--mask-threshold``), or by a model whose t was chosen
@@ -1227,26 +1227,3 @@ def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> di
         )
     atomic_write_json(index_path, index)
     return index
-
-
-def command(args) -> int:
-    """Runs predict (the arguments parsed by `tfcovseg.cli.predict`); the exit code."""
-    try:
-        predict(
-            args.model,
-            args.input,
-            args.out,
-            gate=not args.no_gate,
-            threshold=args.threshold,
-            mask_threshold=args.mask_threshold,
-            series_uid=args.series,
-            batch_size=args.batch_size,
-            salt=args.salt,
-            research_seg=args.research_seg,
-            intensity=args.intensity,
-        )
-    except PredictionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(DISCLAIMER)
-    return 0

@@ -110,28 +110,27 @@ def build_model(model_config=None):
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")
 
 
-def load_model(path, compile=False):
-    """Loads a tfcovseg ``.keras`` file in safe mode, in any process.
+def load_model(path):
+    """Loads the network of a tfcovseg ``.keras`` file in safe mode, in any process.
 
-    Importing this package registers the networks and layers; the losses and metrics a
-    compiled model refers to are registered here too, so a fresh process can load it.
+    Importing this package registers the networks and layers. The optimizer, loss and
+    metrics a training checkpoint also holds are not restored (the training room's
+    `tfcovseg.training.losses` and `tfcovseg.evaluation.metrics` register those for
+    ``keras.saving.load_model(path, compile=True)``): evaluation, export and prediction
+    need the network only, and the models room stays below the rooms that use it.
 
     Args:
         path: A ``.keras`` file written by tfcovseg.
-        compile: Restore the optimizer, losses and metrics as well.
 
     Raises:
         ModelFileError: a missing, empty or truncated file (`model_file_problem`).
     """
     import keras
 
-    from tfcovseg.evaluation import metrics  # noqa: F401  (registration)
-    from tfcovseg.training import losses  # noqa: F401  (registration)
-
     problem = model_file_problem(path)
     if problem:
         raise ModelFileError(problem)
-    return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 
 def load_run_models(run) -> tuple:

@@ -45,20 +45,3 @@ def summarize(config) -> dict:
         "gflops": sum(parts.values()) / 1e9,
         "gflops_by_part": {k: v / 1e9 for k, v in parts.items()},
     }
-
-
-def command(config) -> int:
-    """Prints the summary of a config (`tfcovseg.cli.summary` loads it); the exit code."""
-    s = summarize(config)
-    h, w = s["input_size"]
-    print(f"experiment      {config.name}")
-    print(f"architecture    {s['architecture']}")
-    print(f"input           {h}x{w}x1 HU, {len(s['classes'])} classes: {', '.join(s['classes'])}")
-    print(
-        f"parameters      {s['parameters']:,} ({s['parameters'] / 1e6:.2f} M; "
-        f"{s['trainable_parameters']:,} trainable)"
-    )
-    print(f"forward GFLOPs  {s['gflops']:.2f} per slice (2 FLOPs per multiply-accumulate)")
-    for part, g in s["gflops_by_part"].items():
-        print(f"  {part:<14}{g:8.2f}")
-    return 0

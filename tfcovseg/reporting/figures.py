@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from tfcovseg.evaluation.severity import SEVERITY_ORDER, TOTAL, covid_cohort, ratio_statistics
+from tfcovseg.constants import SEVERITY_ORDER, TOTAL
 
 OVERLAY_COLOURS = {
     "ggo": (1.0, 0.0, 0.0),
@@ -263,7 +263,7 @@ def _p_text(entry) -> str:
     return f"{p:.2g}"
 
 
-def plot_ratio_boxplots(ratios: Mapping, classes, path, stats=None, panel_inches=3.2) -> Path:
+def plot_ratio_boxplots(patients, stats: Mapping, classes, path, panel_inches=3.2) -> Path:
     """Figure 4: lesion / lung ratio by severity over the COVID-19 patients.
 
     One panel per lesion class and one for their total; in each, per severity group with
@@ -272,19 +272,18 @@ def plot_ratio_boxplots(ratios: Mapping, classes, path, stats=None, panel_inches
     truth and prediction is in the panel title.
 
     Args:
-        ratios: The evaluation's ``lesion_lung_ratio`` (with ``"severity"`` per patient).
+        patients: The COVID-19 patients to draw, as
+            `tfcovseg.evaluation.severity.covid_cohort` lists them (``"severity"`` and the
+            ``"true"`` / ``"pred"`` ratios per class and total).
+        stats: `tfcovseg.evaluation.severity.ratio_statistics` of the same ratios ({}
+            for none: no p-values).
         classes: Lesion class names.
         path: PNG file to write; parent folders are created.
-        stats: `tfcovseg.evaluation.severity.ratio_statistics` of the same ratios (computed
-            if None).
 
     Returns:
         The path written.
     """
     classes = [c for c in classes if c != TOTAL]
-    if stats is None:
-        stats = ratio_statistics(ratios, classes)
-    patients, _ = covid_cohort(ratios, classes)
     names = classes + [TOTAL]
     colours = class_colours(classes) + [OVERLAY_COLOURS[TOTAL]]
     present = [s for s in SEVERITY_ORDER if any(p["severity"] == s for p in patients)]

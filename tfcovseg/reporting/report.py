@@ -28,8 +28,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from data_tools.files import atomic_directory, atomic_write_text  # noqa: F401 (re-exported)
-from tfcovseg.constants import DISCLAIMER  # noqa: F401 (re-exported)
-from tfcovseg.evaluation.severity import SEVERITY_ORDER, TOTAL
+from tfcovseg.constants import (
+    DISCLAIMER,  # noqa: F401 (re-exported)
+    SEVERITY_ORDER,
+    TOTAL,
+)
 
 MISSING = "—"
 RULE_ORDER = ("any_slice", "robust", "lesion_burden")

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import atomic_write_json, atomic_write_text
-from data_tools.lung import lesions_in_lung
 from tfcovseg import require_tensorflow
+from tfcovseg.evaluation.burden import by_patient, slice_scores
 from tfcovseg.evaluation.metrics import (
     confusion_counts,
     lesion_slice_mean,
@@ -49,7 +49,6 @@ __all__ = [
     "SegmentationEvaluation",
     "overlay",
     "patient_scores",
-    "slice_probabilities",
 ]
 
 tf = require_tensorflow("tfcovseg.training.callbacks")
@@ -124,59 +123,6 @@ class SegmentationEvaluation(keras.callbacks.Callback):
             logs.update(self.compute())
 
 
-def slice_probabilities(classifier, dataset) -> tuple[dict, dict]:
-    """{patient: [slice probabilities]} and {patient: diagnosis} of a slice classifier.
-
-    Args:
-        classifier: A model mapping [N, H, W, 1] HU slices to [N] probabilities.
-        dataset: A `make_dataset(..., task="inspect")` dataset.
-    """
-    probs, diagnosis = {}, {}
-    for batch in dataset:
-        p = np.asarray(classifier.predict_on_batch(batch["hu"][..., None])).reshape(-1)
-        for pid, d, value in zip(
-            batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy(), p
-        ):
-            probs.setdefault(pid.decode(), []).append(float(value))
-            diagnosis[pid.decode()] = d.decode()
-    return probs, diagnosis
-
-
-def in_lung(lesions, lung, spacing_mm) -> np.ndarray:
-    """`lesions_in_lung` of a batch of slices [N, H, W], each with its own spacing [N, 3]."""
-    return np.stack(
-        [lesions_in_lung(f, g, tuple(s[:2]))[0] for f, g, s in zip(lesions, lung, spacing_mm)]
-    )
-
-
-def lesion_burdens(segmenter, dataset, threshold=0.5) -> tuple[dict, dict]:
-    """{patient: predicted lesion volume / lung volume} and {patient: diagnosis}.
-
-    The lesion volume counts voxels of any predicted lesion type (``"final"`` >=
-    `threshold`) in the lung (`data_tools.lung.lesions_in_lung`: the record's lung mask
-    and a margin for pleural lesions); the lung is the record's lung mask joined with
-    them, as in `tfcovseg.evaluate`'s area ratios and `tfcovseg.predict`'s measures.
-
-    Args:
-        segmenter: A segmenter returning {"final": [N, H, W, C] probabilities}.
-        dataset: A `make_dataset(..., task="inspect")` dataset.
-    """
-    lesion, lung, diagnosis = {}, {}, {}
-    for batch in dataset:
-        out = segmenter.predict_on_batch(batch["hu"][..., None])
-        found = np.asarray(out["final"] if isinstance(out, dict) else out) >= threshold
-        found = in_lung(found.any(-1), batch["lung"].numpy() > 0, batch["spacing_mm"].numpy())
-        region = found | (batch["lung"].numpy() > 0)
-        for i, (pid, d) in enumerate(
-            zip(batch["patient/id"].numpy(), batch["patient/diagnosis"].numpy())
-        ):
-            pid = pid.decode()
-            lesion[pid] = lesion.get(pid, 0) + int(found[i].sum())
-            lung[pid] = lung.get(pid, 0) + int(region[i].sum())
-            diagnosis[pid] = d.decode()
-    return {p: lesion[p] / max(lung[p], 1) for p in lesion}, diagnosis
-
-
 class PatientEvaluation(keras.callbacks.Callback):
     """Patient-level metrics of a slice classifier, every n epochs.
 
@@ -216,7 +162,11 @@ class PatientEvaluation(keras.callbacks.Callback):
 
     def slice_probabilities(self):
         """{patient: [slice probabilities]} and {patient: diagnosis}."""
-        return slice_probabilities(self.classifier or self.model, self.validation_data)
+        model = self.classifier or self.model
+        scores = slice_scores(
+            lambda hu: model.predict_on_batch(hu[..., None]), self.validation_data
+        )
+        return by_patient(scores), scores["diagnosis"]
 
     def compute(self) -> dict:
         probs, diagnosis = self.slice_probabilities()

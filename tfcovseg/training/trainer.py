@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -1119,56 +1118,3 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
         )
         evaluate_run(fold_out, split="test")
     return write_cv_summary(out)
-
-
-def command(args, config: ExperimentConfig) -> int:
-    """Trains (and evaluates, exports) as `tfcovseg.cli.train` parsed and configured it;
-    returns the exit code."""
-    # A progress bar in a terminal; one short line per epoch in a log file or with --quiet.
-    verbose = "auto" if sys.stdout.isatty() and not args.quiet else 2
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    t = config.train
-    export_dir = args.export or (Path(t.export_dir) if t.export_dir else None)
-    if export_dir is not None and args.fold != "all":
-        try:  # before hours of training, not after
-            check_output_dir(export_dir, "--export" if args.export else "train.export_dir")
-        except OutputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if args.fold == "all":
-        out = args.out or Path("runs") / f"{config.name}-cv-{stamp}"
-        try:
-            summary = cross_validate(config, out, resume=args.resume, verbose=verbose)
-        except TrainingError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"cross-validation folder: {out}")
-        print((out / "cv_report.md").read_text())
-        return 0
-    out = args.out or Path("runs") / f"{config.name}-fold{config.data.fold}-{stamp}"
-    try:
-        summary = train(config, out, resume=args.resume, verbose=verbose)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
-    if not summary.get("chief", True):
-        return 0  # other workers of a multi-worker run: the chief evaluates and exports
-    if args.evaluate or t.evaluate:
-        from tfcovseg.evaluation.run import evaluate_run, print_headline
-
-        results = evaluate_run(out, split="test")
-        print_headline(results, out)
-    if export_dir is not None:
-        from tfcovseg.inference.export import ExportError, export_run
-
-        try:
-            target = export_run(out, export_dir)
-        except ExportError as e:
-            print(f"error: export: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"servable model: {target} (python -m tfcovseg.predict --model {target} "
-            f"--input DICOM_DIR --out predictions)"
-        )
-    return 0
