@@ -56,7 +56,7 @@ import numpy as np
 from data_tools import dicom_io, masks
 from data_tools.ct_values import check_ct_values
 from data_tools.dicom_io import SkipFile
-from data_tools.features import DIAGNOSES, SEVERITIES
+from data_tools.features import DIAGNOSES, LESION_CLASSES, SEVERITIES
 from data_tools.files import OutputError, atomic_write_json, check_output_dir
 from data_tools.folds import assign_subgroups, fold_splits
 from data_tools.lung import lung_mask
@@ -68,7 +68,6 @@ from data_tools.privacy import (
     resolve_salt,
 )
 
-DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^slices-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
 MASK_WORDS = ("lesion", "mask", "seg", "label", "gt")
@@ -180,7 +179,7 @@ class Discovery:
 
 def discover(
     root: Path,
-    classes=DEFAULT_CLASSES,
+    classes=LESION_CLASSES,
     default_diagnosis="unknown",
     default_severity="unknown",
     exclude: Path | None = None,
@@ -748,7 +747,7 @@ def convert(
     workers=1,
     folds=5,
     seed=0,
-    classes=DEFAULT_CLASSES,
+    classes=LESION_CLASSES,
     compression="",
     strict=False,
     salt=None,
@@ -1004,7 +1003,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     parser.add_argument(
         "--classes",
-        default=",".join(DEFAULT_CLASSES),
+        default=",".join(LESION_CLASSES),
         help="lesion classes in label order (default: %(default)s)",
     )
     parser.add_argument("--compression", default="", choices=["", "GZIP"])

@@ -34,6 +34,8 @@ import numpy as np
 
 DIAGNOSES = ("covid", "healthy", "bacterial", "viral", "unknown")
 SEVERITIES = ("none", "mild", "moderate", "severe", "unknown")
+# The lesion types of Huang et al. (2021), in mask channel order: the default everywhere.
+LESION_CLASSES = ("ggo", "consolidation", "fibrosis")
 
 # name -> (kind, length); kind is "bytes", "int64" or "float"; length 1 unless a list.
 SPEC: dict[str, tuple[str, int]] = {

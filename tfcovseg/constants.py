@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_tools.features import LESION_CLASSES, SEVERITIES  # noqa: F401 (LESION_CLASSES re-exported)
+
 DISCLAIMER = "Research use, not a medical device."
 
 # Where `tfcovseg.export` (and the quickstart) write TF Serving versions by default.
@@ -13,6 +15,7 @@ DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
 # How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")
 
-# Severity grades in order, and the name of the all-lesions total beside the lesion types.
-SEVERITY_ORDER = ("none", "mild", "moderate", "severe")
+# Severity grades in order (the records' grades less "unknown"), and the name of the
+# all-lesions total beside the lesion types.
+SEVERITY_ORDER = tuple(s for s in SEVERITIES if s != "unknown")
 TOTAL = "total"

@@ -246,3 +246,46 @@ def test_dataclass_defaults():
     assert ExperimentConfig().model == ModelConfig()
     assert ModelConfig().class_names == ("ggo", "consolidation", "fibrosis")
     assert ModelConfig().hu_window == (-1250.0, 250.0)
+
+
+def test_base_inheritance_states_only_what_differs(tmp_path):
+    (tmp_path / "parent.yaml").write_text(
+        "name: parent\nmodel:\n  input_size: [64, 64]\n  aspp_rates: [2, 4, 6]\n"
+        "train:\n  epochs: 3\n  phases: [segmentation, classification]\n"
+    )
+    (tmp_path / "child.yaml").write_text(
+        "base: parent.yaml\nname: child\nmodel:\n  aspp_rates: [1, 2]\n"
+        "train:\n  phases: [segmentation]\n"
+    )
+    cfg = load_config(tmp_path / "child.yaml", ["train.epochs=5"])
+    assert cfg.name == "child"
+    assert cfg.model.input_size == (64, 64)  # from the base: sections merge key by key
+    assert cfg.model.aspp_rates == (1, 2)  # lists replace, never append
+    assert cfg.train.phases == ("segmentation",)
+    assert cfg.train.epochs == 5  # --set applies after the chain
+
+
+def test_builtin_baselines_start_from_the_quickstart():
+    quick, unet = load_config("quickstart"), load_config("quickstart_unet")
+    unetpp = load_config("quickstart_unetpp")  # a base of a base
+    assert unet.data == quick.data and unetpp.data == quick.data
+    assert unet.model.input_size == quick.model.input_size == (128, 128)
+    assert (unet.train.epochs, unet.train.learning_rate) == (16, 1e-3)
+    assert unet.train.positive_weights == () and unet.train.export_dir == ""
+    assert unetpp.model.architecture == "unet_plus_plus" and unetpp.train.loss == "bce"
+    big = load_config("quickstart_256")
+    assert big.model.input_size == (256, 256) and big.model.stem_filters == 16
+    assert big.data.records_dir != quick.data.records_dir and not big.train.export_dir
+
+
+def test_bad_bases_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match=r"their own base: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: [quickstart]\nname: c\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: base must name another experiment"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: nowhere\nname: d\n")
+    with pytest.raises(ConfigError, match="'nowhere' is not a built-in experiment"):
+        load_config(tmp_path / "d.yaml")

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from tfcovseg.constants import LESION_CLASSES
+
 ARCHITECTURES = (
     "coarse_refine",  # the paper's network: SE-ResNet-34 U-Net + ASPP + refinement module
     "seresnet_unet_aspp",  # Table 7 ladder: SE-ResNet-34 U-Net + ASPP bridge
@@ -142,7 +144,7 @@ class ModelConfig:
 
     architecture: str = "coarse_refine"
     input_size: tuple[int, int] = (512, 512)
-    class_names: tuple[str, ...] = ("ggo", "consolidation", "fibrosis")
+    class_names: tuple[str, ...] = LESION_CLASSES
     hu_window: tuple[float, float] = (-1250.0, 250.0)
     pre_windowed: bool = False
     stem_filters: int = 64
@@ -644,12 +646,74 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
     return values
 
 
+MAX_BASE_DEPTH = 8
+
+
+def _yaml_mapping(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping with keys name, base, model, data, train")
+    return values
+
+
+def _base_path(base, path: Path) -> Path:
+    """The file a ``base:`` names: a path relative to the experiment's own folder, else
+    (like ``--config``) a file or the name of a built-in experiment."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"{path}: base must name another experiment (a built-in name or a YAML file), "
+            f"got {base!r}"
+        )
+    beside = path.parent / base
+    return beside if beside.is_file() else resolve_config(base)
+
+
+def merge_values(base: Mapping, values: Mapping) -> dict:
+    """`values` over `base`: mappings (the sections) merge key by key, anything else (a
+    list included) replaces the base's value."""
+    merged = dict(base)
+    for key, value in values.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_values(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_experiment(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """An experiment file's values with its ``base:`` chain resolved (not yet validated).
+
+    ``base: quickstart`` (a built-in name, or a YAML file relative to this one) starts
+    from that experiment's values; this file states only what differs. Sections merge
+    key by key; lists and scalars replace.
+
+    Raises:
+        ConfigError: a missing or invalid file, a bad ``base``, or a cycle of bases.
+    """
+    values = _yaml_mapping(path)
+    if "base" not in values:
+        return values
+    values = dict(values)
+    base = _base_path(values.pop("base"), path)
+    chain = _chain + (path.resolve(),)
+    if base.resolve() in chain or len(chain) > MAX_BASE_DEPTH:
+        names = " -> ".join(p.name for p in chain + (base,))
+        raise ConfigError(f"{chain[0]}: experiments that are their own base: {names}")
+    return merge_values(read_experiment(base, chain), values)
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Loads an experiment YAML file (or the defaults) and applies dotted overrides.
 
     Args:
         path: A YAML file, or the name of a built-in experiment (``"paper"``, see
-            `resolve_config`); None gives the defaults (the paper's settings).
+            `resolve_config`); None gives the defaults (the paper's settings). A file may
+            start from another with ``base:`` (`read_experiment`).
         overrides: Strings like ``"model.aspp_rates=[3,6,9]"`` or ``"train.epochs=5"``.
 
     Returns:
@@ -665,14 +729,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = resolve_config(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping with keys name, model, data, train")
+        values = read_experiment(path)
     overrides = list(overrides)
     if overrides:
         values = apply_overrides(values, overrides)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from tfcovseg.constants import LESION_CLASSES
 from tfcovseg.models.blocks import apply_conv_bn_relu
 from tfcovseg.models.layers import from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
-
-DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
 
 
 def apply_double_conv(x, filters, name):
@@ -97,7 +96,7 @@ class UNet(_SegmentationBaseline):
     def __init__(
         self,
         input_size=(512, 512),
-        class_names=DEFAULT_CLASSES,
+        class_names=LESION_CLASSES,
         hu_window=DEFAULT_WINDOW,
         pre_windowed=False,
         filters=(64, 128, 256, 512, 1024),
@@ -147,7 +146,7 @@ class UNetPlusPlus(_SegmentationBaseline):
     def __init__(
         self,
         input_size=(512, 512),
-        class_names=DEFAULT_CLASSES,
+        class_names=LESION_CLASSES,
         hu_window=DEFAULT_WINDOW,
         pre_windowed=False,
         filters=(64, 128, 256, 512, 1024),

@@ -5,14 +5,13 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from tfcovseg.constants import LESION_CLASSES
 from tfcovseg.models.aspp import apply_aspp
 from tfcovseg.models.coarse import apply_coarse_decoder
 from tfcovseg.models.encoder import SEResNetEncoder
 from tfcovseg.models.layers import from_config_keeping_trainable
 from tfcovseg.models.preprocessing import DEFAULT_WINDOW, HUWindow
 from tfcovseg.models.refine import apply_refinement
-
-DEFAULT_CLASSES = ("ggo", "consolidation", "fibrosis")
 
 
 @keras.saving.register_keras_serializable(package="tfcovseg")
@@ -49,7 +48,7 @@ class CoarseRefineNet(keras.Model):
     def __init__(
         self,
         input_size=(512, 512),
-        class_names=DEFAULT_CLASSES,
+        class_names=LESION_CLASSES,
         hu_window=DEFAULT_WINDOW,
         pre_windowed=False,
         stem_filters=64,

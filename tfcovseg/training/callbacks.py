@@ -55,8 +55,8 @@ tf = require_tensorflow("tfcovseg.training.callbacks")
 
 import keras  # noqa: E402
 
+from tfcovseg.constants import LESION_CLASSES  # noqa: E402
 from tfcovseg.models import save_model, save_weights  # noqa: E402
-from tfcovseg.models.baselines import DEFAULT_CLASSES  # noqa: E402
 from tfcovseg.reporting.figures import overlay_rgb  # noqa: E402
 
 
@@ -189,7 +189,7 @@ def overlay(hu, masks, window=(-1250.0, 250.0), alpha=0.45, class_names=None):
     fibrosis, in channel order).
     """
     masks = np.asarray(masks, np.float32)
-    names = list(class_names) if class_names is not None else list(DEFAULT_CLASSES)
+    names = list(class_names) if class_names is not None else list(LESION_CLASSES)
     if len(names) < masks.shape[-1]:
         names += [f"class{c}" for c in range(len(names), masks.shape[-1])]
     return overlay_rgb(hu, masks, names[: masks.shape[-1]], window, 0.5, alpha)
