@@ -148,9 +148,9 @@ def test_a_model_trains_the_same_on_compact_batches(records):
     import keras
 
     from tests.conftest import tiny_config
-    from tfcovseg.training.losses import deep_supervision
     from tfcovseg.evaluation.metrics import DiceScore
     from tfcovseg.models import build_model
+    from tfcovseg.training.losses import deep_supervision
 
     weights = []
     for compact in (False, True):
