@@ -52,6 +52,7 @@ def test_help_answers_without_tensorflow(door):
         ("train", ["--fold", "x"], "--fold must be an integer or 'all'"),
         ("evaluate", ["--run", "/no/such/run"], "is not a run folder"),
         ("export", ["--run", "r", "--gate-threshold", "x"], "--gate-threshold must be"),
+        ("export", ["--run", "r", "--set", "model.input_size=[64,64]"], "only data.* keys"),
         ("predict", ["--model", "m", "--input", "i", "--out", "o", "--batch-size", "0"], ">= 1"),
         ("summary", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
     ],

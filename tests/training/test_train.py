@@ -722,3 +722,28 @@ def test_pooled_features_keep_the_classify_task_slices():
     }
     x, y, w = _pooled(Features(), [batch], 3)
     assert x[:, 0].tolist() == [0, 2, 3] and y.tolist() == [1, 0, 0] and w.tolist() == [1, 3, 1]
+
+
+def test_evaluate_and_export_take_data_overrides_for_moved_records(tiny, tmp_path, capsys):
+    """A run whose records moved since training: --set data.records_dir=DIR finds them;
+    keys that would change the trained network are refused."""
+    import shutil
+    from pathlib import Path
+
+    from tfcovseg.cli.evaluate import main as evaluate_main
+    from tfcovseg.cli.export import main as export_main
+
+    root, config, _ = tiny
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    text = (run / "config.yaml").read_text()
+    records = str(Path(config.data.records_dir).expanduser())
+    (run / "config.yaml").write_text(text.replace(records, str(tmp_path / "moved-away")))
+    args = ["--run", str(run), "--split", "validation", "--no-figures"]
+    assert evaluate_main(args) == 2
+    assert "moved-away" in capsys.readouterr().err  # the missing records are named
+    assert evaluate_main(args + ["--set", f"data.records_dir={records}"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["split"] == "validation"
+    bad = ["--set", "model.input_size=[32,32]"]
+    assert evaluate_main(args + bad) == 2 and export_main(["--run", str(run)] + bad) == 2
+    assert "only data.* keys can change for a trained run" in capsys.readouterr().err

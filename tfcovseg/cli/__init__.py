@@ -47,3 +47,17 @@ def add_set(parser: argparse.ArgumentParser, example: str = "") -> None:
         metavar="KEY=VALUE",
         help="override a config value" + (f", {example}" if example else ""),
     )
+
+
+def run_overrides_problem(overrides) -> str | None:
+    """Why ``--set`` cannot apply to a trained run, or None: the run keeps its network and
+    recipe, so only ``data.*`` keys (where its records are, its fold) may change."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("data."):
+            return (
+                f"--set {item}: only data.* keys can change for a trained run (e.g. "
+                "data.records_dir=DIR when its records moved); the network and recipe are "
+                "the run's own"
+            )
+    return None

@@ -15,6 +15,7 @@ def build_parser():
     parser.add_argument("--fold", type=int, help="fold (default: the run's)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    cli.add_set(parser, "data.* keys only, e.g. --set data.records_dir=DIR")
     return parser
 
 
@@ -24,12 +25,20 @@ def main(argv=None) -> int:
         return cli.fail(f"{args.run} is not a run folder (no config.yaml)")
     if not 0.0 < args.threshold < 1.0:
         return cli.fail(f"--threshold must be in (0, 1), got {args.threshold}")
+    problem = cli.run_overrides_problem(args.overrides)
+    if problem:
+        return cli.fail(problem)
     cli.quiet_libraries()
     from tfcovseg.evaluation.run import evaluate_run, print_headline
 
     try:
         results = evaluate_run(
-            args.run, args.split, args.fold, args.threshold, figures=not args.no_figures
+            args.run,
+            args.split,
+            args.fold,
+            args.threshold,
+            figures=not args.no_figures,
+            overrides=args.overrides,
         )
     except (FileNotFoundError, ValueError) as e:
         return cli.fail(str(e))

@@ -27,6 +27,7 @@ def build_parser():
         help="slice gate threshold, or 'auto': the highest <= 0.5 that keeps 98%% of the "
         "validation lesion slices (default)",
     )
+    cli.add_set(parser, "data.* keys only, e.g. --set data.records_dir=DIR")
     return parser
 
 
@@ -39,11 +40,16 @@ def main(argv=None) -> int:
             return cli.fail(
                 f"--gate-threshold must be a number or 'auto', got {args.gate_threshold!r}"
             )
+    problem = cli.run_overrides_problem(args.overrides)
+    if problem:
+        return cli.fail(problem)
     cli.quiet_libraries()
     from tfcovseg.inference.export import SIGNATURES, ExportError, export_run
 
     try:
-        target = export_run(args.run, args.out, args.version, args.gate_threshold)
+        target = export_run(
+            args.run, args.out, args.version, args.gate_threshold, overrides=args.overrides
+        )
     except ExportError as e:
         return cli.fail(str(e))
     print(f"signatures: {', '.join(SIGNATURES)}")

@@ -95,10 +95,16 @@ class _Overlays:
         del self.items[self.k :]
 
 
-def evaluate_run(run, split="test", fold=None, threshold=0.5, batch_size=8, figures=True) -> dict:
-    """Computes the run's metrics on a split; writes metrics.json, the reports and figures."""
+def evaluate_run(
+    run, split="test", fold=None, threshold=0.5, batch_size=8, figures=True, overrides=()
+) -> dict:
+    """Computes the run's metrics on a split; writes metrics.json, the reports and figures.
+
+    `overrides` change the run's config as ``--set`` does (``data.records_dir=DIR`` for
+    records that moved since training).
+    """
     run = Path(run)
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "config.yaml", overrides)
     fold = config.data.fold if fold is None else fold
     classes = list(config.model.class_names)
     segmenter, classifier = load_run_models(run)

@@ -481,10 +481,11 @@ def write_saved_model(graph: InferenceGraph, path: Path) -> None:
     atomic_write_json(assets / ASSET_NAME, graph.metadata, sort_keys=True)
 
 
-def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
+def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> InferenceGraph:
     """A run folder's models, gate and severity rule as the serving graph (with metadata).
 
-    Shared by the export and by `tfcovseg.predict` on a run folder.
+    Shared by the export and by `tfcovseg.predict` on a run folder. `overrides` change
+    the run's config as ``--set`` does (``data.records_dir=DIR`` for moved records).
 
     Raises:
         ExportError: no run folder, no segmenter, a model that does not load, a bad
@@ -494,7 +495,7 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a training run folder (no config.yaml)")
     try:
-        config = load_config(run / "config.yaml")
+        config = load_config(run / "config.yaml", overrides)
         segmenter, classifier = load_run_models(run)
     except Exception as e:  # a bad config or a corrupt .keras file
         raise ExportError(f"cannot load the run {run}: {type(e).__name__}: {e}") from None
@@ -522,7 +523,9 @@ def prepare_run(run, gate_threshold="auto", version=None) -> InferenceGraph:
     return InferenceGraph(segmenter, classifier, metadata)
 
 
-def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print) -> Path:
+def export_run(
+    run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print, overrides=()
+) -> Path:
     """Exports a run folder as ``out/<version>``; returns that folder.
 
     Args:
@@ -531,6 +534,7 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
         version: The version number (default: the next free one); an existing version is
             never overwritten.
         gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
+        overrides: ``--set`` changes of the run's config (`prepare_run`).
 
     Raises:
         ExportError: no run, no segmenter, a taken version, a bad threshold.
@@ -548,7 +552,7 @@ def export_run(run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=pr
             f"{target} already exists: TF Serving versions are immutable; omit --version to "
             f"write version {next_version(out)}"
         )
-    graph = prepare_run(run, gate_threshold, int(version))
+    graph = prepare_run(run, gate_threshold, int(version), overrides)
     gate = graph.metadata["gate"]
     if graph.pre_windowed and tuple(graph.hu_window) == DEFAULT_WINDOW:
         log(
