@@ -392,6 +392,52 @@ def make_dataset(
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     patients = split_patients(manifest, split, fold)
     n_slices = split_slices(manifest, split, fold, task)
+    _check_split(record_dir, split, fold, task, patients, n_slices, batch_size, drop_remainder)
+    factors = (oversample_lesions, oversample_pneumonia)
+    for name, factor in zip(("oversample_lesions", "oversample_pneumonia"), factors):
+        if factor < 1 or int(factor) != factor:
+            raise ValueError(f"{name} must be an integer >= 1, got {factor}")
+    ds = _split_records(manifest, record_dir, split, fold, task, patients, training, seed)
+    load = _decoder(manifest, task, image_size, len(classes))
+    oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
+    augment_fn = _augmentation(intensity_window)
+    if augment_data and not cache and not oversample:
+        # Nothing to cache and no repeated slices: augment in the same map as the parsing
+        # (each slice still gets its own random transform every epoch), then shuffle.
+        ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
+            lambda s, sd: augment_fn(load(s), sd), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache:
+            ds = ds.cache()
+        if oversample:
+            ds = _oversampled(ds, *factors)
+        if training:
+            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if augment_data:
+            # After the cache (a fresh transform every epoch) and the oversampling (each
+            # copy of a lesion slice its own).
+            ds = tf.data.Dataset.zip((ds, _seeds(seed))).map(
+                augment_fn, num_parallel_calls=tf.data.AUTOTUNE
+            )
+    # Batch in the compact dtypes, then cast and build the task's structure once per batch.
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if task == "inspect" or not compact:
+        ds = ds.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _task_structure(ds, task, outputs, label_output)
+    # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
+    n_examples = n_slices
+    if oversample:
+        n_examples = split_slices(manifest, split, fold, task, *(int(f) for f in factors))
+    n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_split(record_dir, split, fold, task, patients, n_slices, batch_size, drop_remainder):
     if not patients or n_slices == 0:
         why = "too few patients for the folds?"
         if patients and task == "unlabelled":
@@ -404,13 +450,11 @@ def make_dataset(
             f"batch size {batch_size} is larger than the {n_slices} slices of "
             f"split {split!r} (fold {fold}) in {record_dir}"
         )
-    for name, factor in (
-        ("oversample_lesions", oversample_lesions),
-        ("oversample_pneumonia", oversample_pneumonia),
-    ):
-        if factor < 1 or int(factor) != factor:
-            raise ValueError(f"{name} must be an integer >= 1, got {factor}")
 
+
+def _split_records(manifest, record_dir, split, fold, task, patients, training, seed):
+    """The serialized examples of the split's patients that the task can use, read from
+    the shards (in a seeded order when training)."""
     files = [str(record_dir / s) for s in manifest["shards"]]
     compression = manifest.get("compression") or None
     ds = tf.data.Dataset.from_tensor_slices(files)
@@ -451,68 +495,69 @@ def make_dataset(
             return tf.logical_or(annotated, other)
 
         ds = ds.filter(usable)
+    return ds
+
+
+def _decoder(manifest, task, image_size, n_classes):
+    """serialized example -> decoded slice: parse, decode (compact dtypes: int16 image,
+    uint8 masks, 4x less to shuffle and cache until batching), resize to `image_size`,
+    static shapes; one map, one pass per slice. The training tasks parse only what they
+    keep."""
     stored = int(manifest["size"])
     size = (stored, stored)
     resize = image_size is not None and tuple(image_size) != size
     if resize:
         size = tuple(int(s) for s in image_size)
+    spec = feature_spec()
     keep = None if task == "inspect" else _TRAINING_KEYS
-    if keep is not None:  # the training tasks parse only what they keep
+    if keep is not None:
         spec = {k: spec[k] for k in _TRAINING_FEATURES}
 
     def load(serialized):
-        """Parse, decode (compact dtypes: int16 image, uint8 masks, 4x less to shuffle and
-        cache until batching), resize, static shapes: one map, one pass per slice."""
         example = decode_example(tf.io.parse_single_example(serialized, spec), compact=True)
         if resize:
             example = _resize(example, size)
         # Static shapes from here on: models with fixed input sizes need them in graph mode.
-        return _set_shapes(example, size, len(classes), keep)
+        return _set_shapes(example, size, n_classes, keep)
 
-    oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
-    augment_fn = augment
-    if intensity_window is not None:
+    return load
 
-        def augment_fn(example, sd):  # the paper's, then the intensities
-            out = augment(example, sd)
-            out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)
-            return out
 
-    if augment_data and not cache and not oversample:
-        # Nothing to cache and no repeated slices: augment in the same map as the parsing
-        # (each slice still gets its own random transform every epoch), then shuffle.
-        ds = tf.data.Dataset.zip((ds, seeds)).map(
-            lambda s, sd: augment_fn(load(s), sd), num_parallel_calls=tf.data.AUTOTUNE
-        )
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    else:
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        if cache:
-            ds = ds.cache()
-        if oversample:
-            lesion = tf.constant(int(oversample_lesions), tf.int64)
-            pneumonia = tf.constant(int(oversample_pneumonia), tf.int64)
+def _seeds(seed):
+    """One stateless seed pair per example, from the dataset's seed."""
+    return tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
 
-            def copies(e):
-                other = tf.reduce_any(tf.equal(e["patient/diagnosis"], list(OTHER_PNEUMONIA)))
-                n = tf.where(other, pneumonia, tf.constant(1, tf.int64))
-                return tf.where(e["slice/label"] > 0, lesion * n, n)
 
-            ds = ds.flat_map(lambda e: tf.data.Dataset.from_tensors(e).repeat(copies(e)))
-        if training:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if augment_data:
-            # After the cache (a fresh transform every epoch) and the oversampling (each
-            # copy of a lesion slice its own).
-            ds = tf.data.Dataset.zip((ds, seeds)).map(
-                augment_fn, num_parallel_calls=tf.data.AUTOTUNE
-            )
-    # Batch in the compact dtypes, then cast and build the task's structure once per batch.
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if task == "inspect" or not compact:
-        ds = ds.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
+def _augmentation(intensity_window):
+    """The paper's augmentation, then (with a window) the intensity jitter."""
+    if intensity_window is None:
+        return augment
+
+    def augment_fn(example, sd):
+        out = augment(example, sd)
+        out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)
+        return out
+
+    return augment_fn
+
+
+def _oversampled(ds, oversample_lesions, oversample_pneumonia):
+    """Lesion slices `oversample_lesions` times, other pneumonias' slices
+    `oversample_pneumonia` times (both: the product)."""
+    lesion = tf.constant(int(oversample_lesions), tf.int64)
+    pneumonia = tf.constant(int(oversample_pneumonia), tf.int64)
+
+    def copies(e):
+        other = tf.reduce_any(tf.equal(e["patient/diagnosis"], list(OTHER_PNEUMONIA)))
+        n = tf.where(other, pneumonia, tf.constant(1, tf.int64))
+        return tf.where(e["slice/label"] > 0, lesion * n, n)
+
+    return ds.flat_map(lambda e: tf.data.Dataset.from_tensors(e).repeat(copies(e)))
+
+
+def _task_structure(ds, task, outputs, label_output):
+    """Batches in the task's structure: (image, {output: masks}), (image, label), image,
+    or the decoded features ("inspect")."""
     if task == "segment":
         names = tuple(outputs)
 
@@ -522,22 +567,14 @@ def make_dataset(
                 out[label_output] = classify_label(e)
             return e["hu"][..., None], out
 
-        ds = ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
-    elif task == "classify":
-        ds = ds.map(
+        return ds.map(targets, num_parallel_calls=tf.data.AUTOTUNE)
+    if task == "classify":
+        return ds.map(
             lambda e: (e["hu"][..., None], classify_label(e)), num_parallel_calls=tf.data.AUTOTUNE
         )
-    elif task == "unlabelled":  # images only: there is no target
-        ds = ds.map(lambda e: e["hu"][..., None], num_parallel_calls=tf.data.AUTOTUNE)
-    # The split's size is known from the manifest: tell tf.data (and Keras' progress bar).
-    n_examples = n_slices
-    if oversample:
-        n_examples = split_slices(
-            manifest, split, fold, task, int(oversample_lesions), int(oversample_pneumonia)
-        )
-    n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    if task == "unlabelled":  # images only: there is no target
+        return ds.map(lambda e: e["hu"][..., None], num_parallel_calls=tf.data.AUTOTUNE)
+    return ds
 
 
 def records_folder(config) -> Path:

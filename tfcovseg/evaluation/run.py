@@ -95,6 +95,110 @@ class _Overlays:
         del self.items[self.k :]
 
 
+class _Tally:
+    """What one pass over a split gathers: pixel counts, per-slice Dice, lung and lesion
+    areas per patient, the overlay slices, and the slice classifier's probabilities."""
+
+    def __init__(self, classes, threshold):
+        self.classes, self.threshold = classes, threshold
+        self.image_dice, self.image_present = [], []
+        self.patient_counts = {}  # per patient: [TP, FP, FN] x class over annotated slices
+        self.slice_prob, self.slice_roc = {}, ([], [])  # ROC: lesion on the slice, its p
+        self.areas, self.diagnosis, self.severity = {}, {}, {}
+        self.overlays = _Overlays(OVERLAY_SLICES, threshold)
+
+    def patients(self, batch) -> list[str]:
+        pids = [p.decode() for p in batch["patient/id"].numpy()]
+        for pid, d, sev in zip(
+            pids, batch["patient/diagnosis"].numpy(), batch["patient/severity"].numpy()
+        ):
+            self.diagnosis[pid], self.severity[pid] = d.decode(), sev.decode()
+        return pids
+
+    def add_segmentation(self, batch, pids, pred) -> None:
+        hu, masks = batch["hu"], batch["lesions"].numpy()
+        lung, annotated = batch["lung"].numpy() > 0, batch["mask/annotated"].numpy() > 0
+        _count_patients(self.patient_counts, pids, masks, pred, annotated, self.threshold)
+        if annotated.any():
+            dice, present = slice_dice(masks[annotated], pred[annotated], self.threshold)
+            self.image_dice.append(dice)
+            self.image_present.append(present)
+        # Predicted lesions count in the lung only (`burden.burden_masks`), as in predict.
+        found = pred >= self.threshold
+        kept, region = burden_masks(found.any(-1), lung, batch["spacing_mm"].numpy())
+        binary, truth = found & kept[..., None], masks >= 0.5
+        n = len(self.classes)
+        for i, pid in enumerate(pids):
+            a = self.areas.setdefault(pid, _empty_areas(n))
+            a["lung_true"] += int((lung[i] | truth[i].any(-1)).sum())
+            a["lung_pred"] += int(region[i].sum())
+            a["true"] += truth[i].reshape(-1, n).sum(0)
+            a["pred"] += binary[i].reshape(-1, n).sum(0)
+            a["any_pred"] += int(kept[i].sum())
+            if annotated[i]:
+                self.overlays.offer(int(truth[i].sum()), pid, hu[i].numpy(), masks[i], pred[i])
+
+    def add_classification(self, batch, pids, probs) -> None:
+        masks = batch["lesions"].numpy()
+        annotated = batch["mask/annotated"].numpy() > 0
+        for pid, p in zip(pids, probs):
+            self.slice_prob.setdefault(pid, []).append(float(p))
+        lesion = masks[annotated].reshape(int(annotated.sum()), -1).max(-1) >= 0.5
+        self.slice_roc[0].extend(lesion)
+        self.slice_roc[1].extend(float(p) for p in probs[annotated])
+
+
+def _empty_areas(n: int) -> dict:
+    return {
+        "lung_true": 0,
+        "lung_pred": 0,
+        "any_pred": 0,
+        "true": np.zeros(n),
+        "pred": np.zeros(n),
+    }
+
+
+def _segmentation_results(tally: _Tally) -> dict:
+    """Table 4 (the split's pixel counts, its patients' together), the lesion-slice Dice,
+    per-patient Dice, Table 5's lesion / lung ratios and their severity statistics."""
+    classes = tally.classes
+    counts = sum(tally.patient_counts.values(), np.zeros((3, len(classes)), np.int64))
+    scores = scores_from_counts(*counts)
+    present = (
+        np.concatenate(tally.image_present)
+        if tally.image_present
+        else np.zeros((0, len(classes)), bool)
+    )
+    per_slice = (
+        lesion_slice_mean(np.concatenate(tally.image_dice), present)
+        if tally.image_dice
+        else np.full(len(classes), np.nan)  # no annotated slice: nothing to score
+    )
+    ratios = {
+        pid: {
+            "diagnosis": tally.diagnosis[pid],
+            "severity": tally.severity[pid],
+            "true": {
+                n: float(a["true"][c] / max(a["lung_true"], 1)) for c, n in enumerate(classes)
+            },
+            "pred": {
+                n: float(a["pred"][c] / max(a["lung_pred"], 1)) for c, n in enumerate(classes)
+            },
+        }
+        for pid, a in sorted(tally.areas.items())
+    }
+    return {
+        "segmentation": {
+            name: {k: float(v[c]) for k, v in scores.items()}
+            | {"lesion_slice_dice": float(per_slice[c]), "lesion_slices": int(present[:, c].sum())}
+            for c, name in enumerate(classes)
+        },
+        "patient_dice": _patient_dice(tally.patient_counts, tally.diagnosis, classes),
+        "lesion_lung_ratio": ratios,
+        "severity_statistics": ratio_statistics(ratios, classes),
+    }
+
+
 def evaluate_run(
     run, split="test", fold=None, threshold=0.5, batch_size=8, figures=True, overrides=()
 ) -> dict:
@@ -110,62 +214,15 @@ def evaluate_run(
     segmenter, classifier = load_run_models(run)
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
-    ds = split_dataset(config, split, fold, batch_size)
-    image_dice, image_present = [], []
-    patient_counts = {}  # per patient: [TP, FP, FN] x class over its annotated slices
-    slice_prob, slice_roc = {}, ([], [])  # ROC: lesion on the slice, its probability
-    areas = {}
-    diagnosis, severity = {}, {}
-    overlays = _Overlays(OVERLAY_SLICES, threshold)
-    for batch in ds:
-        hu = batch["hu"][..., None]
-        masks = batch["lesions"].numpy()
-        lung = batch["lung"].numpy() > 0
-        pids = [p.decode() for p in batch["patient/id"].numpy()]
-        for pid, d, sev in zip(
-            pids, batch["patient/diagnosis"].numpy(), batch["patient/severity"].numpy()
-        ):
-            diagnosis[pid], severity[pid] = d.decode(), sev.decode()
-        annotated = batch["mask/annotated"].numpy() > 0
+    tally = _Tally(classes, threshold)
+    for batch in split_dataset(config, split, fold, batch_size):
+        hu, pids = batch["hu"][..., None], tally.patients(batch)
         if segmenter is not None:
             pred = np.asarray(segmenter.predict_on_batch(hu)["final"])
-            _count_patients(patient_counts, pids, masks, pred, annotated, threshold)
-            if annotated.any():
-                dice, present = slice_dice(masks[annotated], pred[annotated], threshold)
-                image_dice.append(dice)
-                image_present.append(present)
-            # Predicted lesions count in the lung only (`burden.burden_masks`), as in predict.
-            kept, region = burden_masks(
-                (pred >= threshold).any(-1), lung, batch["spacing_mm"].numpy()
-            )
-            binary = (pred >= threshold) & kept[..., None]
-            truth = masks >= 0.5
-            for i, pid in enumerate(pids):
-                a = areas.setdefault(
-                    pid,
-                    {
-                        "lung_true": 0,
-                        "lung_pred": 0,
-                        "any_pred": 0,
-                        "true": np.zeros(len(classes)),
-                        "pred": np.zeros(len(classes)),
-                    },
-                )
-                a["lung_true"] += int((lung[i] | truth[i].any(-1)).sum())
-                a["lung_pred"] += int(region[i].sum())
-                a["true"] += truth[i].reshape(-1, len(classes)).sum(0)
-                a["pred"] += binary[i].reshape(-1, len(classes)).sum(0)
-                a["any_pred"] += int(kept[i].sum())
-                if annotated[i]:
-                    overlays.offer(
-                        int(truth[i].sum()), pid, hu[i, ..., 0].numpy(), masks[i], pred[i]
-                    )
+            tally.add_segmentation(batch, pids, pred)
         if classifier is not None:
             probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)
-            for pid, p in zip(pids, probs):
-                slice_prob.setdefault(pid, []).append(float(p))
-            slice_roc[0].extend(masks[annotated].reshape(int(annotated.sum()), -1).max(-1) >= 0.5)
-            slice_roc[1].extend(float(p) for p in probs[annotated])
+            tally.add_classification(batch, pids, probs)
     results = {
         "experiment": config.name,
         "architecture": config.model.architecture,
@@ -175,56 +232,27 @@ def evaluate_run(
         "threshold": threshold,
         "classes": classes,
         "disclaimer": DISCLAIMER,
-        "patients": split_composition(diagnosis, severity),
+        "patients": split_composition(tally.diagnosis, tally.severity),
         "training": training_summary(run, config),
     }
     if segmenter is not None:
-        # The split's pixel counts: its patients' together.
-        counts = sum(patient_counts.values(), np.zeros((3, len(classes)), np.int64))
-        scores = scores_from_counts(*counts)
-        present = (
-            np.concatenate(image_present) if image_present else np.zeros((0, len(classes)), bool)
-        )
-        per_slice = (
-            lesion_slice_mean(np.concatenate(image_dice), present)
-            if image_dice
-            else np.full(len(classes), np.nan)  # no annotated slice: nothing to score
-        )
-        results["segmentation"] = {
-            name: {k: float(v[c]) for k, v in scores.items()}
-            | {"lesion_slice_dice": float(per_slice[c]), "lesion_slices": int(present[:, c].sum())}
-            for c, name in enumerate(classes)
-        }
-        results["patient_dice"] = _patient_dice(patient_counts, diagnosis, classes)
-        results["lesion_lung_ratio"] = {
-            pid: {
-                "diagnosis": diagnosis[pid],
-                "severity": severity[pid],
-                "true": {
-                    n: float(a["true"][c] / max(a["lung_true"], 1)) for c, n in enumerate(classes)
-                },
-                "pred": {
-                    n: float(a["pred"][c] / max(a["lung_pred"], 1)) for c, n in enumerate(classes)
-                },
-            }
-            for pid, a in sorted(areas.items())
-        }
-        results["severity_statistics"] = ratio_statistics(results["lesion_lung_ratio"], classes)
+        results |= _segmentation_results(tally)
     if classifier is not None:
         results["classification"] = classification_results(
-            classifier, config, slice_prob, diagnosis, split, fold, threshold, batch_size, run
-        )
+            classifier, config, tally.slice_prob, tally.diagnosis, split, fold, threshold,
+            batch_size, run,
+        )  # fmt: skip
         # Slice level: does the classifier find the annotated slices with a lesion?
-        results["classification"]["slices"] = roc_curve(*slice_roc)
-    if segmenter is not None and areas:
-        burdens = {pid: burden(a["any_pred"], a["lung_pred"]) for pid, a in areas.items()}
+        results["classification"]["slices"] = roc_curve(*tally.slice_roc)
+    if segmenter is not None and tally.areas:
+        burdens = {p: burden(a["any_pred"], a["lung_pred"]) for p, a in tally.areas.items()}
         cls = results.setdefault("classification", {})
         cls["lesion_burden"] = burden_results(
-            segmenter, config, burdens, diagnosis, split, fold, threshold, batch_size, run
+            segmenter, config, burdens, tally.diagnosis, split, fold, threshold, batch_size, run
         )
         cls["lesion_burdens"] = {pid: float(b) for pid, b in sorted(burdens.items())}
     if figures:
-        results["figures"] = write_figures(run, results, overlays, config)
+        results["figures"] = write_figures(run, results, tally.overlays, config)
     atomic_write_json(run / "metrics.json", results)
     report.write_reports(results, config.name, run)
     return results
