@@ -437,17 +437,7 @@ def fit_distributed(
     Returns:
         The `keras.callbacks.History` of the run.
     """
-    if getattr(model, "optimizer", None) is None:
-        raise ValueError("fit_distributed needs a model compiled with an optimizer")
-    # An optimizer made outside the scope keeps plain variables: every replica then adds
-    # its own step to `iterations` (learning-rate schedules run too fast) and Keras says
-    # nothing. The TensorFlow optimizer records the strategy it was made under.
-    made_under = getattr(model.optimizer, "_distribution_strategy", strategy)
-    if made_under is not strategy:
-        raise ValueError(
-            "the model's optimizer was created outside strategy.scope(); create it (and "
-            "build and compile the model) inside the scope of the strategy passed here"
-        )
+    _check_optimizer(model, strategy)
     multi_worker = is_multi_worker(strategy)
     build_training_state(model, strategy, train_ds)
     train_step, test_step = _make_steps(model, strategy)
@@ -458,28 +448,8 @@ def fit_distributed(
         else None
     )
     steps = steps_per_epoch if steps_per_epoch is not None else _cardinality(train_ds)
-    if isinstance(callbacks, keras.callbacks.CallbackList):
-        callback_list = callbacks
-    else:
-        callback_list = keras.callbacks.CallbackList(
-            list(callbacks or ()),
-            add_history=True,
-            add_progbar=verbose != 0,
-            model=model,
-            verbose=verbose,
-            epochs=epochs,
-            steps=steps,
-        )
-
-    model.stop_training = False
-    model._initial_epoch = None  # Keras never clears what BackupAndRestore left there.
-    callback_list.on_train_begin()
-    start = model._initial_epoch or initial_epoch
-    model._initial_epoch = None
-    if multi_worker:
-        state = list(model.variables) + list(model.optimizer.variables)
-        start = _broadcaster(strategy, state)([start])[0]
-    start = int(start)
+    callback_list = _callback_list(callbacks, model, verbose, epochs, steps)
+    start = _start_epoch(model, strategy, callback_list, initial_epoch, multi_worker)
     any_worker = _any_worker_fn(strategy) if multi_worker else None
     sync_statistics = (
         _broadcaster(strategy, model.non_trainable_variables)
@@ -492,26 +462,7 @@ def fit_distributed(
     for epoch in range(start, epochs):
         callback_list.on_epoch_begin(epoch)
         iterator = persistent if persistent is not None else iter(dist_train)
-        loss_sum, count, step, logs = 0.0, 0.0, 0, {}
-        while steps_per_epoch is None or step < steps_per_epoch:
-            try:
-                batch = next(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                break
-            callback_list.on_train_batch_begin(step)
-            batch_loss, batch_count = train_step(batch)
-            loss_sum += _scalar(batch_loss)
-            count += _scalar(batch_count)
-            logs = {"loss": loss_sum / count if count else float("nan")}
-            callback_list.on_train_batch_end(step, logs)
-            step += 1
-            if model.stop_training:
-                break
-        if step == 0:
-            raise ValueError(
-                f"the training dataset gave no batch in epoch {epoch}"
-                + (" (steps_per_epoch outlasted it)" if steps_per_epoch else "")
-            )
+        logs = _train_epoch(model, train_step, iterator, callback_list, epoch, steps_per_epoch)
         iterator = None  # released here, on every worker alike, not at some later GC
         if sync_statistics is not None:
             sync_statistics()
@@ -535,6 +486,75 @@ def fit_distributed(
         # releases its input pipeline or writes files.
         any_worker(False)
     return model.history
+
+
+def _check_optimizer(model, strategy) -> None:
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("fit_distributed needs a model compiled with an optimizer")
+    # An optimizer made outside the scope keeps plain variables: every replica then adds
+    # its own step to `iterations` (learning-rate schedules run too fast) and Keras says
+    # nothing. The TensorFlow optimizer records the strategy it was made under.
+    made_under = getattr(model.optimizer, "_distribution_strategy", strategy)
+    if made_under is not strategy:
+        raise ValueError(
+            "the model's optimizer was created outside strategy.scope(); create it (and "
+            "build and compile the model) inside the scope of the strategy passed here"
+        )
+
+
+def _callback_list(callbacks, model, verbose, epochs, steps):
+    """The callbacks as `fit` wraps them (a History, a progress bar unless silent)."""
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        return callbacks
+    return keras.callbacks.CallbackList(
+        list(callbacks or ()),
+        add_history=True,
+        add_progbar=verbose != 0,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps,
+    )
+
+
+def _start_epoch(model, strategy, callback_list, initial_epoch, multi_worker) -> int:
+    """on_train_begin, then the epoch to start at: the one a BackupAndRestore restored,
+    else `initial_epoch`; under a multi-worker strategy the chief's, with its weights and
+    optimizer state broadcast to every worker."""
+    model.stop_training = False
+    model._initial_epoch = None  # Keras never clears what BackupAndRestore left there.
+    callback_list.on_train_begin()
+    start = model._initial_epoch or initial_epoch
+    model._initial_epoch = None
+    if multi_worker:
+        state = list(model.variables) + list(model.optimizer.variables)
+        start = _broadcaster(strategy, state)([start])[0]
+    return int(start)
+
+
+def _train_epoch(model, train_step, iterator, callback_list, epoch, steps_per_epoch) -> dict:
+    """One epoch's training steps; the logs ("loss": mean over the epoch's samples)."""
+    loss_sum, count, step, logs = 0.0, 0.0, 0, {}
+    while steps_per_epoch is None or step < steps_per_epoch:
+        try:
+            batch = next(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            break
+        callback_list.on_train_batch_begin(step)
+        batch_loss, batch_count = train_step(batch)
+        loss_sum += _scalar(batch_loss)
+        count += _scalar(batch_count)
+        logs = {"loss": loss_sum / count if count else float("nan")}
+        callback_list.on_train_batch_end(step, logs)
+        step += 1
+        if model.stop_training:
+            break
+    if step == 0:
+        raise ValueError(
+            f"the training dataset gave no batch in epoch {epoch}"
+            + (" (steps_per_epoch outlasted it)" if steps_per_epoch else "")
+        )
+    return logs
 
 
 def _evaluate(test_step, dist_val, callback_list) -> float:
