@@ -234,10 +234,8 @@ def _tilt_deg(direction) -> float:
     return float(np.degrees(np.arccos(min(cos, 1.0))))
 
 
-def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes, redactor) -> tuple[list, list]:
-    """Reads every CT series under `root` (or the one chosen); (volumes, skipped files).
-
-    The identities met in the headers are taught to `redactor`."""
+def _scan(root: Path, redactor) -> tuple[list, list]:
+    """(header, dataset) of every DICOM image under `root`, and the files skipped."""
     skipped, headers = [], []
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for path in files:
@@ -258,83 +256,103 @@ def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes, redactor) ->
             skipped.append((rel, "a DICOM SEG object, not an image"))
             continue
         headers.append((item, ds))
+    return headers, skipped
+
+
+def _chosen_series(series_list, series_uid, salt, skipped) -> list:
+    """The series `--series` names (UID or pseudonym; all when None); the others are
+    listed in `skipped`."""
+    if series_uid is None:
+        return series_list
+    chosen = [s for s in series_list if series_uid in (s.uid, pseudonym("S", s.uid, salt))]
+    if not chosen:
+        names = ", ".join(pseudonym("S", s.uid, salt) for s in series_list) or "none"
+        raise PredictionError(
+            f"--series {series_uid} is not among the {len(series_list)} CT series of "
+            f"the input (pseudonyms: {names})"
+        )
+    for s in series_list:
+        if s not in chosen:
+            skipped.append((f"series {pseudonym('S', s.uid, salt)}", "not the --series chosen"))
+    return chosen
+
+
+def _dicom_volumes(root: Path, series_uid: str | None, salt: bytes, redactor) -> tuple[list, list]:
+    """Reads every CT series under `root` (or the one chosen); (volumes, skipped files).
+
+    The identities met in the headers are taught to `redactor`."""
+    headers, skipped = _scan(root, redactor)
     series_list, dropped = dicom_io.build_series(headers)
     base = root.parent if root.is_file() else root
     skipped += [(p.relative_to(base).as_posix(), r) for p, r in dropped]
     by_path = {h.path: ds for h, ds in headers}
-    if series_uid is not None:
-        chosen = [s for s in series_list if series_uid in (s.uid, pseudonym("S", s.uid, salt))]
-        if not chosen:
-            names = ", ".join(pseudonym("S", s.uid, salt) for s in series_list) or "none"
-            raise PredictionError(
-                f"--series {series_uid} is not among the {len(series_list)} CT series of "
-                f"the input (pseudonyms: {names})"
-            )
-        for s in series_list:
-            if s not in chosen:
-                skipped.append((f"series {pseudonym('S', s.uid, salt)}", "not the --series chosen"))
-        series_list = chosen
     volumes = []
-    for series in series_list:
-        pseudo = pseudonym("S", series.uid, salt)
-        own_skips, warnings = [], []
-        # Gaps are in the geometry (the header positions), not in which files decode.
-        block, gap = dicom_io.gap_free_run(series.positions)
-        for i, header in enumerate(series.slices):
-            if not block.start <= i < block.stop:
-                own_skips.append(
-                    (
-                        header.path.relative_to(base).as_posix(),
-                        "beyond a gap in slice positions (the longest gap-free run is kept)",
-                    )
-                )
-        if gap:
-            warnings.append(f"{gap}: kept the longest run of {block.stop - block.start} slices")
-        sub = dataclasses.replace(
-            series, slices=series.slices[block], positions=series.positions[block]
-        )
-        hu, unreadable = [], []
-        for i, header in enumerate(sub.slices):
-            try:
-                hu.append(dicom_io.read_hu(header.path))
-            except SkipFile as e:
-                # Kept in place (as air, not segmented) so the grid stays regular.
-                hu.append(np.full((header.rows, header.columns), dicom_io.HU_FLOOR, np.float32))
-                unreadable.append(i)
-                own_skips.append(
-                    (header.path.relative_to(base).as_posix(), f"{e}; left empty in the outputs")
-                )
-        if len(unreadable) == len(sub.slices):
-            skipped += own_skips
-            skipped.append((f"series {pseudo}", "no slice of the series could be read"))
-            continue
-        problem = ct_value_problem(np.stack(hu))
-        if problem:
-            skipped += own_skips
-            skipped.append((f"series {pseudo}", problem))
-            continue
-        if unreadable:
-            warnings.append(
-                f"{len(unreadable)} unreadable slice(s) left empty: lesion and lung volumes "
-                "leave them out"
-            )
-        first = sub.slices[0]
-        volumes.append(
-            Volume(
-                kind="dicom",
-                hu=np.stack(hu).astype(np.float32),
-                spacing_mm=(first.spacing[0], first.spacing[1], abs(sub.slice_spacing)),
-                patient=pseudonym("P", f"dicom:{series.patient_id or series.uid}", salt),
-                series=pseudo,
-                series_obj=sub,
-                datasets=[by_path[h.path] for h in sub.slices],
-                unreadable=unreadable,
-                skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
-                warnings=[redactor(w) for w in warnings],
-                tilt_deg=_tilt_deg(sub.normal),
-            )
-        )
+    for series in _chosen_series(series_list, series_uid, salt, skipped):
+        volume = _series_volume(series, base, by_path, salt, redactor, skipped)
+        if volume is not None:
+            volumes.append(volume)
     return volumes, [(redactor(f), redactor(r)) for f, r in skipped]
+
+
+def _series_volume(series, base, by_path, salt, redactor, skipped):
+    """One series as a `Volume` (its longest gap-free run of slices, unreadable slices
+    left as air), or None with the reason added to `skipped`."""
+    pseudo = pseudonym("S", series.uid, salt)
+    own_skips, warnings = [], []
+    # Gaps are in the geometry (the header positions), not in which files decode.
+    block, gap = dicom_io.gap_free_run(series.positions)
+    for i, header in enumerate(series.slices):
+        if not block.start <= i < block.stop:
+            own_skips.append(
+                (
+                    header.path.relative_to(base).as_posix(),
+                    "beyond a gap in slice positions (the longest gap-free run is kept)",
+                )
+            )
+    if gap:
+        warnings.append(f"{gap}: kept the longest run of {block.stop - block.start} slices")
+    sub = dataclasses.replace(
+        series, slices=series.slices[block], positions=series.positions[block]
+    )
+    hu, unreadable = [], []
+    for i, header in enumerate(sub.slices):
+        try:
+            hu.append(dicom_io.read_hu(header.path))
+        except SkipFile as e:
+            # Kept in place (as air, not segmented) so the grid stays regular.
+            hu.append(np.full((header.rows, header.columns), dicom_io.HU_FLOOR, np.float32))
+            unreadable.append(i)
+            own_skips.append(
+                (header.path.relative_to(base).as_posix(), f"{e}; left empty in the outputs")
+            )
+    if len(unreadable) == len(sub.slices):
+        skipped += own_skips
+        skipped.append((f"series {pseudo}", "no slice of the series could be read"))
+        return None
+    problem = ct_value_problem(np.stack(hu))
+    if problem:
+        skipped += own_skips
+        skipped.append((f"series {pseudo}", problem))
+        return None
+    if unreadable:
+        warnings.append(
+            f"{len(unreadable)} unreadable slice(s) left empty: lesion and lung volumes "
+            "leave them out"
+        )
+    first = sub.slices[0]
+    return Volume(
+        kind="dicom",
+        hu=np.stack(hu).astype(np.float32),
+        spacing_mm=(first.spacing[0], first.spacing[1], abs(sub.slice_spacing)),
+        patient=pseudonym("P", f"dicom:{series.patient_id or series.uid}", salt),
+        series=pseudo,
+        series_obj=sub,
+        datasets=[by_path[h.path] for h in sub.slices],
+        unreadable=unreadable,
+        skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
+        warnings=[redactor(w) for w in warnings],
+        tilt_deg=_tilt_deg(sub.normal),
+    )
 
 
 def read_input(path, series_uid=None, salt=None, redactor=None) -> tuple[list[Volume], list]:
