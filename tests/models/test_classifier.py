@@ -235,3 +235,25 @@ def test_head_on_features_splits_the_classifier_and_trains_it(rng, pooling):
     conv = build_classifier(build_model(tiny_config()), head="conv")
     with pytest.raises(ValueError, match="only a dense head"):
         head_on_features(conv)
+
+
+def test_head_options_reach_every_builder_by_keyword():
+    """The config's classifier_* keys, the built classifier's attributes and a head built
+    on a segmenter from either agree (one mapping, `head_options`)."""
+    from tfcovseg.models.classifier import head_options
+
+    config = tiny_config(
+        architecture="seresnet_classifier",
+        classifier_dropout=0.25,
+        classifier_pooling="avg_max",
+        classifier_head="conv",
+        classifier_head_filters=6,
+        classifier_norm=False,
+    )
+    expected = {"dropout": 0.25, "pooling": "avg_max", "head": "conv", "head_filters": 6}
+    assert head_options(config) == expected | {"norm": False}
+    classifier = build_model(config)
+    assert head_options(classifier) == head_options(config)
+    segmenter = build_model(tiny_config())
+    again = build_classifier(segmenter, **head_options(classifier))
+    assert head_options(again) == head_options(config)

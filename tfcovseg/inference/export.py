@@ -80,6 +80,7 @@ from tfcovseg.models import load_run_models  # noqa: E402
 from tfcovseg.models.classifier import (  # noqa: E402
     build_classifier,
     copy_head,
+    head_options,
     with_classifier_head,
 )
 from tfcovseg.models.preprocessing import (  # noqa: E402
@@ -202,14 +203,7 @@ class InferenceGraph:
             and encoder is not None
             and _same_weights(encoder, classifier.encoder)
         ):
-            head = build_classifier(
-                segmenter,
-                classifier.dropout,
-                classifier.pooling,
-                classifier.head,
-                classifier.head_filters,
-                classifier.norm,
-            )
+            head = build_classifier(segmenter, **head_options(classifier))
             copy_head(head, classifier)
             self.joint = with_classifier_head(segmenter, head)
         self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]

@@ -9,7 +9,7 @@ puts the slice-classifier head on a segmenter's encoder, sharing its weights.
 from __future__ import annotations
 
 from tfcovseg.models.baselines import UNet, UNetPlusPlus
-from tfcovseg.models.classifier import CovidClassifier, build_classifier
+from tfcovseg.models.classifier import CovidClassifier, build_classifier, head_options
 from tfcovseg.models.encoder import PYRAMID_LEVELS, SEResNetEncoder
 from tfcovseg.models.layers import ResizeToMatch, SqueezeAxis
 from tfcovseg.models.preprocessing import HUWindow, window_hu
@@ -98,13 +98,9 @@ def build_model(model_config=None):
         )
         return CovidClassifier(
             encoder,
-            cfg.hu_window,
-            cfg.pre_windowed,
-            cfg.classifier_dropout,
-            cfg.classifier_pooling,
-            cfg.classifier_head,
-            cfg.classifier_head_filters,
-            cfg.classifier_norm,
+            hu_window=cfg.hu_window,
+            pre_windowed=cfg.pre_windowed,
+            **head_options(cfg),
             name="seresnet_classifier",
         )
     raise ValueError(f"unknown model.architecture {cfg.architecture!r}")

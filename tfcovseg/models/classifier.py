@@ -180,6 +180,17 @@ class CovidClassifier(keras.Model):
         return from_config_keeping_trainable(cls, config)
 
 
+HEAD_OPTIONS = ("dropout", "pooling", "head", "head_filters", "norm")
+
+
+def head_options(source) -> dict:
+    """The classifier head's options by keyword (`HEAD_OPTIONS`), from a `ModelConfig`
+    (its ``classifier_*`` keys) or from a built `CovidClassifier`: the one place where
+    a config reaches the head's builders."""
+    prefix = "classifier_" if hasattr(source, "classifier_head") else ""
+    return {name: getattr(source, prefix + name) for name in HEAD_OPTIONS}
+
+
 def build_classifier(
     segmenter, dropout=0.0, pooling="avg", head="dense", head_filters=32, norm=True
 ):

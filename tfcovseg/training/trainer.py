@@ -84,7 +84,11 @@ from tfcovseg.models import (  # noqa: E402
     model_file_problem,
     save_model,
 )
-from tfcovseg.models.classifier import head_on_features, with_classifier_head  # noqa: E402
+from tfcovseg.models.classifier import (  # noqa: E402
+    head_on_features,
+    head_options,
+    with_classifier_head,
+)
 from tfcovseg.training.callbacks import (  # noqa: E402
     AtomicBackupAndRestore,
     AtomicCSVLogger,
@@ -336,14 +340,7 @@ def _best_so_far(csv_path: Path, monitor="val_loss"):
 
 def _build_classifier(segmenter, model):
     """The classifier head the model config asks for, on the segmenter's encoder."""
-    return build_classifier(
-        segmenter,
-        model.classifier_dropout,
-        model.classifier_pooling,
-        model.classifier_head,
-        model.classifier_head_filters,
-        model.classifier_norm,
-    )
+    return build_classifier(segmenter, **head_options(model))
 
 
 def _callbacks(
