@@ -17,6 +17,10 @@ import os
 
 __version__ = "0.1.0"
 
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) off unless the user asked for it:
+# set here, once, before any room of the package imports TensorFlow.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 _EXTRA_HINT = (
     'install it with the package extra: pip install "tfcovseg[cpu]" '
     '(or "tfcovseg[gpu]" for NVIDIA GPUs)'

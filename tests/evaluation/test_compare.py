@@ -17,6 +17,7 @@ import pytest
 
 from tfcovseg.cli.compare import main as compare_main
 from tfcovseg.configs.experiment import load_config, save_config
+from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import compare
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def make_run(
         "fold": fold,
         "threshold": 0.5,
         "classes": list(classes),
-        "disclaimer": compare.DISCLAIMER,
+        "disclaimer": DISCLAIMER,
     }
     if dice is not None:
         results["segmentation"] = _seg(dice)
@@ -168,7 +169,7 @@ def test_write_cv_summary_files(tmp_path):
     assert on_disk["fold_rules"]["robust"] == ["positive when >= 3 slices are"] * 4
     assert not any("p01" in key for key in on_disk["metrics"])  # per-patient details skipped
     report = (cv / "cv_report.md").read_text()
-    assert compare.DISCLAIMER in report
+    assert DISCLAIMER in report
     cell = f"{np.mean(FOLD_GGO):.3f} ± {np.std(FOLD_GGO, ddof=1):.3f}"
     assert f"| ggo | {cell} |" in report
     assert "(n=3)" in report  # consolidation from three folds
@@ -326,10 +327,10 @@ def test_cli_writes_files_and_returns_0(tmp_path, capsys):
     assert "Table 4" in printed and "Table 6" in printed and "Table 7" in printed
     assert "Rung 1" in printed and "SE-ResNet-34 U-Net" in printed
     md = (out / "comparison.md").read_text()
-    assert compare.DISCLAIMER in md
+    assert DISCLAIMER in md
     assert "| Ours (CV) |" in md and "## Table 7: ablation (Dice)" in md
     data = json.loads((out / "comparison.json").read_text())
-    assert data["disclaimer"] == compare.DISCLAIMER
+    assert data["disclaimer"] == DISCLAIMER
     assert [r["name"] for r in data["runs"]] == ["Ours (CV)", "Rung 1"]
     assert data["runs"][0]["kind"] == "cv" and data["runs"][1]["model"] == "SE-ResNet-34 U-Net"
     assert [r[0] for r in data["tables"]["table7"]["rows"]] == [

@@ -257,7 +257,7 @@ def test_figure_path_relative_to_base_dir(tmp_path):
 
 
 def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
-    from tfcovseg.reporting.report import atomic_directory
+    from data_tools.files import atomic_directory
 
     target = tmp_path / "out" / "7"
     with pytest.raises(RuntimeError):

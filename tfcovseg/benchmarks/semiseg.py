@@ -53,14 +53,11 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-
-from tfcovseg.constants import DISCLAIMER  # noqa: E402
-from tfcovseg.evaluation import protocol  # noqa: E402
+from tfcovseg.constants import DISCLAIMER
+from tfcovseg.evaluation import protocol
 
 CLASSES = ("ggo", "consolidation")
 TARGETS = ("infection", "ggo", "consolidation")

@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from data_tools.files import atomic_write_text
 from tfcovseg import cli
+from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import compare
 
 
@@ -42,15 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except compare.CompareError as e:
         return cli.fail(str(e))
     tables = compare.comparison(summaries, names)
-    print(_printable(f"{compare.DISCLAIMER}\n"))
+    print(_printable(f"{DISCLAIMER}\n"))
     for table in tables["text"]:
         print(_printable(compare.render_text(table)))
         print()
     try:
         markdown = compare.render_comparison_markdown(summaries, names)
-        compare.atomic_write_text(args.out / "comparison.md", markdown)
+        atomic_write_text(args.out / "comparison.md", markdown)
         content = compare._json(compare.comparison_json(summaries, names))
-        compare.atomic_write_text(args.out / "comparison.json", content)
+        atomic_write_text(args.out / "comparison.json", content)
     except OSError as e:
         return cli.fail(f"cannot write to {args.out}: {e}")
     print(f"written: {args.out / 'comparison.md'}, {args.out / 'comparison.json'}")

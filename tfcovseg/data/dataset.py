@@ -31,11 +31,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_tools.features import decode_example, feature_spec
 from tfcovseg import require_tensorflow
 
 tf = require_tensorflow("tfcovseg.data.dataset (the tf.data pipeline)")
-
-from data_tools.features import decode_example, feature_spec  # noqa: E402
 
 # "development": every patient but the fold's validation ones (a final model's training set).
 SPLITS = ("train", "validation", "test", "all", "development")

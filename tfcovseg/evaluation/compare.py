@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from data_tools.files import json_text, plain
+from data_tools.files import atomic_write_text, json_text, plain
 from tfcovseg.constants import DISCLAIMER
-from tfcovseg.reporting.report import atomic_write_text
 
 SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "lesion_slice_dice")
 TABLE4_METRICS = (

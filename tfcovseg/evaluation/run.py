@@ -28,18 +28,22 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from data_tools.files import atomic_write_json  # noqa: E402
-from tfcovseg import require_tensorflow  # noqa: E402
-from tfcovseg.configs.experiment import load_config  # noqa: E402
-from tfcovseg.constants import DISCLAIMER  # noqa: E402
-from tfcovseg.evaluation.metrics import (  # noqa: E402
+from data_tools.files import atomic_write_json
+from tfcovseg import require_tensorflow
+from tfcovseg.configs.experiment import load_config
+from tfcovseg.constants import DISCLAIMER
+from tfcovseg.data.dataset import split_dataset
+from tfcovseg.evaluation.burden import burden, burden_masks
+from tfcovseg.evaluation.calibration import (
+    burden_rule_from,
+    validation_burdens,
+    validation_slice_scores,
+)
+from tfcovseg.evaluation.metrics import (
     choose_patient_rule,
     confusion_counts,
     lesion_slice_mean,
@@ -49,22 +53,13 @@ from tfcovseg.evaluation.metrics import (  # noqa: E402
     scores_from_counts,
     slice_dice,
 )
-from tfcovseg.evaluation.runlog import training_summary  # noqa: E402
+from tfcovseg.evaluation.runlog import training_summary
+from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
+from tfcovseg.models import load_run_models
+from tfcovseg.reporting import figures as viz
+from tfcovseg.reporting import report
 
 tf = require_tensorflow("python -m tfcovseg.evaluate")
-
-
-from tfcovseg.data.dataset import split_dataset  # noqa: E402
-from tfcovseg.evaluation.burden import burden, burden_masks  # noqa: E402
-from tfcovseg.evaluation.calibration import (  # noqa: E402
-    burden_rule_from,
-    validation_burdens,
-    validation_slice_scores,
-)
-from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics  # noqa: E402
-from tfcovseg.models import load_run_models  # noqa: E402
-from tfcovseg.reporting import figures as viz  # noqa: E402
-from tfcovseg.reporting import report  # noqa: E402
 
 OVERLAY_SLICES = 4
 

@@ -43,51 +43,46 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
+import keras
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tfcovseg import __version__, require_tensorflow  # noqa: E402
-
-tf = require_tensorflow("python -m tfcovseg.export")
-
-import keras  # noqa: E402
-
-from data_tools.features import feature_spec  # noqa: E402
-from data_tools.files import (  # noqa: E402
+from data_tools.features import feature_spec
+from data_tools.files import (
     atomic_directory,
     atomic_write_json,
     json_text,
 )
-from tfcovseg.configs.experiment import load_config  # noqa: E402
-from tfcovseg.constants import DEFAULT_EXPORT_DIR, DISCLAIMER  # noqa: E402
-from tfcovseg.data.dataset import (  # noqa: E402
+from tfcovseg import __version__, require_tensorflow
+from tfcovseg.configs.experiment import load_config
+from tfcovseg.constants import DEFAULT_EXPORT_DIR, DISCLAIMER
+from tfcovseg.data.dataset import (
     resize_image,
     split_dataset,
 )
-from tfcovseg.data.intensity import MATCH_PERCENTILES, reference_scale  # noqa: E402
-from tfcovseg.evaluation.calibration import (  # noqa: E402
+from tfcovseg.data.intensity import MATCH_PERCENTILES, reference_scale
+from tfcovseg.evaluation.calibration import (
     PAPER_GATE_THRESHOLD,
     calibrate_burden_rule,
     calibrate_gate,
     severity_rule_for_run,
 )
-from tfcovseg.evaluation.severity import GRADES  # noqa: E402
-from tfcovseg.models import load_run_models  # noqa: E402
-from tfcovseg.models.classifier import (  # noqa: E402
+from tfcovseg.evaluation.severity import GRADES
+from tfcovseg.models import load_run_models
+from tfcovseg.models.classifier import (
     build_classifier,
     copy_head,
     head_options,
     with_classifier_head,
 )
-from tfcovseg.models.preprocessing import (  # noqa: E402
+from tfcovseg.models.preprocessing import (
     DEFAULT_WINDOW,
     grey_from_hu,
     hu_from_grey,
 )
+
+tf = require_tensorflow("python -m tfcovseg.export")
 
 DEFAULT_OUT = DEFAULT_EXPORT_DIR
 ASSET_NAME = "tfcovseg.json"

@@ -39,7 +39,7 @@ from data_tools.dicom_io import SkipFile
 from data_tools.files import atomic_directory, atomic_write_json, atomic_write_text
 from data_tools.lung import lung_mask
 from data_tools.masks import read_image_slice
-from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES  # noqa: F401 (re-exported)
+from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES
 from tfcovseg.data.intensity import MATCH_PERCENTILES, intensity_scale, match_to_scale
 
 NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"

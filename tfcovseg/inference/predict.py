@@ -45,23 +45,16 @@ import dataclasses
 import datetime
 import html
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tfcovseg import __version__, require_tensorflow  # noqa: E402
-
-tf = require_tensorflow("python -m tfcovseg.predict")
-
-from data_tools import dicom_io  # noqa: E402
-from data_tools.convert import read_nifti_volume  # noqa: E402
-from data_tools.ct_values import ct_value_problem  # noqa: E402
-from data_tools.dicom_io import SkipFile  # noqa: E402
-from data_tools.files import (  # noqa: E402
+from data_tools import dicom_io
+from data_tools.convert import read_nifti_volume
+from data_tools.ct_values import ct_value_problem
+from data_tools.dicom_io import SkipFile
+from data_tools.files import (
     OutputError,
     atomic_directory,
     atomic_write_json,
@@ -69,19 +62,21 @@ from data_tools.files import (  # noqa: E402
     check_output_dir,
     remove_partial_directories,
 )
-from data_tools.lung import (  # noqa: E402
+from data_tools.lung import (
     LESION_MARGIN_MM,
     LESION_RULE,
     lung_mask,
 )
-from data_tools.masks import RAS_FROM_LPS  # noqa: E402
-from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt  # noqa: E402
-from tfcovseg.evaluation.burden import burden, burden_masks  # noqa: E402
-from tfcovseg.evaluation.metrics import patient_score  # noqa: E402
-from tfcovseg.evaluation.severity import grade_severity  # noqa: E402
-from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict  # noqa: E402
-from tfcovseg.evaluation.verdict import summary as verdict_summary  # noqa: E402
-from tfcovseg.inference.images import (  # noqa: E402
+from data_tools.masks import RAS_FROM_LPS
+from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_salt
+from tfcovseg import __version__, require_tensorflow
+from tfcovseg.constants import DISCLAIMER
+from tfcovseg.evaluation.burden import burden, burden_masks
+from tfcovseg.evaluation.metrics import patient_score
+from tfcovseg.evaluation.severity import grade_severity
+from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict
+from tfcovseg.evaluation.verdict import summary as verdict_summary
+from tfcovseg.inference.images import (
     ImageInputError,
     intensity_setting,
     is_image_folder,
@@ -89,8 +84,9 @@ from tfcovseg.inference.images import (  # noqa: E402
     predict_images,
     read_image_folder,
 )
-from tfcovseg.reporting.figures import DEFAULT_WINDOW  # noqa: E402
-from tfcovseg.reporting.report import DISCLAIMER  # noqa: E402
+from tfcovseg.reporting.figures import DEFAULT_WINDOW
+
+tf = require_tensorflow("python -m tfcovseg.predict")
 
 MONTAGE_SLICES = 12
 DICOM_SUFFIXES_IGNORED = (".csv", ".txt", ".md", ".json", ".png", ".jpg", ".jpeg", ".html")

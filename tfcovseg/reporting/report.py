@@ -27,9 +27,9 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from data_tools.files import atomic_directory, atomic_write_text  # noqa: F401 (re-exported)
+from data_tools.files import atomic_write_text
 from tfcovseg.constants import (
-    DISCLAIMER,  # noqa: F401 (re-exported)
+    DISCLAIMER,
     SEVERITY_ORDER,
     TOTAL,
 )

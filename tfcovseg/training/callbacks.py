@@ -51,13 +51,14 @@ __all__ = [
     "patient_scores",
 ]
 
+
+import keras
+
+from tfcovseg.constants import LESION_CLASSES
+from tfcovseg.models import save_model, save_weights
+from tfcovseg.reporting.figures import overlay_rgb
+
 tf = require_tensorflow("tfcovseg.training.callbacks")
-
-import keras  # noqa: E402
-
-from tfcovseg.constants import LESION_CLASSES  # noqa: E402
-from tfcovseg.models import save_model, save_weights  # noqa: E402
-from tfcovseg.reporting.figures import overlay_rgb  # noqa: E402
 
 
 def _select(value, output):

@@ -43,12 +43,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import keras
+
 from tfcovseg import require_tensorflow
 from tfcovseg.configs.experiment import STRATEGIES
 
 tf = require_tensorflow("tfcovseg.training.distributed")
-
-import keras  # noqa: E402
 
 __all__ = [
     "STRATEGY_KINDS",

@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from tfcovseg import require_tensorflow
+from tfcovseg.data.dataset import augment, jitter_intensity
 from tfcovseg.training import semisup
 
 tf = require_tensorflow("tfcovseg.training.selftrain")
-
-from tfcovseg.data.dataset import augment, jitter_intensity  # noqa: E402
 
 
 def collect_images(dataset) -> np.ndarray:

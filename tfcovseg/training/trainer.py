@@ -41,30 +41,23 @@ import datetime
 import functools
 import hashlib
 import json
-import os
 import platform
 import shutil
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-
-from tfcovseg import __version__, require_tensorflow  # noqa: E402
-from tfcovseg.configs.experiment import (  # noqa: E402
+from data_tools.files import OutputError, atomic_write_json, check_output_dir
+from tfcovseg import __version__, require_tensorflow
+from tfcovseg.configs.experiment import (
     BUILTIN_EXPERIMENTS,
     ExperimentConfig,
     load_config,
     save_config,
 )
-
-tf = require_tensorflow("python -m tfcovseg.train")
-
-import keras  # noqa: E402
-
-from data_tools.files import OutputError, atomic_write_json, check_output_dir  # noqa: E402
-from tfcovseg.data.dataset import (  # noqa: E402
+from tfcovseg.data.dataset import (
     OTHER_PNEUMONIA,
     classify_label,
     find_corrupt_shards,
@@ -74,9 +67,9 @@ from tfcovseg.data.dataset import (  # noqa: E402
     split_patients,
     split_slices,
 )
-from tfcovseg.evaluation.metrics import segmentation_metrics  # noqa: E402
-from tfcovseg.evaluation.severity import severity_rule_from_manifest  # noqa: E402
-from tfcovseg.models import (  # noqa: E402
+from tfcovseg.evaluation.metrics import segmentation_metrics
+from tfcovseg.evaluation.severity import severity_rule_from_manifest
+from tfcovseg.models import (
     ModelFileError,
     build_classifier,
     build_model,
@@ -84,12 +77,12 @@ from tfcovseg.models import (  # noqa: E402
     model_file_problem,
     save_model,
 )
-from tfcovseg.models.classifier import (  # noqa: E402
+from tfcovseg.models.classifier import (
     head_on_features,
     head_options,
     with_classifier_head,
 )
-from tfcovseg.training.callbacks import (  # noqa: E402
+from tfcovseg.training.callbacks import (
     AtomicBackupAndRestore,
     AtomicCSVLogger,
     AtomicModelCheckpoint,
@@ -97,7 +90,7 @@ from tfcovseg.training.callbacks import (  # noqa: E402
     OverlayImages,
     PatientEvaluation,
 )
-from tfcovseg.training.distributed import (  # noqa: E402
+from tfcovseg.training.distributed import (
     build_training_state,
     choose_strategy,
     fit_distributed,
@@ -105,9 +98,11 @@ from tfcovseg.training.distributed import (  # noqa: E402
     is_multi_worker,
     worker_path,
 )
-from tfcovseg.training.losses import deep_supervision  # noqa: E402
-from tfcovseg.training.selftrain import collect_images, mixed_dataset, pseudo_dataset  # noqa: E402
-from tfcovseg.training.semisup import label_round  # noqa: E402
+from tfcovseg.training.losses import deep_supervision
+from tfcovseg.training.selftrain import collect_images, mixed_dataset, pseudo_dataset
+from tfcovseg.training.semisup import label_round
+
+tf = require_tensorflow("python -m tfcovseg.train")
 
 EXPERIMENTS = BUILTIN_EXPERIMENTS  # tfcovseg/configs/experiments, shipped in the wheel
 
