@@ -1,13 +1,9 @@
-"""Train the coarse-refine segmenter and its slice classifier.
+"""Train the coarse-refine segmenter and its slice classifier (`train`, `cross_validate`):
+the library of ``python -m tfcovseg.train`` (`tfcovseg.cli.train`, which also evaluates and
+exports after training when asked).
 
-    python -m tfcovseg.train [--config NAME|FILE.yaml] [--set key=value ...]
-        [--fold K] [--out runs/NAME] [--resume]
-
-Without ``--config`` this runs the built-in ``quickstart`` experiment
-(``tfcovseg/configs/experiments/quickstart.yaml``), the embedded default: it
-writes a synthetic phantom cohort into a cache folder (once), converts it, trains a narrow
-network at reduced size for both phases, evaluates the test patients of the fold and prints
-where everything went and the headline figures.
+A config whose records are the phantom's cache (the built-in ``quickstart``, the embedded
+default) writes the synthetic phantom cohort into that cache folder once and converts it.
 
 Phase 1 (segmentation, Huang et al. 2021 Section 3.2): the segmenter with the hybrid loss on
 "coarse" and "final", Adam, validation every epoch with per-class Dice / IoU / precision /
@@ -24,12 +20,9 @@ The run folder holds ``config.yaml`` (resolved), ``segmenter_best.keras``,
 ``segmenter_last.keras``, ``classifier_best.keras``, ``logs/``, ``severity.json`` (the
 severity grades' lesion / lung ratio thresholds fitted on the training patients) and
 ``run.json`` (data fingerprint, seed, versions, timings); evaluation and export add
-``validation_scores.json`` (`tfcovseg.inference.export.validation_burdens` and
+``validation_scores.json`` (`tfcovseg.evaluation.calibration.validation_burdens` and
 `validation_slice_scores`).
 
-``--export`` (or ``train.export_dir``, which the quickstart sets) ends by exporting the run
-as a SavedModel for TF Serving into ``saved_models/tfcovseg/<next version>``
-(`tfcovseg.export`); ``--evaluate`` (or ``train.evaluate``) evaluates the test patients.
 Research use, not a medical device.
 """
 
