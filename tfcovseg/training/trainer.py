@@ -2,8 +2,8 @@
 the library of ``python -m tfcovseg.train`` (`tfcovseg.cli.train`, which also evaluates and
 exports after training when asked).
 
-A config whose records are the phantom's cache (the built-in ``quickstart``, the embedded
-default) writes the synthetic phantom cohort into that cache folder once and converts it.
+A config with ``data.phantom_patients`` (the built-in ``quickstart``, the embedded default)
+writes that synthetic phantom cohort beside its records folder once and converts it there.
 
 Phase 1 (segmentation, Huang et al. 2021 Section 3.2): the segmenter with the hybrid loss on
 "coarse" and "final", Adam, validation every epoch with per-class Dice / IoU / precision /
