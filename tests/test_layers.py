@@ -27,7 +27,7 @@ ROOMS = (
     "cli",
 )
 # ``python -m tfcovseg.<command>`` doors: they only hand over to `tfcovseg.cli`.
-DOORS = ("train", "evaluate", "export", "predict", "compare", "serving_client")
+DOORS = ("train", "evaluate", "export", "predict", "compare", "serving_client", "summary")
 
 
 def _module(path: Path) -> str:

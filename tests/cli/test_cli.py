@@ -89,3 +89,26 @@ def test_console_scripts_name_importable_doors():
     for _, module, function in scripts:
         if module.startswith("tfcovseg.cli"):
             assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize(
+    "door", ["train", "evaluate", "export", "predict", "compare", "serving_client", "summary"]
+)
+def test_every_python_m_door_answers_help_without_tensorflow(door, tmp_path):
+    """``python -m tfcovseg.<door> --help`` reaches its command before Keras or TensorFlow
+    loads (the doors are a few lines; the library behind them is imported later)."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['tfcovseg.{door}', '--help']\n"
+        "try:\n"
+        f"    runpy.run_module('tfcovseg.{door}', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "heavy = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "print('exit', code, 'heavy', ','.join(heavy) or 'none')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert out.stdout.strip().splitlines()[-1] == "exit 0 heavy none", out.stderr[-1000:]
+    assert f"python -m tfcovseg.{door}" in out.stdout  # the usage names the form called

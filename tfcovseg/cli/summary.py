@@ -1,4 +1,4 @@
-"""``tfcovseg-summary`` / ``python -m tfcovseg.models.summary``: parameters and GFLOPs of a
+"""``tfcovseg-summary`` / ``python -m tfcovseg.summary``: parameters and GFLOPs of a
 configured network (the library: `tfcovseg.models.summary`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from tfcovseg.configs.experiment import ConfigError, load_config
 
 
 def build_parser():
-    parser = cli.parser("models.summary", "Print parameters and forward GFLOPs of a network")
+    parser = cli.parser("summary", "Print parameters and forward GFLOPs of a network")
     parser.add_argument(
         "--config",
         help="experiment YAML file or built-in name, e.g. paper (default: the paper's settings)",

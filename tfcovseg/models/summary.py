@@ -1,6 +1,6 @@
 """Parameters and forward GFLOPs of a configured network.
 
-    python -m tfcovseg.models.summary --config paper [--set key=value ...]
+    python -m tfcovseg.summary --config paper [--set key=value ...]
 
 ``--config`` takes a YAML file or the name of a built-in experiment
 (``tfcovseg/configs/experiments``).
