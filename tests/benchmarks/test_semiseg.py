@@ -270,7 +270,7 @@ def test_real_slices_load():
 
 def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch):
     from tfcovseg.benchmarks import semiseg
-    from tfcovseg.configs.experiment import ModelConfig
+    from tfcovseg.configs.experiment import ModelConfig, load_config
 
     seen = {}
 
@@ -286,6 +286,9 @@ def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch
     assert full["encoder_filters"] == ModelConfig().encoder_filters == (64, 128, 256, 512)
     assert full["decoder_filters"] == ModelConfig().decoder_filters
     assert quarter == semiseg.WIDTHS and set(full) == set(quarter)
+    # The quarter widths are the quickstart's (its U-Net baseline's for the U-Net row).
+    quick = load_config("quickstart_unet").model
+    assert quarter == {k: getattr(quick, k) for k in semiseg.WIDTH_KEYS}
     assert all(f >= q for f, q in zip(full["encoder_filters"], quarter["encoder_filters"]))
 
 

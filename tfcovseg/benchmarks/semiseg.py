@@ -67,28 +67,32 @@ LABELS = {
     "coarse_refine_semi": "coarse-refine + self-training on unlabelled slices (ours)",
     "unet": "U-Net (ours, BCE)",
 }
-# A quarter of the paper's widths (the quickstart network): trains in minutes on a CPU.
-WIDTHS = {
-    "stem_filters": 16,
-    "encoder_filters": (16, 32, 64, 128),
-    "encoder_blocks": (3, 4, 6, 3),
-    "se_reduction": 8,
-    "aspp_filters": 16,
-    "decoder_filters": (64, 32, 16, 16),
-    "refine_filters": 16,
-    "unet_filters": (16, 32, 64, 128, 256),
-}
+WIDTH_KEYS = (
+    "stem_filters",
+    "encoder_filters",
+    "encoder_blocks",
+    "se_reduction",
+    "aspp_filters",
+    "decoder_filters",
+    "refine_filters",
+    "unet_filters",
+)
 
 
-def _paper_widths() -> dict:
-    """The paper's widths: `ModelConfig`'s defaults for the same fields as `WIDTHS`."""
-    from tfcovseg.configs.experiment import ModelConfig
+def _widths(experiment: str | None = None) -> dict:
+    """The network widths of a built-in experiment; None: the paper's (`ModelConfig`)."""
+    from tfcovseg.configs.experiment import ModelConfig, load_config
 
-    return {k: getattr(ModelConfig, k) for k in WIDTHS}
+    model = load_config(experiment).model if experiment else ModelConfig()
+    return {k: getattr(model, k) for k in WIDTH_KEYS}
 
+
+# A quarter of the paper's widths, as the quickstart and its U-Net baseline have them
+# (defined there, once): trains in minutes on a CPU.
+WIDTHS = _widths("quickstart_unet")
 
 # --width: "quarter" fits a 2-core CPU; "full" is the paper's network (for a GPU).
-WIDTH_PRESETS = {"quarter": lambda: WIDTHS, "full": _paper_widths}
+WIDTH_PRESETS = {"quarter": lambda: WIDTHS, "full": _widths}
 # Inf-Net (Fan et al., IEEE TMI 2020), 48 test slices of the same collection: meanDic.
 PUBLISHED = {
     "U-Net": {"infection": 0.439},
