@@ -11,7 +11,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tfcovseg.configs.experiment import ModelConfig  # noqa: E402
+from tfcovseg.configs.experiment import (  # noqa: E402
+    ModelConfig,
+    merge_values,
+    model_config,
+    nest_flat_keys,
+)
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -25,35 +30,32 @@ if keras.backend.backend() == "tensorflow":
 
 TINY = dict(
     input_size=(64, 64),
-    stem_filters=8,
-    encoder_filters=(8, 16, 16, 32),
-    encoder_blocks=(1, 1, 1, 1),
-    se_reduction=4,
-    aspp_filters=8,
-    decoder_filters=(16, 8, 8, 8),
-    decoder_convs=1,
-    refine_filters=8,
-    unet_filters=(4, 8, 16),
+    encoder=dict(stem_filters=8, filters=(8, 16, 16, 32), blocks=(1, 1, 1, 1), se_reduction=4),
+    bridge=dict(filters=8),
+    decoder=dict(filters=(16, 8, 8, 8), convs=1),
+    refinement=dict(filters=8),
+    unet=dict(filters=(4, 8, 16)),
 )
 
 
 # Config overrides of a tiny coarse-refine network for training tests (64 px, narrow).
 TINY_MODEL = [
     "model.input_size=[64,64]",
-    "model.stem_filters=8",
-    "model.encoder_filters=[8,16,16,32]",
-    "model.encoder_blocks=[1,1,1,1]",
-    "model.se_reduction=4",
-    "model.aspp_filters=8",
-    "model.decoder_filters=[16,8,8,8]",
-    "model.decoder_convs=1",
-    "model.refine_filters=8",
+    "model.encoder.stem_filters=8",
+    "model.encoder.filters=[8,16,16,32]",
+    "model.encoder.blocks=[1,1,1,1]",
+    "model.encoder.se_reduction=4",
+    "model.bridge.filters=8",
+    "model.decoder.filters=[16,8,8,8]",
+    "model.decoder.convs=1",
+    "model.refinement.filters=8",
 ]
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    """A narrow 64x64 model config of the given architecture and overrides."""
-    return ModelConfig(**(TINY | overrides))
+    """A narrow 64x64 model config of the given architecture and overrides (components as
+    mappings, or the flat keys of older configs, e.g. ``classifier_head="conv"``)."""
+    return model_config(**merge_values(TINY, nest_flat_keys(overrides)))
 
 
 @contextlib.contextmanager

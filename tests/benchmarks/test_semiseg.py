@@ -283,12 +283,13 @@ def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch
     assert main(["--train-dir", train, "--width", "full"]) == 2
     assert main(["--train-dir", train]) == 2
     full, quarter = seen[64], seen[16]
-    assert full["encoder_filters"] == ModelConfig().encoder_filters == (64, 128, 256, 512)
-    assert full["decoder_filters"] == ModelConfig().decoder_filters
+    assert full["encoder_filters"] == ModelConfig().encoder.filters == (64, 128, 256, 512)
+    assert full["decoder_filters"] == ModelConfig().decoder.filters
     assert quarter == semiseg.WIDTHS and set(full) == set(quarter)
     # The quarter widths are the quickstart's (its U-Net baseline's for the U-Net row).
     quick = load_config("quickstart_unet").model
-    assert quarter == {k: getattr(quick, k) for k in semiseg.WIDTH_KEYS}
+    assert quarter["encoder_filters"] == quick.encoder.filters == (16, 32, 64, 128)
+    assert quarter["unet_filters"] == quick.unet.filters and len(quarter) == 8
     assert all(f >= q for f, q in zip(full["encoder_filters"], quarter["encoder_filters"]))
 
 

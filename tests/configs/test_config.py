@@ -10,6 +10,7 @@ import pytest
 from tfcovseg.configs.experiment import (
     BUILTIN_EXPERIMENTS,
     PHANTOM_MIXES,
+    BridgeConfig,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -17,6 +18,7 @@ from tfcovseg.configs.experiment import (
     builtin_experiments,
     config_to_dict,
     load_config,
+    model_config,
     resolve_config,
     save_config,
 )
@@ -48,8 +50,8 @@ def test_paper_yaml_holds_the_papers_settings():
     assert cfg.name == "paper"
     assert cfg.model.input_size == (512, 512)
     assert cfg.model.num_classes == 3
-    assert cfg.model.encoder_blocks == (3, 4, 6, 3)
-    assert cfg.model.aspp_rates == (3, 6, 9)
+    assert cfg.model.encoder.blocks == (3, 4, 6, 3)
+    assert cfg.model.bridge.rates == (3, 6, 9)
     assert cfg.train.learning_rate == pytest.approx(3e-4)
     assert cfg.train.batch_size == 8
     assert cfg.train.epochs == 200
@@ -122,7 +124,7 @@ def test_overrides_parse_yaml_values():
             "name=trial",
         ],
     )
-    assert cfg.model.aspp_rates == (2, 4, 8)
+    assert cfg.model.bridge.rates == (2, 4, 8)
     assert cfg.train.epochs == 5
     assert cfg.train.learning_rate == pytest.approx(1e-3)
     assert cfg.model.pre_windowed is True
@@ -133,7 +135,11 @@ def test_unknown_override_key_names_key_and_allowed_keys():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.aspp_rate=[3,6,9]"])
     msg = str(e.value)
-    assert "model.aspp_rate" in msg and "aspp_rates" in msg and "input_size" in msg
+    assert "model.aspp_rate" in msg and "bridge" in msg and "input_size" in msg
+    with pytest.raises(ConfigError, match=r"'model.bridge.rate'.*allowed keys in 'model.bridge'"):
+        load_config(None, ["model.bridge.rate=[3,6,9]"])
+    with pytest.raises(ConfigError, match="'model.input_size' in override .* has no keys"):
+        load_config(None, ["model.input_size.x=1"])
 
 
 def test_unknown_yaml_key_names_the_file(tmp_path):
@@ -175,9 +181,9 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("train.epochs", "section.key=value"),
         ("train.strategy=tpu", "train.strategy must be one of"),
         ("train.overlay_images=-1", "overlay_images"),
-        ("model.classifier_pooling=median", "classifier_pooling must be one of"),
-        ("model.classifier_head=mlp", "classifier_head must be one of"),
-        ("model.classifier_head_filters=0", "classifier_head_filters"),
+        ("model.classifier_pooling=median", "model.classifier.pooling must be one of"),
+        ("model.classifier_head=mlp", "model.classifier.head must be one of"),
+        ("model.classifier_head_filters=0", "model.classifier.head_filters"),
         ("data.oversample_pneumonia=0", "oversample_pneumonia"),
         ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
         ("train.positive_weights=[1, 0, 4]", r"positive_weights must be finite and > 0"),
@@ -215,9 +221,10 @@ def test_sections_must_be_mappings(tmp_path):
 
 
 def test_lists_become_tuples_outside_yaml_too():
-    cfg = ModelConfig(input_size=[64, 64], aspp_rates=[1, 2])
-    assert cfg.input_size == (64, 64) and cfg.aspp_rates == (1, 2)
+    cfg = ModelConfig(input_size=[64, 64], bridge=BridgeConfig(rates=[1, 2]))
+    assert cfg.input_size == (64, 64) and cfg.bridge.rates == (1, 2)
     assert hash(cfg)
+    assert model_config(input_size=[64, 64], bridge={"rates": [1, 2]}) == cfg
 
 
 def test_config_is_frozen():
@@ -260,7 +267,7 @@ def test_base_inheritance_states_only_what_differs(tmp_path):
     cfg = load_config(tmp_path / "child.yaml", ["train.epochs=5"])
     assert cfg.name == "child"
     assert cfg.model.input_size == (64, 64)  # from the base: sections merge key by key
-    assert cfg.model.aspp_rates == (1, 2)  # lists replace, never append
+    assert cfg.model.bridge.rates == (1, 2)  # lists replace, never append
     assert cfg.train.phases == ("segmentation",)
     assert cfg.train.epochs == 5  # --set applies after the chain
 
@@ -274,7 +281,7 @@ def test_builtin_baselines_start_from_the_quickstart():
     assert unet.train.positive_weights == () and unet.train.export_dir == ""
     assert unetpp.model.architecture == "unet_plus_plus" and unetpp.train.loss == "bce"
     big = load_config("quickstart_256")
-    assert big.model.input_size == (256, 256) and big.model.stem_filters == 16
+    assert big.model.input_size == (256, 256) and big.model.encoder.stem_filters == 16
     assert big.data.records_dir != quick.data.records_dir and not big.train.export_dir
 
 
@@ -289,3 +296,23 @@ def test_bad_bases_are_named(tmp_path):
     (tmp_path / "d.yaml").write_text("base: nowhere\nname: d\n")
     with pytest.raises(ConfigError, match="'nowhere' is not a built-in experiment"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_components_nest_and_older_flat_keys_still_load(tmp_path):
+    """``model.encoder.filters`` and the flat ``model.encoder_filters`` of configs written
+    before the components mean the same; a run folder's old config.yaml loads."""
+    nested = load_config(None, ["model.encoder.filters=[8,16,16,32]", "model.classifier.head=conv"])
+    flat = load_config(None, ["model.encoder_filters=[8,16,16,32]", "model.classifier_head=conv"])
+    assert nested == flat and nested.model.encoder.filters == (8, 16, 16, 32)
+    assert nested.model.encoder.blocks == (3, 4, 6, 3)  # the rest of the component stays
+    old = tmp_path / "config.yaml"
+    old.write_text("name: old\nmodel:\n  stem_filters: 8\n  refine_filters: 4\n")
+    cfg = load_config(old, ["model.refinement.filters=6"])  # an override wins over the file
+    assert (cfg.model.encoder.stem_filters, cfg.model.refinement.filters) == (8, 6)
+    save_config(cfg, tmp_path / "new.yaml")  # written nested, and reads back the same
+    assert "refinement:" in (tmp_path / "new.yaml").read_text()
+    assert load_config(tmp_path / "new.yaml") == cfg
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  aspp_filters: 8\n  bridge:\n    filters: 16\n")
+    with pytest.raises(ConfigError, match="model.aspp_filters and model.bridge.filters"):
+        load_config(both)

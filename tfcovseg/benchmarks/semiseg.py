@@ -80,11 +80,13 @@ WIDTH_KEYS = (
 
 
 def _widths(experiment: str | None = None) -> dict:
-    """The network widths of a built-in experiment; None: the paper's (`ModelConfig`)."""
-    from tfcovseg.configs.experiment import ModelConfig, load_config
+    """The network widths of a built-in experiment, by their flat keys; None: the paper's
+    (`ModelConfig`)."""
+    from tfcovseg.configs.experiment import FLAT_MODEL_KEYS, ModelConfig, load_config
 
     model = load_config(experiment).model if experiment else ModelConfig()
-    return {k: getattr(model, k) for k in WIDTH_KEYS}
+    component = {k: FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS}
+    return {k: getattr(getattr(model, c), field) for k, (c, field) in component.items()}
 
 
 # A quarter of the paper's widths, as the quickstart and its U-Net baseline have them
@@ -339,10 +341,10 @@ class _Progress(keras.callbacks.Callback):
 
 
 def build(architecture: str, size: int, widths=WIDTHS):
-    from tfcovseg.configs.experiment import ModelConfig
+    from tfcovseg.configs.experiment import model_config
     from tfcovseg.models import build_model
 
-    config = ModelConfig(
+    config = model_config(
         architecture=architecture,
         input_size=(size, size),
         class_names=CLASSES,

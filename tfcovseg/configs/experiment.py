@@ -109,8 +109,171 @@ def resolve_config(path: str | Path) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """The SE-ResNet encoder (Section 2.1), ``model.encoder``.
+
+    Attributes:
+        stem_filters: Filters of the 7x7/2 input convolution.
+        filters: Filters of the four SE-ResNet stages.
+        blocks: SE basic blocks per stage (3, 4, 6, 3 for SE-ResNet-34).
+        se_reduction: Squeeze-excitation reduction ratio.
+    """
+
+    stem_filters: int = 64
+    filters: tuple[int, int, int, int] = (64, 128, 256, 512)
+    blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
+    se_reduction: int = 16
+
+    def __post_init__(self):
+        _normalise(self)
+        _check_positive("model.encoder.stem_filters", self.stem_filters)
+        _check_positive("model.encoder.filters", *self.filters)
+        _check_positive("model.encoder.blocks", *self.blocks)
+        _check_positive("model.encoder.se_reduction", self.se_reduction)
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+    """The ASPP bridge (Section 2.2), ``model.bridge``; the refinement module's bridge
+    is the same.
+
+    Attributes:
+        rates: Dilation rates of the three atrous branches.
+        filters: Filters of each branch and of the projection.
+    """
+
+    rates: tuple[int, ...] = (3, 6, 9)
+    filters: int = 64
+
+    def __post_init__(self):
+        _normalise(self)
+        _check_positive("model.bridge.rates", *self.rates)
+        _check_positive("model.bridge.filters", self.filters)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """The coarse decoder, ``model.decoder``.
+
+    Attributes:
+        filters: Filters of the four decoder stages, deepest first.
+        convs: 3x3 conv + BN + ReLU layers per stage.
+    """
+
+    filters: tuple[int, int, int, int] = (256, 128, 64, 64)
+    convs: int = 3
+
+    def __post_init__(self):
+        _normalise(self)
+        _check_positive("model.decoder.filters", *self.filters)
+        _check_positive("model.decoder.convs", self.convs)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinementConfig:
+    """The residual refinement module (Section 2.3), ``model.refinement``.
+
+    Attributes:
+        filters: Filters of every refinement-module convolution.
+    """
+
+    filters: int = 64
+
+    def __post_init__(self):
+        _check_positive("model.refinement.filters", self.filters)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The U-Net baseline's levels (Ronneberger et al.), ``model.unet``.
+
+    Attributes:
+        filters: Filters per level (2 to 6 levels: at most 5 poolings).
+    """
+
+    filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    _key: typing.ClassVar[str] = "model.unet.filters"
+
+    def __post_init__(self):
+        _normalise(self)
+        _check_positive(self._key, *self.filters)
+        if len(self.filters) < 2 or 2 ** (len(self.filters) - 1) > 32:
+            raise ConfigError(f"{self._key} needs 2 to 6 levels (at most 5 poolings)")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetPlusPlusConfig(UNetConfig):
+    """The U-Net++ baseline's levels (Zhou et al.), ``model.unetpp``."""
+
+    filters: tuple[int, ...] = (32, 64, 128, 256, 512)
+    _key: typing.ClassVar[str] = "model.unetpp.filters"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierHeadConfig:
+    """The slice classifier's head on the encoder, ``model.classifier``.
+
+    Attributes:
+        dropout: Dropout before the dense layer.
+        pooling: Global pooling: "avg" (the paper's SE-ResNet-34 head), "max" or "avg_max"
+            (keeps small lesions' responses).
+        head: "dense" (the paper: pooling + dense on the last stage) or "conv" (two 3x3
+            convolutions on stages 2-4 at stride 8 before the pooling; see
+            `tfcovseg.models.classifier`).
+        head_filters: Filters of the "conv" head's convolutions.
+        norm: Batch-normalise the pooled features before the dense layer (an affine map:
+            still a linear classifier on them, but one that trains; see
+            `tfcovseg.models.classifier.CovidClassifier`). False: the paper's bare head.
+    """
+
+    dropout: float = 0.0
+    pooling: str = "avg"
+    head: str = "dense"
+    head_filters: int = 32
+    norm: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.classifier.dropout must be in [0, 1)")
+        _check_choice("model.classifier.pooling", self.pooling, POOLINGS)
+        _check_choice("model.classifier.head", self.head, HEADS)
+        _check_positive("model.classifier.head_filters", self.head_filters)
+
+
+# The network's components: ``model.<name>`` sections of an experiment.
+COMPONENTS = {
+    "encoder": EncoderConfig,
+    "bridge": BridgeConfig,
+    "decoder": DecoderConfig,
+    "refinement": RefinementConfig,
+    "unet": UNetConfig,
+    "unetpp": UNetPlusPlusConfig,
+    "classifier": ClassifierHeadConfig,
+}
+# Keys of configs written before the components (flat ``model.*`` keys): still read.
+FLAT_MODEL_KEYS = {
+    "stem_filters": ("encoder", "stem_filters"),
+    "encoder_filters": ("encoder", "filters"),
+    "encoder_blocks": ("encoder", "blocks"),
+    "se_reduction": ("encoder", "se_reduction"),
+    "aspp_rates": ("bridge", "rates"),
+    "aspp_filters": ("bridge", "filters"),
+    "decoder_filters": ("decoder", "filters"),
+    "decoder_convs": ("decoder", "convs"),
+    "refine_filters": ("refinement", "filters"),
+    "unet_filters": ("unet", "filters"),
+    "unetpp_filters": ("unetpp", "filters"),
+    "classifier_dropout": ("classifier", "dropout"),
+    "classifier_pooling": ("classifier", "pooling"),
+    "classifier_head": ("classifier", "head"),
+    "classifier_head_filters": ("classifier", "head_filters"),
+    "classifier_norm": ("classifier", "norm"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network (Huang et al. 2021, Sections 2.1-2.3).
+    """The network (Huang et al. 2021, Sections 2.1-2.3), composed of its components.
 
     Attributes:
         architecture: One of `ARCHITECTURES`.
@@ -119,27 +282,13 @@ class ModelConfig:
         hu_window: (low, high) Hounsfield window mapped to [0, 1].
         pre_windowed: Inputs are already windowed 8-bit images (0-255, e.g. PNG/JPEG
             datasets); they are only rescaled to [0, 1].
-        stem_filters: Filters of the 7x7/2 input convolution.
-        encoder_filters: Filters of the four SE-ResNet stages.
-        encoder_blocks: SE basic blocks per stage (3, 4, 6, 3 for SE-ResNet-34).
-        se_reduction: Squeeze-excitation reduction ratio.
-        aspp_rates: Dilation rates of the three atrous branches.
-        aspp_filters: Filters of each ASPP branch and of its projection.
-        decoder_filters: Filters of the four coarse-decoder stages, deepest first.
-        decoder_convs: 3x3 conv + BN + ReLU layers per coarse-decoder stage.
-        refine_filters: Filters of every refinement-module convolution.
-        unet_filters: Filters per level of the U-Net baseline (Ronneberger et al.).
-        unetpp_filters: Filters per depth of the U-Net++ baseline (Zhou et al.).
-        classifier_dropout: Dropout before the classifier's dense head.
-        classifier_pooling: Global pooling of the classifier head: "avg" (the paper's
-            SE-ResNet-34 head), "max" or "avg_max" (keeps small lesions' responses).
-        classifier_head: "dense" (the paper: pooling + dense on the last stage) or "conv"
-            (two 3x3 convolutions on stages 2-4 at stride 8 before the pooling; see
-            `tfcovseg.models.classifier`).
-        classifier_head_filters: Filters of the "conv" head's convolutions.
-        classifier_norm: Batch-normalise the pooled features before the dense layer (an
-            affine map: still a linear classifier on them, but one that trains; see
-            `tfcovseg.models.classifier.CovidClassifier`). False: the paper's bare head.
+        encoder: `EncoderConfig` (the SE-ResNet architectures and the classifier).
+        bridge: `BridgeConfig` (ASPP; coarse_refine and seresnet_unet_aspp).
+        decoder: `DecoderConfig` (the SE-ResNet U-Nets).
+        refinement: `RefinementConfig` (coarse_refine).
+        unet: `UNetConfig` of the U-Net baseline.
+        unetpp: `UNetPlusPlusConfig` of the U-Net++ baseline.
+        classifier: `ClassifierHeadConfig` of the slice classifier.
     """
 
     architecture: str = "coarse_refine"
@@ -147,22 +296,13 @@ class ModelConfig:
     class_names: tuple[str, ...] = LESION_CLASSES
     hu_window: tuple[float, float] = (-1250.0, 250.0)
     pre_windowed: bool = False
-    stem_filters: int = 64
-    encoder_filters: tuple[int, int, int, int] = (64, 128, 256, 512)
-    encoder_blocks: tuple[int, int, int, int] = (3, 4, 6, 3)
-    se_reduction: int = 16
-    aspp_rates: tuple[int, ...] = (3, 6, 9)
-    aspp_filters: int = 64
-    decoder_filters: tuple[int, int, int, int] = (256, 128, 64, 64)
-    decoder_convs: int = 3
-    refine_filters: int = 64
-    unet_filters: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    unetpp_filters: tuple[int, ...] = (32, 64, 128, 256, 512)
-    classifier_dropout: float = 0.0
-    classifier_pooling: str = "avg"
-    classifier_head: str = "dense"
-    classifier_head_filters: int = 32
-    classifier_norm: bool = True
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    bridge: BridgeConfig = dataclasses.field(default_factory=BridgeConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    refinement: RefinementConfig = dataclasses.field(default_factory=RefinementConfig)
+    unet: UNetConfig = dataclasses.field(default_factory=UNetConfig)
+    unetpp: UNetPlusPlusConfig = dataclasses.field(default_factory=UNetPlusPlusConfig)
+    classifier: ClassifierHeadConfig = dataclasses.field(default_factory=ClassifierHeadConfig)
 
     def __post_init__(self):
         _normalise(self)
@@ -178,31 +318,21 @@ class ModelConfig:
             raise ConfigError(f"model.class_names has duplicates: {list(self.class_names)}")
         if self.hu_window[0] >= self.hu_window[1]:
             raise ConfigError(f"model.hu_window must be (low, high), got {list(self.hu_window)}")
-        _check_positive("model.stem_filters", self.stem_filters)
-        _check_positive("model.encoder_filters", *self.encoder_filters)
-        _check_positive("model.encoder_blocks", *self.encoder_blocks)
-        _check_positive("model.se_reduction", self.se_reduction)
-        _check_positive("model.aspp_rates", *self.aspp_rates)
-        _check_positive("model.aspp_filters", self.aspp_filters)
-        _check_positive("model.decoder_filters", *self.decoder_filters)
-        _check_positive("model.decoder_convs", self.decoder_convs)
-        _check_positive("model.refine_filters", self.refine_filters)
-        for key in ("unet_filters", "unetpp_filters"):
-            filters = getattr(self, key)
-            _check_positive(f"model.{key}", *filters)
-            if len(filters) < 2 or 2 ** (len(filters) - 1) > 32:
-                raise ConfigError(f"model.{key} needs 2 to 6 levels (at most 5 poolings)")
-        if not 0.0 <= self.classifier_dropout < 1.0:
-            raise ConfigError("model.classifier_dropout must be in [0, 1)")
-        _check_choice("model.classifier_pooling", self.classifier_pooling, POOLINGS)
-        _check_choice("model.classifier_head", self.classifier_head, HEADS)
-        _check_positive("model.classifier_head_filters", self.classifier_head_filters)
         if any(not name for name in self.class_names):
             raise ConfigError(f"model.class_names must be non-empty names, got {self.class_names}")
+        for name, cls in COMPONENTS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"model.{name} must be a {cls.__name__}")
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def model_config(**values) -> ModelConfig:
+    """A `ModelConfig` from keyword values: components as mappings or configs, and the
+    flat keys of older configs (``encoder_filters=...``); validated as a YAML file is."""
+    return _build_section(ModelConfig, values, "model", "<keywords>")
 
 
 TRAIN_SPLITS = ("train", "development")
@@ -557,9 +687,33 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def nest_flat_keys(model: Mapping[str, Any], source: str = "<dict>") -> dict[str, Any]:
+    """A ``model`` mapping with the flat keys of older configs (`FLAT_MODEL_KEYS`, e.g.
+    ``encoder_filters``) moved into their components (``encoder: {filters: ...}``)."""
+    out = {k: v for k, v in model.items() if k not in FLAT_MODEL_KEYS}
+    for key, (component, field) in FLAT_MODEL_KEYS.items():
+        if key not in model:
+            continue
+        section = out.get(component)
+        if dataclasses.is_dataclass(section):
+            section = dataclasses.asdict(section)
+        section = {} if section is None else section
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"'model.{component}' in {source} must be a mapping")
+        if field in section:
+            raise ConfigError(
+                f"model.{key} and model.{component}.{field} in {source} set the same value; "
+                f"keep model.{component}.{field}"
+            )
+        out[component] = {**section, field: model[key]}
+    return out
+
+
 def _build_section(cls, values: Mapping[str, Any], section: str, source: str):
     if not isinstance(values, Mapping):
         raise ConfigError(f"'{section}' in {source} must be a mapping of keys to values")
+    if cls is ModelConfig:
+        values = nest_flat_keys(values, source)
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -569,7 +723,12 @@ def _build_section(cls, values: Mapping[str, Any], section: str, source: str):
                 f"unknown key '{section}.{key}' in {source}; allowed keys in '{section}': "
                 f"{', '.join(allowed)}"
             )
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            value = {} if value is None else value
+            kwargs[key] = _build_section(hint, value, f"{section}.{key}", source)
+        else:
+            kwargs[key] = _coerce(value, hint, f"{section}.{key}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
@@ -609,9 +768,40 @@ def config_to_dict(config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def _override_path(dotted: str, override: str) -> list[str]:
+    """The checked key path of an override: ``section.key`` or ``model.component.key``
+    (a flat key of older configs maps to its component)."""
+    section, _, key = dotted.partition(".")
+    if section not in _SECTIONS or not key:
+        raise ConfigError(
+            f"unknown key '{dotted}' in override {override!r}; use name or "
+            f"<section>.<key> with section one of {', '.join(_SECTIONS)}"
+        )
+    path = key.split(".")
+    if section == "model" and len(path) == 1 and key in FLAT_MODEL_KEYS:
+        path = list(FLAT_MODEL_KEYS[key])
+    cls, where = _SECTIONS[section], section
+    for i, part in enumerate(path):
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        if part not in allowed:
+            raise ConfigError(
+                f"unknown key '{dotted}' in override {override!r}; allowed keys in "
+                f"'{where}': {', '.join(allowed)}"
+            )
+        hint = typing.get_type_hints(cls)[part]
+        if i < len(path) - 1:
+            if not dataclasses.is_dataclass(hint):
+                raise ConfigError(f"'{where}.{part}' in override {override!r} has no keys")
+            cls, where = hint, f"{where}.{part}"
+    return [section, *path]
+
+
 def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Applies ``section.key=value`` overrides (values parsed as YAML) to nested values."""
+    """Applies ``section.key=value`` (and ``model.component.key=value``) overrides, values
+    parsed as YAML, to nested values."""
     values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    if isinstance(values.get("model"), Mapping):
+        values["model"] = nest_flat_keys(values["model"])
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must look like section.key=value")
@@ -624,25 +814,17 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
         if dotted == "name":
             values["name"] = value
             continue
-        section, _, key = dotted.partition(".")
-        if section not in _SECTIONS or not key:
-            raise ConfigError(
-                f"unknown key '{dotted}' in override {override!r}; use name or "
-                f"<section>.<key> with section one of {', '.join(_SECTIONS)}"
-            )
-        allowed = [f.name for f in dataclasses.fields(_SECTIONS[section])]
-        if key not in allowed:
-            raise ConfigError(
-                f"unknown key '{dotted}' in override {override!r}; allowed keys in "
-                f"'{section}': {', '.join(allowed)}"
-            )
-        if values.get(section) is None:
-            values[section] = {}
-        if not isinstance(values[section], dict):
-            raise ConfigError(
-                f"'{section}' must be a mapping of keys to values, got {values[section]!r}"
-            )
-        values[section][key] = value
+        path = _override_path(dotted, override)
+        node = values
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            child = {} if child is None else child
+            if not isinstance(child, Mapping):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"'{where}' must be a mapping of keys to values, got {child!r}")
+            node[part] = dict(child)
+            node = node[part]
+        node[path[-1]] = value
     return values
 
 
@@ -695,10 +877,11 @@ def read_experiment(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     Raises:
         ConfigError: a missing or invalid file, a bad ``base``, or a cycle of bases.
     """
-    values = _yaml_mapping(path)
+    values = dict(_yaml_mapping(path))
+    if isinstance(values.get("model"), Mapping):
+        values["model"] = nest_flat_keys(values["model"], str(path))
     if "base" not in values:
         return values
-    values = dict(values)
     base = _base_path(values.pop("base"), path)
     chain = _chain + (path.resolve(),)
     if base.resolve() in chain or len(chain) > MAX_BASE_DEPTH:

@@ -71,30 +71,30 @@ def build_model(model_config=None):
         return CoarseRefineNet(
             **common,
             class_names=cfg.class_names,
-            stem_filters=cfg.stem_filters,
-            encoder_filters=cfg.encoder_filters,
-            encoder_blocks=cfg.encoder_blocks,
-            se_reduction=cfg.se_reduction,
+            stem_filters=cfg.encoder.stem_filters,
+            encoder_filters=cfg.encoder.filters,
+            encoder_blocks=cfg.encoder.blocks,
+            se_reduction=cfg.encoder.se_reduction,
             use_aspp=use_aspp,
-            aspp_rates=cfg.aspp_rates,
-            aspp_filters=cfg.aspp_filters,
-            decoder_filters=cfg.decoder_filters,
-            decoder_convs=cfg.decoder_convs,
+            aspp_rates=cfg.bridge.rates,
+            aspp_filters=cfg.bridge.filters,
+            decoder_filters=cfg.decoder.filters,
+            decoder_convs=cfg.decoder.convs,
             use_refinement=use_refinement,
-            refine_filters=cfg.refine_filters,
+            refine_filters=cfg.refinement.filters,
             name=cfg.architecture,
         )
     if cfg.architecture == "unet":
-        return UNet(**common, class_names=cfg.class_names, filters=cfg.unet_filters)
+        return UNet(**common, class_names=cfg.class_names, filters=cfg.unet.filters)
     if cfg.architecture == "unet_plus_plus":
-        return UNetPlusPlus(**common, class_names=cfg.class_names, filters=cfg.unetpp_filters)
+        return UNetPlusPlus(**common, class_names=cfg.class_names, filters=cfg.unetpp.filters)
     if cfg.architecture == "seresnet_classifier":
         encoder = SEResNetEncoder(
             input_size=cfg.input_size,
-            stem_filters=cfg.stem_filters,
-            stage_filters=cfg.encoder_filters,
-            stage_blocks=cfg.encoder_blocks,
-            se_reduction=cfg.se_reduction,
+            stem_filters=cfg.encoder.stem_filters,
+            stage_filters=cfg.encoder.filters,
+            stage_blocks=cfg.encoder.blocks,
+            se_reduction=cfg.encoder.se_reduction,
         )
         return CovidClassifier(
             encoder,

@@ -6,7 +6,7 @@ pooling and a dense layer — classifies each slice as COVID-19 or not; only sli
 passes are segmented.
 
 `head="dense", pooling="avg"` is the paper's head; `norm=True` (the default of
-`build_classifier` and of `model.classifier_norm`) batch-normalises the pooled features
+`build_classifier` and of `model.classifier.norm`) batch-normalises the pooled features
 before its dense layer, which then trains (see `CovidClassifier`).
 
 Lesions often cover a few percent of a slice, and an average over the whole feature map
@@ -185,10 +185,10 @@ HEAD_OPTIONS = ("dropout", "pooling", "head", "head_filters", "norm")
 
 def head_options(source) -> dict:
     """The classifier head's options by keyword (`HEAD_OPTIONS`), from a `ModelConfig`
-    (its ``classifier_*`` keys) or from a built `CovidClassifier`: the one place where
+    (its ``classifier`` component) or from a built `CovidClassifier`: the one place where
     a config reaches the head's builders."""
-    prefix = "classifier_" if hasattr(source, "classifier_head") else ""
-    return {name: getattr(source, prefix + name) for name in HEAD_OPTIONS}
+    head = getattr(source, "classifier", source)
+    return {name: getattr(head, name) for name in HEAD_OPTIONS}
 
 
 def build_classifier(
