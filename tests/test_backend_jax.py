@@ -21,14 +21,14 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import keras
     from tests.conftest import TINY
-    from tfcovseg.configs.experiment import ModelConfig
+    from tfcovseg.configs.experiment import model_config
     from tfcovseg.training.losses import HybridLoss, deep_supervision
     from tfcovseg.evaluation.metrics import segmentation_metrics
     from tfcovseg.models import build_classifier, build_model
 
     assert keras.backend.backend() == "jax", keras.backend.backend()
     keras.utils.set_random_seed(0)
-    cfg = ModelConfig(**TINY)
+    cfg = model_config(**TINY)
     model = build_model(cfg)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1000, 200, (2, 64, 64, 1)).astype("float32")

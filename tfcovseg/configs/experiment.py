@@ -322,7 +322,10 @@ class ModelConfig:
             raise ConfigError(f"model.class_names must be non-empty names, got {self.class_names}")
         for name, cls in COMPONENTS.items():
             if not isinstance(getattr(self, name), cls):
-                raise ConfigError(f"model.{name} must be a {cls.__name__}")
+                raise ConfigError(
+                    f"model.{name} must be a {cls.__name__} (model_config() builds one from "
+                    "a mapping)"
+                )
 
     @property
     def num_classes(self) -> int:
