@@ -26,11 +26,6 @@ def parser(command: str, description: str, tool_version=True) -> argparse.Argume
     return p
 
 
-def quiet_libraries() -> None:
-    """TensorFlow's C++ start-up chatter off unless the user asked for it (before it loads)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
 def fail(message: str) -> int:
     """The one error path of the doors: the message on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)

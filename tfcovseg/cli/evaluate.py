@@ -28,7 +28,6 @@ def main(argv=None) -> int:
     problem = cli.run_overrides_problem(args.overrides)
     if problem:
         return cli.fail(problem)
-    cli.quiet_libraries()
     from tfcovseg.evaluation.run import evaluate_run, print_headline
 
     try:

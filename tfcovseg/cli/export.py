@@ -43,7 +43,6 @@ def main(argv=None) -> int:
     problem = cli.run_overrides_problem(args.overrides)
     if problem:
         return cli.fail(problem)
-    cli.quiet_libraries()
     from tfcovseg.inference.export import SIGNATURES, ExportError, export_run
 
     try:

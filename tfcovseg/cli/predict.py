@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         return cli.fail("--batch-size must be >= 1")
-    cli.quiet_libraries()
     from tfcovseg.inference.predict import PredictionError, predict
 
     try:

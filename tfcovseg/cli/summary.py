@@ -23,7 +23,6 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
         return cli.fail(str(e))
-    cli.quiet_libraries()
     return _print(config)
 
 

@@ -93,7 +93,6 @@ def main(argv=None) -> int:
             "data.train_split 'development' trains on the fold's test patients too: "
             "there is nothing left to evaluate (--evaluate, --fold all)"
         )
-    cli.quiet_libraries()
     return _run(args, config)
 
 
