@@ -84,7 +84,6 @@ from tfcovseg.models.preprocessing import (
 
 tf = require_tensorflow("python -m tfcovseg.export")
 
-DEFAULT_OUT = DEFAULT_EXPORT_DIR
 ASSET_NAME = "tfcovseg.json"
 FORMAT = "tfcovseg-export"
 FORMAT_VERSION = 1
@@ -513,7 +512,7 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
 
 
 def export_run(
-    run, out=DEFAULT_OUT, version=None, gate_threshold="auto", log=print, overrides=()
+    run, out=DEFAULT_EXPORT_DIR, version=None, gate_threshold="auto", log=print, overrides=()
 ) -> Path:
     """Exports a run folder as ``out/<version>``; returns that folder.
 
