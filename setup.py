@@ -50,7 +50,7 @@ setup(
             "tfcovseg-summary = tfcovseg.cli.summary:main",
             "tfcovseg-compare = tfcovseg.cli.compare:main",
             "tfcovseg-serving-client = tfcovseg.cli.serving_client:main",
-            "tfcovseg-semiseg-benchmark = tfcovseg.benchmarks.semiseg:main",
+            "tfcovseg-semiseg-benchmark = tfcovseg.cli.semiseg:main",
             "tfcovseg-convert = data_tools.convert:main",
             "tfcovseg-phantom = data_tools.phantom.cohort:main",
         ]

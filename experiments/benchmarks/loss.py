@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
-from tfcovseg.benchmarks.semiseg import build  # noqa: E402
+from tfcovseg.benchmarks.semiseg import benchmark_config  # noqa: E402
+from tfcovseg.models import build_model  # noqa: E402
 from tfcovseg.training.losses import HybridLoss, hybrid_loss_terms, ssim  # noqa: E402
 
 IMPLS = ("tf", "ops")
@@ -78,7 +79,7 @@ def _loss_step(impl, truth, pred):
 
 def _train_step(impl, size, x, y):
     keras.utils.set_random_seed(0)
-    model = build("coarse_refine", size)
+    model = build_model(benchmark_config(size=size).model)  # the benchmark's network
     outputs = list(model.output)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),

@@ -20,10 +20,10 @@ from tfcovseg.benchmarks.semiseg import (
     BenchmarkError,
     load_slices,
     load_unlabelled,
-    main,
     prediction_folder,
     run,
 )
+from tfcovseg.cli.semiseg import main
 
 # Tiny networks: eager steps cost less than tracing them (tests.conftest.eager_functions).
 pytestmark = pytest.mark.usefixtures("eager_module")
@@ -182,7 +182,7 @@ def test_test_dir_mode_scores_the_test_slices(tmp_path, capsys):
     assert main(["--train-dir", str(train), "--models", "vit", "--out", str(out)]) == 2
     assert "unknown models" in capsys.readouterr().err
     assert main(["--train-dir", str(train), "--size", "50", "--out", str(out)]) == 2
-    assert "multiple of 32" in capsys.readouterr().err
+    assert "model.input_size must be positive multiples of 32" in capsys.readouterr().err
     assert main(["--train-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
@@ -268,29 +268,73 @@ def test_real_slices_load():
     assert len(sizes) > 5  # images keep their own sizes for the protocol
 
 
-def test_width_option_picks_the_papers_widths_or_a_quarter(tmp_path, monkeypatch):
+def test_cli_options_set_keys_of_the_experiment(tmp_path, monkeypatch):
+    """The CLI hands `run` an experiment config: --width picks the paper's widths or a
+    quarter, --config / --set / shortcuts reach the config, options left out keep the
+    experiment's values, and the benchmark's own options go to `run` as they are."""
     from tfcovseg.benchmarks import semiseg
+    from tfcovseg.benchmarks.semiseg_config import WIDTHS, widths_of
     from tfcovseg.configs.experiment import ModelConfig, load_config
 
-    seen = {}
+    seen = []
 
     def fake_run(train_dir, out, **kw):
-        seen[kw["widths"]["stem_filters"]] = kw["widths"]
+        seen.append(kw)
         raise BenchmarkError("stop here")
 
     monkeypatch.setattr(semiseg, "run", fake_run)
-    train = str(tmp_path)
-    assert main(["--train-dir", train, "--width", "full"]) == 2
-    assert main(["--train-dir", train]) == 2
-    full, quarter = seen[64], seen[16]
-    assert full["encoder_filters"] == ModelConfig().encoder.filters == (64, 128, 256, 512)
-    assert full["decoder_filters"] == ModelConfig().decoder.filters
-    assert quarter == semiseg.WIDTHS and set(full) == set(quarter)
+    train = ["--train-dir", str(tmp_path)]
+    assert main([*train, "--width", "full"]) == 2
+    quarter = ["--width", "quarter", "--epochs", "7", "--set", "train.epochs=9", "--tta", "8"]
+    assert main([*train, *quarter, "--intensity", "--semi-keep", "0.25"]) == 2
+    assert main(train) == 2
+    full, quarter, plain = (kw["config"] for kw in seen)
+    assert full.model.encoder.filters == ModelConfig().encoder.filters == (64, 128, 256, 512)
+    assert full.model.decoder == ModelConfig().decoder
+    assert widths_of(quarter.model) == WIDTHS
     # The quarter widths are the quickstart's (its U-Net baseline's for the U-Net row).
     quick = load_config("quickstart_unet").model
-    assert quarter["encoder_filters"] == quick.encoder.filters == (16, 32, 64, 128)
-    assert quarter["unet_filters"] == quick.unet.filters and len(quarter) == 8
-    assert all(f >= q for f, q in zip(full["encoder_filters"], quarter["encoder_filters"]))
+    assert quarter.model.encoder == quick.encoder and quarter.model.unet == quick.unet
+    # --set is applied after the shortcuts: it wins; the others reach their keys.
+    assert quarter.train.epochs == 9 and quarter.data.intensity_augment
+    assert quarter.semi.keep == 0.25 and seen[1]["tta"] == 8
+    # Nothing given: the experiment decides (its widths are the quarter ones too).
+    assert plain == semiseg.benchmark_config() and "tta" not in seen[2]
+    # A bad key is answered before anything trains, naming it.
+    assert main([*train, "--set", "train.nope=1"]) == 2 and len(seen) == 3
+
+
+def test_the_benchmark_trains_the_experiment_config(tmp_path):
+    """The default experiment is the built-in semiseg recipe with the benchmark's settings;
+    a config's keys reach the rows, and keys the table does not show still tell runs apart."""
+    from tfcovseg.benchmarks import semiseg_config as sc
+    from tfcovseg.configs.experiment import load_config
+
+    config = sc.benchmark_config()
+    recipe = load_config("semiseg")
+    assert config.model.encoder == recipe.model.encoder and config.semi == recipe.semi
+    assert config.train.learning_rate == recipe.train.learning_rate == 1e-3
+    assert not config.data.intensity_augment and config.train.seed == 0
+    unet = sc.row_config(config, "unet")
+    assert unet.model.architecture == "unet" and unet.train.loss == "bce"
+    assert sc.row_config(config, "coarse_refine").train.loss == "hybrid"
+    settings = sc.settings_record(config, sc.BENCH_DEFAULTS)
+    assert "experiment" not in settings and settings["semi_tta"] == config.semi.views
+    other = sc.benchmark_config("semiseg_benchmark", ["train.coarse_loss_weight=0.5"])
+    assert sc.settings_record(other, sc.BENCH_DEFAULTS)["experiment"] == {
+        "train.coarse_loss_weight": 0.5
+    }
+    with pytest.raises(BenchmarkError, match="model.class_names must be"):
+        sc.benchmark_config("quickstart")
+    with pytest.raises(BenchmarkError, match="train.epochs"):
+        sc.benchmark_config(epochs=0)
+    with pytest.raises(BenchmarkError, match="unknown settings"):
+        sc.benchmark_config(epoch=3)
+    # A YAML file of one's own, as tfcovseg.train reads it.
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: semiseg_benchmark\ntrain:\n  epochs: 3\n  loss: bce\n")
+    mine = sc.benchmark_config(str(path))
+    assert mine.train.epochs == 3 and sc.row_config(mine, "coarse_refine").train.loss == "bce"
 
 
 def test_only_folds_fill_one_run_folder_in_turn(tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 from tfcovseg import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
-DOORS = ("train", "predict", "evaluate", "export", "summary")
+DOORS = ("train", "predict", "evaluate", "export", "summary", "semiseg")
 
 PROBE = """
 import sys
@@ -55,6 +55,9 @@ def test_help_answers_without_tensorflow(door):
         ("export", ["--run", "r", "--set", "model.input_size=[64,64]"], "only data.* keys"),
         ("predict", ["--model", "m", "--input", "i", "--out", "o", "--batch-size", "0"], ">= 1"),
         ("summary", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
+        ("semiseg", ["--train-dir", "d", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        ("semiseg", ["--train-dir", "d", "--config", "quickstart"], "model.class_names must"),
+        ("semiseg", ["--train-dir", "d", "--only-folds", "x"], "--only-folds takes fold"),
     ],
 )
 def test_bad_options_answer_without_tensorflow(door, argv, message):
@@ -84,7 +87,8 @@ def test_console_scripts_name_importable_doors():
     setup = (ROOT / "setup.py").read_text()
     scripts = re.findall(r'"(tfcovseg-[\w-]+) = ([\w.]+):(\w+)"', setup)
     names = {name for name, _, _ in scripts}
-    assert {f"tfcovseg-{d}" for d in DOORS} <= names
+    script = {"semiseg": "semiseg-benchmark"}
+    assert {f"tfcovseg-{script.get(d, d)}" for d in DOORS} <= names
     assert {"tfcovseg-convert", "tfcovseg-phantom", "tfcovseg-compare"} <= names
     for _, module, function in scripts:
         if module.startswith("tfcovseg.cli"):

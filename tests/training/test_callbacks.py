@@ -123,33 +123,3 @@ def test_overlay_colours_and_tensorboard_images(tmp_path, rng):
     callback.on_epoch_end(0, {})
     events = list((tmp_path / "overlays").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 1000
-
-
-def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
-    import numpy as np
-
-    from tfcovseg.training.callbacks import EpochLine
-    from tfcovseg.training.trainer import keras_verbose
-
-    logs = {"loss": 1.93214, "val_loss": 1.9712, "final_dice_ggo": 0.5, "coarse_loss": 0.9}
-    logs |= {f"val_final_dice_{c}": v for c, v in (("ggo", 0.543), ("consolidation", 0.0))}
-    logs |= {"val_coarse_dice_ggo": 0.2, "val_final_iou_ggo": 0.3}
-    assert EpochLine.describe(logs) == (
-        "loss 1.9321, val_loss 1.9712, val Dice ggo 0.543 consolidation 0.000"
-    )
-    assert EpochLine.describe({"loss": 0.5, "val_auc": 0.91, "val_patient_accuracy": 1}) == (
-        "loss 0.5000, val AUC 0.910, val patients 1.000"
-    )
-    # verbose 2: Keras silent, our line instead; other values leave Keras in charge.
-    lines = []
-    verbose, callbacks = keras_verbose(2, ["kept"], 3, lines.append)
-    assert verbose == 0 and callbacks[0] == "kept" and isinstance(callbacks[1], EpochLine)
-    assert keras_verbose("auto", ["kept"], 3) == ("auto", ["kept"])
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    model.compile(optimizer="sgd", loss="mse")
-    x = np.zeros((4, 2), "float32")
-    model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=3, verbose=verbose,
-              callbacks=callbacks[1:])  # fmt: skip
-    assert [line.split(":")[0] for line in lines] == ["  epoch 1/3", "  epoch 2/3", "  epoch 3/3"]
-    assert all("val_loss" in line and line.endswith(" s") for line in lines)
-    assert "\x1b" not in capsys.readouterr().out + "".join(lines)

@@ -1,11 +1,18 @@
 """Real CT benchmark on the COVID-SemiSeg slices, scored as Inf-Net scores its models.
 
     python -m tfcovseg.benchmarks.semiseg --train-dir ../shared/data/covid-semiseg/train
-        [--test-dir DIR] [--out runs/semiseg] [--size 256] [--models coarse_refine,unet]
-        [--folds 5] [--only-folds 3,4] [--epochs 60] [--seed 0] [--tta 8] [--intensity]
-        [--width full]
+        [--test-dir DIR] [--out runs/semiseg] [--config semiseg_benchmark] [--set KEY=VALUE]
+        [--models coarse_refine,unet] [--folds 5] [--only-folds 3,4] [--tta 8] [--passes 2]
+        [--size 256] [--epochs 60] [--seed 0] [--intensity] [--width full]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
          [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20]]
+
+(the command: `tfcovseg.cli.semiseg`). What trains is an experiment config, as
+``python -m tfcovseg.train`` reads one (`benchmark_config`: ``--config``, default
+``semiseg_benchmark``, and ``--set``; ``--size``, ``--epochs``, ``--intensity``,
+``--semi-*`` and the like are shortcuts for its keys), built, compiled and stopped early
+through the trainer's recipe (`tfcovseg.training.recipe`); each row of the table is that
+experiment with its network (`ROWS`).
 
 The slices (``Imgs/N.jpg``: 8-bit windowed CT; ``GT/N.png``: 0 background, 1 GGO, 2
 consolidation) are read through `data_tools.convert` (its discovery and per-study
@@ -14,8 +21,8 @@ TFRecords, so the benchmark runs under any Keras backend (``KERAS_BACKEND=jax`` 
 machine without TensorFlow).
 
 Each model trains from scratch (no pretrained weights offline) with the paper's recipe:
-Adam, the hybrid loss on "coarse" and "final" for the coarse-refine network (plain BCE for
-the U-Net baseline, as in the paper's comparison), the paper's augmentation (random
+Adam, the experiment's loss on "coarse" and "final" for the coarse-refine network (plain
+BCE for the U-Net baseline, as in the paper's comparison), the paper's augmentation (random
 multiple of 90 degrees and horizontal flip, image and mask together); a fifth of the
 training slices is held out for validation, early stopping restores the best weights.
 
@@ -43,7 +50,6 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -56,45 +62,24 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tfcovseg.benchmarks.semiseg_config import (
+    BENCH_DEFAULTS,
+    CLASSES,
+    MODELS,
+    BenchmarkError,
+    benchmark_config,
+    row_config,
+    settings_record,
+)
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import protocol
 
-CLASSES = ("ggo", "consolidation")
 TARGETS = ("infection", "ggo", "consolidation")
-MODELS = {"coarse_refine": "hybrid", "unet": "bce"}  # architecture -> loss
 LABELS = {
     "coarse_refine": "coarse-refine (ours, hybrid loss)",
     "coarse_refine_semi": "coarse-refine + self-training on unlabelled slices (ours)",
     "unet": "U-Net (ours, BCE)",
 }
-WIDTH_KEYS = (
-    "stem_filters",
-    "encoder_filters",
-    "encoder_blocks",
-    "se_reduction",
-    "aspp_filters",
-    "decoder_filters",
-    "refine_filters",
-    "unet_filters",
-)
-
-
-def _widths(experiment: str | None = None) -> dict:
-    """The network widths of a built-in experiment, by their flat keys; None: the paper's
-    (`ModelConfig`)."""
-    from tfcovseg.configs.experiment import FLAT_MODEL_KEYS, ModelConfig, load_config
-
-    model = load_config(experiment).model if experiment else ModelConfig()
-    component = {k: FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS}
-    return {k: getattr(getattr(model, c), field) for k, (c, field) in component.items()}
-
-
-# A quarter of the paper's widths, as the quickstart and its U-Net baseline have them
-# (defined there, once): trains in minutes on a CPU.
-WIDTHS = _widths("quickstart_unet")
-
-# --width: "quarter" fits a 2-core CPU; "full" is the paper's network (for a GPU).
-WIDTH_PRESETS = {"quarter": lambda: WIDTHS, "full": _widths}
 # Inf-Net (Fan et al., IEEE TMI 2020), 48 test slices of the same collection: meanDic.
 PUBLISHED = {
     "U-Net": {"infection": 0.439},
@@ -103,10 +88,6 @@ PUBLISHED = {
     "Semi-Inf-Net (+1600 pseudo-labelled slices)": {"infection": 0.739},
     "Semi-Inf-Net + U-Net (multi-class)": {"ggo": 0.624, "consolidation": 0.362},
 }
-
-
-class BenchmarkError(Exception):
-    """Bad input; the message names the folder or file (exit code 2)."""
 
 
 @dataclasses.dataclass
@@ -270,15 +251,18 @@ class _Augmented(keras.utils.PyDataset):
 
     With `extra` (images, masks: pseudo-labelled slices), `extra_share` of every batch is
     drawn from them at random; the epoch is still `passes` passes over the labelled slices.
+    Not `training` (validation): one pass in order, nothing changed.
     """
 
     def __init__(
-        self, images, masks, outputs, batch_size, passes, seed, augment=True, jitter=None,
-        extra=None, extra_share=0.5,
+        self, images, masks, outputs, batch_size, passes, seed, training=True, augment=True,
+        jitter=None, extra=None, extra_share=0.5,
     ):  # fmt: skip
         super().__init__()
         self.images, self.masks, self.outputs = images, masks, tuple(outputs)
-        self.augment, self.jitter, self.extra = augment, jitter, extra
+        self.training = training
+        self.augment, self.jitter = training and augment, jitter if training else None
+        self.extra = extra
         n_extra = int(round(extra_share * batch_size)) if extra is not None else 0
         self.n_extra = min(max(n_extra, 1), batch_size - 1) if extra is not None else 0
         self.batch_size = batch_size - self.n_extra  # labelled slices per batch
@@ -288,7 +272,7 @@ class _Augmented(keras.utils.PyDataset):
 
     def _order(self):
         order = [self.rng.permutation(len(self.images)) for _ in range(self.passes)]
-        self.order = np.concatenate(order) if self.augment else np.arange(len(self.images))
+        self.order = np.concatenate(order) if self.training else np.arange(len(self.images))
 
     def __len__(self):
         return int(np.ceil(len(self.order) / self.batch_size))
@@ -307,126 +291,85 @@ class _Augmented(keras.utils.PyDataset):
                 x[j], y[j] = np.rot90(x[j], k), np.rot90(y[j], k)
                 if self.rng.random() < 0.5:
                     x[j], y[j] = x[j][:, ::-1], y[j][:, ::-1]
-            if self.jitter is not None:
-                x = self.jitter(x, self.rng)
+        if self.jitter is not None:
+            x = self.jitter(x, self.rng)
         return x, {name: y for name in self.outputs}
 
     def on_epoch_end(self):
-        if self.augment:
+        if self.training:
             self._order()
 
 
-class _Progress(keras.callbacks.Callback):
-    """One line per epoch: losses, the best epoch so far and the epoch's time."""
-
-    def __init__(self, prefix, epochs, log):
-        super().__init__()
-        self.prefix, self.epochs, self.log = prefix, epochs, log
-        self.best = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        val = logs.get("val_loss")
-        if val is not None and (self.best is None or val < self.best[1]):
-            self.best = (epoch + 1, val)
-        best = f", best {self.best[0]}" if self.best else ""
-        self.log(
-            f"{self.prefix} epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', np.nan):.4f}"
-            f", val_loss {val if val is not None else np.nan:.4f}{best}"
-            f" ({time.perf_counter() - self.start:.0f} s)"
-        )
-
-
-def build(architecture: str, size: int, widths=WIDTHS):
-    from tfcovseg.configs.experiment import model_config
-    from tfcovseg.models import build_model
-
-    config = model_config(
-        architecture=architecture,
-        input_size=(size, size),
-        class_names=CLASSES,
-        pre_windowed=True,
-        **widths,
-    )
-    return build_model(config)
-
-
-def _jitter(settings):
+def _jitter(config):
     from tfcovseg.data.intensity import IntensityJitter
 
-    return IntensityJitter() if settings.get("intensity", False) else None
+    return IntensityJitter() if config.data.intensity_augment else None
 
 
 def train_one(
-    architecture, data: Slices, train_idx, val_idx, settings, seed, log=print, *,
-    init=None, extra=None, epochs=None, prefix="",
+    config, data: Slices, train_idx, val_idx, bench, seed, log=print, *, init=None,
+    extra=None, epochs=None, prefix="",
 ):  # fmt: skip
-    """Trains one model (from scratch, or from `init`'s weights); returns it with the best
-    validation weights. `extra`: pseudo-labelled (images, masks) mixed into every batch."""
-    from tfcovseg.training.losses import deep_supervision
+    """Trains one row's model (`row_config`) through the trainer's recipe
+    (`tfcovseg.training.recipe`: loss, optimiser, metrics, early stopping, epoch lines),
+    from scratch or from `init`'s weights; returns it with the best validation weights.
+    `extra`: pseudo-labelled (images, masks) mixed into every batch."""
+    from tfcovseg.training.recipe import build_segmenter, early_stopping, keras_verbose
 
+    t = config.train
     keras.utils.set_random_seed(seed)
-    model = build(architecture, settings["size"], settings.get("widths", WIDTHS))
-    if init is not None:
-        model.set_weights(init.get_weights())
+    model = build_segmenter(config, init)
     outputs = list(model.output)
-    losses, weights = deep_supervision(outputs, MODELS[architecture])
-    model.compile(
-        optimizer=keras.optimizers.Adam(settings["learning_rate"]),
-        loss=losses,
-        loss_weights=weights,
-    )
-    batch = settings["batch_size"]
     train = _Augmented(
-        data.images[train_idx], data.masks[train_idx], outputs, batch, settings["passes"], seed,
-        jitter=_jitter(settings), extra=extra,
+        data.images[train_idx], data.masks[train_idx], outputs, t.batch_size, bench["passes"],
+        seed, augment=config.data.augment, jitter=_jitter(config), extra=extra,
+        extra_share=config.semi.share,
     )  # fmt: skip
     val = _Augmented(
-        data.images[val_idx], data.masks[val_idx], outputs, batch, 1, seed, augment=False
+        data.images[val_idx], data.masks[val_idx], outputs, t.batch_size, 1, seed, training=False
     )
-    epochs = epochs or settings["epochs"]
-    stop = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=settings["patience"], restore_best_weights=True
+    epochs = epochs or t.epochs
+    name = prefix or config.model.architecture
+    verbose, callbacks = keras_verbose(
+        2, [early_stopping(t.early_stopping_patience)], epochs, log, prefix=f"    {name} "
     )
-    progress = _Progress(f"    {prefix or architecture}", epochs, log)
     history = model.fit(
-        train, validation_data=val, epochs=epochs, callbacks=[stop, progress], verbose=0
+        train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose
     )
     ran = len(history.history["loss"])
     best = int(np.argmin(history.history["val_loss"])) + 1
-    log(f"    {prefix or architecture}: {ran} epochs, best {best}")
+    log(f"    {name}: {ran} epochs, best {best}")
     return model, {"epochs": ran, "best_epoch": best}
 
 
-def train_student(teacher, data: Slices, train_idx, val_idx, unlabelled, settings, seed, log):
-    """Self-training: the teacher pseudo-labels the unlabelled slices (intensity-matched to
-    the labelled ones), the surest `semi_keep` of them join every batch, and a student
-    starting from the teacher's weights trains on both; repeated `semi_rounds` times with
-    the student as the next teacher."""
+def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
+    """Self-training (``config.semi``, as `tfcovseg.train`'s phase 1b): the teacher
+    pseudo-labels ``semi.pool`` unlabelled slices (intensity-matched to the labelled ones),
+    the surest ``semi.keep`` of them join every batch, and a student starting from the
+    teacher's weights trains on both; repeated ``semi.rounds`` times with the student as
+    the next teacher."""
     from tfcovseg.data import intensity
     from tfcovseg.training import semisup
 
+    semi = config.semi
     rng = np.random.default_rng(seed)
-    matched = intensity.match_intensity(unlabelled.images, data.images[train_idx])
+    images = unlabelled.images
+    if semi.match_intensity:
+        images = intensity.match_intensity(images, data.images[split.fit])
     model, rounds = teacher, []
-    for r in range(settings["semi_rounds"]):
-        pool = np.sort(rng.permutation(len(matched))[: settings["semi_pool"]])
+    for r in range(semi.rounds):
+        pool = np.sort(rng.permutation(len(images))[: semi.pool or len(images)])
         start = time.perf_counter()
-        pseudo = semisup.label_round(
-            model, matched[pool], settings["semi_tta"], settings["semi_keep"]
-        )
+        pseudo = semisup.label_round(model, images[pool], semi.views, semi.keep)
         log(
             f"    round {r + 1}: {len(pseudo.images)} of {pseudo.pool} unlabelled slices "
             f"pseudo-labelled (confidence >= {pseudo.confidence_min:.3f}, "
             f"{time.perf_counter() - start:.0f} s)"
         )
         model, info = train_one(
-            "coarse_refine", data, train_idx, val_idx, settings, seed + 1000 * (r + 1), log,
+            config, data, split.fit, split.val, bench, seed + 1000 * (r + 1), log,
             init=model, extra=(pseudo.images, pseudo.masks.astype(np.float32)),
-            epochs=settings["semi_epochs"], prefix=f"student {r + 1}",
+            epochs=semi.epochs, prefix=f"student {r + 1}",
         )  # fmt: skip
         rounds.append(info | {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool})
     return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
@@ -518,24 +461,6 @@ def summarise(per_fold: list[dict]) -> dict:
     return out
 
 
-DEFAULTS = {
-    "size": 256,
-    "epochs": 60,
-    "patience": 15,
-    "batch_size": 4,
-    "learning_rate": 1e-3,
-    "passes": 2,
-    "val_fraction": 0.2,
-    "widths": WIDTHS,
-    "tta": 1,  # test-time views (1: none, 8: all quarter turns and flips), every row alike
-    "intensity": False,  # random window / contrast / gamma / noise in training, every row
-    # Self-training (the semi-supervised row, with --unlabelled-dir):
-    "semi_rounds": 1,  # teacher -> student rounds
-    "semi_pool": 400,  # unlabelled slices drawn (at random) per round
-    "semi_keep": 0.5,  # the surest fraction of them kept as pseudo-labels
-    "semi_tta": 2,  # views averaged for the pseudo-labels
-    "semi_epochs": 20,  # per round; the same early stopping as the teacher
-}
 SEMI = "coarse_refine_semi"
 
 
@@ -547,16 +472,14 @@ class Split:
     test: np.ndarray  # scored slices (of the test folder in test mode)
 
 
-def _splits(train: Slices, test, folds, settings, seed) -> list[Split]:
+def _splits(train: Slices, test, folds, bench, seed) -> list[Split]:
     n = len(train.names)
     if test is not None:
-        fit, val = _holdout(np.arange(n), settings["val_fraction"], seed)
+        fit, val = _holdout(np.arange(n), bench["val_fraction"], seed)
         return [Split(0, fit, val, np.arange(len(test.names)))]
     out = []
     for k, test_idx in enumerate(_folds(n, folds, seed)):
-        fit, val = _holdout(
-            np.setdiff1d(np.arange(n), test_idx), settings["val_fraction"], seed + k
-        )
+        fit, val = _holdout(np.setdiff1d(np.arange(n), test_idx), bench["val_fraction"], seed + k)
         out.append(Split(k, fit, val, test_idx))
     return out
 
@@ -577,90 +500,106 @@ def _rows(models, unlabelled) -> list[str]:
 
 
 def run(
-    train_dir, out, test_dir=None, models=tuple(MODELS), folds=5, seed=0, log=print,
-    unlabelled_dir=None, only_folds=None, **kw,
+    train_dir, out, test_dir=None, models=MODELS, folds=5, log=print, unlabelled_dir=None,
+    only_folds=None, config=None, overrides=(), **kw,
 ):  # fmt: skip
     """Runs the benchmark; returns the results (also written to ``out``).
 
-    Each finished (row, fold) is kept in ``out`` (`store.FoldStore`): a rerun with the
-    same arguments goes on from there. `only_folds` (cross-validation only) trains just
-    those folds, so that runs in turn or on several machines fill one ``out`` (the table
-    counts every fold found there)."""
+    The experiment is `config` with `overrides` (`benchmark_config`; the keywords `size`,
+    `widths` and the `SHORTCUTS` set its keys); `passes`, `val_fraction` and `tta` are the
+    benchmark's own (`BENCH_DEFAULTS`). Each finished (row, fold) is kept in ``out``
+    (`store.FoldStore`): a rerun with the same arguments goes on from there. `only_folds`
+    (cross-validation only) trains just those folds, so that runs in turn or on several
+    machines fill one ``out`` (the table counts every fold found there)."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
 
-    settings = DEFAULTS | kw
-    if settings["size"] % 32:
-        raise BenchmarkError(f"--size must be a multiple of 32, got {settings['size']}")
-    if not 1 <= settings["tta"] <= 8 or not 1 <= settings["semi_tta"] <= 8:
-        raise BenchmarkError("--tta takes 1 to 8 views")
-    if not 0.0 < settings["semi_keep"] <= 1.0:
-        raise BenchmarkError(f"--semi-keep must be in (0, 1], got {settings['semi_keep']}")
-    for key in ("semi_rounds", "semi_pool", "semi_epochs", "epochs"):
-        if settings[key] < 1:
-            raise BenchmarkError(f"--{key.replace('_', '-')} must be at least 1")
-    out = Path(out)
-    start = time.perf_counter()
-    train = load_slices(train_dir, settings["size"])
-    test = load_slices(test_dir, settings["size"], allow_infection_only=True) if test_dir else None
-    unlabelled = load_unlabelled(unlabelled_dir, settings["size"]) if unlabelled_dir else None
+    bench = BENCH_DEFAULTS | {k: kw.pop(k) for k in BENCH_DEFAULTS if k in kw}
+    if not 1 <= bench["tta"] <= 8:
+        raise BenchmarkError(f"--tta takes 1 to 8 views, got {bench['tta']}")
+    config = benchmark_config(config, overrides, **kw)
+    out, start, size = Path(out), time.perf_counter(), config.model.input_size[0]
+    train = load_slices(train_dir, size)
+    test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
+    unlabelled = load_unlabelled(unlabelled_dir, size) if unlabelled_dir else None
     rows = _rows(models, unlabelled)
     if test is None and not 2 <= folds <= len(train.names):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
+    settings, seed = settings_record(config, bench), config.train.seed
     log(_describe(train, test, unlabelled, folds, settings))
     results = _header(train, test, unlabelled, folds, seed, settings)
     try:
         store = FoldStore(out, _fingerprint(results, rows))
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
-    splits = _splits(train, test, folds, settings, seed)
+    splits = _splits(train, test, folds, bench, seed)
     todo = _pick_folds(only_folds, splits, test)
-    scored = test if test is not None else train
     for split in (s for s in splits if s.fold in todo):
         if test is None:
             log(
                 f"fold {split.fold}: {len(split.fit)} train, {len(split.val)} validation, "
                 f"{len(split.test)} test"
             )
-        teacher = None
+        fold = _Fold(config, bench, store, split, train, test, unlabelled, seed + split.fold)
         for row in rows:
-            done = store.get(row, split.fold)
-            if done is not None:
-                log(f"  {LABELS[row]}: done before ({_headline(done['scores'])})")
-                continue
-            log(f"  {LABELS[row]}")
-            row_start = time.perf_counter()
-            seed_k = seed + split.fold
-            if row == SEMI:
-                if teacher is None:  # the supervised fold was done before this process
-                    teacher = _load_teacher(store, split.fold, settings)
-                model, info = train_student(
-                    teacher, train, split.fit, split.val, unlabelled, settings, seed_k, log
-                )
-            else:
-                model, info = train_one(row, train, split.fit, split.val, settings, seed_k, log)
-                if row == "coarse_refine" and SEMI in rows:
-                    teacher = model
-                    _save_teacher(model, store, split.fold)
-            maps = predict_maps(model, scored, split.test, settings["tta"])
-            truth = truths(scored, split.test)
-            scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
-            write_maps(prediction_folder(out, row), [scored.names[i] for i in split.test], maps)
-            names = [scored.names[i] for i in split.test] if test is None else None
-            store.put(
-                row,
-                split.fold,
-                {
-                    "scores": scores,
-                    "run": info | ({"test_slices": names} if names else {}),
-                    "wall_s": round(time.perf_counter() - row_start, 1),
-                },
-            )
-            log(f"    {_headline(scores)}")
+            fold.row(row, out, log, keep_teacher=SEMI in rows)
         results = _assemble(results, store, rows, splits, start)
         _write(out, results)  # after every fold: a crash later keeps what is done
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _write(out, results)
     return results
+
+
+@dataclasses.dataclass
+class _Fold:
+    """One fold's rows: trained, scored, their maps written and kept in the store."""
+
+    config: object  # the experiment (`benchmark_config`)
+    bench: dict
+    store: object  # store.FoldStore
+    split: Split
+    train: Slices
+    test: Slices | None
+    unlabelled: Unlabelled | None
+    seed: int
+    teacher: object = None  # the supervised coarse-refine model, for the SEMI row
+
+    def row(self, row: str, out: Path, log, keep_teacher: bool) -> None:
+        split, store = self.split, self.store
+        done = store.get(row, split.fold)
+        if done is not None:
+            log(f"  {LABELS[row]}: done before ({_headline(done['scores'])})")
+            return
+        log(f"  {LABELS[row]}")
+        start = time.perf_counter()
+        model, info = self._fit(row, log, keep_teacher)
+        scored = self.test if self.test is not None else self.train
+        maps = predict_maps(model, scored, split.test, self.bench["tta"])
+        truth = truths(scored, split.test)
+        scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
+        names = [scored.names[i] for i in split.test]
+        write_maps(prediction_folder(out, row), names, maps)
+        run_info = info | ({"test_slices": names} if self.test is None else {})
+        entry = {"scores": scores, "run": run_info}
+        store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
+        log(f"    {_headline(scores)}")
+
+    def _fit(self, row: str, log, keep_teacher: bool):
+        split, supervised = self.split, row_config(self.config, "coarse_refine")
+        if row == SEMI:
+            if self.teacher is None:  # the supervised fold was done before this process
+                self.teacher = _load_teacher(self.store, split.fold, supervised)
+            return train_student(
+                self.teacher, supervised, self.train, split, self.unlabelled, self.bench,
+                self.seed, log,
+            )  # fmt: skip
+        config = row_config(self.config, row)
+        model, info = train_one(
+            config, self.train, split.fit, split.val, self.bench, self.seed, log
+        )
+        if row == "coarse_refine" and keep_teacher:
+            self.teacher = model
+            _save_teacher(model, self.store, split.fold)
+        return model, info
 
 
 def _pick_folds(only_folds, splits, test) -> set[int]:
@@ -689,7 +628,9 @@ def _save_teacher(model, store, fold) -> None:
     save_weights(model, path)
 
 
-def _load_teacher(store, fold, settings):
+def _load_teacher(store, fold, config):
+    """The stored supervised model of `fold` (`_save_teacher`), built from `config`."""
+    from tfcovseg.models import build_model
     from tfcovseg.models.saving import model_file_problem
 
     path = store.weights("coarse_refine", fold)
@@ -700,7 +641,7 @@ def _load_teacher(store, fold, settings):
             f"cannot be read: {problem}; delete {store.path('coarse_refine', fold)} to "
             "train it again"
         )
-    model = build("coarse_refine", settings["size"], settings.get("widths", WIDTHS))
+    model = build_model(config.model)
     model.load_weights(path)
     return model
 
@@ -861,92 +802,7 @@ def _fold_table(results) -> list[str]:
     return lines
 
 
-def _parse_folds(text):
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise BenchmarkError(f"--only-folds takes fold numbers such as 3,4, got {text!r}") from None
+if __name__ == "__main__":  # python -m tfcovseg.benchmarks.semiseg: the command's door
+    from tfcovseg.cli.semiseg import main
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfcovseg.benchmarks.semiseg",
-        description="COVID-SemiSeg benchmark in Inf-Net's protocol "
-        "(research use, not a medical device).",
-    )
-    parser.add_argument("--train-dir", type=Path, required=True)
-    parser.add_argument(
-        "--test-dir",
-        type=Path,
-        help="test slices, Imgs/ + GT/ with 0/1/2 or infection-only 0/255 masks "
-        "(default: cross-validation)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/semiseg"))
-    parser.add_argument("--size", type=int, default=256, help="model input size (pixels)")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--patience", type=int, default=15)
-    parser.add_argument("--passes", type=int, default=2, help="augmented passes per epoch")
-    parser.add_argument(
-        "--width",
-        choices=list(WIDTH_PRESETS),
-        default="quarter",
-        help="network widths: a quarter of the paper's (default, CPU) or the paper's (GPU)",
-    )
-    parser.add_argument(
-        "--only-folds",
-        help="comma-separated folds to train now (e.g. 3,4); the others stay as stored in --out",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--tta", type=int, default=1, help="test-time views: 1 (none) to 8 (turns and flips)"
-    )
-    parser.add_argument(
-        "--intensity",
-        action="store_true",
-        help="random window / contrast / gamma / noise while training (every row)",
-    )
-    semi = parser.add_argument_group("semi-supervised row (self-training)")
-    semi.add_argument("--unlabelled-dir", type=Path, help="unlabelled slices (Imgs/ without GT/)")
-    semi.add_argument("--semi-rounds", type=int, default=DEFAULTS["semi_rounds"])
-    semi.add_argument("--semi-pool", type=int, default=DEFAULTS["semi_pool"])
-    semi.add_argument("--semi-keep", type=float, default=DEFAULTS["semi_keep"])
-    semi.add_argument("--semi-epochs", type=int, default=DEFAULTS["semi_epochs"])
-    args = parser.parse_args(argv)
-    try:
-        only = _parse_folds(args.only_folds)
-        results = run(
-            args.train_dir,
-            args.out,
-            test_dir=args.test_dir,
-            models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-            folds=args.folds,
-            seed=args.seed,
-            unlabelled_dir=args.unlabelled_dir,
-            only_folds=only,
-            size=args.size,
-            epochs=args.epochs,
-            patience=args.patience,
-            passes=args.passes,
-            widths=WIDTH_PRESETS[args.width](),
-            tta=args.tta,
-            intensity=args.intensity,
-            semi_rounds=args.semi_rounds,
-            semi_pool=args.semi_pool,
-            semi_keep=args.semi_keep,
-            semi_epochs=args.semi_epochs,
-            log=lambda line: print(line, flush=True),  # one line per epoch, as it comes
-        )
-    except BenchmarkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(render_table(results))
-    print(f"written: {args.out / 'results.json'}, {args.out / 'results.md'}, predictions")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -355,48 +354,3 @@ def _csv_value(value) -> str:
         return repr(float(np.asarray(value)))
     except (TypeError, ValueError):
         return str(value)
-
-
-class EpochLine(keras.callbacks.Callback):
-    """One short line per epoch for a person or a log file: no progress bar, no ANSI codes.
-
-    ``epoch 3/16: loss 1.932, val_loss 1.971, val Dice ggo 0.543 consolidation 0.000
-    fibrosis 0.000, 81 s``: the losses, the validation Dice per class of the final output
-    (or the classifier's validation AUC and patient accuracy) and the epoch's time. The
-    whole metric set goes to the CSV log and TensorBoard.
-
-    Args:
-        epochs: The phase's maximum epochs (shown as the denominator).
-        log: Where lines go (default `print`).
-    """
-
-    def __init__(self, epochs, log=print):
-        super().__init__()
-        self.epochs = int(epochs)
-        self.log = log
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    @staticmethod
-    def describe(logs: dict) -> str:
-        parts = [f"{k} {float(logs[k]):.4f}" for k in ("loss", "val_loss") if k in logs]
-        prefix = (
-            "val_final_dice_"
-            if any(k.startswith("val_final_dice_") for k in logs)
-            else ("val_dice_")
-        )
-        dice = [
-            f"{k[len(prefix) :]} {float(v):.3f}" for k, v in logs.items() if k.startswith(prefix)
-        ]
-        if dice:
-            parts.append("val Dice " + " ".join(dice))
-        for key, name in (("val_auc", "val AUC"), ("val_patient_accuracy", "val patients")):
-            if key in logs:
-                parts.append(f"{name} {float(logs[key]):.3f}")
-        return ", ".join(parts)
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - (self._start or time.perf_counter())
-        self.log(f"  epoch {epoch + 1}/{self.epochs}: {self.describe(logs or {})}, {seconds:.0f} s")

@@ -60,7 +60,6 @@ from tfcovseg.data.dataset import (
     split_patients,
     split_slices,
 )
-from tfcovseg.evaluation.metrics import segmentation_metrics
 from tfcovseg.evaluation.severity import severity_rule_from_manifest
 from tfcovseg.models import (
     ModelFileError,
@@ -79,7 +78,6 @@ from tfcovseg.training.callbacks import (
     AtomicBackupAndRestore,
     AtomicCSVLogger,
     AtomicModelCheckpoint,
-    EpochLine,
     OverlayImages,
     PatientEvaluation,
 )
@@ -91,7 +89,12 @@ from tfcovseg.training.distributed import (
     is_multi_worker,
     worker_path,
 )
-from tfcovseg.training.losses import deep_supervision
+from tfcovseg.training.recipe import (
+    compile_segmenter,
+    early_stopping,
+    keras_verbose,
+    segmentation_objective,
+)
 from tfcovseg.training.selftrain import collect_images, mixed_dataset, pseudo_dataset
 from tfcovseg.training.semisup import label_round
 
@@ -359,9 +362,7 @@ def _callbacks(
             initial_value_threshold=best_so_far,
             target=save,
         ),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=patience, restore_best_weights=True
-        ),
+        early_stopping(patience),
         AtomicCSVLogger(csv_path, append=resume),
         keras.callbacks.TensorBoard(str(logs / "tensorboard" / phase), write_graph=False),
     ]
@@ -401,14 +402,6 @@ def _overlay_slices(dataset, k: int):
         if len(images) >= k:
             break
     return images, masks
-
-
-def keras_verbose(verbose, callbacks, epochs, log=print):
-    """(Keras' verbose, callbacks): 2 means one short `EpochLine` per epoch, not Keras'
-    line of every metric; "auto"/1 keep Keras' progress bar (a terminal); 0 nothing."""
-    if verbose == 2:
-        return 0, [*callbacks, EpochLine(epochs, log)]
-    return verbose, callbacks
 
 
 def _fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose, log=print):
@@ -699,25 +692,6 @@ def _intensity_window(config):
     return (0.0, 255.0) if config.model.pre_windowed else tuple(config.model.hu_window)
 
 
-def _compile_segmenter(config, segmenter):
-    """The segmentation loss (deep supervision) and metrics on a segmenter."""
-    t = config.train
-    losses, weights = deep_supervision(
-        list(segmenter.output),
-        t.loss,
-        t.coarse_loss_weight,
-        t.final_loss_weight,
-        t.positive_weights,
-    )
-    segmenter.compile(
-        optimizer=keras.optimizers.Adam(t.learning_rate),
-        loss=losses,
-        loss_weights=weights,
-        metrics={"final": segmentation_metrics(config.model.class_names)},
-        jit_compile=t.jit_compile,
-    )
-
-
 def _segment_train_ds(run: _Run, outputs, label_output=None, batch_size=None):
     """The training split's segmentation batches, augmented as the config says."""
     data = run.config.data
@@ -744,10 +718,7 @@ def _segmentation_phase(run: _Run):
     with run.strategy.scope():
         segmenter = build_model(config.model)
         outputs = tuple(segmenter.output)
-        losses, weights = deep_supervision(
-            list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight, t.positive_weights
-        )
-        metrics = {"final": segmentation_metrics(config.model.class_names)}
+        losses, weights, metrics = segmentation_objective(config, outputs)
         fit_model, label_output = segmenter, None
         if t.classifier_aux_weight:
             # Segmentation and the slice classifier's head train the encoder together.
@@ -757,13 +728,7 @@ def _segmentation_phase(run: _Run):
             losses[label_output] = "binary_crossentropy"
             weights[label_output] = t.classifier_aux_weight
             metrics[label_output] = [keras.metrics.AUC(name="auc")]
-        fit_model.compile(
-            optimizer=keras.optimizers.Adam(t.learning_rate),
-            loss=losses,
-            loss_weights=weights,
-            metrics=metrics,
-            jit_compile=t.jit_compile,
-        )
+        compile_segmenter(config, fit_model, (losses, weights, metrics))
     train_ds = _segment_train_ds(run, outputs, label_output)
     val_ds = make_dataset(
         split="validation",
@@ -871,7 +836,7 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
         with run.strategy.scope():
             student = build_model(config.model)
             student.set_weights(teacher.get_weights())
-            _compile_segmenter(config, student)
+            compile_segmenter(config, student)
         outputs = tuple(student.output)
         labelled = _segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
         pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)

@@ -1,0 +1,82 @@
+"""The segmentation recipe the trainer and the COVID-SemiSeg benchmark share."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tests.conftest import tiny_config
+from tfcovseg.configs.experiment import ExperimentConfig, TrainConfig
+from tfcovseg.training.losses import HybridLoss
+from tfcovseg.training.recipe import (
+    EpochLine,
+    build_segmenter,
+    compile_segmenter,
+    early_stopping,
+    keras_verbose,
+    segmentation_objective,
+)
+
+
+def _experiment(**train) -> ExperimentConfig:
+    model = tiny_config(input_size=(32, 32), class_names=("ggo", "consolidation"))
+    return ExperimentConfig(model=model, train=TrainConfig(**train))
+
+
+def test_the_objective_follows_the_train_config():
+    config = _experiment(loss="bce", coarse_loss_weight=0.25, positive_weights=(1.0, 5.0))
+    losses, weights, metrics = segmentation_objective(config, ("coarse", "final"))
+    assert weights == {"coarse": 0.25, "final": 1.0}
+    assert all(isinstance(loss, HybridLoss) for loss in losses.values())
+    assert losses["final"].terms == ("bce",) and losses["final"].positive_weights == (1.0, 5.0)
+    names = [m.name for m in metrics["final"]]
+    assert "dice_ggo" in names and "dice_consolidation" in names
+    # The U-Net baselines have no coarse output: the loss is on "final" alone.
+    losses, weights, _ = segmentation_objective(config, ("final",))
+    assert set(losses) == set(weights) == {"final"}
+
+
+def test_build_segmenter_compiles_and_starts_from_a_teacher():
+    config = _experiment(learning_rate=0.02, jit_compile=False)
+    keras.utils.set_random_seed(1)
+    teacher = build_segmenter(config)
+    assert float(teacher.optimizer.learning_rate) == np.float32(0.02)
+    assert set(teacher.loss) == {"coarse", "final"} and teacher.jit_compile is False
+    student = build_segmenter(config, init=teacher)
+    for a, b in zip(teacher.get_weights(), student.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    fresh = build_segmenter(config)
+    assert any(not np.array_equal(a, b) for a, b in zip(teacher.get_weights(), fresh.get_weights()))
+    # An objective of one's own (the trainer's classifier head rides along this way).
+    compile_segmenter(config, fresh, ({"final": "mse"}, {"final": 2.0}, {}))
+    assert fresh.loss == {"final": "mse"}
+
+
+def test_early_stopping_restores_the_best_epoch():
+    stop = early_stopping(3)
+    assert stop.patience == 3 and stop.monitor == "val_loss" and stop.restore_best_weights
+
+
+def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
+    logs = {"loss": 1.93214, "val_loss": 1.9712, "final_dice_ggo": 0.5, "coarse_loss": 0.9}
+    logs |= {f"val_final_dice_{c}": v for c, v in (("ggo", 0.543), ("consolidation", 0.0))}
+    logs |= {"val_coarse_dice_ggo": 0.2, "val_final_iou_ggo": 0.3}
+    assert EpochLine.describe(logs) == (
+        "loss 1.9321, val_loss 1.9712, val Dice ggo 0.543 consolidation 0.000"
+    )
+    assert EpochLine.describe({"loss": 0.5, "val_auc": 0.91, "val_patient_accuracy": 1}) == (
+        "loss 0.5000, val AUC 0.910, val patients 1.000"
+    )
+    # verbose 2: Keras silent, our line instead; other values leave Keras in charge.
+    lines = []
+    verbose, callbacks = keras_verbose(2, ["kept"], 3, lines.append)
+    assert verbose == 0 and callbacks[0] == "kept" and isinstance(callbacks[1], EpochLine)
+    assert keras_verbose("auto", ["kept"], 3) == ("auto", ["kept"])
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((4, 2), "float32")
+    model.fit(x, x[:, :1], validation_data=(x, x[:, :1]), epochs=3, verbose=verbose,
+              callbacks=callbacks[1:])  # fmt: skip
+    assert [line.split(":")[0] for line in lines] == ["  epoch 1/3", "  epoch 2/3", "  epoch 3/3"]
+    assert all("val_loss" in line and line.endswith(" s") for line in lines)
+    assert "\x1b" not in capsys.readouterr().out + "".join(lines)

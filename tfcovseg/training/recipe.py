@@ -1,0 +1,114 @@
+"""An experiment's segmentation recipe on any Keras backend: the network its config builds,
+the loss, optimiser and metrics it compiles with, how a fit stops early and what it prints.
+
+`tfcovseg.training.trainer` (records through tf.data, tf.distribute, a run folder) and the
+COVID-SemiSeg benchmark (slices in memory, any backend: `tfcovseg.benchmarks.semiseg`) both
+train through these, so one experiment config is one recipe in both.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+
+from tfcovseg.evaluation.metrics import segmentation_metrics
+from tfcovseg.models import build_model
+from tfcovseg.training.losses import deep_supervision
+
+
+def segmentation_objective(config, outputs) -> tuple[dict, dict, dict]:
+    """(losses, loss weights, metrics) of an experiment's segmentation phase on a
+    segmenter's `outputs` (their names): deep supervision with ``train.loss`` and its
+    weights; Dice, IoU, precision and recall per class on "final"."""
+    t = config.train
+    losses, weights = deep_supervision(
+        list(outputs), t.loss, t.coarse_loss_weight, t.final_loss_weight, t.positive_weights
+    )
+    return losses, weights, {"final": segmentation_metrics(config.model.class_names)}
+
+
+def compile_segmenter(config, model, objective=None) -> None:
+    """Compiles `model` with Adam at ``train.learning_rate``, ``train.jit_compile`` and
+    `objective` (default: `segmentation_objective` on the model's outputs)."""
+    losses, weights, metrics = objective or segmentation_objective(config, model.output)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.train.learning_rate),
+        loss=losses,
+        loss_weights=weights,
+        metrics=metrics,
+        jit_compile=config.train.jit_compile,
+    )
+
+
+def build_segmenter(config, init=None):
+    """The compiled segmenter of ``config.model``; starting from `init`'s weights (a model
+    of the same config) when given, else from scratch."""
+    model = build_model(config.model)
+    if init is not None:
+        model.set_weights(init.get_weights())
+    compile_segmenter(config, model)
+    return model
+
+
+def early_stopping(patience: int):
+    """Stops after `patience` epochs without a lower validation loss and restores the best
+    epoch's weights (the paper's criterion, in every phase)."""
+    return keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=patience, restore_best_weights=True
+    )
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One short line per epoch for a person or a log file: no progress bar, no ANSI codes.
+
+    ``epoch 3/16: loss 1.932, val_loss 1.971, val Dice ggo 0.543 consolidation 0.000
+    fibrosis 0.000, 81 s``: the losses, the validation Dice per class of the final output
+    (or the classifier's validation AUC and patient accuracy) and the epoch's time. The
+    whole metric set goes to the CSV log and TensorBoard.
+
+    Args:
+        epochs: The phase's maximum epochs (shown as the denominator).
+        log: Where lines go (default `print`).
+        prefix: What starts each line (the indent; a benchmark adds the model's name).
+    """
+
+    def __init__(self, epochs, log=print, prefix="  "):
+        super().__init__()
+        self.epochs = int(epochs)
+        self.log = log
+        self.prefix = prefix
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    @staticmethod
+    def describe(logs: dict) -> str:
+        parts = [f"{k} {float(logs[k]):.4f}" for k in ("loss", "val_loss") if k in logs]
+        final = any(k.startswith("val_final_dice_") for k in logs)
+        prefix = "val_final_dice_" if final else "val_dice_"
+        dice = [
+            f"{k[len(prefix) :]} {float(v):.3f}" for k, v in logs.items() if k.startswith(prefix)
+        ]
+        if dice:
+            parts.append("val Dice " + " ".join(dice))
+        for key, name in (("val_auc", "val AUC"), ("val_patient_accuracy", "val patients")):
+            if key in logs:
+                parts.append(f"{name} {float(logs[key]):.3f}")
+        return ", ".join(parts)
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - (self._start or time.perf_counter())
+        self.log(
+            f"{self.prefix}epoch {epoch + 1}/{self.epochs}: "
+            f"{self.describe(logs or {})}, {seconds:.0f} s"
+        )
+
+
+def keras_verbose(verbose, callbacks, epochs, log=print, prefix="  "):
+    """(Keras' verbose, callbacks): 2 means one short `EpochLine` per epoch, not Keras'
+    line of every metric; "auto"/1 keep Keras' progress bar (a terminal); 0 nothing."""
+    if verbose == 2:
+        return 0, [*callbacks, EpochLine(epochs, log, prefix)]
+    return verbose, callbacks
