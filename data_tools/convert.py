@@ -468,6 +468,75 @@ def read_nifti_volume(path: Path):
     return slices, (float(zooms[1]), float(zooms[0]), float(zooms[2])), image.affine
 
 
+@dataclasses.dataclass
+class _Volume:
+    """A study as read, before lung masks and resizing."""
+
+    hu: np.ndarray  # [K, H, W]
+    labels: np.ndarray | None  # [K, H, W] class labels, None: no mask
+    spacing: tuple[float, float, float]
+    positions: list[float]
+    keys: list[str]
+    pre_windowed: bool = False
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _read_dicom_study(study: Study, classes) -> _Volume:
+    series = study.series
+    volume, kept, skipped = [], [], []
+    for i, header in enumerate(series.slices):
+        try:
+            volume.append(dicom_io.read_hu(header.path))
+            kept.append(i)
+        except SkipFile as e:
+            skipped.append((header.path.name, str(e)))
+    if not volume:
+        raise SkipFile(f"no slice of the series could be read ({skipped[0][1]})")
+    hu = np.stack(volume)
+    check_ct_values(hu)
+    labels = None
+    if study.mask_kind == "nifti":
+        labels = masks.nifti_labels_on_series(study.mask_path, series, study.mask_fit)[kept]
+    elif study.mask_kind == "seg":
+        labels = masks.seg_labels_on_series(study.mask_path, series, classes)[kept]
+    first = series.slices[0]
+    spacing = (first.spacing[0], first.spacing[1], abs(series.slice_spacing))
+    positions = [float(series.positions[i]) for i in kept]
+    keys = [series.slices[i].sop_uid for i in kept]
+    return _Volume(hu, labels, spacing, positions, keys, skipped=skipped)
+
+
+def _read_nifti_study(study: Study) -> _Volume:
+    hu, spacing, affine = read_nifti_volume(study.image_path)
+    check_ct_values(hu)
+    # As for DICOM: padding and outside-field-of-view values (often -3024) become air.
+    hu = np.maximum(hu, dicom_io.HU_FLOOR)
+    labels = None
+    if study.mask_path is not None:
+        mask, _, mask_affine = read_nifti_volume(study.mask_path)
+        if mask.shape != hu.shape or not np.allclose(mask_affine, affine, atol=1e-3):
+            raise SkipFile(
+                f"mask {study.mask_path.name} has shape {mask.shape} / affine "
+                f"different from the volume's {hu.shape}"
+            )
+        labels = np.rint(mask).astype(np.uint8)
+    positions = [k * spacing[2] for k in range(hu.shape[0])]
+    keys = [f"{study.series_key}#{k}" for k in range(hu.shape[0])]
+    return _Volume(hu, labels, spacing, positions, keys)
+
+
+def _read_image_study(study: Study, num_classes: int, binary_class) -> _Volume:
+    hu = masks.read_image_slice(study.image_path)[None]
+    labels = None
+    if study.mask_path is not None:
+        labels = masks.read_png_labels(study.mask_path, num_classes, binary_class)[None]
+        if labels.shape != hu.shape:
+            raise SkipFile(
+                f"mask {study.mask_path.name} has shape {labels.shape[1:]}, image {hu.shape[1:]}"
+            )
+    return _Volume(hu, labels, (1.0, 1.0, 1.0), [0.0], [study.series_key], pre_windowed=True)
+
+
 def process_study(study: Study, size: int, classes, binary_class: int | None = None) -> StudyResult:
     """Reads a study, aligns its masks, computes lung masks and resizes to `size`.
 
@@ -475,58 +544,13 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
     such a mask is refused when there are several classes (`masks.read_png_labels`).
     """
     num_classes = len(classes)
-    skipped: list[tuple[str, str]] = []
-    pre_windowed = False
     if study.kind == "dicom":
-        series = study.series
-        volume, kept = [], []
-        for i, header in enumerate(series.slices):
-            try:
-                volume.append(dicom_io.read_hu(header.path))
-                kept.append(i)
-            except SkipFile as e:
-                skipped.append((header.path.name, str(e)))
-        if not volume:
-            raise SkipFile(f"no slice of the series could be read ({skipped[0][1]})")
-        hu = np.stack(volume)
-        check_ct_values(hu)
-        labels = None
-        if study.mask_kind == "nifti":
-            labels = masks.nifti_labels_on_series(study.mask_path, series, study.mask_fit)[kept]
-        elif study.mask_kind == "seg":
-            labels = masks.seg_labels_on_series(study.mask_path, series, classes)[kept]
-        first = series.slices[0]
-        spacing = (first.spacing[0], first.spacing[1], abs(series.slice_spacing))
-        positions = [float(series.positions[i]) for i in kept]
-        keys = [series.slices[i].sop_uid for i in kept]
+        read = _read_dicom_study(study, classes)
     elif study.kind == "nifti":
-        hu, spacing, affine = read_nifti_volume(study.image_path)
-        check_ct_values(hu)
-        # As for DICOM: padding and outside-field-of-view values (often -3024) become air.
-        hu = np.maximum(hu, dicom_io.HU_FLOOR)
-        labels = None
-        if study.mask_path is not None:
-            mask, _, mask_affine = read_nifti_volume(study.mask_path)
-            if mask.shape != hu.shape or not np.allclose(mask_affine, affine, atol=1e-3):
-                raise SkipFile(
-                    f"mask {study.mask_path.name} has shape {mask.shape} / affine "
-                    f"different from the volume's {hu.shape}"
-                )
-            labels = np.rint(mask).astype(np.uint8)
-        positions = [k * spacing[2] for k in range(hu.shape[0])]
-        keys = [f"{study.series_key}#{k}" for k in range(hu.shape[0])]
+        read = _read_nifti_study(study)
     else:
-        hu = masks.read_image_slice(study.image_path)[None]
-        pre_windowed = True
-        labels = None
-        if study.mask_path is not None:
-            labels = masks.read_png_labels(study.mask_path, num_classes, binary_class)[None]
-            if labels.shape != hu.shape:
-                raise SkipFile(
-                    f"mask {study.mask_path.name} has shape {labels.shape[1:]}, "
-                    f"image {hu.shape[1:]}"
-                )
-        spacing, positions, keys = (1.0, 1.0, 1.0), [0.0], [study.series_key]
+        read = _read_image_study(study, num_classes, binary_class)
+    hu, labels, spacing = read.hu, read.labels, read.spacing
     if labels is not None and labels.max(initial=0) > num_classes:
         raise SkipFile(
             f"mask has label {int(labels.max())} but only {num_classes} classes "
@@ -537,7 +561,7 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
     annotated = labels is not None or study.diagnosis in LESION_FREE_DIAGNOSES
     if labels is None:
         labels = np.zeros(hu.shape, np.uint8)
-    lung = lung_mask(hu, spacing[:2], lesions=labels > 0, pre_windowed=pre_windowed)
+    lung = lung_mask(hu, spacing[:2], lesions=labels > 0, pre_windowed=read.pre_windowed)
     k, h, w = hu.shape
     out_spacing = (spacing[0] * h / size, spacing[1] * w / size, spacing[2])
     hu_out = np.stack([_resize(s, size, nearest=False) for s in hu])
@@ -547,12 +571,12 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
         hu=hu_out,
         lesions=masks.labels_to_channels(labels_out, num_classes),
         lung=lung_out,
-        positions=positions,
-        slice_keys=keys,
+        positions=read.positions,
+        slice_keys=read.keys,
         spacing_mm=out_spacing,
         annotated=annotated,
-        pre_windowed=pre_windowed,
-        skipped=skipped,
+        pre_windowed=read.pre_windowed,
+        skipped=read.skipped,
     )
 
 

@@ -104,27 +104,39 @@ def _lobes(rng, amplitude):
 
 
 def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]:
+    """COVID-19: bilateral, peripheral ground glass (some with crazy paving), then
+    consolidation (half of it inside the ground glass) and subpleural fibrotic bands, as
+    many as the severity's plan draws; sides alternate so that both lungs are hit."""
     plan = COVID_PLAN[severity]
-    out = []
 
     def lateral(xx, yy, z):  # under the costal pleura, not the mediastinal one
         return np.abs(xx - an.xm) > an.mediastinal_half_width(z) + 30
 
     side = rng.choice((-1, 1))
-    ggo = []
+    ggo, side = _covid_ggo(rng, sampler, plan, side, lateral)
+    consolidation, side = _covid_consolidation(rng, sampler, plan, side, lateral, ggo)
+    fibrosis = _covid_fibrosis(rng, an, sampler, plan, side, lateral)
+    return ggo + consolidation + fibrosis
+
+
+def _covid_ggo(rng, sampler, plan, side, lateral):
+    out = []
     for _ in range(rng.integers(plan["ggo"][0], plan["ggo"][1] + 1)):
         side = -side  # both lungs
         a = rng.uniform(*plan["radius"])
         p = sampler.point((35, 250), (0.3 * a, max(0.8 * a, 4.0)), side, lateral)
         if p is None:
             continue
-        lesion = Lesion(
+        out.append(Lesion(
             "ggo", p, (a * rng.uniform(0.7, 1.3), a, max(a * rng.uniform(1.0, 2.0), 15.0)),
             rng.uniform(-700, -380), 0.6, LABELS["ggo"], rng.uniform(0, math.pi),
             _lobes(rng, 0.18), paving=bool(rng.uniform() < plan["paving"]),
-        )  # fmt: skip
-        ggo.append(lesion)
-        out.append(lesion)
+        ))  # fmt: skip
+    return out, side
+
+
+def _covid_consolidation(rng, sampler, plan, side, lateral, ggo):
+    out = []
     for _ in range(rng.integers(plan["cons"][0], plan["cons"][1] + 1)):
         a = rng.uniform(10, 20)
         if ggo and rng.uniform() < 0.5:  # consolidation inside ground glass
@@ -137,19 +149,16 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
             p = sampler.point((35, 220), (0.3 * a, max(0.8 * a, 4.0)), side, lateral)
         if p is None:
             continue
-        out.append(
-            Lesion(
-                "consolidation",
-                p,
-                (a, a * rng.uniform(0.7, 1.2), max(a * rng.uniform(1, 2), 10)),
-                rng.uniform(-80, 40),
-                0.25,
-                LABELS["consolidation"],
-                rng.uniform(0, math.pi),
-                _lobes(rng, 0.15),
-                dense=True,
-            )  # fmt: skip
-        )
+        out.append(Lesion(
+            "consolidation", p, (a, a * rng.uniform(0.7, 1.2), max(a * rng.uniform(1, 2), 10)),
+            rng.uniform(-80, 40), 0.25, LABELS["consolidation"], rng.uniform(0, math.pi),
+            _lobes(rng, 0.15), dense=True,
+        ))  # fmt: skip
+    return out, side
+
+
+def _covid_fibrosis(rng, an, sampler, plan, side, lateral):
+    out = []
     for _ in range(rng.integers(plan["fib"][0], plan["fib"][1] + 1)):
         side = -side
         posterior = rng.uniform() < 0.7  # fibrosis favours the dependent, basal lung
@@ -160,18 +169,11 @@ def covid(rng, an: Anatomy, sampler: LungSampler, severity: str) -> list[Lesion]
         p = sampler.point((35, 180), (0.0, 4.0), side, where)
         if p is None:
             continue
-        out.append(
-            Lesion(
-                "fibrosis",
-                p,
-                (rng.uniform(22, 40), 0.0, rng.uniform(15, 35)),
-                rng.uniform(-680, -600),
-                0.35,
-                LABELS["fibrosis"],
-                depth=rng.uniform(8, 15),
-                band=rng.uniform(1.5, 3.0),
-            )  # fmt: skip
-        )
+        out.append(Lesion(
+            "fibrosis", p, (rng.uniform(22, 40), 0.0, rng.uniform(15, 35)),
+            rng.uniform(-680, -600), 0.35, LABELS["fibrosis"], depth=rng.uniform(8, 15),
+            band=rng.uniform(1.5, 3.0),
+        ))  # fmt: skip
     return out
 
 

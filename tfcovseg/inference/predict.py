@@ -1123,6 +1123,46 @@ def predict(
         return _predict_volumes(predictor, volumes, skipped, out, options, log)
 
 
+def _check_kept_images(target: Path, report, expected: dict) -> None:
+    """A folder's earlier results are kept only when made with the same model, threshold
+    and intensity handling."""
+    found = {"model": None, "mask_threshold": None, "intensity": None}
+    if report is not None:
+        found = {
+            "model": report["model"]["source"],
+            "mask_threshold": report["mask_threshold"],
+            "intensity": report.get("intensity", {}).get("mode", "as-is"),
+        }
+    if found != expected:
+        raise PredictionError(
+            f"{target} already holds results made otherwise ({found}, now {expected}): "
+            "choose another --out"
+        )
+
+
+def _predict_new_images(predictor, folder, target, mask_threshold, batch_size, intensity, log):
+    """Reads the folder's slices and predicts them into `target`; returns the report."""
+    name = target.name
+    try:
+        slices, skipped = read_image_folder(folder)
+    except ImageInputError as e:
+        raise PredictionError(str(e)) from None
+    for f, r in skipped:
+        log(f"warning: skipped {f}: {r}")
+    for left in remove_partial_directories(target):
+        log(f"removed {left}, left by an interrupted run")
+    report = predict_images(
+        predictor, slices, skipped, target, mask_threshold, batch_size, intensity
+    )
+    with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
+    log(
+        f"images {name}: {len(report['slices'])} slices, {with_lesion} with lesions; "
+        f"label PNGs in {target / 'labels'}, probabilities in "
+        f"{target}/probability_<class>, report {target / 'report.html'}"
+    )
+    return report
+
+
 def _predict_image_folder(
     predictor, folder, out, mask_threshold, batch_size, salt, log, intensity
 ):  # fmt: skip
@@ -1143,36 +1183,11 @@ def _predict_image_folder(
     index = _read_index(index_path)
     report = _finished_report(target)
     if target.exists():
-        found = {"model": None, "mask_threshold": None, "intensity": None}
-        if report is not None:
-            found = {
-                "model": report["model"]["source"],
-                "mask_threshold": report["mask_threshold"],
-                "intensity": report.get("intensity", {}).get("mode", "as-is"),
-            }
-        if found != expected:
-            raise PredictionError(
-                f"{target} already holds results made otherwise ({found}, now {expected}): "
-                "choose another --out"
-            )
+        _check_kept_images(target, report, expected)
         log(f"images {name}: already predicted in {target}, kept")
     else:  # the images are read only when they are to be predicted
-        try:
-            slices, skipped = read_image_folder(folder)
-        except ImageInputError as e:
-            raise PredictionError(str(e)) from None
-        for f, r in skipped:
-            log(f"warning: skipped {f}: {r}")
-        for left in remove_partial_directories(target):
-            log(f"removed {left}, left by an interrupted run")
-        report = predict_images(
-            predictor, slices, skipped, target, mask_threshold, batch_size, intensity
-        )
-        with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
-        log(
-            f"images {name}: {len(report['slices'])} slices, {with_lesion} with lesions; "
-            f"label PNGs in {target / 'labels'}, probabilities in "
-            f"{target}/probability_<class>, report {target / 'report.html'}"
+        report = _predict_new_images(
+            predictor, folder, target, mask_threshold, batch_size, intensity, log
         )
     for warning in report["warnings"]:
         log(f"warning: images {name}: {warning}")

@@ -301,53 +301,46 @@ def plot_ratio_boxplots(patients, stats: Mapping, classes, path, panel_inches=3.
         ax.set_ylabel("lesion / lung area", fontsize=8)
         ax.tick_params(labelsize=8)
         if not present:
-            ax.text(
-                0.5,
-                0.5,
-                "no COVID-19 patients\nwith a severity",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                fontsize=9,
-            )
+            ax.text(0.5, 0.5, "no COVID-19 patients\nwith a severity", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
             ax.set_xticks([])
             continue
-        for kind, offset, face in (("true", -0.2, TRUTH_COLOUR), ("pred", 0.2, colour)):
-            for x, severity in enumerate(present):
-                values = np.array(
-                    [p[kind][name] for p in patients if p["severity"] == severity and kind in p]
-                )
-                values = values[np.isfinite(values)]
-                if not values.size:
-                    continue
-                box = ax.boxplot(
-                    values,
-                    positions=[x + offset],
-                    widths=0.32,
-                    patch_artist=True,
-                    showfliers=False,
-                    medianprops={"color": "black"},
-                )
-                for patch in box["boxes"]:
-                    patch.set_facecolor((*face, 0.55))
-                jitter = rng.uniform(-0.08, 0.08, values.size)
-                ax.scatter(x + offset + jitter, values, s=9, color="black", alpha=0.7, zorder=3)
-        ax.set_xticks(range(len(present)), present)
-        ax.set_xlim(-0.6, len(present) - 0.4)
-        ax.set_ylim(bottom=0)
-        ax.legend(
-            handles=[
-                Patch(facecolor=(*TRUTH_COLOUR, 0.55), edgecolor="black", label="ground truth"),
-                Patch(facecolor=(*colour, 0.55), edgecolor="black", label="predicted"),
-            ],
-            loc="upper left",
-            fontsize=7,
-            frameon=False,
-        )
+        _ratio_panel(ax, name, colour, patients, present, rng)
     for ax in axes[len(names) :]:
         ax.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _ratio_panel(ax, name, colour, patients, present, rng) -> None:
+    """One class's panel: per severity group, a box of the true ratios (grey) beside one
+    of the predicted (class colour), each patient a point on top."""
+    for kind, offset, face in (("true", -0.2, TRUTH_COLOUR), ("pred", 0.2, colour)):
+        for x, severity in enumerate(present):
+            values = np.array(
+                [p[kind][name] for p in patients if p["severity"] == severity and kind in p]
+            )
+            values = values[np.isfinite(values)]
+            if not values.size:
+                continue
+            box = ax.boxplot(values, positions=[x + offset], widths=0.32, patch_artist=True,
+                             showfliers=False, medianprops={"color": "black"})  # fmt: skip
+            for patch in box["boxes"]:
+                patch.set_facecolor((*face, 0.55))
+            jitter = rng.uniform(-0.08, 0.08, values.size)
+            ax.scatter(x + offset + jitter, values, s=9, color="black", alpha=0.7, zorder=3)
+    ax.set_xticks(range(len(present)), present)
+    ax.set_xlim(-0.6, len(present) - 0.4)
+    ax.set_ylim(bottom=0)
+    ax.legend(
+        handles=[
+            Patch(facecolor=(*TRUTH_COLOUR, 0.55), edgecolor="black", label="ground truth"),
+            Patch(facecolor=(*colour, 0.55), edgecolor="black", label="predicted"),
+        ],
+        loc="upper left",
+        fontsize=7,
+        frameon=False,
+    )
 
 
 __all__ = [

@@ -90,6 +90,7 @@ from tfcovseg.training.distributed import (
     worker_path,
 )
 from tfcovseg.training.recipe import (
+    build_segmenter,
     compile_segmenter,
     early_stopping,
     keras_verbose,
@@ -576,7 +577,6 @@ def train(
 
 
 def _train(config, out, resume, verbose, log, strategy, start) -> dict:
-    chief = is_chief(strategy)
     folder = prepare_records(config, log)
     manifest = check_inputs(config, folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -622,22 +622,28 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
         except tf.errors.DataLossError as e:
             raise TrainingError(_corrupt_records_message(folder, manifest, e)) from None
         finish_phase(phase, phase_start)
-    if chief:
-        # The severity grades' ratio thresholds, from the training patients' ground truth;
-        # exports and predictions read them from here.
-        fitted_on = split_patients(manifest, config.data.train_split, fold)
-        fitted_on += split_patients(manifest, "validation", fold)
-        _write_json(out / "severity.json", severity_rule_from_manifest(manifest, fitted_on))
-        # BackupAndRestore removes its phase folders when a phase ends; drop their parent
-        # too unless something (an interrupted phase's backup) is still in it.
-        with contextlib.suppress(OSError):
-            (out / "backup").rmdir()
+    if is_chief(strategy):
+        _finish_run(config, out, manifest)
     timings["total_s"] = round(time.perf_counter() - start, 1)
     summary = _summary(config, folder, manifest, strategy, resume, timings)
     if state.get("self_training"):
         summary["self_training"] = state["self_training"]
     _write_json(out / "run.json", summary)
     return summary
+
+
+def _finish_run(config, out: Path, manifest: dict) -> None:
+    """What the chief writes when the phases are done: the severity grades' ratio
+    thresholds, from the training patients' ground truth (exports and predictions read
+    them from ``severity.json``)."""
+    fold = config.data.fold
+    fitted_on = split_patients(manifest, config.data.train_split, fold)
+    fitted_on += split_patients(manifest, "validation", fold)
+    _write_json(out / "severity.json", severity_rule_from_manifest(manifest, fitted_on))
+    # BackupAndRestore removes its phase folders when a phase ends; drop their parent too
+    # unless something (an interrupted phase's backup) is still in it.
+    with contextlib.suppress(OSError):
+        (out / "backup").rmdir()
 
 
 @dataclasses.dataclass
@@ -730,15 +736,7 @@ def _segmentation_phase(run: _Run):
             metrics[label_output] = [keras.metrics.AUC(name="auc")]
         compile_segmenter(config, fit_model, (losses, weights, metrics))
     train_ds = _segment_train_ds(run, outputs, label_output)
-    val_ds = make_dataset(
-        split="validation",
-        training=False,
-        compact=True,  # int16/uint8 batches: the model casts
-        outputs=outputs,
-        label_output=label_output,
-        drop_remainder=run.eval_drop,
-        **run.common,
-    )
+    val_ds = _validation_ds(run, outputs, label_output)
     extra = []
     if t.overlay_images and is_chief(run.strategy):
         images, masks = _overlay_slices(run.inspect_val, t.overlay_images)
@@ -790,29 +788,81 @@ def _first_teacher(run: _Run, segmenter):
     return load_model(teacher)
 
 
+def _labelled_reference(run: _Run):
+    """The labelled training slices the unlabelled ones are intensity-matched to, or None
+    (HU records need no matching)."""
+    config = run.config
+    if not (config.model.pre_windowed and config.semi.match_intensity):
+        return None
+    split = config.data.train_split
+    return collect_images(make_dataset(split=split, training=False, task="segment", **run.common))
+
+
+def _rounds_done(run: _Run, fresh_teacher: bool, state: dict) -> dict:
+    """The rounds a resumed run completed before ({round: record}); none when phase 1 ran
+    in this process (its teacher is new, so are the rounds), whose old files go."""
+    if fresh_teacher or not run.resume:  # an interrupted round's backup is kept otherwise
+        for r in range(1, run.config.semi.rounds + 1):
+            shutil.rmtree(run.out / "backup" / f"student_r{r}", ignore_errors=True)
+            (run.out / "logs" / f"student_r{r}.csv").unlink(missing_ok=True)
+        return {}
+    return {r["round"]: r for r in state.get("self_training", [])}
+
+
+def _validation_ds(run: _Run, outputs, label_output=None):
+    return make_dataset(
+        split="validation",
+        training=False,
+        compact=True,  # int16/uint8 batches: the model casts
+        outputs=outputs,
+        label_output=label_output,
+        drop_remainder=run.eval_drop,
+        **run.common,
+    )
+
+
+def _student_round(run: _Run, r: int, teacher, labels, n_pseudo: int):
+    """One round's student: from the teacher's weights, on labelled batches with
+    `n_pseudo` pseudo-labelled slices in each; returns its best model and the round's
+    record."""
+    config, t, out, tag = run.config, run.config.train, run.out, f"student_r{r}"
+    with run.strategy.scope():
+        student = build_segmenter(config, init=teacher)
+    outputs = tuple(student.output)
+    labelled = _segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
+    window = _intensity_window(config)
+    pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
+    callbacks = _callbacks(
+        out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag
+    )
+    history = _fit(
+        student, run.strategy, mixed_dataset(labelled, pseudo, outputs),
+        _validation_ds(run, outputs), config.semi.epochs, callbacks, run.verbose, run.log,
+    )  # fmt: skip
+    best = out / f"{tag}_best.keras"
+    if model_file_problem(best):
+        save_model(student, best)
+    record = {
+        "round": r,
+        "pool": labels.pool,
+        "pseudo_labelled": len(labels.images),
+        "confidence_min": round(labels.confidence_min, 4),
+        "epochs": len(getattr(history, "history", {}).get("loss", [])),
+    }
+    return load_model(best), record
+
+
 def _self_training_phase(run: _Run, segmenter, state: dict):
     """Phase 1b: self-training (`tfcovseg.configs.experiment.SemiConfig`); returns the
     student, which is also saved as ``segmenter_best.keras`` for the phases and tools after it."""
-    config, t, semi, out = run.config, run.config.train, run.config.semi, run.out
+    t, semi, out = run.config.train, run.config.semi, run.out
     teacher = _first_teacher(run, segmenter)
     unlabelled = _unlabelled_images(run)
-    reference = None
-    if config.model.pre_windowed and semi.match_intensity:
-        labelled = make_dataset(
-            split=config.data.train_split, training=False, task="segment", **run.common
-        )
-        reference = collect_images(labelled)
+    reference = _labelled_reference(run)
     n_pseudo = max(1, int(round(semi.share * t.batch_size)))
-    window = _intensity_window(config)
     rng = np.random.default_rng(t.seed)
-    fresh_teacher = segmenter is not None  # phase 1 ran now: earlier rounds are stale
-    done = {} if fresh_teacher or not run.resume else {
-        r["round"]: r for r in state.get("self_training", [])
-    }  # fmt: skip
-    if fresh_teacher or not run.resume:  # an interrupted round's backup is kept otherwise
-        for r in range(1, semi.rounds + 1):
-            shutil.rmtree(out / "backup" / f"student_r{r}", ignore_errors=True)
-            (out / "logs" / f"student_r{r}.csv").unlink(missing_ok=True)
+    # Phase 1 ran in this process: the teacher is new, earlier rounds are stale.
+    done = _rounds_done(run, segmenter is not None, state)
     rounds = []
     run.log(
         f"phase 1b: self-training on {len(unlabelled)} unlabelled slices, {semi.rounds} "
@@ -821,8 +871,7 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
     )
     for r in range(1, semi.rounds + 1):
         pool = np.sort(rng.permutation(len(unlabelled))[: semi.pool or len(unlabelled)])
-        tag = f"student_r{r}"
-        best = out / f"{tag}_best.keras"
+        best = out / f"student_r{r}_best.keras"
         if r in done and model_file_problem(best) is None:
             run.log(f"  round {r}: completed before")
             teacher = load_model(best)
@@ -833,40 +882,8 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
             f"  round {r}: {len(labels.images)} of {labels.pool} slices pseudo-labelled "
             f"(confidence >= {labels.confidence_min:.3f})"
         )
-        with run.strategy.scope():
-            student = build_model(config.model)
-            student.set_weights(teacher.get_weights())
-            compile_segmenter(config, student)
-        outputs = tuple(student.output)
-        labelled = _segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
-        pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
-        val_ds = make_dataset(
-            split="validation",
-            training=False,
-            compact=True,
-            outputs=outputs,
-            drop_remainder=run.eval_drop,
-            **run.common,
-        )
-        callbacks = _callbacks(
-            out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag
-        )
-        history = _fit(
-            student, run.strategy, mixed_dataset(labelled, pseudo, outputs), val_ds,
-            semi.epochs, callbacks, run.verbose, run.log,
-        )  # fmt: skip
-        if model_file_problem(best):
-            save_model(student, best)
-        teacher = load_model(best)
-        rounds.append(
-            {
-                "round": r,
-                "pool": labels.pool,
-                "pseudo_labelled": len(labels.images),
-                "confidence_min": round(labels.confidence_min, 4),
-                "epochs": len(getattr(history, "history", {}).get("loss", [])),
-            }
-        )
+        teacher, record = _student_round(run, r, teacher, labels, n_pseudo)
+        rounds.append(record)
         state["self_training"] = rounds
         _write_json(out / "state.json", state)
     save_model(teacher, out / "student_best.keras")
