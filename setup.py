@@ -1,10 +1,16 @@
 """tfcovseg: coarse-refine COVID-19 lesion segmentation for chest CT (Keras 3 / TensorFlow)."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+# The version, defined once in data_tools/__init__.py (read, not imported: nothing is
+# installed yet when setup.py runs).
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (HERE / "data_tools" / "__init__.py").read_text(), re.M
+).group(1)
 
 # TensorFlow is offered through extras so that users pick the wheel that fits their machine
 # (the network, losses and metrics are pure Keras 3 and also run under JAX or PyTorch).
@@ -27,7 +33,7 @@ SERVING = ["tensorflow-serving-api>=2.16", "grpcio>=1.24"]
 
 setup(
     name="tfcovseg",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Coarse-refine segmentation of COVID-19 lesions in chest CT "
         "(Huang et al., IET Image Processing 2021) in Keras 3 / TensorFlow. "

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import dicom_io, masks
+from data_tools import __version__, dicom_io, masks
 from data_tools.ct_values import check_ct_values
 from data_tools.dicom_io import SkipFile
 from data_tools.features import DIAGNOSES, LESION_CLASSES, SEVERITIES
@@ -1018,6 +1018,7 @@ def main(argv=None) -> int:
         prog="python -m data_tools.convert",
         description="Convert DICOM / NIfTI / PNG CT studies into sharded TFRecords.",
     )
+    parser.add_argument("--version", action="version", version=f"tfcovseg {__version__}")
     parser.add_argument("--input", type=Path, required=True, help="folder of studies")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--size", type=int, default=512, help="slice size of the records")

@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 
-__version__ = "0.1.0"
+from data_tools import __version__ as __version__  # the distribution's, defined once
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) off unless the user asked for it:
 # set here, once, before any room of the package imports TensorFlow.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools import __version__
 from data_tools.phantom.dicom import write_patient
 from data_tools.phantom.render import SLICE_RANGE, check_slice_range, make_patient
 
@@ -134,6 +135,7 @@ def main(argv=None) -> int:
         prog="python -m data_tools.phantom",
         description="Write a synthetic chest-CT cohort (DICOM + NIfTI lesion masks).",
     )
+    parser.add_argument("--version", action="version", version=f"tfcovseg {__version__}")
     parser.add_argument("--out", type=Path, required=True, help="destination folder")
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)

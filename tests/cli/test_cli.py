@@ -116,3 +116,16 @@ def test_every_python_m_door_answers_help_without_tensorflow(door, tmp_path):
     )
     assert out.stdout.strip().splitlines()[-1] == "exit 0 heavy none", out.stderr[-1000:]
     assert f"python -m tfcovseg.{door}" in out.stdout  # the usage names the form called
+
+
+@pytest.mark.parametrize("module", ["data_tools.convert", "data_tools.phantom"])
+def test_the_conversion_commands_answer_the_one_version(module):
+    """Every command answers --version with the distribution's version, defined once in
+    data_tools (setup.py reads it there; tfcovseg re-exports it)."""
+    import data_tools
+
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"tfcovseg {__version__}"
+    assert __version__ == data_tools.__version__
