@@ -93,3 +93,35 @@ def test_octagon_growth_equals_alternating_cross_and_square_steps(radius, erode)
     for i in range(radius):  # the definition: one 3x3 step at a time, cross then square
         expected = op(expected, structure=_CROSS if i % 2 == 0 else _SQUARE)
     np.testing.assert_array_equal(_grow(mask, radius, erode), expected)
+
+
+def _random_masks():
+    """Blobs with holes, some touching the image border, and an empty and a full mask."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    masks = [ndimage.binary_opening(rng.random((45, 61)) < p) for p in (0.4, 0.55, 0.7)]
+    return [*masks, np.zeros((9, 7), bool), np.ones((9, 7), bool)]
+
+
+def test_opencv_pieces_equal_scipys():
+    """The lung mask's OpenCV pieces give scipy's results exactly: hole filling (4-connected
+    background), 4-connected labels and their areas, and the octagon closing."""
+    from scipy import ndimage
+
+    from data_tools.lung import _close, _fill_holes, _grow, _label
+
+    for mask in _random_masks():
+        np.testing.assert_array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))
+        labels, areas = _label(mask)
+        expected, n = ndimage.label(mask)
+        assert len(areas) == n + 1 and areas[0] == (~mask).sum()
+        assert sorted(areas[1:]) == sorted(np.bincount(expected.ravel())[1:])
+        for k in range(1, n + 1):  # the same components, whatever their numbers
+            assert len(np.unique(labels[expected == k])) == 1
+        if mask.any() and not mask.all():
+            for radius in (1, 4, 7):
+                pad = radius + 1  # the reference: scipy's steps on a padded copy
+                padded = np.pad(mask, pad)
+                closed = _grow(_grow(padded, radius, False), radius, True)[pad:-pad, pad:-pad]
+                np.testing.assert_array_equal(_close(mask, radius), mask | closed)
