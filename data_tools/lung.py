@@ -100,10 +100,10 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
     """Morphological closing by an octagon, computed only around the mask."""
     if radius < 1:
         return mask
-    rows, cols = np.nonzero(mask)
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))  # of the mask's pixels
     pad = radius + 1
-    r0, r1 = max(rows.min() - pad, 0), rows.max() + pad + 1
-    c0, c1 = max(cols.min() - pad, 0), cols.max() + pad + 1
+    r0, r1 = max(y - pad, 0), y + h + pad
+    c0, c1 = max(x - pad, 0), x + w + pad
     # Room to grow beyond the image border; outside the crop is background for both steps.
     crop = np.pad(mask[r0:r1, c0:c1], pad).view(np.uint8)
     kernel, border = _octagon(radius), {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
