@@ -96,7 +96,17 @@ def test_console_scripts_name_importable_doors():
 
 
 @pytest.mark.parametrize(
-    "door", ["train", "evaluate", "export", "predict", "compare", "serving_client", "summary"]
+    "door",
+    [
+        "train",
+        "evaluate",
+        "export",
+        "predict",
+        "compare",
+        "serving_client",
+        "summary",
+        "benchmarks.semiseg",
+    ],
 )
 def test_every_python_m_door_answers_help_without_tensorflow(door, tmp_path):
     """``python -m tfcovseg.<door> --help`` reaches its command before Keras or TensorFlow

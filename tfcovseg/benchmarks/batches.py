@@ -1,0 +1,64 @@
+"""In-memory training batches of the COVID-SemiSeg benchmark (`tfcovseg.benchmarks.semiseg`):
+slices held as arrays, so that the benchmark runs under any Keras backend (the trainer reads
+TFRecords through tf.data instead)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+class SliceBatches(keras.utils.PyDataset):
+    """Batches of (image, {output: mask}) from memory, with the paper's augmentation
+    (random quarter turn and horizontal flip, image and mask together) and, with
+    `jitter`, random intensity changes (`intensity.IntensityJitter`).
+
+    With `extra` (images, masks: pseudo-labelled slices), `extra_share` of every batch is
+    drawn from them at random; the epoch is still `passes` passes over the labelled slices.
+    Not `training` (validation): one pass in order, nothing changed.
+    """
+
+    def __init__(
+        self, images, masks, outputs, batch_size, passes, seed, training=True, augment=True,
+        jitter=None, extra=None, extra_share=0.5,
+    ):  # fmt: skip
+        super().__init__()
+        self.images, self.masks, self.outputs = images, masks, tuple(outputs)
+        self.training = training
+        self.augment, self.jitter = training and augment, jitter if training else None
+        self.extra = extra
+        n_extra = int(round(extra_share * batch_size)) if extra is not None else 0
+        self.n_extra = min(max(n_extra, 1), batch_size - 1) if extra is not None else 0
+        self.batch_size = batch_size - self.n_extra  # labelled slices per batch
+        self.rng = np.random.default_rng(seed)
+        self.passes = passes
+        self._order()
+
+    def _order(self):
+        order = [self.rng.permutation(len(self.images)) for _ in range(self.passes)]
+        self.order = np.concatenate(order) if self.training else np.arange(len(self.images))
+
+    def __len__(self):
+        return int(np.ceil(len(self.order) / self.batch_size))
+
+    def __getitem__(self, i):
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        x, y = self.images[idx][..., None], self.masks[idx]
+        if self.n_extra:
+            pick = self.rng.integers(len(self.extra[0]), size=self.n_extra)
+            x = np.concatenate([x, self.extra[0][pick][..., None]])
+            y = np.concatenate([y, self.extra[1][pick]])
+        if self.augment:
+            x, y = x.copy(), y.copy()
+            for j in range(len(x)):
+                k = int(self.rng.integers(4))
+                x[j], y[j] = np.rot90(x[j], k), np.rot90(y[j], k)
+                if self.rng.random() < 0.5:
+                    x[j], y[j] = x[j][:, ::-1], y[j][:, ::-1]
+        if self.jitter is not None:
+            x = self.jitter(x, self.rng)
+        return x, {name: y for name in self.outputs}
+
+    def on_epoch_end(self):
+        if self.training:
+            self._order()
