@@ -8,10 +8,13 @@ In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once 
 
 1. phantom generation rate (slices/s on one core; target >= 50 at 512x512);
 2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, one process;
-3. ``data_tools.convert`` with one worker and with ``--workers`` workers: slices/s and the
-   ratio to the bare read rate per worker (target >= 0.5), and the peak resident memory
-   of the converting process and of its largest worker (target: <= 2 GB in all for a
-   1000-slice cohort).
+3. the lung mask alone (`data_tools.lung.lung_mask` on each series' HU volume, one core;
+   issue 22's target: <= 5 ms per 512x512 slice);
+4. ``data_tools.convert`` with one worker and with ``--workers`` workers: slices/s, the
+   ratio to the bare read rate per worker (issue 22's target: >= 0.2), the speed-up from 1
+   to ``--workers`` workers (target >= 1.7 with 2), and the peak resident memory of the
+   converting process and of its largest worker (target: <= 2 GB in all for a 1000-slice
+   cohort).
 
 Conversion runs in a fresh subprocess each time, so peak memory is the conversion's own.
 """
@@ -27,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from common import write_figures  # experiments/benchmarks/common.py
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +72,25 @@ def _bare_read(files) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
+def _lung_alone(files) -> float:
+    """`lung_mask` alone over each series' HU volume (read before timing), on one core."""
+    import cv2
+
+    from data_tools.dicom_io import read_hu
+    from data_tools.lung import lung_mask
+
+    cv2.setNumThreads(1)  # one core, as one converter worker
+    by_series: dict[Path, list] = {}
+    for f in files:
+        by_series.setdefault(f.parent, []).append(read_hu(f))
+    seconds = 0.0
+    for slices in by_series.values():
+        start = time.perf_counter()
+        lung_mask(np.stack(slices))
+        seconds += time.perf_counter() - start
+    return len(files) / seconds
+
+
 def _convert(cohort: Path, out: Path, size: int, workers: int) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
@@ -93,6 +116,7 @@ def main(argv=None) -> int:
     cohort, phantom_rate = _cohort(args.patients, args.size)
     files = sorted(cohort.rglob("*.dcm"))
     bare = _bare_read(files)
+    lung = _lung_alone(files)
     records = ROOT / "runs" / "benchmarks" / f"records-{args.size}-{args.patients}"
     one = _convert(cohort, records, args.size, 1)
     many = _convert(cohort, records, args.size, args.workers)
@@ -102,10 +126,13 @@ def main(argv=None) -> int:
         "slices": len(files),
         "phantom_slices_per_s": phantom_rate,
         "bare_read_slices_per_s": bare,
+        "lung_mask_alone_slices_per_s": lung,
+        "lung_mask_ms_per_slice": 1000 / lung,
         "convert_1_worker": one,
         f"convert_{args.workers}_workers": many,
         "ratio_1_worker": one["slices_per_s"] / bare,
         "ratio_per_worker": many["slices_per_s"] / args.workers / bare,
+        "speed_up_1_to_n_workers": many["slices_per_s"] / one["slices_per_s"],
     }
     print(f"{len(files)} DICOM slices at {args.size}x{args.size} on {result['machine']}")
     if phantom_rate:
@@ -113,6 +140,7 @@ def main(argv=None) -> int:
     else:
         print("phantom generation        (cohort reused from an earlier run)")
     print(f"bare pydicom read         {bare:8.1f} slices/s")
+    print(f"lung mask alone           {lung:8.1f} slices/s ({1000 / lung:.1f} ms per slice)")
     for name, r in (("convert, 1 worker", one), (f"convert, {args.workers} workers", many)):
         print(
             f"{name:<26}{r['slices_per_s']:8.1f} slices/s, peak RSS {r['peak_rss_mb']:.0f} MB "
@@ -120,7 +148,8 @@ def main(argv=None) -> int:
         )
     print(
         f"convert / bare read: x{result['ratio_1_worker']:.2f} (1 worker), "
-        f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}"
+        f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}; "
+        f"{args.workers} workers x{result['speed_up_1_to_n_workers']:.2f} of 1"
     )
     write_figures(args.out, result)
     return 0
