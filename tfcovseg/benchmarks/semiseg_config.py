@@ -92,16 +92,14 @@ def benchmark_config(config=None, overrides=(), *, size=None, widths=None, **sho
     unknown = sorted(set(shortcuts) - set(SHORTCUTS))
     if unknown:
         raise BenchmarkError(f"unknown settings {unknown}; the benchmark takes {list(SHORTCUTS)}")
-    more = [f"model.input_size=[{size}, {size}]"] if size is not None else []
+    more = [_override("model.input_size", [size, size])] if size is not None else []
     for key, value in (widths or {}).items():
-        component, field = ex.FLAT_MODEL_KEYS[key]
-        more.append(f"model.{component}.{field}={json.dumps(value)}")
-    more += [f"{SHORTCUTS[k]}={json.dumps(v)}" for k, v in shortcuts.items() if v is not None]
+        more.append(_override("model.{}.{}".format(*ex.FLAT_MODEL_KEYS[key]), value))
+    more += [_override(SHORTCUTS[k], v) for k, v in shortcuts.items() if v is not None]
     more += list(overrides)
     try:
         if isinstance(config, ex.ExperimentConfig):
-            values = ex.apply_overrides(ex.config_to_dict(config), more)
-            config = ex.config_from_dict(values, f"{config.name} + overrides")
+            config = _overridden(config, more, f"{config.name} + overrides")
         else:
             config = ex.load_config(config or DEFAULT_CONFIG, more)
     except ex.ConfigError as e:
@@ -127,10 +125,18 @@ def _check_experiment(config) -> None:
 
 def row_config(config, row: str):
     """The experiment of one row of the table (`ROWS`)."""
-    more = [f"{k}={json.dumps(v)}" for k, v in ROWS[row].items()]
-    return ex.config_from_dict(
-        ex.apply_overrides(ex.config_to_dict(config), more), f"{config.name}, row {row}"
-    )
+    more = [_override(k, v) for k, v in ROWS[row].items()]
+    return _overridden(config, more, f"{config.name}, row {row}")
+
+
+def _override(key: str, value) -> str:
+    """One ``KEY=VALUE`` override, as ``--set`` takes it (JSON is YAML)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def _overridden(config, overrides, source: str):
+    """`config` with ``KEY=VALUE`` `overrides` applied, validated again."""
+    return ex.config_from_dict(ex.apply_overrides(ex.config_to_dict(config), overrides), source)
 
 
 def _dotted(values: dict, prefix="") -> dict:
