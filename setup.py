@@ -30,6 +30,9 @@ CODECS = ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]
 # as a dependency: with the gpu extra that is already there; next to tensorflow-cpu install
 # it with `pip install --no-deps tensorflow-serving-api` instead of this extra.
 SERVING = ["tensorflow-serving-api>=2.16", "grpcio>=1.24"]
+# python -m tfcovseg.export --format onnx (tf2onnx traces the serving graph; onnxruntime
+# runs it: the test compares it with the SavedModel).
+ONNX = ["tf2onnx>=1.16", "onnx>=1.14", "onnxruntime>=1.16"]
 
 setup(
     name="tfcovseg",
@@ -79,6 +82,7 @@ setup(
         "gpu": TF_GPU,
         "codecs": CODECS,
         "serving": SERVING,
+        "onnx": ONNX,
         "test": [
             "pytest>=7.0",
             "pytest-xdist>=3.5",  # the suite runs on every core (pytest.ini: -n auto)
@@ -87,6 +91,7 @@ setup(
             "ruff>=0.5",
             *TF_CPU,
             *CODECS,
+            *ONNX,
         ],
     },
 )

@@ -67,6 +67,7 @@ from data_tools.privacy import (
     redacted_warnings,
     resolve_salt,
 )
+from data_tools.resize import resize_bilinear
 
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^slices-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
@@ -442,9 +443,8 @@ def _resize(image: np.ndarray, size: int, nearest: bool) -> np.ndarray:
         return np.asarray(
             Image.fromarray(image.astype(np.uint8)).resize((size, size), Image.NEAREST)
         )
-    return np.asarray(
-        Image.fromarray(image.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
-    )
+    # The serving graph resizes with the same weights (`tfcovseg.data.dataset.resize_image`).
+    return resize_bilinear(image, (size, size))
 
 
 def read_nifti_volume(path: Path):

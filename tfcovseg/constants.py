@@ -11,6 +11,10 @@ DISCLAIMER = "Research use, not a medical device."
 
 # Where `tfcovseg.export` (and the quickstart) write TF Serving versions by default.
 DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
+# ... and ONNX versions (`--format onnx`), a model folder of their own: one format per
+# model folder, as Triton's repository wants.
+DEFAULT_ONNX_DIR = Path("saved_models") / "tfcovseg-onnx"
+EXPORT_FORMATS = ("saved_model", "onnx")
 
 # How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")

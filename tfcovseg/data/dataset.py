@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 from data_tools.features import decode_example, feature_spec
+from data_tools.resize import bilinear_weights
 from tfcovseg import require_tensorflow
 
 tf = require_tensorflow("tfcovseg.data.dataset (the tf.data pipeline)")
@@ -239,20 +240,49 @@ def jitter_intensity(image, seed, window):
     return tf.ensure_shape(out, image.shape)
 
 
+class _TensorOps:
+    """The array functions `data_tools.resize.bilinear_weights` needs, on TensorFlow
+    tensors (sizes known only when the graph runs)."""
+
+    arange = staticmethod(tf.range)
+    abs = staticmethod(tf.abs)
+    maximum = staticmethod(tf.maximum)
+
+    @staticmethod
+    def float32(x):
+        return tf.cast(x, tf.float32)
+
+    @staticmethod
+    def sum(x, axis, keepdims):
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+
 def resize_image(images, size):
-    """THE image resize of tfcovseg: bilinear with antialiasing, as float32.
+    """THE image resize of tfcovseg: antialiased bilinear, as float32.
 
     Used by the input pipeline (records stored at another size than the model's), by the
     exported serving graph (any input size to the model's and the masks back) and by
-    `tfcovseg.predict`. With antialiasing it equals PIL's bilinear resize, which
-    `data_tools.convert` uses when it writes records (pinned by a test), so a study
-    resized here looks like the training slices: no train/serve skew.
+    `tfcovseg.predict`. The weights are `data_tools.resize.bilinear_weights`, the ones
+    `data_tools.convert` resizes with when it writes records, so a study resized here looks
+    like the training slices (no train/serve skew); as two matrix products the graph also
+    converts to ONNX (`tfcovseg.inference.onnx`).
 
     Args:
         images: [H, W, C] or [N, H, W, C] tensor (HU or probabilities).
         size: (height, width) of the output; a tensor is accepted.
     """
-    return tf.image.resize(tf.cast(images, tf.float32), size, "bilinear", antialias=True)
+    images = tf.cast(images, tf.float32)
+    single = images.shape.rank == 3
+    if single:
+        images = images[None]
+    shape = tf.shape(images)
+    rows = bilinear_weights(shape[1], size[0], _TensorOps)
+    columns = bilinear_weights(shape[2], size[1], _TensorOps)
+    # [N, C, H, W]: one [h, H] @ [H, W] @ [W, w] product per image and channel.
+    planes = tf.transpose(images, [0, 3, 1, 2])
+    planes = tf.matmul(tf.matmul(rows, planes), columns, transpose_b=True)
+    out = tf.transpose(planes, [0, 2, 3, 1])
+    return out[0] if single else out
 
 
 def _resize(example, size):

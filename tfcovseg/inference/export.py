@@ -52,11 +52,17 @@ from data_tools.features import feature_spec
 from data_tools.files import (
     atomic_directory,
     atomic_write_json,
+    atomic_write_text,
     json_text,
 )
 from tfcovseg import __version__, require_tensorflow
 from tfcovseg.configs.experiment import load_config
-from tfcovseg.constants import DEFAULT_EXPORT_DIR, DISCLAIMER
+from tfcovseg.constants import (
+    DEFAULT_EXPORT_DIR,
+    DEFAULT_ONNX_DIR,
+    DISCLAIMER,
+    EXPORT_FORMATS,
+)
 from tfcovseg.data.dataset import (
     resize_image,
     split_dataset,
@@ -203,10 +209,14 @@ class InferenceGraph:
         self.models = [m for m in (segmenter, classifier, self.joint) if m is not None]
 
     def _prepare(self, hu):
-        """`hu` checked (`check_hu`) and resized to the model's input size; for a model
-        trained on windowed images, mapped to their grey levels through ``hu_window`` (the
-        HU window those images correspond to: `data_tools.windows` estimates it)."""
-        hu = check_hu(hu)
+        """`hu` checked (`check_hu`), then `_resized`."""
+        return self._resized(check_hu(hu))
+
+    def _resized(self, hu):
+        """`hu` [N, H, W] resized to the model's input size; for a model trained on
+        windowed images, mapped to their grey levels through ``hu_window`` (the HU window
+        those images correspond to: `data_tools.windows` estimates it). Returns the model
+        input and (H, W)."""
         size = tf.shape(hu)[1:3]
         x = resize_image(hu[..., None], self.input_size)
         if self.pre_windowed:
@@ -259,6 +269,11 @@ class InferenceGraph:
     def serve(self, hu):
         """Masks at the input size and the slice's covid probability."""
         return self._serve(*self._prepare(hu))
+
+    def serve_unchecked(self, hu):
+        """`serve` without the input checks, for graphs that cannot refuse a request (the
+        ONNX export, `tfcovseg.inference.onnx`); `hu` must be float32 [batch, H, W]."""
+        return self._serve(*self._resized(hu))
 
     def classify(self, hu):
         """The slice gate alone: much cheaper than segmentation."""
@@ -511,25 +526,72 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
     return InferenceGraph(segmenter, classifier, metadata)
 
 
+def _version_format(folder: Path) -> str | None:
+    if (folder / "saved_model.pb").is_file():
+        return "saved_model"
+    return "onnx" if (folder / "model.onnx").is_file() else None
+
+
+def _check_model_folder(out: Path, export_format: str) -> None:
+    """One format per model folder: TF Serving and Triton load every version beneath it."""
+    for version in existing_versions(out):
+        found = _version_format(out / str(version))
+        if found not in (None, export_format):
+            raise ExportError(
+                f"{out} holds {found} versions ({out / str(version)}); write the "
+                f"{export_format} export to another --out"
+            )
+
+
+def _triton_config(out: Path, num_classes: int) -> tuple[Path, str | None]:
+    """``out/config.pbtxt`` and its text to write (None: already there, the same)."""
+    from tfcovseg.inference.onnx import triton_config
+
+    path, text = out / "config.pbtxt", triton_config(out.name, num_classes)
+    if not path.is_file():
+        return path, text
+    if path.read_text() != text:
+        raise ExportError(
+            f"{path} describes other inputs or outputs than this model's: write the export "
+            "to another --out, or remove that file"
+        )
+    return path, None
+
+
 def export_run(
-    run, out=DEFAULT_EXPORT_DIR, version=None, gate_threshold="auto", log=print, overrides=()
+    run,
+    out=None,
+    version=None,
+    gate_threshold="auto",
+    log=print,
+    overrides=(),
+    export_format="saved_model",
 ) -> Path:
     """Exports a run folder as ``out/<version>``; returns that folder.
 
     Args:
         run: A training run folder (``config.yaml`` and ``segmenter_*.keras``).
-        out: The model's folder in the TF Serving layout (versions beneath it).
+        out: The model's folder in the TF Serving / Triton layout (versions beneath it);
+            default `DEFAULT_EXPORT_DIR`, or `DEFAULT_ONNX_DIR` for ONNX.
         version: The version number (default: the next free one); an existing version is
             never overwritten.
         gate_threshold: "auto" (`calibrate_gate`) or a probability in [0, 1].
         overrides: ``--set`` changes of the run's config (`prepare_run`).
+        export_format: "saved_model" (TF Serving) or "onnx" (`tfcovseg.inference.onnx`:
+            onnxruntime, Triton; also writes ``out/config.pbtxt``).
 
     Raises:
-        ExportError: no run, no segmenter, a taken version, a bad threshold.
+        ExportError: no run, no segmenter, a taken version, a bad threshold, a model
+            folder holding the other format.
     """
+    if export_format not in EXPORT_FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
+    if out is None:
+        out = DEFAULT_ONNX_DIR if export_format == "onnx" else DEFAULT_EXPORT_DIR
     run, out = Path(run), Path(out)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    _check_model_folder(out, export_format)
     if version is None:
         version = next_version(out)
     if int(version) < 1:
@@ -537,21 +599,24 @@ def export_run(
     target = out / str(int(version))
     if target.exists():
         raise ExportError(
-            f"{target} already exists: TF Serving versions are immutable; omit --version to "
+            f"{target} already exists: served versions are immutable; omit --version to "
             f"write version {next_version(out)}"
         )
     graph = prepare_run(run, gate_threshold, int(version), overrides)
-    gate = graph.metadata["gate"]
-    if graph.pre_windowed and tuple(graph.hu_window) == DEFAULT_WINDOW:
-        log(
-            "warning: the model trained on windowed images and model.hu_window is the "
-            f"default {list(DEFAULT_WINDOW)}: HU studies will be windowed with it. Estimate "
-            "the window of your images (python -m data_tools.windows --images DIR) and set "
-            "model.hu_window in the run's config.yaml"
-        )
-    # TF Serving only loads folders named by a number: the temporary one is invisible to it.
+    _warn_default_window(graph, log)
+    if export_format == "onnx":
+        config_path, config_text = _triton_config(out, graph.num_classes)
+    # Model servers only load folders named by a number: the temporary one is invisible.
     with atomic_directory(target) as tmp:
-        write_saved_model(graph, tmp)
+        if export_format == "onnx":
+            from tfcovseg.inference.onnx import write_onnx
+
+            write_onnx(graph, tmp)
+        else:
+            write_saved_model(graph, tmp)
+    if export_format == "onnx" and config_text is not None:
+        atomic_write_text(config_path, config_text)
+    gate = graph.metadata["gate"]
     log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
     burden = graph.metadata["burden_rule"]
     if burden["threshold"] is None:
@@ -562,3 +627,13 @@ def export_run(
             f"of the lungs (chosen on {burden['validation_patients']} validation patients)"
         )
     return target
+
+
+def _warn_default_window(graph, log) -> None:
+    if graph.pre_windowed and tuple(graph.hu_window) == DEFAULT_WINDOW:
+        log(
+            "warning: the model trained on windowed images and model.hu_window is the "
+            f"default {list(DEFAULT_WINDOW)}: HU studies will be windowed with it. Estimate "
+            "the window of your images (python -m data_tools.windows --images DIR) and set "
+            "model.hu_window in the run's config.yaml"
+        )
