@@ -38,17 +38,10 @@ OUTSIDE_AIR_WINDOWED = 0.12 * 255
 
 
 def otsu_threshold(image: np.ndarray) -> float:
-    """Otsu's threshold of an 8-bit-range image (numpy, 256 bins)."""
-    hist, edges = np.histogram(image, bins=256, range=(0, 256))
-    hist = hist.astype(np.float64)
-    centers = (edges[:-1] + edges[1:]) / 2
-    weight0 = np.cumsum(hist)
-    weight1 = weight0[-1] - weight0
-    mean0 = np.cumsum(hist * centers) / np.maximum(weight0, 1)
-    total_mean = (hist * centers).sum()
-    mean1 = (total_mean - np.cumsum(hist * centers)) / np.maximum(weight1, 1)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(centers[int(np.argmax(between))])
+    """Otsu's threshold of an 8-bit-range image (OpenCV's): pixels <= it are the dark class."""
+    grey = np.clip(np.rint(np.asarray(image, np.float32)), 0, 255).astype(np.uint8)
+    threshold, _ = cv2.threshold(grey, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(threshold)
 
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
@@ -120,6 +113,88 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(areas[1:]))
 
 
+def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
+    """Slices of the last two axes covering the mask's pixels, `pad` pixels wider."""
+    rows = np.flatnonzero(mask.any(axis=-1).reshape(-1, mask.shape[-2]).any(axis=0))
+    cols = np.flatnonzero(mask.any(axis=-2).reshape(-1, mask.shape[-1]).any(axis=0))
+    return (
+        slice(max(rows[0] - pad, 0), rows[-1] + pad + 1),
+        slice(max(cols[0] - pad, 0), cols[-1] + pad + 1),
+    )
+
+
+# Up to this many regions, their areas and sums one region at a time (a comparison and a
+# masked sum each, about 0.2 ms at 512x512); beyond, one bincount pass (1-4 ms).
+_FEW_REGIONS = 16
+
+
+def _region_means(labels: np.ndarray, n: int, image: np.ndarray) -> np.ndarray:
+    """Mean of `image` over each region 1..n-1 of `labels` (index 0: background, 0)."""
+    means = np.zeros(n)
+    if n - 1 <= _FEW_REGIONS:
+        for i in range(1, n):
+            region = labels == i
+            means[i] = image[region].sum(dtype=np.float64) / max(np.count_nonzero(region), 1)
+        return means
+    counts = np.bincount(labels.ravel(), minlength=n)
+    sums = np.bincount(labels.ravel(), weights=image.ravel(), minlength=n)
+    means[1:] = sums[1:] / np.maximum(counts[1:], 1)
+    return means
+
+
+def _air_in_body(air: np.ndarray, image: np.ndarray, outside_level: float) -> np.ndarray:
+    """One slice's air inside the body, and the air regions outside it that are not as
+    dark as outside air (step 2 of the module's method)."""
+    body = _fill_holes(_largest_component(~air))
+    inside = air & body
+    n, labels = cv2.connectedComponents(
+        (air & ~body).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
+    if n > 1:
+        lung_like = _region_means(labels, n, image) > outside_level
+        lung_like[0] = False
+        if lung_like.any():
+            inside |= lung_like[labels]  # a lookup table: cheaper than np.isin
+    return inside
+
+
+def _largest_3d(inside: np.ndarray, min_fraction: float) -> np.ndarray:
+    """The largest air component of the volume and any other >= `min_fraction` of its
+    size, at most two (step 3). Labelled in the box around the air only."""
+    keep = np.zeros_like(inside)
+    if not inside.any():
+        return keep
+    box = (slice(None), *_bounding_box(inside, 0))
+    if len(inside) == 1:  # a lone slice: 6-connected in 3-D is 4-connected in its plane
+        labels, sizes = _label(inside[box][0])
+        labels = labels[None]
+    else:
+        labels, _ = ndimage.label(inside[box])
+        sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    order = np.argsort(sizes)[::-1]
+    kept = [k for k in order[:2] if k and sizes[k] >= min_fraction * sizes[order[0]]]
+    # At most two labels: comparisons, cheaper than a lookup table over the volume.
+    keep[box] = functools.reduce(np.logical_or, [labels == k for k in kept], keep[box])
+    return keep
+
+
+def _cleanup(mask: np.ndarray, radius: int, min_pixels: float) -> np.ndarray:
+    """Step 4 on one slice: closing, hole filling, small components dropped. Computed in
+    the box around the mask (outside it every step leaves background as it is)."""
+    box = _bounding_box(mask, radius + 1)
+    s = _fill_holes(_close(mask[box], radius))
+    labels, sizes = _label(s)
+    if len(sizes) > 1:
+        small = sizes < min_pixels
+        small[0] = False
+        if small.any():
+            s[small[labels]] = False
+    out = np.zeros_like(mask)
+    out[box] = s
+    return out
+
+
 def lung_mask(
     image: np.ndarray,
     spacing_mm: tuple[float, float] = (1.0, 1.0),
@@ -151,50 +226,16 @@ def lung_mask(
     if volume.ndim != 3:
         raise ValueError(f"expected [H, W] or [Z, H, W], got shape {image.shape}")
     if pre_windowed:
-        air = np.stack([s < otsu_threshold(s) for s in volume])
+        air = np.stack([s <= otsu_threshold(s) for s in volume])
     else:
         air = volume < threshold_hu
-    inside = np.zeros_like(air)
     outside_level = OUTSIDE_AIR_WINDOWED if pre_windowed else OUTSIDE_AIR_HU
-    for z in range(volume.shape[0]):
-        body = _fill_holes(_largest_component(~air[z]))
-        inside[z] = air[z] & body
-        border_air = air[z] & ~body
-        labels, counts = _label(border_air)
-        n = len(counts) - 1
-        if n:
-            # Mean intensity per region (bincount: fast even for the large outside air).
-            sums = np.bincount(labels.ravel(), weights=volume[z].ravel(), minlength=n + 1)
-            means = sums[1:] / np.maximum(counts[1:], 1)
-            lung_like = np.concatenate([[False], means > outside_level])
-            if lung_like.any():
-                inside[z] |= lung_like[labels]  # a lookup table: cheaper than np.isin
-    labels, n = ndimage.label(inside)
-    keep = np.zeros_like(inside)
-    if n:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        order = np.argsort(sizes)[::-1]
-        largest = sizes[order[0]]
-        kept = np.zeros(n + 1, bool)
-        for label in order[:2]:
-            if label and sizes[label] >= min_fraction * largest:
-                kept[label] = True
-        keep = kept[labels]
-    pixel_area = float(spacing_mm[0] * spacing_mm[1])
+    inside = np.stack([_air_in_body(a, v, outside_level) for a, v in zip(air, volume)])
+    keep = _largest_3d(inside, min_fraction)
     radius = int(round(closing_mm / max(min(spacing_mm), 1e-6)))
-    min_pixels = min_area_mm2 / pixel_area
-    for z in range(volume.shape[0]):
-        if not keep[z].any():
-            continue
-        s = _fill_holes(_close(keep[z], radius))
-        lab, sizes = _label(s)
-        if len(sizes) > 1:
-            small = sizes < min_pixels
-            small[0] = False
-            if small.any():
-                s[small[lab]] = False
-        keep[z] = s
+    min_pixels = min_area_mm2 / float(spacing_mm[0] * spacing_mm[1])
+    for z in np.flatnonzero(keep.any(axis=(1, 2))):
+        keep[z] = _cleanup(keep[z], radius, min_pixels)
     if lesions is not None:
         lesions = np.asarray(lesions)
         if lesions.ndim == image.ndim + 1:  # one channel per lesion class
