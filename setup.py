@@ -76,6 +76,10 @@ setup(
         "highdicom>=0.22",
         # Anti-aliased drawing (partial volume at every edge) and fast blurs for the phantom.
         "opencv-python-headless>=4.8",
+        # The converter writes tf.train.Examples and TFRecord shards without TensorFlow (its
+        # workers): protobuf serialises, google-crc32c checksums the records.
+        "protobuf>=4.21",
+        "google-crc32c>=1.5",
     ],
     extras_require={
         "cpu": TF_CPU,

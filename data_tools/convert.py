@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import __version__, dicom_io, masks
+from data_tools import __version__, dicom_io, masks, tfrecord
 from data_tools.ct_values import check_ct_values
 from data_tools.dicom_io import SkipFile
 from data_tools.features import DIAGNOSES, LESION_CLASSES, SEVERITIES
@@ -117,6 +117,21 @@ class StudyResult:
     annotated: bool
     pre_windowed: bool
     skipped: list[tuple[str, str]]
+
+
+@dataclasses.dataclass
+class EncodedStudy:
+    """A converted study as serialized examples and their manifest entries
+    (`encode_study`). A worker writes the examples to a file (`path`) and sends the rest:
+    the converting process then only appends that file to its shard."""
+
+    slices: list[dict]  # the manifest's per-slice entries, in slice order
+    series_id: str
+    spacing_mm: tuple[float, float, float]
+    annotated: bool
+    skipped: list[tuple[str, str]]
+    examples: list[bytes] | None = None  # serialized `tf.train.Example`s, in slice order
+    path: str | None = None  # or the file holding them (`data_tools.tfrecord.write`)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -564,9 +579,12 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
     lung = lung_mask(hu, spacing[:2], lesions=labels > 0, pre_windowed=read.pre_windowed)
     k, h, w = hu.shape
     out_spacing = (spacing[0] * h / size, spacing[1] * w / size, spacing[2])
-    hu_out = np.stack([_resize(s, size, nearest=False) for s in hu])
-    labels_out = np.stack([_resize(s, size, nearest=True) for s in labels])
-    lung_out = np.stack([_resize(s.astype(np.uint8), size, nearest=True) for s in lung])
+    if hu.shape[1:] == (size, size):  # nothing to resize: no copies
+        hu_out, labels_out, lung_out = hu, labels, lung.view(np.uint8)
+    else:
+        hu_out = np.stack([_resize(s, size, nearest=False) for s in hu])
+        labels_out = np.stack([_resize(s, size, nearest=True) for s in labels])
+        lung_out = np.stack([_resize(s.astype(np.uint8), size, nearest=True) for s in lung])
     return StudyResult(
         hu=hu_out,
         lesions=masks.labels_to_channels(labels_out, num_classes),
@@ -580,18 +598,86 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
     )
 
 
-def _safe_process(args):
-    """(result, None) or (None, reason), and the warnings the study raised: held back (in
-    a worker process too) for the converter to show redacted."""
-    study, size, classes = args
+def encode_study(study: Study, pid: str, result: StudyResult, classes, key: bytes) -> EncodedStudy:
+    """The study's slices as serialized `tf.train.Example`s (`data_tools.features`) and
+    their manifest entries; identified by pseudonyms only (`pid`: the patient's)."""
+    from data_tools.features import encode_example, slice_fields
+
+    sid = pseudonym("S", study.series_key, key)
+    examples, entries = [], []
+    channels = range(len(classes))
+    for z in range(result.hu.shape[0]):
+        fields = slice_fields(
+            result.hu[z],
+            result.lesions[z],
+            result.lung[z],
+            slice_index=z,
+            position_mm=result.positions[z],
+            spacing_mm=result.spacing_mm,
+            slice_id=pseudonym("I", f"{study.series_key}/{result.slice_keys[z]}", key),
+            series_id=sid,
+            patient_id=pid,
+            diagnosis=study.diagnosis,
+            severity=study.severity,
+            annotated=result.annotated,
+            pre_windowed=result.pre_windowed,
+        )
+        examples.append(encode_example(fields))
+        # One channel at a time: a sum over the interleaved channels took 5 ms a slice.
+        lesion_pixels = [int(np.count_nonzero(result.lesions[z, ..., c])) for c in channels]
+        entries.append(
+            {
+                "patient": pid,
+                "series": sid,
+                "index": z,
+                "label": int(any(lesion_pixels)),
+                "annotated": bool(result.annotated),
+                "lung_pixels": int(np.count_nonzero(result.lung[z])),
+                "lesion_pixels": lesion_pixels,
+            }
+        )
+    return EncodedStudy(
+        entries,
+        sid,
+        result.spacing_mm,
+        result.annotated,
+        result.skipped,
+        examples=examples,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _StudyJob:
+    """One study to convert, and where a worker leaves its examples (None: send them)."""
+
+    study: Study
+    size: int
+    classes: tuple
+    pid: str
+    key: bytes
+    compression: str
+    spill: Path | None
+
+
+def _safe_process(job: _StudyJob):
+    """(encoded study, None) or (None, reason), and the warnings the study raised: held
+    back (in a worker process too) for the converter to show redacted. A worker writes
+    the examples to ``job.spill`` (the converting process appends that file to its shard
+    in the kernel, instead of receiving ~1.5 MB a slice through a pipe)."""
     with held_warnings() as held:
         try:
-            result, reason = process_study(study, size, classes), None
+            result = process_study(job.study, job.size, job.classes)
+            encoded = encode_study(job.study, job.pid, result, job.classes, job.key)
+            if job.spill is not None:
+                with open(job.spill, "wb") as f:
+                    tfrecord.write(encoded.examples, f, job.compression)
+                encoded.examples, encoded.path = None, str(job.spill)
+            reason = None
         except SkipFile as e:
-            result, reason = None, str(e)
+            encoded, reason = None, str(e)
         except Exception as e:  # a bug or an unforeseen file problem must not stop the run
-            result, reason = None, f"unexpected error ({type(e).__name__}: {e})"
-    return result, reason, list(held)
+            encoded, reason = None, f"unexpected error ({type(e).__name__}: {e})"
+    return encoded, reason, list(held)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -622,28 +708,46 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
-def _ordered_map(fn, items, workers: int):
-    """map(fn, items) in order, in `workers` spawned processes, at most 2*workers in flight.
+def _warm_up() -> None:
+    """Loads what converting a study needs, while the converting process is still finding
+    the studies (a spawned worker starts bare: its imports took ~1 s)."""
+    import nibabel  # noqa: F401
+    from PIL import Image  # noqa: F401
 
-    The workers end with this process, even when it is killed (`_die_with_parent`).
-    """
+    from data_tools.example_proto import classes
+
+    classes()
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+    """The worker processes (None for one worker: all in this process), started and warmed
+    up at once. They end with this process, even when it is killed (`_die_with_parent`)."""
     if workers <= 1:
-        yield from map(fn, items)
+        yield None
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
     ) as pool:
-        iterator = iter(items)
-        pending = collections.deque(
-            pool.submit(fn, x) for x in itertools.islice(iterator, 2 * workers)
-        )
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(iterator, None)
-            if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
-            yield result
+        for _ in range(workers):  # each submit starts a worker while none is idle
+            pool.submit(_warm_up)
+        yield pool
+
+
+def _ordered_map(fn, items, pool, in_flight: int):
+    """map(fn, items) in order, in `pool` (None: here), at most `in_flight` at a time."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(iterator, in_flight))
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(iterator, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield result
 
 
 # ----------------------------------------------------------------------------- writing
@@ -665,13 +769,12 @@ def _progress(done, total, slices, start, final=False):
 class _Records:
     """The shards being written into a temporary folder, and the manifest's entries."""
 
-    def __init__(self, partial: Path, shard_names, compression, classes, key):
-        import tensorflow as tf
-
-        options = tf.io.TFRecordOptions(compression_type=compression or None)
+    def __init__(self, partial: Path, shard_names, classes, compression=""):
         self.partial, self.shard_names = partial, list(shard_names)
-        self.writers = [tf.io.TFRecordWriter(str(partial / n), options) for n in shard_names]
-        self.classes, self.key = tuple(classes), key
+        self.compression = compression
+        # Unbuffered: chunks a worker wrote are appended by the kernel (`tfrecord.append_file`).
+        self.writers = [open(partial / n, "wb", buffering=0) for n in shard_names]  # noqa: SIM115
+        self.classes = tuple(classes)
         self.patients, self.slices = {}, []
         self.total = self.with_lesions = self.unannotated = 0
 
@@ -682,10 +785,7 @@ class _Records:
         self.writers = []
         return {n: (self.partial / n).stat().st_size for n in self.shard_names}
 
-    def add(self, study: Study, pid: str, shard: int, result: StudyResult) -> None:
-        from data_tools.features import encode_example, slice_fields
-
-        sid = pseudonym("S", study.series_key, self.key)
+    def add(self, study: Study, pid: str, shard: int, encoded: EncodedStudy) -> None:
         entry = self.patients.setdefault(
             pid,
             {
@@ -700,49 +800,26 @@ class _Records:
                 "volume_ml": {name: 0.0 for name in ("lung", *self.classes)},
             },
         )
-        entry["series"].append(sid)
-        entry["annotated"] = entry["annotated"] and result.annotated
-        voxel_ml = float(np.prod(result.spacing_mm)) / 1000.0
-        for z in range(result.hu.shape[0]):
-            fields = slice_fields(
-                result.hu[z],
-                result.lesions[z],
-                result.lung[z],
-                slice_index=z,
-                position_mm=result.positions[z],
-                spacing_mm=result.spacing_mm,
-                slice_id=pseudonym("I", f"{study.series_key}/{result.slice_keys[z]}", self.key),
-                series_id=sid,
-                patient_id=pid,
-                diagnosis=study.diagnosis,
-                severity=study.severity,
-                annotated=result.annotated,
-                pre_windowed=result.pre_windowed,
-            )
-            self.writers[shard].write(encode_example(fields))
-            lesion_pixels = result.lesions[z].reshape(-1, len(self.classes)).sum(0).tolist()
-            lung_pixels = int(result.lung[z].sum())
-            label = int(any(lesion_pixels))
-            self.slices.append(
-                {
-                    "patient": pid,
-                    "series": sid,
-                    "index": z,
-                    "label": label,
-                    "annotated": bool(result.annotated),
-                    "lung_pixels": lung_pixels,
-                    "lesion_pixels": lesion_pixels,
-                }
-            )
+        entry["series"].append(encoded.series_id)
+        entry["annotated"] = entry["annotated"] and encoded.annotated
+        voxel_ml = float(np.prod(encoded.spacing_mm)) / 1000.0
+        if encoded.path is not None:
+            tfrecord.append_file(Path(encoded.path), self.writers[shard])
+            os.unlink(encoded.path)
+        else:
+            tfrecord.write(encoded.examples, self.writers[shard], self.compression)
+        for item in encoded.slices:
+            self.slices.append(item)
+            label = item["label"]
             entry["num_slices"] += 1
             entry["lesion_slices"] += label
-            entry["annotated_slices"] += int(result.annotated)
-            entry["volume_ml"]["lung"] += lung_pixels * voxel_ml
+            entry["annotated_slices"] += int(encoded.annotated)
+            entry["volume_ml"]["lung"] += item["lung_pixels"] * voxel_ml
             for c, name in enumerate(self.classes):
-                entry["volume_ml"][name] += lesion_pixels[c] * voxel_ml
+                entry["volume_ml"][name] += item["lesion_pixels"][c] * voxel_ml
             self.total += 1
             self.with_lesions += label
-            self.unannotated += int(not result.annotated)
+            self.unannotated += int(not encoded.annotated)
 
     def finish_patients(self) -> dict:
         """The patients' entries with rounded volumes and lesion / lung ratios."""
@@ -814,8 +891,8 @@ def convert(
         start,
     )
     redactor = Redactor()
-    with redacted_warnings(redactor) as held:
-        return _convert(job, redactor, held)
+    with redacted_warnings(redactor) as held, _worker_pool(job.workers) as pool:
+        return _convert(job, redactor, held, pool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -839,7 +916,7 @@ class _Job:
     start: float
 
 
-def _convert(job: _Job, redactor: Redactor, held: list) -> dict:
+def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
     found = discover(
         job.input_dir,
         job.classes,
@@ -878,9 +955,9 @@ def _convert(job: _Job, redactor: Redactor, held: list) -> dict:
         shutil.rmtree(stale, ignore_errors=True)
     partial = job.out_dir / f".partial-{os.getpid()}"
     partial.mkdir()
-    records = _Records(partial, shard_names, job.compression, job.classes, job.key)
+    records = _Records(partial, shard_names, job.classes, job.compression)
     try:
-        _write_studies(job, patients, records, found, held)
+        _write_studies(job, patients, records, found, held, pool)
         shard_bytes = records.close()
         if not records.patients:
             raise ConversionError(
@@ -895,16 +972,25 @@ def _convert(job: _Job, redactor: Redactor, held: list) -> dict:
     return _finish(job, records, shard_bytes, found)
 
 
-def _write_studies(job: _Job, patients: dict, records: _Records, found: Discovery, held):
+def _write_studies(job: _Job, patients: dict, records: _Records, found: Discovery, held, pool):
     """Converts the studies (in `job.workers` processes) into the shards, patient by
     patient in pseudonym order; what cannot be used goes to ``found.skipped``."""
     redactor, skipped = found.redactor, found.skipped
     order = sorted(patients)
-    jobs = [(s, job.size, job.classes) for pid in order for s in patients[pid]]
+    spill = records.partial / "chunks" if job.workers > 1 else None
+    if spill is not None:
+        spill.mkdir()
+    jobs = [
+        _StudyJob(s, job.size, job.classes, pid, job.key, job.compression, None)
+        for pid in order
+        for s in patients[pid]
+    ]
+    if spill is not None:
+        jobs = [dataclasses.replace(j, spill=spill / f"{i:06d}.chunk") for i, j in enumerate(jobs)]
     owners = [(i, pid) for i, pid in enumerate(order) for _ in patients[pid]]
-    results = _ordered_map(_safe_process, jobs, job.workers)
+    results = _ordered_map(_safe_process, jobs, pool, 2 * job.workers)
     for done, (study, (rank, pid), (result, reason, said)) in enumerate(
-        zip((j[0] for j in jobs), owners, results), start=1
+        zip((j.study for j in jobs), owners, results), start=1
     ):
         held.extend(said)
         if result is None:

@@ -127,9 +127,13 @@ def slice_fields(
 
 
 def encode_example(fields: Mapping[str, Any]) -> bytes:
-    """Serializes one slice's fields (from `slice_fields`) as a `tf.train.Example`."""
-    import tensorflow as tf
+    """Serializes one slice's fields (from `slice_fields`) as a `tf.train.Example`.
 
+    Without TensorFlow (`data_tools.example_proto`): the converter's workers encode.
+    """
+    from data_tools.example_proto import classes
+
+    proto = classes()
     missing = [k for k in SPEC if k not in fields]
     unknown = [k for k in fields if k not in SPEC]
     if missing or unknown:
@@ -142,12 +146,12 @@ def encode_example(fields: Mapping[str, Any]) -> bytes:
             raise ValueError(f"{key} must have {length} values, got {len(values)}")
         if kind == "bytes":
             values = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
-            feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+            feature[key] = proto["Feature"](bytes_list=proto["BytesList"](value=values))
         elif kind == "int64":
-            feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+            feature[key] = proto["Feature"](int64_list=proto["Int64List"](value=values))
         else:
-            feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
+            feature[key] = proto["Feature"](float_list=proto["FloatList"](value=values))
+    example = proto["Example"](features=proto["Features"](feature=feature))
     # A protobuf map (the features) serialises in hash order, which changes with each
     # process's string hash seed; deterministic=True sorts the keys, so a rerun writes
     # byte-identical shards.

@@ -32,10 +32,12 @@ _SEGMENT_NAMES = {
 def labels_to_channels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Label map [...] -> binary channels [..., C] (uint8); label k -> channel k - 1."""
     labels = np.asarray(labels)
-    out = np.zeros(labels.shape + (num_classes,), np.uint8)
-    for c in range(num_classes):
-        out[..., c] = labels == c + 1
-    return out
+    # Whole planes stacked (measured: 0.7x a loop of strided writes, 0.1x a broadcast
+    # comparison against [1..C], which runs a 3-long inner loop per pixel).
+    if num_classes < 1:
+        return np.zeros(labels.shape + (0,), np.uint8)
+    planes = [labels == c + 1 for c in range(num_classes)]
+    return np.stack(planes, axis=-1).view(np.uint8)
 
 
 def load_label_header(path: Path):
@@ -158,10 +160,27 @@ def _aligned_labels(data: np.ndarray, fit: MaskFit) -> np.ndarray:
     """The mask voxels a `fit_on_series` fit names, as [Z, H, W] uint8."""
     index = [None, None, None]
     for axis, idx in (fit.rows, fit.cols, fit.planes):
-        index[axis] = idx
-    sub = np.asarray(data[np.ix_(*index)])  # mask axis order
+        index[axis] = _as_slice(np.asarray(idx))
+    if all(isinstance(i, slice) for i in index):  # a view: no copy before the last one
+        sub = np.asarray(data)[tuple(index)]
+    else:
+        index = [
+            np.arange(data.shape[a])[i] if isinstance(i, slice) else i for a, i in enumerate(index)
+        ]
+        sub = np.asarray(data[np.ix_(*index)])  # mask axis order
     order = [fit.planes[0], fit.rows[0], fit.cols[0]]
-    return np.ascontiguousarray(sub.transpose(order)).astype(np.uint8)
+    return np.ascontiguousarray(sub.transpose(order), dtype=np.uint8)
+
+
+def _as_slice(idx: np.ndarray):
+    """Indices in steps of one sign and size as a slice (a view), else the indices."""
+    if len(idx) < 2:
+        return slice(int(idx[0]), int(idx[0]) + 1) if len(idx) else idx
+    step = int(idx[1] - idx[0])
+    if step == 0 or not np.array_equal(np.diff(idx), np.full(len(idx) - 1, step)):
+        return idx
+    stop = int(idx[-1]) + step
+    return slice(int(idx[0]), None if stop < 0 else stop, step)
 
 
 def read_png_labels(path: Path, num_classes: int, binary_class: int | None = None) -> np.ndarray:

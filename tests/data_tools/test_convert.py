@@ -154,6 +154,12 @@ def test_parallel_workers_give_the_same_output(cohort, records, tmp_path):
     out, _ = records
     convert(cohort, tmp_path / "par", size=64, salt=SALT, workers=2, progress=False)
     assert _digest(tmp_path / "par") == _digest(out)
+    # Compressed, the workers' pieces (one gzip member per study) join into the same shards
+    for workers in (1, 2):
+        convert(cohort, tmp_path / f"gz{workers}", size=64, salt=SALT, workers=workers,
+                compression="GZIP", progress=False)  # fmt: skip
+    assert _digest(tmp_path / "gz1") == _digest(tmp_path / "gz2")
+    assert not list((tmp_path / "gz2").glob(".partial-*"))  # the pieces are gone
 
 
 def test_bad_inputs_are_skipped_with_reasons(cohort, tmp_path):
