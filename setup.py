@@ -33,6 +33,9 @@ SERVING = ["tensorflow-serving-api>=2.16", "grpcio>=1.24"]
 # python -m tfcovseg.export --format onnx (tf2onnx traces the serving graph; onnxruntime
 # runs it: the test compares it with the SavedModel).
 ONNX = ["tf2onnx>=1.16", "onnx>=1.14", "onnxruntime>=1.16"]
+# data_tools.convert --runner and tfcovseg.predict --runner (Apache Beam pipelines; for
+# Dataflow also "apache-beam[gcp]").
+BEAM = ["apache-beam>=2.60"]
 
 setup(
     name="tfcovseg",
@@ -87,6 +90,7 @@ setup(
         "codecs": CODECS,
         "serving": SERVING,
         "onnx": ONNX,
+        "beam": BEAM,
         "test": [
             "pytest>=7.0",
             "pytest-xdist>=3.5",  # the suite runs on every core (pytest.ini: -n auto)
@@ -96,6 +100,7 @@ setup(
             *TF_CPU,
             *CODECS,
             *ONNX,
+            *BEAM,
         ],
     },
 )

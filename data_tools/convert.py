@@ -145,7 +145,7 @@ def _nifti_stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
 
 
-def _looks_like_mask(path: Path) -> bool:
+def looks_like_mask(path: Path) -> bool:
     tokens = [t for t in re.split(r"[^a-z]+", _nifti_stem(path).lower()) if t]
     return any(t.startswith(word) for t in tokens for word in MASK_WORDS)
 
@@ -239,7 +239,7 @@ def discover(
                 return labels[key]
         return default_diagnosis, default_severity
 
-    mask_niftis = [p for p in niftis if _looks_like_mask(p)]
+    mask_niftis = [p for p in niftis if looks_like_mask(p)]
     # A mask named after a NIfTI volume beside it is that volume's; the rest may be a
     # DICOM series'.
     volume_masks = _volume_masks(niftis, mask_niftis)
@@ -769,11 +769,16 @@ def _progress(done, total, slices, start, final=False):
 class _Records:
     """The shards being written into a temporary folder, and the manifest's entries."""
 
-    def __init__(self, partial: Path, shard_names, classes, compression=""):
+    def __init__(self, partial: Path, shard_names, classes, compression="", open_shards=True):
         self.partial, self.shard_names = partial, list(shard_names)
         self.compression = compression
         # Unbuffered: chunks a worker wrote are appended by the kernel (`tfrecord.append_file`).
-        self.writers = [open(partial / n, "wb", buffering=0) for n in shard_names]  # noqa: SIM115
+        # Not opened where the shards were written elsewhere (the Beam pipeline's steps).
+        self.writers = (
+            [open(partial / n, "wb", buffering=0) for n in shard_names]  # noqa: SIM115
+            if open_shards
+            else []
+        )
         self.classes = tuple(classes)
         self.patients, self.slices = {}, []
         self.total = self.with_lesions = self.unannotated = 0
@@ -785,7 +790,16 @@ class _Records:
         self.writers = []
         return {n: (self.partial / n).stat().st_size for n in self.shard_names}
 
-    def add(self, study: Study, pid: str, shard: int, encoded: EncodedStudy) -> None:
+    def write(self, shard: int, encoded: EncodedStudy) -> None:
+        """Appends the study's examples to its shard."""
+        if encoded.path is not None:
+            tfrecord.append_file(Path(encoded.path), self.writers[shard])
+            os.unlink(encoded.path)
+        else:
+            tfrecord.write(encoded.examples, self.writers[shard], self.compression)
+
+    def note(self, study: Study, pid: str, shard: int, encoded: EncodedStudy) -> None:
+        """Takes the study into the manifest's patient and slice entries."""
         entry = self.patients.setdefault(
             pid,
             {
@@ -803,11 +817,6 @@ class _Records:
         entry["series"].append(encoded.series_id)
         entry["annotated"] = entry["annotated"] and encoded.annotated
         voxel_ml = float(np.prod(encoded.spacing_mm)) / 1000.0
-        if encoded.path is not None:
-            tfrecord.append_file(Path(encoded.path), self.writers[shard])
-            os.unlink(encoded.path)
-        else:
-            tfrecord.write(encoded.examples, self.writers[shard], self.compression)
         for item in encoded.slices:
             self.slices.append(item)
             label = item["label"]
@@ -855,8 +864,14 @@ def convert(
     default_diagnosis="unknown",
     default_severity="unknown",
     progress=True,
+    runner=None,
+    pipeline_options=(),
 ) -> dict:
     """Converts every usable study under `input_dir`; returns the run summary.
+
+    `runner` ("direct", "flink", "spark", "dataflow"): run it as an Apache Beam pipeline
+    (`data_tools.beam_convert`) with `pipeline_options` (``KEY=VALUE`` items) instead of
+    `workers` local processes; the same output either way.
 
     Raises:
         ConversionError: nothing usable, bad arguments or output folder, or under
@@ -891,6 +906,11 @@ def convert(
         start,
     )
     redactor = Redactor()
+    if runner is not None:
+        from data_tools.beam_convert import convert_with_beam
+
+        with redacted_warnings(redactor):
+            return convert_with_beam(job, redactor, runner, pipeline_options)
     with redacted_warnings(redactor) as held, _worker_pool(job.workers) as pool:
         return _convert(job, redactor, held, pool)
 
@@ -916,7 +936,24 @@ class _Job:
     start: float
 
 
-def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
+@dataclasses.dataclass
+class Plan:
+    """What to convert, decided before converting (`plan_conversion`): the same for the
+    local process pool and the Beam pipeline (`data_tools.beam_convert`)."""
+
+    found: Discovery
+    jobs: list  # _StudyJob, patient by patient in pseudonym order
+    owners: list  # (patient rank, patient pseudonym) of each job
+    shard_names: list
+
+    def shard_of(self, index: int) -> int:
+        """The shard of job `index`: patients go round the shards in pseudonym order."""
+        return self.owners[index][0] % len(self.shard_names)
+
+
+def plan_conversion(job: _Job, redactor: Redactor) -> Plan:
+    """Finds the studies, names their patients (pseudonyms) and shards; refuses an input
+    with nothing usable (or, under ``--strict``, with anything unusable)."""
     found = discover(
         job.input_dir,
         job.classes,
@@ -949,49 +986,65 @@ def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
     expected_slices = sum(len(s.series.slices) if s.series else 1 for s in studies)
     n_shards = job.shards or max(1, min(len(patients), math.ceil(expected_slices / 256)))
     suffix = ".tfrecord.gz" if job.compression == "GZIP" else ".tfrecord"
-    shard_names = [f"slices-{i:05d}-of-{n_shards:05d}{suffix}" for i in range(n_shards)]
+    order = sorted(patients)
+    return Plan(
+        found,
+        [
+            _StudyJob(s, job.size, job.classes, pid, job.key, job.compression, None)
+            for pid in order
+            for s in patients[pid]
+        ],
+        [(rank, pid) for rank, pid in enumerate(order) for _ in patients[pid]],
+        [f"slices-{i:05d}-of-{n_shards:05d}{suffix}" for i in range(n_shards)],
+    )
+
+
+def partial_folder(job: _Job) -> Path:
+    """A fresh temporary folder in the output folder (earlier runs' ones removed)."""
     job.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in job.out_dir.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
     partial = job.out_dir / f".partial-{os.getpid()}"
     partial.mkdir()
-    records = _Records(partial, shard_names, job.classes, job.compression)
+    return partial
+
+
+def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
+    plan = plan_conversion(job, redactor)
+    partial = partial_folder(job)
+    records = _Records(partial, plan.shard_names, job.classes, job.compression)
+    jobs = plan.jobs
+    if pool is not None:  # workers leave their examples in files (`_safe_process`)
+        (partial / "chunks").mkdir()
+        jobs = [
+            dataclasses.replace(j, spill=partial / "chunks" / f"{i:06d}.chunk")
+            for i, j in enumerate(jobs)
+        ]
     try:
-        _write_studies(job, patients, records, found, held, pool)
+        results = _ordered_map(_safe_process, jobs, pool, 2 * job.workers)
+        collect_results(job, plan, records, results, held, write=True)
         shard_bytes = records.close()
-        if not records.patients:
-            raise ConversionError(
-                f"no usable study under {job.input_dir}: all {len(studies)} failed, e.g. "
-                f"{redactor(skipped[-1][0])}: {redactor(skipped[-1][1])}"
-            )
     except BaseException:
         with contextlib.suppress(OSError):
             records.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return _finish(job, records, shard_bytes, found)
+    return _finish(job, records, shard_bytes, plan.found)
 
 
-def _write_studies(job: _Job, patients: dict, records: _Records, found: Discovery, held, pool):
-    """Converts the studies (in `job.workers` processes) into the shards, patient by
-    patient in pseudonym order; what cannot be used goes to ``found.skipped``."""
+def collect_results(job: _Job, plan: Plan, records: _Records, results, held, write: bool):
+    """Takes the studies' results (`_safe_process`'s, in job order) into the manifest's
+    entries and, with `write`, their examples into the shards; what cannot be used goes
+    to ``found.skipped``.
+
+    Raises:
+        ConversionError: under ``--strict`` at the first unusable study or file, or when
+            no study could be used.
+    """
+    found = plan.found
     redactor, skipped = found.redactor, found.skipped
-    order = sorted(patients)
-    spill = records.partial / "chunks" if job.workers > 1 else None
-    if spill is not None:
-        spill.mkdir()
-    jobs = [
-        _StudyJob(s, job.size, job.classes, pid, job.key, job.compression, None)
-        for pid in order
-        for s in patients[pid]
-    ]
-    if spill is not None:
-        jobs = [dataclasses.replace(j, spill=spill / f"{i:06d}.chunk") for i, j in enumerate(jobs)]
-    owners = [(i, pid) for i, pid in enumerate(order) for _ in patients[pid]]
-    results = _ordered_map(_safe_process, jobs, pool, 2 * job.workers)
-    for done, (study, (rank, pid), (result, reason, said)) in enumerate(
-        zip((j.study for j in jobs), owners, results), start=1
-    ):
+    for index, (result, reason, said) in enumerate(results):
+        study, (_, pid) = plan.jobs[index].study, plan.owners[index]
         held.extend(said)
         if result is None:
             skipped.append((study.rel, reason))
@@ -1003,11 +1056,18 @@ def _write_studies(job: _Job, patients: dict, records: _Records, found: Discover
             raise ConversionError(
                 f"--strict: {redactor(study.rel)}: {redactor(result.skipped[0][1])}"
             )
-        records.add(study, pid, rank % len(records.shard_names), result)
+        if write:
+            records.write(plan.shard_of(index), result)
+        records.note(study, pid, plan.shard_of(index), result)
         if job.progress:
-            _progress(done, len(jobs), records.total, job.start)
+            _progress(index + 1, len(plan.jobs), records.total, job.start)
     if job.progress:
-        _progress(len(jobs), len(jobs), records.total, job.start, final=True)
+        _progress(len(plan.jobs), len(plan.jobs), records.total, job.start, final=True)
+    if not records.patients:
+        raise ConversionError(
+            f"no usable study under {job.input_dir}: all {len(plan.jobs)} failed, e.g. "
+            f"{redactor(skipped[-1][0])}: {redactor(skipped[-1][1])}"
+        )
 
 
 def _finish(job: _Job, records: _Records, shard_bytes: dict, found: Discovery) -> dict:
@@ -1056,15 +1116,22 @@ def _finish(job: _Job, records: _Records, shard_bytes: dict, found: Discovery) -
             old.unlink()
     atomic_write_json(job.out_dir / MANIFEST, manifest, indent=1)
     shutil.rmtree(records.partial, ignore_errors=True)
+    return summarize(job, manifest)
+
+
+def summarize(job: _Job, manifest: dict) -> dict:
+    """The run's summary (`print_summary`), from the manifest it wrote."""
+    splits = manifest["folds"]["splits"]
     empty = [f"fold {k} {s}" for k, v in splits.items() for s, ids in v.items() if not ids]
+    patients = manifest["patients"]
     return {
         "out": str(job.out_dir),
-        "patients": len(manifest_patients),
-        "series": sum(len(e["series"]) for e in manifest_patients.values()),
-        "slices": records.total,
-        "lesion_slices": records.with_lesions,
-        "unlabelled_slices": records.unannotated,
-        "shards": len(records.shard_names),
+        "patients": len(patients),
+        "series": sum(len(e["series"]) for e in patients.values()),
+        "slices": manifest["num_slices"],
+        "lesion_slices": manifest["num_lesion_slices"],
+        "unlabelled_slices": sum(not s["annotated"] for s in manifest["slices"]),
+        "shards": len(manifest["shards"]),
         "seconds": time.perf_counter() - job.start,
         "skipped": manifest["skipped"],
         "warnings": manifest["warnings"],
@@ -1131,7 +1198,27 @@ def main(argv=None) -> int:
         help="diagnosis of patients missing from manifest.csv/labels.csv",
     )
     parser.add_argument("--default-severity", default="unknown", choices=SEVERITIES)
+    parser.add_argument(
+        "--runner",
+        choices=("direct", "flink", "spark", "dataflow"),
+        help='run as an Apache Beam pipeline on this runner (pip install "tfcovseg[beam]")',
+    )
+    parser.add_argument(
+        "--pipeline-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Beam pipeline option, repeated (e.g. direct_num_workers=2, "
+        "flink_master=host:8081, project=P, region=R, temp_location=gs://B/tmp)",
+    )
     args = parser.parse_args(argv)
+    if args.pipeline_option and not args.runner:
+        parser.error("--pipeline-option needs --runner")
+    if args.runner and args.workers != 1:
+        parser.error(
+            "--workers is the local process pool's: with --runner give the runner's "
+            "parallelism as a pipeline option (--pipeline-option direct_num_workers=N)"
+        )
     if args.shards is not None and args.shards < 1:
         parser.error("--shards must be at least 1")
     if args.workers < 1:
@@ -1154,6 +1241,8 @@ def main(argv=None) -> int:
             args.salt,
             args.default_diagnosis,
             args.default_severity,
+            runner=args.runner,
+            pipeline_options=args.pipeline_option,
         )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1163,4 +1252,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m data_tools.convert`: run the imported module's main, not this copy's, so
+    # that errors raised by code importing `data_tools.convert` (the Beam pipeline's) are
+    # the classes main catches.
+    from data_tools.convert import main as _main
+
+    sys.exit(_main())

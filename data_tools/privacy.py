@@ -27,8 +27,11 @@ from pathlib import Path
 KEY_FILE = Path.home() / ".config" / "tfcovseg" / "pseudonym.key"
 
 
-def resolve_salt(salt: str | None = None) -> bytes:
-    """The salt to use: the argument, $TFCOVSEG_SALT, or the per-user key file."""
+def resolve_salt(salt: str | bytes | None = None) -> bytes:
+    """The salt to use: the argument, $TFCOVSEG_SALT, or the per-user key file. Bytes are
+    a salt resolved already (a pipeline resolves it where it starts and passes it on)."""
+    if isinstance(salt, bytes) and salt:
+        return salt
     if salt:
         return salt.encode("utf-8")
     env = os.environ.get("TFCOVSEG_SALT")

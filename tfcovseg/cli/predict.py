@@ -18,7 +18,8 @@ def build_parser():
         "--input",
         type=Path,
         required=True,
-        help="DICOM folder, NIfTI file, or folder of windowed PNG/JPEG slices",
+        help="DICOM folder, NIfTI file, or folder of windowed PNG/JPEG slices; with "
+        "--runner: a .txt list of studies, a glob pattern or a folder of studies",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--no-gate", action="store_true", help="segment every slice")
@@ -43,13 +44,60 @@ def build_parser():
         help="write the DICOM SEG with the patient's pseudonym instead of the source study's "
         "patient name, ID and birth date (UIDs still reference the source images)",
     )
+    parser.add_argument(
+        "--runner",
+        choices=("direct", "flink", "spark", "dataflow"),
+        help="predict an archive of studies as an Apache Beam pipeline (RunInference) on "
+        'this runner; writes summary.csv too (pip install "tfcovseg[beam]")',
+    )
+    parser.add_argument(
+        "--pipeline-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Beam pipeline option, repeated (e.g. direct_num_workers=2)",
+    )
     return parser
+
+
+def _archive(args) -> int:
+    if args.series or args.intensity:
+        return cli.fail("--series and --intensity are single-study options: not with --runner")
+    import importlib.util
+
+    if importlib.util.find_spec("apache_beam") is None:
+        return cli.fail('--runner needs Apache Beam: pip install "tfcovseg[beam]"')
+    from tfcovseg.inference.archive import predict_archive
+    from tfcovseg.inference.predict import PredictionError
+
+    try:
+        predict_archive(
+            args.model,
+            args.input,
+            args.out,
+            args.runner,
+            args.pipeline_option,
+            gate=not args.no_gate,
+            threshold=args.threshold,
+            mask_threshold=args.mask_threshold,
+            batch_size=args.batch_size,
+            salt=args.salt,
+            research_seg=args.research_seg,
+        )
+    except PredictionError as e:
+        return cli.fail(str(e))
+    print(DISCLAIMER)
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         return cli.fail("--batch-size must be >= 1")
+    if args.pipeline_option and not args.runner:
+        return cli.fail("--pipeline-option needs --runner")
+    if args.runner:
+        return _archive(args)
     from tfcovseg.inference.predict import PredictionError, predict
 
     try:

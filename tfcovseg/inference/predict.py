@@ -845,12 +845,39 @@ def predict_volume(
     ``research_seg``: the DICOM SEG carries pseudonyms instead of the source's patient
     module (`write_seg`).
     """
-    meta = predictor.metadata
-    classes = list(meta["class_names"])
-    threshold = float(meta["gate"]["threshold"] if threshold is None else threshold)
+    threshold = float(predictor.metadata["gate"]["threshold"] if threshold is None else threshold)
     start = time.perf_counter()
     probs, masks, passed = run_model(predictor, volume.hu, gate, threshold, batch_size)
-    inference_s = time.perf_counter() - start
+    inference = Inference(probs, masks, passed, time.perf_counter() - start)
+    return finish_volume(
+        predictor, volume, out_dir, inference, gate, threshold, mask_threshold,
+        study_skipped, research_seg, start,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class Inference:
+    """The model's answer on a volume (`run_model`): slice probabilities [K], masks
+    [K, H, W, C] (zeros where the gate said no; None when it passed no slice), the indices
+    segmented and the seconds it took."""
+
+    probs: np.ndarray
+    masks: np.ndarray | None
+    passed: np.ndarray
+    seconds: float
+
+
+def finish_volume(
+    predictor, volume, out_dir, inference, gate, threshold, mask_threshold,
+    study_skipped=(), research_seg=False, start=None,
+) -> dict:  # fmt: skip
+    """`predict_volume` once the model has answered (also the batch pipeline's last step,
+    `tfcovseg.inference.archive`): measures, writes the files, returns the report.
+    `predictor`: anything with the model's ``metadata`` and ``source``."""
+    start = time.perf_counter() if start is None else start
+    meta = predictor.metadata
+    classes = list(meta["class_names"])
+    probs, masks, passed = inference.probs, inference.masks, inference.passed
     if masks is not None and volume.unreadable:
         masks[volume.unreadable] = 0.0  # slices that could not be read stay empty
     measured, labels = measure(
@@ -860,7 +887,7 @@ def predict_volume(
     report["skipped"] = [{"file": f, "reason": r, "scope": "series"} for f, r in volume.skipped] + [
         {"file": f, "reason": r, "scope": "study"} for f, r in study_skipped
     ]
-    report["timings_s"] = {"inference": round(inference_s, 3)}
+    report["timings_s"] = {"inference": round(inference.seconds, 3)}
     report["options"] = {"research_seg": bool(research_seg)}
     report["lesion_rule"] = LESION_RULE
     if masks is None:
@@ -1049,6 +1076,14 @@ def _done_before(out: Path, volumes, expected: dict) -> dict:
     return done
 
 
+def check_thresholds(threshold, mask_threshold) -> None:
+    """Raises `PredictionError` for a gate or mask threshold out of its range."""
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise PredictionError(f"--threshold must be in [0, 1], got {threshold}")
+    if not 0.0 < float(mask_threshold) <= 1.0:
+        raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
+
+
 def predict(
     model,
     input_path,
@@ -1076,10 +1111,7 @@ def predict(
         PredictionError: bad model, input or output folder, nothing usable, results in
             `out` made with other settings.
     """
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise PredictionError(f"--threshold must be in [0, 1], got {threshold}")
-    if not 0.0 < float(mask_threshold) <= 1.0:
-        raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
+    check_thresholds(threshold, mask_threshold)
     out = Path(out)
     try:
         check_output_dir(out)
@@ -1206,22 +1238,26 @@ def _predict_image_folder(
     return index
 
 
-def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> dict:
-    """`predict` once the input is read: `options` are `predict_volume`'s keywords."""
-    gate, threshold = options["gate"], options["threshold"]
-    mask_threshold, research_seg = options["mask_threshold"], options["research_seg"]
+def expected_settings(predictor, options: dict) -> dict:
+    """The `_settings` a series predicted now with `options` (`predict_volume`'s keywords)
+    will have: a rerun keeps results that have them and refuses others."""
+    threshold = options["threshold"]
     meta_threshold = float(predictor.metadata["gate"]["threshold"])
     gate_threshold = meta_threshold if threshold is None else float(threshold)
-    expected = {
+    return {
         "model": predictor.source,
         "model_version": predictor.metadata.get("model_version"),
-        "gate": bool(gate) and gate_threshold > 0.0,
+        "gate": bool(options["gate"]) and gate_threshold > 0.0,
         "gate_threshold": gate_threshold,
-        "mask_threshold": float(mask_threshold),
-        "research_seg": bool(research_seg),
+        "mask_threshold": float(options["mask_threshold"]),
+        "research_seg": bool(options["research_seg"]),
         "lesion_rule": LESION_RULE,
     }
-    done = _done_before(out, volumes, expected)
+
+
+def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> dict:
+    """`predict` once the input is read: `options` are `predict_volume`'s keywords."""
+    done = _done_before(out, volumes, expected_settings(predictor, options))
     for f, r in skipped:
         log(f"warning: skipped {f}: {r}")
     out.mkdir(parents=True, exist_ok=True)
@@ -1237,22 +1273,33 @@ def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> di
             log(f"series {volume.series}: already predicted in {out / volume.series}, kept")
             _list(index, _index_entry(done[volume.series]))
             continue
-        for w in volume.warnings:
-            log(f"warning: series {volume.series}: {w}")
-        for left in remove_partial_directories(out / volume.series):
-            log(f"removed {left}, left by an interrupted run")
-        with atomic_directory(out / volume.series) as tmp:
-            report = predict_volume(predictor, volume, tmp, study_skipped=skipped, **options)
+        report = write_series(
+            out, volume, lambda tmp, v=volume: predict_volume(
+                predictor, v, tmp, study_skipped=skipped, **options
+            ), log,
+        )  # fmt: skip
         _list(index, _index_entry(report))
         atomic_write_json(index_path, index)  # after every series
-        for w in report["warnings"][len(volume.warnings) :]:
-            log(f"warning: series {volume.series}: {w}")
-        grade = report["severity"]["grade"] or "not graded"
-        log(
-            f"series {volume.series}: {report['study']['slices']} slices, "
-            f"{report['gate']['slices_segmented']} segmented, lesions "
-            f"{report['total']['percent_of_lung']:.2f} % of lung; "
-            f"{verdict_summary(report['verdict'])}; severity {grade} -> {out / volume.series}"
-        )
     atomic_write_json(index_path, index)
     return index
+
+
+def write_series(out: Path, volume: Volume, predict_into, log) -> dict:
+    """Writes a series' results into ``out/<series>`` (complete or not at all) with
+    ``predict_into(folder)``, saying what it found; returns the report."""
+    for w in volume.warnings:
+        log(f"warning: series {volume.series}: {w}")
+    for left in remove_partial_directories(out / volume.series):
+        log(f"removed {left}, left by an interrupted run")
+    with atomic_directory(out / volume.series) as tmp:
+        report = predict_into(tmp)
+    for w in report["warnings"][len(volume.warnings) :]:
+        log(f"warning: series {volume.series}: {w}")
+    grade = report["severity"]["grade"] or "not graded"
+    log(
+        f"series {volume.series}: {report['study']['slices']} slices, "
+        f"{report['gate']['slices_segmented']} segmented, lesions "
+        f"{report['total']['percent_of_lung']:.2f} % of lung; "
+        f"{verdict_summary(report['verdict'])}; severity {grade} -> {out / volume.series}"
+    )
+    return report

@@ -1,0 +1,149 @@
+"""`data_tools.convert --runner direct|flink|spark|dataflow`: the conversion as an Apache
+Beam pipeline (``pip install "tfcovseg[beam]"``).
+
+The plan is the local converter's (`convert.plan_conversion`, in the launching process:
+the studies found, their patients' pseudonyms, the shards), and so are the steps:
+
+1. ``Convert``: one study per element, `convert._safe_process` (read, lung mask, resize,
+   encode the examples), on as many workers as the runner gives;
+2. ``WriteShard``: the studies of one shard, in plan order, written into the output
+   folder's temporary ``.partial-*`` folder (`data_tools.tfrecord`: the bytes the local
+   path writes). Step 1 leaves each study's examples in a file there and sends on only
+   their manifest entries: no 1.5 MB-a-slice element travels between steps;
+3. ``Manifest``: a final combine over every study's manifest entries: folds, the
+   manifest, the shards moved into place, the manifest last (`convert._finish`).
+
+Exactly once, deterministic: a retried bundle writes the same shard file again from the
+start (step 2 owns a shard whole), and nothing appears in the output folder before the
+final step, which a failed pipeline never reaches. The output is byte for byte the local
+converter's (a test compares the shards and the manifest).
+
+Input and output are local paths: with the DirectRunner as they are, with Flink, Spark or
+Dataflow on a file system every worker mounts at the same path (NFS, Filestore, ...). The
+workers read the studies' files and write the shards there; object-store URLs (gs://,
+s3://) are not supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from data_tools import convert as local
+from data_tools import tfrecord
+
+RUNNERS = {
+    "direct": "DirectRunner",
+    "flink": "FlinkRunner",
+    "spark": "SparkRunner",
+    "dataflow": "DataflowRunner",
+}
+INSTALL = 'pip install "tfcovseg[beam]" (Apache Beam; for Dataflow "apache-beam[gcp]")'
+
+
+class _QuietImport(logging.Filter):
+    """Drops Beam's import-time note about Google Cloud client libraries (a warning on
+    every run, about an extra the local runners do not use)."""
+
+    def filter(self, record):
+        return "apitools not found" not in record.getMessage()
+
+
+def import_beam():
+    quiet = _QuietImport()
+    logging.getLogger().addFilter(quiet)
+    try:
+        import apache_beam as beam
+    except ImportError:
+        raise local.ConversionError(f"--runner needs Apache Beam: {INSTALL}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    return beam
+
+
+def pipeline_options(runner: str, options=()):
+    """Beam's options for `runner` and ``--pipeline-option KEY=VALUE`` items."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    if runner not in RUNNERS:
+        raise local.ConversionError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    args = []
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise local.ConversionError(f"--pipeline-option takes KEY=VALUE, got {item!r}")
+        args.append(f"--{key.strip().lstrip('-')}={value}")
+    return PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
+
+
+def _convert_study(indexed, chunks: Path):
+    """Converts one study; its examples go to a file of their own in `chunks` (written
+    again, identical, by a retried bundle), so that no 1.5 MB-a-slice element travels
+    between the pipeline's steps."""
+    index, job = indexed
+    return index, local._safe_process(dataclasses.replace(job, spill=chunks / f"{index:06d}"))
+
+
+def _write_shard(keyed, partial, shard_names):
+    """Writes one shard whole from its studies' files, in plan order (a retry writes it
+    again from the start); returns the studies' results for the manifest."""
+    shard, items = keyed
+    items = sorted(items, key=lambda item: item[0])
+    with open(partial / shard_names[shard], "wb", buffering=0) as target:
+        for _, (encoded, _, _) in items:
+            if encoded is not None:
+                tfrecord.append_file(Path(encoded.path), target)
+    return items
+
+
+def _manifest(items, job, plan, partial):
+    """The final combine: the manifest's entries in plan order, then `convert._finish`."""
+    records = local._Records(
+        partial, plan.shard_names, job.classes, job.compression, open_shards=False
+    )
+    for name in plan.shard_names:  # a shard whose every study failed is written empty
+        (partial / name).touch()
+    held = []
+    results = [result for _, result in sorted(items, key=lambda item: item[0])]
+    local.collect_results(job, plan, records, results, held, write=False)
+    for warning in held:
+        logging.warning("convert: %s", plan.found.redactor(warning))
+    local._finish(job, records, records.close(), plan.found)
+
+
+def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
+    """Runs the conversion `job` (`convert._Job`) on Beam's `runner`; returns the summary."""
+    beam = import_beam()
+    beam_options = pipeline_options(runner, options)
+    plan = local.plan_conversion(job, redactor)
+    partial = local.partial_folder(job)
+    (partial / "chunks").mkdir()
+    shard_of = [plan.shard_of(i) for i in range(len(plan.jobs))]
+    # Beam logs a failing step's traceback before raising the error; ours (--strict, say)
+    # reach the command as one line, and others propagate with their traceback anyway.
+    step_log = logging.getLogger("apache_beam.runners.common")
+    level = step_log.level
+    step_log.setLevel(logging.CRITICAL)
+    try:
+        with beam.Pipeline(options=beam_options) as pipeline:
+            _ = (
+                pipeline
+                | "Studies" >> beam.Create(list(enumerate(plan.jobs)))
+                | "Spread" >> beam.Reshuffle()  # one study per bundle, over all workers
+                | "Convert" >> beam.Map(_convert_study, partial / "chunks")
+                | "ByShard" >> beam.Map(lambda item: (shard_of[item[0]], item))
+                | "GroupShards" >> beam.GroupByKey()
+                | "WriteShard" >> beam.FlatMap(_write_shard, partial, plan.shard_names)
+                | "All" >> beam.combiners.ToList()
+                | "Manifest" >> beam.Map(_manifest, job, plan, partial)
+            )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        step_log.setLevel(level)
+    manifest = json.loads((job.out_dir / local.MANIFEST).read_text())
+    return local.summarize(job, manifest)

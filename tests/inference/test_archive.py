@@ -1,0 +1,125 @@
+"""python -m tfcovseg.predict --runner direct: an archive of studies through Beam's
+RunInference, with the single-study command's outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tfcovseg.inference.archive import archive_inputs, predict_archive
+from tfcovseg.inference.predict import PredictionError, predict
+
+SALT = "test-salt"
+QUIET = dict(salt=SALT, log=lambda *a: None)
+CASES = ("case_0000", "case_0003", "case_0005")
+
+
+@pytest.fixture(scope="module")
+def studies(phantom_run, tmp_path_factory):
+    """A study list (one of the cohort's DICOM folders per line) and the single-study
+    command's results for the same studies, one predict call each."""
+    root = tmp_path_factory.mktemp("archive")
+    listing = root / "studies.txt"
+    listing.write_text("# phantom studies\n" + "".join(
+        f"{phantom_run.cohort / case}\n" for case in CASES
+    ))  # fmt: skip
+    return listing, root
+
+
+@pytest.fixture(scope="module")
+def both(studies, phantom_export, phantom_run):
+    listing, root = studies
+    single_out, beam_out = root / "single", root / "beam"
+    for case in CASES:
+        predict(phantom_export, phantom_run.cohort / case, single_out, **QUIET)
+    index = predict_archive(phantom_export, listing, beam_out, "direct", **QUIET)
+    return single_out, beam_out, index
+
+
+def _comparable(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k not in ("timings_s", "created")}
+
+
+def test_every_series_gets_the_single_study_commands_files(both):
+    single_out, beam_out, index = both
+    folders = sorted(p.name for p in single_out.iterdir() if p.is_dir())
+    assert len(folders) == len(CASES)
+    assert sorted(p.name for p in beam_out.iterdir() if p.is_dir()) == folders
+    for name in folders:
+        a, b = single_out / name, beam_out / name
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        assert np.array_equal(
+            np.asanyarray(nib.load(a / "lesions.nii.gz").dataobj),
+            np.asanyarray(nib.load(b / "lesions.nii.gz").dataobj),
+        )
+        for prob in a.glob("probability_*.nii.gz"):
+            np.testing.assert_allclose(
+                nib.load(prob).get_fdata(), nib.load(b / prob.name).get_fdata(), atol=1e-5
+            )
+        ours = json.loads((b / "report.json").read_text())
+        theirs = json.loads((a / "report.json").read_text())
+        assert _comparable(ours) == _comparable(theirs)
+    single_index = json.loads((single_out / "index.json").read_text())
+    key = lambda e: e["series"]  # noqa: E731
+    assert sorted(index["series"], key=key) == sorted(single_index["series"], key=key)
+
+
+def test_summary_table_has_a_row_per_series(both):
+    _, beam_out, index = both
+    lines = (beam_out / "summary.csv").read_text().splitlines()
+    assert lines[0] == "# Research use, not a medical device."
+    rows = list(csv.DictReader(lines[1:]))
+    assert sorted(r["series"] for r in rows) == sorted(e["series"] for e in index["series"])
+    assert {"verdict", "severity", "lesion_percent_of_lung", "slices"} <= set(rows[0])
+    assert "PHANTOM" not in (beam_out / "summary.csv").read_text()  # pseudonyms only
+
+
+def test_a_rerun_keeps_finished_series_and_refuses_other_settings(both, studies, phantom_export):
+    listing, _ = studies
+    _, beam_out, _ = both
+    reports = sorted(beam_out.glob("*/report.json"))
+    before = [p.stat().st_mtime_ns for p in reports]
+    predict_archive(phantom_export, listing, beam_out, "direct", **QUIET)
+    assert [p.stat().st_mtime_ns for p in reports] == before
+    with pytest.raises(PredictionError, match="other settings"):
+        predict_archive(phantom_export, listing, beam_out, "direct", threshold=0.99, **QUIET)
+
+
+def test_inputs_from_a_list_a_pattern_or_a_folder_of_studies(phantom_run, studies, tmp_path):
+    listing, _ = studies
+    assert [p.name for p in archive_inputs(listing)] == list(CASES)
+    pattern = archive_inputs(f"{phantom_run.cohort}/case_000[0-2]")
+    assert [p.name for p in pattern] == ["case_0000", "case_0001", "case_0002"]
+    folder = archive_inputs(phantom_run.cohort)
+    assert len(folder) == 8 and all(p.is_dir() for p in folder)
+    one = archive_inputs(phantom_run.cohort / "case_0000" / "ct")  # DICOM files: one study
+    assert one == [phantom_run.cohort / "case_0000" / "ct"]
+    (tmp_path / "bad.txt").write_text("nowhere/study\n")
+    with pytest.raises(PredictionError, match="do not exist"):
+        archive_inputs(tmp_path / "bad.txt")
+
+
+def test_the_command_with_a_runner(studies, phantom_export, phantom_run, tmp_path, capsys):
+    from tfcovseg.cli.predict import main
+
+    pattern = f"{phantom_run.cohort}/case_000[1]"
+    base = ["--model", str(phantom_export), "--out", str(tmp_path / "out"), "--salt", SALT]
+    assert main([*base, "--input", pattern, "--runner", "direct"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 studies on the direct runner" in printed and "summary:" in printed
+    assert printed.strip().endswith("Research use, not a medical device.")
+    assert len(list((tmp_path / "out").glob("*/report.json"))) == 1
+    for extra, message in (
+        (["--pipeline-option", "a=b"], "--pipeline-option needs --runner"),
+        (["--runner", "direct", "--series", "1.2.3"], "single-study options"),
+        (["--runner", "direct", "--threshold", "2"], "--threshold must be in [0, 1]"),
+        (["--runner", "direct", "--pipeline-option", "oops"], "takes KEY=VALUE"),
+    ):
+        args = [*base[:2], "--out", str(tmp_path / "x"), "--input", pattern, *extra]
+        assert main(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
