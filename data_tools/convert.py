@@ -781,7 +781,7 @@ class _Records:
         )
         self.classes = tuple(classes)
         self.patients, self.slices = {}, []
-        self.total = self.with_lesions = self.unannotated = 0
+        self.total = self.with_lesions = 0
 
     def close(self) -> dict:
         """Closes the shards (once); returns {shard name: bytes} for the manifest."""
@@ -828,7 +828,6 @@ class _Records:
                 entry["volume_ml"][name] += item["lesion_pixels"][c] * voxel_ml
             self.total += 1
             self.with_lesions += label
-            self.unannotated += int(not encoded.annotated)
 
     def finish_patients(self) -> dict:
         """The patients' entries with rounded volumes and lesion / lung ratios."""

@@ -1,7 +1,7 @@
 """DICOM -> TFRecord conversion speed and memory, against bare pydicom reads.
 
     python experiments/benchmarks/convert.py [--patients 34] [--size 512] [--workers 2]
-        [--records-dir /dev/shm/records] [--repeats 2] [--out runs/benchmarks/convert.json]
+        [--records-dir /dev/shm/records] [--repeats 2] [--beam] [--out runs/benchmarks/convert.json]
 
 In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once into
 ``runs/benchmarks/cohort-<size>-<patients>`` and reused):
@@ -20,7 +20,8 @@ Conversion runs in a fresh subprocess each time, so peak memory is the conversio
 1 and N workers run in turn ``--repeats`` times, the best of each is reported. The 1.6 GB
 of shards go to ``--records-dir`` (default ``runs/benchmarks/records-...``): on this
 machine's disk their writing made a run vary by +-20 %, so give a RAM folder
-(``/dev/shm/...``) to measure the converter's computation alone.
+(``/dev/shm/...``) to measure the converter's computation alone. ``--beam`` also runs the
+conversion on Apache Beam's DirectRunner, in-process and with ``--workers`` processes.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ import json, resource, sys, time
 import tensorflow  # imported before timing, as a long-running converter would have it
 from data_tools.convert import convert
 start = time.perf_counter()
-summary = convert(sys.argv[1], sys.argv[2], size=int(sys.argv[3]), workers=int(sys.argv[4]),
-                  salt="benchmark", progress=False)
+runner = sys.argv[5] if len(sys.argv) > 5 else None
+options = ["direct_num_workers=" + sys.argv[4], "direct_running_mode=multi_processing"]
+summary = convert(sys.argv[1], sys.argv[2], size=int(sys.argv[3]),
+                  workers=1 if runner else int(sys.argv[4]), salt="benchmark", progress=False,
+                  runner=runner, pipeline_options=options if runner and sys.argv[4] != "1" else ())
 seconds = time.perf_counter() - start
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -95,10 +99,11 @@ def _lung_alone(files) -> float:
     return len(files) / seconds
 
 
-def _convert(cohort: Path, out: Path, size: int, workers: int) -> dict:
+def _convert(cohort: Path, out: Path, size: int, workers: int, runner: str = "") -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", _CONVERT, str(cohort), str(out), str(size), str(workers)],
+        [sys.executable, "-c", _CONVERT, str(cohort), str(out), str(size), str(workers)]
+        + ([runner] if runner else []),
         capture_output=True,
         text=True,
         env=env,
@@ -117,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--records-dir", type=Path, help="where the shards go (see above)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--beam", action="store_true", help="also Beam's DirectRunner")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     cohort, phantom_rate = _cohort(args.patients, args.size)
@@ -131,6 +137,10 @@ def main(argv=None) -> int:
         for workers in runs:
             runs[workers].append(_convert(cohort, records, args.size, workers))
     one, many = (max(runs[w], key=lambda r: r["slices_per_s"]) for w in runs)
+    beam = {}
+    if args.beam:  # the DirectRunner: in-process, then `--workers` processes
+        for workers in (1, args.workers):
+            beam[workers] = _convert(cohort, records, args.size, workers, "direct")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "size": args.size,
@@ -146,6 +156,7 @@ def main(argv=None) -> int:
         "ratio_1_worker": one["slices_per_s"] / bare,
         "ratio_per_worker": many["slices_per_s"] / args.workers / bare,
         "speed_up_1_to_n_workers": many["slices_per_s"] / one["slices_per_s"],
+        **{f"beam_direct_{w}_workers": r for w, r in beam.items()},
     }
     print(f"{len(files)} DICOM slices at {args.size}x{args.size} on {result['machine']}")
     if phantom_rate:
@@ -164,6 +175,8 @@ def main(argv=None) -> int:
         f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}; "
         f"{args.workers} workers x{result['speed_up_1_to_n_workers']:.2f} of 1"
     )
+    for w, r in beam.items():
+        print(f"Beam DirectRunner, {w} worker(s): {r['slices_per_s']:8.1f} slices/s")
     write_figures(args.out, result)
     return 0
 
