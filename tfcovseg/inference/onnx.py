@@ -82,9 +82,17 @@ def write_onnx(graph, path: Path) -> None:
     import onnx
 
     function = serving_function(graph)
-    model, _ = tf2onnx.convert.from_function(
-        function, input_signature=function.input_signature, opset=OPSET
-    )
+    # Freezing the graph warns about a table initializer it cannot serialise (a lookup
+    # table the graph does not use): 3 lines of TensorFlow noise on every export.
+    tf_log = tf.get_logger()
+    level = tf_log.level
+    tf_log.setLevel("ERROR")
+    try:
+        model, _ = tf2onnx.convert.from_function(
+            function, input_signature=function.input_signature, opset=OPSET
+        )
+    finally:
+        tf_log.setLevel(level)
     unsupported = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if unsupported:  # tf2onnx keeps ops it cannot map; onnxruntime would refuse them
         raise RuntimeError(f"ops without an ONNX counterpart in the graph: {unsupported}")
