@@ -60,6 +60,18 @@ def build_parser():
     return parser
 
 
+def _shared(args) -> dict:
+    """The options a single study and an archive take alike."""
+    return {
+        "gate": not args.no_gate,
+        "threshold": args.threshold,
+        "mask_threshold": args.mask_threshold,
+        "batch_size": args.batch_size,
+        "salt": args.salt,
+        "research_seg": args.research_seg,
+    }
+
+
 def _archive(args) -> int:
     if args.series or args.intensity:
         return cli.fail("--series and --intensity are single-study options: not with --runner")
@@ -72,17 +84,7 @@ def _archive(args) -> int:
 
     try:
         predict_archive(
-            args.model,
-            args.input,
-            args.out,
-            args.runner,
-            args.pipeline_option,
-            gate=not args.no_gate,
-            threshold=args.threshold,
-            mask_threshold=args.mask_threshold,
-            batch_size=args.batch_size,
-            salt=args.salt,
-            research_seg=args.research_seg,
+            args.model, args.input, args.out, args.runner, args.pipeline_option, **_shared(args)
         )
     except PredictionError as e:
         return cli.fail(str(e))
@@ -105,14 +107,9 @@ def main(argv=None) -> int:
             args.model,
             args.input,
             args.out,
-            gate=not args.no_gate,
-            threshold=args.threshold,
-            mask_threshold=args.mask_threshold,
             series_uid=args.series,
-            batch_size=args.batch_size,
-            salt=args.salt,
-            research_seg=args.research_seg,
             intensity=args.intensity,
+            **_shared(args),
         )
     except PredictionError as e:
         return cli.fail(str(e))
