@@ -123,3 +123,24 @@ def test_the_command_with_a_runner(studies, phantom_export, phantom_run, tmp_pat
         assert main(args) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_study_without_a_usable_series_is_skipped_not_fatal(
+    phantom_export, phantom_run, tmp_path
+):
+    """One unreadable study of an archive is listed by its place in the input (a folder
+    name may be a patient id) and the others are predicted."""
+    broken = tmp_path / "DOE_JOHN_12345"
+    broken.mkdir()
+    (broken / "notes.dcm").write_text("not DICOM")
+    listing = tmp_path / "studies.txt"
+    listing.write_text(f"{phantom_run.cohort / 'case_0002'}\n{broken}\n")
+    said = []
+    index = predict_archive(phantom_export, listing, tmp_path / "out", "direct", salt=SALT,
+                            log=said.append)  # fmt: skip
+    assert len(index["series"]) == 1
+    (failed,) = [s for s in index["skipped"] if s["file"] == "input 2 of 2"]
+    assert "no usable CT series" in failed["reason"]
+    written = "".join(p.read_text() for p in (tmp_path / "out").glob("*.*"))
+    assert "DOE_JOHN" not in written + " ".join(said)
+    assert any("skipped input 2 of 2" in line for line in said)

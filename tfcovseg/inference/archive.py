@@ -142,12 +142,23 @@ class _ModelInfo:
 # ----------------------------------------------------------------------------- the steps
 
 
-def _read(path, salt, out, expected):
+def _read(numbered, count, salt, out, expected):
     """A study's series: ("kept", report) for those a previous run into `out` finished
-    with the same settings, ("new", (volume, study_skipped)) for the others."""
+    with the same settings, ("new", (volume, study_skipped)) for the others, and
+    ("failed", (study, reason)) for a study with no usable series: one bad study does not
+    stop an archive. It is named by its place in the input ("input 3 of 40"): folder
+    names in archives are often patient ids or accession numbers."""
+    number, path = numbered
     redactor = Redactor()
-    with redacted_warnings(redactor):
-        volumes, skipped = single.read_input(path, salt=salt, redactor=redactor)
+    try:
+        with redacted_warnings(redactor):
+            volumes, skipped = single.read_input(path, salt=salt, redactor=redactor)
+    except single.PredictionError as e:
+        name = f"input {number} of {count}"
+        reason = redactor(str(e).replace(str(path), name).replace(Path(path).name, name))
+        logging.warning("skipped %s: %s", name, reason)
+        yield beam.pvalue.TaggedOutput("failed", {"file": name, "reason": reason})
+        return
     done = single._done_before(out, volumes, expected)
     for volume in volumes:
         if volume.series in done:
@@ -193,13 +204,15 @@ def _write(joined, out, model, options):
     return report
 
 
-def _index(reports, out, model):
-    """The final combine: ``index.json`` (kept and new series) and ``summary.csv``."""
+def _index(reports, out, model, failed):
+    """The final combine: ``index.json`` (kept and new series, failed studies among the
+    skipped) and ``summary.csv``."""
     index_path = out / "index.json"
     index = single._read_index(index_path)
     index["model"] = model.source
     index.setdefault("series", [])
     index.setdefault("skipped", [])
+    index["skipped"] += [f for f in failed if f not in index["skipped"]]
     for report in sorted(reports, key=lambda r: r["study"]["series"]):
         single._list(index, single._index_entry(report))
         known = {(s.get("file"), s.get("reason")) for s in index["skipped"]}
@@ -258,9 +271,12 @@ def predict_archive(
     with beam.Pipeline(options=beam_options) as pipeline:
         read = (
             pipeline
-            | "Studies" >> beam.Create([str(p) for p in inputs])
+            | "Studies" >> beam.Create([(i + 1, str(p)) for i, p in enumerate(inputs)])
             | "Spread" >> beam.Reshuffle()  # one study per bundle, over all workers
-            | "Read" >> beam.FlatMap(_read, salt, out, expected).with_outputs("kept", main="new")
+            | "Read"
+            >> beam.FlatMap(_read, len(inputs), salt, out, expected).with_outputs(
+                "kept", "failed", main="new"
+            )
         )
         answers = (
             read.new
@@ -273,13 +289,17 @@ def predict_archive(
             | "Join" >> beam.CoGroupByKey()
             | "Write" >> beam.Map(_write, out, info, settings)
         )
+        failed = read.failed | "Failed" >> beam.combiners.ToList()
         _ = (
             (written, read.kept)
             | "Reports" >> beam.Flatten()
             | "All" >> beam.combiners.ToList()
-            | "Index" >> beam.Map(_index, out, info)
+            | "Index" >> beam.Map(_index, out, info, beam.pvalue.AsSingleton(failed))
         )
     index = single._read_index(out / "index.json")
+    for item in index["skipped"]:
+        if item["file"].startswith("input "):
+            log(f"warning: skipped {item['file']}: {item['reason']}")
     for entry in index["series"]:
         log(
             f"series {entry['series']}: {entry['slices']} slices, lesions "
