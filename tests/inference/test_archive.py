@@ -44,6 +44,33 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in ("timings_s", "created")}
 
 
+def _assert_close(ours, theirs, where="report"):
+    """Equal structures; numbers within 1e-5: Beam batches slices its own way (and by
+    load), and a convolution over another batch differs in the 7th digit."""
+    if isinstance(theirs, dict):
+        assert sorted(ours) == sorted(theirs), where
+        for k in theirs:
+            _assert_close(ours[k], theirs[k], f"{where}.{k}")
+    elif isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(theirs, float):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-5), where
+    else:
+        assert ours == theirs, where
+
+
+def _assert_labels_agree(a, b):
+    """Label volumes equal but where a probability lies within 1e-4 of the threshold."""
+    ours = np.asanyarray(nib.load(b / "lesions.nii.gz").dataobj)
+    theirs = np.asanyarray(nib.load(a / "lesions.nii.gz").dataobj)
+    differ = ours != theirs
+    if differ.any():
+        probs = np.stack([nib.load(p).get_fdata() for p in sorted(a.glob("probability_*"))])
+        assert (np.abs(probs[:, differ] - 0.5) < 1e-4).any(axis=0).all()
+
+
 def test_every_series_gets_the_single_study_commands_files(both):
     single_out, beam_out, index = both
     folders = sorted(p.name for p in single_out.iterdir() if p.is_dir())
@@ -52,20 +79,19 @@ def test_every_series_gets_the_single_study_commands_files(both):
     for name in folders:
         a, b = single_out / name, beam_out / name
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
-        assert np.array_equal(
-            np.asanyarray(nib.load(a / "lesions.nii.gz").dataobj),
-            np.asanyarray(nib.load(b / "lesions.nii.gz").dataobj),
-        )
+        _assert_labels_agree(a, b)
         for prob in a.glob("probability_*.nii.gz"):
             np.testing.assert_allclose(
                 nib.load(prob).get_fdata(), nib.load(b / prob.name).get_fdata(), atol=1e-5
             )
         ours = json.loads((b / "report.json").read_text())
         theirs = json.loads((a / "report.json").read_text())
-        assert _comparable(ours) == _comparable(theirs)
+        _assert_close(_comparable(ours), _comparable(theirs))
+        # no inference time per series in a pipeline: null rather than a made-up 0
+        assert ours["timings_s"]["inference"] is None and theirs["timings_s"]["inference"] > 0
     single_index = json.loads((single_out / "index.json").read_text())
     key = lambda e: e["series"]  # noqa: E731
-    assert sorted(index["series"], key=key) == sorted(single_index["series"], key=key)
+    _assert_close(sorted(index["series"], key=key), sorted(single_index["series"], key=key))
 
 
 def test_summary_table_has_a_row_per_series(both):

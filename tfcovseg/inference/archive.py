@@ -194,7 +194,7 @@ def _write(joined, out, model, options):
     threshold = options["threshold"]
     threshold = float(model.metadata["gate"]["threshold"] if threshold is None else threshold)
     # The pipeline's inference time is in the runner's metrics: none per series.
-    inference = single.Inference(probs, masks, passed, 0.0)
+    inference = single.Inference(probs, masks, passed, None)
     report = single.write_series(
         out, volume, lambda tmp: single.finish_volume(
             model, volume, tmp, inference, options["gate"], threshold,

@@ -859,7 +859,7 @@ def predict_volume(
 class Inference:
     """The model's answer on a volume (`run_model`): slice probabilities [K], masks
     [K, H, W, C] (zeros where the gate said no; None when it passed no slice), the indices
-    segmented and the seconds it took."""
+    segmented and the seconds it took (None where not known per volume)."""
 
     probs: np.ndarray
     masks: np.ndarray | None
@@ -887,7 +887,8 @@ def finish_volume(
     report["skipped"] = [{"file": f, "reason": r, "scope": "series"} for f, r in volume.skipped] + [
         {"file": f, "reason": r, "scope": "study"} for f, r in study_skipped
     ]
-    report["timings_s"] = {"inference": round(inference.seconds, 3)}
+    seconds = inference.seconds  # None: not known per series (the Beam pipeline's)
+    report["timings_s"] = {"inference": None if seconds is None else round(seconds, 3)}
     report["options"] = {"research_seg": bool(research_seg)}
     report["lesion_rule"] = LESION_RULE
     if masks is None:
