@@ -26,7 +26,6 @@ s3://) are not supported.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -79,12 +78,12 @@ def pipeline_options(runner: str, options=()):
     return PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
 
 
-def _convert_study(indexed, chunks: Path):
-    """Converts one study; its examples go to a file of their own in `chunks` (written
-    again, identical, by a retried bundle), so that no 1.5 MB-a-slice element travels
-    between the pipeline's steps."""
+def _convert_study(indexed):
+    """Converts one study; its examples go to its own file (`convert.spilling_jobs`,
+    written again, identical, by a retried bundle), so that no 1.5 MB-a-slice element
+    travels between the pipeline's steps."""
     index, job = indexed
-    return index, local._safe_process(dataclasses.replace(job, spill=chunks / f"{index:06d}"))
+    return index, local._safe_process(job)
 
 
 def _write_shard(keyed, partial, shard_names):
@@ -120,7 +119,7 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
     beam_options = pipeline_options(runner, options)
     plan = local.plan_conversion(job, redactor)
     partial = local.partial_folder(job)
-    (partial / "chunks").mkdir()
+    jobs = local.spilling_jobs(plan, partial)
     shard_of = [plan.shard_of(i) for i in range(len(plan.jobs))]
     # Beam logs a failing step's traceback before raising the error; ours (--strict, say)
     # reach the command as one line, and others propagate with their traceback anyway.
@@ -131,9 +130,9 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
         with beam.Pipeline(options=beam_options) as pipeline:
             _ = (
                 pipeline
-                | "Studies" >> beam.Create(list(enumerate(plan.jobs)))
+                | "Studies" >> beam.Create(list(enumerate(jobs)))
                 | "Spread" >> beam.Reshuffle()  # one study per bundle, over all workers
-                | "Convert" >> beam.Map(_convert_study, partial / "chunks")
+                | "Convert" >> beam.Map(_convert_study)
                 | "ByShard" >> beam.Map(lambda item: (shard_of[item[0]], item))
                 | "GroupShards" >> beam.GroupByKey()
                 | "WriteShard" >> beam.FlatMap(_write_shard, partial, plan.shard_names)

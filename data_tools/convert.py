@@ -1008,17 +1008,22 @@ def partial_folder(job: _Job) -> Path:
     return partial
 
 
+def spilling_jobs(plan: Plan, partial: Path) -> list:
+    """The plan's jobs, each writing its examples to a file of its own in
+    ``partial/chunks`` (made here) for the shard writer to append."""
+    (partial / "chunks").mkdir()
+    return [
+        dataclasses.replace(j, spill=partial / "chunks" / f"{i:06d}.chunk")
+        for i, j in enumerate(plan.jobs)
+    ]
+
+
 def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
     plan = plan_conversion(job, redactor)
     partial = partial_folder(job)
     records = _Records(partial, plan.shard_names, job.classes, job.compression)
-    jobs = plan.jobs
-    if pool is not None:  # workers leave their examples in files (`_safe_process`)
-        (partial / "chunks").mkdir()
-        jobs = [
-            dataclasses.replace(j, spill=partial / "chunks" / f"{i:06d}.chunk")
-            for i, j in enumerate(jobs)
-        ]
+    # Workers leave their examples in files (`_safe_process`); here they are written at once.
+    jobs = plan.jobs if pool is None else spilling_jobs(plan, partial)
     try:
         results = _ordered_map(_safe_process, jobs, pool, 2 * job.workers)
         collect_results(job, plan, records, results, held, write=True)

@@ -159,7 +159,7 @@ def _read(numbered, count, salt, out, expected):
         logging.warning("skipped %s: %s", name, reason)
         yield beam.pvalue.TaggedOutput("failed", {"file": name, "reason": reason})
         return
-    done = single._done_before(out, volumes, expected)
+    done = single.done_before(out, volumes, expected)
     for volume in volumes:
         if volume.series in done:
             yield beam.pvalue.TaggedOutput("kept", done[volume.series])
@@ -208,13 +208,13 @@ def _index(reports, out, model, failed):
     """The final combine: ``index.json`` (kept and new series, failed studies among the
     skipped) and ``summary.csv``."""
     index_path = out / "index.json"
-    index = single._read_index(index_path)
+    index = single.read_index(index_path)
     index["model"] = model.source
     index.setdefault("series", [])
     index.setdefault("skipped", [])
     index["skipped"] += [f for f in failed if f not in index["skipped"]]
     for report in sorted(reports, key=lambda r: r["study"]["series"]):
-        single._list(index, single._index_entry(report))
+        single.list_entry(index, single.index_entry(report))
         known = {(s.get("file"), s.get("reason")) for s in index["skipped"]}
         for item in report["skipped"]:
             if item["scope"] == "study" and (item["file"], item["reason"]) not in known:
@@ -296,7 +296,7 @@ def predict_archive(
             | "All" >> beam.combiners.ToList()
             | "Index" >> beam.Map(_index, out, info, beam.pvalue.AsSingleton(failed))
         )
-    index = single._read_index(out / "index.json")
+    index = single.read_index(out / "index.json")
     for item in index["skipped"]:
         if item["file"].startswith("input "):
             log(f"warning: skipped {item['file']}: {item['reason']}")

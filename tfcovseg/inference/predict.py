@@ -1020,7 +1020,7 @@ def _finished_report(folder: Path) -> dict | None:
     return report if isinstance(report, dict) and "outputs" in report else None
 
 
-def _index_entry(report: dict) -> dict:
+def index_entry(report: dict) -> dict:
     return {
         "series": report["study"]["series"],
         "patient": report["study"]["patient"],
@@ -1035,13 +1035,13 @@ def _index_entry(report: dict) -> dict:
     }
 
 
-def _list(index: dict, entry: dict) -> None:
+def list_entry(index: dict, entry: dict) -> None:
     """Puts a series' entry into the index, replacing an older one of the same series."""
     index["series"] = [s for s in index["series"] if s.get("series") != entry["series"]]
     index["series"].append(entry)
 
 
-def _read_index(index_path: Path) -> dict:
+def read_index(index_path: Path) -> dict:
     index = {"disclaimer": DISCLAIMER, "series": [], "skipped": []}
     if index_path.is_file():
         try:
@@ -1051,7 +1051,7 @@ def _read_index(index_path: Path) -> dict:
     return index
 
 
-def _done_before(out: Path, volumes, expected: dict) -> dict:
+def done_before(out: Path, volumes, expected: dict) -> dict:
     """{series: report} of the volumes a previous run into `out` completed with the same
     model and options; other results in `out` are an error (never overwritten)."""
     done = {}
@@ -1213,7 +1213,7 @@ def _predict_image_folder(
         "intensity": setting["mode"],
     }
     index_path = out / "index.json"
-    index = _read_index(index_path)
+    index = read_index(index_path)
     report = _finished_report(target)
     if target.exists():
         _check_kept_images(target, report, expected)
@@ -1234,7 +1234,7 @@ def _predict_image_folder(
     index["model"] = predictor.source
     index.setdefault("series", [])
     entry = {"series": name, "folder": name, "input": "images", "slices": len(report["slices"])}
-    _list(index, entry)
+    list_entry(index, entry)
     atomic_write_json(index_path, index)
     return index
 
@@ -1258,13 +1258,13 @@ def expected_settings(predictor, options: dict) -> dict:
 
 def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> dict:
     """`predict` once the input is read: `options` are `predict_volume`'s keywords."""
-    done = _done_before(out, volumes, expected_settings(predictor, options))
+    done = done_before(out, volumes, expected_settings(predictor, options))
     for f, r in skipped:
         log(f"warning: skipped {f}: {r}")
     out.mkdir(parents=True, exist_ok=True)
     # Results already in OUT stay listed: the index grows with every study predicted into it.
     index_path = out / "index.json"
-    index = _read_index(index_path)
+    index = read_index(index_path)
     index["model"] = predictor.source
     index.setdefault("series", [])
     known = {(s.get("file"), s.get("reason")) for s in index.setdefault("skipped", [])}
@@ -1272,14 +1272,14 @@ def _predict_volumes(predictor, volumes, skipped, out, options: dict, log) -> di
     for volume in volumes:
         if volume.series in done:
             log(f"series {volume.series}: already predicted in {out / volume.series}, kept")
-            _list(index, _index_entry(done[volume.series]))
+            list_entry(index, index_entry(done[volume.series]))
             continue
         report = write_series(
             out, volume, lambda tmp, v=volume: predict_volume(
                 predictor, v, tmp, study_skipped=skipped, **options
             ), log,
         )  # fmt: skip
-        _list(index, _index_entry(report))
+        list_entry(index, index_entry(report))
         atomic_write_json(index_path, index)  # after every series
     atomic_write_json(index_path, index)
     return index
