@@ -79,3 +79,24 @@ def test_a_study_that_fails_under_strict_leaves_the_output_untouched(cohort, tmp
     with pytest.raises(Exception, match="--strict"):
         convert(src, out, size=64, salt=SALT, strict=True, progress=False, runner="direct")
     assert not out.exists() or not [p for p in out.iterdir()]
+
+
+def test_python_m_reports_a_pipeline_error_in_one_line(cohort, tmp_path):
+    """`python -m data_tools.convert` ran a second copy of the module, so the error the
+    pipeline raised (the imported module's class) escaped main's handler as a traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "broken")
+    ct = sorted((src / "broken" / "ct").glob("*.dcm"))
+    ct[2].write_bytes(ct[2].read_bytes()[:-3000])
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools.convert", "--input", str(src), "--out",
+         str(tmp_path / "out"), "--size", "64", "--salt", SALT, "--strict", "--runner", "direct"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --strict: broken/ct")
