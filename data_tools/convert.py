@@ -498,16 +498,17 @@ class _Volume:
 
 def _read_dicom_study(study: Study, classes) -> _Volume:
     series = study.series
-    volume, kept, skipped = [], [], []
+    hu = np.empty(series.shape, np.float32)  # filled in place: stacking copied 0.5 ms a slice
+    kept, skipped = [], []
     for i, header in enumerate(series.slices):
         try:
-            volume.append(dicom_io.read_hu(header.path))
+            header.read_hu(out=hu[len(kept)])
             kept.append(i)
         except SkipFile as e:
             skipped.append((header.path.name, str(e)))
-    if not volume:
+    if not kept:
         raise SkipFile(f"no slice of the series could be read ({skipped[0][1]})")
-    hu = np.stack(volume)
+    hu = hu[: len(kept)]
     check_ct_values(hu)
     labels = None
     if study.mask_kind == "nifti":
@@ -714,9 +715,7 @@ def _warm_up() -> None:
     import nibabel  # noqa: F401
     from PIL import Image  # noqa: F401
 
-    from data_tools.example_proto import classes
-
-    classes()
+    import data_tools.example_proto  # noqa: F401
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ def ct_value_problem(hu: np.ndarray) -> str | None:
             f"{bad} of {hu.size} voxels are NaN or infinite: give a volume with finite "
             "Hounsfield units (fill padding with -1024)"
         )
-    sample = hu.ravel()[:: max(1, hu.size // 2_000_000)]  # a few million voxels are plenty
+    # Half a million voxels are plenty; contiguous, the counts below take a third of the time.
+    sample = np.ascontiguousarray(hu.ravel()[:: max(1, hu.size // 500_000)])
     # Enough distinct values among the first voxels settles it without sorting them all.
     distinct = np.unique(sample[:20_000])
     if len(distinct) < MIN_DISTINCT_VALUES:

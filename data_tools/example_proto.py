@@ -1,68 +1,81 @@
-"""`tf.train.Example` without TensorFlow: the message classes built by protobuf at run time.
+"""`tf.train.Example` without TensorFlow: its protobuf wire format, written directly.
 
 The converter's worker processes encode their slices (`data_tools.features.encode_example`)
 so that the converting process only writes bytes; importing TensorFlow in each worker
 would cost seconds and hundreds of MB. The schema is TensorFlow's public wire format
-(``tensorflow/core/example/{example,feature}.proto``: field numbers and types) described
-here as descriptors in a pool of our own, so protobuf serialises it exactly as
-TensorFlow's generated classes do (a test compares the bytes).
+(``tensorflow/core/example/{example,feature}.proto``)::
+
+    Example   { Features features = 1; }
+    Features  { map<string, Feature> feature = 1; }   // entries: key = 1, value = 2
+    Feature   { oneof kind { BytesList bytes_list = 1; FloatList float_list = 2;
+                             Int64List int64_list = 3; } }
+    BytesList { repeated bytes value = 1; }
+    FloatList { repeated float value = 1 [packed = true]; }
+    Int64List { repeated int64 value = 1 [packed = true]; }
+
+written as protobuf's deterministic serialisation writes it (map entries sorted by key), so
+the bytes are TensorFlow's ``SerializeToString(deterministic=True)`` (a test compares them).
+By hand rather than through protobuf's message classes: building a message copied each
+slice's 1.5 MB of pixels twice more, 0.8 ms of a 512x512 slice against 0.15 ms here.
 """
 
 from __future__ import annotations
 
-import functools
+import struct
+from collections.abc import Iterable, Mapping, Sequence
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-_F = descriptor_pb2.FieldDescriptorProto
-
-
-def _field(name, number, kind, label=_F.LABEL_OPTIONAL, type_name=None, oneof=None):
-    field = descriptor_pb2.FieldDescriptorProto(name=name, number=number, type=kind, label=label)
-    if type_name:
-        field.type_name = type_name
-    if oneof is not None:
-        field.oneof_index = oneof
-    return field
+_KIND_FIELD = {"bytes": 1, "float": 2, "int64": 3}  # Feature's oneof field numbers
 
 
-def _schema() -> descriptor_pb2.FileDescriptorProto:
-    schema = descriptor_pb2.FileDescriptorProto(
-        name="tfcovseg/example.proto", package="tensorflow", syntax="proto3"
-    )
-    repeated = _F.LABEL_REPEATED
-    for name, kind in (
-        ("BytesList", _F.TYPE_BYTES),
-        ("FloatList", _F.TYPE_FLOAT),
-        ("Int64List", _F.TYPE_INT64),
-    ):
-        schema.message_type.add(name=name).field.append(_field("value", 1, kind, repeated))
-    feature = schema.message_type.add(name="Feature")
-    feature.oneof_decl.add(name="kind")
-    for number, name in enumerate(("bytes_list", "float_list", "int64_list"), start=1):
-        type_name = ".tensorflow." + name.title().replace("_", "")
-        feature.field.append(_field(name, number, _F.TYPE_MESSAGE, type_name=type_name, oneof=0))
-    features = schema.message_type.add(name="Features")
-    entry = features.nested_type.add(name="FeatureEntry")  # map<string, Feature> feature = 1
-    entry.options.map_entry = True
-    entry.field.append(_field("key", 1, _F.TYPE_STRING))
-    entry.field.append(_field("value", 2, _F.TYPE_MESSAGE, type_name=".tensorflow.Feature"))
-    features.field.append(
-        _field("feature", 1, _F.TYPE_MESSAGE, repeated, ".tensorflow.Features.FeatureEntry")
-    )
-    example = schema.message_type.add(name="Example")
-    example.field.append(_field("features", 1, _F.TYPE_MESSAGE, type_name=".tensorflow.Features"))
-    return schema
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 is written as its two's complement, 10 bytes if negative
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
-@functools.cache
-def classes() -> dict:
-    """{name: message class} for Example, Features, Feature, BytesList, FloatList,
-    Int64List (in a pool of their own: no clash with TensorFlow's when it is loaded)."""
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(_schema())
-    names = ("Example", "Features", "Feature", "BytesList", "FloatList", "Int64List")
-    return {
-        n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.{n}"))
-        for n in names
-    }
+def _delimited(number: int, parts: list, size: int) -> tuple[list, int]:
+    """A length-delimited field (`parts` of `size` bytes) as parts, and its size."""
+    head = _varint(number << 3 | 2) + _varint(size)
+    return [head, *parts], len(head) + size
+
+
+def _values(kind: str, values: Sequence) -> tuple[list, int]:
+    """A BytesList, FloatList or Int64List holding `values`."""
+    if kind == "bytes":
+        parts, size = [], 0
+        for value in values:
+            field, n = _delimited(1, [value], len(value))
+            parts += field
+            size += n
+        return parts, size
+    if not values:  # packed and empty: nothing is written
+        return [], 0
+    if kind == "float":
+        packed = struct.pack(f"<{len(values)}f", *values)
+    elif kind == "int64":
+        packed = b"".join(_varint(int(v)) for v in values)
+    else:
+        raise ValueError(f"unknown feature kind {kind!r}")
+    return _delimited(1, [packed], len(packed))
+
+
+def serialize_example(features: Mapping[str, tuple[str, Iterable]]) -> bytes:
+    """The serialized `tf.train.Example` of ``{key: (kind, values)}``, kind one of
+    "bytes" (values bytes), "float" or "int64"."""
+    entries, size = [], 0
+    for key in sorted(features, key=lambda k: k.encode("utf-8")):
+        kind, values = features[key]
+        inner, n = _values(kind, list(values))
+        feature, n = _delimited(_KIND_FIELD[kind], inner, n)
+        name = key.encode("utf-8")
+        entry, n = _delimited(2, feature, n)
+        key_field, k = _delimited(1, [name], len(name))
+        item, n = _delimited(1, key_field + entry, k + n)
+        entries += item
+        size += n
+    parts, _ = _delimited(1, entries, size)
+    return b"".join(parts)

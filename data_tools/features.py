@@ -129,16 +129,16 @@ def slice_fields(
 def encode_example(fields: Mapping[str, Any]) -> bytes:
     """Serializes one slice's fields (from `slice_fields`) as a `tf.train.Example`.
 
-    Without TensorFlow (`data_tools.example_proto`): the converter's workers encode.
+    Without TensorFlow (`data_tools.example_proto`): the converter's workers encode. The
+    features are written in key order, so a rerun writes byte-identical shards.
     """
-    from data_tools.example_proto import classes
+    from data_tools.example_proto import serialize_example
 
-    proto = classes()
     missing = [k for k in SPEC if k not in fields]
     unknown = [k for k in fields if k not in SPEC]
     if missing or unknown:
         raise ValueError(f"example fields: missing {missing}, unknown {unknown}")
-    feature = {}
+    features = {}
     for key, (kind, length) in SPEC.items():
         value = fields[key]
         values = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -146,16 +146,8 @@ def encode_example(fields: Mapping[str, Any]) -> bytes:
             raise ValueError(f"{key} must have {length} values, got {len(values)}")
         if kind == "bytes":
             values = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
-            feature[key] = proto["Feature"](bytes_list=proto["BytesList"](value=values))
-        elif kind == "int64":
-            feature[key] = proto["Feature"](int64_list=proto["Int64List"](value=values))
-        else:
-            feature[key] = proto["Feature"](float_list=proto["FloatList"](value=values))
-    example = proto["Example"](features=proto["Features"](feature=feature))
-    # A protobuf map (the features) serialises in hash order, which changes with each
-    # process's string hash seed; deterministic=True sorts the keys, so a rerun writes
-    # byte-identical shards.
-    return example.SerializeToString(deterministic=True)
+        features[key] = (kind, values)
+    return serialize_example(features)
 
 
 def feature_spec():

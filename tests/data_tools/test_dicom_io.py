@@ -19,6 +19,7 @@ from data_tools.dicom_io import (
     build_series,
     read_header,
     read_hu,
+    scan_file,
     slice_header,
 )
 from data_tools.phantom import make_patient, write_patient
@@ -62,6 +63,91 @@ def test_padding_value_becomes_air():
     hu = read_hu(path)
     assert (hu[padded] == HU_FLOOR).all()
     assert hu.min() == HU_FLOOR
+
+
+def _variant(tmp_path, name, **changes):
+    """A copy of a pydicom test file with some attributes changed (None: deleted)."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        elif key == "PixelPaddingRangeLimit":  # US or SS: say which
+            ds.add_new(0x00280121, "SS", value)
+        else:
+            setattr(ds, key, value)
+    path = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def _native_cases(tmp_path):
+    yield Path(get_testdata_file("CT_small.dcm"))  # explicit VR, signed, 16 bits stored
+    yield Path(get_testdata_file("693_UNCR.dcm"))  # 14 bits stored, padding
+    yield Path(get_testdata_file("693_UNCI.dcm"))  # implicit VR
+    # Unsigned 12-bit values under noise in the 4 unused bits, which pydicom clears.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    stored = ds.pixel_array.astype(np.int32) + 2000
+    noisy = (stored | (np.random.default_rng(0).integers(0, 16, stored.shape) << 12)).astype("<u2")
+    yield _variant(
+        tmp_path,
+        "CT_small.dcm",
+        PixelRepresentation=0,
+        BitsStored=12,
+        HighBit=11,
+        PixelData=noisy.tobytes(),
+        PixelPaddingValue=None,
+        RescaleIntercept=-3024,
+    )
+    # A padding range and a fractional slope.
+    yield _variant(tmp_path, "693_UNCR.dcm", PixelPaddingRangeLimit=100, RescaleSlope=0.5)
+
+
+def test_native_pixels_read_from_their_offset_as_pydicom_reads_them(tmp_path):
+    for path in _native_cases(tmp_path):
+        kind, header, _ = scan_file(path)
+        assert kind == "ct" and header.pixels is not None, path.name
+        fast = read_hu(path, header.pixels)
+        np.testing.assert_array_equal(fast, read_hu(path), err_msg=path.name)
+        assert fast.dtype == np.float32
+        out = np.zeros((2, *fast.shape), np.float32)
+        header.read_hu(out=out[1])
+        np.testing.assert_array_equal(out[1], fast)
+
+
+def test_pixels_pydicom_must_decode_have_no_native_location(tmp_path):
+    for name in ("693_J2KR.dcm", "bad_sequence.dcm"):  # JPEG 2000, JPEG lossless
+        assert scan_file(Path(get_testdata_file(name)))[1].pixels is None
+    bits8 = _variant(
+        tmp_path,
+        "CT_small.dcm",
+        BitsAllocated=8,
+        BitsStored=8,
+        HighBit=7,
+        PixelData=np.zeros((128, 128), np.uint8).tobytes(),
+    )
+    assert scan_file(bits8)[1].pixels is None
+
+
+def test_a_file_changed_since_its_header_was_read_is_read_again(tmp_path):
+    path = tmp_path / "slice.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), path)
+    header = scan_file(path)[1]
+    # Rewritten with a longer header: the pixels moved, the stored offset is stale.
+    ds = pydicom.dcmread(path)
+    ds.ImageComments = "x" * 301
+    ds.PixelData = (ds.pixel_array + 7).astype("<i2").tobytes()
+    ds.save_as(path)
+    np.testing.assert_array_equal(header.read_hu(), read_hu(path))
+    assert header.read_hu()[0, 0] == read_hu(Path(get_testdata_file("CT_small.dcm")))[0, 0] + 7
+
+
+def test_native_pixels_of_a_file_cut_short_are_refused(tmp_path):
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:-5000])
+    header = scan_file(cut)[1]
+    assert header.pixels is not None  # the header announces the full frame
+    with pytest.raises(SkipFile, match="corrupt or truncated file: its pixel data ends early"):
+        header.read_hu()
 
 
 def test_missing_codec_is_named(tmp_path):
@@ -208,3 +294,15 @@ def test_series_affine_maps_voxels_to_patient_space(tmp_path):
     np.testing.assert_allclose(
         affine @ [2, 3, 0, 1] - affine @ [0, 0, 0, 1], [3 * dc, 2 * dr, 0, 0], atol=1e-6
     )
+
+
+def test_padding_range_becomes_air(tmp_path):
+    path = _variant(tmp_path, "693_UNCR.dcm", PixelPaddingRangeLimit=100, RescaleSlope=0.5)
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float32)
+    padded = (stored >= -2000) & (stored <= 100)  # PixelPaddingValue -2000 to the limit
+    assert padded.any() and (~padded).any()
+    for hu in (read_hu(path), scan_file(path)[1].read_hu()):  # pydicom's read and the offset
+        assert (hu[padded] == HU_FLOOR).all()
+        np.testing.assert_array_equal(
+            hu[~padded], np.maximum(stored[~padded] * 0.5 - 1024, HU_FLOOR)
+        )

@@ -313,7 +313,7 @@ def _series_volume(series, base, by_path, salt, redactor, skipped):
     hu, unreadable = [], []
     for i, header in enumerate(sub.slices):
         try:
-            hu.append(dicom_io.read_hu(header.path))
+            hu.append(header.read_hu())
         except SkipFile as e:
             # Kept in place (as air, not segmented) so the grid stays regular.
             hu.append(np.full((header.rows, header.columns), dicom_io.HU_FLOOR, np.float32))
