@@ -36,11 +36,9 @@ the end; ``--strict`` makes any of them fatal. Nothing usable is an error (exit 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import csv
 import dataclasses
-import itertools
 import math
 import multiprocessing
 import os
@@ -720,33 +718,52 @@ def _warm_up() -> None:
 
 @contextlib.contextmanager
 def _worker_pool(workers: int):
-    """The worker processes (None for one worker: all in this process), started and warmed
-    up at once. They end with this process, even when it is killed (`_die_with_parent`)."""
+    """The worker processes besides this one (None for one worker: all in this process),
+    started and warmed up at once. They end with this process, even when it is killed
+    (`_die_with_parent`)."""
     if workers <= 1:
         yield None
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        workers - 1, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
     ) as pool:
-        for _ in range(workers):  # each submit starts a worker while none is idle
+        for _ in range(workers - 1):  # each submit starts a worker while none is idle
             pool.submit(_warm_up)
         yield pool
 
 
-def _ordered_map(fn, items, pool, in_flight: int):
-    """map(fn, items) in order, in `pool` (None: here), at most `in_flight` at a time."""
+def _ordered_map(fn, items, pool, workers: int, pool_items=None):
+    """map(fn, items) in order, in `pool` (None: all here) and here alike.
+
+    This process is one of the `workers`: while the next result in order is not ready, it
+    converts the next study nobody has started (`items[i]`, written straight to the shard
+    when its turn comes) instead of waiting, so the work shares itself out whatever the
+    studies' sizes; the pool gets `pool_items[i]` (whose examples go through files), at
+    most two per pool worker ahead, and at most two per worker wait here.
+    """
+    items = list(items)
     if pool is None:
         yield from map(fn, items)
         return
-    iterator = iter(items)
-    pending = collections.deque(pool.submit(fn, x) for x in itertools.islice(iterator, in_flight))
-    while pending:
-        result = pending.popleft().result()
-        nxt = next(iterator, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield result
+    pool_items = items if pool_items is None else pool_items
+    started, pending, done = 0, {}, {}
+
+    def top_up():  # before anything else here: an idle pool worker waits for this process
+        nonlocal started
+        while started < len(items) and len(pending) < 2 * (workers - 1):
+            pending[started] = pool.submit(fn, pool_items[started])
+            started += 1
+
+    for head in range(len(items)):
+        top_up()
+        while head not in done and not (head in pending and pending[head].done()):
+            if started == len(items) or len(done) >= 2 * workers:
+                break  # nothing left to start here, or enough held: wait for the pool
+            done[started] = fn(items[started])
+            started += 1
+            top_up()
+        yield done.pop(head) if head in done else pending.pop(head).result()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -1022,14 +1039,16 @@ def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
     partial = partial_folder(job)
     records = _Records(partial, plan.shard_names, job.classes, job.compression)
     # Workers leave their examples in files (`_safe_process`); here they are written at once.
-    jobs = plan.jobs if pool is None else spilling_jobs(plan, partial)
+    spilling = None if pool is None else spilling_jobs(plan, partial)
     try:
-        results = _ordered_map(_safe_process, jobs, pool, 2 * job.workers)
+        results = _ordered_map(_safe_process, plan.jobs, pool, job.workers, spilling)
         collect_results(job, plan, records, results, held, write=True)
         shard_bytes = records.close()
     except BaseException:
         with contextlib.suppress(OSError):
             records.close()
+        if pool is not None:  # its workers may still be writing into the folder
+            pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return _finish(job, records, shard_bytes, plan.found)

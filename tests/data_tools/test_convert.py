@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -129,7 +130,12 @@ def test_rerun_is_byte_identical_and_replaces_old_shards(cohort, records, tmp_pa
     assert len({e["slice/id"] for e in examples}) == len(examples)  # no duplicates
 
 
-def test_interrupted_run_leaves_previous_output_intact(cohort, records, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_run_leaves_previous_output_intact(
+    cohort, records, tmp_path, monkeypatch, workers
+):
+    # With 2 workers the converting process is interrupted in a study of its own while
+    # the pool worker (which does not see the patch) writes its studies' files.
     out, _ = records
     target = tmp_path / "target"
     shutil.copytree(out, target)
@@ -145,7 +151,8 @@ def test_interrupted_run_leaves_previous_output_intact(cohort, records, tmp_path
 
     monkeypatch.setattr(features, "encode_example", failing)
     with pytest.raises(KeyboardInterrupt):
-        convert(cohort, target, size=64, salt=SALT, shards=2, progress=False)
+        convert(cohort, target, size=64, salt=SALT, shards=2, workers=workers, progress=False)
+    assert calls["n"] > 30
     assert _digest(target) == before
     assert not list(target.glob(".partial-*"))
 
@@ -393,3 +400,33 @@ def test_binary_masks_need_a_single_class(tmp_path):
     _, examples = _examples(tmp_path / "one")
     stored = sorted(e["lesions"][..., 0].sum() for e in examples)
     assert stored == sorted(int(m.sum()) for m in truth)
+
+
+def test_the_converting_process_shares_the_studies_and_keeps_their_order():
+    """`_ordered_map`: results in order; the pool gets its own version of each job (the
+    one that writes a file); this process converts studies too, never holding many."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data_tools import convert as module
+
+    held = []
+
+    def fn(x):
+        time.sleep(0.002 * (x % 5))  # studies of different sizes
+        return x, threading.current_thread() is threading.main_thread()
+
+    items = list(range(40))
+    with ThreadPoolExecutor(1) as pool:
+        results = []
+        mapped = module._ordered_map(fn, items, pool, 2, [-x for x in items])
+        for r in mapped:
+            results.append(r)
+            held.append(mapped.gi_frame.f_locals["done"].copy() if mapped.gi_frame else {})
+    assert [abs(x) for x, _ in results] == items
+    here = [x for x, main in results if main]
+    assert here and all(x >= 0 for x in here)  # here: the plain job
+    assert all(x <= 0 for x, main in results if not main)  # pool: its version
+    assert len(here) < len(items)
+    assert max(len(h) for h in held) <= 4
+    assert list(module._ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
