@@ -55,7 +55,7 @@ from data_tools import __version__, dicom_io, masks, tfrecord
 from data_tools.ct_values import check_ct_values
 from data_tools.dicom_io import SkipFile
 from data_tools.features import DIAGNOSES, LESION_CLASSES, SEVERITIES
-from data_tools.files import OutputError, atomic_write_json, check_output_dir
+from data_tools.files import OutputError, atomic_write_json, check_output_dir, exclusive_folder
 from data_tools.folds import assign_subgroups, fold_splits
 from data_tools.lung import lung_mask
 from data_tools.privacy import (
@@ -921,13 +921,18 @@ def convert(
         start,
     )
     redactor = Redactor()
-    if runner is not None:
-        from data_tools.beam_convert import convert_with_beam
+    with contextlib.ExitStack() as held_folder:
+        try:
+            held_folder.enter_context(exclusive_folder(out_dir))
+        except OutputError as e:
+            raise ConversionError(str(e)) from None
+        if runner is not None:
+            from data_tools.beam_convert import convert_with_beam
 
-        with redacted_warnings(redactor):
-            return convert_with_beam(job, redactor, runner, pipeline_options)
-    with redacted_warnings(redactor) as held, _worker_pool(job.workers) as pool:
-        return _convert(job, redactor, held, pool)
+            with redacted_warnings(redactor):
+                return convert_with_beam(job, redactor, runner, pipeline_options)
+        with redacted_warnings(redactor) as held, _worker_pool(job.workers) as pool:
+            return _convert(job, redactor, held, pool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1015,7 +1020,8 @@ def plan_conversion(job: _Job, redactor: Redactor) -> Plan:
 
 
 def partial_folder(job: _Job) -> Path:
-    """A fresh temporary folder in the output folder (earlier runs' ones removed)."""
+    """A fresh temporary folder in the output folder; earlier runs' ones, left by a kill,
+    are removed (`convert` holds the folder: no other run is writing there)."""
     job.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in job.out_dir.glob(".partial-*"):
         shutil.rmtree(stale, ignore_errors=True)

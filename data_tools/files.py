@@ -9,7 +9,8 @@ exports) goes through here:
 - `json_text`: standard JSON only (NaN and infinities become ``null``; Python's default
   writes bare ``NaN``, which other JSON readers refuse);
 - `check_output_dir`: an ``--out`` that is a file, lies under a file or cannot be written
-  is reported in one line before any work starts.
+  is reported in one line before any work starts;
+- `exclusive_folder`: one run at a time writes into a folder.
 
 Pure Python (no TensorFlow); used by `data_tools` and `tfcovseg` alike.
 """
@@ -147,3 +148,34 @@ def check_output_dir(path, option="--out") -> Path:
             reason = "permission denied"
         raise OutputError(f"{option} {path} cannot be written ({probe}: {reason})") from None
     return path
+
+
+@contextlib.contextmanager
+def exclusive_folder(path, option="--out"):
+    """Creates the folder `path` if needed and holds it while a run writes there: a second
+    run given the same folder meanwhile is refused (`OutputError`, naming it) instead of
+    removing the first one's work in progress or mixing its files with the first's.
+
+    An advisory lock on the folder itself (``flock``; no file is left behind), released
+    when the run ends, also when it is killed. Where ``flock`` does not exist (Windows)
+    nothing is locked.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield path
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{option} {path} is being written by another run: wait for it to end or "
+                "give another folder"
+            ) from None
+        yield path
+    finally:
+        os.close(fd)

@@ -430,3 +430,26 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
     assert len(here) < len(items)
     assert max(len(h) for h in held) <= 4
     assert list(module._ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(cohort, records, tmp_path):
+    from data_tools.files import exclusive_folder
+
+    out, _ = records
+    target = tmp_path / "target"
+    shutil.copytree(out, target)
+    before = _digest(target)
+    with exclusive_folder(target):  # a first run, still converting
+        work = target / ".partial-1"
+        work.mkdir()
+        (work / "slices-00000-of-00003.tfrecord").write_bytes(b"in progress")
+        with pytest.raises(
+            ConversionError, match=f"--out {target} is being written by another run"
+        ):
+            convert(cohort, target, size=64, salt=SALT, progress=False)
+        assert (work / "slices-00000-of-00003.tfrecord").read_bytes() == b"in progress"
+        assert _digest(target) == before
+    # Once it has ended (here: killed, its work left behind), a run goes ahead and tidies.
+    convert(cohort, target, size=64, salt=SALT, progress=False)
+    assert not work.exists() and _digest(target) == before
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
