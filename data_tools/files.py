@@ -158,24 +158,31 @@ def exclusive_folder(path, option="--out"):
 
     An advisory lock on the folder itself (``flock``; no file is left behind), released
     when the run ends, also when it is killed. Where ``flock`` does not exist (Windows)
-    nothing is locked.
+    nothing is locked. A folder made here and still empty at the end (the run failed
+    before writing anything) is removed again.
     """
     path = Path(path)
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
-    except ImportError:
-        yield path
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(
-                f"{option} {path} is being written by another run: wait for it to end or "
-                "give another folder"
-            ) from None
-        yield path
+            import fcntl
+        except ImportError:
+            yield path
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(
+                    f"{option} {path} is being written by another run: wait for it to end "
+                    "or give another folder"
+                ) from None
+            yield path
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                path.rmdir()

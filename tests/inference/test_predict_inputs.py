@@ -388,3 +388,22 @@ def test_the_montage_keeps_only_the_slices_with_the_most_lesion():
     top = sorted(range(len(areas)), key=lambda i: -areas[i])[:MONTAGE_SLICES]
     assert sorted(kept) == sorted(top)  # the empty slice and the two smallest are dropped
     assert all(kept[i][2][0, 0] == i for i in kept)  # with their own grey levels
+
+
+def test_a_second_predict_into_a_folder_being_written_is_refused(model, phantom_run, tmp_path):
+    from data_tools.files import exclusive_folder
+
+    study = phantom_run.cohort / "case_0003" / "ct"
+    out = tmp_path / "out"
+    series = predict(model, study, out, gate=False, **QUIET)["series"][0]["series"]
+    shutil.rmtree(out)
+    with exclusive_folder(out):  # a first predict, still writing the series
+        work = out / f".{series}-x1y2"
+        work.mkdir()
+        (work / "lesions.nii.gz").write_bytes(b"in progress")
+        with pytest.raises(PredictionError, match=f"--out {out} is being written by another run"):
+            predict(model, study, out, gate=False, **QUIET)
+        assert (work / "lesions.nii.gz").read_bytes() == b"in progress"
+    # Once it has ended (here: killed, its series half-written), a rerun finishes it.
+    predict(model, study, out, gate=False, **QUIET)
+    assert (out / series / "report.json").is_file() and not work.exists()

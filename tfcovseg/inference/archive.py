@@ -266,8 +266,25 @@ def predict_archive(
     gate_threshold = expected["gate_threshold"]
     handler = KeyedModelHandler(SliceModelHandler(str(model), gate, gate_threshold, batch_size))
     salt = resolve_salt(salt)
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"{len(inputs)} studies on the {runner} runner")
+    with single.held_output(out):
+        log(f"{len(inputs)} studies on the {runner} runner")
+        _run_pipeline(beam_options, inputs, handler, salt, out, expected, info, settings)
+    index = single.read_index(out / "index.json")
+    for item in index["skipped"]:
+        if item["file"].startswith("input "):
+            log(f"warning: skipped {item['file']}: {item['reason']}")
+    for entry in index["series"]:
+        log(
+            f"series {entry['series']}: {entry['slices']} slices, lesions "
+            f"{entry['lesion_percent_of_lung']:.2f} % of lung; verdict {entry['verdict']}"
+        )
+    log(f"summary: {out / SUMMARY_NAME}")
+    return index
+
+
+def _run_pipeline(beam_options, inputs, handler, salt, out, expected, info, settings) -> None:
+    """Reads each study, runs the model on its slices (RunInference), writes its files, then
+    the index."""
     with beam.Pipeline(options=beam_options) as pipeline:
         read = (
             pipeline
@@ -296,14 +313,3 @@ def predict_archive(
             | "All" >> beam.combiners.ToList()
             | "Index" >> beam.Map(_index, out, info, beam.pvalue.AsSingleton(failed))
         )
-    index = single.read_index(out / "index.json")
-    for item in index["skipped"]:
-        if item["file"].startswith("input "):
-            log(f"warning: skipped {item['file']}: {item['reason']}")
-    for entry in index["series"]:
-        log(
-            f"series {entry['series']}: {entry['slices']} slices, lesions "
-            f"{entry['lesion_percent_of_lung']:.2f} % of lung; verdict {entry['verdict']}"
-        )
-    log(f"summary: {out / SUMMARY_NAME}")
-    return index

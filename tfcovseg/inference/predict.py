@@ -41,6 +41,7 @@ Research use, not a medical device.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import datetime
 import html
@@ -60,6 +61,7 @@ from data_tools.files import (
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
+    exclusive_folder,
     remove_partial_directories,
 )
 from data_tools.lung import (
@@ -1124,6 +1126,32 @@ def predict(
             f"{predictor.source} was trained on 8-bit windowed images and exported before "
             "exports windowed HU for such models: export its run again"
         )
+    with held_output(out):
+        return _predict_input(
+            predictor, input_path, out, gate, threshold, mask_threshold, series_uid,
+            batch_size, salt, log, research_seg, intensity,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def held_output(out: Path):
+    """`out` (created) held while this run writes there (`exclusive_folder`): a second
+    predict into it meanwhile stops, naming it, instead of removing the first one's series
+    in progress as partial folders left by a kill."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(exclusive_folder(out))
+    except OutputError as e:
+        raise PredictionError(str(e)) from None
+    with stack:
+        yield out
+
+
+def _predict_input(
+    predictor, input_path, out, gate, threshold, mask_threshold, series_uid, batch_size,
+    salt, log, research_seg, intensity,
+) -> dict:  # fmt: skip
+    """`predict` once the model is open and `out` is held."""
     if is_image_folder(Path(input_path)):
         options = {
             "--no-gate": not gate,
