@@ -263,6 +263,48 @@ def scan_file(path: Path, redactor=None):
         raise SkipFile(f"malformed geometry tags ({type(e).__name__}: {e})") from None
 
 
+# What grouping needs of a header besides its geometry (`build_series`, the SEG's series).
+GROUPING_KEYS = ("StudyInstanceUID", "PatientID", "PatientName")
+
+
+@dataclasses.dataclass
+class ScannedFile:
+    """`scan_file`'s answer in a form small enough to send between processes (the pydicom
+    dataset itself took longer to unpickle than to read from the file).
+
+    kind: "ct", "seg" or "skip". item: the `SliceHeader` (ct) or the path (seg). fields:
+    the `GROUPING_KEYS` of a CT header as strings, or ``referenced_series`` (the series
+    UIDs a SEG annotates). identities: (value, placeholder) pairs for the redactor.
+    reason: why the file was skipped.
+    """
+
+    kind: str
+    item: object = None
+    fields: dict = dataclasses.field(default_factory=dict)
+    identities: list = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+
+class _Identities(list):
+    def add(self, value, placeholder):  # the redactor's interface, recorded
+        self.append((value, placeholder))
+
+
+def scan_compact(path: Path) -> ScannedFile:
+    """`scan_file` for another process: never raises `SkipFile` (kind "skip")."""
+    identities = _Identities()
+    try:
+        kind, item, ds = scan_file(path, identities)
+    except SkipFile as e:
+        return ScannedFile("skip", identities=list(identities), reason=str(e))
+    if kind == "seg":
+        series = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", [])]
+        fields = {"referenced_series": series}
+    else:
+        fields = {key: str(ds.get(key, "")) for key in GROUPING_KEYS}
+    return ScannedFile(kind, item, fields, list(identities))
+
+
 def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     """The geometry of one CT file.
 

@@ -453,3 +453,26 @@ def test_a_second_run_into_a_folder_being_written_is_refused(cohort, records, tm
     convert(cohort, target, size=64, salt=SALT, progress=False)
     assert not work.exists() and _digest(target) == before
     assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
+
+
+def test_headers_read_by_the_workers_warn_redacted(cohort, tmp_path, capfd):
+    # Every file's StudyInstanceUID is malformed and quoted by pydicom's warning when the
+    # header is read: in the pool's processes as well as here (--workers 2).
+    import pydicom
+
+    src = tmp_path / "in"
+    shutil.copytree(cohort, src)
+    secret = "1.2.840.SECRET-UID-77"
+    for f in sorted(src.rglob("IM*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = secret
+        ds.save_as(f)
+    capfd.readouterr()
+    args = ["--input", str(src), "--out", str(tmp_path / "o"), "--size", "64", "--salt", SALT]
+    assert main(args + ["--workers", "2"]) == 0
+    printed = capfd.readouterr()
+    assert secret not in printed.out + printed.err
+    assert "Invalid value for VR UI: '<uid>'" in printed.err
+    serial = tmp_path / "serial"
+    assert main(args[:3] + [str(serial)] + args[4:]) == 0
+    assert _digest(serial) == _digest(tmp_path / "o")
