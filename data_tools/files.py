@@ -170,7 +170,11 @@ def exclusive_folder(path, option="--out"):
         except ImportError:
             yield path
             return
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # a folder that can be written but not read: go on unlocked
+            yield path
+            return
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,6 +183,8 @@ def exclusive_folder(path, option="--out"):
                     f"{option} {path} is being written by another run: wait for it to end "
                     "or give another folder"
                 ) from None
+            except OSError:
+                pass  # a file system without locks (some network mounts): go on unlocked
             yield path
         finally:
             os.close(fd)
