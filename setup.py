@@ -71,6 +71,7 @@ setup(
         "keras>=3.5",
         "numpy>=1.26",
         "scipy>=1.10",
+        "threadpoolctl>=3.1",
         "pydicom>=2.4",
         "nibabel>=5.0",
         "matplotlib>=3.7",
@@ -80,8 +81,8 @@ setup(
         # Anti-aliased drawing (partial volume at every edge) and fast blurs for the phantom.
         "opencv-python-headless>=4.8",
         # The converter writes tf.train.Examples and TFRecord shards without TensorFlow (its
-        # workers): protobuf serialises, google-crc32c checksums the records.
-        "protobuf>=4.21",
+        # workers): google-crc32c checksums the records; threadpoolctl keeps each worker's
+        # BLAS on one thread.
         "google-crc32c>=1.5",
     ],
     extras_require={

@@ -691,7 +691,7 @@ def _safe_process(job: _StudyJob):
     back (in a worker process too) for the converter to show redacted. A worker writes
     the examples to ``job.spill`` (the converting process appends that file to its shard
     in the kernel, instead of receiving ~1.5 MB a slice through a pipe)."""
-    with held_warnings() as held, _one_opencv_thread():
+    with held_warnings() as held, _one_thread():
         try:
             result = process_study(job.study, job.size, job.classes)
             encoded = encode_study(job.study, job.pid, result, job.classes, job.key)
@@ -708,16 +708,20 @@ def _safe_process(job: _StudyJob):
 
 
 @contextlib.contextmanager
-def _one_opencv_thread():
-    """OpenCV on one thread while a study converts: a worker is one core. Its default
-    thread pool gave no measurable gain in wall time (3 alternating runs each, 1 and 2
-    workers) but its idle threads spun for ~2.5 s of CPU per 1,000 512x512 slices."""
+def _one_thread():
+    """OpenCV and the BLAS (NumPy's matrix products: the resize) on one thread while a
+    study converts: a worker is one core. Their default thread pools spin while idle: with
+    two workers resizing 512x512 slices to 128, OpenBLAS's took two workers from 180 slices/s
+    down to 100, slower than one; OpenCV's spun ~2.5 s of CPU per 1,000 slices, with no
+    measurable gain in wall time (3 alternating runs, 1 and 2 workers)."""
     import cv2
+    from threadpoolctl import threadpool_limits
 
     before = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         cv2.setNumThreads(before)
 

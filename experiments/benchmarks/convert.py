@@ -1,7 +1,8 @@
 """DICOM -> TFRecord conversion speed and memory, against bare pydicom reads.
 
     python experiments/benchmarks/convert.py [--patients 34] [--size 512] [--workers 2]
-        [--records-dir /dev/shm/records] [--repeats 2] [--beam] [--out runs/benchmarks/convert.json]
+        [--records-size 128] [--records-dir /dev/shm/records] [--repeats 2] [--beam]
+        [--out runs/benchmarks/convert.json]
 
 In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once into
 ``runs/benchmarks/cohort-<size>-<patients>`` and reused):
@@ -23,6 +24,7 @@ of shards go to ``--records-dir`` (default ``runs/benchmarks/records-...``): on 
 machine's disk their writing made a run vary by +-20 %, so give a RAM folder
 (``/dev/shm/...``) to measure the converter's computation alone. ``--beam`` also runs the
 conversion on Apache Beam's DirectRunner, in-process and with ``--workers`` processes.
+``--records-size`` converts to another size than the cohort's (the resize included).
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--patients", type=int, default=34)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--records-size", type=int, help="convert to this size (default --size)")
     parser.add_argument("--records-dir", type=Path, help="where the shards go (see above)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--beam", action="store_true", help="also Beam's DirectRunner")
@@ -131,21 +134,23 @@ def main(argv=None) -> int:
     _bare_read(files)  # once to warm the page cache: the converter runs warm too
     bare = max(_bare_read(files) for _ in range(args.repeats))
     lung = _lung_alone(files)
+    out_size = args.records_size or args.size
     records = (
         args.records_dir or ROOT / "runs" / "benchmarks" / f"records-{args.size}-{args.patients}"
     )
     runs = {1: [], args.workers: []}
     for _ in range(args.repeats):
         for workers in runs:
-            runs[workers].append(_convert(cohort, records, args.size, workers))
+            runs[workers].append(_convert(cohort, records, out_size, workers))
     one, many = (max(runs[w], key=lambda r: r["slices_per_s"]) for w in runs)
     beam = {}
     if args.beam:  # the DirectRunner: in-process, then `--workers` processes
         for workers in (1, args.workers):
-            beam[workers] = _convert(cohort, records, args.size, workers, "direct")
+            beam[workers] = _convert(cohort, records, out_size, workers, "direct")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "size": args.size,
+        "records_size": out_size,
         "slices": len(files),
         "records_dir": str(records),
         "repeats": args.repeats,
@@ -160,7 +165,10 @@ def main(argv=None) -> int:
         "speed_up_1_to_n_workers": many["slices_per_s"] / one["slices_per_s"],
         **{f"beam_direct_{w}_workers": r for w, r in beam.items()},
     }
-    print(f"{len(files)} DICOM slices at {args.size}x{args.size} on {result['machine']}")
+    print(
+        f"{len(files)} DICOM slices at {args.size}x{args.size} on {result['machine']}, "
+        f"converted to {out_size}x{out_size}"
+    )
     if phantom_rate:
         print(f"phantom generation        {phantom_rate:8.1f} slices/s (one core)")
     else:
