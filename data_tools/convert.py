@@ -784,10 +784,11 @@ def _ordered_map(fn, items, pool, workers: int, pool_items=None):
     """map(fn, items) in order, in `pool` (None: all here) and here alike.
 
     This process is one of the `workers`: while the next result in order is not ready, it
-    converts the next study nobody has started (`items[i]`, written straight to the shard
-    when its turn comes) instead of waiting, so the work shares itself out whatever the
-    studies' sizes; the pool gets `pool_items[i]` (whose examples go through files), at
-    most two per pool worker ahead, and at most two per worker wait here.
+    runs the next item nobody has started (`items[i]`; a study it converts is written
+    straight to its shard when its turn comes) instead of waiting, so the work shares
+    itself out whatever the items' sizes; the pool gets `pool_items[i]` (a study's version
+    that leaves its examples in a file), at most two per pool worker ahead, and at most two
+    results per worker wait here.
     """
     items = list(items)
     if pool is None:
