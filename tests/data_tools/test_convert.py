@@ -476,3 +476,25 @@ def test_headers_read_by_the_workers_warn_redacted(cohort, tmp_path, capfd):
     serial = tmp_path / "serial"
     assert main(args[:3] + [str(serial)] + args[4:]) == 0
     assert _digest(serial) == _digest(tmp_path / "o")
+
+
+def test_a_pool_worker_appends_to_its_shard_only_when_its_turn_has_come(cohort, tmp_path):
+    import dataclasses
+
+    from data_tools import convert as module
+    from data_tools.features import LESION_CLASSES
+
+    study = module.discover(cohort).studies[0]
+    spill, shard, after, done = (tmp_path / n for n in ("spill", "shard", "after", "done"))
+    job = module._StudyJob(
+        study, 64, LESION_CLASSES, "P1", b"key", "", spill, shard=shard, after=after, done=done
+    )
+    encoded, reason, _ = module._safe_process(job)  # the shard's study before it: not in yet
+    assert reason is None and not encoded.appended and encoded.path == str(spill)
+    assert not shard.exists() and not done.exists()
+    after.touch()  # now it is
+    encoded, _, _ = module._safe_process(job)
+    assert encoded.appended and encoded.path is None and encoded.examples is None
+    assert done.exists() and shard.read_bytes() == spill.read_bytes()
+    first = dataclasses.replace(job, after=None, shard=tmp_path / "first")  # first in its shard
+    assert module._safe_process(first)[0].appended
