@@ -995,11 +995,7 @@ def convert(
         start,
     )
     redactor = Redactor()
-    with contextlib.ExitStack() as held_folder:
-        try:
-            held_folder.enter_context(exclusive_folder(out_dir))
-        except OutputError as e:
-            raise ConversionError(str(e)) from None
+    with exclusive_folder(out_dir, error=ConversionError):
         if runner is not None:
             from data_tools.beam_convert import convert_with_beam
 

@@ -151,9 +151,9 @@ def check_output_dir(path, option="--out") -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_folder(path, option="--out"):
+def exclusive_folder(path, option="--out", error=OutputError):
     """Creates the folder `path` if needed and holds it while a run writes there: a second
-    run given the same folder meanwhile is refused (`OutputError`, naming it) instead of
+    run given the same folder meanwhile is refused (`error`, naming it) instead of
     removing the first one's work in progress or mixing its files with the first's.
 
     An advisory lock on the folder itself (``flock``; no file is left behind), released
@@ -179,7 +179,7 @@ def exclusive_folder(path, option="--out"):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputError(
+                raise error(
                     f"{option} {path} is being written by another run: wait for it to end "
                     "or give another folder"
                 ) from None

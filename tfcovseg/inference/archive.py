@@ -35,7 +35,13 @@ import numpy as np
 
 from data_tools.beam_convert import import_beam, pipeline_options
 from data_tools.convert import ConversionError, looks_like_mask
-from data_tools.files import OutputError, atomic_write_json, atomic_write_text, check_output_dir
+from data_tools.files import (
+    OutputError,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    exclusive_folder,
+)
 from data_tools.privacy import Redactor, redacted_warnings, resolve_salt
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.inference import predict as single
@@ -266,7 +272,7 @@ def predict_archive(
     gate_threshold = expected["gate_threshold"]
     handler = KeyedModelHandler(SliceModelHandler(str(model), gate, gate_threshold, batch_size))
     salt = resolve_salt(salt)
-    with single.held_output(out):
+    with exclusive_folder(out, error=single.PredictionError):
         log(f"{len(inputs)} studies on the {runner} runner")
         _run_pipeline(beam_options, inputs, handler, salt, out, expected, info, settings)
     index = single.read_index(out / "index.json")

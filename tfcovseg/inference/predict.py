@@ -41,7 +41,6 @@ Research use, not a medical device.
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime
 import html
@@ -1126,25 +1125,11 @@ def predict(
             f"{predictor.source} was trained on 8-bit windowed images and exported before "
             "exports windowed HU for such models: export its run again"
         )
-    with held_output(out):
+    with exclusive_folder(out, error=PredictionError):
         return _predict_input(
             predictor, input_path, out, gate, threshold, mask_threshold, series_uid,
             batch_size, salt, log, research_seg, intensity,
         )  # fmt: skip
-
-
-@contextlib.contextmanager
-def held_output(out: Path):
-    """`out` (created) held while this run writes there (`exclusive_folder`): a second
-    predict into it meanwhile stops, naming it, instead of removing the first one's series
-    in progress as partial folders left by a kill."""
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(exclusive_folder(out))
-    except OutputError as e:
-        raise PredictionError(str(e)) from None
-    with stack:
-        yield out
 
 
 def _predict_input(
