@@ -84,6 +84,9 @@ setup(
         # workers): google-crc32c checksums the records; threadpoolctl keeps each worker's
         # BLAS on one thread.
         "google-crc32c>=1.5",
+        # 3-D connected components of the lung masks: 4x faster than scipy.ndimage.label,
+        # and a converter worker starts without scipy.ndimage (0.2 s of its imports).
+        "connected-components-3d>=3.12",
     ],
     extras_require={
         "cpu": TF_CPU,

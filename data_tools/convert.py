@@ -277,7 +277,8 @@ def pool_scan(pool, workers: int, held: list, chunk: int = 32):
 
     def scan(paths):
         chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-        for scanned, said in _ordered_map(_scan_chunk, chunks, pool, workers):
+        answers = _ordered_map(_scan_chunk, chunks, pool, workers, hold=len(chunks), redo=True)
+        for scanned, said in answers:
             held.extend(said)
             yield from scanned
 
@@ -741,8 +742,36 @@ def _one_thread():
         cv2.setNumThreads(before)
 
 
+def reuse_freed_memory() -> None:
+    """Lets glibc keep the memory a study frees for the next study (Linux; elsewhere,
+    nothing changes): arrays up to 64 MB from the heap, and up to 256 MB freed there kept.
+
+    A converter allocates and frees each study's volumes and masks (tens of MB). By
+    default glibc maps most such arrays afresh and gives them back when freed, and the
+    kernel zero-fills every page again: a pool worker spent 2.0 s of its 5 s in the
+    kernel, 215,000 page faults for 500 slices of 512x512; with these settings 35,000
+    and 1.1 s, and the converter was ~10 % faster with 2 workers. Called in the worker
+    processes and by the command line, not by `convert` itself: it changes the calling
+    process's allocator for good.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, say)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
+def _start_worker(parent: int) -> None:
+    """Worker initializer (`_die_with_parent`, `reuse_freed_memory`)."""
+    reuse_freed_memory()
+    _die_with_parent(parent)
+
+
 def _die_with_parent(parent: int) -> None:
-    """Worker initializer: the worker ends when the converting process does.
+    """The worker ends when the converting process does.
 
     A parent killed with SIGKILL cannot shut its pool down, and the workers would go on
     converting for nobody. Linux delivers SIGKILL to the worker when its parent dies
@@ -788,28 +817,33 @@ def _worker_pool(workers: int):
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that holds TF
     with ProcessPoolExecutor(
-        workers - 1, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+        workers - 1, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
     ) as pool:
         for _ in range(workers - 1):  # each submit starts a worker while none is idle
             pool.submit(_warm_up)
         yield pool
 
 
-def _ordered_map(fn, items, pool, workers: int, pool_items=None):
+def _ordered_map(fn, items, pool, workers: int, pool_items=None, hold=None, redo=False):
     """map(fn, items) in order, in `pool` (None: all here) and here alike.
 
     This process is one of the `workers`: while the next result in order is not ready, it
     runs the next item nobody has started (`items[i]`; a study it converts is written
     straight to its shard when its turn comes) instead of waiting, so the work shares
     itself out whatever the items' sizes; the pool gets `pool_items[i]` (a study's version
-    that leaves its examples in a file), at most two per pool worker ahead, and at most two
-    results per worker wait here.
+    that leaves its examples in a file), at most two per pool worker ahead, and at most
+    `hold` results (default two per worker) wait here. With `redo` (items without side
+    effects, such as header reads), this process runs the next item in order itself when
+    nothing else is left to start, rather than wait for a pool worker that has not
+    finished it: a spawned worker is still importing for its first second or more (for
+    seconds when the main module imports TensorFlow), and the work would stall on it.
     """
     items = list(items)
     if pool is None:
         yield from map(fn, items)
         return
     pool_items = items if pool_items is None else pool_items
+    hold = 2 * workers if hold is None else hold
     started, pending, done = 0, {}, {}
 
     def top_up():  # before anything else here: an idle pool worker waits for this process
@@ -821,8 +855,11 @@ def _ordered_map(fn, items, pool, workers: int, pool_items=None):
     for head in range(len(items)):
         top_up()
         while head not in done and not (head in pending and pending[head].done()):
-            if started == len(items) or len(done) >= 2 * workers:
-                break  # nothing left to start here, or enough held: wait for the pool
+            if started == len(items) or len(done) >= hold:
+                if redo and started == len(items):
+                    pending.pop(head).cancel()  # when it has started, its answer is dropped
+                    done[head] = fn(items[head])
+                break  # else enough held here: wait for the pool
             done[started] = fn(items[started])
             started += 1
             top_up()
@@ -1347,6 +1384,7 @@ def main(argv=None) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     if not classes or len(set(classes)) != len(classes):
         parser.error(f"--classes must name distinct classes, got {args.classes!r}")
+    reuse_freed_memory()  # this process ends with the conversion
     try:
         summary = convert(
             args.input,

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import functools
 
+import cc3d
 import cv2
 import numpy as np
-from scipy import ndimage
 
 AIR_THRESHOLD_HU = -320.0
 OUTSIDE_AIR_HU = -950.0
@@ -44,38 +44,50 @@ def otsu_threshold(image: np.ndarray) -> float:
     return float(threshold)
 
 
-_CROSS = ndimage.generate_binary_structure(2, 1)
-_SQUARE = ndimage.generate_binary_structure(2, 2)
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+_SQUARE = np.ones((3, 3), np.uint8)
+_ZERO_BORDER = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
 
 
 def _grow(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
-    """Dilation (or erosion) by an octagon of about `radius` pixels, as the Minkowski sum
-    of ceil(radius / 2) 3x3 crosses and floor(radius / 2) 3x3 squares (scipy, step by
-    step: the reference `_octagon` is built with)."""
-    op = ndimage.binary_erosion if erode else ndimage.binary_dilation
-    crosses, squares = (radius + 1) // 2, radius // 2
-    if crosses:
-        mask = op(mask, structure=_CROSS, iterations=crosses)
-    if squares:
-        mask = op(mask, structure=_SQUARE, iterations=squares)
-    return mask
+    """Dilation (or erosion) of a 2-D mask by the octagon of about `radius` pixels that
+    `_octagon` builds; outside the image is background (scipy's binary morphology)."""
+    if radius < 1:
+        return mask.copy()
+    op = cv2.erode if erode else cv2.dilate
+    return op(mask.astype(np.uint8), _octagon(radius), **_ZERO_BORDER).view(bool)
 
 
 @functools.cache
 def _octagon(radius: int) -> np.ndarray:
-    """The octagon `_grow` dilates by, as one OpenCV kernel: dilating or eroding by it at
-    once equals the steps by crosses and squares (a Minkowski sum), in one SIMD pass."""
-    point = np.zeros((2 * radius + 1, 2 * radius + 1), bool)
-    point[radius, radius] = True
-    return _grow(point, radius, erode=False).astype(np.uint8)
+    """A structuring element of about `radius` pixels: the Minkowski sum of ceil(radius /
+    2) 3x3 crosses and floor(radius / 2) 3x3 squares (an octagon, closer to a disk than
+    either alone); dilating or eroding by it at once equals the steps one by one."""
+    point = np.zeros((2 * radius + 1, 2 * radius + 1), np.uint8)
+    point[radius, radius] = 1
+    crosses, squares = (radius + 1) // 2, radius // 2
+    if crosses:
+        point = cv2.dilate(point, _CROSS, iterations=crosses, **_ZERO_BORDER)
+    if squares:
+        point = cv2.dilate(point, _SQUARE, iterations=squares, **_ZERO_BORDER)
+    return point
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """4-connected components of a 2-D mask (scipy's default structure), by OpenCV:
-    (labels, areas), label 0 and ``areas[0]`` for the background. (Areas by bincount:
-    OpenCV's own statistics add bounding boxes and centroids, 3x the labelling's time.)"""
-    n, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    return labels, np.bincount(labels.ravel(), minlength=n)
+    """4-connected components of a 2-D mask (scipy's default structure): (labels, areas),
+    label 0 and ``areas[0]`` for the background. cc3d labels a 512x512 slice in 0.24 ms
+    (OpenCV 0.42; OpenCV's statistics 1.8)."""
+    labels, n = cc3d.connected_components(mask, connectivity=4, return_N=True)
+    return labels, _areas(labels, n + 1)
+
+
+def _areas(labels: np.ndarray, n: int) -> np.ndarray:
+    """Pixels per label 0..n-1: a histogram of 8-bit labels when they fit (0.05 ms at
+    512x512; np.bincount first widens every label to 64 bits, 0.35 ms)."""
+    if n > 256:
+        return np.bincount(labels.ravel(), minlength=n)
+    hist = cv2.calcHist([labels.astype(np.uint8)], [0], None, [n], [0, n])
+    return hist.ravel().astype(np.int64)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -99,8 +111,8 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
     c0, c1 = max(x - pad, 0), x + w + pad
     # Room to grow beyond the image border; outside the crop is background for both steps.
     crop = np.pad(mask[r0:r1, c0:c1], pad).view(np.uint8)
-    kernel, border = _octagon(radius), {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
-    closed = cv2.erode(cv2.dilate(crop, kernel, **border), kernel, **border)
+    kernel = _octagon(radius)
+    closed = cv2.erode(cv2.dilate(crop, kernel, **_ZERO_BORDER), kernel, **_ZERO_BORDER)
     out = mask.copy()
     out[r0:r1, c0:c1] |= closed[pad:-pad, pad:-pad].view(bool)
     return out
@@ -147,9 +159,8 @@ def _air_in_body(air: np.ndarray, image: np.ndarray, outside_level: float) -> np
     dark as outside air (step 2 of the module's method)."""
     body = _fill_holes(_largest_component(~air))
     inside = air & body
-    n, labels = cv2.connectedComponents(
-        (air & ~body).view(np.uint8), connectivity=4, ltype=cv2.CV_32S
-    )
+    labels, n = cc3d.connected_components(air & ~body, connectivity=4, return_N=True)
+    n += 1  # with the background
     if n > 1:
         lung_like = _region_means(labels, n, image) > outside_level
         lung_like[0] = False
@@ -168,8 +179,8 @@ def _largest_3d(inside: np.ndarray, min_fraction: float) -> np.ndarray:
     if len(inside) == 1:  # a lone slice: 6-connected in 3-D is 4-connected in its plane
         labels, sizes = _label(inside[box][0])
         labels = labels[None]
-    else:
-        labels, _ = ndimage.label(inside[box])
+    else:  # cc3d: 4x faster than scipy.ndimage.label here, and light to import
+        labels = cc3d.connected_components(inside[box], connectivity=6)
         sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     order = np.argsort(sizes)[::-1]

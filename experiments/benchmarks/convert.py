@@ -8,22 +8,25 @@ In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once 
 ``runs/benchmarks/cohort-<size>-<patients>`` and reused):
 
 1. phantom generation rate (slices/s on one core; target >= 50 at 512x512);
-2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, one process, files in the
-   page cache (a first pass warms it; the best of ``--repeats`` passes counts);
+2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, in a fresh process,
+   files in the page cache (a first pass warms it; the best of ``--repeats`` passes
+   counts), with glibc's default allocator and with the converter's settings
+   (`data_tools.convert.reuse_freed_memory`);
 3. the lung mask alone (`data_tools.lung.lung_mask` on each series' HU volume, one core;
    issue 22's target: <= 5 ms per 512x512 slice);
-4. ``data_tools.convert`` with one worker and with ``--workers`` workers: slices/s, the
-   ratio to the bare read rate per worker (issue 22's target: >= 0.2), the speed-up from 1
-   to ``--workers`` workers (target >= 1.7 with 2), and the peak resident memory of the
-   converting process and of its largest worker (target: <= 2 GB in all for a 1000-slice
-   cohort).
+4. ``python -m data_tools.convert`` (its ``main``, in a fresh process: no TensorFlow) with
+   one worker and with ``--workers`` workers: slices/s, the ratio to the bare read rate per
+   worker (issue 22's target: >= 0.2), the speed-up from 1 to ``--workers`` workers
+   (target >= 1.7 with 2), and the peak resident memory of the converting process and of
+   its largest worker (target: <= 2 GB in all for a 1000-slice cohort).
 
-Conversion runs in a fresh subprocess each time, so peak memory is the conversion's own;
-1 and N workers run in turn ``--repeats`` times, the best of each is reported. The 1.6 GB
-of shards go to ``--records-dir`` (default ``runs/benchmarks/records-...``): on this
-machine's disk their writing made a run vary by +-20 %, so give a RAM folder
-(``/dev/shm/...``) to measure the converter's computation alone. ``--beam`` also runs the
-conversion on Apache Beam's DirectRunner, in-process and with ``--workers`` processes.
+1 and N workers run in turn ``--repeats`` times; the best of each is reported, and the
+median of the N-worker run's ratio to the 1-worker run before it (runs on this shared
+host vary by +-15 %). The 1.6 GB of shards go to ``--records-dir`` (default
+``runs/benchmarks/records-...``): on this machine's disk their writing made a run vary by
++-20 %, so give a RAM folder (``/dev/shm/...``) to measure the converter's computation
+alone. ``--beam`` also runs the conversion on Apache Beam's DirectRunner, in-process and
+with ``--workers`` processes.
 ``--records-size`` converts to another size than the cohort's (the resize included).
 """
 
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -44,19 +48,28 @@ from common import write_figures  # experiments/benchmarks/common.py
 ROOT = Path(__file__).resolve().parents[2]
 
 _CONVERT = """
-import json, resource, sys, time
-import tensorflow  # imported before timing, as a long-running converter would have it
-from data_tools.convert import convert
-start = time.perf_counter()
+import contextlib, io, json, re, resource, sys, time
+from data_tools.convert import main  # as `python -m data_tools.convert` runs, no TensorFlow
+cohort, out, size, workers = sys.argv[1:5]
 runner = sys.argv[5] if len(sys.argv) > 5 else None
-options = ["direct_num_workers=" + sys.argv[4], "direct_running_mode=multi_processing"]
-summary = convert(sys.argv[1], sys.argv[2], size=int(sys.argv[3]),
-                  workers=1 if runner else int(sys.argv[4]), salt="benchmark", progress=False,
-                  runner=runner, pipeline_options=options if runner and sys.argv[4] != "1" else ())
+argv = ["--input", cohort, "--out", out, "--size", size, "--salt", "benchmark"]
+if runner:
+    argv += ["--runner", runner]
+    if workers != "1":
+        argv += ["--pipeline-option", "direct_num_workers=" + workers,
+                 "--pipeline-option", "direct_running_mode=multi_processing"]
+else:
+    argv += ["--workers", workers]
+start = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()) as printed:
+    code = main(argv)
 seconds = time.perf_counter() - start
+if code:
+    sys.exit(code)
+slices = int(re.search(r"series[)], ([0-9]+) slices", printed.getvalue()).group(1))
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"seconds": seconds, "slices": summary["slices"],
+print(json.dumps({"seconds": seconds, "slices": slices,
                   "peak_rss_mb": self_kb / 1024, "peak_worker_rss_mb": child_kb / 1024}))
 """
 
@@ -74,23 +87,50 @@ def _cohort(patients: int, size: int) -> tuple[Path, float | None]:
     return folder, slices / elapsed
 
 
-def _bare_read(files) -> float:
-    import pydicom
-
+_BARE = """
+import sys, time
+from pathlib import Path
+import pydicom
+files = sorted(Path(sys.argv[1]).rglob("*.dcm"))
+if sys.argv[3] == "reuse":
+    from data_tools.convert import reuse_freed_memory
+    reuse_freed_memory()
+for f in files:  # once to warm the page cache: the converter runs warm too
+    pydicom.dcmread(f).pixel_array
+best = 0.0
+for _ in range(int(sys.argv[2])):
     start = time.perf_counter()
     for f in files:
-        pydicom.dcmread(f).pixel_array  # noqa: B018
-    return len(files) / (time.perf_counter() - start)
+        pydicom.dcmread(f).pixel_array
+    best = max(best, len(files) / (time.perf_counter() - start))
+print(best)
+"""
+
+
+def _bare_read(cohort: Path, repeats: int, allocator: str) -> float:
+    """Slices/s of ``pydicom.dcmread(f).pixel_array``, the best of `repeats` passes, in a
+    fresh process: with glibc's default allocator ("default") or with the converter's
+    settings ("reuse": `data_tools.convert.reuse_freed_memory`). The two differ by up to 2x
+    here, as did the same loop run after other work in one process (2026-12-05: 689 to
+    1,663 slices/s), which is why neither runs in this process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _BARE, str(cohort), str(repeats), allocator],
+        capture_output=True, text=True, env=env, cwd=ROOT, check=True,
+    )  # fmt: skip
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def _lung_alone(files) -> float:
     """`lung_mask` alone over each series' HU volume (read before timing), on one core."""
     import cv2
 
+    from data_tools.convert import reuse_freed_memory
     from data_tools.dicom_io import read_hu
     from data_tools.lung import lung_mask
 
     cv2.setNumThreads(1)  # one core, as one converter worker
+    reuse_freed_memory()  # as in the converter
     by_series: dict[Path, list] = {}
     for f in files:
         by_series.setdefault(f.parent, []).append(read_hu(f))
@@ -131,8 +171,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cohort, phantom_rate = _cohort(args.patients, args.size)
     files = sorted(cohort.rglob("*.dcm"))
-    _bare_read(files)  # once to warm the page cache: the converter runs warm too
-    bare = max(_bare_read(files) for _ in range(args.repeats))
+    bare = _bare_read(cohort, args.repeats, "default")
+    bare_reuse = _bare_read(cohort, args.repeats, "reuse")
     lung = _lung_alone(files)
     out_size = args.records_size or args.size
     records = (
@@ -143,6 +183,11 @@ def main(argv=None) -> int:
         for workers in runs:
             runs[workers].append(_convert(cohort, records, out_size, workers))
     one, many = (max(runs[w], key=lambda r: r["slices_per_s"]) for w in runs)
+    # Runs here vary by +-15 % (a shared host): each repeat's N-worker run against the
+    # 1-worker run just before it, the median of those ratios beside the best against best.
+    paired = statistics.median(
+        n["slices_per_s"] / o["slices_per_s"] for o, n in zip(runs[1], runs[args.workers])
+    )
     beam = {}
     if args.beam:  # the DirectRunner: in-process, then `--workers` processes
         for workers in (1, args.workers):
@@ -156,13 +201,17 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "phantom_slices_per_s": phantom_rate,
         "bare_read_slices_per_s": bare,
+        "bare_read_reusing_memory_slices_per_s": bare_reuse,
         "lung_mask_alone_slices_per_s": lung,
         "lung_mask_ms_per_slice": 1000 / lung,
         "convert_1_worker": one,
         f"convert_{args.workers}_workers": many,
         "ratio_1_worker": one["slices_per_s"] / bare,
         "ratio_per_worker": many["slices_per_s"] / args.workers / bare,
+        "ratio_1_worker_to_bare_read_reusing_memory": one["slices_per_s"] / bare_reuse,
         "speed_up_1_to_n_workers": many["slices_per_s"] / one["slices_per_s"],
+        "speed_up_median_of_pairs": paired,
+        "runs": {str(w): [round(r["slices_per_s"], 1) for r in rs] for w, rs in runs.items()},
         **{f"beam_direct_{w}_workers": r for w, r in beam.items()},
     }
     print(
@@ -173,7 +222,7 @@ def main(argv=None) -> int:
         print(f"phantom generation        {phantom_rate:8.1f} slices/s (one core)")
     else:
         print("phantom generation        (cohort reused from an earlier run)")
-    print(f"bare pydicom read         {bare:8.1f} slices/s")
+    print(f"bare pydicom read         {bare:8.1f} slices/s ({bare_reuse:.1f} reusing memory)")
     print(f"lung mask alone           {lung:8.1f} slices/s ({1000 / lung:.1f} ms per slice)")
     for name, r in (("convert, 1 worker", one), (f"convert, {args.workers} workers", many)):
         print(
@@ -181,9 +230,11 @@ def main(argv=None) -> int:
             f"+ worker {r['peak_worker_rss_mb']:.0f} MB"
         )
     print(
-        f"convert / bare read: x{result['ratio_1_worker']:.2f} (1 worker), "
-        f"x{result['ratio_per_worker']:.2f} per worker with {args.workers}; "
-        f"{args.workers} workers x{result['speed_up_1_to_n_workers']:.2f} of 1"
+        f"convert / bare read: x{result['ratio_1_worker']:.2f} (1 worker; "
+        f"x{result['ratio_1_worker_to_bare_read_reusing_memory']:.2f} of the read reusing "
+        f"memory), x{result['ratio_per_worker']:.2f} per worker with {args.workers}; "
+        f"{args.workers} workers x{result['speed_up_1_to_n_workers']:.2f} of 1 "
+        f"(best against best; median of {args.repeats} pairs x{paired:.2f})"
     )
     for w, r in beam.items():
         print(f"Beam DirectRunner, {w} worker(s): {r['slices_per_s']:8.1f} slices/s")

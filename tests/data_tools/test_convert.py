@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -430,6 +433,67 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
     assert len(here) < len(items)
     assert max(len(h) for h in held) <= 4
     assert list(module._ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
+
+
+class _StalledPool:
+    """A pool whose worker never answers (still starting, say): its futures never end."""
+
+    def __init__(self):
+        self.futures = []
+
+    def submit(self, fn, *args):
+        future = _NeverDone()
+        self.futures.append(future)
+        return future
+
+
+class _NeverDone(concurrent.futures.Future):
+    def result(self, timeout=None):
+        raise AssertionError("waited for a pool worker that does not answer")
+
+
+def test_header_reads_do_not_wait_for_a_worker_that_has_not_answered():
+    """`_ordered_map(redo=True)` (the discovery's header reads): with nothing left to
+    start, this process reads the next chunk in order itself rather than wait for a pool
+    worker that has not answered it; without `redo` (studies: a worker's version writes
+    files) it waits."""
+    from data_tools import convert as module
+
+    items = list(range(10))
+    pool = _StalledPool()
+    mapped = module._ordered_map(lambda x: x * x, items, pool, 2, hold=len(items), redo=True)
+    assert list(mapped) == [x * x for x in items]
+    assert pool.futures and all(f.cancelled() for f in pool.futures)
+    with pytest.raises(AssertionError, match="does not answer"):
+        list(module._ordered_map(lambda x: x * x, items, _StalledPool(), 2, hold=len(items)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_freed_memory_is_reused_after_reuse_freed_memory():
+    """`reuse_freed_memory`: a 40 MB array allocated again after it was freed comes from
+    the heap (no page faults) instead of new pages from the kernel each time."""
+    # NumPy asks for 2 MB pages for large arrays: off, so that faults count 4 KB pages.
+    code = (
+        "import resource, sys\n"
+        "import numpy as np\n"
+        "from data_tools.convert import reuse_freed_memory\n"
+        "(np._core if hasattr(np, '_core') else np.core).multiarray._set_madvise_hugepage(False)\n"
+        "if sys.argv[1] == 'reuse':\n"
+        "    reuse_freed_memory()\n"
+        "np.ones(40 << 20, np.uint8)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5):\n"
+        "    np.ones(40 << 20, np.uint8)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for mode in ("default", "reuse"):
+        run = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, check=True
+        )
+        faults[mode] = int(run.stdout.split()[-1])
+    assert faults["default"] > 5 * 5000  # 10,240 pages of 4 KB a time
+    assert faults["reuse"] < 1000
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(cohort, records, tmp_path):

@@ -170,3 +170,23 @@ def test_opencv_pieces_equal_scipys():
                 padded = np.pad(mask, pad)
                 closed = _grow(_grow(padded, radius, False), radius, True)[pad:-pad, pad:-pad]
                 np.testing.assert_array_equal(_close(mask, radius), mask | closed)
+
+
+def test_3d_components_equal_scipys():
+    """Step 3 (cc3d's 6-connected labels) keeps what scipy.ndimage.label's components
+    keep: the largest and the next when it is at least `min_fraction` of it."""
+    from scipy import ndimage
+
+    from data_tools.lung import _largest_3d
+
+    rng = np.random.default_rng(3)
+    for p, min_fraction in ((0.3, 0.1), (0.45, 0.1), (0.45, 0.0), (0.6, 0.5)):
+        inside = np.pad(
+            ndimage.binary_opening(rng.random((6, 30, 40)) < p), ((0, 0), (3, 3), (3, 3))
+        )
+        labels, n = ndimage.label(inside)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        order = np.argsort(sizes)[::-1][:2]
+        kept = [k for k in order if k and sizes[k] >= min_fraction * sizes[order[0]]]
+        np.testing.assert_array_equal(_largest_3d(inside, min_fraction), np.isin(labels, kept))
