@@ -634,7 +634,6 @@ def encode_study(study: Study, pid: str, result: StudyResult, classes, key: byte
 
     sid = pseudonym("S", study.series_key, key)
     examples, entries = [], []
-    channels = range(len(classes))
     for z in range(result.hu.shape[0]):
         fields = slice_fields(
             result.hu[z],
@@ -652,8 +651,7 @@ def encode_study(study: Study, pid: str, result: StudyResult, classes, key: byte
             pre_windowed=result.pre_windowed,
         )
         examples.append(encode_example(fields))
-        # One channel at a time: a sum over the interleaved channels took 5 ms a slice.
-        lesion_pixels = [int(np.count_nonzero(result.lesions[z, ..., c])) for c in channels]
+        lesion_pixels = _channel_counts(result.lesions[z])
         entries.append(
             {
                 "patient": pid,
@@ -673,6 +671,18 @@ def encode_study(study: Study, pid: str, result: StudyResult, classes, key: byte
         result.skipped,
         examples=examples,
     )
+
+
+def _channel_counts(lesions: np.ndarray) -> list[int]:
+    """Pixels of each channel of one slice's 0/1 lesion masks [H, W, C]: OpenCV's sum of
+    each channel (0.03 ms at 512x512 with 3 channels; NumPy's count of each strided
+    channel took 0.27 ms, a sum over the interleaved channels 5 ms)."""
+    import cv2
+
+    channels = lesions.shape[-1]
+    if 1 <= channels <= 4:  # an OpenCV scalar holds four
+        return [int(v) for v in cv2.sumElems(lesions)[:channels]]
+    return [int(np.count_nonzero(lesions[..., c])) for c in range(channels)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -435,6 +435,18 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
     assert list(module._ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
 
 
+def test_channel_counts_of_a_slice():
+    """The manifest's lesion pixels per class (OpenCV's channel sums up to 4 classes)."""
+    from data_tools.convert import _channel_counts
+
+    rng = np.random.default_rng(0)
+    for channels in (0, 1, 3, 4, 5):
+        lesions = (rng.random((33, 47, channels)) < 0.2).astype(np.uint8)
+        expected = [int(np.count_nonzero(lesions[..., c])) for c in range(channels)]
+        assert _channel_counts(lesions) == expected
+        assert all(isinstance(v, int) for v in _channel_counts(lesions))
+
+
 class _StalledPool:
     """A pool whose worker never answers (still starting, say): its futures never end."""
 
