@@ -1,16 +1,21 @@
 """`data_tools.convert --runner direct|flink|spark|dataflow`: the conversion as an Apache
 Beam pipeline (``pip install "tfcovseg[beam]"``).
 
-The plan is the local converter's (`convert.plan_conversion`, in the launching process:
-the studies found, their patients' pseudonyms, the shards), and so are the steps:
+The steps are the local converter's:
 
-1. ``Convert``: one study per element, `convert._safe_process` (read, lung mask, resize,
+1. ``ReadHeaders``: the launching process only lists the input's files
+   (`convert.input_files`); the workers read their DICOM headers, 32 files an element
+   (`convert._scan_chunk`: compact answers, pydicom's warnings held back);
+2. ``Plan``: one element, the local converter's plan (`convert.plan_conversion` over
+   those answers: the studies, their patients' pseudonyms, the shards), a side input of
+   the steps after it;
+3. ``Convert``: one study per element, `convert._safe_process` (read, lung mask, resize,
    encode the examples), on as many workers as the runner gives;
-2. ``WriteShard``: the studies of one shard, in plan order, written into the output
+4. ``WriteShard``: the studies of one shard, in plan order, written into the output
    folder's temporary ``.partial-*`` folder (`data_tools.tfrecord`: the bytes the local
-   path writes). Step 1 leaves each study's examples in a file there and sends on only
+   path writes). Step 3 leaves each study's examples in a file there and sends on only
    their manifest entries: no 1.5 MB-a-slice element travels between steps;
-3. ``Manifest``: a final combine over every study's manifest entries: folds, the
+5. ``Manifest``: a final combine over every study's manifest entries: folds, the
    manifest, the shards moved into place, the manifest last (`convert._finish`).
 
 Exactly once, deterministic: a retried bundle writes the same shard file again from the
@@ -78,6 +83,34 @@ def pipeline_options(runner: str, options=()):
     return PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
 
 
+SCAN_CHUNK = 32  # files whose headers one element reads
+
+
+def _read_headers(indexed):
+    """Reads one chunk of headers (`convert._scan_chunk`)."""
+    index, paths = indexed
+    scanned, said = local._scan_chunk(paths)
+    return index, paths, scanned, said
+
+
+def _plan(chunks, job, redactor, files):
+    """The local converter's plan from the workers' header reads; their pydicom warnings
+    are logged redacted once the plan has met every identity."""
+    answers, held = {}, []
+    for _, paths, scanned, said in sorted(chunks, key=lambda chunk: chunk[0]):
+        answers.update(zip(paths, scanned))
+        held += said
+    plan = local.plan_conversion(job, redactor, lambda paths: [answers[p] for p in paths], files)
+    for warning in held:
+        logging.warning("convert: %s", plan.found.redactor(warning))
+    return plan
+
+
+def _study_jobs(plan, partial):
+    """(index, job) of every study, each leaving its examples in its own file."""
+    return enumerate(local.spilling_jobs(plan, partial))
+
+
 def _convert_study(indexed):
     """Converts one study; its examples go to its own file (`convert.spilling_jobs`,
     written again, identical, by a retried bundle), so that no 1.5 MB-a-slice element
@@ -86,12 +119,12 @@ def _convert_study(indexed):
     return index, local._safe_process(job)
 
 
-def _write_shard(keyed, partial, shard_names):
+def _write_shard(keyed, partial, plan):
     """Writes one shard whole from its studies' files, in plan order (a retry writes it
     again from the start); returns the studies' results for the manifest."""
     shard, items = keyed
     items = sorted(items, key=lambda item: item[0])
-    with open(partial / shard_names[shard], "wb", buffering=0) as target:
+    with open(partial / plan.shard_names[shard], "wb", buffering=0) as target:
         for _, (encoded, _, _) in items:
             if encoded is not None:
                 tfrecord.append_file(Path(encoded.path), target)
@@ -117,10 +150,10 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
     """Runs the conversion `job` (`convert._Job`) on Beam's `runner`; returns the summary."""
     beam = import_beam()
     beam_options = pipeline_options(runner, options)
-    plan = local.plan_conversion(job, redactor)
+    files = local.input_files(job.input_dir, job.out_dir)
+    names = files.candidates
+    chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
     partial = local.partial_folder(job)
-    jobs = local.spilling_jobs(plan, partial)
-    shard_of = [plan.shard_of(i) for i in range(len(plan.jobs))]
     # Beam logs a failing step's traceback before raising the error; ours (--strict, say)
     # reach the command as one line, and others propagate with their traceback anyway.
     step_log = logging.getLogger("apache_beam.runners.common")
@@ -128,16 +161,25 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
     step_log.setLevel(logging.CRITICAL)
     try:
         with beam.Pipeline(options=beam_options) as pipeline:
-            _ = (
+            plan = (
                 pipeline
-                | "Studies" >> beam.Create(list(enumerate(jobs)))
+                | "Files" >> beam.Create(list(enumerate(chunks)))
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadHeaders" >> beam.Map(_read_headers)
+                | "AllHeaders" >> beam.combiners.ToList()
+                | "Plan" >> beam.Map(_plan, job, redactor, files)
+            )
+            the_plan = beam.pvalue.AsSingleton(plan)
+            _ = (
+                plan
+                | "Studies" >> beam.FlatMap(_study_jobs, partial)
                 | "Spread" >> beam.Reshuffle()  # one study per bundle, over all workers
                 | "Convert" >> beam.Map(_convert_study)
-                | "ByShard" >> beam.Map(lambda item: (shard_of[item[0]], item))
+                | "ByShard" >> beam.Map(lambda item, p: (p.shard_of(item[0]), item), the_plan)
                 | "GroupShards" >> beam.GroupByKey()
-                | "WriteShard" >> beam.FlatMap(_write_shard, partial, plan.shard_names)
+                | "WriteShard" >> beam.FlatMap(_write_shard, partial, the_plan)
                 | "All" >> beam.combiners.ToList()
-                | "Manifest" >> beam.Map(_manifest, job, plan, partial)
+                | "Manifest" >> beam.Map(_manifest, job, the_plan, partial)
             )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -192,6 +192,42 @@ class Discovery:
     redactor: Redactor
 
 
+@dataclasses.dataclass
+class InputFiles:
+    """The files under an input folder, by kind (`input_files`)."""
+
+    niftis: list
+    images: list
+    candidates: list  # possibly DICOM, whatever their names
+
+
+def input_files(root: Path, exclude: Path | None = None) -> InputFiles:
+    """Lists the files under `root` by kind, sorted, leaving out `exclude` (an output
+    folder inside the input), dot files, text and JSON files and the labels file.
+
+    Raises:
+        ConversionError: `root` is not a folder, or its labels file is malformed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"input {root} is not a directory")
+    _, labels_path = _read_labels(root)
+    files = InputFiles([], [], [])
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if excluded is not None and excluded in path.resolve().parents:
+            continue
+        if path == labels_path or path.name.startswith("."):
+            continue
+        if _is_nifti(path):
+            files.niftis.append(path)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            files.images.append(path)
+        elif path.suffix.lower() not in (".csv", ".txt", ".md", ".json"):
+            files.candidates.append(path)
+    return files
+
+
 def discover(
     root: Path,
     classes=LESION_CLASSES,
@@ -200,30 +236,20 @@ def discover(
     exclude: Path | None = None,
     redactor: Redactor | None = None,
     scan=None,
+    files: InputFiles | None = None,
 ) -> Discovery:
     """Finds the studies under `root` (see the module docstring for the layouts).
 
     `redactor` (default: a new one) learns every patient identity and UID met. `scan` maps
     a list of files to their `dicom_io.ScannedFile`s in order (default: one by one here;
-    the converter shares them with its workers)."""
+    the converter shares them with its workers). `files`: `input_files(root, exclude)`,
+    when listed already (the Beam pipeline's launcher lists, its workers read)."""
     root = Path(root)
-    if not root.is_dir():
-        raise ConversionError(f"input {root} is not a directory")
-    labels, labels_path = _read_labels(root)
+    files = input_files(root, exclude) if files is None else files
+    labels, _ = _read_labels(root)
     found = Discovery([], [], [], Redactor() if redactor is None else redactor)
-    headers, segs, niftis, images, candidates = [], [], [], [], []
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if excluded is not None and excluded in path.resolve().parents:
-            continue
-        if path == labels_path or path.name.startswith("."):
-            continue
-        if _is_nifti(path):
-            niftis.append(path)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            images.append(path)
-        elif path.suffix.lower() not in (".csv", ".txt", ".md", ".json"):
-            candidates.append(path)  # DICOM, whatever its name
+    headers, segs = [], []
+    niftis, images, candidates = files.niftis, files.images, files.candidates
     for path, scanned in zip(candidates, (scan or _scan_here)(candidates)):
         for value, placeholder in scanned.identities:
             found.redactor.add(value, placeholder)
@@ -1088,10 +1114,10 @@ class Plan:
         return self.owners[index][0] % len(self.shard_names)
 
 
-def plan_conversion(job: _Job, redactor: Redactor, scan=None) -> Plan:
-    """Finds the studies (`discover`, with `scan`), names their patients (pseudonyms) and
-    shards; refuses an input with nothing usable (or, under ``--strict``, with anything
-    unusable)."""
+def plan_conversion(job: _Job, redactor: Redactor, scan=None, files=None) -> Plan:
+    """Finds the studies (`discover`, with `scan` and `files`), names their patients
+    (pseudonyms) and shards; refuses an input with nothing usable (or, under ``--strict``,
+    with anything unusable)."""
     found = discover(
         job.input_dir,
         job.classes,
@@ -1100,6 +1126,7 @@ def plan_conversion(job: _Job, redactor: Redactor, scan=None) -> Plan:
         exclude=job.out_dir,
         redactor=redactor,
         scan=scan,
+        files=files,
     )
     studies, skipped = found.studies, found.skipped
     if job.strict and (skipped or any(s.warnings for s in studies)):

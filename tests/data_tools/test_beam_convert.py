@@ -100,3 +100,21 @@ def test_python_m_reports_a_pipeline_error_in_one_line(cohort, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --strict: broken/ct")
+
+
+def test_the_workers_read_the_headers_not_the_launcher(
+    cohort, local_two_shards, tmp_path, monkeypatch
+):
+    """The launching process only lists the files: reading a header there fails here,
+    and the pipeline's worker processes (their own imports) read them all; the output is
+    still the local converter's, byte for byte."""
+    from data_tools import dicom_io
+
+    def not_here(path):
+        raise AssertionError(f"the launcher read the header of {path}")
+
+    monkeypatch.setattr(dicom_io, "scan_compact", not_here)
+    convert(cohort, tmp_path, size=64, salt=SALT, shards=2, progress=False, runner="direct",
+            pipeline_options=["direct_num_workers=2",
+                              "direct_running_mode=multi_processing"])  # fmt: skip
+    assert _digest(tmp_path) == _digest(local_two_shards)
