@@ -63,7 +63,7 @@ setup(
             "tfcovseg-compare = tfcovseg.cli.compare:main",
             "tfcovseg-serving-client = tfcovseg.cli.serving_client:main",
             "tfcovseg-semiseg-benchmark = tfcovseg.cli.semiseg:main",
-            "tfcovseg-convert = data_tools.convert:main",
+            "tfcovseg-convert = data_tools.convert:run",
             "tfcovseg-phantom = data_tools.phantom.cohort:main",
         ]
     },

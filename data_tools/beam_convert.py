@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -146,6 +147,15 @@ def _manifest(items, job, plan, partial):
     local._finish(job, records, records.close(), plan.found)
 
 
+def _our_error(error: BaseException):
+    """The converter's own error (`ConversionError`: --strict, nothing usable; its text
+    already redacted) inside a runner's error, or None. Runners with worker processes
+    (the DirectRunner's multi_processing mode, Flink, Spark, Dataflow) hand a step's
+    error back as their own exception around the worker's traceback text."""
+    found = re.findall(r"ConversionError: (.+)", str(error))
+    return local.ConversionError(found[-1].strip()) if found else None
+
+
 def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
     """Runs the conversion `job` (`convert._Job`) on Beam's `runner`; returns the summary."""
     beam = import_beam()
@@ -181,9 +191,15 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
                 | "All" >> beam.combiners.ToList()
                 | "Manifest" >> beam.Map(_manifest, job, the_plan, partial)
             )
-    except BaseException:
+    except local.ConversionError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        ours = _our_error(e)
+        if ours is None:
+            raise
+        raise ours from None
     finally:
         step_log.setLevel(level)
     manifest = json.loads((job.out_dir / local.MANIFEST).read_text())

@@ -778,26 +778,35 @@ def _one_thread():
         cv2.setNumThreads(before)
 
 
-def reuse_freed_memory() -> None:
-    """Lets glibc keep the memory a study frees for the next study (Linux; elsewhere,
-    nothing changes): arrays up to 64 MB from the heap, and up to 256 MB freed there kept.
+def reuse_freed_memory() -> int:
+    """Lets glibc keep the memory a study frees for the next study: arrays up to 64 MB
+    (32 MB where glibc refuses more) from the heap, and up to 256 MB freed there kept.
+    Returns the size up to which arrays now come from the heap (0: nothing changed; not
+    Linux with glibc).
 
     A converter allocates and frees each study's volumes and masks (tens of MB). By
     default glibc maps most such arrays afresh and gives them back when freed, and the
     kernel zero-fills every page again: a pool worker spent 2.0 s of its 5 s in the
     kernel, 215,000 page faults for 500 slices of 512x512; with these settings 35,000
-    and 1.1 s, and the converter was ~10 % faster with 2 workers. Called in the worker
-    processes and by the command line, not by `convert` itself: it changes the calling
-    process's allocator for good.
+    and 1.1 s. Called in the pool's worker processes and by the command line (`run`), not
+    by `convert` or `main`: it changes the calling process's allocator for good.
     """
     if not sys.platform.startswith("linux"):
-        return
+        return 0
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, say)
+    try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+        # M_MMAP_THRESHOLD (-3): glibc 2.36 takes 64 MB, older ones at most 32 MB. Setting
+        # it turns off glibc's own adjustment of both thresholds, so the trim threshold
+        # (M_TRIM_THRESHOLD, -1) is set only once it was taken.
+        for threshold in (64 << 20, 32 << 20):
+            if libc.mallopt(-3, threshold):
+                libc.mallopt(-1, 256 << 20)
+                return threshold
+    except (OSError, AttributeError):  # not glibc (musl, say)
+        pass
+    return 0
 
 
 def _start_worker(parent: int) -> None:
@@ -1178,8 +1187,9 @@ def partial_folder(job: _Job) -> Path:
 
 def spilling_jobs(plan: Plan, partial: Path) -> list:
     """The plan's jobs, each writing its examples to a file of its own in
-    ``partial/chunks`` (made here) for the shard writer to append."""
-    (partial / "chunks").mkdir()
+    ``partial/chunks`` (made here; there already when a Beam step runs again) for the
+    shard writer to append."""
+    (partial / "chunks").mkdir(exist_ok=True)
     return [
         dataclasses.replace(j, spill=partial / "chunks" / f"{i:06d}.chunk")
         for i, j in enumerate(plan.jobs)
@@ -1421,7 +1431,6 @@ def main(argv=None) -> int:
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     if not classes or len(set(classes)) != len(classes):
         parser.error(f"--classes must name distinct classes, got {args.classes!r}")
-    reuse_freed_memory()  # this process ends with the conversion
     try:
         summary = convert(
             args.input,
@@ -1447,10 +1456,19 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # `python -m data_tools.convert`: run the imported module's main, not this copy's, so
-    # that errors raised by code importing `data_tools.convert` (the Beam pipeline's) are
-    # the classes main catches.
-    from data_tools.convert import main as _main
+def run(argv=None) -> int:
+    """The command line as its own process runs it (`python -m data_tools.convert`, the
+    `tfcovseg-convert` script): `main`, with glibc reusing freed memory
+    (`reuse_freed_memory`: the process ends with the conversion). Code that calls `main`
+    in a longer-lived process keeps its allocator as it was."""
+    reuse_freed_memory()
+    return main(argv)
 
-    sys.exit(_main())
+
+if __name__ == "__main__":
+    # `python -m data_tools.convert`: run the imported module's command, not this copy's,
+    # so that errors raised by code importing `data_tools.convert` (the Beam pipeline's)
+    # are the classes main catches.
+    from data_tools.convert import run as _run
+
+    sys.exit(_run())

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tfcovseg  # noqa: F401  (first: its environment defaults, before Keras loads TensorFlow)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+# isort: split
+import keras
+import numpy as np
+import pytest
 
-from tfcovseg.configs.experiment import (  # noqa: E402
+from tfcovseg.configs.experiment import (
     ModelConfig,
     merge_values,
     model_config,

@@ -14,7 +14,7 @@ In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once 
    (`data_tools.convert.reuse_freed_memory`);
 3. the lung mask alone (`data_tools.lung.lung_mask` on each series' HU volume, one core;
    issue 22's target: <= 5 ms per 512x512 slice);
-4. ``python -m data_tools.convert`` (its ``main``, in a fresh process: no TensorFlow) with
+4. ``python -m data_tools.convert`` (its ``run``, in a fresh process: no TensorFlow) with
    one worker and with ``--workers`` workers: slices/s, the ratio to the bare read rate per
    worker (issue 22's target: >= 0.2), the speed-up from 1 to ``--workers`` workers
    (target >= 1.7 with 2), and the peak resident memory of the converting process and of
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 _CONVERT = """
 import contextlib, io, json, re, resource, sys, time
-from data_tools.convert import main  # as `python -m data_tools.convert` runs, no TensorFlow
+from data_tools.convert import run  # as `python -m data_tools.convert` runs, no TensorFlow
 cohort, out, size, workers = sys.argv[1:5]
 runner = sys.argv[5] if len(sys.argv) > 5 else None
 argv = ["--input", cohort, "--out", out, "--size", size, "--salt", "benchmark"]
@@ -62,7 +62,7 @@ else:
     argv += ["--workers", workers]
 start = time.perf_counter()
 with contextlib.redirect_stdout(io.StringIO()) as printed:
-    code = main(argv)
+    code = run(argv)
 seconds = time.perf_counter() - start
 if code:
     sys.exit(code)

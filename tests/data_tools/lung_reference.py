@@ -11,7 +11,23 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from data_tools.lung import AIR_THRESHOLD_HU, OUTSIDE_AIR_HU, OUTSIDE_AIR_WINDOWED, _grow
+from data_tools.lung import AIR_THRESHOLD_HU, OUTSIDE_AIR_HU, OUTSIDE_AIR_WINDOWED
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+_SQUARE = ndimage.generate_binary_structure(2, 2)
+
+
+def _grow(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+    """Dilation (or erosion) by an octagon of about `radius` pixels: ceil(radius / 2) 3x3
+    crosses and floor(radius / 2) 3x3 squares, step by step (scipy; outside the image is
+    background)."""
+    op = ndimage.binary_erosion if erode else ndimage.binary_dilation
+    crosses, squares = (radius + 1) // 2, radius // 2
+    if crosses:
+        mask = op(mask, structure=_CROSS, iterations=crosses)
+    if squares:
+        mask = op(mask, structure=_SQUARE, iterations=squares)
+    return mask
 
 
 def otsu_threshold(image: np.ndarray) -> float:

@@ -118,3 +118,20 @@ def test_the_workers_read_the_headers_not_the_launcher(
             pipeline_options=["direct_num_workers=2",
                               "direct_running_mode=multi_processing"])  # fmt: skip
     assert _digest(tmp_path) == _digest(local_two_shards)
+
+
+def test_an_error_in_a_worker_process_is_the_converters_one_line(tmp_path, capsys):
+    """A step's ConversionError comes back from worker processes inside the runner's
+    own error (a traceback's text): the command still says it in one line, exit 2."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "notes.bin").write_bytes(b"not DICOM")  # a header to read, nothing usable
+    code = main([
+        "--input", str(src), "--out", str(tmp_path / "out"), "--salt", SALT,
+        "--runner", "direct", "--pipeline-option", "direct_num_workers=2",
+        "--pipeline-option", "direct_running_mode=multi_processing",
+    ])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no usable CT series") and "notes.bin" in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

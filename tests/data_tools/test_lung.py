@@ -154,7 +154,8 @@ def test_opencv_pieces_equal_scipys():
     background), 4-connected labels and their areas, and the octagon closing."""
     from scipy import ndimage
 
-    from data_tools.lung import _close, _fill_holes, _grow, _label
+    from data_tools.lung import _close, _fill_holes, _label
+    from tests.data_tools.lung_reference import _grow  # scipy's steps
 
     for mask in _random_masks():
         np.testing.assert_array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))
