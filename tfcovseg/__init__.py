@@ -20,13 +20,15 @@ from data_tools import __version__ as __version__  # the distribution's, defined
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA probes) off unless the user asked for it:
 # set here, once, before any room of the package imports TensorFlow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow 2.21's oneDNN corrupts the heap in matrix products with rank-4 inputs on CPUs
-# with AVX-512 (tensorflow/tensorflow#117700): the SE blocks' Dense layers run on [N, 1, 1,
-# C]. On an AMD EPYC (Zen 4) every training and export crashed (segmentation faults, glibc
-# heap assertions) or could have computed on corrupted memory; with oneDNN's kernels capped
-# at AVX2 the same runs are correct. oneDNN reads this when its first kernel is made, after
-# the import; set it yourself to choose otherwise.
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# TensorFlow's oneDNN kernels off unless the user asked for them: TensorFlow turns them on
+# by default only on CPUs with AVX-512 VNNI/BF16 or AMX, and 2.21's are wrong there. On an
+# AMD EPYC (Zen 4) they corrupted the heap in matrix products of rank-4 tensors (the SE
+# blocks' Dense layers; tensorflow/tensorflow#117700): training and export crashed; a
+# strided convolution of an empty batch returned its input's shape; the same slices in
+# batches of other sizes differed by up to 0.009 in probability. With them off, TensorFlow
+# computes as on other CPUs (Eigen), where every figure of this project was measured. Set
+# TF_ENABLE_ONEDNN_OPTS=1 yourself to choose otherwise.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 _EXTRA_HINT = (
     'install it with the package extra: pip install "tfcovseg[cpu]" '
