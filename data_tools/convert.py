@@ -149,31 +149,34 @@ def looks_like_mask(path: Path) -> bool:
     return any(t.startswith(word) for t in tokens for word in MASK_WORDS)
 
 
-def _read_labels(root: Path):
-    for name in ("manifest.csv", "labels.csv"):
-        path = root / name
-        if not path.is_file():
-            continue
-        labels = {}
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fields = {k.lower(): k for k in reader.fieldnames or []}
-            if "patient" not in fields:
-                raise ConversionError(f"{path} needs a 'patient' column, has {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                diagnosis = (row.get(fields.get("diagnosis", ""), "") or "unknown").strip().lower()
-                severity = (row.get(fields.get("severity", ""), "") or "unknown").strip().lower()
-                if diagnosis not in DIAGNOSES:
-                    raise ConversionError(
-                        f"{path} line {line}: diagnosis {diagnosis!r} is not one of {DIAGNOSES}"
-                    )
-                if severity not in SEVERITIES:
-                    raise ConversionError(
-                        f"{path} line {line}: severity {severity!r} is not one of {SEVERITIES}"
-                    )
-                labels[row[fields["patient"]].strip()] = (diagnosis, severity)
-        return labels, path
-    return {}, None
+def _labels_file(root: Path) -> Path | None:
+    """The input's labels file: ``manifest.csv``, else ``labels.csv``, else None."""
+    return next((root / n for n in ("manifest.csv", "labels.csv") if (root / n).is_file()), None)
+
+
+def _read_labels(path: Path | None) -> dict:
+    """{patient: (diagnosis, severity)} of a labels file (`_labels_file`; None: none)."""
+    labels = {}
+    if path is None:
+        return labels
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = {k.lower(): k for k in reader.fieldnames or []}
+        if "patient" not in fields:
+            raise ConversionError(f"{path} needs a 'patient' column, has {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            diagnosis = (row.get(fields.get("diagnosis", ""), "") or "unknown").strip().lower()
+            severity = (row.get(fields.get("severity", ""), "") or "unknown").strip().lower()
+            if diagnosis not in DIAGNOSES:
+                raise ConversionError(
+                    f"{path} line {line}: diagnosis {diagnosis!r} is not one of {DIAGNOSES}"
+                )
+            if severity not in SEVERITIES:
+                raise ConversionError(
+                    f"{path} line {line}: severity {severity!r} is not one of {SEVERITIES}"
+                )
+            labels[row[fields["patient"]].strip()] = (diagnosis, severity)
+    return labels
 
 
 @dataclasses.dataclass
@@ -206,12 +209,12 @@ def input_files(root: Path, exclude: Path | None = None) -> InputFiles:
     folder inside the input), dot files, text and JSON files and the labels file.
 
     Raises:
-        ConversionError: `root` is not a folder, or its labels file is malformed.
+        ConversionError: `root` is not a folder.
     """
     root = Path(root)
     if not root.is_dir():
         raise ConversionError(f"input {root} is not a directory")
-    _, labels_path = _read_labels(root)
+    labels_path = _labels_file(root)
     files = InputFiles([], [], [])
     excluded = Path(exclude).resolve() if exclude is not None else None
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -246,7 +249,7 @@ def discover(
     when listed already (the Beam pipeline's launcher lists, its workers read)."""
     root = Path(root)
     files = input_files(root, exclude) if files is None else files
-    labels, _ = _read_labels(root)
+    labels = _read_labels(_labels_file(root))
     found = Discovery([], [], [], Redactor() if redactor is None else redactor)
     headers, segs = [], []
     niftis, images, candidates = files.niftis, files.images, files.candidates
