@@ -106,7 +106,7 @@ class Study:
 class StudyResult:
     """A converted study, ready to write (numpy arrays at the output size)."""
 
-    hu: np.ndarray  # [K, S, S] float32
+    hu: np.ndarray  # [K, S, S] float32, or int16 when read as integers
     lesions: np.ndarray  # [K, S, S, C] uint8
     lung: np.ndarray  # [K, S, S] uint8
     positions: list[float]
@@ -544,7 +544,7 @@ def read_nifti_volume(path: Path):
 class _Volume:
     """A study as read, before lung masks and resizing."""
 
-    hu: np.ndarray  # [K, H, W]
+    hu: np.ndarray  # [K, H, W] float32, or int16 (DICOM with integer HU)
     labels: np.ndarray | None  # [K, H, W] class labels, None: no mask
     spacing: tuple[float, float, float]
     positions: list[float]
@@ -555,7 +555,10 @@ class _Volume:
 
 def _read_dicom_study(study: Study, classes) -> _Volume:
     series = study.series
-    hu = np.empty(series.shape, np.float32)  # filled in place: stacking copied 0.5 ms a slice
+    # Filled in place (stacking copied 0.5 ms a slice); integer HU stay integers, as the
+    # records store them (float32 and back cost 0.4 ms a 512x512 slice).
+    integer = all(header.integer_hu for header in series.slices)
+    hu = np.empty(series.shape, np.int16 if integer else np.float32)
     kept, skipped = [], []
     for i, header in enumerate(series.slices):
         try:

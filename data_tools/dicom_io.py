@@ -55,17 +55,61 @@ class HounsfieldRule:
         bounds = (pad, pad) if limit is None else tuple(sorted((pad, _as_stored(int(limit), ds))))
         return cls(slope, intercept, bounds)
 
+    def exact_in_int16(self, low: int, high: int) -> bool:
+        """Whether the HU of stored values `low`..`high` are integers that int16 holds."""
+        if self.slope != 1 or not float(self.intercept).is_integer():
+            return False
+        return -(2**15) <= low + self.intercept and high + self.intercept < 2**15
+
     def apply(self, stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """HU (float32) of a stored frame, padding and anything below -1024 HU as air."""
+        """HU (float32) of a stored frame, padding and anything below -1024 HU as air.
+
+        An int16 `out` receives them rounded to integers and clipped to int16's range, as
+        the records store them; computed in integers, without float32, when the stored
+        values' HU are integers int16 holds (most CT: slope 1, an integer intercept)."""
         hu = np.empty(stored.shape, np.float32) if out is None else out
+        if hu.dtype == np.int16:
+            return self._apply_int16(stored, hu)
         hu[...] = stored
-        hu *= np.float32(self.slope)
-        hu += np.float32(self.intercept)
-        if self.padding is not None:
-            lo, hi = self.padding
-            hu[stored == lo if lo == hi else (stored >= lo) & (stored <= hi)] = HU_FLOOR
-        np.maximum(hu, HU_FLOOR, out=hu)
+        if self.slope != 1:  # x * 1 and x + 0 are x: skipped
+            hu *= np.float32(self.slope)
+        if self.intercept:
+            hu += np.float32(self.intercept)
+        self._floor(stored, hu)
         return hu
+
+    def _apply_int16(self, stored: np.ndarray, out: np.ndarray) -> np.ndarray:
+        low, high = (int(stored.min()), int(stored.max())) if stored.size else (0, 0)
+        if stored.dtype.kind not in "iu" or not self.exact_in_int16(low, high):
+            out[...] = np.clip(np.rint(self.apply(stored)), -(2**15), 2**15 - 1)
+            return out
+        if low >= -(2**15) and high < 2**15:  # int16 arithmetic is exact: 5x int32's
+            same_bits = stored.dtype.itemsize == 2 and stored.dtype.isnative
+            as16 = stored.view(np.int16) if same_bits else stored.astype(np.int16)
+            np.add(as16, np.int16(self.intercept), out=out)
+        else:
+            np.add(stored, np.int32(self.intercept), out=out, casting="unsafe")
+        self._floor(stored, out)
+        return out
+
+    def _floor(self, stored: np.ndarray, hu: np.ndarray) -> None:
+        """Padding and anything below -1024 HU become -1024 (a masked copy: NumPy's
+        maximum took 0.10 ms of a 512x512 frame, this 0.03)."""
+        floor = np.array(HU_FLOOR, hu.dtype)
+        if self.padding is not None and not self._padding_below_floor():
+            lo, hi = self.padding
+            np.copyto(
+                hu, floor, where=stored == lo if lo == hi else (stored >= lo) & (stored <= hi)
+            )
+        np.copyto(hu, floor, where=hu < floor)
+
+    def _padding_below_floor(self) -> bool:
+        """Whether every padding value's HU is below the floor anyway (it then needs no
+        mask of its own): computed as `apply` does, in float32."""
+        f32 = np.float32
+        return self.slope > 0 and f32(self.padding[1]) * f32(self.slope) + f32(
+            self.intercept
+        ) <= f32(HU_FLOOR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +145,13 @@ class SliceHeader:
     def read_hu(self, out: np.ndarray | None = None) -> np.ndarray:
         """This slice in HU (`read_hu`), straight from the file when its pixels are native."""
         return read_hu(self.path, self.pixels, out=out)
+
+    @property
+    def integer_hu(self) -> bool:
+        """Whether the header promises integer HU (native pixels, rescale slope 1 and an
+        integer intercept): `read_hu` into int16 then loses nothing."""
+        rule = None if self.pixels is None else self.pixels.rule
+        return rule is not None and rule.slope == 1 and float(rule.intercept).is_integer()
 
 
 @dataclasses.dataclass
@@ -458,13 +509,7 @@ def read_hu(
             package extra that provides it.
     """
     if pixels is not None and _unchanged(path, pixels):
-        count = pixels.shape[0] * pixels.shape[1]
-        try:
-            stored = np.fromfile(path, pixels.dtype, count=count, offset=pixels.offset)
-        except OSError as e:
-            raise _unreadable(e) from None
-        if stored.size != count:
-            raise SkipFile("corrupt or truncated file: its pixel data ends early")
+        stored = _read_native(path, pixels)
         unused = 16 - pixels.bits_stored
         if unused:  # as pydicom does for native pixel data (its correct_unused_bits)
             np.left_shift(stored, unused, out=stored)
@@ -491,6 +536,24 @@ def read_hu(
     if stored.ndim != 2:
         raise SkipFile(f"expected one 2-D frame, got pixel array of shape {stored.shape}")
     return HounsfieldRule.of(ds).apply(stored, out)
+
+
+def _read_native(path: Path, pixels: NativePixels) -> np.ndarray:
+    """The stored frame, read from its offset into a new array (np.fromfile took 0.32 ms
+    of a 512x512 frame, this 0.06)."""
+    stored = np.empty(pixels.shape, pixels.dtype)
+    view, got = memoryview(stored).cast("B"), 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(pixels.offset)
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise SkipFile("corrupt or truncated file: its pixel data ends early")
+                got += n
+    except OSError as e:
+        raise _unreadable(e) from None
+    return stored
 
 
 def _unchanged(path: Path, pixels: NativePixels) -> bool:

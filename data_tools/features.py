@@ -75,7 +75,8 @@ def slice_fields(
     annotated: bool = True,
     pre_windowed: bool = False,
 ) -> dict[str, Any]:
-    """Validated field values of one slice, ready for `encode_example`.
+    """Validated field values of one slice, ready for `encode_example`: the arrays' bytes
+    as memoryviews of them (bytes-like, compared equal to bytes; not copied until encoded).
 
     Args:
         hu: [H, W] intensities (HU, or 0-255 when `pre_windowed`); stored as int16.
@@ -103,18 +104,21 @@ def slice_fields(
         raise ValueError(f"patient/severity must be one of {SEVERITIES}, got {severity!r}")
     if len(spacing_mm) != 3:
         raise ValueError(f"spacing_mm must have 3 values, got {spacing_mm}")
-    hu16 = np.clip(np.rint(hu), -32768, 32767).astype("<i2")
-    lesions8 = (lesions > 0).astype(np.uint8)
+    if hu.dtype == np.int16:  # integers already (the converter reads most CT so)
+        hu16 = hu.astype("<i2", copy=False)
+    else:
+        hu16 = np.clip(np.rint(hu), -32768, 32767).astype("<i2")
+    lesions8, any_lesion = _binary_bytes(lesions)
     return {
-        "image/hu": hu16.tobytes(),
+        "image/hu": _bytes_of(hu16),
         "image/height": hu.shape[0],
         "image/width": hu.shape[1],
         "image/pre_windowed": int(bool(pre_windowed)),
-        "mask/lesions": lesions8.tobytes(),
+        "mask/lesions": lesions8,
         "mask/num_classes": lesions.shape[2],
         "mask/annotated": int(bool(annotated)),
-        "mask/lung": (lung > 0).astype(np.uint8).tobytes(),
-        "slice/label": int(bool(lesions8.any())),
+        "mask/lung": _binary_bytes(lung)[0],
+        "slice/label": int(any_lesion),
         "slice/index": int(slice_index),
         "slice/position_mm": float(position_mm),
         "slice/id": slice_id,
@@ -124,6 +128,23 @@ def slice_fields(
         "patient/severity": severity,
         "spacing_mm": [float(s) for s in spacing_mm],
     }
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The bytes of an array, without copying them (`encode_example` copies them once,
+    into the example): 1.5 MB a 512x512 slice."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def _binary_bytes(mask: np.ndarray) -> tuple[memoryview, bool]:
+    """A mask's 0/1 bytes and whether any is 1; a uint8 or bool mask of 0s and 1s as it
+    is (its maximum costs a tenth of the comparison and copy otherwise made)."""
+    if mask.dtype in (np.uint8, np.bool_):
+        top = int(mask.max(initial=0))
+        if top <= 1:
+            return _bytes_of(mask.view(np.uint8)), bool(top)
+    binary = (mask > 0).astype(np.uint8)
+    return _bytes_of(binary), bool(binary.any())
 
 
 def encode_example(fields: Mapping[str, Any]) -> bytes:
@@ -145,9 +166,18 @@ def encode_example(fields: Mapping[str, Any]) -> bytes:
         if len(values) != length:
             raise ValueError(f"{key} must have {length} values, got {len(values)}")
         if kind == "bytes":
-            values = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+            values = [_as_bytes(v) for v in values]
         features[key] = (kind, values)
     return serialize_example(features)
+
+
+def _as_bytes(value) -> bytes | memoryview:
+    """A bytes value as bytes, or as a flat memoryview of bytes (not copied here)."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, memoryview) and value.c_contiguous:
+        return value.cast("B") if value.format != "B" or value.ndim != 1 else value
+    return bytes(value)
 
 
 def feature_spec():

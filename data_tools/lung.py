@@ -45,32 +45,36 @@ def otsu_threshold(image: np.ndarray) -> float:
 
 
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-_SQUARE = np.ones((3, 3), np.uint8)
 _ZERO_BORDER = {"borderType": cv2.BORDER_CONSTANT, "borderValue": 0}
 
 
 def _grow(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
-    """Dilation (or erosion) of a 2-D mask by the octagon of about `radius` pixels that
-    `_octagon` builds; outside the image is background (scipy's binary morphology)."""
+    """Dilation (or erosion) of a 2-D mask by the octagon of about `radius` pixels
+    (`_octagon_steps`); outside the image is background (scipy's binary morphology)."""
     if radius < 1:
         return mask.copy()
     op = cv2.erode if erode else cv2.dilate
-    return op(mask.astype(np.uint8), _octagon(radius), **_ZERO_BORDER).view(bool)
+    return _octagon_steps(mask.astype(np.uint8), radius, op).view(bool)
 
 
 @functools.cache
-def _octagon(radius: int) -> np.ndarray:
-    """A structuring element of about `radius` pixels: the Minkowski sum of ceil(radius /
-    2) 3x3 crosses and floor(radius / 2) 3x3 squares (an octagon, closer to a disk than
-    either alone); dilating or eroding by it at once equals the steps one by one."""
-    point = np.zeros((2 * radius + 1, 2 * radius + 1), np.uint8)
-    point[radius, radius] = 1
+def _square(half: int) -> np.ndarray:
+    return np.ones((2 * half + 1, 2 * half + 1), np.uint8)
+
+
+def _octagon_steps(mask: np.ndarray, radius: int, op) -> np.ndarray:
+    """`op` (cv2.dilate or cv2.erode, outside as background) of a uint8 mask by an octagon
+    of about `radius` pixels: the Minkowski sum of ceil(radius / 2) 3x3 crosses and
+    floor(radius / 2) 3x3 squares (closer to a disk than either alone). Applied as the
+    crosses one by one, then the squares' sum, one square OpenCV filters by rows and
+    columns: the steps equal the whole octagon at once, and a closing at radius 6 takes
+    0.12 ms of a 512x512 lung mask instead of 0.33."""
     crosses, squares = (radius + 1) // 2, radius // 2
     if crosses:
-        point = cv2.dilate(point, _CROSS, iterations=crosses, **_ZERO_BORDER)
+        mask = op(mask, _CROSS, iterations=crosses, **_ZERO_BORDER)
     if squares:
-        point = cv2.dilate(point, _SQUARE, iterations=squares, **_ZERO_BORDER)
-    return point
+        mask = op(mask, _square(squares), **_ZERO_BORDER)
+    return mask
 
 
 def _label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +115,7 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
     c0, c1 = max(x - pad, 0), x + w + pad
     # Room to grow beyond the image border; outside the crop is background for both steps.
     crop = np.pad(mask[r0:r1, c0:c1], pad).view(np.uint8)
-    kernel = _octagon(radius)
-    closed = cv2.erode(cv2.dilate(crop, kernel, **_ZERO_BORDER), kernel, **_ZERO_BORDER)
+    closed = _octagon_steps(_octagon_steps(crop, radius, cv2.dilate), radius, cv2.erode)
     out = mask.copy()
     out[r0:r1, c0:c1] |= closed[pad:-pad, pad:-pad].view(bool)
     return out
@@ -135,8 +138,8 @@ def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
     )
 
 
-# Up to this many regions, their areas and sums one region at a time (a comparison and a
-# masked sum each, about 0.2 ms at 512x512); beyond, one bincount pass (1-4 ms).
+# Up to this many regions, their means one region at a time (a comparison and a masked
+# mean each, about 0.07 ms at 512x512); beyond, one bincount pass (1-4 ms).
 _FEW_REGIONS = 16
 
 
@@ -145,13 +148,25 @@ def _region_means(labels: np.ndarray, n: int, image: np.ndarray) -> np.ndarray:
     means = np.zeros(n)
     if n - 1 <= _FEW_REGIONS:
         for i in range(1, n):
-            region = labels == i
-            means[i] = image[region].sum(dtype=np.float64) / max(np.count_nonzero(region), 1)
+            means[i] = _masked_mean(image, (labels == i).view(np.uint8))
         return means
     counts = np.bincount(labels.ravel(), minlength=n)
     sums = np.bincount(labels.ravel(), weights=image.ravel(), minlength=n)
     means[1:] = sums[1:] / np.maximum(counts[1:], 1)
     return means
+
+
+def _masked_mean(image: np.ndarray, mask: np.ndarray) -> float:
+    """The mean of `image` where the uint8 `mask` is set, as sum / count in float64.
+    Integer images by OpenCV's masked mean (0.07 ms at 512x512; NumPy's gather and sum
+    0.23): its sum times 1 / count, rounded back to the exact integer sum first, so the
+    quotient (compared with a threshold) is NumPy's to the last bit."""
+    count = cv2.countNonZero(mask)
+    if not count:
+        return 0.0
+    if image.dtype in (np.uint8, np.int16, np.uint16):  # types OpenCV sums exactly
+        return round(cv2.mean(image, mask=mask)[0] * count) / count
+    return image[mask.view(bool)].sum(dtype=np.float64) / count
 
 
 def _air_in_body(air: np.ndarray, image: np.ndarray, outside_level: float) -> np.ndarray:
@@ -180,8 +195,8 @@ def _largest_3d(inside: np.ndarray, min_fraction: float) -> np.ndarray:
         labels, sizes = _label(inside[box][0])
         labels = labels[None]
     else:  # cc3d: 4x faster than scipy.ndimage.label here, and light to import
-        labels = cc3d.connected_components(inside[box], connectivity=6)
-        sizes = np.bincount(labels.ravel())
+        labels, n = cc3d.connected_components(inside[box], connectivity=6, return_N=True)
+        sizes = _areas(labels.reshape(-1, labels.shape[-1]), n + 1)
     sizes[0] = 0
     order = np.argsort(sizes)[::-1]
     kept = [k for k in order[:2] if k and sizes[k] >= min_fraction * sizes[order[0]]]

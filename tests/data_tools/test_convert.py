@@ -580,3 +580,29 @@ def test_a_pool_worker_appends_to_its_shard_only_when_its_turn_has_come(cohort, 
     assert done.exists() and shard.read_bytes() == spill.read_bytes()
     first = dataclasses.replace(job, after=None, shard=tmp_path / "first")  # first in its shard
     assert module._safe_process(first)[0].appended
+
+
+def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
+    """The converter keeps integer HU in int16 (what the records store, without float32 and
+    back) and reads a series with a fractional rescale slope in float32, values unchanged."""
+    import pydicom
+
+    from data_tools.convert import _read_dicom_study, discover
+
+    study = discover(cohort).studies[0]
+    volume = _read_dicom_study(study, features.LESION_CLASSES).hu
+    assert volume.dtype == np.int16
+    floats = np.stack([h.read_hu() for h in study.series.slices])
+    np.testing.assert_array_equal(volume, floats)
+    for path in {h.path.parent for h in study.series.slices}:
+        shutil.copytree(path, tmp_path / path.name)
+    for f in tmp_path.rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = 0.5
+        ds.save_as(f)
+    halved = discover(tmp_path).studies[0]
+    volume = _read_dicom_study(halved, features.LESION_CLASSES).hu
+    assert volume.dtype == np.float32
+    halves = np.stack([h.read_hu() for h in halved.series.slices])
+    np.testing.assert_array_equal(volume, halves)
+    assert not np.array_equal(halves, np.rint(halves))  # fractions kept

@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 
 from data_tools.dicom_io import (
     HU_FLOOR,
+    HounsfieldRule,
     SkipFile,
     build_series,
     read_header,
@@ -112,6 +113,38 @@ def test_native_pixels_read_from_their_offset_as_pydicom_reads_them(tmp_path):
         out = np.zeros((2, *fast.shape), np.float32)
         header.read_hu(out=out[1])
         np.testing.assert_array_equal(out[1], fast)
+
+
+def test_int16_reads_equal_the_float_ones_rounded(tmp_path):
+    """An int16 `out` receives the float32 HU rounded and clipped to int16 (as records store
+    them), computed in integers when that is exact: on real files and on random frames
+    across stored types, slopes, intercepts and padding above and below -1024 HU."""
+    for path in _native_cases(tmp_path):
+        _, header, _ = scan_file(path)
+        expected = np.clip(np.rint(read_hu(path)), -32768, 32767).astype(np.int16)
+        out = np.zeros(expected.shape, np.int16)
+        assert header.read_hu(out=out) is out
+        np.testing.assert_array_equal(out, expected, err_msg=path.name)
+    rng = np.random.default_rng(3)
+    rules = [
+        HounsfieldRule(1.0, -1024.0, None),
+        HounsfieldRule(1.0, 0.0, (-2000, -1500)),  # padding below the floor anyway
+        HounsfieldRule(1.0, 0.0, (1000, 1200)),  # padding that must be masked
+        HounsfieldRule(0.5, -1024.0, None),
+        HounsfieldRule(1.0, -1024.5, (5, 5)),
+        HounsfieldRule(1.0, 20000.0, None),  # beyond int16 for high stored values
+    ]
+    stored_types = [("<u2", 0, 4096), ("<i2", -2000, 3000), ("<u2", 0, 65536), (">i2", -900, 900)]
+    for rule in rules:
+        for dtype, low, high in stored_types:
+            stored = rng.integers(low, high, (8, 9)).astype(dtype)
+            hu = rule.apply(stored)
+            out = rule.apply(stored, np.empty(stored.shape, np.int16))
+            rounded = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
+            np.testing.assert_array_equal(out, rounded, err_msg=f"{rule} {dtype}")
+    assert HounsfieldRule(1.0, -1024.0, None).exact_in_int16(0, 4095)
+    assert not HounsfieldRule(1.0, -1024.0, None).exact_in_int16(0, 65535)
+    assert not HounsfieldRule(1.0, -1024.5, None).exact_in_int16(0, 10)
 
 
 def test_pixels_pydicom_must_decode_have_no_native_location(tmp_path):

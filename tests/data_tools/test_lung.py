@@ -124,19 +124,21 @@ def test_shape_checks():
         lung_mask(np.zeros((8, 8)), lesions=np.zeros((4, 4)))
 
 
-@pytest.mark.parametrize("radius", [1, 2, 5, 6])
+@pytest.mark.parametrize("radius", [1, 2, 5, 6, 9, 14])
 @pytest.mark.parametrize("erode", [False, True])
 def test_octagon_growth_equals_alternating_cross_and_square_steps(radius, erode):
     from scipy import ndimage
 
-    from data_tools.lung import _CROSS, _SQUARE, _grow
+    from data_tools.lung import _CROSS, _grow
+
+    square = np.ones((3, 3), bool)
 
     rng = np.random.default_rng(radius)
     mask = np.pad(ndimage.binary_opening(rng.random((40, 50)) < 0.55), 8)
     op = ndimage.binary_erosion if erode else ndimage.binary_dilation
     expected = mask
     for i in range(radius):  # the definition: one 3x3 step at a time, cross then square
-        expected = op(expected, structure=_CROSS if i % 2 == 0 else _SQUARE)
+        expected = op(expected, structure=_CROSS if i % 2 == 0 else square)
     np.testing.assert_array_equal(_grow(mask, radius, erode), expected)
 
 
@@ -191,3 +193,24 @@ def test_3d_components_equal_scipys():
         order = np.argsort(sizes)[::-1][:2]
         kept = [k for k in order if k and sizes[k] >= min_fraction * sizes[order[0]]]
         np.testing.assert_array_equal(_largest_3d(inside, min_fraction), np.isin(labels, kept))
+
+
+def test_masked_means_are_numpys_to_the_last_bit():
+    """The region means that decide lung-like air: OpenCV's masked mean for integer images
+    gives NumPy's sum / count exactly, also where it equals the threshold."""
+    from data_tools.lung import _masked_mean
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.uint8, np.int16, np.uint16, np.float32):
+        for _ in range(50):
+            if np.dtype(dtype).kind == "f":
+                image = rng.uniform(-3000, 3000, (40, 50)).astype(dtype)
+            else:
+                info = np.iinfo(dtype)
+                image = rng.integers(info.min, info.max, (40, 50), endpoint=True).astype(dtype)
+            mask = rng.random((40, 50)) < rng.random()
+            expected = image[mask].sum(dtype=np.float64) / mask.sum() if mask.any() else 0.0
+            assert _masked_mean(image, mask.view(np.uint8)) == expected
+    image = np.full((512, 512), -950, np.int16)
+    image[0, :2] = (-949, -951)
+    assert _masked_mean(image, np.ones(image.shape, np.uint8)) == -950.0

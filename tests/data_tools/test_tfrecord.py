@@ -47,14 +47,21 @@ def test_unknown_compression_is_refused():
         tfrecord.write(RECORDS, io.BytesIO(), "ZLIB")
 
 
-def test_examples_serialise_as_tensorflows():
+@pytest.mark.parametrize("kinds", ["float HU, 0/1 masks", "int16 HU, 0/2 and float masks"])
+def test_examples_serialise_as_tensorflows(kinds):
     """`encode_example` builds tf.train.Example from descriptors of its own (no TF in the
-    workers): the bytes are the ones TensorFlow's classes give."""
+    workers): the bytes are the ones TensorFlow's classes give, whatever the arrays' types
+    (0/1 masks are written as they are, others compared with 0)."""
     rng = np.random.default_rng(0)
+    hu = rng.normal(-500, 300, (16, 12))
+    lesions = (rng.random((16, 12, 3)) < 0.2).astype(np.uint8)
+    lung = rng.random((16, 12)) < 0.5
+    if kinds.startswith("int16"):
+        hu, lesions, lung = np.rint(hu).astype(np.int16), lesions * 2, lung * 0.5
     fields = slice_fields(
-        rng.normal(-500, 300, (16, 12)),
-        (rng.random((16, 12, 3)) < 0.2).astype(np.uint8),
-        rng.random((16, 12)) < 0.5,
+        hu,
+        lesions,
+        lung,
         slice_index=3,
         position_mm=-12.5,
         spacing_mm=(0.7, 0.7, 5.0),
@@ -69,7 +76,7 @@ def test_examples_serialise_as_tensorflows():
         value = fields[key]
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if kind == "bytes":
-            values = [v.encode() if isinstance(v, str) else v for v in values]
+            values = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
             feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
         elif kind == "int64":
             feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=values))
@@ -77,6 +84,9 @@ def test_examples_serialise_as_tensorflows():
             feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=values))
     theirs = tf.train.Example(features=tf.train.Features(feature=feature))
     assert encode_example(fields) == theirs.SerializeToString(deterministic=True)
+    assert fields["mask/lesions"] == (lesions > 0).astype(np.uint8).tobytes()
+    assert fields["mask/lung"] == (lung > 0).astype(np.uint8).tobytes()
+    assert fields["image/hu"] == np.rint(hu).astype("<i2").tobytes()
 
 
 def test_any_example_serialises_as_tensorflows():
