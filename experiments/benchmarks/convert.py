@@ -11,7 +11,10 @@ In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once 
 2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, in a fresh process,
    files in the page cache (a first pass warms it; the best of ``--repeats`` passes
    counts), with glibc's default allocator and with the converter's settings
-   (`data_tools.convert.reuse_freed_memory`);
+   (`data_tools.convert.reuse_freed_memory`); and in ``--workers`` processes at once, each
+   reading its share: the speed-up this machine gives the bare read (its memory and caches
+   are shared: a NumPy loop over large arrays gains x1.74 from a second process here, a
+   pure Python loop x1.92), the ceiling against which to read the converter's;
 3. the lung mask alone (`data_tools.lung.lung_mask` on each series' HU volume, one core;
    issue 22's target: <= 5 ms per 512x512 slice);
 4. ``python -m data_tools.convert`` (its ``run``, in a fresh process: no TensorFlow) with
@@ -67,7 +70,12 @@ seconds = time.perf_counter() - start
 if code:
     sys.exit(code)
 slices = int(re.search(r"series[)], ([0-9]+) slices", printed.getvalue()).group(1))
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# This process's own peak (VmHWM): Linux's ru_maxrss of a process started by fork and exec
+# begins at its parent's size at the fork (the benchmark's, holding the lung volumes: 2 GB).
+# A pool worker's (RUSAGE_CHILDREN) begins at this process's size when it started it, early.
+status = open("/proc/self/status").read() if sys.platform.startswith("linux") else ""
+hwm = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+self_kb = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"seconds": seconds, "slices": slices,
                   "peak_rss_mb": self_kb / 1024, "peak_worker_rss_mb": child_kb / 1024}))
@@ -88,37 +96,59 @@ def _cohort(patients: int, size: int) -> tuple[Path, float | None]:
 
 
 _BARE = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 import pydicom
-files = sorted(Path(sys.argv[1]).rglob("*.dcm"))
-if sys.argv[3] == "reuse":
+cohort, repeats, allocator, part, parts, start_at, slot = sys.argv[1:8]
+files = sorted(Path(cohort).rglob("*.dcm"))[int(part) :: int(parts)]
+if allocator == "reuse":
     from data_tools.convert import reuse_freed_memory
     reuse_freed_memory()
 for f in files:  # once to warm the page cache: the converter runs warm too
     pydicom.dcmread(f).pixel_array
-best = 0.0
-for _ in range(int(sys.argv[2])):
-    start = time.perf_counter()
+passes = []
+for i in range(int(repeats)):  # each pass at its slot, when the other processes start theirs
+    time.sleep(max(0.0, float(start_at) + i * float(slot) - time.time()))
+    start = time.time()
     for f in files:
         pydicom.dcmread(f).pixel_array
-    best = max(best, len(files) / (time.perf_counter() - start))
-print(best)
+    passes.append((start, time.time()))
+print(json.dumps({"files": len(files), "passes": passes}))
 """
 
 
-def _bare_read(cohort: Path, repeats: int, allocator: str) -> float:
-    """Slices/s of ``pydicom.dcmread(f).pixel_array``, the best of `repeats` passes, in a
-    fresh process: with glibc's default allocator ("default") or with the converter's
+def _bare_read(cohort: Path, repeats: int, allocator: str, processes: int = 1) -> float:
+    """Slices/s of ``pydicom.dcmread(f).pixel_array``, the best of `repeats` passes, in
+    fresh processes: with glibc's default allocator ("default") or with the converter's
     settings ("reuse": `data_tools.convert.reuse_freed_memory`). The two differ by up to 2x
     here, as did the same loop run after other work in one process (2026-12-05: 689 to
-    1,663 slices/s), which is why neither runs in this process."""
+    1,663 slices/s), which is why neither runs in this process. With several `processes`
+    each reads its share of the files and they start each pass together: what the
+    machine gives a second process on this work (its memory and caches are shared)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", _BARE, str(cohort), str(repeats), allocator],
-        capture_output=True, text=True, env=env, cwd=ROOT, check=True,
-    )  # fmt: skip
-    return float(proc.stdout.strip().splitlines()[-1])
+    count = len(list(cohort.rglob("*.dcm")))
+    slot = 1.5 * count / 500  # seconds: a pass of all files at 500 slices/s or more
+    start_at = time.time() + 2.0 + 0.5 * count / 300  # after each has warmed its files
+    args = [str(cohort), str(repeats), allocator, "", str(processes), str(start_at), str(slot)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BARE, *args[:3], str(k), *args[4:]],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )  # fmt: skip
+        for k in range(processes)
+    ]
+    answers = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a bare read process failed")
+    files = sum(a["files"] for a in answers)
+    spans = [
+        max(a["passes"][i][1] for a in answers) - min(a["passes"][i][0] for a in answers)
+        for i in range(repeats)
+    ]
+    return files / min(spans)
 
 
 def _lung_alone(files, repeats: int) -> float:
@@ -176,6 +206,7 @@ def main(argv=None) -> int:
     files = sorted(cohort.rglob("*.dcm"))
     bare = _bare_read(cohort, args.repeats, "default")
     bare_reuse = _bare_read(cohort, args.repeats, "reuse")
+    bare_many = _bare_read(cohort, args.repeats, "default", args.workers)
     lung = _lung_alone(files, args.repeats)
     out_size = args.records_size or args.size
     records = (
@@ -205,6 +236,8 @@ def main(argv=None) -> int:
         "phantom_slices_per_s": phantom_rate,
         "bare_read_slices_per_s": bare,
         "bare_read_reusing_memory_slices_per_s": bare_reuse,
+        f"bare_read_{args.workers}_processes_slices_per_s": bare_many,
+        "bare_read_speed_up": bare_many / bare,
         "lung_mask_alone_slices_per_s": lung,
         "lung_mask_ms_per_slice": 1000 / lung,
         "convert_1_worker": one,
@@ -226,6 +259,10 @@ def main(argv=None) -> int:
     else:
         print("phantom generation        (cohort reused from an earlier run)")
     print(f"bare pydicom read         {bare:8.1f} slices/s ({bare_reuse:.1f} reusing memory)")
+    print(
+        f"bare read, {args.workers} processes  {bare_many:8.1f} slices/s "
+        f"(x{bare_many / bare:.2f} of one: what this machine gives a second process)"
+    )
     print(f"lung mask alone           {lung:8.1f} slices/s ({1000 / lung:.1f} ms per slice)")
     for name, r in (("convert, 1 worker", one), (f"convert, {args.workers} workers", many)):
         print(
