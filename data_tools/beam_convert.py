@@ -7,8 +7,9 @@ The steps are the local converter's:
    (`convert.input_files`); the workers read their DICOM headers, 32 files an element
    (`convert._scan_chunk`: compact answers, pydicom's warnings held back);
 2. ``Plan``: one element, the local converter's plan (`convert.plan_conversion` over
-   those answers: the studies, their patients' pseudonyms, the shards), a side input of
-   the steps after it;
+   those answers: the studies, their patients' pseudonyms, the shards); the steps after
+   it see only its ``Layout`` (each study's shard, the shards' names), the final one the
+   whole plan;
 3. ``Convert``: one study per element, `convert._safe_process` (read, lung mask, resize,
    encode the examples), on as many workers as the runner gives;
 4. ``WriteShard``: the studies of one shard, in plan order, written into the output
@@ -120,12 +121,19 @@ def _convert_study(indexed):
     return index, local._safe_process(job)
 
 
-def _write_shard(keyed, partial, plan):
+def _layout(plan) -> tuple[list, list]:
+    """What the shard steps need of the plan: each study's shard and the shards' names.
+    Small, so every worker can hold it; the plan itself, every study's headers, is read
+    by the final step alone (a side input is materialised on each worker that reads it)."""
+    return [plan.shard_of(i) for i in range(len(plan.jobs))], plan.shard_names
+
+
+def _write_shard(keyed, partial, layout):
     """Writes one shard whole from its studies' files, in plan order (a retry writes it
     again from the start); returns the studies' results for the manifest."""
     shard, items = keyed
     items = sorted(items, key=lambda item: item[0])
-    with open(partial / plan.shard_names[shard], "wb", buffering=0) as target:
+    with open(partial / layout[1][shard], "wb", buffering=0) as target:
         for _, (encoded, _, _) in items:
             if encoded is not None:
                 tfrecord.append_file(Path(encoded.path), target)
@@ -180,14 +188,15 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
                 | "Plan" >> beam.Map(_plan, job, redactor, files)
             )
             the_plan = beam.pvalue.AsSingleton(plan)
+            layout = beam.pvalue.AsSingleton(plan | "Layout" >> beam.Map(_layout))
             _ = (
                 plan
                 | "Studies" >> beam.FlatMap(_study_jobs, partial)
                 | "Spread" >> beam.Reshuffle()  # one study per bundle, over all workers
                 | "Convert" >> beam.Map(_convert_study)
-                | "ByShard" >> beam.Map(lambda item, p: (p.shard_of(item[0]), item), the_plan)
+                | "ByShard" >> beam.Map(lambda item, lay: (lay[0][item[0]], item), layout)
                 | "GroupShards" >> beam.GroupByKey()
-                | "WriteShard" >> beam.FlatMap(_write_shard, partial, the_plan)
+                | "WriteShard" >> beam.FlatMap(_write_shard, partial, layout)
                 | "All" >> beam.combiners.ToList()
                 | "Manifest" >> beam.Map(_manifest, job, the_plan, partial)
             )

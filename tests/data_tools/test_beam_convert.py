@@ -135,3 +135,21 @@ def test_an_error_in_a_worker_process_is_the_converters_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: no usable CT series") and "notes.bin" in err
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_the_shard_steps_see_a_small_layout_not_the_plan(cohort, tmp_path):
+    """The steps that group and write shards read a side input on every worker: the
+    studies' shards and the shards' names, not the plan with every study's headers."""
+    import pickle
+
+    from data_tools.beam_convert import _layout
+    from data_tools.convert import _Job, plan_conversion
+    from data_tools.privacy import Redactor
+
+    job = _Job(cohort, tmp_path, 64, 2, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
+               False, SALT.encode(), "unknown", "unknown", False, 0.0)  # fmt: skip
+    plan = plan_conversion(job, Redactor())
+    shards, names = _layout(plan)
+    assert shards == [plan.shard_of(i) for i in range(len(plan.jobs))]
+    assert names == plan.shard_names and set(shards) == {0, 1}
+    assert len(pickle.dumps((shards, names))) * 100 < len(pickle.dumps(plan))
