@@ -122,10 +122,27 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a 2-D mask (the first in scan order of equal
+    ones). The component at the image's centre when it holds more than half the mask's
+    pixels, which no other can then match: one flood fill (0.08 ms at 512x512, where the
+    body of a CT slice lies) instead of labelling every component (0.37 ms)."""
+    region = _region_at(mask, (mask.shape[0] // 2, mask.shape[1] // 2))
+    if region is not None and 2 * region[1] > np.count_nonzero(mask):
+        return region[0]
     labels, areas = _label(mask)
     if len(areas) < 2:
         return mask
     return labels == 1 + int(np.argmax(areas[1:]))
+
+
+def _region_at(mask: np.ndarray, point: tuple[int, int]):
+    """(the 4-connected component of `mask` through `point` (row, column), its pixels),
+    or None where `point` is background."""
+    if not mask.size or not mask[point]:
+        return None
+    canvas = mask.astype(np.uint8)
+    area = cv2.floodFill(canvas, None, (int(point[1]), int(point[0])), 2, flags=4)[0]
+    return canvas == 2, int(area)
 
 
 def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...]:
@@ -174,7 +191,18 @@ def _air_in_body(air: np.ndarray, image: np.ndarray, outside_level: float) -> np
     dark as outside air (step 2 of the module's method)."""
     body = _fill_holes(_largest_component(~air))
     inside = air & body
-    labels, n = cc3d.connected_components(air & ~body, connectivity=4, return_N=True)
+    outside = air & ~body
+    count = np.count_nonzero(outside)
+    if not count:
+        return inside
+    # Mostly one region, the air around the patient: found by one flood fill from its
+    # first pixel (0.1 ms at 512x512; labelling 0.3), labelled only when there are more.
+    region = _region_at(outside, np.unravel_index(np.argmax(outside), outside.shape))
+    if region[1] == count:
+        if _masked_mean(image, outside.view(np.uint8)) > outside_level:
+            inside |= outside
+        return inside
+    labels, n = cc3d.connected_components(outside, connectivity=4, return_N=True)
     n += 1  # with the background
     if n > 1:
         lung_like = _region_means(labels, n, image) > outside_level

@@ -214,3 +214,56 @@ def test_masked_means_are_numpys_to_the_last_bit():
     image = np.full((512, 512), -950, np.int16)
     image[0, :2] = (-949, -951)
     assert _masked_mean(image, np.ones(image.shape, np.uint8)) == -950.0
+
+
+def _largest_by_scipy(mask):
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)  # 4-connected, numbered in scan order
+    if not n:
+        return mask
+    return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+
+
+def test_largest_component_by_flood_fill_or_labels_is_scipys():
+    """The centre's component is taken only when it holds more than half the pixels;
+    otherwise (a larger one elsewhere, a tie, background at the centre) the labels
+    decide, the first of equal components in scan order, as scipy numbers them."""
+    from data_tools.lung import _largest_component
+
+    cases = [*_random_masks(), np.zeros((8, 8), bool)]
+    half = np.zeros((9, 10), bool)
+    half[:, :4] = half[:, 6:] = True  # two equal halves, the centre between them
+    tie = np.zeros((9, 9), bool)
+    tie[2:7, 0:3] = tie[2:7, 4:7] = True  # the centre's component ties with the first
+    big_elsewhere = np.zeros((20, 20), bool)
+    big_elsewhere[9:12, 9:12] = True
+    big_elsewhere[0:6, 0:20] = True
+    cases += [half, tie, big_elsewhere, ~big_elsewhere]
+    rng = np.random.default_rng(11)
+    cases += [rng.random((33, 35)) < p for p in (0.5, 0.6, 0.75, 0.9)]
+    for mask in cases:
+        np.testing.assert_array_equal(_largest_component(mask), _largest_by_scipy(mask))
+
+
+def test_air_outside_the_body_in_one_or_several_regions():
+    """Air outside the body: one region (the flood fill's case) or several (labelled),
+    lung-like or as dark as outside air; the masks are the reference's either way."""
+    from tests.data_tools.lung_reference import reference_lung_mask
+
+    yy, xx = np.mgrid[:64, :64]
+    body = ((yy - 32) / 26) ** 2 + ((xx - 32) / 20) ** 2 <= 1
+    lungs = (((yy - 30) / 12) ** 2 + ((xx - 23) / 6) ** 2 <= 1) | (
+        ((yy - 30) / 12) ** 2 + ((xx - 41) / 6) ** 2 <= 1
+    )
+    base = np.where(body, 40.0, -1000.0)
+    base[lungs] = -850.0
+    separate = base.copy()
+    separate[:, 58:60] = 200.0  # a table edge cuts off a strip of outside air
+    lung_like = separate.copy()
+    lung_like[:, 60:] = -700.0  # ... and that strip is not as dark as air
+    for image in (base, separate, lung_like):
+        volume = np.stack([image, image])
+        np.testing.assert_array_equal(lung_mask(volume), reference_lung_mask(volume))
+    assert lung_mask(lung_like[None])[0][:, 60:].all()  # the lung-like strip is kept
+    assert not lung_mask(separate[None])[0][:, 60:].any()
