@@ -28,6 +28,10 @@ class SkipFile(Exception):
     """A file or series that cannot be used; the message is the reason shown to the user."""
 
 
+class InexactHU(ValueError):
+    """HU asked for in int16 that are not integers int16 holds (`HounsfieldRule.apply`)."""
+
+
 # Uncompressed little-endian transfer syntaxes: implicit and explicit VR.
 NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 # Values larger than this are skipped while a header is read (their offset is kept).
@@ -64,9 +68,9 @@ class HounsfieldRule:
     def apply(self, stored: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """HU (float32) of a stored frame, padding and anything below -1024 HU as air.
 
-        An int16 `out` receives them rounded to integers and clipped to int16's range, as
-        the records store them; computed in integers, without float32, when the stored
-        values' HU are integers int16 holds (most CT: slope 1, an integer intercept)."""
+        An int16 `out` takes HU that are integers int16 holds (most CT: slope 1, an integer
+        intercept; `exact_in_int16` of the stored values), computed in integers, without
+        float32 (the records store int16); other values raise `InexactHU`."""
         hu = np.empty(stored.shape, np.float32) if out is None else out
         if hu.dtype == np.int16:
             return self._apply_int16(stored, hu)
@@ -79,16 +83,20 @@ class HounsfieldRule:
         return hu
 
     def _apply_int16(self, stored: np.ndarray, out: np.ndarray) -> np.ndarray:
-        low, high = (int(stored.min()), int(stored.max())) if stored.size else (0, 0)
-        if stored.dtype.kind not in "iu" or not self.exact_in_int16(low, high):
-            out[...] = np.clip(np.rint(self.apply(stored)), -(2**15), 2**15 - 1)
-            return out
-        if low >= -(2**15) and high < 2**15:  # int16 arithmetic is exact: 5x int32's
+        integers = stored.dtype.kind in "iu"
+        low, high = (int(stored.min()), int(stored.max())) if integers and stored.size else (0, 0)
+        if not integers or not self.exact_in_int16(low, high):
+            raise InexactHU(
+                f"HU of {stored.dtype} values {low}..{high} (slope {self.slope:g}, intercept "
+                f"{self.intercept:g}) are not integers that int16 holds"
+            )
+        fits = -(2**15) <= min(low, self.intercept) and max(high, self.intercept) < 2**15
+        if fits:  # int16 arithmetic is exact: 5x faster than in int64
             same_bits = stored.dtype.itemsize == 2 and stored.dtype.isnative
             as16 = stored.view(np.int16) if same_bits else stored.astype(np.int16)
             np.add(as16, np.int16(self.intercept), out=out)
         else:
-            np.add(stored, np.int32(self.intercept), out=out, casting="unsafe")
+            np.add(stored, np.int64(self.intercept), out=out, casting="unsafe")
         self._floor(stored, out)
         return out
 

@@ -76,7 +76,8 @@ def slice_fields(
     pre_windowed: bool = False,
 ) -> dict[str, Any]:
     """Validated field values of one slice, ready for `encode_example`: the arrays' bytes
-    as memoryviews of them (bytes-like, compared equal to bytes; not copied until encoded).
+    as memoryviews of them (bytes-like, compared equal to bytes; not copied until encoded:
+    encode before changing the arrays, `bytes(v)` to keep a field apart from them).
 
     Args:
         hu: [H, W] intensities (HU, or 0-255 when `pre_windowed`); stored as int16.
@@ -133,16 +134,19 @@ def slice_fields(
 def _bytes_of(array: np.ndarray) -> memoryview:
     """The bytes of an array, without copying them (`encode_example` copies them once,
     into the example): 1.5 MB a 512x512 slice."""
+    if not array.size:
+        return memoryview(b"")
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def _binary_bytes(mask: np.ndarray) -> tuple[memoryview, bool]:
-    """A mask's 0/1 bytes and whether any is 1; a uint8 or bool mask of 0s and 1s as it
-    is (its maximum costs a tenth of the comparison and copy otherwise made)."""
+    """A mask's 0/1 bytes and whether any is 1; a uint8 or bool mask whose bytes are 0s
+    and 1s as it is (its maximum costs a tenth of the comparison and copy otherwise)."""
     if mask.dtype in (np.uint8, np.bool_):
-        top = int(mask.max(initial=0))
+        as_bytes = mask.view(np.uint8)  # a bool array may hold other bytes than 0 and 1
+        top = int(as_bytes.max(initial=0))
         if top <= 1:
-            return _bytes_of(mask.view(np.uint8)), bool(top)
+            return _bytes_of(as_bytes), bool(top)
     binary = (mask > 0).astype(np.uint8)
     return _bytes_of(binary), bool(binary.any())
 

@@ -606,3 +606,19 @@ def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
     halves = np.stack([h.read_hu() for h in halved.series.slices])
     np.testing.assert_array_equal(volume, halves)
     assert not np.array_equal(halves, np.rint(halves))  # fractions kept
+    # A file whose header promised integer HU changes before its pixels are read: the
+    # study is read again in float32, nothing rounded.
+    for f in tmp_path.rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.RescaleSlope = 1
+        ds.save_as(f)
+    promised = discover(tmp_path).studies[0]
+    assert all(h.integer_hu for h in promised.series.slices)
+    changed = promised.series.slices[3].path
+    ds = pydicom.dcmread(changed)
+    ds.RescaleSlope = 0.5
+    ds.save_as(changed)
+    volume = _read_dicom_study(promised, features.LESION_CLASSES).hu
+    assert volume.dtype == np.float32
+    np.testing.assert_array_equal(volume[3], halves[3])
+    np.testing.assert_array_equal(volume[2], floats[2])

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from data_tools.dicom_io import (
     HU_FLOOR,
     HounsfieldRule,
+    InexactHU,
     SkipFile,
     build_series,
     read_header,
@@ -115,36 +116,49 @@ def test_native_pixels_read_from_their_offset_as_pydicom_reads_them(tmp_path):
         np.testing.assert_array_equal(out[1], fast)
 
 
-def test_int16_reads_equal_the_float_ones_rounded(tmp_path):
-    """An int16 `out` receives the float32 HU rounded and clipped to int16 (as records store
-    them), computed in integers when that is exact: on real files and on random frames
-    across stored types, slopes, intercepts and padding above and below -1024 HU."""
+def test_int16_reads_equal_the_float_ones(tmp_path):
+    """An int16 `out` receives the float32 HU exactly where they are integers int16 holds,
+    computed in integers (on real files and on random frames across stored types,
+    intercepts beyond int16 and padding above and below -1024 HU), and refuses others."""
     for path in _native_cases(tmp_path):
         _, header, _ = scan_file(path)
-        expected = np.clip(np.rint(read_hu(path)), -32768, 32767).astype(np.int16)
-        out = np.zeros(expected.shape, np.int16)
-        assert header.read_hu(out=out) is out
-        np.testing.assert_array_equal(out, expected, err_msg=path.name)
+        hu = read_hu(path)
+        out = np.zeros(hu.shape, np.int16)
+        if header.integer_hu:
+            assert header.read_hu(out=out) is out
+            np.testing.assert_array_equal(out, hu, err_msg=path.name)
+        else:  # the fractional slope
+            with pytest.raises(InexactHU, match="not integers that int16 holds"):
+                header.read_hu(out=out)
     rng = np.random.default_rng(3)
-    rules = [
+    exact = [
         HounsfieldRule(1.0, -1024.0, None),
         HounsfieldRule(1.0, 0.0, (-2000, -1500)),  # padding below the floor anyway
         HounsfieldRule(1.0, 0.0, (1000, 1200)),  # padding that must be masked
-        HounsfieldRule(0.5, -1024.0, None),
-        HounsfieldRule(1.0, -1024.5, (5, 5)),
-        HounsfieldRule(1.0, 20000.0, None),  # beyond int16 for high stored values
+        HounsfieldRule(1.0, -40000.0, None),  # an intercept beyond int16
     ]
-    stored_types = [("<u2", 0, 4096), ("<i2", -2000, 3000), ("<u2", 0, 65536), (">i2", -900, 900)]
-    for rule in rules:
+    stored_types = [
+        ("<u2", 0, 4096),
+        ("<i2", -2000, 3000),
+        (">i2", -900, 900),
+        ("<u2", 40000, 65536),
+    ]
+    for rule in exact:
         for dtype, low, high in stored_types:
             stored = rng.integers(low, high, (8, 9)).astype(dtype)
             hu = rule.apply(stored)
+            if not rule.exact_in_int16(int(stored.min()), int(stored.max())):
+                continue
             out = rule.apply(stored, np.empty(stored.shape, np.int16))
-            rounded = np.clip(np.rint(hu), -32768, 32767).astype(np.int16)
-            np.testing.assert_array_equal(out, rounded, err_msg=f"{rule} {dtype}")
+            np.testing.assert_array_equal(out, hu, err_msg=f"{rule} {dtype}")
+    assert HounsfieldRule(1.0, -40000.0, None).exact_in_int16(40000, 65535)
     assert HounsfieldRule(1.0, -1024.0, None).exact_in_int16(0, 4095)
     assert not HounsfieldRule(1.0, -1024.0, None).exact_in_int16(0, 65535)
-    assert not HounsfieldRule(1.0, -1024.5, None).exact_in_int16(0, 10)
+    for rule in (HounsfieldRule(0.5, -1024.0, None), HounsfieldRule(1.0, -1024.5, None)):
+        with pytest.raises(InexactHU):
+            rule.apply(np.arange(6, dtype="<u2"), np.empty(6, np.int16))
+    with pytest.raises(InexactHU):  # float pixel data (NaN, say) is never taken as integers
+        HounsfieldRule(1.0, 0.0, None).apply(np.array([0.0, np.nan]), np.empty(2, np.int16))
 
 
 def test_pixels_pydicom_must_decode_have_no_native_location(tmp_path):

@@ -267,3 +267,14 @@ def test_air_outside_the_body_in_one_or_several_regions():
         np.testing.assert_array_equal(lung_mask(volume), reference_lung_mask(volume))
     assert lung_mask(lung_like[None])[0][:, 60:].all()  # the lung-like strip is kept
     assert not lung_mask(separate[None])[0][:, 60:].any()
+
+
+def test_areas_are_exact_beyond_float32s_integers():
+    """Component sizes over 2^24 voxels (a thin-slice volume's lungs) are counted exactly:
+    OpenCV's histogram counts in float32."""
+    from data_tools.lung import _areas
+
+    labels = np.ones((2**12 + 1, 2**12), np.uint8)
+    labels[0, :3] = 0
+    areas = _areas(labels, 2)
+    assert areas.tolist() == [3, labels.size - 3]

@@ -115,3 +115,17 @@ def test_any_example_serialises_as_tensorflows():
     )
     assert serialize_example(features) == theirs.SerializeToString(deterministic=True)
     assert tf.train.Example.FromString(serialize_example(features)) == theirs
+
+
+def test_mask_bytes_are_0_and_1_whatever_the_array_holds():
+    """A bool array whose bytes are not 0/1 (a view of 0/255 bytes) is compared with 0,
+    not written as it is; empty arrays give empty bytes."""
+    from data_tools.features import _binary_bytes, _bytes_of
+
+    raw = np.array([[0, 2, 255, 1]], np.uint8)
+    data, any_set = _binary_bytes(raw.view(bool))
+    assert bytes(data) == bytes([0, 1, 1, 1]) and any_set
+    data, any_set = _binary_bytes(np.array([[0, 1, 0]], np.uint8))
+    assert bytes(data) == bytes([0, 1, 0]) and any_set
+    assert bytes(_bytes_of(np.zeros((0, 3), np.int16))) == b""
+    assert bytes(_binary_bytes(np.zeros((2, 0), bool))[0]) == b""
