@@ -622,3 +622,28 @@ def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
     assert volume.dtype == np.float32
     np.testing.assert_array_equal(volume[3], halves[3])
     np.testing.assert_array_equal(volume[2], floats[2])
+
+
+def test_pool_workers_do_not_run_the_calling_script_again(cohort, tmp_path):
+    """A script calling `convert(workers=2)`: its top-level code (a training script's
+    TensorFlow import, say) runs once, not again in each spawned worker, and its main
+    module is itself again afterwards. It ran in every worker before: from a script
+    importing TensorFlow two workers were slower than one."""
+    marker = tmp_path / "ran.txt"
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import os, sys\n"
+        "with open(sys.argv[2], 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "from data_tools.convert import convert\n"
+        "if __name__ == '__main__':\n"
+        "    convert(sys.argv[1], sys.argv[3], size=64, salt='s', workers=2, progress=False)\n"
+        "    assert sys.modules['__main__'].__file__ == __file__\n"
+    )
+    subprocess.run(
+        [sys.executable, str(script), str(cohort), str(marker), str(tmp_path / "out")],
+        check=True,
+        timeout=300,
+    )
+    assert len(marker.read_text().split()) == 1
+    assert (tmp_path / "out" / "manifest.json").is_file()
