@@ -179,7 +179,7 @@ def _as_bytes(value) -> bytes | memoryview:
     """A bytes value as bytes, or as a flat memoryview of bytes (not copied here)."""
     if isinstance(value, str):
         return value.encode("utf-8")
-    if isinstance(value, memoryview) and value.c_contiguous:
+    if isinstance(value, memoryview) and value.c_contiguous and value.nbytes:
         return value.cast("B") if value.format != "B" or value.ndim != 1 else value
     return bytes(value)
 

@@ -214,6 +214,8 @@ def test_masked_means_are_numpys_to_the_last_bit():
     image = np.full((512, 512), -950, np.int16)
     image[0, :2] = (-949, -951)
     assert _masked_mean(image, np.ones(image.shape, np.uint8)) == -950.0
+    strided = np.arange(100, dtype=np.int16).reshape(10, 10)[:, ::2]  # a view, not contiguous
+    assert _masked_mean(strided, np.ones((10, 5), np.uint8)) == strided.mean()
 
 
 def _largest_by_scipy(mask):

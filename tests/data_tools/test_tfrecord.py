@@ -129,3 +129,7 @@ def test_mask_bytes_are_0_and_1_whatever_the_array_holds():
     assert bytes(data) == bytes([0, 1, 0]) and any_set
     assert bytes(_bytes_of(np.zeros((0, 3), np.int16))) == b""
     assert bytes(_binary_bytes(np.zeros((2, 0), bool))[0]) == b""
+    fields = slice_fields(np.zeros((0, 4)), np.zeros((0, 4, 3), np.uint8), np.zeros((0, 4)),
+                          slice_index=0, position_mm=0.0, spacing_mm=(1, 1, 1), slice_id="I",
+                          series_id="S", patient_id="P")  # fmt: skip
+    assert encode_example(fields)  # empty images encode (as TensorFlow would write them)
