@@ -7,7 +7,7 @@ The method (thresholding and morphology, as in most pre-deep-learning CT pipelin
 2. Body: per slice, the largest connected non-air region with its holes filled; air outside
    it (around the patient, under the table) is removed. In images cropped to the body the
    lungs touch the border and are not enclosed: an air region touching the border is kept
-   when it is not as dark as outside air (median above -950 HU, or above 12 % of the range
+   when it is not as dark as outside air (mean above -950 HU, or above 12 % of the range
    for windowed images), since lung parenchyma sits near -850 HU and outside air at -1000.
 3. Largest components: in 3-D (a volume) or 2-D (a lone slice), keep the largest air
    component inside the body and any other at least `min_fraction` of its size, at most
