@@ -89,20 +89,25 @@ SCAN_CHUNK = 32  # files whose headers one element reads
 
 
 def _read_headers(indexed):
-    """Reads one chunk of headers (`convert._scan_chunk`)."""
+    """Reads one chunk of headers (`convert._scan_chunk`); the chunk's index says whose."""
     index, paths = indexed
-    scanned, said = local._scan_chunk(paths)
-    return index, paths, scanned, said
+    return index, *local._scan_chunk(paths)
 
 
 def _plan(chunks, job, redactor, files):
-    """The local converter's plan from the workers' header reads; their pydicom warnings
-    are logged redacted once the plan has met every identity."""
-    answers, held = {}, []
-    for _, paths, scanned, said in sorted(chunks, key=lambda chunk: chunk[0]):
-        answers.update(zip(paths, scanned))
+    """The local converter's plan from the workers' header reads (the chunks in index
+    order are the answers for ``files.candidates``, which discovery scans); their pydicom
+    warnings are logged redacted once the plan has met every identity."""
+    answers, held = [], []
+    for _, scanned, said in sorted(chunks, key=lambda chunk: chunk[0]):
+        answers += scanned
         held += said
-    plan = local.plan_conversion(job, redactor, lambda paths: [answers[p] for p in paths], files)
+
+    def scan(paths):
+        assert len(paths) == len(answers), "discovery scans the listed candidates"
+        return answers
+
+    plan = local.plan_conversion(job, redactor, scan, files)
     for warning in held:
         logging.warning("convert: %s", plan.found.redactor(warning))
     return plan

@@ -49,6 +49,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from data_tools import __version__, dicom_io, masks, tfrecord
@@ -718,8 +719,6 @@ def _channel_counts(lesions: np.ndarray) -> list[int]:
     """Pixels of each channel of one slice's 0/1 lesion masks [H, W, C]: OpenCV's sum of
     each channel (0.03 ms at 512x512 with 3 channels; NumPy's count of each strided
     channel took 0.27 ms, a sum over the interleaved channels 5 ms)."""
-    import cv2
-
     channels = lesions.shape[-1]
     if 1 <= channels <= 4:  # an OpenCV scalar holds four
         return [int(v) for v in cv2.sumElems(lesions)[:channels]]
@@ -781,7 +780,6 @@ def _one_thread():
     two workers resizing 512x512 slices to 128, OpenBLAS's took two workers from 180 slices/s
     down to 100, slower than one; OpenCV's spun ~2.5 s of CPU per 1,000 slices, with no
     measurable gain in wall time (3 alternating runs, 1 and 2 workers)."""
-    import cv2
     from threadpoolctl import threadpool_limits
 
     before = cv2.getNumThreads()
