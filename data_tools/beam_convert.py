@@ -5,7 +5,7 @@ The steps are the local converter's:
 
 1. ``ReadHeaders``: the launching process only lists the input's files
    (`convert.input_files`); the workers read their DICOM headers, 32 files an element
-   (`convert._scan_chunk`: compact answers, pydicom's warnings held back);
+   (`workers.scan_chunk`: compact answers, pydicom's warnings held back);
 2. ``Plan``: one element, the local converter's plan (`convert.plan_conversion` over
    those answers: the studies, their patients' pseudonyms, the shards); the steps after
    it see only its ``Layout`` (each study's shard, the shards' names), the final one the
@@ -39,7 +39,7 @@ import shutil
 from pathlib import Path
 
 from data_tools import convert as local
-from data_tools import tfrecord
+from data_tools import tfrecord, workers
 
 RUNNERS = {
     "direct": "DirectRunner",
@@ -89,9 +89,9 @@ SCAN_CHUNK = 32  # files whose headers one element reads
 
 
 def _read_headers(indexed):
-    """Reads one chunk of headers (`convert._scan_chunk`); the chunk's index says whose."""
+    """Reads one chunk of headers (`workers.scan_chunk`); the chunk's index says whose."""
     index, paths = indexed
-    return index, *local._scan_chunk(paths)
+    return index, *workers.scan_chunk(paths)
 
 
 def _plan(chunks, job, redactor, files):

@@ -17,6 +17,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from data_tools.dicom_header import Header
+
 HU_FLOOR = -1024.0  # air; padding and outside-field-of-view pixels become this
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -48,7 +50,8 @@ class HounsfieldRule:
     padding: tuple[int, int] | None  # lowest and highest stored padding value
 
     @classmethod
-    def of(cls, ds: pydicom.Dataset) -> HounsfieldRule:
+    def of(cls, ds: pydicom.Dataset | Header) -> HounsfieldRule:
+        ds = Header.of(ds)
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         padding = ds.get("PixelPaddingValue")
@@ -258,9 +261,15 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
         SkipFile: unreadable, not DICOM, truncated, not an image, or not CT; the reason
             names which.
     """
-    ds = _dataset(path)
+    kind, header = _read_header(path)
+    return kind, header.dataset
+
+
+def _read_header(path: Path) -> tuple[str, Header]:
+    """`read_header` with the dataset's values as a `Header`."""
+    ds = Header(_dataset(path))
     modality = str(ds.get("Modality", ""))
-    meta = ds.get("file_meta") or {}
+    meta = ds.meta()
     sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
     if modality == "SEG" or sop_class == SEG_STORAGE:
         return "seg", ds
@@ -306,14 +315,22 @@ def scan_file(path: Path, redactor=None):
     Raises:
         SkipFile: not DICOM, not an image, not CT (`read_header`).
     """
-    kind, ds = read_header(path)
+    kind, item, header = _scan(path, redactor)
+    return kind, item, header.dataset
+
+
+def _scan(path: Path, redactor) -> tuple[str, object, Header]:
+    """`scan_file` with the dataset's values as a `Header`."""
+    kind, ds = _read_header(path)
     if redactor is not None:
         for key in IDENTITY_KEYS:
-            if key in ds:
-                redactor.add(str(ds.get(key)), "<patient>")
+            value = ds.get(key)
+            if value is not None or key in ds:
+                redactor.add(str(value), "<patient>")
         for key in UID_KEYS:
-            if ds.get(key):
-                redactor.add(str(ds.get(key)), "<uid>")
+            value = ds.get(key)
+            if value:
+                redactor.add(str(value), "<uid>")
     if kind == "seg":
         return kind, path, ds
     try:
@@ -353,7 +370,7 @@ def scan_compact(path: Path) -> ScannedFile:
     """`scan_file` for another process: never raises `SkipFile` (kind "skip")."""
     identities = _Identities()
     try:
-        kind, item, ds = scan_file(path, identities)
+        kind, item, ds = _scan(path, identities)
     except SkipFile as e:
         return ScannedFile("skip", identities=list(identities), reason=str(e))
     if kind == "seg":
@@ -364,6 +381,13 @@ def scan_compact(path: Path) -> ScannedFile:
     return ScannedFile(kind, item, fields, list(identities))
 
 
+def _floats(value) -> list[float]:
+    """A DS value as a list of floats (one value is a list of one)."""
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
 def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     """The geometry of one CT file.
 
@@ -371,25 +395,27 @@ def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
         ValueError: ImagePositionPatient without 3 values, ImageOrientationPatient without
             6, PixelSpacing without 2 positive ones, or a zero image size.
     """
-    position = [float(v) for v in ds.ImagePositionPatient]
-    orientation = [float(v) for v in ds.ImageOrientationPatient]
-    spacing = [float(v) for v in ds.PixelSpacing]
+    ds = Header.of(ds)
+    position = _floats(ds.get("ImagePositionPatient"))
+    orientation = _floats(ds.get("ImageOrientationPatient"))
+    spacing = _floats(ds.get("PixelSpacing"))
     if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2 or min(spacing) <= 0:
         raise ValueError(
             f"ImagePositionPatient {position}, ImageOrientationPatient {orientation}, "
             f"PixelSpacing {spacing}"
         )
-    if int(ds.Rows) < 1 or int(ds.Columns) < 1:
-        raise ValueError(f"image size {ds.Rows} x {ds.Columns}")
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if int(rows) < 1 or int(columns) < 1:
+        raise ValueError(f"image size {rows} x {columns}")
     return SliceHeader(
         path=path,
-        series_uid=str(ds.SeriesInstanceUID),
+        series_uid=str(ds.get("SeriesInstanceUID")),
         sop_uid=str(ds.get("SOPInstanceUID", path.name)),
         position=np.array(position),
         orientation=np.array(orientation),
         spacing=(spacing[0], spacing[1]),
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=int(rows),
+        columns=int(columns),
         thickness=float(ds.get("SliceThickness", 0) or 0),
         pixels=native_pixels(path, ds),
     )
@@ -398,10 +424,11 @@ def slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader:
 def native_pixels(path: Path, ds: pydicom.Dataset) -> NativePixels | None:
     """The location of a single uncompressed little-endian 16-bit frame, or None when the
     pixels need pydicom's decoders (compressed, big-endian, other bit depths, frames)."""
-    meta = ds.get("file_meta") or {}
+    ds = Header.of(ds)
+    meta = ds.meta()
     try:
-        element = ds.get_item(0x7FE00010, keep_deferred=True)
-        rows, columns = int(ds.Rows), int(ds.Columns)
+        element = ds.dataset.get_item(0x7FE00010, keep_deferred=True)
+        rows, columns = int(ds.get("Rows")), int(ds.get("Columns"))
         native = (
             str(meta.get("TransferSyntaxUID", "")) in NATIVE_SYNTAXES
             and int(ds.get("BitsAllocated", 0)) == 16
@@ -422,9 +449,9 @@ def native_pixels(path: Path, ds: pydicom.Dataset) -> NativePixels | None:
         return None
     return NativePixels(
         offset=int(offset),
-        dtype="<i2" if int(ds.PixelRepresentation) == 1 else "<u2",
+        dtype="<i2" if int(ds.get("PixelRepresentation")) == 1 else "<u2",
         shape=(rows, columns),
-        bits_stored=int(ds.BitsStored),
+        bits_stored=int(ds.get("BitsStored")),
         rule=HounsfieldRule.of(ds),
         file_size=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
@@ -574,6 +601,7 @@ def _unchanged(path: Path, pixels: NativePixels) -> bool:
 
 def _as_stored(value: int, ds: pydicom.Dataset) -> int:
     """A padding value as the pixel array holds it (US/SS VR ambiguity resolved)."""
-    if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 2 ** (int(ds.BitsAllocated) - 1):
-        return value - 2 ** int(ds.BitsAllocated)
+    bits = ds.get("BitsAllocated")
+    if int(ds.get("PixelRepresentation", 0)) == 1 and value >= 2 ** (int(bits) - 1):
+        return value - 2 ** int(bits)
     return value

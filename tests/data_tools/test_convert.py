@@ -406,12 +406,12 @@ def test_binary_masks_need_a_single_class(tmp_path):
 
 
 def test_the_converting_process_shares_the_studies_and_keeps_their_order():
-    """`_ordered_map`: results in order; the pool gets its own version of each job (the
+    """`workers.ordered_map`: results in order; the pool gets its own version of each job (the
     one that writes a file); this process converts studies too, never holding many."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from data_tools import convert as module
+    from data_tools import workers as module
 
     held = []
 
@@ -422,7 +422,7 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
     items = list(range(40))
     with ThreadPoolExecutor(1) as pool:
         results = []
-        mapped = module._ordered_map(fn, items, pool, 2, [-x for x in items])
+        mapped = module.ordered_map(fn, items, pool, 2, [-x for x in items])
         for r in mapped:
             results.append(r)
             held.append(mapped.gi_frame.f_locals["done"].copy() if mapped.gi_frame else {})
@@ -432,7 +432,7 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
     assert all(x <= 0 for x, main in results if not main)  # pool: its version
     assert len(here) < len(items)
     assert max(len(h) for h in held) <= 4
-    assert list(module._ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
+    assert list(module.ordered_map(fn, items, None, 1)) == [(x, True) for x in items]
 
 
 def test_channel_counts_of_a_slice():
@@ -465,19 +465,19 @@ class _NeverDone(concurrent.futures.Future):
 
 
 def test_header_reads_do_not_wait_for_a_worker_that_has_not_answered():
-    """`_ordered_map(redo=True)` (the discovery's header reads): with nothing left to
+    """`workers.ordered_map(redo=True)` (the discovery's header reads): with nothing left to
     start, this process reads the next chunk in order itself rather than wait for a pool
     worker that has not answered it; without `redo` (studies: a worker's version writes
     files) it waits."""
-    from data_tools import convert as module
+    from data_tools import workers as module
 
     items = list(range(10))
     pool = _StalledPool()
-    mapped = module._ordered_map(lambda x: x * x, items, pool, 2, hold=len(items), redo=True)
+    mapped = module.ordered_map(lambda x: x * x, items, pool, 2, hold=len(items), redo=True)
     assert list(mapped) == [x * x for x in items]
     assert pool.futures and all(f.cancelled() for f in pool.futures)
     with pytest.raises(AssertionError, match="does not answer"):
-        list(module._ordered_map(lambda x: x * x, items, _StalledPool(), 2, hold=len(items)))
+        list(module.ordered_map(lambda x: x * x, items, _StalledPool(), 2, hold=len(items)))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
@@ -622,6 +622,22 @@ def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
     assert volume.dtype == np.float32
     np.testing.assert_array_equal(volume[3], halves[3])
     np.testing.assert_array_equal(volume[2], floats[2])
+
+
+def test_a_pool_worker_reads_headers_before_loading_the_converter(cohort):
+    """A spawned worker's first tasks, discovery's header reads, import pydicom and NumPy
+    only (`data_tools.workers`): OpenCV, nibabel and the converter come with its first
+    study. It helps discovery 0.06 s sooner that way."""
+    from data_tools.workers import scan_chunk, worker_pool
+
+    files = sorted(cohort.rglob("*.dcm"))[:3]
+    loaded = "sorted(m for m in {!r} if m in __import__('sys').modules)"
+    heavy = ("cv2", "nibabel", "data_tools.convert", "data_tools.lung")
+    with worker_pool(2) as pool:
+        scanned, _ = pool.submit(scan_chunk, files).result()
+        assert [s.kind for s in scanned] == ["ct"] * 3
+        assert pool.submit(eval, loaded.format(heavy)).result() == []
+        assert pool.submit(eval, loaded.format(("pydicom",))).result() == ["pydicom"]
 
 
 def test_pool_workers_do_not_run_the_calling_script_again(cohort, tmp_path):

@@ -266,3 +266,40 @@ def test_a_mask_named_after_a_nifti_volume_is_that_volumes_alone(cohort, tmp_pat
     assert summary["patients"] == 2 and not summary["skipped"]
     annotated = sorted(e["annotated"] for e in _manifest(tmp_path / "out")["patients"].values())
     assert annotated == [False, True]
+
+
+def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
+    """`input_files` lists by scandir (one resolve per folder): the files
+    ``rglob("*")`` + ``is_file()`` find, in the same order, less those whose real path is
+    in the output folder: through links to files, not into linked folders, dot files and
+    broken links as before."""
+    from data_tools.convert import _files_under, input_files
+
+    root = tmp_path / "in"
+    for rel in ["a/1.dcm", "a/b/2.dcm", "a/.hidden", "c/3", "out/slices.tfrecord", "z.nii.gz"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    (root / ".dot" / "4.dcm").parent.mkdir()
+    (root / ".dot" / "4.dcm").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "5.dcm").write_bytes(b"x")
+    (root / "link-file.dcm").symlink_to(elsewhere / "5.dcm")
+    (root / "link-folder").symlink_to(elsewhere, target_is_directory=True)
+    (root / "broken.dcm").symlink_to(tmp_path / "nothing")
+    (root / "c" / "into-out.dcm").symlink_to(root / "out" / "slices.tfrecord")
+    out = root / "out"
+
+    reference = sorted(p for p in root.rglob("*") if p.is_file() and out not in p.resolve().parents)
+    assert sorted(_files_under(root, out.resolve())) == reference
+    assert sorted(_files_under(root, None)) == sorted(p for p in root.rglob("*") if p.is_file())
+    assert root / "link-file.dcm" in reference and root / "c" / "into-out.dcm" not in reference
+    listed = input_files(root, exclude=out)
+    assert [p.relative_to(root).as_posix() for p in listed.candidates] == [
+        ".dot/4.dcm",
+        "a/1.dcm",
+        "a/b/2.dcm",
+        "c/3",
+        "link-file.dcm",
+    ]
+    assert listed.niftis == [root / "z.nii.gz"]
