@@ -230,7 +230,10 @@ def _files_under(root: Path, excluded: Path | None):
             path = folder / entry.name
             if entry.is_dir(follow_symlinks=False):
                 folders.append(path)
-            elif entry.is_file() and (not entry.is_symlink() or outside(path.resolve())):
+            elif not entry.is_symlink():
+                if entry.is_file(follow_symlinks=False):
+                    yield path
+            elif path.is_file() and outside(path.resolve()):  # pathlib's errors, as rglob's
                 yield path
 
 

@@ -10,8 +10,10 @@ exactly as pydicom's own converters would (`convert_UI`, `convert_string`, the D
 strings, `struct` for US), and hands everything else (names and IDs in the study's
 character set, sequences, ambiguous VRs, empty, multi-valued, deferred or unusual
 values, and any value pydicom's rules call invalid, so that pydicom warns of it as
-before) to pydicom. Each value is decoded once. The scan's results are the same;
-`tests/data_tools/test_dicom_header.py` compares every keyword on pydicom's test files.
+before) to pydicom. Each value is decoded once, and ``in`` decodes nothing (as
+pydicom's). The scan's values and warnings are pydicom's, in the same order;
+`tests/data_tools/test_dicom_header.py` compares every keyword, presence, value and
+warnings, on pydicom's and pydicom-data's test files and on edge values.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import struct
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
+from pydicom.multival import MultiValue
 from pydicom.valuerep import MAX_VALUE_LEN, STR_VR_REGEXES
 
 _ABSENT = object()
@@ -44,7 +47,8 @@ def _decode(vr: str, raw: bytes, little_endian: bool):
     if len(words) != 1 and vr != "DS":
         return _ABSENT
     for word in words:  # an invalid value goes to pydicom, which warns of it
-        if len(word) > MAX_VALUE_LEN[vr] or not STR_VR_REGEXES[vr].match(word):
+        # fullmatch: a regex's "$" also matches before a final newline, which UID() strips
+        if len(word) > MAX_VALUE_LEN[vr] or not STR_VR_REGEXES[vr].fullmatch(word):
             return _ABSENT
     if vr in ("UI", "CS"):
         return words[0]
@@ -52,13 +56,15 @@ def _decode(vr: str, raw: bytes, little_endian: bool):
     numbers = [float(word) if vr == "DS" else int(word) for word in words]
     if not all(map(math.isfinite, numbers)):
         return _ABSENT
-    return numbers[0] if len(numbers) == 1 else numbers
+    # Several values as pydicom gives them (a MultiValue: errors and reprs name it).
+    return numbers[0] if len(numbers) == 1 else MultiValue(float, numbers)
 
 
 class Header:
     """Read-only values of a pydicom dataset by keyword (``get``, ``in``), each decoded
     once; ``dataset`` is the dataset itself. Numbers come as Python ``float``/``int``
-    (pydicom's DSfloat/IS are their subclasses) and UIDs as ``str``."""
+    (pydicom's DSfloat/IS are their subclasses; several as a pydicom ``MultiValue``) and
+    UIDs as ``str``."""
 
     __slots__ = ("dataset", "_values")
 
@@ -79,7 +85,12 @@ class Header:
         return default if value is _ABSENT else value
 
     def __contains__(self, keyword: str) -> bool:
-        return self.get(keyword, _ABSENT) is not _ABSENT
+        """Whether the element is there, as pydicom's ``in``: its value not decoded (a
+        broken value raises, or warns, only when asked for)."""
+        if keyword == "file_meta":
+            return getattr(self.dataset, "file_meta", None) is not None
+        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+        return (keyword if tag is None else tag) in self.dataset  # pydicom's word on a typo
 
     def meta(self) -> Header:
         """The file meta information (empty when the file has none)."""

@@ -271,8 +271,8 @@ def test_a_mask_named_after_a_nifti_volume_is_that_volumes_alone(cohort, tmp_pat
 def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
     """`input_files` lists by scandir (one resolve per folder): the files
     ``rglob("*")`` + ``is_file()`` find, in the same order, less those whose real path is
-    in the output folder: through links to files, not into linked folders, dot files and
-    broken links as before."""
+    in the output folder: through links to files, not into linked folders, dot files,
+    broken links, a link to itself and one through a file as before."""
     from data_tools.convert import _files_under, input_files
 
     root = tmp_path / "in"
@@ -288,6 +288,8 @@ def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
     (root / "link-folder").symlink_to(elsewhere, target_is_directory=True)
     (root / "broken.dcm").symlink_to(tmp_path / "nothing")
     (root / "c" / "into-out.dcm").symlink_to(root / "out" / "slices.tfrecord")
+    (root / "c" / "loop.dcm").symlink_to(root / "c" / "loop.dcm")  # ELOOP: not a file
+    (root / "c" / "not-a-folder.dcm").symlink_to(root / "a" / "1.dcm" / "x")  # ENOTDIR
     out = root / "out"
 
     reference = sorted(p for p in root.rglob("*") if p.is_file() and out not in p.resolve().parents)

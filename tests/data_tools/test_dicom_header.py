@@ -26,9 +26,8 @@ KEYWORDS = sorted(
 
 def _same(ours, theirs) -> bool:
     if isinstance(theirs, (list, pydicom.multival.MultiValue)):
-        multi = (list, pydicom.multival.MultiValue)
         return (
-            isinstance(ours, multi)
+            type(ours) is type(theirs)
             and len(ours) == len(theirs)
             and all(_same(a, b) for a, b in zip(ours, theirs))
         )
@@ -46,16 +45,33 @@ def _read(path):
     return pydicom.dcmread(path, defer_size=HEADER_DEFER_SIZE, force=True)
 
 
+def _said(action) -> tuple[object, list]:
+    """What `action()` returns (or raises) and the warnings it gives, in order."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            value = action()
+        except Exception as e:  # noqa: BLE001 - compared, not hidden
+            value = f"raised {type(e).__name__}"
+    return value, [str(w.message) for w in said]
+
+
 def _compare(path) -> int:
-    """Compares every keyword of one file; returns how many values it holds."""
+    """Compares every keyword of one file, presence first (which decodes nothing), then
+    the value and the warnings it gives; returns how many values the file holds."""
     held = 0
     header, reference = Header(_read(path)), _read(path)
     for keyword in KEYWORDS:
-        theirs = reference.get(keyword)
-        ours = header.get(keyword)
-        assert _same(ours, theirs), (path, keyword, ours, theirs)
-        assert (keyword in header) == (keyword in reference), (path, keyword)
+        assert _said(lambda k=keyword: k in header) == _said(lambda k=keyword: k in reference), (
+            path,
+            keyword,
+        )
         held += keyword in reference
+    for keyword in KEYWORDS:
+        ours, our_warnings = _said(lambda k=keyword: header.get(k))
+        theirs, their_warnings = _said(lambda k=keyword: reference.get(k))
+        assert _same(ours, theirs), (path, keyword, ours, theirs)
+        assert our_warnings == their_warnings, (path, keyword)
     meta, reference_meta = header.meta(), getattr(reference, "file_meta", FileMetaDataset())
     for keyword in ("TransferSyntaxUID", "MediaStorageSOPClassUID"):
         assert _same(meta.get(keyword), reference_meta.get(keyword)), (path, keyword)
@@ -100,6 +116,7 @@ def test_edge_values_fall_back_or_decode_alike(tmp_path, syntax):
         "PixelSpacing": b"0.5\\",  # an empty second value
         "NumberOfFrames": b"1.0 ",  # IS as a decimal
         "SeriesInstanceUID": b"1.2.3\x00",
+        "FrameOfReferenceUID": b"1.2.3.4\n",  # invalid: UID() strips it, pydicom warns
         "StudyInstanceUID": b"1.2\\3.4",  # two UIDs
         "Modality": b"CT ",
         "RescaleSlope": b"nan ",
@@ -141,3 +158,27 @@ def test_an_invalid_value_warns_as_pydicom_does(tmp_path):
     with pytest.warns(UserWarning, match="Invalid value for VR UI"):
         value = Header(_read(path)).get("StudyInstanceUID")
     assert value == "1.2.840.SECRET"
+
+
+def test_presence_decodes_nothing(tmp_path):
+    """``in`` answers from the element's tag, as pydicom's: an MR file whose Rows holds 3
+    bytes (undecodable) is skipped as not CT, not a crash, and no warning is given for a
+    value nobody asked for."""
+    from data_tools.dicom_io import SkipFile, read_header
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows = 0x1234
+    ds.SeriesInstanceUID = "1.02.3"  # invalid: pydicom warns when it is decoded
+    path = tmp_path / "mr.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path, enforce_file_format=True)
+    rows = b"\x28\x00\x10\x00US\x02\x00\x34\x12"
+    data = path.read_bytes()
+    assert data.count(rows) == 1
+    path.write_bytes(data.replace(rows, b"\x28\x00\x10\x00US\x03\x00\x34\x12\x00"))
+    header = Header(_read(path))
+    assert _said(lambda: ("Rows" in header, "SeriesInstanceUID" in header)) == ((True, True), [])
+    with pytest.raises(SkipFile, match="modality MR is not CT"):
+        read_header(path)
