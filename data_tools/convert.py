@@ -115,6 +115,7 @@ class StudyResult:
     annotated: bool
     pre_windowed: bool
     skipped: list[tuple[str, str]]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # found while reading
 
 
 @dataclasses.dataclass
@@ -131,6 +132,7 @@ class EncodedStudy:
     examples: list[bytes] | None = None  # serialized `tf.train.Example`s, in slice order
     path: str | None = None  # or the file holding them (`data_tools.tfrecord.write`)
     appended: bool = False  # or already in the shard (`_StudyJob.shard`)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # the study's, read
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -202,12 +204,15 @@ class InputFiles:
     niftis: list
     images: list
     candidates: list  # possibly DICOM, whatever their names
+    # (relative path, reason): links and folders the listing does not enter or read
+    ignored: list = dataclasses.field(default_factory=list)
 
 
-def _files_under(root: Path, excluded: Path | None):
+def _files_under(root: Path, excluded: Path | None, ignored: list):
     """The files under `root` as ``rglob("*")`` and ``is_file()`` find them (symbolic links
     to files included, linked folders not entered, unreadable folders passed over), less
-    those whose real path lies in the folder `excluded` (resolved).
+    those whose real path lies in the folder `excluded` (resolved). What is passed over
+    goes to `ignored` as (relative path, reason), dot files aside: rglob said nothing.
 
     One ``scandir`` per folder, its entries' types from the listing, and one ``resolve``
     per folder (per file only for links): the pathlib calls cost a stat and a resolve per
@@ -224,7 +229,8 @@ def _files_under(root: Path, excluded: Path | None):
             continue
         try:
             entries = list(os.scandir(folder))
-        except PermissionError:
+        except PermissionError as e:
+            ignored.append((folder, f"folder not read: {e.strerror or 'permission denied'}"))
             continue
         for entry in entries:
             path = folder / entry.name
@@ -233,8 +239,12 @@ def _files_under(root: Path, excluded: Path | None):
             elif not entry.is_symlink():
                 if entry.is_file(follow_symlinks=False):
                     yield path
-            elif path.is_file() and outside(path.resolve()):  # pathlib's errors, as rglob's
-                yield path
+            elif path.is_file():  # pathlib's errors, as rglob's
+                if outside(path.resolve()):
+                    yield path
+            elif not entry.name.startswith("."):
+                why = "to a folder: not followed" if path.is_dir() else "that leads to no file"
+                ignored.append((path, f"a link {why} (give the files themselves)"))
 
 
 def input_files(root: Path, exclude: Path | None = None) -> InputFiles:
@@ -250,7 +260,8 @@ def input_files(root: Path, exclude: Path | None = None) -> InputFiles:
     labels_path = _labels_file(root)
     files = InputFiles([], [], [])
     excluded = Path(exclude).resolve() if exclude is not None else None
-    for path in sorted(_files_under(root, excluded)):
+    passed_over = []
+    for path in sorted(_files_under(root, excluded, passed_over)):
         if path == labels_path or path.name.startswith("."):
             continue
         if _is_nifti(path):
@@ -259,6 +270,7 @@ def input_files(root: Path, exclude: Path | None = None) -> InputFiles:
             files.images.append(path)
         elif path.suffix.lower() not in (".csv", ".txt", ".md", ".json"):
             files.candidates.append(path)
+    files.ignored = sorted((p.relative_to(root).as_posix(), why) for p, why in passed_over)
     return files
 
 
@@ -281,7 +293,7 @@ def discover(
     root = Path(root)
     files = input_files(root, exclude) if files is None else files
     labels = _read_labels(_labels_file(root))
-    found = Discovery([], [], [], Redactor() if redactor is None else redactor)
+    found = Discovery([], [], list(files.ignored), Redactor() if redactor is None else redactor)
     headers, segs = [], []
     niftis, images, candidates = files.niftis, files.images, files.candidates
     for path, scanned in zip(candidates, (scan or _scan_here)(candidates)):
@@ -356,7 +368,7 @@ def _dicom_studies(root, series_list, segs, mask_niftis, label_of, found) -> lis
                 warnings.append(f"mask {mask_path.name} cropped to the series: {fit.reason}")
         _, gap = dicom_io.gap_free_run(series.positions)
         if gap:
-            warnings.append(f"{gap}: lesion and lung volumes do not count the missing slices")
+            warnings.append(_gap_warning(gap))
         diagnosis, severity = label_of(series.patient_id)
         studies.append(
             Study(
@@ -578,6 +590,11 @@ class _Volume:
     keys: list[str]
     pre_windowed: bool = False
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def _gap_warning(gap: str) -> str:
+    return f"{gap}: lesion and lung volumes do not count the missing slices"
 
 
 def _read_slices(series, dtype) -> tuple[np.ndarray, list, list]:
@@ -615,7 +632,12 @@ def _read_dicom_study(study: Study, classes) -> _Volume:
     spacing = (first.spacing[0], first.spacing[1], abs(series.slice_spacing))
     positions = [float(series.positions[i]) for i in kept]
     keys = [series.slices[i].sop_uid for i in kept]
-    return _Volume(hu, labels, spacing, positions, keys, skipped=skipped)
+    warnings = []
+    if skipped:  # slices whose pixels could not be read may leave a gap discovery did not see
+        _, gap = dicom_io.gap_free_run(np.asarray(positions))
+        if gap and gap != dicom_io.gap_free_run(series.positions)[1]:
+            warnings.append(_gap_warning(f"{gap}, once the unreadable slices were left out"))
+    return _Volume(hu, labels, spacing, positions, keys, skipped=skipped, warnings=warnings)
 
 
 def _read_nifti_study(study: Study) -> _Volume:
@@ -692,6 +714,7 @@ def process_study(study: Study, size: int, classes, binary_class: int | None = N
         annotated=annotated,
         pre_windowed=read.pre_windowed,
         skipped=read.skipped,
+        warnings=read.warnings,
     )
 
 
@@ -738,6 +761,7 @@ def encode_study(study: Study, pid: str, result: StudyResult, classes, key: byte
         result.annotated,
         result.skipped,
         examples=examples,
+        warnings=result.warnings,
     )
 
 
@@ -961,6 +985,13 @@ def convert(
         raise ConversionError(f"--size must be at least 32, got {size}")
     if compression not in ("", "GZIP"):
         raise ConversionError(f"--compression must be '' or GZIP, got {compression!r}")
+    if folds < 2:  # checked before converting: the folds are made last
+        raise ConversionError(f"--folds must be at least 2 (cross-validation), got {folds}")
+    if out_dir.resolve() == input_dir.resolve():
+        raise ConversionError(
+            f"--out {out_dir} is the input folder: give a new folder (beside the input, or "
+            "inside it: the converter leaves its own output out of the input)"
+        )
     try:
         check_output_dir(out_dir)
     except OutputError as e:
@@ -1054,7 +1085,8 @@ def plan_conversion(job: _Job, redactor: Redactor, scan=None, files=None) -> Pla
             else ""
         )
         if found.ignored:
-            detail += f"; {len(found.ignored)} image files ignored: {found.ignored[0][1]}"
+            detail += f"; {len(found.ignored)} ignored, e.g. {redactor(found.ignored[0][0])}: "
+            detail += redactor(found.ignored[0][1])
         raise ConversionError(
             "no usable CT series, NIfTI volume or PNG/JPG slice found under "
             f"{job.input_dir}{detail}"
@@ -1166,9 +1198,13 @@ def collect_results(job: _Job, plan: Plan, records: _Records, results, held, wri
             continue
         skipped += [(f"{study.rel}/{name}", r) for name, r in result.skipped]
         if job.strict and result.skipped:
+            name, reason = result.skipped[0]
             raise ConversionError(
-                f"--strict: {redactor(study.rel)}: {redactor(result.skipped[0][1])}"
+                f"--strict: {redactor(f'{study.rel}/{name}')}: {redactor(reason)}"
             )
+        # The manifest's and summary's, after discovery's (under --strict the unreadable
+        # slices behind them have stopped the run above).
+        study.warnings.extend(result.warnings)
         records.note(study, pid, plan.shard_of(index), result)
         if job.progress:
             _progress(index + 1, len(plan.jobs), records.total, job.start)
@@ -1272,7 +1308,7 @@ def print_summary(summary: dict) -> None:
         for item in summary["skipped"]:
             print(f"  {item['path']}: {item['reason']}")
     if summary.get("ignored"):
-        print(f"ignored {len(summary['ignored'])} files that are not CT input:")
+        print(f"ignored {len(summary['ignored'])} paths that are not CT input:")
         for item in summary["ignored"]:
             print(f"  {item['path']}: {item['reason']}")
 
@@ -1296,7 +1332,11 @@ def main(argv=None) -> int:
         help="lesion classes in label order (default: %(default)s)",
     )
     parser.add_argument("--compression", default="", choices=["", "GZIP"])
-    parser.add_argument("--strict", action="store_true", help="stop at the first unusable file")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="write nothing if any file is unusable or any study has a warning (all listed)",
+    )
     parser.add_argument(
         "--salt",
         help="pseudonymisation secret (default: $TFCOVSEG_SALT or "

@@ -293,8 +293,8 @@ def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
     out = root / "out"
 
     reference = sorted(p for p in root.rglob("*") if p.is_file() and out not in p.resolve().parents)
-    assert sorted(_files_under(root, out.resolve())) == reference
-    assert sorted(_files_under(root, None)) == sorted(p for p in root.rglob("*") if p.is_file())
+    assert sorted(_files_under(root, out.resolve(), [])) == reference
+    assert sorted(_files_under(root, None, [])) == sorted(p for p in root.rglob("*") if p.is_file())
     assert root / "link-file.dcm" in reference and root / "c" / "into-out.dcm" not in reference
     listed = input_files(root, exclude=out)
     assert [p.relative_to(root).as_posix() for p in listed.candidates] == [
@@ -305,3 +305,67 @@ def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
         "link-file.dcm",
     ]
     assert listed.niftis == [root / "z.nii.gz"]
+    # What rglob passed over in silence is listed as ignored, with the reason.
+    assert [path for path, _ in listed.ignored] == [
+        "broken.dcm",
+        "c/loop.dcm",
+        "c/not-a-folder.dcm",
+        "link-folder",
+    ]
+    reasons = dict(listed.ignored)
+    assert "leads to no file" in reasons["c/loop.dcm"]
+    assert "to a folder: not followed" in reasons["link-folder"]
+
+
+def test_a_folder_that_cannot_be_read_is_ignored_with_its_reason(tmp_path, monkeypatch):
+    """(As root every folder can be read: the refusal is the system's, simulated.)"""
+    from data_tools import convert as module
+
+    for rel in ["a/1.dcm", "a/b/2.dcm"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path).name == "b":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(module.os, "scandir", refusing)
+    listed = module.input_files(tmp_path)
+    assert listed.candidates == [tmp_path / "a" / "1.dcm"]
+    assert listed.ignored == [("a/b", "folder not read: Permission denied")]
+
+
+def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_path, capsys):
+    """--folds 1 failed after converting everything (a traceback, 61 MB left in a
+    .partial folder); --out equal to --input said "no usable CT series"."""
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "p")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    args = ["--input", str(src), "--size", "64", "--salt", SALT]
+    assert main([*args, "--out", str(tmp_path / "o"), "--folds", "1"]) == 2
+    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--out", str(src)]) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+def test_a_slice_unreadable_when_converting_is_named_and_its_gap_warned(cohort, tmp_path):
+    """A file whose pixels end early is found only when its study is read: --strict named
+    its folder, not the file, and the gap it left was not warned of (one left out at
+    discovery is)."""
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "p")
+    ct = sorted((src / "p" / "ct").glob("*.dcm"))
+    middle = ct[len(ct) // 2]
+    middle.write_bytes(middle.read_bytes()[:-3000])  # its header reads, its pixels do not
+    summary = convert(src, tmp_path / "out", size=64, salt=SALT, progress=False)
+    assert summary["slices"] == len(ct) - 1
+    warned = {w["path"]: w["warning"] for w in summary["warnings"]}
+    assert "once the unreadable slices were left out" in warned["p/ct"]
+    manifest = _manifest(tmp_path / "out")
+    assert [w["warning"] for w in manifest["warnings"]] == [warned["p/ct"]]
+    with pytest.raises(ConversionError, match=f"--strict: p/ct/{middle.name}: corrupt"):
+        convert(src, tmp_path / "strict", size=64, salt=SALT, strict=True, progress=False)
