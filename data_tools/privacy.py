@@ -122,5 +122,8 @@ def redacted_warnings(redactor: Redactor, stream=None):
             yield held
     finally:  # errors too: what was held is still shown
         out = stream or sys.stderr
-        for text in dict.fromkeys(redactor(t) for t in held):  # once each, in order
+        shown = {}  # once each, in order; pydicom logs and warns the same text: once
+        for text in map(redactor, held):
+            shown.setdefault(text.partition(": ")[2] or text, text)
+        for text in shown.values():
             print(f"warning: {text}", file=out)
