@@ -1271,6 +1271,11 @@ def summarize(job: _Job, manifest: dict) -> dict:
     splits = manifest["folds"]["splits"]
     empty = [f"fold {k} {s}" for k, v in splits.items() for s, ids in v.items() if not ids]
     patients = manifest["patients"]
+    annotated = [e["lesion_pixels"] for e in manifest["slices"] if e["annotated"]]
+    totals = np.sum(annotated, axis=0) if annotated else []
+    # A class no mask marks while others are: are the masks silent about it (COVID-SemiSeg
+    # has no fibrosis) rather than showing it absent? Its zeros are recorded as truth.
+    unmarked = [c for c, n in zip(manifest["classes"], totals) if n == 0] if any(totals) else []
     return {
         "out": str(job.out_dir),
         "patients": len(patients),
@@ -1284,6 +1289,8 @@ def summarize(job: _Job, manifest: dict) -> dict:
         "warnings": manifest["warnings"],
         "ignored": manifest["ignored"],
         "empty_splits": empty,
+        "unmarked_classes": unmarked,
+        "classes": list(manifest["classes"]),
     }
 
 
@@ -1300,6 +1307,13 @@ def print_summary(summary: dict) -> None:
     if summary["empty_splits"]:
         print(
             f"warning: too few patients for every split: {', '.join(summary['empty_splits'])} empty"
+        )
+    unmarked = summary.get("unmarked_classes") or []
+    if unmarked:
+        marked = [c for c in summary.get("classes", []) if c not in unmarked]
+        print(
+            f"warning: no mask marks {', '.join(unmarked)}: every annotated slice records it "
+            "as absent; if the masks do not annotate it, convert with --classes " + ",".join(marked)
         )
     for item in summary.get("warnings", []):
         print(f"warning: {item['path']}: {item['warning']}")

@@ -336,6 +336,34 @@ def test_covid_semiseg_slices(tmp_path):
     assert max(e["hu"].max() for e in examples) <= 255 and min(e["hu"].min() for e in examples) >= 0
 
 
+def test_a_class_no_mask_marks_is_warned_of(tmp_path, capsys):
+    """COVID-SemiSeg-style slices (GT labels 1 and 2) converted with the default three
+    classes: fibrosis is recorded as absent on every slice; the summary says so and
+    names the --classes that fit the masks (it said nothing)."""
+    from PIL import Image
+
+    from data_tools.convert import print_summary
+
+    rng = np.random.default_rng(0)
+    for folder in ("Imgs", "GT"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(
+            tmp_path / "in" / "Imgs" / f"{k}.jpg"
+        )
+        gt = np.zeros((40, 40), np.uint8)
+        gt[5:15, 5:15], gt[20:30, 20:30] = 1, 2
+        Image.fromarray(gt).save(tmp_path / "in" / "GT" / f"{k}.png")
+    common = dict(size=32, salt=SALT, default_diagnosis="covid", progress=False)
+    summary = convert(tmp_path / "in", tmp_path / "o3", **common)
+    assert summary["unmarked_classes"] == ["fibrosis"]
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert "no mask marks fibrosis" in printed and "--classes ggo,consolidation" in printed
+    fitted = convert(tmp_path / "in", tmp_path / "o2", classes=("ggo", "consolidation"), **common)
+    assert fitted["unmarked_classes"] == []
+
+
 def test_unlabelled_slices_are_marked_and_grouped_by_volume(tmp_path, capsys):
     """Imgs/ without GT/ (COVID-SemiSeg's unlabelled split): records with annotated 0,
     the slices of one volume one patient (patient-level folds), numbered slices apart."""
