@@ -40,6 +40,7 @@ from pathlib import Path
 
 from data_tools import convert as local
 from data_tools import tfrecord, workers
+from data_tools.privacy import warning_lines
 
 RUNNERS = {
     "direct": "DirectRunner",
@@ -88,10 +89,10 @@ def pipeline_options(runner: str, options=()):
 SCAN_CHUNK = 32  # files whose headers one element reads
 
 
-def _read_headers(indexed):
+def _read_headers(indexed, root):
     """Reads one chunk of headers (`workers.scan_chunk`); the chunk's index says whose."""
     index, paths = indexed
-    return index, *workers.scan_chunk(paths)
+    return index, *workers.scan_chunk(paths, root)
 
 
 def _plan(chunks, job, redactor, files):
@@ -108,8 +109,8 @@ def _plan(chunks, job, redactor, files):
         return answers
 
     plan = local.plan_conversion(job, redactor, scan, files)
-    for warning in held:
-        logging.warning("convert: %s", plan.found.redactor(warning))
+    for line in warning_lines(held, plan.found.redactor):
+        logging.warning("convert: %s", line)
     return plan
 
 
@@ -155,8 +156,8 @@ def _manifest(items, job, plan, partial):
     held = []
     results = [result for _, result in sorted(items, key=lambda item: item[0])]
     local.collect_results(job, plan, records, results, held, write=False)
-    for warning in held:
-        logging.warning("convert: %s", plan.found.redactor(warning))
+    for line in warning_lines(held, plan.found.redactor):
+        logging.warning("convert: %s", line)
     local._finish(job, records, records.close(), plan.found)
 
 
@@ -188,7 +189,7 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
                 pipeline
                 | "Files" >> beam.Create(list(enumerate(chunks)))
                 | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadHeaders" >> beam.Map(_read_headers)
+                | "ReadHeaders" >> beam.Map(_read_headers, job.input_dir)
                 | "AllHeaders" >> beam.combiners.ToList()
                 | "Plan" >> beam.Map(_plan, job, redactor, files)
             )

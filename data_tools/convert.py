@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -335,13 +336,15 @@ def _scan_here(paths):
     return map(dicom_io.scan_compact, paths)
 
 
-def pool_scan(pool, workers: int, held: list, chunk: int = 32):
-    """A `discover` scan that reads the headers in `pool` and here alike (`ordered_map`),
-    `chunk` files at a time; their warnings go to `held`."""
+def pool_scan(pool, workers: int, held: list, root: Path | None = None, chunk: int = 32):
+    """A `discover` scan that reads the headers in `pool` (None: all here) and here alike
+    (`ordered_map`), `chunk` files at a time; their warnings go to `held`, each with its
+    file (relative to `root`)."""
+    read = functools.partial(scan_chunk, root=root)
 
     def scan(paths):
         chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-        answers = ordered_map(scan_chunk, chunks, pool, workers, hold=len(chunks), redo=True)
+        answers = ordered_map(read, chunks, pool, workers, hold=len(chunks), redo=True)
         for scanned, said in answers:
             held.extend(said)
             yield from scanned
@@ -1152,7 +1155,7 @@ def appending_jobs(plan: Plan, partial: Path, done: Path) -> list:
 
 
 def _convert(job: _Job, redactor: Redactor, held: list, pool) -> dict:
-    scan = None if pool is None else pool_scan(pool, job.workers, held)
+    scan = pool_scan(pool, job.workers, held, job.input_dir)
     plan = plan_conversion(job, redactor, scan)
     partial = partial_folder(job)
     done = None if pool is None else partial / "done"

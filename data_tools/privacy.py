@@ -82,12 +82,17 @@ _DICOM_LOGGERS = ("pydicom", "highdicom")
 @contextlib.contextmanager
 def held_warnings():
     """Yields the list that collects the block's warnings (the `warnings` module and the
-    pydicom / highdicom loggers) as text, instead of showing them."""
-    held: list[str] = []
+    pydicom / highdicom loggers) as text, in the order they come, instead of showing
+    them. An entry may be set to ``(text, where)`` (`locate`) to say which file it is
+    about."""
+    held: list = []
 
     class _Hold(logging.Handler):
         def emit(self, record):
             held.append(f"{record.name}: {record.getMessage()}")
+
+    def hold(message, category, *args, **kwargs):
+        held.append(f"{category.__name__}: {message}")
 
     handler = _Hold(logging.WARNING)
     loggers = [logging.getLogger(name) for name in _DICOM_LOGGERS]
@@ -95,13 +100,40 @@ def held_warnings():
     for lg in loggers:
         lg.handlers, lg.propagate = [handler], False
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.showwarning = hold  # restored by catch_warnings
             yield held
     finally:
         for lg, (handlers, propagate) in zip(loggers, saved):
             lg.handlers, lg.propagate = handlers, propagate
-        held += [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def locate(held: list, since: int, where: str) -> None:
+    """Marks the warnings held from index `since` on as about the file `where`."""
+    held[since:] = [(text, where) for text in held[since:]]
+
+
+def warning_lines(held, redactor: Redactor) -> list[str]:
+    """The held warnings as lines to show, redacted: each text once, in order (pydicom
+    logs and warns the same text: once), with the file it is about, or how many files
+    and the first ("Invalid value for VR UI ... (1,035 files, e.g. case_0000/ct/IM1)")."""
+    seen: dict[str, list] = {}
+    for entry in held:
+        text, where = entry if isinstance(entry, tuple) else (entry, None)
+        text = redactor(text)
+        key = text.partition(": ")[2] or text
+        places = seen.setdefault(key, [text, []])[1]
+        if where is not None and where not in places:
+            places.append(where)
+    lines = []
+    for text, places in seen.values():
+        if len(places) == 1:
+            text = f"{redactor(places[0])}: {text}"
+        elif places:
+            text += f" ({len(places):,} files, e.g. {redactor(places[0])})"
+        lines.append(text)
+    return lines
 
 
 @contextlib.contextmanager
@@ -122,8 +154,5 @@ def redacted_warnings(redactor: Redactor, stream=None):
             yield held
     finally:  # errors too: what was held is still shown
         out = stream or sys.stderr
-        shown = {}  # once each, in order; pydicom logs and warns the same text: once
-        for text in map(redactor, held):
-            shown.setdefault(text.partition(": ")[2] or text, text)
-        for text in shown.values():
-            print(f"warning: {text}", file=out)
+        for line in warning_lines(held, redactor):
+            print(f"warning: {line}", file=out)

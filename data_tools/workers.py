@@ -19,14 +19,21 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from data_tools import dicom_io
-from data_tools.privacy import held_warnings
+from data_tools.privacy import held_warnings, locate
 
 
-def scan_chunk(paths) -> tuple[list, list]:
+def scan_chunk(paths, root=None) -> tuple[list, list]:
     """Scans files (in a worker, or here); returns them and the warnings they raised (held
-    back for the converter to show redacted)."""
+    back for the converter to show redacted), each marked with its file (relative to
+    `root` when given)."""
+    scanned = []
     with held_warnings() as held:
-        scanned = [dicom_io.scan_compact(p) for p in paths]
+        for path in paths:
+            before = len(held)
+            scanned.append(dicom_io.scan_compact(path))
+            if len(held) > before:
+                where = path.relative_to(root).as_posix() if root is not None else str(path)
+                locate(held, before, where)
     return scanned, list(held)
 
 

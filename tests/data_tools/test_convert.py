@@ -6,6 +6,7 @@ import concurrent.futures
 import csv
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -583,11 +584,33 @@ def test_headers_read_by_the_workers_warn_redacted(cohort, tmp_path, capfd):
     printed = capfd.readouterr()
     assert secret not in printed.out + printed.err
     assert "Invalid value for VR UI: '<uid>'" in printed.err
-    # Once: pydicom logs it and warns it (both were shown), in every file.
+    # Once: pydicom logs it and warns it (both were shown), in every file; with how many
+    # files and the first (it named none).
     assert printed.err.count("Invalid value for VR UI: '<uid>'") == 1
+    files = len(list(src.rglob("IM*.dcm")))
+    assert re.search(rf"'<uid>'.* \({files} files, e\.g\. case_\d+/ct/IM\w+\.dcm\)", printed.err)
     serial = tmp_path / "serial"
     assert main(args[:3] + [str(serial)] + args[4:]) == 0
     assert _digest(serial) == _digest(tmp_path / "o")
+
+
+def test_held_warnings_are_shown_once_with_their_file_or_how_many():
+    from data_tools.privacy import Redactor, warning_lines
+
+    redactor = Redactor()
+    redactor.add("SECRET", "<patient>")
+    held = [
+        ("pydicom: bad SECRET", "a/1.dcm"),
+        ("UserWarning: bad SECRET", "a/1.dcm"),  # pydicom logs and warns it: one
+        ("pydicom: bad SECRET", "a/2.dcm"),
+        ("pydicom: other", "SECRET/3.dcm"),
+        "UserWarning: not about a file",
+    ]
+    assert warning_lines(held, redactor) == [
+        "pydicom: bad <patient> (2 files, e.g. a/1.dcm)",
+        "<patient>/3.dcm: pydicom: other",
+        "UserWarning: not about a file",
+    ]
 
 
 def test_a_pool_worker_appends_to_its_shard_only_when_its_turn_has_come(cohort, tmp_path):
