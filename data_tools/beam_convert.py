@@ -32,6 +32,7 @@ s3://) are not supported.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -147,7 +148,12 @@ def _write_shard(keyed, partial, layout):
 
 
 def _manifest(items, job, plan, partial):
-    """The final combine: the manifest's entries in plan order, then `convert._finish`."""
+    """The final combine: the manifest's entries in plan order, then `convert._finish`.
+
+    On a copy of the plan: `collect_results` adds the skipped files and the studies'
+    warnings to it, and a retried step (a runner may keep the side input) added them
+    twice."""
+    plan = copy.deepcopy(plan)
     records = local._Records(
         partial, plan.shard_names, job.classes, job.compression, open_shards=False
     )

@@ -61,6 +61,7 @@ from data_tools.lung import lung_mask
 from data_tools.privacy import (
     Redactor,
     held_warnings,
+    printable,
     pseudonym,
     redacted_warnings,
     resolve_salt,
@@ -637,8 +638,8 @@ def _read_dicom_study(study: Study, classes) -> _Volume:
     keys = [series.slices[i].sop_uid for i in kept]
     warnings = []
     if skipped:  # slices whose pixels could not be read may leave a gap discovery did not see
-        _, gap = dicom_io.gap_free_run(np.asarray(positions))
-        if gap and gap != dicom_io.gap_free_run(series.positions)[1]:
+        if dicom_io.gap_bounds(positions) - dicom_io.gap_bounds(series.positions):
+            _, gap = dicom_io.gap_free_run(np.asarray(positions))
             warnings.append(_gap_warning(f"{gap}, once the unreadable slices were left out"))
     return _Volume(hu, labels, spacing, positions, keys, skipped=skipped, warnings=warnings)
 
@@ -1313,21 +1314,28 @@ def print_summary(summary: dict) -> None:
         )
     unmarked = summary.get("unmarked_classes") or []
     if unmarked:
-        marked = [c for c in summary.get("classes", []) if c not in unmarked]
+        classes = summary.get("classes", [])
+        kept = classes[: len(classes) - len(unmarked)]
+        # Mask labels 1, 2, ... are the classes in order: only the last ones can go.
+        advice = (
+            f"convert with --classes {','.join(kept)}"
+            if kept and classes[len(kept) :] == unmarked
+            else "mask labels 1, 2, ... stand for --classes in that order"
+        )
         print(
             f"warning: no mask marks {', '.join(unmarked)}: every annotated slice records it "
-            "as absent; if the masks do not annotate it, convert with --classes " + ",".join(marked)
+            f"as absent; if the masks do not annotate it, {advice}"
         )
     for item in summary.get("warnings", []):
-        print(f"warning: {item['path']}: {item['warning']}")
+        print(printable(f"warning: {item['path']}: {item['warning']}"))
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} files:")
         for item in summary["skipped"]:
-            print(f"  {item['path']}: {item['reason']}")
+            print(printable(f"  {item['path']}: {item['reason']}"))
     if summary.get("ignored"):
         print(f"ignored {len(summary['ignored'])} paths that are not CT input:")
         for item in summary["ignored"]:
-            print(f"  {item['path']}: {item['reason']}")
+            print(printable(f"  {item['path']}: {item['reason']}"))
 
 
 def main(argv=None) -> int:

@@ -506,17 +506,30 @@ def build_series(headers: Iterable[tuple[SliceHeader, pydicom.Dataset]]):
 GAP_FACTOR = 1.5  # a step between slices over 1.5x the median step is a gap
 
 
+def _gaps(positions) -> tuple[np.ndarray, float, np.ndarray]:
+    """(steps, the regular step, indices of the steps that are gaps) of slice positions."""
+    positions = np.asarray(positions, dtype=float)
+    if len(positions) < 3:
+        return np.diff(positions), 0.0, np.zeros(0, int)
+    steps = np.diff(positions)
+    step = float(np.median(steps))
+    return steps, step, np.nonzero(steps > GAP_FACTOR * step)[0]
+
+
+def gap_bounds(positions) -> set[tuple[float, float]]:
+    """The positions on either side of each gap (`gap_free_run`'s gaps), to compare the
+    gaps of two sets of slices whatever their indices."""
+    positions = np.asarray(positions, dtype=float)
+    return {(float(positions[b]), float(positions[b + 1])) for b in _gaps(positions)[2]}
+
+
 def gap_free_run(positions: np.ndarray) -> tuple[slice, str | None]:
     """The longest run of slices without a gap, and a description of the gap(s) or None.
 
     A gap is a step between neighbouring slice positions over `GAP_FACTOR` times the
     median step: a missing file, or slices of two scan ranges in one series.
     """
-    if len(positions) < 3:
-        return slice(0, len(positions)), None
-    steps = np.diff(positions)
-    step = float(np.median(steps))
-    breaks = np.nonzero(steps > GAP_FACTOR * step)[0]
+    steps, step, breaks = _gaps(positions)
     if not len(breaks):
         return slice(0, len(positions)), None
     bounds = [0, *(int(b) + 1 for b in breaks), len(positions)]

@@ -57,15 +57,17 @@ _DIGITS_AND_DOTS = re.compile(r"[0-9.]+")
 class Redactor:
     """Replaces known original identifiers (ids, names, UIDs) in text shown to the user.
 
-    Identifiers of digits and dots (UIDs, numeric patient ids: one per file read, millions
-    in an archive) are looked up within each run of digits and dots of the text, leftmost
-    and longest first, as one alternation of them all did; a regular expression over
-    50,000 UIDs took 4 s to build and 150 ms a call. The others (names, ids) form one
-    case-insensitive alternation, rebuilt only after an `add`.
+    As one alternation of every identifier would (leftmost match first, the longest of
+    those starting there), but identifiers of digits and dots (UIDs, numeric patient ids:
+    one per file read, millions in an archive) are looked up in a dict within the text's
+    runs of digits and dots: a regular expression over 50,000 UIDs took 4 s to build and
+    150 ms a call. The others (names, ids) form one alternation, built after an `add`,
+    that also matches them in other case.
     """
 
     def __init__(self):
-        self._map: dict[str, str] = {}  # other identifiers, lower case: replacement
+        self._map: dict[str, str] = {}  # other identifiers, as added: replacement
+        self._folded: dict[str, str] = {}  # the same by `str.casefold`
         self._numbers: dict[str, str] = {}  # identifiers of digits and dots
         self._longest = 0  # the longest of those
         self._pattern = None  # the alternation of `_map`, None after an add
@@ -78,33 +80,52 @@ class Redactor:
             if _DIGITS_AND_DOTS.fullmatch(variant):
                 self._numbers[variant] = replacement
                 self._longest = max(self._longest, len(variant))
-            elif self._map.get(variant.lower()) != replacement:
-                self._map[variant.lower()] = replacement
+            elif self._map.get(variant) != replacement:
+                self._map[variant] = replacement
+                self._folded[variant.casefold()] = replacement
                 self._pattern = None
 
     def __call__(self, text: str) -> str:
         text = str(text)
-        if self._map:
-            if self._pattern is None:
-                keys = sorted(self._map, key=len, reverse=True)
-                self._pattern = re.compile("|".join(map(re.escape, keys)), re.IGNORECASE)
-            text = self._pattern.sub(lambda m: self._map[m.group(0).lower()], text)
-        if self._numbers:
-            text = _DIGITS_AND_DOTS.sub(self._redact_run, text)
-        return text
-
-    def _redact_run(self, match) -> str:
-        run, out, i = match.group(0), [], 0
-        while i < len(run):
-            for j in range(min(len(run), i + self._longest), i + 2, -1):  # longest first
-                if run[i:j] in self._numbers:
-                    out.append(self._numbers[run[i:j]])
-                    i = j
-                    break
+        if self._map and self._pattern is None:
+            keys = sorted(self._map, key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, keys)), re.IGNORECASE)
+        out, i = [], 0
+        while True:
+            name = self._pattern.search(text, i) if self._map else None
+            number = self._number(text, i)
+            if name is None and number is None:
+                break
+            if number is None or (
+                name is not None and (name.start(), -name.end()) <= (number[0], -number[1])
+            ):
+                start, end, replacement = name.start(), name.end(), self._name(name.group(0))
             else:
-                out.append(run[i])
-                i += 1
-        return "".join(out)
+                start, end, replacement = number
+            out += [text[i:start], replacement]
+            i = end
+        return "".join(out) + text[i:]
+
+    def _name(self, found: str) -> str:
+        """The replacement of a name the alternation found (in any case)."""
+        replacement = self._map.get(found) or self._folded.get(found.casefold())
+        if replacement is None:  # case rules casefold does not share with re
+            key = next(k for k in self._map if re.fullmatch(re.escape(k), found, re.I))
+            replacement = self._map[key]
+        return replacement
+
+    def _number(self, text: str, i: int):
+        """(start, end, replacement) of the leftmost, longest identifier of digits and
+        dots in `text` from `i`, or None."""
+        if not self._numbers:
+            return None
+        for run in _DIGITS_AND_DOTS.finditer(text, i):
+            a, b = run.span()
+            for k in range(a, b - 2):
+                for j in range(min(b, k + self._longest), k + 2, -1):  # longest first
+                    if text[k:j] in self._numbers:
+                        return k, j, self._numbers[text[k:j]]
+        return None
 
 
 def _variants(original: str) -> list[str]:
@@ -155,6 +176,12 @@ def held_warnings():
             lg.handlers, lg.propagate = handlers, propagate
 
 
+def printable(text) -> str:
+    """`text` as any console prints it: a file name that is not UTF-8 (Python keeps its
+    bytes as surrogates) shown with backslash escapes instead of failing the print."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def locate(held: list, since: int, where: str) -> None:
     """Marks the warnings held from index `since` on as about the file `where`."""
     held[since:] = [(text, where) for text in held[since:]]
@@ -201,4 +228,4 @@ def redacted_warnings(redactor: Redactor, stream=None):
     finally:  # errors too: what was held is still shown
         out = stream or sys.stderr
         for line in warning_lines(held, redactor):
-            print(f"warning: {line}", file=out)
+            print(f"warning: {printable(line)}", file=out)

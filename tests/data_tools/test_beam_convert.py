@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,29 @@ def test_the_shard_steps_see_a_small_layout_not_the_plan(cohort, tmp_path):
     assert shards == [plan.shard_of(i) for i in range(len(plan.jobs))]
     assert names == plan.shard_names and set(shards) == {0, 1}
     assert len(pickle.dumps((shards, names))) * 100 < len(pickle.dumps(plan))
+
+
+def test_a_retried_manifest_step_writes_the_same_manifest(cohort, tmp_path):
+    """The final step may run again on the same side input: skipped files and warnings
+    were added to the plan in place, so a second run listed each twice."""
+    from data_tools.beam_convert import _convert_study, _manifest, _study_jobs
+    from data_tools.convert import MANIFEST, _Job, partial_folder, plan_conversion
+    from data_tools.privacy import Redactor
+
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "p")
+    (src / "junk.dcm").write_text("not dicom")  # a skipped file
+    ct = sorted((src / "p" / "ct").glob("*.dcm"))
+    ct[len(ct) // 2].write_bytes(ct[len(ct) // 2].read_bytes()[:-3000])  # a read-time gap
+    out = tmp_path / "out"
+    job = _Job(src, out, 64, 1, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
+               False, SALT.encode(), "unknown", "unknown", False, 0.0)  # fmt: skip
+    plan = plan_conversion(job, Redactor())
+    manifests = []
+    for _ in range(2):
+        partial = partial_folder(job)
+        items = [_convert_study(item) for item in _study_jobs(plan, partial)]
+        _manifest(items, job, plan, partial)
+        manifests.append(json.loads((out / MANIFEST).read_text()))
+    assert len(manifests[0]["skipped"]) == 2 and len(manifests[0]["warnings"]) == 1
+    assert manifests[1] == manifests[0]

@@ -363,6 +363,17 @@ def test_a_class_no_mask_marks_is_warned_of(tmp_path, capsys):
     assert "no mask marks fibrosis" in printed and "--classes ggo,consolidation" in printed
     fitted = convert(tmp_path / "in", tmp_path / "o2", classes=("ggo", "consolidation"), **common)
     assert fitted["unmarked_classes"] == []
+    # Labels 1 and 3 (ggo, fibrosis): dropping consolidation would make 3 out of range;
+    # the advice says how labels map instead (it said --classes ggo,fibrosis).
+    for k in range(3):
+        gt = np.asarray(Image.open(tmp_path / "in" / "GT" / f"{k}.png")).copy()
+        gt[gt == 2] = 3
+        Image.fromarray(gt).save(tmp_path / "in" / "GT" / f"{k}.png")
+    middle = convert(tmp_path / "in", tmp_path / "o4", **common)
+    assert middle["unmarked_classes"] == ["consolidation"]
+    print_summary(middle)
+    printed = capsys.readouterr().out
+    assert "--classes ggo,fibrosis" not in printed and "in that order" in printed
 
 
 def test_unlabelled_slices_are_marked_and_grouped_by_volume(tmp_path, capsys):
@@ -607,22 +618,30 @@ def test_the_redactor_finds_what_one_alternation_found_and_names_as_written():
     uids = [
         ".".join(str(rng.randint(0, 999)) for _ in range(rng.randint(2, 6))) for _ in range(300)
     ]
-    ids = ["12345", "PHANTOM-0001", "AB12.3", "DOE^JOHN"]
+    ids = ["12345", "PHANTOM-0001", "AB12.3", "DOE^JOHN", "99CT", "İBRAHİM^AYŞE", "0123"]
     redactor = Redactor()
     for i, uid in enumerate(uids):
         redactor.add(uid, f"<uid{i}>")
     for value in ids:
         redactor.add(value, "<patient>")
     mapping = {**{u: f"<uid{i}>" for i, u in enumerate(uids)}, **{v: "<patient>" for v in ids}}
-    mapping["DOE JOHN"] = mapping["DOE_JOHN"] = "<patient>"
+    uids.append("1.2.840.99")  # a UID a name overlaps: one pass takes the leftmost
+    redactor.add(uids[-1], f"<uid{len(uids) - 1}>")
+    mapping[uids[-1]] = f"<uid{len(uids) - 1}>"
+    for name in ("DOE^JOHN", "İBRAHİM^AYŞE"):
+        mapping[name.replace("^", " ")] = mapping[name.replace("^", "_")] = "<patient>"
     keys = sorted((k for k in mapping if len(k) >= 3), key=len, reverse=True)
     alternation = re.compile("|".join(map(re.escape, keys)))
-    pieces = uids[:40] + ids + ["DOE JOHN", "1", ".", "x", "/", "7", "99", " ", "_", "AB"]
+    pieces = uids[:40] + uids[-1:] + ids + ["DOE JOHN", "İBRAHİM AYŞE", "P0", "1", ".", "x"]
+    pieces += ["/", "7", "99", " ", "_", "AB", "CT"]
     for _ in range(500):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
         expected = alternation.sub(lambda m: mapping[m.group(0)], text)
         assert redactor(text) == expected, text
     assert redactor("Doe_John/john doe/JOHN_DOE.txt") == "<patient>/<patient>/<patient>.txt"
+    # Letters whose lower case re and str disagree on (a KeyError stopped the run).
+    redactor.add("YILDIZ^AYSE", "<patient>")
+    assert redactor("Yıldız_Ayse/notes.bin") == "<patient>/notes.bin"
     for k in range(20_000):
         redactor.add(f"1.2.826.0.1.{k}", "<uid>")
     pattern = redactor._pattern

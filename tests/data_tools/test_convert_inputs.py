@@ -369,3 +369,33 @@ def test_a_slice_unreadable_when_converting_is_named_and_its_gap_warned(cohort, 
     assert [w["warning"] for w in manifest["warnings"]] == [warned["p/ct"]]
     with pytest.raises(ConversionError, match=f"--strict: p/ct/{middle.name}: corrupt"):
         convert(src, tmp_path / "strict", size=64, salt=SALT, strict=True, progress=False)
+    # A gap discovery saw (a file missing) is not warned of twice when an unreadable
+    # slice elsewhere shifts the slice numbers in its description.
+    shutil.rmtree(src / "p")
+    shutil.copytree(cohort / "case_0001", src / "p")
+    ct[len(ct) // 2].unlink()
+    ct[0].write_bytes(ct[0].read_bytes()[:-3000])
+    summary = convert(src, tmp_path / "out2", size=64, salt=SALT, progress=False)
+    gaps = [w["warning"] for w in summary["warnings"] if "gap in slice positions" in w["warning"]]
+    assert len(gaps) == 1 and "unreadable" not in gaps[0]
+
+
+def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
+    """A skipped file and a link to nowhere whose names are not UTF-8: the summary prints
+    them escaped on a strict UTF-8 console (it raised UnicodeEncodeError once written)."""
+    import io
+
+    from data_tools.convert import print_summary
+
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "p")
+    os.symlink(b"/nonexistent", os.fsencode(src) + b"/link-\xff.dcm")
+    (Path(os.fsdecode(os.fsencode(src) + b"/junk-\xfe.dcm"))).write_text("not dicom")
+    summary = convert(src, tmp_path / "out", size=64, salt=SALT, progress=False)
+    console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    with contextlib.redirect_stdout(console):
+        print_summary(summary)
+    console.flush()
+    printed = console.buffer.getvalue().decode("utf-8")
+    assert "link-\\udcff.dcm: a link that leads to no file" in printed
+    assert "junk-\\udcfe.dcm: not a DICOM file" in printed
