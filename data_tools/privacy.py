@@ -88,8 +88,7 @@ class Redactor:
     def __call__(self, text: str) -> str:
         text = str(text)
         if self._map and self._pattern is None:
-            keys = sorted(self._map, key=len, reverse=True)
-            self._pattern = re.compile("|".join(map(re.escape, keys)), re.IGNORECASE)
+            self._pattern = re.compile(_trie_pattern(self._map), re.IGNORECASE)
         out, i = [], 0
         while True:
             name = self._pattern.search(text, i) if self._map else None
@@ -126,6 +125,33 @@ class Redactor:
                     if text[k:j] in self._numbers:
                         return k, j, self._numbers[text[k:j]]
         return None
+
+
+def _trie_pattern(keys) -> str:
+    """A regular expression matching any of `keys`, the longest where several start at
+    the same place (as their alternation sorted longest first), as a trie: the engine
+    follows one branch per character instead of trying every key (10,000 patients'
+    names: 33 ms a call as an alternation)."""
+    root: dict = {}
+    for key in keys:
+        node = root
+        for char in key:
+            # One branch for both cases ("Doe" and "DOE^JOHN": the engine took the first
+            # branch that matched, and left " JOHN"); a letter whose lower case is longer
+            # (İ) keeps its own.
+            lower = char.lower()
+            node = node.setdefault(lower if len(lower) == 1 else char, {})
+        node[""] = {}  # a key ends here
+
+    def pattern(node) -> str:
+        branches = [re.escape(c) + pattern(child) for c, child in node.items() if c]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        # Longer keys first: a branch when one goes on, the end of a key after it.
+        return f"(?:{body})?" if "" in node else body
+
+    return pattern(root)
 
 
 def _variants(original: str) -> list[str]:

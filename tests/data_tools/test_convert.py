@@ -642,6 +642,11 @@ def test_the_redactor_finds_what_one_alternation_found_and_names_as_written():
     # Letters whose lower case re and str disagree on (a KeyError stopped the run).
     redactor.add("YILDIZ^AYSE", "<patient>")
     assert redactor("Yıldız_Ayse/notes.bin") == "<patient>/notes.bin"
+    # Keys that differ in case share the engine's path: the longest still wins.
+    cased = Redactor()
+    cased.add("Doe", "<patient>")
+    cased.add("DOE^JOHN", "<patient>")
+    assert cased("DOE JOHN, doe") == "<patient>, <patient>"
     for k in range(20_000):
         redactor.add(f"1.2.826.0.1.{k}", "<uid>")
     pattern = redactor._pattern
