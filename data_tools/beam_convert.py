@@ -106,7 +106,8 @@ def _plan(chunks, job, redactor, files):
         held += said
 
     def scan(paths):
-        assert len(paths) == len(answers), "discovery scans the listed candidates"
+        if len(paths) != len(answers):  # discovery scans the listed candidates, in order
+            raise RuntimeError(f"{len(answers)} header answers for {len(paths)} files")
         return answers
 
     plan = local.plan_conversion(job, redactor, scan, files)

@@ -89,19 +89,19 @@ class Header:
         broken value raises, or warns, only when asked for)."""
         if keyword == "file_meta":
             return getattr(self.dataset, "file_meta", None) is not None
-        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+        tag = _tag(keyword)
         return (keyword if tag is None else tag) in self.dataset  # pydicom's word on a typo
 
     def meta(self) -> Header:
         """The file meta information (empty when the file has none)."""
-        meta = self.get("file_meta")
-        return Header(pydicom.dataset.FileMetaDataset() if meta is None else meta.dataset)
+        meta = self.get("file_meta")  # a Header, its values kept for the next call
+        return Header(pydicom.dataset.FileMetaDataset()) if meta is None else meta
 
     def _value(self, keyword: str):
         if keyword == "file_meta":
             meta = getattr(self.dataset, "file_meta", None)
             return _ABSENT if meta is None else Header(meta)
-        tag = _TAGS.get(keyword) or tag_for_keyword(keyword)
+        tag = _tag(keyword)
         element = None if tag is None else self.dataset.get_item(tag, keep_deferred=True)
         if element is None:
             return _ABSENT
@@ -149,3 +149,8 @@ def _decoded_tags() -> dict:
 
 _DECODED = _decoded_tags()
 _TAGS = {pydicom.datadict.keyword_for_tag(tag): tag for tag in _DECODED}
+
+
+def _tag(keyword: str) -> int | None:
+    """The tag of a keyword (None: no such keyword), the scan's from a dict."""
+    return _TAGS.get(keyword) or tag_for_keyword(keyword)

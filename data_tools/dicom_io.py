@@ -62,9 +62,14 @@ class HounsfieldRule:
         bounds = (pad, pad) if limit is None else tuple(sorted((pad, _as_stored(int(limit), ds))))
         return cls(slope, intercept, bounds)
 
+    @property
+    def integer(self) -> bool:
+        """Whether integer stored values give integer HU (slope 1, an integer intercept)."""
+        return self.slope == 1 and float(self.intercept).is_integer()
+
     def exact_in_int16(self, low: int, high: int) -> bool:
         """Whether the HU of stored values `low`..`high` are integers that int16 holds."""
-        if self.slope != 1 or not float(self.intercept).is_integer():
+        if not self.integer:
             return False
         return -(2**15) <= low + self.intercept and high + self.intercept < 2**15
 
@@ -161,8 +166,7 @@ class SliceHeader:
     def integer_hu(self) -> bool:
         """Whether the header promises integer HU (native pixels, rescale slope 1 and an
         integer intercept): `read_hu` into int16 then loses nothing."""
-        rule = None if self.pixels is None else self.pixels.rule
-        return rule is not None and rule.slope == 1 and float(rule.intercept).is_integer()
+        return self.pixels is not None and self.pixels.rule.integer
 
 
 @dataclasses.dataclass
