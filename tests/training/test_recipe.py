@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 from tests.conftest import tiny_config
-from tfcovseg.configs.experiment import ExperimentConfig, TrainConfig
+from tfcovseg.configs.experiment import ConfigError, ExperimentConfig, TrainConfig
 from tfcovseg.training.losses import HybridLoss
 from tfcovseg.training.recipe import (
     EpochLine,
@@ -14,6 +15,7 @@ from tfcovseg.training.recipe import (
     compile_segmenter,
     early_stopping,
     keras_verbose,
+    learning_rate,
     segmentation_objective,
 )
 
@@ -50,6 +52,25 @@ def test_build_segmenter_compiles_and_starts_from_a_teacher():
     # An objective of one's own (the trainer's classifier head rides along this way).
     compile_segmenter(config, fresh, ({"final": "mse"}, {"final": 2.0}, {}))
     assert fresh.loss == {"final": "mse"}
+
+
+def test_a_cosine_schedule_falls_from_the_rate_to_one_percent_over_the_epochs():
+    config = _experiment(learning_rate=0.01, lr_schedule="cosine", epochs=4)
+    schedule = learning_rate(config, steps_per_epoch=5)
+    rates = [float(schedule(step)) for step in (0, 10, 20, 30)]
+    np.testing.assert_allclose(rates, [0.01, 0.01 * (0.01 + 0.99 * 0.5), 1e-4, 1e-4], rtol=1e-5)
+    # A phase of its own length (self-training's students).
+    assert float(learning_rate(config, 5, epochs=2)(10)) == np.float32(1e-4)
+    model = build_segmenter(config, steps_per_epoch=5)
+    assert float(model.optimizer.learning_rate) == np.float32(0.01)  # at iteration 0
+    model.optimizer.iterations.assign(20)  # the optimiser steps the schedule
+    np.testing.assert_allclose(float(model.optimizer.learning_rate), 1e-4, rtol=1e-5)
+    # Constant: the number itself, no steps needed; a schedule without them is refused.
+    assert learning_rate(_experiment(learning_rate=0.02)) == 0.02
+    with pytest.raises(ValueError, match="steps per epoch"):
+        learning_rate(config)
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        _experiment(lr_schedule="linear")
 
 
 def test_early_stopping_restores_the_best_epoch():

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import TINY_MODEL
 from tfcovseg.cli.train import main
 from tfcovseg.configs.experiment import load_config
-from tfcovseg.data.dataset import make_dataset
+from tfcovseg.data.dataset import make_dataset, split_slices
 from tfcovseg.evaluation.burden import lesion_burdens
 from tfcovseg.evaluation.metrics import patient_scores
 from tfcovseg.evaluation.run import evaluate_run
@@ -321,6 +321,7 @@ def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
         "train.batch_size=8",
         "data.oversample_lesions=1",
         "train.overlay_images=0",
+        "train.lr_schedule=cosine",
     )
     out = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
@@ -365,6 +366,13 @@ def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
     assert json.loads((out / "state.json").read_text())["completed"] == ["segmentation"]
     # The best checkpoint is the best of the whole run, across the kill.
     assert (out / "segmenter_best.keras").is_file()
+    # The cosine schedule went on from the restored optimiser's step: after 5 epochs it
+    # sits at its floor, 1 % of the rate, having counted every epoch's steps once.
+    last = keras.saving.load_model(out / "segmenter_last.keras", compile=True)
+    steps = _steps_per_epoch(load_config(config_path))
+    assert int(last.optimizer.iterations) == 5 * steps
+    peak = load_config(config_path).train.learning_rate
+    assert float(last.optimizer.learning_rate) == pytest.approx(0.01 * peak, rel=1e-4)
 
 
 def test_severity_rule_and_export_at_the_end(tiny, tmp_path, capsys):
@@ -392,6 +400,14 @@ def test_severity_rule_and_export_at_the_end(tiny, tmp_path, capsys):
     # The config's train.export_dir does the same (the quickstart sets it).
     assert main(args + ["--set", f"train.export_dir={models}"]) == 0
     assert (models / "3" / "saved_model.pb").is_file()
+
+
+def _steps_per_epoch(config) -> int:
+    manifest = json.loads((config_records(config) / "manifest.json").read_text())
+    data = config.data
+    factors = (data.oversample_lesions, data.oversample_pneumonia)
+    slices = split_slices(manifest, "train", data.fold, "segment", *factors)
+    return slices // config.train.batch_size
 
 
 def config_records(config):

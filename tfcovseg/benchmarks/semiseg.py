@@ -260,11 +260,16 @@ def train_one(
     import keras
 
     from tfcovseg.benchmarks.batches import SliceBatches
-    from tfcovseg.training.recipe import build_segmenter, early_stopping, keras_verbose
+    from tfcovseg.training.recipe import (
+        build_segmenter,
+        compile_segmenter,
+        early_stopping,
+        keras_verbose,
+    )
 
     t = config.train
     keras.utils.set_random_seed(seed)
-    model = build_segmenter(config, init)
+    model = build_segmenter(config, init, compile=False)
     outputs = list(model.output)
     train = SliceBatches(
         data.images[train_idx], data.masks[train_idx], outputs, t.batch_size, bench["passes"],
@@ -275,6 +280,7 @@ def train_one(
         data.images[val_idx], data.masks[val_idx], outputs, t.batch_size, 1, seed, training=False
     )
     epochs = epochs or t.epochs
+    compile_segmenter(config, model, steps_per_epoch=len(train), epochs=epochs)
     name = prefix or config.model.architecture
     verbose, callbacks = keras_verbose(
         2, [early_stopping(t.early_stopping_patience)], epochs, log, prefix=f"    {name} "

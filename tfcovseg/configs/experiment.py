@@ -339,6 +339,7 @@ def model_config(**values) -> ModelConfig:
 
 
 TRAIN_SPLITS = ("train", "development")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,7 +451,12 @@ class TrainConfig:
         positive_weights: BCE weight of lesion pixels, one per class of
             ``model.class_names`` (empty: 1 for all, the paper's loss). Rare lesion types
             collapse to "never" without it (`tfcovseg.training.losses`).
-        learning_rate: Adam learning rate of the segmentation phase.
+        learning_rate: Adam learning rate of the segmentation phase (its peak with a
+            schedule).
+        lr_schedule: "constant" (the paper's) or "cosine": the segmentation phase's rate
+            (and self-training's) falls along a half cosine from ``learning_rate`` to 1 %
+            of it over the phase's maximum epochs (`tfcovseg.training.recipe`). A short
+            schedule ends on small steps instead of being cut mid-stride by its last epoch.
         batch_size: Global batch size.
         epochs: Maximum segmentation epochs.
         early_stopping_patience: Epochs without a better validation loss before stopping.
@@ -479,6 +485,7 @@ class TrainConfig:
     final_loss_weight: float = 1.0
     positive_weights: tuple[float, ...] = ()
     learning_rate: float = 3e-4
+    lr_schedule: str = "constant"
     batch_size: int = 8
     epochs: int = 200
     early_stopping_patience: int = 10
@@ -505,6 +512,7 @@ class TrainConfig:
                 f"{list(self.phases)}"
             )
         _check_choice("train.loss", self.loss, LOSSES)
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train.precision", self.precision, PRECISIONS)
         _check_choice("train.strategy", self.strategy, STRATEGIES)
         if self.overlay_images < 0:

@@ -28,12 +28,32 @@ def segmentation_objective(config, outputs) -> tuple[dict, dict, dict]:
     return losses, weights, {"final": segmentation_metrics(config.model.class_names)}
 
 
-def compile_segmenter(config, model, objective=None) -> None:
-    """Compiles `model` with Adam at ``train.learning_rate``, ``train.jit_compile`` and
-    `objective` (default: `segmentation_objective` on the model's outputs)."""
+# A cosine schedule ends at this fraction of its peak rate: small steps, not none.
+LR_FLOOR = 0.01
+
+
+def learning_rate(config, steps_per_epoch=None, epochs=None):
+    """The segmentation optimiser's rate under ``train.lr_schedule``: the constant
+    ``train.learning_rate``, or a cosine from it to `LR_FLOOR` of it over `epochs`
+    (default ``train.epochs``) of `steps_per_epoch` steps. Keras steps the schedule by
+    the optimiser's iterations, which a resumed run restores with the optimiser."""
+    t = config.train
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    if not steps_per_epoch or steps_per_epoch < 1:
+        raise ValueError(f"train.lr_schedule {t.lr_schedule!r} needs the number of steps per epoch")
+    steps = int(steps_per_epoch) * int(epochs or t.epochs)
+    return keras.optimizers.schedules.CosineDecay(t.learning_rate, steps, alpha=LR_FLOOR)
+
+
+def compile_segmenter(config, model, objective=None, steps_per_epoch=None, epochs=None):
+    """Compiles `model` with Adam (`learning_rate`: ``train.learning_rate`` under
+    ``train.lr_schedule``, which needs `steps_per_epoch` unless constant),
+    ``train.jit_compile`` and `objective` (default: `segmentation_objective` on the
+    model's outputs)."""
     losses, weights, metrics = objective or segmentation_objective(config, model.output)
     model.compile(
-        optimizer=keras.optimizers.Adam(config.train.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch, epochs)),
         loss=losses,
         loss_weights=weights,
         metrics=metrics,
@@ -41,13 +61,16 @@ def compile_segmenter(config, model, objective=None) -> None:
     )
 
 
-def build_segmenter(config, init=None):
-    """The compiled segmenter of ``config.model``; starting from `init`'s weights (a model
-    of the same config) when given, else from scratch."""
+def build_segmenter(config, init=None, steps_per_epoch=None, epochs=None, compile=True):
+    """The segmenter of ``config.model``, compiled (`compile_segmenter`, where
+    `steps_per_epoch` and `epochs` are the fit's, for a learning-rate schedule) unless
+    `compile` is False; starting from `init`'s weights (a model of the same config) when
+    given, else from scratch."""
     model = build_model(config.model)
     if init is not None:
         model.set_weights(init.get_weights())
-    compile_segmenter(config, model)
+    if compile:
+        compile_segmenter(config, model, steps_per_epoch=steps_per_epoch, epochs=epochs)
     return model
 
 

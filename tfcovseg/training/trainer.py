@@ -717,6 +717,11 @@ def _segment_train_ds(run: _Run, outputs, label_output=None, batch_size=None):
     )
 
 
+def _steps_per_epoch(dataset) -> int:
+    """Batches per epoch of a training dataset (`make_dataset` asserts its cardinality)."""
+    return int(dataset.cardinality())
+
+
 def _segmentation_phase(run: _Run):
     """Phase 1: the segmenter with the hybrid loss (and the classifier head, with
     ``train.classifier_aux_weight``); returns the segmenter."""
@@ -734,8 +739,9 @@ def _segmentation_phase(run: _Run):
             losses[label_output] = "binary_crossentropy"
             weights[label_output] = t.classifier_aux_weight
             metrics[label_output] = [keras.metrics.AUC(name="auc")]
-        compile_segmenter(config, fit_model, (losses, weights, metrics))
     train_ds = _segment_train_ds(run, outputs, label_output)
+    with run.strategy.scope():
+        compile_segmenter(config, fit_model, (losses, weights, metrics), _steps_per_epoch(train_ds))
     val_ds = _validation_ds(run, outputs, label_output)
     extra = []
     if t.overlay_images and is_chief(run.strategy):
@@ -826,10 +832,10 @@ def _student_round(run: _Run, r: int, teacher, labels, n_pseudo: int):
     `n_pseudo` pseudo-labelled slices in each; returns its best model and the round's
     record."""
     config, t, out, tag = run.config, run.config.train, run.out, f"student_r{r}"
-    with run.strategy.scope():
-        student = build_segmenter(config, init=teacher)
-    outputs = tuple(student.output)
+    outputs = tuple(teacher.output)
     labelled = _segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
+    with run.strategy.scope():
+        student = build_segmenter(config, teacher, _steps_per_epoch(labelled), config.semi.epochs)
     window = _intensity_window(config)
     pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
     callbacks = _callbacks(
