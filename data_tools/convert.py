@@ -1302,11 +1302,13 @@ def print_summary(summary: dict) -> None:
     unlabelled = summary.get("unlabelled_slices", 0)
     rate = summary["slices"] / max(summary["seconds"], 1e-9)
     print(
-        f"converted {summary['patients']} patients ({summary['series']} series), "
-        f"{summary['slices']} slices ({summary['lesion_slices']} with lesions"
-        + (f", {unlabelled} unlabelled: no lesion mask" if unlabelled else "")
-        + f") into {summary['shards']} shards in {summary['out']} in "
-        f"{summary['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 1}f} slices/s)"
+        printable(
+            f"converted {summary['patients']} patients ({summary['series']} series), "
+            f"{summary['slices']} slices ({summary['lesion_slices']} with lesions"
+            + (f", {unlabelled} unlabelled: no lesion mask" if unlabelled else "")
+            + f") into {summary['shards']} shards in {summary['out']} in "
+            f"{summary['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 1}f} slices/s)"
+        )
     )
     if summary["empty_splits"]:
         print(

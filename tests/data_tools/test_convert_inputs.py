@@ -391,7 +391,8 @@ def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
     shutil.copytree(cohort / "case_0001", src / "p")
     os.symlink(b"/nonexistent", os.fsencode(src) + b"/link-\xff.dcm")
     (Path(os.fsdecode(os.fsencode(src) + b"/junk-\xfe.dcm"))).write_text("not dicom")
-    summary = convert(src, tmp_path / "out", size=64, salt=SALT, progress=False)
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out-\xfd"))
+    summary = convert(src, out, size=64, salt=SALT, progress=False)
     console = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     with contextlib.redirect_stdout(console):
         print_summary(summary)
@@ -399,3 +400,4 @@ def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
     printed = console.buffer.getvalue().decode("utf-8")
     assert "link-\\udcff.dcm: a link that leads to no file" in printed
     assert "junk-\\udcfe.dcm: not a DICOM file" in printed
+    assert "shards in " in printed and "out-\\udcfd in " in printed.splitlines()[0]
