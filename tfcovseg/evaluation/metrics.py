@@ -176,6 +176,19 @@ class _ClassMetric(keras.metrics.Metric):
         }
 
 
+def _slice_counts(y_true, y_pred, threshold):
+    """[N, C] true-positive, predicted and true pixel counts per slice and class of
+    [N, H, W, C] maps binarised at 0.5 (truth) and `threshold` (prediction).
+
+    Every class's metrics call this with the same tensors, so a compiled step computes it
+    once (the graph optimiser merges identical ops): 15 metrics each binarising their own
+    channel cost 16 % of a quickstart training step on a CPU."""
+    t = ops.cast(ops.cast(y_true, "float32") >= 0.5, "float32")
+    p = ops.cast(ops.cast(y_pred, "float32") >= threshold, "float32")
+    axes = tuple(range(1, len(t.shape) - 1))
+    return ops.sum(t * p, axis=axes), ops.sum(p, axis=axes), ops.sum(t, axis=axes)
+
+
 class _PixelCountMetric(_ClassMetric):
     """Accumulates TP, FP, FN over every pixel seen since the last reset."""
 
@@ -188,12 +201,19 @@ class _PixelCountMetric(_ClassMetric):
         self.fn = self.add_variable((), initializer="zeros", dtype="float32", name="fn")
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        t, p, w = self._binary(y_true, y_pred, sample_weight)
-        counts = [t * p, (1.0 - t) * p, t * (1.0 - p)]
-        if w is not None:
-            counts = [c * w for c in counts]
+        if sample_weight is None or len(ops.shape(sample_weight)) == 1:
+            tp, pred, true = (
+                c[:, self.class_index] for c in _slice_counts(y_true, y_pred, self.threshold)
+            )
+            if sample_weight is not None:  # one weight per image
+                w = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+                tp, pred, true = tp * w, pred * w, true * w
+            counts = [ops.sum(tp), ops.sum(pred - tp), ops.sum(true - tp)]
+        else:  # per pixel
+            t, p, w = self._binary(y_true, y_pred, sample_weight)
+            counts = [ops.sum(c * w) for c in (t * p, (1.0 - t) * p, t * (1.0 - p))]
         for var, c in zip((self.tp, self.fp, self.fn), counts):
-            var.assign_add(ops.sum(c))
+            var.assign_add(c)
 
     def result(self):
         tp, fp, fn = self.tp.value, self.fp.value, self.fn.value
@@ -257,11 +277,10 @@ class LesionSliceDice(_ClassMetric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None and len(ops.shape(sample_weight)) != 1:
             raise ValueError(f"{self.name}: sample_weight must be one weight per image [N]")
-        t, p, _ = self._binary(y_true, y_pred, None)
-        axes = tuple(range(1, len(t.shape)))
-        tp = ops.sum(t * p, axis=axes)
-        fp = ops.sum((1.0 - t) * p, axis=axes)
-        fn = ops.sum(t * (1.0 - p), axis=axes)
+        tp, pred, true = (
+            c[:, self.class_index] for c in _slice_counts(y_true, y_pred, self.threshold)
+        )
+        fp, fn = pred - tp, true - tp
         dice = _ratio(ops, 2 * tp, 2 * tp + fp + fn, tp, fp, fn)
         weights = ops.cast((tp + fp + fn) > 0, "float32")  # lesion slices only
         if sample_weight is not None:
