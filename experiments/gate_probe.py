@@ -16,16 +16,20 @@ slices, and its lesion slices against the other diagnoses'. docs/results-phantom
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
 
-import keras
-import numpy as np
-from scipy.optimize import minimize
-from scipy.stats import rankdata
+# tfcovseg first: its TensorFlow settings (oneDNN off) before Keras loads TensorFlow.
+importlib.import_module("tfcovseg")
 
-from tfcovseg.data.dataset import NON_COVID, make_dataset
-from tfcovseg.models import load_model
-from tfcovseg.models.classifier import build_classifier
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
+
+from tfcovseg.data.dataset import NON_COVID, make_dataset  # noqa: E402
+from tfcovseg.models import load_model  # noqa: E402
+from tfcovseg.models.classifier import build_classifier  # noqa: E402
 
 LEVELS = ("stem", "stage1", "stage2", "stage3", "stage4")
 HEADS = {

@@ -17,18 +17,18 @@ The ratio is the figure to compare across machines; absolute times depend on the
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tfcovseg first: its TensorFlow settings (oneDNN off, a quiet start) before TensorFlow loads.
+importlib.import_module("tfcovseg")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
+from common import alternating_steps, write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.configs.experiment import ModelConfig  # noqa: E402
 from tfcovseg.models import build_model  # noqa: E402
@@ -58,17 +58,7 @@ def run(size=256, batch=2, steps=6, warmup=2, jit_compile=False):
     y = (rng.random((batch, size, size, 3)) > 0.9).astype("float32")
     models = {name: _compiled(arch, size, jit_compile) for name, arch in MODELS.items()}
     targets = {name: {k: y for k in m.output} for name, m in models.items()}
-    for name, model in models.items():
-        for _ in range(warmup):
-            model.train_on_batch(x, targets[name])
-    wall = {name: [] for name in models}
-    cpu = {name: [] for name in models}
-    for _ in range(steps):
-        for name, model in models.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            model.train_on_batch(x, targets[name])
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
+    timed = alternating_steps(models, x, targets, steps, warmup)
     result = {
         "size": size,
         "batch": batch,
@@ -82,8 +72,8 @@ def run(size=256, batch=2, steps=6, warmup=2, jit_compile=False):
         result["models"][name] = {
             "parameters": int(model.count_params()),
             "forward_gflops_per_slice": count_flops(model) / 1e9,
-            "step_wall_s": statistics.median(wall[name]),
-            "step_cpu_s": statistics.median(cpu[name]),
+            "step_wall_s": timed[name][0],
+            "step_cpu_s": timed[name][1],
         }
     a, b = result["models"]["coarse_refine"], result["models"]["seresnet_unet"]
     result["ratio_wall"] = a["step_wall_s"] / b["step_wall_s"]

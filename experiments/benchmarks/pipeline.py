@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import platform
 import statistics
@@ -41,7 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tfcovseg first: its TensorFlow settings (oneDNN off, a quiet start) before TensorFlow loads.
+importlib.import_module("tfcovseg")
 
 import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)

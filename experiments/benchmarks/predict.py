@@ -28,6 +28,7 @@ Ratios are the figures to compare across machines. Research use, not a medical d
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -37,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tfcovseg first: its TensorFlow settings (oneDNN off, a quiet start) before TensorFlow loads.
+importlib.import_module("tfcovseg")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -20,9 +20,7 @@ import argparse
 import importlib
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # tfcovseg first: its TensorFlow settings (oneDNN off) before Keras loads TensorFlow.
@@ -30,7 +28,7 @@ importlib.import_module("tfcovseg")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
+from common import alternating_steps, write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.configs.experiment import load_config  # noqa: E402
 from tfcovseg.models import build_model  # noqa: E402
@@ -60,17 +58,7 @@ def run(config_name="quickstart", batch=8, steps=15, warmup=3):
     y = (rng.random((batch, *size, config.model.num_classes)) > 0.97).astype("float32")
     models = {v: _compiled(config, v) for v in VARIANTS}
     targets = {v: {k: y for k in m.output} for v, m in models.items()}
-    for v, model in models.items():
-        for _ in range(warmup):
-            model.train_on_batch(x, targets[v])
-    wall = {v: [] for v in models}
-    cpu = {v: [] for v in models}
-    for _ in range(steps):
-        for v, model in models.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            model.train_on_batch(x, targets[v])
-            wall[v].append(time.perf_counter() - w0)
-            cpu[v].append(time.process_time() - c0)
+    timed = alternating_steps(models, x, targets, steps, warmup)
     result = {
         "config": config_name,
         "input_size": list(size),
@@ -80,13 +68,11 @@ def run(config_name="quickstart", batch=8, steps=15, warmup=3):
         "backend": keras.backend.backend(),
         "variants": {},
     }
-    base = statistics.median(wall["recipe"])
-    for v in models:
-        step = statistics.median(wall[v])
+    for v, (wall, cpu) in timed.items():
         result["variants"][v] = {
-            "step_wall_s": step,
-            "step_cpu_s": statistics.median(cpu[v]),
-            "of_recipe": step / base,
+            "step_wall_s": wall,
+            "step_cpu_s": cpu,
+            "of_recipe": wall / timed["recipe"][0],
         }
     return result
 
