@@ -1401,9 +1401,10 @@ def main(argv=None) -> int:
         parser.error("--shards must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    if not classes or len(set(classes)) != len(classes):
-        parser.error(f"--classes must name distinct classes, got {args.classes!r}")
+    # Mask label k is the k-th name: an empty one dropped would shift the labels after it.
+    classes = tuple(c.strip() for c in args.classes.split(","))
+    if not all(classes) or len(set(classes)) != len(classes):
+        parser.error(f"--classes must name distinct, non-empty classes, got {args.classes!r}")
     try:
         summary = convert(
             args.input,

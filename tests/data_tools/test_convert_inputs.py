@@ -350,6 +350,13 @@ def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_
     assert main([*args, "--out", str(src)]) == 2
     assert "is the input folder" in capsys.readouterr().err
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    # An empty class name was dropped: mask label 2 (consolidation) became "fibrosis".
+    for classes in ("ggo,,fibrosis", "ggo,consolidation,"):
+        with pytest.raises(SystemExit) as stop:
+            main([*args, "--out", str(tmp_path / "o"), "--classes", classes])
+        assert stop.value.code == 2
+        assert "distinct, non-empty classes" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_slice_unreadable_when_converting_is_named_and_its_gap_warned(cohort, tmp_path):

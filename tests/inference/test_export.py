@@ -97,6 +97,17 @@ def test_burden_rule_is_left_out_without_validation_records(phantom_run, tmp_pat
     assert rule["threshold"] is None and "gone" in rule["method"]
 
 
+def test_moved_records_are_named_with_the_way_to_give_them(phantom_run, tmp_path, capsys):
+    """Records moved since training: the export (and predict on a run folder) stopped
+    with a FileNotFoundError traceback from the grey levels' read."""
+    gone = f"data.records_dir={tmp_path / 'gone'}"
+    args = ["--run", str(phantom_run.run), "--out", str(tmp_path / "m"), "--set", gone]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "grey levels" in err and "--set data.records_dir=DIR" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
 class _Refuses:
     """A segmenter that must not be run: the burdens should come from the run's cache."""
 
@@ -292,7 +303,19 @@ def test_versions_are_never_overwritten(phantom_run, phantom_export, tmp_path, c
     assert main(["--run", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "not a training run folder" in capsys.readouterr().err
     assert main(["--run", str(phantom_run.run), "--out", str(out), "--gate-threshold", "x"]) == 2
-    second = export_run(phantom_run.run, out, gate_threshold=0.3, log=lambda *a: None)
+    # --out a file: refused before any work (it raised FileExistsError after 8 s).
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["--run", str(phantom_run.run), "--out", str(path)]) == 2
+        assert "give a folder" in capsys.readouterr().err
+    # What a killed export left (its temporary version folder) goes with the next one.
+    (out / ".2-k1lled" / "variables").mkdir(parents=True)
+    (out / ".notes-kept").mkdir()
+    said = []
+    second = export_run(phantom_run.run, out, gate_threshold=0.3, log=said.append)
+    assert any(".2-k1lled" in line and "interrupted export" in line for line in said)
+    assert (out / ".notes-kept").is_dir()
+    (out / ".notes-kept").rmdir()
     assert second.name == "2"
     assert json.loads((second / "assets" / ASSET_NAME).read_text())["gate"] == {
         "threshold": 0.3,
@@ -328,7 +351,12 @@ def test_gate_keeps_lesion_slices_or_switches_off():
     fair = np.where(labels, rng.uniform(0.3, 1.0, 200), rng.uniform(0.0, 0.5, 200))  # AUC ~0.9
     off = gate_from_scores(fair, labels)
     assert off["threshold"] == 0.0 and off["validation_lesion_recall"] == 1.0
-    assert off["method"].startswith("off")
+    assert off["method"].startswith("off") and "the classifier's validation" in off["method"]
+    # A run without a classifier: its segmenter scores the slices, and the reason says so
+    # (it named "the classifier's" AUC of a classifier that did not exist).
+    by_segmenter = gate_from_scores(fair, labels, scorer=calibration.SEGMENTER_SCORER)
+    assert "segmenter's maximum lesion probability" in by_segmenter["method"]
+    assert "classifier's" not in by_segmenter["method"]
     # Nothing to check it on: off as well.
     unchecked = gate_from_scores(good, np.zeros(200, bool))
     assert unchecked["threshold"] == 0.0 and unchecked["method"].startswith("off")

@@ -189,6 +189,57 @@ def test_rest_errors_surface(rest_server, rng):
         client.predict_rest("http://127.0.0.1:9/v1/models/x:predict", _slices(rng), timeout=2)
 
 
+class _NotFoundPage(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802  (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(404)
+        self.end_headers()
+        self.wfile.write(b"<html>no such page</html>")
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve_once(answer: bytes) -> str:
+    """A port that answers the first connection with `answer`, whatever it was asked."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def reply():
+        with server, server.accept()[0] as conn:
+            data = b""  # the whole request first: closing on a half-read one resets it
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(answer)
+
+    threading.Thread(target=reply, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def test_answers_that_are_not_tf_serving_are_named(rng, capsys):
+    """A gRPC port given as --rest raised http.client.BadStatusLine with a traceback; a
+    non-JSON error page said only "the answer is not JSON"; --version -1 was sent."""
+    url = client.rest_url(_serve_once(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00"))
+    with pytest.raises(client.ServingError, match="gRPC port"):
+        client.predict_rest(url, _slices(rng), timeout=10)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(client.ServingError, match="HTTP 404 Not Found: <html>no such"):
+            client.predict_rest(client.rest_url(base), _slices(rng), timeout=10)
+    finally:
+        server.shutdown()
+    path = get_testdata_file("CT_small.dcm")
+    assert client_main(["--dicom", path, "--rest", "http://x", "--version", "-1"]) == 2
+    assert "--version must be a positive integer" in capsys.readouterr().err
+
+
 def test_grpc_request_is_a_predict_request(rng):
     hu = _slices(rng, n=1)
     request = client.grpc_request(hu[0], signature="segment", version=4)

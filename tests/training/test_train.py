@@ -287,6 +287,20 @@ def test_evaluate_cli_in_a_fresh_process(tiny):
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
 
 
+def test_evaluating_another_folds_patients_is_refused(tiny, capsys):
+    """`evaluate --fold 1` on a fold-0 run scored fold 1's test patients, whom it had
+    trained on, and overwrote the run's metrics.json with the flattering figures."""
+    from tfcovseg.cli.evaluate import main as evaluate
+
+    root, _, _ = tiny
+    metrics = root / "run" / "metrics.json"
+    before = metrics.read_bytes() if metrics.exists() else None
+    assert evaluate(["--run", str(root / "run"), "--fold", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on fold 0" in err and "--fold 1" in err
+    assert (metrics.read_bytes() if metrics.exists() else None) == before
+
+
 def _tiny_yaml(tiny, tmp_path, *extra):
     """The tiny run's config with extra overrides, as a YAML file."""
     from tfcovseg.configs.experiment import save_config

@@ -12,7 +12,9 @@ def build_parser():
     parser = cli.parser("evaluate", "Evaluate a training run")
     parser.add_argument("--run", type=Path, required=True, help="run folder of tfcovseg.train")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--fold", type=int, help="fold (default: the run's)")
+    parser.add_argument(
+        "--fold", type=int, help="the run's fold (another fold's patients trained it: refused)"
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     cli.add_set(parser, "data.* keys only, e.g. --set data.records_dir=DIR")

@@ -38,6 +38,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.version is not None and args.version < 1:
+        return cli.fail(f"--version must be a positive integer, got {args.version}")
     try:
         slices = [hu_from_dicom(p) for p in args.dicom]
         if len({s.shape for s in slices}) > 1:

@@ -56,7 +56,8 @@ def read_manifest(record_dir) -> dict:
     path = record_dir / "manifest.json"
     if not record_dir.is_dir():
         raise FileNotFoundError(
-            f"record directory {record_dir} does not exist; write it with "
+            f"record directory {record_dir} does not exist; if the records moved, give "
+            f"their folder (--set data.records_dir=DIR), else write them with "
             f"python -m data_tools.convert --input DIR --out {record_dir}"
         )
     if not path.is_file():

@@ -50,8 +50,18 @@ def severity_rule_for_run(run: Path, config) -> dict:
     return severity_rule_from_manifest(manifest, patients)
 
 
+CLASSIFIER_SCORER = "the classifier's"
+SEGMENTER_SCORER = "the segmenter's maximum lesion probability's (the run has no classifier)"
+
+
 def calibrate_gate(
-    classifier_fn, config, recall=GATE_RECALL, min_auc=GATE_MIN_AUC, batch_size=16, run=None
+    classifier_fn,
+    config,
+    recall=GATE_RECALL,
+    min_auc=GATE_MIN_AUC,
+    batch_size=16,
+    run=None,
+    scorer=CLASSIFIER_SCORER,
 ) -> dict:
     """The slice gate threshold: the paper's 0.5, lowered until the gate keeps `recall`.
 
@@ -68,6 +78,8 @@ def calibrate_gate(
         config: The run's `ExperimentConfig`.
         run: The run folder the classifier came from: its validation scores are shared
             with `tfcovseg.evaluate` through `validation_slice_scores`.
+        scorer: Whose probabilities they are, as the reason names them (a run without
+            a classifier scores slices by the segmenter's maximum lesion probability).
     """
     try:
         scores = validation_slice_scores(
@@ -75,7 +87,7 @@ def calibrate_gate(
         )
     except (FileNotFoundError, ValueError) as e:
         return {"threshold": 0.0, "method": f"off: cannot be checked (validation records: {e})"}
-    return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc)
+    return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc, scorer)
 
 
 def _file_digest(path: Path) -> str:
@@ -228,7 +240,9 @@ def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
     }
 
 
-def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) -> dict:
+def gate_from_scores(
+    probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC, scorer=CLASSIFIER_SCORER
+) -> dict:
     """`calibrate_gate`'s rule on slice probabilities and lesion labels (numpy)."""
     probs = np.asarray(probs, np.float64)
     labels = np.asarray(labels, bool)
@@ -254,7 +268,7 @@ def gate_from_scores(probs, labels, recall=GATE_RECALL, min_auc=GATE_MIN_AUC) ->
     elif auc < min_auc:
         threshold = 0.0
         method = (
-            f"off: the classifier's validation slice AUC {round(auc, 3)} is below {min_auc}, "
+            f"off: {scorer} validation slice AUC {round(auc, 3)} is below {min_auc}, "
             "so every slice is segmented"
         )
     return {

@@ -204,7 +204,15 @@ def evaluate_run(
     """
     run = Path(run)
     config = load_config(run / "config.yaml", overrides)
-    fold = config.data.fold if fold is None else fold
+    if fold is not None and fold != config.data.fold:
+        # The folds partition the patients: another fold's split holds patients this
+        # run trained on or chose its epochs with, and its figures would flatter it.
+        raise ValueError(
+            f"{run} was trained on fold {config.data.fold}: the {split} patients of fold "
+            f"{fold} were among its training or validation patients; evaluate a run "
+            f"trained on fold {fold} (python -m tfcovseg.train --fold {fold}, or --fold all)"
+        )
+    fold = config.data.fold
     classes = list(config.model.class_names)
     segmenter, classifier = load_run_models(run)
     if segmenter is None and classifier is None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -50,9 +51,12 @@ import numpy as np
 
 from data_tools.features import feature_spec
 from data_tools.files import (
+    OutputError,
     atomic_directory,
     atomic_write_json,
     atomic_write_text,
+    check_output_dir,
+    exclusive_folder,
     json_text,
 )
 from tfcovseg import __version__, require_tensorflow
@@ -64,12 +68,15 @@ from tfcovseg.constants import (
     EXPORT_FORMATS,
 )
 from tfcovseg.data.dataset import (
+    CorruptRecordsError,
     resize_image,
     split_dataset,
 )
 from tfcovseg.data.intensity import MATCH_PERCENTILES, reference_scale
 from tfcovseg.evaluation.calibration import (
+    CLASSIFIER_SCORER,
     PAPER_GATE_THRESHOLD,
+    SEGMENTER_SCORER,
     calibrate_burden_rule,
     calibrate_gate,
     severity_rule_for_run,
@@ -514,7 +521,9 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
     }
     if gate_threshold == "auto":
         probe = InferenceGraph(segmenter, classifier, provisional)
-        gate = calibrate_gate(tf.function(probe.classify, reduce_retracing=True), config, run=run)
+        scorer = CLASSIFIER_SCORER if classifier is not None else SEGMENTER_SCORER
+        classify = tf.function(probe.classify, reduce_retracing=True)
+        gate = calibrate_gate(classify, config, run=run, scorer=scorer)
     else:
         t = float(gate_threshold)
         if not 0.0 <= t <= 1.0:
@@ -522,7 +531,14 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
         gate = {"threshold": t, "method": "given"}
     severity = severity_rule_for_run(run, config)
     burden = calibrate_burden_rule(segmenter, config, run=run)
-    metadata = export_metadata(run, config, severity, gate, version, burden, grey_levels(config))
+    try:
+        levels = grey_levels(config)
+    except (FileNotFoundError, CorruptRecordsError) as e:
+        raise ExportError(
+            f"the training slices' grey levels (the PNG/JPEG input's scale) come from the "
+            f"run's records: {e}"
+        ) from None
+    metadata = export_metadata(run, config, severity, gate, version, burden, levels)
     return InferenceGraph(segmenter, classifier, metadata)
 
 
@@ -591,31 +607,37 @@ def export_run(
     run, out = Path(run), Path(out)
     if not (run / "config.yaml").is_file():
         raise ExportError(f"{run} is not a training run folder (no config.yaml)")
-    _check_model_folder(out, export_format)
-    if version is None:
-        version = next_version(out)
-    if int(version) < 1:
+    if version is not None and int(version) < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
-    target = out / str(int(version))
-    if target.exists():
-        raise ExportError(
-            f"{target} already exists: served versions are immutable; omit --version to "
-            f"write version {next_version(out)}"
-        )
-    graph = prepare_run(run, gate_threshold, int(version), overrides)
-    _warn_default_window(graph, log)
-    if export_format == "onnx":
-        config_path, config_text = _triton_config(out, graph.num_classes)
-    # Model servers only load folders named by a number: the temporary one is invisible.
-    with atomic_directory(target) as tmp:
+    try:
+        check_output_dir(out)
+    except OutputError as e:
+        raise ExportError(str(e)) from None
+    # Held while the version is chosen and written: a second export to the same folder
+    # is refused, and what a killed one left can go.
+    with exclusive_folder(out, error=ExportError):
+        _remove_interrupted_exports(out, log)
+        _check_model_folder(out, export_format)
+        target = out / str(int(next_version(out) if version is None else version))
+        if target.exists():
+            raise ExportError(
+                f"{target} already exists: served versions are immutable; omit --version "
+                f"to write version {next_version(out)}"
+            )
+        graph = prepare_run(run, gate_threshold, int(target.name), overrides)
+        _warn_default_window(graph, log)
         if export_format == "onnx":
-            from tfcovseg.inference.onnx import write_onnx
+            config_path, config_text = _triton_config(out, graph.num_classes)
+        # Model servers only load folders named by a number: the temporary one is invisible.
+        with atomic_directory(target) as tmp:
+            if export_format == "onnx":
+                from tfcovseg.inference.onnx import write_onnx
 
-            write_onnx(graph, tmp)
-        else:
-            write_saved_model(graph, tmp)
-    if export_format == "onnx" and config_text is not None:
-        atomic_write_text(config_path, config_text)
+                write_onnx(graph, tmp)
+            else:
+                write_saved_model(graph, tmp)
+        if export_format == "onnx" and config_text is not None:
+            atomic_write_text(config_path, config_text)
     gate = graph.metadata["gate"]
     log(f"exported {run} as {target} (gate threshold {gate['threshold']:.3f}, {gate['method']})")
     burden = graph.metadata["burden_rule"]
@@ -627,6 +649,15 @@ def export_run(
             f"of the lungs (chosen on {burden['validation_patients']} validation patients)"
         )
     return target
+
+
+def _remove_interrupted_exports(out: Path, log) -> None:
+    """Removes the temporary version folders (``.<version>-*``, `atomic_directory`'s)
+    that killed exports left in `out` (held by this export: no other one is writing)."""
+    for path in sorted(out.glob(".*-*")):
+        if path.is_dir() and path.name[1:].split("-", 1)[0].isdigit():
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an interrupted export")
 
 
 def _warn_default_window(graph, log) -> None:

@@ -27,6 +27,7 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -139,7 +140,18 @@ def predict_rest(url: str, hu, signature="serving_default", form="instances", ti
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return parse_rest_response(response.read())
     except urllib.error.HTTPError as e:  # TF Serving puts {"error": ...} in the body
-        return parse_rest_response(e.read())
+        body = e.read()
+        try:
+            return parse_rest_response(body)
+        except ServingError as problem:  # not TF Serving's answer (a proxy's page, say)
+            text = body[:200].decode("utf-8", "replace").strip()
+            raise ServingError(f"{url}: HTTP {e.code} {e.reason}: {text or problem}") from None
+    except http.client.HTTPException as e:  # an answer that is not HTTP at all
+        raise ServingError(
+            f"{url} did not answer as an HTTP server ({type(e).__name__}): is it TF "
+            "Serving's gRPC port? Its REST port is --rest_api_port (8501 in the docker "
+            "image), gRPC --port (8500): give that one with --grpc"
+        ) from None
     except urllib.error.URLError as e:
         raise ServingError(f"cannot reach {url}: {e.reason}") from None
     except OSError as e:  # timeouts and dropped connections after connecting
