@@ -60,7 +60,9 @@ def atomic_write_text(path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+        # A file name that is not UTF-8 (kept by Python as surrogates) is written with
+        # backslash escapes, as `data_tools.privacy.printable` shows it: no failed write.
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -228,7 +228,17 @@ def read_image_slice(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            if im.mode.startswith(("I", "F")):
+                # 16-bit, 32-bit and float pixels: "L" clips them at 255 (a slice scaled
+                # to 16 bits became all white), and their window is unknown.
+                raise SkipFile(
+                    f"a {im.mode} image (more than 8 bits a pixel): the slices must be "
+                    "windowed 8-bit images (grey levels 0-255); give CT in HU as DICOM or "
+                    "NIfTI, or window the images to 8 bits first"
+                )
             return np.asarray(im.convert("L"), dtype=np.float32)
+    except SkipFile:
+        raise
     except Exception as e:
         raise SkipFile(f"cannot read image ({type(e).__name__}: {e})") from None
 

@@ -368,6 +368,32 @@ def test_a_slice_dataset_folder_predicts_its_imgs_only(model, tmp_path, rng):
     assert skipped == {"GT/ (5 files)", "Imgs/notes.txt", "Imgs/broken.png"}
 
 
+def test_deep_images_are_skipped_and_names_that_are_not_utf8_are_shown(
+    phantom_export, tmp_path, capsys
+):
+    """A 16-bit PNG became all white (Pillow's "L" clips at 255) and was predicted as
+    such; a file name that is not UTF-8 made report.html's write raise, and the console
+    line that named it."""
+    from PIL import Image
+
+    folder = tmp_path / "Imgs"
+    folder.mkdir()
+    grey = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    Image.fromarray(grey).save(folder / "a.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "deep.png")
+    odd = Path(os.fsdecode(os.fsencode(folder) + b"/b\xe9\xff.png"))
+    Image.fromarray(grey).save(odd, format="PNG")
+    out = tmp_path / "out"
+    assert main(["--model", str(phantom_export), "--input", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "deep.png" in printed and "more than 8 bits" in printed
+    (report,) = _reports(out)
+    assert {s["file"] for s in report["skipped"]} == {"deep.png"}
+    assert len(report["slices"]) == 2
+    html_text = next(out.glob("*/report.html")).read_text()
+    assert "b\\xe9\\xff.png" in html_text or "b\\udce9\\udcff" in html_text
+
+
 def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):
     (tmp_path / "Imgs").mkdir()
     (tmp_path / "Imgs" / "broken.jpg").write_bytes(b"no jpeg")

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from data_tools.privacy import printable
 from tfcovseg import __version__
 from tfcovseg.constants import DISCLAIMER
 
@@ -27,9 +28,16 @@ def parser(command: str, description: str, tool_version=True) -> argparse.Argume
 
 
 def fail(message: str) -> int:
-    """The one error path of the doors: the message on stderr, exit code 2."""
-    print(f"error: {message}", file=sys.stderr)
+    """The one error path of the doors: the message on stderr, exit code 2 (a file name
+    that is not UTF-8 shown with backslash escapes)."""
+    print(printable(f"error: {message}"), file=sys.stderr)
     return 2
+
+
+def say(message: str) -> None:
+    """A console line of a door's library call (its ``log``), printable whatever file
+    names it holds (`data_tools.privacy.printable`)."""
+    print(printable(message))
 
 
 def add_set(parser: argparse.ArgumentParser, example: str = "") -> None:

@@ -109,6 +109,7 @@ def main(argv=None) -> int:
             args.out,
             series_uid=args.series,
             intensity=args.intensity,
+            log=cli.say,
             **_shared(args),
         )
     except PredictionError as e:
