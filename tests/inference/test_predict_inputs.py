@@ -218,6 +218,44 @@ def test_a_rerun_keeps_finished_series_and_finishes_the_rest(model, phantom_run,
     assert entry["verdict"] is None and entry["covid_probability"] == old["covid"]["probability"]
 
 
+def test_a_rerun_never_keeps_results_of_other_input_or_another_model(
+    model, phantom_run, phantom_export, tmp_path
+):
+    """The kept-results check compared the series pseudonym and the settings only: a
+    series that had lost a slice since, or another model copied under the same folder
+    name, kept the old results ("already predicted ..., kept")."""
+    study = tmp_path / "study"
+    shutil.copytree(phantom_run.cohort / "case_0003" / "ct", study / "a")
+    out = tmp_path / "out"
+    predict(model, study, out, gate=False, **QUIET)
+    (series,) = [p for p in out.iterdir() if p.is_dir()]
+    kept = (series / "report.json").read_bytes()
+    first = sorted((study / "a").glob("*.dcm"))[0]
+    first.unlink()  # the same series (UID), one slice fewer
+    with pytest.raises(PredictionError, match="predicted from other input"):
+        predict(model, study, out, gate=False, **QUIET)
+    assert (series / "report.json").read_bytes() == kept
+    shutil.copytree(phantom_run.cohort / "case_0003" / "ct", study / "a", dirs_exist_ok=True)
+    predict(model, study, out, gate=False, **QUIET)  # the same input again: kept
+    assert (series / "report.json").read_bytes() == kept
+    # Another model under the same name: files differ, so the model does.
+    other = tmp_path / "models" / phantom_export.parent.name / phantom_export.name
+    shutil.copytree(phantom_export, other)
+    (other / "assets" / "extra.txt").write_text("not the same export")
+    with pytest.raises(PredictionError, match="other settings.*model_sha256"):
+        predict(open_model(other), study, out, gate=False, **QUIET)
+    # Images: one added since the first run is another input.
+    from PIL import Image
+
+    images = tmp_path / "Imgs"
+    images.mkdir()
+    Image.fromarray(np.zeros((48, 48), np.uint8) + 90).save(images / "a.png")
+    predict(model, images, out, **QUIET)
+    Image.fromarray(np.zeros((48, 48), np.uint8) + 30).save(images / "b.png")
+    with pytest.raises(PredictionError, match="made otherwise.*input_files"):
+        predict(model, images, out, **QUIET)
+
+
 def test_an_out_that_is_a_file_is_a_one_line_error(phantom_export, phantom_run, tmp_path, capsys):
     from data_tools.convert import main as convert_main
 

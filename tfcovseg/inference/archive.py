@@ -143,6 +143,7 @@ class _ModelInfo:
 
     def __init__(self, predictor):
         self.metadata, self.source = predictor.metadata, predictor.source
+        self.sha256 = getattr(predictor, "sha256", None)
 
 
 # ----------------------------------------------------------------------------- the steps

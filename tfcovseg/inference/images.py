@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import html
 import time
 from pathlib import Path
@@ -91,6 +92,17 @@ class Slice:
             return read_image_slice(self.path)
         except SkipFile as e:  # changed since the folder was listed
             raise ImageInputError(f"{self.source} cannot be read any more: {e}") from None
+
+
+def image_files_digest(folder: Path) -> str:
+    """SHA-256 of the names, sizes and modification times of the files under `folder`
+    (not their pixels: a rerun checks it before reading any image)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        name = path.relative_to(folder).as_posix().encode("utf-8", "surrogateescape")
+        h.update(name + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
 
 
 def read_image_folder(folder: Path) -> tuple[list[Slice], list]:
@@ -311,10 +323,11 @@ def _model_input(grey: np.ndarray, setting: dict) -> np.ndarray:
 
 def predict_images(
     predictor, slices, skipped, out_dir: Path, mask_threshold=0.5, batch_size=8,
-    intensity="match",
+    intensity="match", input_digest=None,
 ):  # fmt: skip
     """Segments `slices` (`read_image_folder`) into the new folder `out_dir` (written
-    whole or not at all); returns the report (also ``report.json``)."""
+    whole or not at all); returns the report (also ``report.json``). `input_digest`
+    (`image_files_digest` of the folder) is kept in the report for reruns to compare."""
     classes = list(predictor.metadata["class_names"])
     setting = intensity_setting(predictor.metadata, intensity)
     start = time.perf_counter()
@@ -338,10 +351,12 @@ def predict_images(
             "input": "images",
             "model": {
                 "source": predictor.source,
+                "sha256": getattr(predictor, "sha256", None),
                 "model_version": predictor.metadata.get("model_version"),
                 "experiment": predictor.metadata.get("experiment"),
                 "classes": classes,
             },
+            "input_files_sha256": input_digest,
             "mask_threshold": float(mask_threshold),
             "intensity": {k: v for k, v in setting.items() if k != "warning"},
             "outputs": {

@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import hashlib
 import html
 import json
 import time
@@ -79,6 +80,7 @@ from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict
 from tfcovseg.evaluation.verdict import summary as verdict_summary
 from tfcovseg.inference.images import (
     ImageInputError,
+    image_files_digest,
     intensity_setting,
     is_image_folder,
     label_map,
@@ -109,6 +111,17 @@ class PredictionError(Exception):
 # ----------------------------------------------------------------------------- models
 
 
+def files_sha256(root: Path, paths) -> str:
+    """SHA-256 of files (their names relative to `root`, then their bytes), in order."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 class SavedModelPredictor:
     """A tfcovseg SavedModel (``tfcovseg.export``) loaded with `tf.saved_model.load`."""
 
@@ -127,6 +140,9 @@ class SavedModelPredictor:
             )
         self.metadata = json.loads(self._model.signatures["metadata"]()["json"].numpy().decode())
         self.source = f"SavedModel {path.parent.name}/{path.name}"
+        # Results kept in an output folder are this model's only if the files are the same
+        # (another model copied to the same folder name is another model).
+        self.sha256 = files_sha256(path, sorted(p for p in path.rglob("*") if p.is_file()))
 
     def classify(self, hu: np.ndarray) -> np.ndarray:
         out = self._model.signatures["classify"](hu=tf.constant(hu, tf.float32))
@@ -166,6 +182,8 @@ class RunPredictor:
         self._serve_image = tf.function(graph.serve_image, input_signature=spec)
         self.metadata = graph.metadata
         self.source = f"run folder {run.name}"
+        files = [run / "config.yaml", *sorted(run.glob("*.keras"))]
+        self.sha256 = files_sha256(run, [p for p in files if p.is_file()])
 
     def classify(self, hu: np.ndarray) -> np.ndarray:
         return self._classify(tf.constant(hu, tf.float32))["covid_probability"].numpy()
@@ -222,6 +240,16 @@ class Volume:
     skipped: list = dataclasses.field(default_factory=list)  # (file, reason)
     warnings: list = dataclasses.field(default_factory=list)
     tilt_deg: float = 0.0  # angle between the slice normal and the patient's long axis
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what is predicted: the HU voxels, their geometry and the slices left
+        empty. A rerun keeps a series' results only for the same input (slices that
+        arrived or changed since are another input)."""
+        h = hashlib.sha256(np.ascontiguousarray(self.hu).tobytes())
+        affine = None if self.affine is None else np.asarray(self.affine).tolist()
+        geometry = [list(self.hu.shape), [float(v) for v in self.spacing_mm], affine]
+        h.update(json.dumps([geometry, sorted(int(i) for i in self.unreadable)]).encode())
+        return h.hexdigest()
 
 
 def _tilt_deg(direction) -> float:
@@ -940,9 +968,11 @@ def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_th
             "rows": int(h),
             "columns": int(w),
             "spacing_mm": [float(s) for s in volume.spacing_mm],
+            "input_sha256": volume.fingerprint(),
         },
         "model": {
             "source": predictor.source,
+            "sha256": getattr(predictor, "sha256", None),
             "model_version": meta.get("model_version"),
             "experiment": meta.get("experiment"),
             "architecture": meta.get("architecture"),
@@ -1003,6 +1033,7 @@ def _settings(report: dict) -> dict:
     rule lesions were counted by (a report without it predates the rule)."""
     return {
         "model": report["model"]["source"],
+        "model_sha256": report["model"].get("sha256"),
         "model_version": report["model"].get("model_version"),
         "gate": report["gate"]["enabled"],
         "gate_threshold": report["gate"]["threshold"],
@@ -1067,7 +1098,19 @@ def done_before(out: Path, volumes, expected: dict) -> dict:
                 "remove it or choose another --out"
             )
         found = _settings(report)
-        differ = {k: (found[k], expected[k]) for k in expected if found[k] != expected[k]}
+        # Reports written before a key existed hold None there: nothing to compare.
+        differ = {
+            k: (found[k], expected[k])
+            for k in expected
+            if found[k] != expected[k] and not (k.endswith("sha256") and found[k] is None)
+        }
+        kept_input = report["study"].get("input_sha256")
+        if kept_input is not None and kept_input != v.fingerprint():
+            raise PredictionError(
+                f"{out} already holds results for series {v.series} predicted from other "
+                f"input ({report['study']['slices']} slices there, {len(v.hu)} now, or "
+                "changed voxels): choose another --out, or remove that series' folder"
+            )
         if differ:
             detail = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise PredictionError(
@@ -1172,12 +1215,15 @@ def _predict_input(
 def _check_kept_images(target: Path, report, expected: dict) -> None:
     """A folder's earlier results are kept only when made with the same model, threshold
     and intensity handling."""
-    found = {"model": None, "mask_threshold": None, "intensity": None}
+    found = dict.fromkeys(expected)
     if report is not None:
         found = {
             "model": report["model"]["source"],
             "mask_threshold": report["mask_threshold"],
             "intensity": report.get("intensity", {}).get("mode", "as-is"),
+            # None in reports from before these keys: nothing to compare.
+            "model_sha256": report["model"].get("sha256") or expected["model_sha256"],
+            "input_files": report.get("input_files_sha256") or expected["input_files"],
         }
     if found != expected:
         raise PredictionError(
@@ -1186,7 +1232,9 @@ def _check_kept_images(target: Path, report, expected: dict) -> None:
         )
 
 
-def _predict_new_images(predictor, folder, target, mask_threshold, batch_size, intensity, log):
+def _predict_new_images(
+    predictor, folder, target, mask_threshold, batch_size, intensity, log, digest
+):  # fmt: skip
     """Reads the folder's slices and predicts them into `target`; returns the report."""
     name = target.name
     try:
@@ -1198,7 +1246,7 @@ def _predict_new_images(predictor, folder, target, mask_threshold, batch_size, i
     for left in remove_partial_directories(target):
         log(f"removed {left}, left by an interrupted run")
     report = predict_images(
-        predictor, slices, skipped, target, mask_threshold, batch_size, intensity
+        predictor, slices, skipped, target, mask_threshold, batch_size, intensity, digest
     )
     with_lesion = sum(1 for s in report["slices"] if s["total"]["pixels"] > 0)
     log(
@@ -1224,6 +1272,8 @@ def _predict_image_folder(
         "model": predictor.source,
         "mask_threshold": float(mask_threshold),
         "intensity": setting["mode"],
+        "model_sha256": getattr(predictor, "sha256", None),
+        "input_files": image_files_digest(folder),  # images added, removed or changed
     }
     index_path = out / "index.json"
     index = read_index(index_path)
@@ -1233,8 +1283,9 @@ def _predict_image_folder(
         log(f"images {name}: already predicted in {target}, kept")
     else:  # the images are read only when they are to be predicted
         report = _predict_new_images(
-            predictor, folder, target, mask_threshold, batch_size, intensity, log
-        )
+            predictor, folder, target, mask_threshold, batch_size, intensity, log,
+            expected["input_files"],
+        )  # fmt: skip
     for warning in report["warnings"]:
         log(f"warning: images {name}: {warning}")
     matched = report.get("intensity", {})
@@ -1260,6 +1311,7 @@ def expected_settings(predictor, options: dict) -> dict:
     gate_threshold = meta_threshold if threshold is None else float(threshold)
     return {
         "model": predictor.source,
+        "model_sha256": getattr(predictor, "sha256", None),
         "model_version": predictor.metadata.get("model_version"),
         "gate": bool(options["gate"]) and gate_threshold > 0.0,
         "gate_threshold": gate_threshold,
