@@ -67,6 +67,8 @@ def test_seg_from_phantom_ct_has_no_dciodvfy_errors(
 
     volumes, _ = read_input(ct_folder, salt="x")
     volume = volumes[0]
+    for ds in volume.datasets:  # free text that names the patient or the hospital
+        ds.StudyDescription, ds.InstitutionName = "TEST^ONE chest", "St Elsewhere"
     labels = patient.lesions
     assert labels.shape == volume.hu.shape and labels.any()
     path = tmp_path / "seg.dcm"
@@ -88,6 +90,9 @@ def test_seg_from_phantom_ct_has_no_dciodvfy_errors(
     if research:
         assert names == (volume.patient, volume.patient, "")
         assert seg.PatientIdentityRemoved == "YES"
+        # Left out at any depth (the contributing equipment carried InstitutionName too).
+        text = str(seg)
+        assert "St Elsewhere" not in text and "TEST^ONE" not in text
     else:
         assert names == ("TEST^ONE", "X-1", "19600101")
     assert seg.StudyInstanceUID == volume.datasets[0].StudyInstanceUID

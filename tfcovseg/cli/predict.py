@@ -42,7 +42,8 @@ def build_parser():
         "--research-seg",
         action="store_true",
         help="write the DICOM SEG with the patient's pseudonym instead of the source study's "
-        "patient name, ID and birth date (UIDs still reference the source images)",
+        "patient name, ID and birth date, without the study's free text (description, "
+        "institution, physicians); UIDs still reference the source images",
     )
     parser.add_argument(
         "--runner",

@@ -688,6 +688,30 @@ def write_seg(
     return True
 
 
+# Free text and names that may identify the patient or the hospital, which highdicom
+# copies from the source (the study module; InstitutionName also into the contributing
+# equipment): optional in a SEG, so the research SEG leaves them out, at any depth.
+_IDENTIFYING_TEXT = (
+    "StudyDescription", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "OperatorsName",
+    "PerformingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician", "AdmittingDiagnosesDescription", "PatientComments",
+    "AdditionalPatientHistory", "PatientAddress", "PatientTelephoneNumbers",
+    "PatientMotherBirthName", "Occupation", "OtherPatientIDsSequence", "OtherPatientIDs",
+    "OtherPatientNames",
+)  # fmt: skip
+
+
+def _remove_everywhere(ds, keywords) -> None:
+    for keyword in keywords:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _remove_everywhere(item, keywords)
+
+
 def _pseudonymise_patient(ds, patient: str) -> None:
     """Replaces a dataset's patient identity (and the study's identifying attributes) with
     a pseudonym, as the research SEG carries it."""
@@ -695,9 +719,7 @@ def _pseudonymise_patient(ds, patient: str) -> None:
     for keyword in ("PatientBirthDate", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
         if keyword in ds:
             setattr(ds, keyword, "")
-    for keyword in ("OtherPatientIDsSequence", "OtherPatientIDs", "OtherPatientNames"):
-        if keyword in ds:
-            delattr(ds, keyword)
+    _remove_everywhere(ds, _IDENTIFYING_TEXT)
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = "tfcovseg research SEG: patient pseudonymised, UIDs retained"
 
