@@ -255,6 +255,14 @@ def test_nifti_input_gives_the_same_result_as_its_dicom(model, phantom_run, tmp_
     np.testing.assert_array_equal(np.asarray(from_nifti.dataobj), np.asarray(from_dicom.dataobj))
     report = json.loads((_only_folder(tmp_path / "nifti") / "report.json").read_text())
     assert report["study"]["input"] == "nifti" and "dicom_seg" not in report["outputs"]
+    # Slices 100 times too far apart (a wrong pixdim): lungs of ~150 L were graded
+    # "severe" without a word; they are named and left ungraded.
+    nib.save(nib.Nifti1Image(np.moveaxis(hu, 0, 2), affine @ np.diag([1, 1, 100, 1])),
+             tmp_path / "far.nii.gz")  # fmt: skip
+    predict(model, tmp_path / "far.nii.gz", tmp_path / "far", gate=False, **QUIET)
+    far = json.loads((_only_folder(tmp_path / "far") / "report.json").read_text())
+    assert any("above the 12000 mL" in w and "spacing" in w for w in far["warnings"])
+    assert far["severity"]["grade"] in (None, "not graded")
 
 
 def test_several_series_corrupt_files_gaps_and_other_modalities(model, phantom_run, tmp_path):

@@ -459,6 +459,9 @@ def _label_volume(masks: np.ndarray | None, shape, mask_threshold: float) -> np.
 
 
 MIN_LUNG_ML = 300.0  # less is partial coverage, not a chest CT, or a failed lung mask
+# More than any adult's total lung capacity (about 6-8 L, 10 L in the tallest): a slice
+# or pixel spacing that is wrong in the header (a NIfTI's pixdim, positions in cm).
+MAX_LUNG_ML = 12000.0
 MAX_TILT_DEG = 30.0  # slices tilted more than this from axial are not an axial series
 
 
@@ -479,7 +482,17 @@ def grading_limits(volume: Volume, lung_ml: float) -> list[str]:
             f"lungs of {lung_ml:.0f} mL, below the {MIN_LUNG_ML:.0f} mL a chest CT covers "
             "(partial coverage, not a chest CT, or the lung mask failed)"
         )
+    elif lung_ml > MAX_LUNG_ML:
+        limits.append(
+            f"lungs of {lung_ml:.0f} mL, above the {MAX_LUNG_ML:.0f} mL of any adult's "
+            f"lungs: the voxel spacing read from the input ({_spacing_text(volume)} mm) is "
+            "likely wrong (slice positions, thickness or a NIfTI's pixdim)"
+        )
     return limits
+
+
+def _spacing_text(volume: Volume) -> str:
+    return " x ".join(f"{float(v):g}" for v in volume.spacing_mm)
 
 
 def lung_sides(lung: np.ndarray, volume: Volume) -> dict:
