@@ -568,7 +568,17 @@ def read_nifti_volume(path: Path):
     import nibabel as nib
 
     try:
-        image = nib.as_closest_canonical(nib.load(str(path)))  # RAS+
+        image = nib.load(str(path))
+    except Exception as e:
+        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+    shape = tuple(image.shape)
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise SkipFile(f"expected a 3-D volume, got shape {shape}")
+    # nibabel's reorientation fails on this with an OrientationError that says nothing.
+    if not abs(np.linalg.det(np.asarray(image.affine)[:3, :3])) > 1e-12:
+        raise SkipFile("its affine (sform/qform) is degenerate: no voxel size or direction")
+    try:
+        image = nib.as_closest_canonical(image)  # RAS+
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as e:
         raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {e})") from None

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -246,6 +247,37 @@ def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "shape, header, reason",
+    [
+        ((16, 16), {}, "expected a 3-D volume, got shape (16, 16)"),
+        ((16, 16, 4, 2), {}, "expected a 3-D volume"),
+        ((16, 16, 4), {"zero_sform": True}, "degenerate"),
+    ],
+)
+def test_nifti_files_that_are_no_volume_are_named(tmp_path, shape, header, reason):
+    """A 2-D NIfTI or a zero affine said "cannot read NIfTI
+    (OrientationError: ...)", which named nothing a user could check."""
+    import nibabel as nib
+
+    from data_tools.convert import read_nifti_volume
+    from data_tools.dicom_io import SkipFile
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.int16)
+    hdr.set_qform(None, code=0)
+    hdr.set_sform(None, code=0)
+    if header.get("zero_sform"):
+        hdr["sform_code"] = 2
+        for row in ("srow_x", "srow_y", "srow_z"):
+            hdr[row] = 0.0
+    path = tmp_path / "ct.nii"
+    nib.save(nib.Nifti1Image(np.full(shape, -800, np.int16), None, header=hdr), path)
+    with pytest.raises(SkipFile, match=re.escape(reason)):
+        read_nifti_volume(path)
 
 
 def test_a_mask_named_after_a_nifti_volume_is_that_volumes_alone(cohort, tmp_path):
