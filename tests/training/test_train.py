@@ -301,6 +301,30 @@ def test_evaluating_another_folds_patients_is_refused(tiny, capsys):
     assert (metrics.read_bytes() if metrics.exists() else None) == before
 
 
+def test_evaluate_names_the_checkpoints_it_scored(tiny, tmp_path, capsys):
+    """Without segmenter_best.keras evaluate scored segmenter_last.keras, and without
+    either it scored the classifier alone, saying nothing of it anywhere."""
+    import shutil
+
+    from tfcovseg.cli.evaluate import main as evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny[0] / "run", run)
+    (run / "segmenter_best.keras").unlink()
+    assert evaluate(["--run", str(run), "--split", "validation", "--no-figures"]) == 0
+    assert "models: segmenter_last.keras, classifier_best.keras (no best checkpoint" in (
+        capsys.readouterr().out
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["models"] == {
+        "segmenter": "segmenter_last.keras",
+        "classifier": "classifier_best.keras",
+    }
+    (run / "segmenter_last.keras").unlink()
+    assert evaluate(["--run", str(run), "--split", "validation", "--no-figures"]) == 0
+    assert "(no segmenter in the run)" in capsys.readouterr().out
+
+
 def _tiny_yaml(tiny, tmp_path, *extra):
     """The tiny run's config with extra overrides, as a YAML file."""
     from tfcovseg.configs.experiment import save_config
@@ -443,7 +467,9 @@ def test_resume_skips_completed_phases(tiny, tmp_path):
     assert any("already completed" in m for m in messages)
     # Another configuration cannot resume this run.
     other = load_config(out / "config.yaml", ["train.epochs=7"])
-    with pytest.raises(TrainingError, match="another configuration"):
+    # It named the fix "--config OUT/config.yaml", which fails the same way under the
+    # --set that made the difference: the key is named now.
+    with pytest.raises(TrainingError, match="another configuration.*train.epochs 2 there, 7 now"):
         train(other, out, resume=True, verbose=0, log=lambda *a: None)
 
 

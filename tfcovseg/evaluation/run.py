@@ -55,7 +55,7 @@ from tfcovseg.evaluation.metrics import (
 )
 from tfcovseg.evaluation.runlog import training_summary
 from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
-from tfcovseg.models import load_run_models
+from tfcovseg.models import load_run_models, run_model_path
 from tfcovseg.reporting import figures as viz
 from tfcovseg.reporting import report
 
@@ -234,6 +234,12 @@ def evaluate_run(
         "fold": fold,
         "threshold": threshold,
         "classes": classes,
+        # Which checkpoints were scored: a missing best one falls back to the last.
+        "models": {
+            stem: None if path is None else path.name
+            for stem in ("segmenter", "classifier")
+            for path in [run_model_path(run, stem)]
+        },
         "disclaimer": DISCLAIMER,
         "patients": split_composition(tally.diagnosis, tally.severity),
         "training": training_summary(run, config),
@@ -418,6 +424,16 @@ def print_headline(results: dict, run: Path) -> None:
     print(
         f"evaluation on the {results['split']} split (fold {results['fold']}); {DISCLAIMER.lower()}"
     )
+    models = results.get("models", {})
+    missing = [stem for stem, name in models.items() if name is None]
+    fallback = [name for name in models.values() if name and name.endswith("_last.keras")]
+    if missing or fallback:
+        scored = ", ".join(name for name in models.values() if name)
+        print(
+            f"  models: {scored}"
+            + (f" (no {' or '.join(missing)} in the run)" if missing else "")
+            + (" (no best checkpoint: the last epoch's)" if fallback else "")
+        )
     for cls, s in results.get("segmentation", {}).items():
         print(
             f"  {cls:<14} Dice {s['dice']:.3f}  IoU {s['iou']:.3f}  precision "

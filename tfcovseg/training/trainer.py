@@ -47,6 +47,7 @@ from tfcovseg import __version__, require_tensorflow
 from tfcovseg.configs.experiment import (
     BUILTIN_EXPERIMENTS,
     ExperimentConfig,
+    config_to_dict,
     load_config,
     save_config,
 )
@@ -533,11 +534,30 @@ def _check_run_folder(out: Path, config, resume: bool, log) -> None:
         shutil.rmtree(out)
     if resume and (out / "config.yaml").is_file():
         saved = load_config(out / "config.yaml")
-        if _training_settings(saved) != _training_settings(config):
+        differ = _differences(_training_settings(saved), _training_settings(config))
+        if differ:
             raise TrainingError(
-                f"{out} was started with another configuration: resume it with "
-                f"--config {out / 'config.yaml'}"
+                f"{out} was started with another configuration ({'; '.join(differ)}): "
+                "--resume continues it only with its own (leave out those --set and "
+                "--config; evaluate and export may change), or train anew into another --out"
             )
+
+
+def _differences(saved, now) -> list[str]:
+    """ "key X there, Y now" for each dotted key whose value differs between two configs."""
+
+    def flat(values, prefix=""):
+        out = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(config_to_dict(saved)), flat(config_to_dict(now))
+    return [f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]  # fmt: skip
 
 
 def train(
