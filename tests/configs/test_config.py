@@ -247,6 +247,10 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    empty = tmp_path / "empty.yaml"  # trained the default experiment as "default"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_config(empty)
 
 
 def test_dataclass_defaults():

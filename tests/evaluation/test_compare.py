@@ -310,6 +310,9 @@ def test_names_default_override_and_clash(tmp_path):
     assert compare.display_names([a, b], ["A", "B"]) == ["A", "B"]
     with pytest.raises(compare.CompareError, match="2 runs"):
         compare.display_names([a, b], ["A"])
+    # One name twice: the second run's row hid the first in the JSON (keyed by name).
+    with pytest.raises(compare.CompareError, match="A given twice"):
+        compare.display_names([a, b], ["A", " A"])
 
 
 def test_cli_writes_files_and_returns_0(tmp_path, capsys):

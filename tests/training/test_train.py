@@ -76,7 +76,11 @@ def test_prepare_records_writes_the_configured_mix(tmp_path):
         "quickstart",
         overrides[:-2] + ["data.phantom_seed=4", "data.phantom_mix=pneumonia"],
     )
-    with pytest.raises(TrainingError, match=r"phantom records in .*records.*phantom_seed=4"):
+    # Records of one's own beside a cohort folder: the fix is named, not only a deletion.
+    with pytest.raises(
+        TrainingError,
+        match=r"phantom records in .*records.*phantom_seed=4.*--set data.phantom_patients=0",
+    ):
         prepare_records(config, log=print)
     assert (folder / "manifest.json").read_bytes() == before
 

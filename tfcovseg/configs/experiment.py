@@ -846,9 +846,14 @@ def _yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if values is None:  # an empty file trained the default experiment, named "default"
+        raise ConfigError(
+            f"{path} is empty: an experiment names at least a base (say base: quickstart) "
+            "or its sections (model, data, train)"
+        )
     if not isinstance(values, dict):
         raise ConfigError(f"{path} must hold a mapping with keys name, base, model, data, train")
     return values

@@ -349,7 +349,11 @@ def display_names(summaries: Sequence[dict], names: Sequence[str] | None = None)
             raise CompareError(f"{len(names)} names given for {len(summaries)} runs")
         if any(not n.strip() for n in names):
             raise CompareError("names must not be empty")
-        return [n.strip() for n in names]
+        names = [n.strip() for n in names]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # the tables and the JSON key rows by name: one would hide the other
+            raise CompareError(f"names must differ: {', '.join(twice)} given twice")
+        return names
     result = [str(s["experiment"]) for s in summaries]
     for attempt in (lambda s: Path(s["path"]).name, lambda s: s["path"]):
         clashes = {n for n in result if result.count(n) > 1}

@@ -210,6 +210,8 @@ def check_phantom_cache(
         "delete that folder to write it again with these settings, or point "
         "data.records_dir somewhere else"
     )
+    if key == "phantom_patients":  # the user's own records, not a cache
+        advice += "; to train on these records as they are, --set data.phantom_patients=0"
     manifest_csv = cohort / "manifest.csv"
     if manifest_csv.is_file():
         with manifest_csv.open(newline="") as f:
