@@ -9,6 +9,7 @@ do not keep consistent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,7 +53,11 @@ class HounsfieldRule:
     @classmethod
     def of(cls, ds: pydicom.Dataset | Header) -> HounsfieldRule:
         ds = Header.of(ds)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
+        value = ds.get("RescaleSlope")
+        slope = 1.0 if value is None or value == "" else float(value)  # absent: stored = HU
+        if not (math.isfinite(slope) and slope != 0):
+            # Every pixel would be the intercept (it was taken as 1, silently).
+            raise SkipFile(f"RescaleSlope {value} cannot map stored values to HU")
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         padding = ds.get("PixelPaddingValue")
         if padding is None:

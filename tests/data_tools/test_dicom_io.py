@@ -353,3 +353,14 @@ def test_padding_range_becomes_air(tmp_path):
         np.testing.assert_array_equal(
             hu[~padded], np.maximum(stored[~padded] * 0.5 - 1024, HU_FLOOR)
         )
+
+
+def test_a_rescale_slope_of_zero_is_refused_not_taken_as_one():
+    """RescaleSlope 0 maps every pixel to the intercept: it was read as 1, silently."""
+    ds = pydicom.Dataset()
+    assert HounsfieldRule.of(ds).slope == 1.0  # absent: the stored values are HU
+    ds.RescaleSlope, ds.RescaleIntercept = "2.5", "-1024"
+    assert (HounsfieldRule.of(ds).slope, HounsfieldRule.of(ds).intercept) == (2.5, -1024.0)
+    ds.RescaleSlope = "0"
+    with pytest.raises(SkipFile, match="RescaleSlope 0"):
+        HounsfieldRule.of(ds)
