@@ -1320,6 +1320,12 @@ def print_summary(summary: dict) -> None:
             f"{summary['seconds']:.1f} s ({rate:.{0 if rate >= 10 else 1}f} slices/s)"
         )
     )
+    if summary["shards"] > summary["patients"]:
+        print(
+            f"warning: --shards {summary['shards']} for {summary['patients']} patients: "
+            f"{summary['shards'] - summary['patients']} shards are empty (a patient's slices "
+            "stay in one shard)"
+        )
     if summary["empty_splits"]:
         print(
             f"warning: too few patients for every split: {', '.join(summary['empty_splits'])} empty"

@@ -247,6 +247,11 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    run = tmp_path / "run"  # a run folder: it said "does not exist"
+    run.mkdir()
+    (run / "config.yaml").write_text("base: quickstart\n")
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file: give .*config.yaml"):
+        load_config(run)
     empty = tmp_path / "empty.yaml"  # trained the default experiment as "default"
     empty.write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match="empty.yaml is empty"):

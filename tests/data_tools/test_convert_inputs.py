@@ -440,3 +440,14 @@ def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
     assert "link-\\udcff.dcm: a link that leads to no file" in printed
     assert "junk-\\udcfe.dcm: not a DICOM file" in printed
     assert "shards in " in printed and "out-\\udcfd in " in printed.splitlines()[0]
+
+
+def test_more_shards_than_patients_are_warned_of(cohort, tmp_path, capsys):
+    """--shards 100 on 10 patients wrote 90 empty shards without a word."""
+    from data_tools.convert import print_summary
+
+    src = tmp_path / "in"
+    shutil.copytree(cohort / "case_0001", src / "p")
+    summary = convert(src, tmp_path / "out", size=64, salt=SALT, shards=3, progress=False)
+    print_summary(summary)
+    assert "warning: --shards 3 for 1 patients: 2 shards are empty" in capsys.readouterr().out

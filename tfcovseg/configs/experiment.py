@@ -101,6 +101,8 @@ def resolve_config(path: str | Path) -> Path:
     names = builtin_experiments()
     if stem in names:
         return BUILTIN_EXPERIMENTS / f"{stem}.yaml"
+    if path.is_dir():  # a run folder, say: `_yaml_mapping` names its config.yaml
+        return path
     unknown = f", and {stem!r} is not a built-in experiment" if stem is not None else ""
     raise ConfigError(
         f"config file {path} does not exist{unknown}; give the path of a YAML file or the "
@@ -843,6 +845,10 @@ MAX_BASE_DEPTH = 8
 
 
 def _yaml_mapping(path: Path) -> dict:
+    if path.is_dir():  # a run folder, say: its config.yaml is what was meant
+        inside = path / "config.yaml"
+        hint = f": give {inside}" if inside.is_file() else ""
+        raise ConfigError(f"config file {path} is a folder, not a YAML file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
