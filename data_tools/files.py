@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,21 @@ def plain(value):
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def files_sha256(paths, root=None) -> str:
+    """SHA-256 of files' bytes, in the order given; with `root`, each file's name relative
+    to it first (so that a renamed or moved file changes the digest)."""
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        if root is not None:
+            h.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape"))
+            h.update(b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def json_text(data, indent=2, sort_keys=False) -> str:

@@ -333,6 +333,11 @@ def test_errors_exit_2_and_keep_what_exists(phantom_export, phantom_run, tmp_pat
     (junk / "a.dcm").write_bytes(b"not dicom at all")
     assert main(args + ["--input", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert "no usable CT series" in capsys.readouterr().err
+    # A list of studies or one image given as --input: what to do instead is named.
+    for name, hint in (("studies.txt", "add --runner direct"), ("slice.jpg", "as a folder")):
+        (tmp_path / name).write_text("x")
+        assert main(args + ["--input", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        assert hint in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--input", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert "neither a SavedModel" in capsys.readouterr().err
     case = str(phantom_run.cohort / "case_0007")

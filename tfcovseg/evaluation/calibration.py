@@ -8,13 +8,12 @@ The export stores what these choose in its metadata (`tfcovseg.inference.export`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.files import atomic_write_json
+from data_tools.files import atomic_write_json, files_sha256
 from data_tools.lung import LESION_RULE
 from tfcovseg.data.dataset import (
     classify_label,
@@ -90,14 +89,6 @@ def calibrate_gate(
     return gate_from_scores(scores["probabilities"], scores["labels"], recall, min_auc, scorer)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _kept_in_run(run, stem: str, config, fold: int, extra: dict, compute):
     """`compute()` (JSON-able), kept in ``run/validation_scores.json`` when `run` is given.
 
@@ -112,8 +103,8 @@ def _kept_in_run(run, stem: str, config, fold: int, extra: dict, compute):
     key = json.dumps(
         {
             "model": stem,
-            "model_sha256": _file_digest(model_file),
-            "manifest_sha256": _file_digest(records_folder(config) / "manifest.json"),
+            "model_sha256": files_sha256([model_file]),
+            "manifest_sha256": files_sha256([records_folder(config) / "manifest.json"]),
             "fold": int(fold),
             "input_size": list(config.model.input_size),
             **extra,

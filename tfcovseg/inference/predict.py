@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import dicom_io
-from data_tools.convert import read_nifti_volume
+from data_tools.convert import IMAGE_SUFFIXES, read_nifti_volume
 from data_tools.ct_values import ct_value_problem
 from data_tools.dicom_io import SkipFile
 from data_tools.files import (
@@ -62,6 +62,7 @@ from data_tools.files import (
     atomic_write_text,
     check_output_dir,
     exclusive_folder,
+    files_sha256,
     remove_partial_directories,
 )
 from data_tools.lung import (
@@ -111,17 +112,6 @@ class PredictionError(Exception):
 # ----------------------------------------------------------------------------- models
 
 
-def files_sha256(root: Path, paths) -> str:
-    """SHA-256 of files (their names relative to `root`, then their bytes), in order."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 class SavedModelPredictor:
     """A tfcovseg SavedModel (``tfcovseg.export``) loaded with `tf.saved_model.load`."""
 
@@ -142,7 +132,7 @@ class SavedModelPredictor:
         self.source = f"SavedModel {path.parent.name}/{path.name}"
         # Results kept in an output folder are this model's only if the files are the same
         # (another model copied to the same folder name is another model).
-        self.sha256 = files_sha256(path, sorted(p for p in path.rglob("*") if p.is_file()))
+        self.sha256 = files_sha256(sorted(p for p in path.rglob("*") if p.is_file()), path)
 
     def classify(self, hu: np.ndarray) -> np.ndarray:
         out = self._model.signatures["classify"](hu=tf.constant(hu, tf.float32))
@@ -183,7 +173,7 @@ class RunPredictor:
         self.metadata = graph.metadata
         self.source = f"run folder {run.name}"
         files = [run / "config.yaml", *sorted(run.glob("*.keras"))]
-        self.sha256 = files_sha256(run, [p for p in files if p.is_file()])
+        self.sha256 = files_sha256([p for p in files if p.is_file()], run)
 
     def classify(self, hu: np.ndarray) -> np.ndarray:
         return self._classify(tf.constant(hu, tf.float32))["covid_probability"].numpy()
@@ -416,8 +406,19 @@ def read_input(path, series_uid=None, salt=None, redactor=None) -> tuple[list[Vo
     volumes, skipped = _dicom_volumes(path, series_uid, salt, redactor)
     if not volumes:
         reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5]) or "no files"
-        raise PredictionError(f"no usable CT series in {path} ({reasons})")
+        raise PredictionError(f"no usable CT series in {path} ({reasons}){_hint(path)}")
     return volumes, skipped
+
+
+def _hint(path: Path) -> str:
+    """What a file given as --input may have been meant as, when it is no DICOM slice."""
+    if not path.is_file():
+        return ""
+    if path.suffix.lower() in (".txt", ".csv", ".lst"):
+        return "; a list of studies is read by the batch prediction: add --runner direct"
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return "; PNG/JPEG slices are read as a folder: give the folder that holds them"
+    return ""
 
 
 # ----------------------------------------------------------------------------- inference
