@@ -139,16 +139,6 @@ def _overridden(config, overrides, source: str):
     return ex.config_from_dict(ex.apply_overrides(ex.config_to_dict(config), overrides), source)
 
 
-def _dotted(values: dict, prefix="") -> dict:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out |= _dotted(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def settings_record(config, bench: dict) -> dict:
     """The run's settings as results.json and the fold store record them: the figures the
     benchmark has always recorded, and every other key of the experiment that differs from
@@ -173,7 +163,7 @@ def settings_record(config, bench: dict) -> dict:
     }
     recorded = {"model.input_size", "train.seed", *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
-    ours = _dotted(ex.config_to_dict(config))
-    default = _dotted(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
+    ours = ex.dotted_values(ex.config_to_dict(config))
+    default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
     other = {k: v for k, v in ours.items() if k not in recorded and default.get(k) != v}
     return settings | ({"experiment": other} if other else {})

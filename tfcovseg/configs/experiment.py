@@ -768,6 +768,17 @@ def config_from_dict(values: Mapping[str, Any], source: str = "<dict>") -> Exper
     return ExperimentConfig(name=name, **sections)
 
 
+def dotted_values(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested values (`config_to_dict`'s) as one level of dotted keys, ``train.epochs``."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out |= dotted_values(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def config_to_dict(config) -> dict[str, Any]:
     """Plain nested values (tuples as lists) of a config, ready for YAML or JSON."""
 

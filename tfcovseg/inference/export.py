@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 from pathlib import Path
 
 import keras
@@ -58,6 +57,7 @@ from data_tools.files import (
     check_output_dir,
     exclusive_folder,
     json_text,
+    remove_partial_directories,
 )
 from tfcovseg import __version__, require_tensorflow
 from tfcovseg.configs.experiment import load_config
@@ -616,9 +616,10 @@ def export_run(
     # Held while the version is chosen and written: a second export to the same folder
     # is refused, and what a killed one left can go.
     with exclusive_folder(out, error=ExportError):
-        _remove_interrupted_exports(out, log)
         _check_model_folder(out, export_format)
         target = out / str(int(next_version(out) if version is None else version))
+        for left in remove_partial_directories(target):  # held here: no export is writing
+            log(f"removed {left}, left by an interrupted export")
         if target.exists():
             raise ExportError(
                 f"{target} already exists: served versions are immutable; omit --version "
@@ -649,15 +650,6 @@ def export_run(
             f"of the lungs (chosen on {burden['validation_patients']} validation patients)"
         )
     return target
-
-
-def _remove_interrupted_exports(out: Path, log) -> None:
-    """Removes the temporary version folders (``.<version>-*``, `atomic_directory`'s)
-    that killed exports left in `out` (held by this export: no other one is writing)."""
-    for path in sorted(out.glob(".*-*")):
-        if path.is_dir() and path.name[1:].split("-", 1)[0].isdigit():
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed {path}, left by an interrupted export")
 
 
 def _warn_default_window(graph, log) -> None:

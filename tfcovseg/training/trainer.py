@@ -48,6 +48,7 @@ from tfcovseg.configs.experiment import (
     BUILTIN_EXPERIMENTS,
     ExperimentConfig,
     config_to_dict,
+    dotted_values,
     load_config,
     save_config,
 )
@@ -547,17 +548,7 @@ def _check_run_folder(out: Path, config, resume: bool, log) -> None:
 
 def _differences(saved, now) -> list[str]:
     """ "key X there, Y now" for each dotted key whose value differs between two configs."""
-
-    def flat(values, prefix=""):
-        out = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                out |= flat(value, f"{prefix}{key}.")
-            else:
-                out[prefix + key] = value
-        return out
-
-    a, b = flat(config_to_dict(saved)), flat(config_to_dict(now))
+    a, b = (dotted_values(config_to_dict(c)) for c in (saved, now))
     return [f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k)]  # fmt: skip
 
