@@ -67,7 +67,13 @@ from data_tools.privacy import (
     resolve_salt,
 )
 from data_tools.resize import resize_bilinear
-from data_tools.workers import ordered_map, reuse_freed_memory, scan_chunk, worker_pool
+from data_tools.workers import (
+    ordered_map,
+    oversubscribed,
+    reuse_freed_memory,
+    scan_chunk,
+    worker_pool,
+)
 
 MANIFEST = "manifest.json"
 SHARD_RE = re.compile(r"^slices-\d{5}-of-\d{5}\.tfrecord(\.gz)?$")
@@ -1417,6 +1423,9 @@ def main(argv=None) -> int:
         parser.error("--shards must be at least 1")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    too_many = oversubscribed(args.workers)
+    if too_many:
+        print(f"warning: {too_many}", file=sys.stderr)
     # Mask label k is the k-th name: an empty one dropped would shift the labels after it.
     classes = tuple(c.strip() for c in args.classes.split(","))
     if not all(classes) or len(set(classes)) != len(classes):
@@ -1442,6 +1451,13 @@ def main(argv=None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from a worker's wait
+        print(
+            "\ninterrupted: a conversion that did not finish leaves the output folder as "
+            "it was: run the command again",
+            file=sys.stderr,
+        )
+        return 130
     print_summary(summary)
     return 0
 

@@ -260,6 +260,25 @@ def _dataset(path: Path) -> pydicom.Dataset:
         raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
 
 
+def _values(value) -> list[str]:
+    """A multi-valued string attribute (ImageType) as upper-case strings."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        value = str(value).split("\\")
+    return [str(v).strip().upper() for v in value]
+
+
+MAX_TILT_DEG = 30.0  # slices tilted more than this from axial are not an axial series
+
+
+def tilt_deg(direction) -> float:
+    """Degrees between a slice normal (any length, LPS or RAS) and the head-feet axis."""
+    direction = np.asarray(direction, np.float64)
+    cos = abs(direction[2]) / max(float(np.linalg.norm(direction)), 1e-12)
+    return float(np.degrees(np.arccos(min(cos, 1.0))))
+
+
 def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
     """Reads a DICOM header and classifies it.
 
@@ -291,6 +310,9 @@ def _read_header(path: Path) -> tuple[str, Header]:
         )
     if modality != "CT":
         raise SkipFile(f"modality {modality or 'unknown'} is not CT")
+    if "LOCALIZER" in _values(ds.get("ImageType")):
+        # A scout is a projection, not a cross-section: segmenting it means nothing.
+        raise SkipFile("a localizer (scout) image, not an axial slice")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise SkipFile("multi-frame (enhanced) CT is not supported; export single-frame slices")
     for key in (

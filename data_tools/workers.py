@@ -37,6 +37,26 @@ def scan_chunk(paths, root=None) -> tuple[list, list]:
     return scanned, list(held)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and `taskset`
+    narrow; `os.cpu_count` counts the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def oversubscribed(workers: int) -> str | None:
+    """Why `workers` processes will not run faster than fewer, or None when they may."""
+    cpus = usable_cpus()
+    if workers <= cpus:
+        return None
+    return (
+        f"--workers {workers} on {cpus} usable CPU(s): the workers beyond {cpus} share "
+        "them, adding memory and start-up time, not speed"
+    )
+
+
 def _started() -> None:
     """A first task: submitting it makes the pool start a worker."""
 

@@ -139,3 +139,49 @@ def test_the_conversion_commands_answer_the_one_version(module):
     )
     assert out.returncode == 0 and out.stdout.strip() == f"tfcovseg {__version__}"
     assert __version__ == data_tools.__version__
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "door, target, argv, kept",
+    [
+        (
+            "predict",
+            "tfcovseg.inference.predict.predict",
+            ["--model", "m", "--input", "i", "--out", "o"],
+            "finished series are kept",
+        ),
+        ("train", "tfcovseg.training.trainer.train", ["--out", "{tmp}/run"], "--resume goes on"),
+        (
+            "evaluate",
+            "tfcovseg.evaluation.run.evaluate_run",
+            ["--run", "{tmp}"],
+            "run the command again",
+        ),
+    ],
+)
+def test_ctrl_c_says_what_is_kept_instead_of_a_traceback(
+    door, target, argv, kept, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C printed a traceback from wherever TensorFlow was, and nothing about what was
+    kept or how to go on."""
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, _interrupt)
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    main = importlib.import_module(f"tfcovseg.cli.{door}").main
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted:" in err and kept in err and "Traceback" not in err
+
+
+def test_ctrl_c_during_conversion_leaves_the_output_as_it_was(tmp_path, monkeypatch, capsys):
+    from data_tools import convert
+
+    monkeypatch.setattr(convert, "convert", _interrupt)
+    assert convert.main(["--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted: a conversion that did not finish" in capsys.readouterr().err

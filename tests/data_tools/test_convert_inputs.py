@@ -389,6 +389,12 @@ def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_
         assert stop.value.code == 2
         assert "distinct, non-empty classes" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # More workers than CPUs ran without a word (slower than fewer, and more memory).
+    from data_tools.workers import usable_cpus
+
+    many = str(usable_cpus() + 2)
+    assert main([*args, "--out", str(tmp_path / "o"), "--folds", "1", "--workers", many]) == 2
+    assert f"--workers {many} on {usable_cpus()} usable CPU(s)" in capsys.readouterr().err
 
 
 def test_a_slice_unreadable_when_converting_is_named_and_its_gap_warned(cohort, tmp_path):

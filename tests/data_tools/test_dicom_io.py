@@ -245,6 +245,16 @@ def test_skip_reasons(tmp_path):
     assert kind == "ct" and ds.Modality == "CT"
 
 
+def test_a_localizer_is_skipped(tmp_path):
+    # A scout (ImageType ...\\LOCALIZER) is a projection: predict and the converter
+    # segmented it as if it were an axial slice.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(tmp_path / "scout.dcm")
+    with pytest.raises(SkipFile, match="localizer"):
+        read_header(tmp_path / "scout.dcm")
+
+
 def test_reasons_name_the_real_cause(tmp_path, monkeypatch):
     # A CT file cut anywhere inside its header is truncated, never "not an image" or
     # "without PixelSpacing"; a file the system will not read is not "corrupt".

@@ -104,6 +104,7 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
         "threshold": report["gate"]["threshold"],
         "method": "--no-gate",
         "slices_segmented": len(series.slices),
+        "slices_unreadable": 0,
     }
     assert report["disclaimer"] == DISCLAIMER and DISCLAIMER in (folder / "report.html").read_text()
     assert report["model"]["model_version"] == 1
@@ -381,6 +382,10 @@ def test_unreadable_slices_stay_in_place_and_bad_headers_are_skipped(model, phan
     report = json.loads((folder / "report.json").read_text())
     assert report["study"]["slices"] == n  # the grid stays whole
     assert any("unreadable" in w for w in report["warnings"])
+    # The slice left empty is neither segmented nor scored (it was, as air).
+    assert report["gate"]["slices_unreadable"] == 1
+    assert report["gate"]["slices_segmented"] == n - 1
+    assert report["covid"]["slice_probabilities"][n // 2] == 0.0
     reasons = {s["file"]: s["reason"] for s in report["skipped"]}
     assert "left empty" in reasons[broken.name]
     assert any("malformed geometry" in r for r in reasons.values())

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import numpy as np
+import pydicom
 import pytest
 import tensorflow as tf
 from pydicom.data import get_testdata_file
@@ -278,3 +279,20 @@ def test_cli_sends_a_real_dicom_slice(rest_server, grpc_server, capsys):
     assert "not CT" in capsys.readouterr().err
     hu = client.hu_from_dicom(path)
     assert hu.shape == (128, 128) and hu.dtype == np.float32
+
+
+def test_a_slice_predict_would_not_segment_is_refused_by_name(tmp_path):
+    # A scout, a sagittal slice and stored values without their rescale to HU were sent
+    # to the model as axial HU slices.
+    scout, sagittal, stored = (pydicom.dcmread(get_testdata_file("CT_small.dcm")) for _ in "abc")
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    sagittal.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    stored.RescaleIntercept = 1024  # stored values 0-4095 read as if they were HU
+    for name, item, reason in (
+        ("scout.dcm", scout, "localizer"),
+        ("sagittal.dcm", sagittal, "not an axial slice"),
+        ("stored.dcm", stored, "not CT in Hounsfield units"),
+    ):
+        item.save_as(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}: .*{reason}"):
+            client.hu_from_dicom(tmp_path / name)

@@ -7,6 +7,7 @@ and the ``python -m tfcovseg.<command>`` forms run the same `main`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -32,6 +33,27 @@ def fail(message: str) -> int:
     that is not UTF-8 shown with backslash escapes)."""
     print(printable(f"error: {message}"), file=sys.stderr)
     return 2
+
+
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def interruptible(hint: str):
+    """A door's `main` that answers Ctrl-C with one line saying what was kept and how to go
+    on (`hint`), exit code 130, instead of a traceback from wherever TensorFlow was."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None) -> int:
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                print(f"\ninterrupted: {hint}", file=sys.stderr)
+                return INTERRUPTED
+
+        return run
+
+    return wrap
 
 
 def say(message: str) -> None:

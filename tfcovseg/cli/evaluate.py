@@ -21,6 +21,7 @@ def build_parser():
     return parser
 
 
+@cli.interruptible("nothing was half-written: run the command again")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not (args.run / "config.yaml").is_file():

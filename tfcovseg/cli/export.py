@@ -42,6 +42,7 @@ def build_parser():
     return parser
 
 
+@cli.interruptible("the model folder holds only complete versions: run the command again")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.gate_threshold != "auto":

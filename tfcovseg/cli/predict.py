@@ -93,6 +93,7 @@ def _archive(args) -> int:
     return 0
 
 
+@cli.interruptible("finished series are kept in --out: the same command goes on with the others")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

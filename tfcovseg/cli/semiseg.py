@@ -105,6 +105,9 @@ def _parse_folds(text):
         ) from None
 
 
+@cli.interruptible(
+    "finished folds are kept in OUT/folds: the same command goes on from the last one"
+)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tfcovseg.benchmarks.semiseg_config import BenchmarkError

@@ -77,6 +77,10 @@ def base_config(args):
     return path or builtin_experiment(DEFAULT_EXPERIMENT)
 
 
+@cli.interruptible(
+    "the run folder keeps the last finished epoch: the same command with --resume goes on "
+    "from there"
+)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume and args.out is None:

@@ -242,13 +242,6 @@ class Volume:
         return h.hexdigest()
 
 
-def _tilt_deg(direction) -> float:
-    """Degrees between a slice normal (any length, LPS or RAS) and the head-feet axis."""
-    direction = np.asarray(direction, np.float64)
-    cos = abs(direction[2]) / max(float(np.linalg.norm(direction)), 1e-12)
-    return float(np.degrees(np.arccos(min(cos, 1.0))))
-
-
 def _scan(root: Path, redactor) -> tuple[list, list]:
     """(header, dataset) of every DICOM image under `root`, and the files skipped."""
     skipped, headers = [], []
@@ -366,7 +359,7 @@ def _series_volume(series, base, by_path, salt, redactor, skipped):
         unreadable=unreadable,
         skipped=[(redactor(f), redactor(r)) for f, r in own_skips],
         warnings=[redactor(w) for w in warnings],
-        tilt_deg=_tilt_deg(sub.normal),
+        tilt_deg=dicom_io.tilt_deg(sub.normal),
     )
 
 
@@ -400,7 +393,7 @@ def read_input(path, series_uid=None, salt=None, redactor=None) -> tuple[list[Vo
             patient=pseudonym("P", f"nifti:{key}", salt),
             series=pseudonym("S", key, salt),
             affine=affine,
-            tilt_deg=_tilt_deg(affine[:3, 2]),
+            tilt_deg=dicom_io.tilt_deg(affine[:3, 2]),
         )
         return [volume], []
     volumes, skipped = _dicom_volumes(path, series_uid, salt, redactor)
@@ -463,7 +456,6 @@ MIN_LUNG_ML = 300.0  # less is partial coverage, not a chest CT, or a failed lun
 # More than any adult's total lung capacity (about 6-8 L, 10 L in the tallest): a slice
 # or pixel spacing that is wrong in the header (a NIfTI's pixdim, positions in cm).
 MAX_LUNG_ML = 12000.0
-MAX_TILT_DEG = 30.0  # slices tilted more than this from axial are not an axial series
 
 
 def grading_limits(volume: Volume, lung_ml: float) -> list[str]:
@@ -471,7 +463,7 @@ def grading_limits(volume: Volume, lung_ml: float) -> list[str]:
     limits = []
     if volume.hu.shape[0] < 2:
         limits.append("a single slice: lesion and lung volumes need a series of slices")
-    if volume.tilt_deg > MAX_TILT_DEG:
+    if volume.tilt_deg > dicom_io.MAX_TILT_DEG:
         limits.append(
             f"not an axial series (slices {volume.tilt_deg:.0f} degrees from axial): the "
             "model and the lung mask work on axial slices"
@@ -827,6 +819,11 @@ def _severity_html(sev: dict) -> str:
     )
 
 
+def _unreadable_text(gate: dict) -> str:
+    n = gate.get("slices_unreadable", 0)
+    return f" ({n} unreadable, left empty and unscored)" if n else ""
+
+
 def render_html(report: dict, png: bytes) -> str:
     """A self-contained HTML page of a study report (the montage embedded)."""
     e = html.escape
@@ -877,7 +874,7 @@ def render_html(report: dict, png: bytes) -> str:
         _severity_html(sev),
         f"<p>Slice gate: {'on' if gate['enabled'] else 'off'}, threshold "
         f"{gate['threshold']:.3f}; {gate['slices_segmented']} of {study['slices']} slices "
-        "segmented.</p>",
+        f"segmented{_unreadable_text(gate)}.</p>",
         "<h2>Overlay</h2>",
         f'<p><img alt="slices with the most lesion" src="data:image/png;base64,{image}"></p>',
         "<p>Each tile: the slice number and z position; the letters at its edges are the "
@@ -943,8 +940,14 @@ def finish_volume(
     meta = predictor.metadata
     classes = list(meta["class_names"])
     probs, masks, passed = inference.probs, inference.masks, inference.passed
-    if masks is not None and volume.unreadable:
-        masks[volume.unreadable] = 0.0  # slices that could not be read stay empty
+    if volume.unreadable:
+        # Slices that could not be read stand in as air to keep the grid: they are neither
+        # segmented nor scored (an air slice's low probability would count as evidence).
+        probs = np.array(probs, np.float32)
+        probs[volume.unreadable] = 0.0
+        passed = np.setdiff1d(passed, volume.unreadable)
+        if masks is not None:
+            masks[volume.unreadable] = 0.0
     measured, labels = measure(
         volume, _label_volume(masks, volume.hu.shape, mask_threshold), classes, meta.get("severity")
     )
@@ -1020,6 +1023,7 @@ def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_th
             "threshold": threshold,
             "method": gate_method,
             "slices_segmented": int(len(passed)),
+            "slices_unreadable": len(volume.unreadable),
         },
         "verdict": verdict,
         "covid": covid,
@@ -1400,7 +1404,8 @@ def write_series(out: Path, volume: Volume, predict_into, log) -> dict:
     grade = report["severity"]["grade"] or "not graded"
     log(
         f"series {volume.series}: {report['study']['slices']} slices, "
-        f"{report['gate']['slices_segmented']} segmented, lesions "
+        f"{report['gate']['slices_segmented']} segmented{_unreadable_text(report['gate'])}, "
+        "lesions "
         f"{report['total']['percent_of_lung']:.2f} % of lung; "
         f"{verdict_summary(report['verdict'])}; severity {grade} -> {out / volume.series}"
     )

@@ -47,16 +47,34 @@ class ServingError(Exception):
 
 
 def hu_from_dicom(path) -> np.ndarray:
-    """One DICOM CT slice in Hounsfield units [H, W] float32 (`data_tools.dicom_io`)."""
-    from data_tools.dicom_io import SkipFile, read_header, read_hu
+    """One axial DICOM CT slice in Hounsfield units [H, W] float32 (`data_tools.dicom_io`).
+
+    Raises:
+        ValueError: naming the file, for what `predict` would not segment either: no CT
+            image, a localizer, a slice far from axial, values that are not HU.
+    """
+    from data_tools import dicom_io
+    from data_tools.ct_values import check_ct_values
 
     path = Path(path)
     try:
-        kind, _ = read_header(path)
+        kind, ds = dicom_io.read_header(path)
         if kind != "ct":
-            raise SkipFile("a DICOM SEG object, not a CT image")
-        return read_hu(path)
-    except SkipFile as e:
+            raise dicom_io.SkipFile("a DICOM SEG object, not a CT image")
+        try:
+            header = dicom_io.slice_header(path, ds)
+        except ValueError as e:
+            raise dicom_io.SkipFile(f"malformed geometry ({e})") from None
+        tilt = dicom_io.tilt_deg(np.cross(header.orientation[:3], header.orientation[3:]))
+        if tilt > dicom_io.MAX_TILT_DEG:
+            raise dicom_io.SkipFile(
+                f"not an axial slice ({tilt:.0f} degrees from axial): the model segments "
+                "axial slices"
+            )
+        hu = header.read_hu()
+        check_ct_values(hu)
+        return hu
+    except dicom_io.SkipFile as e:
         raise ValueError(f"{path.name}: {e}") from None
 
 
