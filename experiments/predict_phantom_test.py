@@ -21,7 +21,8 @@ from pathlib import Path
 
 from data_tools.convert import dicom_patient_key
 from data_tools.privacy import pseudonym
-from tfcovseg.inference.predict import open_model, predict
+from tfcovseg.inference.predict import predict
+from tfcovseg.inference.predictors import open_model
 
 PHANTOM_SALT = "tfcovseg-phantom"  # tfcovseg.train converts the phantom with this salt
 

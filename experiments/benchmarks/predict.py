@@ -46,7 +46,8 @@ import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from data_tools.phantom import make_patient, write_patient  # noqa: E402
-from tfcovseg.inference.predict import open_model, predict  # noqa: E402
+from tfcovseg.inference.predict import predict  # noqa: E402
+from tfcovseg.inference.predictors import open_model  # noqa: E402
 
 LESION_FREE = 0.6
 

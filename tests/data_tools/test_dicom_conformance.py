@@ -63,7 +63,8 @@ def test_seg_from_phantom_ct_has_no_dciodvfy_errors(
 ):
     import pydicom
 
-    from tfcovseg.inference.predict import read_input, write_seg
+    from tfcovseg.inference.outputs import write_seg
+    from tfcovseg.inference.studies import read_input
 
     volumes, _ = read_input(ct_folder, salt="x")
     volume = volumes[0]

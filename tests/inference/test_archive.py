@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tfcovseg.inference.archive import archive_inputs, predict_archive
-from tfcovseg.inference.predict import PredictionError, predict
+from tfcovseg.inference.errors import PredictionError
+from tfcovseg.inference.predict import predict
 
 SALT = "test-salt"
 QUIET = dict(salt=SALT, log=lambda *a: None)

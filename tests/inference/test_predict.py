@@ -18,16 +18,13 @@ from data_tools import dicom_io
 from data_tools.lung import LESION_RULE, lesions_in_lung, lung_mask
 from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
 from tfcovseg.cli.predict import main
+from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation.verdict import classifier_problem
-from tfcovseg.inference.predict import (
-    DISCLAIMER,
-    PredictionError,
-    _label_volume,
-    burden_call,
-    open_model,
-    predict,
-    read_input,
-)
+from tfcovseg.inference.errors import PredictionError
+from tfcovseg.inference.measures import burden_call
+from tfcovseg.inference.predict import _label_volume, predict
+from tfcovseg.inference.predictors import open_model
+from tfcovseg.inference.studies import read_input
 
 SALT = "test-salt"
 QUIET = dict(salt=SALT, log=lambda *a: None)
@@ -411,7 +408,8 @@ def test_index_keeps_earlier_studies(model, phantom_run, tmp_path):
 def test_display_geometry_and_lung_sides_follow_the_series_orientation(phantom_run):
     import types
 
-    from tfcovseg.inference.predict import Volume, display_geometry, lung_sides
+    from tfcovseg.inference.measures import lung_sides
+    from tfcovseg.inference.studies import Volume, display_geometry
 
     (volume,), _ = read_input(phantom_run.cohort / "case_0001" / "ct", salt=SALT)
     markers, z = display_geometry(volume)
@@ -445,7 +443,7 @@ def test_display_geometry_and_lung_sides_follow_the_series_orientation(phantom_r
 
 
 def test_lesions_per_lung_side_and_mean_hu(model, phantom_run):
-    from tfcovseg.inference.predict import lung_sides, measure
+    from tfcovseg.inference.measures import lung_sides, measure
 
     (volume,), _ = read_input(phantom_run.cohort / "case_0001" / "ct", salt=SALT)
     lung = lung_mask(volume.hu, volume.spacing_mm[:2])

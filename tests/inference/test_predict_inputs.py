@@ -19,8 +19,10 @@ from pydicom.uid import generate_uid
 from data_tools.phantom import make_patient, write_patient
 from tfcovseg.cli.predict import main
 from tfcovseg.data.intensity import match_to_scale
+from tfcovseg.inference.errors import PredictionError
 from tfcovseg.inference.images import ImageInputError, Slice, intensity_setting, predict_images
-from tfcovseg.inference.predict import PredictionError, open_model, predict
+from tfcovseg.inference.predict import predict
+from tfcovseg.inference.predictors import open_model
 
 SALT = "test-salt"
 QUIET = dict(salt=SALT, log=lambda *a: None)

@@ -81,7 +81,7 @@ def _archive(args) -> int:
     if importlib.util.find_spec("apache_beam") is None:
         return cli.fail('--runner needs Apache Beam: pip install "tfcovseg[beam]"')
     from tfcovseg.inference.archive import predict_archive
-    from tfcovseg.inference.predict import PredictionError
+    from tfcovseg.inference.errors import PredictionError
 
     try:
         predict_archive(
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         return cli.fail("--pipeline-option needs --runner")
     if args.runner:
         return _archive(args)
-    from tfcovseg.inference.predict import PredictionError, predict
+    from tfcovseg.inference.errors import PredictionError
+    from tfcovseg.inference.predict import predict
 
     try:
         predict(

@@ -2,7 +2,7 @@
 
 A study gets two patient calls: the slice classifier's (the paper's gate network, any
 slice at or above `patient_rule`'s threshold) and the segmentation's (total lesion / lung
-ratio at or above the export's lesion-burden threshold, `tfcovseg.inference.predict.burden_call`).
+ratio at or above the export's lesion-burden threshold, `tfcovseg.inference.measures.burden_call`).
 Reporting both side by side left readers with contradictions ("COVID-19 probability 0.75:
 yes", "lesion burden: no", "severity mild"). The verdict takes one of them:
 
@@ -50,7 +50,7 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
     Args:
         covid: The classifier's call: ``probability``, ``threshold``, ``positive``, ``rule``.
         gate: The export's gate metadata (``threshold``, ``method``, validation figures).
-        burden: `tfcovseg.inference.predict.burden_call`'s result (``positive`` None: no call).
+        burden: `tfcovseg.inference.measures.burden_call`'s result (``positive`` None: no call).
 
     Returns:
         ``call`` (`COVID`, `NOT_COVID` or `NO_CALL`), ``rule`` (`CLASSIFIER`, `BURDEN` or

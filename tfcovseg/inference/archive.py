@@ -8,7 +8,7 @@ sub-folders and NIfTI files are the studies. Output: what `predict` writes for e
 report.json), ``OUT/index.json`` as `predict` keeps it, and ``OUT/summary.csv``, one row
 per series (the index's entries).
 
-Steps: ``Read`` (each study's series, `predict.read_input`; series a previous run into
+Steps: ``Read`` (each study's series, `studies.read_input`; series a previous run into
 OUT finished with the same model and options are kept, as `predict` keeps them) ->
 ``Slices`` -> ``RunInference`` (`SliceModelHandler`: the SavedModel's gate and
 segmentation on batches of slices, `predict.run_model`) -> ``Join`` (the series' slices
@@ -45,6 +45,9 @@ from data_tools.files import (
 from data_tools.privacy import Redactor, redacted_warnings, resolve_salt
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.inference import predict as single
+from tfcovseg.inference.errors import PredictionError
+from tfcovseg.inference.predictors import open_model
+from tfcovseg.inference.studies import read_input
 
 # This module is imported for --runner only (`tfcovseg.cli.predict`): Beam is there.
 beam = import_beam()
@@ -83,14 +86,12 @@ def archive_inputs(spec) -> list[Path]:
         else:
             inputs = [p for p in children if p.is_dir() or _is_nifti(p)]
     else:
-        raise single.PredictionError(f"--input {spec} is no study list, pattern or folder")
+        raise PredictionError(f"--input {spec} is no study list, pattern or folder")
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
-        raise single.PredictionError(
-            f"--input {spec} names studies that do not exist: {missing[:3]}"
-        )
+        raise PredictionError(f"--input {spec} names studies that do not exist: {missing[:3]}")
     if not inputs:
-        raise single.PredictionError(f"--input {spec} names no study")
+        raise PredictionError(f"--input {spec} names no study")
     return inputs
 
 
@@ -113,7 +114,7 @@ class SliceModelHandler(ModelHandler):
         self.model, self.gate, self.threshold, self.batch_size = model, gate, threshold, batch_size
 
     def load_model(self):
-        return single.open_model(self.model)
+        return open_model(self.model)
 
     def run_inference(self, batch, model, inference_args=None):
         answers = [None] * len(batch)
@@ -159,8 +160,8 @@ def _read(numbered, count, salt, out, expected):
     redactor = Redactor()
     try:
         with redacted_warnings(redactor):
-            volumes, skipped = single.read_input(path, salt=salt, redactor=redactor)
-    except single.PredictionError as e:
+            volumes, skipped = read_input(path, salt=salt, redactor=redactor)
+    except PredictionError as e:
         name = f"input {number} of {count}"
         reason = redactor(str(e).replace(str(path), name).replace(Path(path).name, name))
         logging.warning("skipped %s: %s", name, reason)
@@ -261,9 +262,9 @@ def predict_archive(
         check_output_dir(out)
         beam_options = pipeline_options(runner, options)
     except (OutputError, ConversionError) as e:
-        raise single.PredictionError(str(e)) from None
+        raise PredictionError(str(e)) from None
     inputs = archive_inputs(input_spec)
-    predictor = single.open_model(model)
+    predictor = open_model(model)
     info = _ModelInfo(predictor)
     settings = dict(
         gate=gate, threshold=threshold, mask_threshold=mask_threshold,
@@ -273,7 +274,7 @@ def predict_archive(
     gate_threshold = expected["gate_threshold"]
     handler = KeyedModelHandler(SliceModelHandler(str(model), gate, gate_threshold, batch_size))
     salt = resolve_salt(salt)
-    with exclusive_folder(out, error=single.PredictionError):
+    with exclusive_folder(out, error=PredictionError):
         log(f"{len(inputs)} studies on the {runner} runner")
         _run_pipeline(beam_options, inputs, handler, salt, out, expected, info, settings)
     index = single.read_index(out / "index.json")
