@@ -4,20 +4,20 @@ Beam pipeline (``pip install "tfcovseg[beam]"``).
 The steps are the local converter's:
 
 1. ``ReadHeaders``: the launching process only lists the input's files
-   (`convert.input_files`); the workers read their DICOM headers, 32 files an element
+   (`discovery.input_files`); the workers read their DICOM headers, 32 files an element
    (`workers.scan_chunk`: compact answers, pydicom's warnings held back);
-2. ``Plan``: one element, the local converter's plan (`convert.plan_conversion` over
+2. ``Plan``: one element, the local converter's plan (`pipeline.plan_conversion` over
    those answers: the studies, their patients' pseudonyms, the shards); the steps after
    it see only its ``Layout`` (each study's shard, the shards' names), the final one the
    whole plan;
-3. ``Convert``: one study per element, `convert._safe_process` (read, lung mask, resize,
+3. ``Convert``: one study per element, `shards.safe_process` (read, lung mask, resize,
    encode the examples), on as many workers as the runner gives;
 4. ``WriteShard``: the studies of one shard, in plan order, written into the output
    folder's temporary ``.partial-*`` folder (`data_tools.tfrecord`: the bytes the local
    path writes). Step 3 leaves each study's examples in a file there and sends on only
    their manifest entries: no 1.5 MB-a-slice element travels between steps;
 5. ``Manifest``: a final combine over every study's manifest entries: folds, the
-   manifest, the shards moved into place, the manifest last (`convert._finish`).
+   manifest, the shards moved into place, the manifest last (`pipeline.finish`).
 
 Exactly once, deterministic: a retried bundle writes the same shard file again from the
 start (step 2 owns a shard whole), and nothing appears in the output folder before the
@@ -39,8 +39,18 @@ import re
 import shutil
 from pathlib import Path
 
-from data_tools import convert as local
 from data_tools import tfrecord, workers
+from data_tools.conversion.discovery import ConversionError, input_files
+from data_tools.conversion.pipeline import (
+    MANIFEST,
+    collect_results,
+    finish,
+    partial_folder,
+    plan_conversion,
+    spilling_jobs,
+    summarize,
+)
+from data_tools.conversion.shards import Records, safe_process
 from data_tools.privacy import warning_lines
 
 RUNNERS = {
@@ -66,7 +76,7 @@ def import_beam():
     try:
         import apache_beam as beam
     except ImportError:
-        raise local.ConversionError(f"--runner needs Apache Beam: {INSTALL}") from None
+        raise ConversionError(f"--runner needs Apache Beam: {INSTALL}") from None
     finally:
         logging.getLogger().removeFilter(quiet)
     return beam
@@ -77,12 +87,12 @@ def pipeline_options(runner: str, options=()):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     if runner not in RUNNERS:
-        raise local.ConversionError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+        raise ConversionError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
     args = []
     for item in options:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise local.ConversionError(f"--pipeline-option takes KEY=VALUE, got {item!r}")
+            raise ConversionError(f"--pipeline-option takes KEY=VALUE, got {item!r}")
         args.append(f"--{key.strip().lstrip('-')}={value}")
     return PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
 
@@ -110,7 +120,7 @@ def _plan(chunks, job, redactor, files):
             raise RuntimeError(f"{len(answers)} header answers for {len(paths)} files")
         return answers
 
-    plan = local.plan_conversion(job, redactor, scan, files)
+    plan = plan_conversion(job, redactor, scan, files)
     for line in warning_lines(held, plan.found.redactor):
         logging.warning("convert: %s", line)
     return plan
@@ -118,15 +128,15 @@ def _plan(chunks, job, redactor, files):
 
 def _study_jobs(plan, partial):
     """(index, job) of every study, each leaving its examples in its own file."""
-    return enumerate(local.spilling_jobs(plan, partial))
+    return enumerate(spilling_jobs(plan, partial))
 
 
 def _convert_study(indexed):
-    """Converts one study; its examples go to its own file (`convert.spilling_jobs`,
+    """Converts one study; its examples go to its own file (`pipeline.spilling_jobs`,
     written again, identical, by a retried bundle), so that no 1.5 MB-a-slice element
     travels between the pipeline's steps."""
     index, job = indexed
-    return index, local._safe_process(job)
+    return index, safe_process(job)
 
 
 def _layout(plan) -> tuple[list, list]:
@@ -149,23 +159,21 @@ def _write_shard(keyed, partial, layout):
 
 
 def _manifest(items, job, plan, partial):
-    """The final combine: the manifest's entries in plan order, then `convert._finish`.
+    """The final combine: the manifest's entries in plan order, then `pipeline.finish`.
 
     On a copy of the plan: `collect_results` adds the skipped files and the studies'
     warnings to it, and a retried step (a runner may keep the side input) added them
     twice."""
     plan = copy.deepcopy(plan)
-    records = local._Records(
-        partial, plan.shard_names, job.classes, job.compression, open_shards=False
-    )
+    records = Records(partial, plan.shard_names, job.classes, job.compression, open_shards=False)
     for name in plan.shard_names:  # a shard whose every study failed is written empty
         (partial / name).touch()
     held = []
     results = [result for _, result in sorted(items, key=lambda item: item[0])]
-    local.collect_results(job, plan, records, results, held, write=False)
+    collect_results(job, plan, records, results, held, write=False)
     for line in warning_lines(held, plan.found.redactor):
         logging.warning("convert: %s", line)
-    local._finish(job, records, records.close(), plan.found)
+    finish(job, records, records.close(), plan.found)
 
 
 def _our_error(error: BaseException):
@@ -174,17 +182,17 @@ def _our_error(error: BaseException):
     (the DirectRunner's multi_processing mode, Flink, Spark, Dataflow) hand a step's
     error back as their own exception around the worker's traceback text."""
     found = re.findall(r"ConversionError: (.+)", str(error))
-    return local.ConversionError(found[-1].strip()) if found else None
+    return ConversionError(found[-1].strip()) if found else None
 
 
 def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
-    """Runs the conversion `job` (`convert._Job`) on Beam's `runner`; returns the summary."""
+    """Runs the conversion `job` (`pipeline.Job`) on Beam's `runner`; returns the summary."""
     beam = import_beam()
     beam_options = pipeline_options(runner, options)
-    files = local.input_files(job.input_dir, job.out_dir)
+    files = input_files(job.input_dir, job.out_dir)
     names = files.candidates
     chunks = [names[i : i + SCAN_CHUNK] for i in range(0, len(names), SCAN_CHUNK)]
-    partial = local.partial_folder(job)
+    partial = partial_folder(job)
     # Beam logs a failing step's traceback before raising the error; ours (--strict, say)
     # reach the command as one line, and others propagate with their traceback anyway.
     step_log = logging.getLogger("apache_beam.runners.common")
@@ -213,7 +221,7 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
                 | "All" >> beam.combiners.ToList()
                 | "Manifest" >> beam.Map(_manifest, job, the_plan, partial)
             )
-    except local.ConversionError:
+    except ConversionError:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     except BaseException as e:
@@ -224,5 +232,5 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
         raise ours from None
     finally:
         step_log.setLevel(level)
-    manifest = json.loads((job.out_dir / local.MANIFEST).read_text())
-    return local.summarize(job, manifest)
+    manifest = json.loads((job.out_dir / MANIFEST).read_text())
+    return summarize(job, manifest)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from data_tools.convert import dicom_patient_key
+from data_tools.conversion.discovery import dicom_patient_key
 from data_tools.privacy import pseudonym
 from tfcovseg.inference.predict import predict
 from tfcovseg.inference.predictors import open_model

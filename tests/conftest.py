@@ -11,12 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfcovseg.configs.experiment import (
-    ModelConfig,
-    merge_values,
-    model_config,
-    nest_flat_keys,
-)
+from tfcovseg.configs.experiment import ModelConfig, merge_values, model_config, nest_flat_keys
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -123,7 +118,7 @@ def phantom_run(tmp_path_factory):
     """
     import types
 
-    from data_tools.convert import convert
+    from data_tools.conversion.pipeline import convert
     from data_tools.phantom import make_cohort
     from tfcovseg.configs.experiment import load_config, save_config
     from tfcovseg.models import build_classifier, build_model

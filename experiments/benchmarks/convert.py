@@ -11,7 +11,7 @@ In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once 
 2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, in a fresh process,
    files in the page cache (a first pass warms it; the best of ``--repeats`` passes
    counts), with glibc's default allocator and with the converter's settings
-   (`data_tools.convert.reuse_freed_memory`); and in ``--workers`` processes at once, each
+   (`data_tools.workers.reuse_freed_memory`); and in ``--workers`` processes at once, each
    reading its share: the speed-up this machine gives the bare read (its memory and caches
    are shared: a NumPy loop over large arrays gains x1.74 from a second process here, a
    pure Python loop x1.92), the ceiling against which to read the converter's;
@@ -104,7 +104,7 @@ import pydicom
 cohort, repeats, allocator, part, parts, start_at, slot = sys.argv[1:8]
 files = sorted(Path(cohort).rglob("*.dcm"))[int(part) :: int(parts)]
 if allocator == "reuse":
-    from data_tools.convert import reuse_freed_memory
+    from data_tools.workers import reuse_freed_memory
     reuse_freed_memory()
 for f in files:  # once to warm the page cache: the converter runs warm too
     pydicom.dcmread(f).pixel_array
@@ -122,7 +122,7 @@ print(json.dumps({"files": len(files), "passes": passes}))
 def _bare_read(cohort: Path, repeats: int, allocator: str, processes: int = 1) -> float:
     """Slices/s of ``pydicom.dcmread(f).pixel_array``, the best of `repeats` passes, in
     fresh processes: with glibc's default allocator ("default") or with the converter's
-    settings ("reuse": `data_tools.convert.reuse_freed_memory`). The two differ by up to 2x
+    settings ("reuse": `data_tools.workers.reuse_freed_memory`). The two differ by up to 2x
     here, as did the same loop run after other work in one process (2026-12-05: 689 to
     1,663 slices/s), which is why neither runs in this process. With several `processes`
     each reads its share of the files and they start each pass together: what the
@@ -158,9 +158,9 @@ def _lung_alone(files, repeats: int) -> float:
     the best of `repeats` passes (one pass varied from 2.2 to 4.2 ms a slice here)."""
     import cv2
 
-    from data_tools.convert import reuse_freed_memory
     from data_tools.dicom_io import read_hu
     from data_tools.lung import lung_mask
+    from data_tools.workers import reuse_freed_memory
 
     cv2.setNumThreads(1)  # one core, as one converter worker
     reuse_freed_memory()  # as in the converter

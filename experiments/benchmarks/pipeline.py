@@ -48,7 +48,7 @@ importlib.import_module("tfcovseg")
 import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
-from data_tools.convert import convert  # noqa: E402
+from data_tools.conversion.pipeline import convert  # noqa: E402
 from data_tools.features import feature_spec  # noqa: E402
 from data_tools.phantom import make_cohort  # noqa: E402
 from tfcovseg.data.dataset import make_dataset, read_manifest  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_tools.convert import convert
+from data_tools.conversion.pipeline import convert
 from data_tools.features import decode_numpy
 from data_tools.phantom import make_cohort
 from tfcovseg.data.dataset import NON_COVID, make_dataset, split_patients, split_slices
@@ -461,7 +461,7 @@ def test_oversampling_does_not_apply_to_evaluation(records, manifest):
 
 def _pil_resize(image, size):
     """The converter's image resize, which the pipeline must equal."""
-    from data_tools.convert import _resize
+    from data_tools.conversion.reading import _resize
 
     return _resize(np.asarray(image, np.float32), size, nearest=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_tools.convert import convert
+from data_tools.conversion.pipeline import convert
 from data_tools.phantom import make_cohort
 
 SALT = "test-salt"

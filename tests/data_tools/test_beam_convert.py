@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.convert import ConversionError, convert, main
+from data_tools.conversion.discovery import ConversionError
+from data_tools.conversion.pipeline import convert
+from data_tools.convert import main
 
 from .conftest import SALT
 
@@ -144,10 +146,10 @@ def test_the_shard_steps_see_a_small_layout_not_the_plan(cohort, tmp_path):
     import pickle
 
     from data_tools.beam_convert import _layout
-    from data_tools.convert import _Job, plan_conversion
+    from data_tools.conversion.pipeline import Job, plan_conversion
     from data_tools.privacy import Redactor
 
-    job = _Job(cohort, tmp_path, 64, 2, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
+    job = Job(cohort, tmp_path, 64, 2, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
                False, SALT.encode(), "unknown", "unknown", False, 0.0)  # fmt: skip
     plan = plan_conversion(job, Redactor())
     shards, names = _layout(plan)
@@ -160,7 +162,7 @@ def test_a_retried_manifest_step_writes_the_same_manifest(cohort, tmp_path):
     """The final step may run again on the same side input: skipped files and warnings
     were added to the plan in place, so a second run listed each twice."""
     from data_tools.beam_convert import _convert_study, _manifest, _study_jobs
-    from data_tools.convert import MANIFEST, _Job, partial_folder, plan_conversion
+    from data_tools.conversion.pipeline import MANIFEST, Job, partial_folder, plan_conversion
     from data_tools.privacy import Redactor
 
     src = tmp_path / "in"
@@ -169,7 +171,7 @@ def test_a_retried_manifest_step_writes_the_same_manifest(cohort, tmp_path):
     ct = sorted((src / "p" / "ct").glob("*.dcm"))
     ct[len(ct) // 2].write_bytes(ct[len(ct) // 2].read_bytes()[:-3000])  # a read-time gap
     out = tmp_path / "out"
-    job = _Job(src, out, 64, 1, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
+    job = Job(src, out, 64, 1, 1, 5, 0, ("ggo", "consolidation", "fibrosis"), "",
                False, SALT.encode(), "unknown", "unknown", False, 0.0)  # fmt: skip
     plan = plan_conversion(job, Redactor())
     manifests = []

@@ -20,7 +20,9 @@ import tensorflow as tf
 from pydicom.data import get_testdata_file
 
 from data_tools import features
-from data_tools.convert import ConversionError, convert, main
+from data_tools.conversion.discovery import ConversionError
+from data_tools.conversion.pipeline import convert
+from data_tools.convert import main
 from data_tools.phantom import cohort_plan, make_patient, write_patient
 from data_tools.privacy import pseudonym
 from tests.data_tools.conftest import COHORT, KNOWN_ID, KNOWN_NAME, SALT
@@ -343,7 +345,7 @@ def test_a_class_no_mask_marks_is_warned_of(tmp_path, capsys):
     names the --classes that fit the masks (it said nothing)."""
     from PIL import Image
 
-    from data_tools.convert import print_summary
+    from data_tools.conversion.pipeline import print_summary
 
     rng = np.random.default_rng(0)
     for folder in ("Imgs", "GT"):
@@ -381,7 +383,8 @@ def test_unlabelled_slices_are_marked_and_grouped_by_volume(tmp_path, capsys):
     the slices of one volume one patient (patient-level folds), numbered slices apart."""
     from PIL import Image
 
-    from data_tools.convert import print_summary, slice_volume
+    from data_tools.conversion.discovery import slice_volume
+    from data_tools.conversion.pipeline import print_summary
 
     rng = np.random.default_rng(0)
     (tmp_path / "in" / "Imgs").mkdir(parents=True)
@@ -477,7 +480,7 @@ def test_the_converting_process_shares_the_studies_and_keeps_their_order():
 
 def test_channel_counts_of_a_slice():
     """The manifest's lesion pixels per class (OpenCV's channel sums up to 4 classes)."""
-    from data_tools.convert import _channel_counts
+    from data_tools.conversion.reading import _channel_counts
 
     rng = np.random.default_rng(0)
     for channels in (0, 1, 3, 4, 5):
@@ -676,23 +679,24 @@ def test_held_warnings_are_shown_once_with_their_file_or_how_many():
 def test_a_pool_worker_appends_to_its_shard_only_when_its_turn_has_come(cohort, tmp_path):
     import dataclasses
 
-    from data_tools import convert as module
+    from data_tools.conversion import shards as module
+    from data_tools.conversion.discovery import discover
     from data_tools.features import LESION_CLASSES
 
-    study = module.discover(cohort).studies[0]
+    study = discover(cohort).studies[0]
     spill, shard, after, done = (tmp_path / n for n in ("spill", "shard", "after", "done"))
-    job = module._StudyJob(
+    job = module.StudyJob(
         study, 64, LESION_CLASSES, "P1", b"key", "", spill, shard=shard, after=after, done=done
     )
-    encoded, reason, _ = module._safe_process(job)  # the shard's study before it: not in yet
+    encoded, reason, _ = module.safe_process(job)  # the shard's study before it: not in yet
     assert reason is None and not encoded.appended and encoded.path == str(spill)
     assert not shard.exists() and not done.exists()
     after.touch()  # now it is
-    encoded, _, _ = module._safe_process(job)
+    encoded, _, _ = module.safe_process(job)
     assert encoded.appended and encoded.path is None and encoded.examples is None
     assert done.exists() and shard.read_bytes() == spill.read_bytes()
     first = dataclasses.replace(job, after=None, shard=tmp_path / "first")  # first in its shard
-    assert module._safe_process(first)[0].appended
+    assert module.safe_process(first)[0].appended
 
 
 def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
@@ -700,7 +704,8 @@ def test_integer_hu_are_read_as_int16_and_others_as_float32(cohort, tmp_path):
     back) and reads a series with a fractional rescale slope in float32, values unchanged."""
     import pydicom
 
-    from data_tools.convert import _read_dicom_study, discover
+    from data_tools.conversion.discovery import discover
+    from data_tools.conversion.reading import _read_dicom_study
 
     study = discover(cohort).studies[0]
     volume = _read_dicom_study(study, features.LESION_CLASSES).hu
@@ -745,7 +750,13 @@ def test_a_pool_worker_reads_headers_before_loading_the_converter(cohort):
 
     files = sorted(cohort.rglob("*.dcm"))[:3]
     loaded = "sorted(m for m in {!r} if m in __import__('sys').modules)"
-    heavy = ("cv2", "nibabel", "data_tools.convert", "data_tools.lung")
+    heavy = (
+        "cv2",
+        "nibabel",
+        "data_tools.convert",
+        "data_tools.conversion.reading",
+        "data_tools.lung",
+    )
     with worker_pool(2) as pool:
         scanned, _ = pool.submit(scan_chunk, files).result()
         assert [s.kind for s in scanned] == ["ct"] * 3

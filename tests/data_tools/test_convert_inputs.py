@@ -19,7 +19,9 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from data_tools.convert import ConversionError, convert, main
+from data_tools.conversion.discovery import ConversionError
+from data_tools.conversion.pipeline import convert
+from data_tools.convert import main
 from tests.data_tools.conftest import SALT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -262,7 +264,7 @@ def test_nifti_files_that_are_no_volume_are_named(tmp_path, shape, header, reaso
     (OrientationError: ...)", which named nothing a user could check."""
     import nibabel as nib
 
-    from data_tools.convert import read_nifti_volume
+    from data_tools.conversion.reading import read_nifti_volume
     from data_tools.dicom_io import SkipFile
 
     hdr = nib.Nifti1Header()
@@ -305,7 +307,7 @@ def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
     ``rglob("*")`` + ``is_file()`` find, in the same order, less those whose real path is
     in the output folder: through links to files, not into linked folders, dot files,
     broken links, a link to itself and one through a file as before."""
-    from data_tools.convert import _files_under, input_files
+    from data_tools.conversion.discovery import _files_under, input_files
 
     root = tmp_path / "in"
     for rel in ["a/1.dcm", "a/b/2.dcm", "a/.hidden", "c/3", "out/slices.tfrecord", "z.nii.gz"]:
@@ -351,7 +353,7 @@ def test_the_input_listing_is_rglobs_less_the_output_folder(tmp_path):
 
 def test_a_folder_that_cannot_be_read_is_ignored_with_its_reason(tmp_path, monkeypatch):
     """(As root every folder can be read: the refusal is the system's, simulated.)"""
-    from data_tools import convert as module
+    from data_tools.conversion import discovery as module
 
     for rel in ["a/1.dcm", "a/b/2.dcm"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +432,7 @@ def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
     them escaped on a strict UTF-8 console (it raised UnicodeEncodeError once written)."""
     import io
 
-    from data_tools.convert import print_summary
+    from data_tools.conversion.pipeline import print_summary
 
     src = tmp_path / "in"
     shutil.copytree(cohort / "case_0001", src / "p")
@@ -450,7 +452,7 @@ def test_file_names_that_are_not_utf8_print(cohort, tmp_path):
 
 def test_more_shards_than_patients_are_warned_of(cohort, tmp_path, capsys):
     """--shards 100 on 10 patients wrote 90 empty shards without a word."""
-    from data_tools.convert import print_summary
+    from data_tools.conversion.pipeline import print_summary
 
     src = tmp_path / "in"
     shutil.copytree(cohort / "case_0001", src / "p")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_tools.convert import convert
+from data_tools.conversion.pipeline import convert
 from tests.conftest import TINY_MODEL
 from tfcovseg.configs.experiment import ConfigError, config_from_dict, load_config
 from tfcovseg.models import load_model

@@ -118,7 +118,8 @@ def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
         BenchmarkError: no folder, no image, an image without its mask, a 0/255 mask where
             GGO and consolidation labels are needed, or a folder mixing both kinds.
     """
-    from data_tools.convert import ConversionError, discover, process_study
+    from data_tools.conversion.discovery import ConversionError, discover
+    from data_tools.conversion.reading import process_study
     from data_tools.dicom_io import SkipFile
     from data_tools.masks import read_png_labels
 
@@ -185,7 +186,7 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
     """
     from PIL import Image
 
-    from data_tools.convert import ConversionError, discover
+    from data_tools.conversion.discovery import ConversionError, discover
     from data_tools.dicom_io import SkipFile
     from data_tools.masks import read_image_slice
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.beam_convert import import_beam, pipeline_options
-from data_tools.convert import ConversionError, looks_like_mask
+from data_tools.conversion.discovery import ConversionError, looks_like_mask
 from data_tools.files import (
     OutputError,
     atomic_write_json,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.convert import IMAGE_SUFFIXES
+from data_tools.conversion.discovery import IMAGE_SUFFIXES
 from data_tools.dicom_io import SkipFile
 from data_tools.files import atomic_directory, atomic_write_json, atomic_write_text
 from data_tools.lung import lung_mask

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import dicom_io
-from data_tools.convert import IMAGE_SUFFIXES, read_nifti_volume
+from data_tools.conversion.discovery import IMAGE_SUFFIXES
+from data_tools.conversion.reading import read_nifti_volume
 from data_tools.ct_values import ct_value_problem
 from data_tools.dicom_io import SkipFile
 from data_tools.privacy import Redactor, pseudonym, resolve_salt

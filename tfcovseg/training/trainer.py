@@ -71,11 +71,7 @@ from tfcovseg.models import (
     model_file_problem,
     save_model,
 )
-from tfcovseg.models.classifier import (
-    head_on_features,
-    head_options,
-    with_classifier_head,
-)
+from tfcovseg.models.classifier import head_on_features, head_options, with_classifier_head
 from tfcovseg.training.callbacks import (
     AtomicBackupAndRestore,
     AtomicCSVLogger,
@@ -151,7 +147,7 @@ def _phantom_records(config, folder: Path, cohort: Path, key: str, log) -> Path:
     patients, seed = _cohort_settings(config, key)
     if (folder / "manifest.json").is_file():
         return folder
-    from data_tools.convert import convert
+    from data_tools.conversion.pipeline import convert
     from data_tools.phantom import make_cohort
 
     size = config.model.input_size[0]
@@ -188,7 +184,7 @@ def check_phantom_cache(
     """
     import csv
 
-    from data_tools.convert import dicom_patient_key
+    from data_tools.conversion.discovery import dicom_patient_key
     from data_tools.phantom import cohort_plan, phantom_patient_id
     from data_tools.privacy import pseudonym
 
