@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ from tfcovseg.inference.export import (
     prepare_run,
 )
 from tfcovseg.models import load_run_models
+from tfcovseg.models.outputs import final_probabilities
 from tfcovseg.models.preprocessing import grey_from_hu
 
 
@@ -52,6 +54,8 @@ def test_layout_version_and_assets(exported, phantom_run):
     meta = json.loads((path / "assets" / ASSET_NAME).read_text())
     assert meta["class_names"] == ["ggo", "consolidation", "fibrosis"]
     assert meta["input_size"] == [64, 64] and meta["hu_window"] == [-1250.0, 250.0]
+    # The quickstart's loss weights, which the served probabilities are corrected for.
+    assert meta["positive_weights"] == [1.0, 10.0, 10.0]
     assert meta["model_version"] == 1 and "not a medical device" in meta["disclaimer"]
     # The severity rule was fitted on the fold's training + validation COVID patients.
     assert meta["severity"]["patients"] >= 1 and "grades" in meta["severity"]
@@ -59,7 +63,10 @@ def test_layout_version_and_assets(exported, phantom_run):
     assert 0.0 <= meta["gate"]["threshold"] <= 0.5 and meta["gate"]["method"]
     # The lesion-burden rule is evaluate's: chosen on the run's validation patients.
     segmenter, _ = load_run_models(phantom_run.run)
-    burdens, diagnosis = lesion_burdens(segmenter, split_dataset(phantom_run.config), threshold=0.5)
+    weights = phantom_run.config.train.positive_weights  # the maps are corrected for them
+    burdens, diagnosis = lesion_burdens(
+        segmenter, split_dataset(phantom_run.config), threshold=0.5, positive_weights=weights
+    )
     expected = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
     assert meta["burden_rule"]["threshold"] == pytest.approx(expected["threshold"])
     assert meta["burden_rule"]["validation_patients"] == len(burdens) >= 1
@@ -120,7 +127,8 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
     shutil.copytree(phantom_run.run, run)
     config = phantom_run.config
     segmenter, _ = load_run_models(run)
-    expected = lesion_burdens(segmenter, split_dataset(config))
+    weights = config.train.positive_weights
+    expected = lesion_burdens(segmenter, split_dataset(config), positive_weights=weights)
     first = validation_burdens(segmenter, config, run=run)
     assert first == expected and (run / VALIDATION_CACHE).is_file()
     # Same segmenter file, records, fold and mask threshold: read back, not recomputed.
@@ -131,6 +139,11 @@ def test_validation_burdens_are_kept_in_the_run_and_keyed(phantom_run, tmp_path)
         validation_burdens(_Refuses(), config, mask_threshold=0.3, run=run)
     with pytest.raises(AssertionError, match="ran although"):
         validation_burdens(_Refuses(), config, fold=1 - config.data.fold, run=run)
+    unweighted = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, positive_weights=[])
+    )  # the maps' correction is part of the key
+    with pytest.raises(AssertionError, match="ran although"):
+        validation_burdens(_Refuses(), unweighted, run=run)
     retrained = load_run_models(run)[0]
     retrained.set_weights([w + 0.01 for w in retrained.get_weights()])
     retrained.save(run / "segmenter_best.keras")  # another file digest
@@ -182,8 +195,13 @@ def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):
     hu = _hu(rng)
     served = loaded.signatures["serving_default"](hu=tf.constant(hu))
     assert served["masks"].shape == (3, 64, 64, 3) and served["covid_probability"].shape == (3,)
-    # At the model's size the resize is the identity: the masks are the segmenter's output.
-    expected = np.asarray(segmenter.predict_on_batch(hu[..., None])["final"])
+    # At the model's size the resize is the identity: the masks are the segmenter's output,
+    # corrected for its loss's positive weights (`tfcovseg.models.outputs`).
+    expected = np.asarray(
+        final_probabilities(
+            segmenter.predict_on_batch(hu[..., None]), phantom_run.config.train.positive_weights
+        )
+    )
     np.testing.assert_allclose(served["masks"].numpy(), expected, atol=1e-5)
     prob = np.asarray(classifier.predict_on_batch(hu[..., None])).reshape(-1)
     np.testing.assert_allclose(served["covid_probability"].numpy(), prob, atol=1e-5)
@@ -223,6 +241,27 @@ def test_shared_encoder_runs_once_and_agrees(phantom_run, rng):
     # Another encoder: the graph falls back to two separate calls.
     classifier.encoder.weights[0].assign(classifier.encoder.weights[0] + 1.0)
     assert InferenceGraph(segmenter, classifier, meta).joint is None
+
+
+def test_served_masks_are_corrected_for_the_loss_positive_weights(phantom_run, rng):
+    """A model trained with positive weights [1, 10, 10] served raw maps in which 0.5
+    meant about 0.09 for the weighted classes (precision traded away); every graph of an
+    export now serves the corrected map, and older exports (no key) the raw one."""
+    from tfcovseg.models.outputs import unweighted_probabilities
+
+    segmenter, classifier = load_run_models(phantom_run.run)
+    meta = {
+        "class_names": ["ggo", "consolidation", "fibrosis"],
+        "pre_windowed": False,
+        "hu_window": [-1250.0, 250.0],
+    }
+    hu = _hu(rng, n=2)
+    raw = InferenceGraph(segmenter, classifier, meta)
+    weighted = InferenceGraph(segmenter, classifier, {**meta, "positive_weights": [1, 10, 10]})
+    expected = np.asarray(unweighted_probabilities(raw.segment(hu)["masks"].numpy(), [1, 10, 10]))
+    np.testing.assert_allclose(weighted.segment(hu)["masks"].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(weighted.serve(hu)["masks"].numpy(), expected, atol=1e-5)
+    assert not np.allclose(raw.segment(hu)["masks"].numpy()[..., 1:], expected[..., 1:])
 
 
 def test_predict_examples_reads_the_records_spec(exported, phantom_run):

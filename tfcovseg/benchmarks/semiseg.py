@@ -313,7 +313,10 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
     for r in range(semi.rounds):
         pool = np.sort(rng.permutation(len(images))[: semi.pool or len(images)])
         start = time.perf_counter()
-        pseudo = semisup.label_round(model, images[pool], semi.views, semi.keep)
+        pseudo = semisup.label_round(
+            model, images[pool], semi.views, semi.keep,
+            positive_weights=config.train.positive_weights,
+        )  # fmt: skip
         log(
             f"    round {r + 1}: {len(pseudo.images)} of {pseudo.pool} unlabelled slices "
             f"pseudo-labelled (confidence >= {pseudo.confidence_min:.3f}, "

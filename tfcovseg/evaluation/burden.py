@@ -42,18 +42,21 @@ def burden(lesion_voxels, lung_voxels) -> float:
     return float(lesion_voxels) / max(float(lung_voxels), 1.0)
 
 
-def lesion_burdens(segmenter, dataset, threshold=0.5) -> tuple[dict, dict]:
+def lesion_burdens(segmenter, dataset, threshold=0.5, positive_weights=None) -> tuple[dict, dict]:
     """{patient: lesion burden} and {patient: diagnosis} of a segmenter over a dataset.
 
     Args:
         segmenter: A segmenter returning {"final": [N, H, W, C] probabilities}; a lesion
             is any class at or above `threshold`.
         dataset: A `make_dataset(..., task="inspect")` dataset.
+        positive_weights: The segmenter's loss weights (`tfcovseg.models.outputs`).
     """
+    from tfcovseg.models.outputs import final_probabilities
+
     lesion, lung, diagnosis = {}, {}, {}
     for batch in dataset:
         out = segmenter.predict_on_batch(batch["hu"][..., None])
-        found = np.asarray(out["final"] if isinstance(out, dict) else out) >= threshold
+        found = np.asarray(final_probabilities(out, positive_weights)) >= threshold
         counted, region = burden_masks(
             found.any(-1), batch["lung"].numpy() > 0, batch["spacing_mm"].numpy()
         )

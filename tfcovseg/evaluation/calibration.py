@@ -154,8 +154,9 @@ def validation_burdens(
             "scores": "lesion_burdens",
             "mask_threshold": float(mask_threshold),
             "lesion_rule": LESION_RULE,
+            "positive_weights": list(config.train.positive_weights or ()),
         },
-        lambda: list(lesion_burdens(segmenter, ds, mask_threshold)),
+        lambda: list(lesion_burdens(segmenter, ds, mask_threshold, config.train.positive_weights)),
     )
     return burdens, diagnosis
 

@@ -56,6 +56,7 @@ from tfcovseg.evaluation.metrics import (
 from tfcovseg.evaluation.runlog import training_summary
 from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
 from tfcovseg.models import load_run_models, run_model_path
+from tfcovseg.models.outputs import final_probabilities
 from tfcovseg.reporting import figures as viz
 from tfcovseg.reporting import report
 
@@ -221,7 +222,8 @@ def evaluate_run(
     for batch in split_dataset(config, split, fold, batch_size):
         hu, pids = batch["hu"][..., None], tally.patients(batch)
         if segmenter is not None:
-            pred = np.asarray(segmenter.predict_on_batch(hu)["final"])
+            out = segmenter.predict_on_batch(hu)
+            pred = np.asarray(final_probabilities(out, config.train.positive_weights))
             tally.add_segmentation(batch, pids, pred)
         if classifier is not None:
             probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)

@@ -89,6 +89,7 @@ from tfcovseg.models.classifier import (
     head_options,
     with_classifier_head,
 )
+from tfcovseg.models.outputs import final_probabilities
 from tfcovseg.models.preprocessing import (
     DEFAULT_WINDOW,
     grey_from_hu,
@@ -171,10 +172,6 @@ def _same_weights(a, b) -> bool:
     )
 
 
-def _final(outputs):
-    return outputs["final"] if isinstance(outputs, dict) else outputs
-
-
 class InferenceGraph:
     """The serving computation, shared by the SavedModel and by in-process prediction.
 
@@ -203,6 +200,8 @@ class InferenceGraph:
         self.pre_windowed = bool(metadata["pre_windowed"])
         self.hu_window = tuple(float(w) for w in metadata["hu_window"])
         self.num_classes = len(metadata["class_names"])
+        # Exports before the correction was recorded serve the raw map, as they did.
+        self.positive_weights = metadata.get("positive_weights")
         self.joint = None
         encoder = getattr(segmenter, "encoder", None)
         if (
@@ -240,6 +239,10 @@ class InferenceGraph:
             x = hu_from_grey(x, self.hu_window)
         return x, size
 
+    def _final(self, outputs):
+        """The lesion probabilities of the segmenter's outputs (`final_probabilities`)."""
+        return final_probabilities(outputs, self.positive_weights)
+
     def _masks(self, final, size):
         return resize_image(final, size)
 
@@ -249,9 +252,9 @@ class InferenceGraph:
     def _serve(self, x, size):
         if self.joint is not None:
             out = self.joint(x, training=False)
-            final, prob = out["final"], out["covid_probability"]
+            final, prob = self._final(out), out["covid_probability"]
         else:
-            final = _final(self.segmenter(x, training=False))
+            final = self._final(self.segmenter(x, training=False))
             prob = (
                 self.classifier(x, training=False)
                 if self.classifier is not None
@@ -266,11 +269,11 @@ class InferenceGraph:
         if self.classifier is not None:
             prob = self.classifier(x, training=False)
         else:
-            prob = self._probability_from(_final(self.segmenter(x, training=False)))
+            prob = self._probability_from(self._final(self.segmenter(x, training=False)))
         return {"covid_probability": tf.reshape(tf.cast(prob, tf.float32), [-1])}
 
     def _segment(self, x, size):
-        final = _final(self.segmenter(x, training=False))
+        final = self._final(self.segmenter(x, training=False))
         return {"masks": self._masks(tf.cast(final, tf.float32), size)}
 
     def serve(self, hu):
@@ -425,6 +428,9 @@ def export_metadata(
         "fold": config.data.fold,
         "data_fingerprint": info.get("data_fingerprint"),
         "class_names": list(config.model.class_names),
+        # The served probabilities are corrected for the loss's positive-pixel weights
+        # (`tfcovseg.models.outputs`); kept here so that every graph of the export does it.
+        "positive_weights": [float(w) for w in config.train.positive_weights or ()],
         "hu_window": [float(w) for w in config.model.hu_window],
         "pre_windowed": bool(config.model.pre_windowed),
         "windowing": _windowing(config.model),

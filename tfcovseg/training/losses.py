@@ -13,7 +13,8 @@ A lesion type that covers a few hundredths of a percent of the pixels (small con
 cores, thin fibrotic bands at 128 px) otherwise collapses: its sigmoid saturates at 0 in the
 first epochs, where the IoU term's gradient (through p (1 - p)) vanishes and BCE's positives
 are outweighed by every other pixel, and it never recovers. A weight > 1 keeps the positives'
-gradient alive; IoU and SSIM still punish the false positives it invites.
+gradient alive; IoU and SSIM still punish the false positives it invites. The probabilities
+it inflates are corrected at inference (`tfcovseg.models.outputs`).
 
 The three terms pull at different scales: BCE per pixel, SSIM per 11x11 patch (sharp
 boundaries), IoU per map (the lesion as a whole). On an empty mask (most CT slices) the IoU

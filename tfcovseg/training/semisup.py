@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from tfcovseg.data.intensity import match_intensity
+from tfcovseg.models.outputs import final_probabilities
 
 
 def _dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
@@ -33,8 +34,11 @@ def _undo_dihedral(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
 DIHEDRAL = tuple((k, flip) for flip in (False, True) for k in range(4))
 
 
-def predict_probabilities(model, images: np.ndarray, batch_size=8, tta=DIHEDRAL[:1]):
-    """The model's "final" probabilities [N, H, W, C], averaged over the `tta` transforms
+def predict_probabilities(
+    model, images: np.ndarray, batch_size=8, tta=DIHEDRAL[:1], positive_weights=None
+):
+    """The model's "final" probabilities [N, H, W, C] (corrected for the loss's
+    `positive_weights`, `tfcovseg.models.outputs`), averaged over the `tta` transforms
     ((k quarter turns, horizontal flip) pairs; `DIHEDRAL` is all eight)."""
     images = np.asarray(images, np.float32)
     if images.ndim == 3:
@@ -45,7 +49,7 @@ def predict_probabilities(model, images: np.ndarray, batch_size=8, tta=DIHEDRAL[
         parts = []
         for start in range(0, len(view), batch_size):
             out = model.predict_on_batch(view[start : start + batch_size])
-            parts.append(np.asarray(out["final"] if isinstance(out, dict) else out, np.float32))
+            parts.append(np.asarray(final_probabilities(out, positive_weights), np.float32))
         probs = _undo_dihedral(np.concatenate(parts), k, flip)
         total = probs if total is None else total + probs
     return total / len(tta)
@@ -94,7 +98,9 @@ class Round:
     confidence_min: float
 
 
-def label_round(teacher, images: np.ndarray, views: int, keep: float, reference=None) -> Round:
+def label_round(
+    teacher, images: np.ndarray, views: int, keep: float, reference=None, positive_weights=None
+) -> Round:
     """One self-training round's pseudo-labels: the teacher labels `images` (the round's
     pool) averaged over `views` of `DIHEDRAL`, and the surest `keep` of them are kept.
     `tfcovseg.train`'s self-training phase and the COVID-SemiSeg benchmark both use it.
@@ -106,10 +112,13 @@ def label_round(teacher, images: np.ndarray, views: int, keep: float, reference=
         keep: Fraction (0, 1] of the pool kept.
         reference: Labelled images to match the unlabelled grey levels to
             (`match_intensity`), or None (already matched).
+        positive_weights: The teacher's loss weights (`predict_probabilities`).
     """
     if reference is not None:
         images = match_intensity(images, reference)
-    probs = predict_probabilities(teacher, images, tta=DIHEDRAL[:views])
+    probs = predict_probabilities(
+        teacher, images, tta=DIHEDRAL[:views], positive_weights=positive_weights
+    )
     kept = select_pseudo_labels(probs, keep)
     return Round(
         np.asarray(images)[kept.index].astype(np.float32),

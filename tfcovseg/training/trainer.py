@@ -892,7 +892,10 @@ def _self_training_phase(run: _Run, segmenter, state: dict):
             teacher = load_model(best)
             rounds.append(done[r])
             continue
-        labels = label_round(teacher, unlabelled[pool], semi.views, semi.keep, reference)
+        labels = label_round(
+            teacher, unlabelled[pool], semi.views, semi.keep, reference,
+            t.positive_weights,
+        )  # fmt: skip
         run.log(
             f"  round {r}: {len(labels.images)} of {labels.pool} slices pseudo-labelled "
             f"(confidence >= {labels.confidence_min:.3f})"
