@@ -188,6 +188,12 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("train.classifier_aux_weight=-0.5", "classifier_aux_weight"),
         ("train.positive_weights=[1, 0, 4]", r"positive_weights must be finite and > 0"),
         ("train.positive_weights=[1, 4]", r"2 values for the 3 classes"),
+        # These went on to a converter refusal, a phantom written into the working folder,
+        # or NumPy's traceback.
+        ("data.num_folds=1", "data.num_folds must be at least 2"),
+        ("data.records_dir=", "data.records_dir must name a folder"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32 - 1\]"),
+        ("data.phantom_seed=4294967296", "data.phantom_seed must be in"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -256,6 +262,16 @@ def test_missing_and_invalid_files(tmp_path):
     empty.write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match="empty.yaml is empty"):
         load_config(empty)
+    binary = tmp_path / "model.keras"  # a model file given as --config: a traceback
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\xd7")
+    with pytest.raises(ConfigError, match="model.keras is not a YAML file"):
+        load_config(binary)
+    twice = tmp_path / "twice.yaml"  # the last value won in silence
+    twice.write_text("base: quickstart\ntrain:\n  epochs: 3\n  epochs: 4\n")
+    with pytest.raises(
+        ConfigError, match="twice.yaml is not valid YAML: .*'epochs' is given twice"
+    ):
+        load_config(twice)
 
 
 def test_dataclass_defaults():

@@ -502,6 +502,11 @@ def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys)
     assert len(epochs) == 2 * folds and all(len(line) < 200 for line in epochs)
     assert "\x1b" not in printed and "━" not in printed
     assert folds == 2 and len(cv["folds"]) == folds
+    # ... and a cross-validation is not one fold's run to continue (it trained one beside
+    # the folds).
+    assert main(["--out", str(out), "--resume"]) == 2
+    assert "holds a cross-validation (fold0/, ...)" in capsys.readouterr().err
+    assert not (out / "logs").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["--fold", "seven"])
     assert exit_info.value.code == 2
@@ -695,6 +700,25 @@ def test_a_truncated_shard_is_named_and_leaves_no_run_folder(tiny, tmp_path, cap
     assert not (tmp_path / "o2").exists()
 
 
+def test_every_fold_is_checked_before_the_first_trains(tmp_path):
+    """Six patients in five folds: fold 0 trained for hours before fold 1 was found to
+    have no validation patient."""
+    from tfcovseg.training.trainer import cross_validate
+
+    config = load_config(
+        "quickstart",
+        [
+            "model.input_size=[32,32]",
+            f"data.records_dir={tmp_path / 'records'}",
+            "data.phantom_patients=6",
+            "data.phantom_slices=[4,6]",
+        ],
+    )
+    with pytest.raises(TrainingError, match=r"split of fold [1-4] .* is empty"):
+        cross_validate(config, tmp_path / "cv", log=lambda *a: None)
+    assert not (tmp_path / "cv" / "fold0").exists()
+
+
 def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     root, _, _ = tiny
     assert main(["--out", str(tmp_path / "nothing"), "--resume"]) == 2
@@ -714,12 +738,23 @@ def test_resume_and_out_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(config + ["--out", str(tmp_path / "r"), "--set", bad]) == 2
     assert "train.export_dir" in capsys.readouterr().err and not (tmp_path / "r").exists()
     # A folder that is not a run (records, say) is never taken for a failed start and
-    # cleared: it is "already holds a run", and stays as it was.
+    # cleared, nor (with --resume) for a run to continue: the default experiment trained
+    # into a predict output that way. It stays as it was.
     records = config_records(tiny[1])
     before = sorted(p.name for p in records.iterdir())
     assert main(config + ["--out", str(records)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "is not empty: choose a new or empty --out" in capsys.readouterr().err
+    assert main(["--out", str(records), "--resume"]) == 2
+    assert "holds no run to continue (no config.yaml)" in capsys.readouterr().err
     assert sorted(p.name for p in records.iterdir()) == before
+    (tmp_path / "empty").mkdir()
+    assert main(["--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "is empty: there is no run to continue" in capsys.readouterr().err
+    assert not any((tmp_path / "empty").iterdir())
+    # A finished single-fold run is not a cross-validation to continue.
+    assert main(["--out", str(root / "run"), "--resume", "--fold", "all"]) == 2
+    assert "holds a single-fold run" in capsys.readouterr().err
+    assert not (root / "run" / "fold0").exists()
 
 
 @pytest.mark.usefixtures("eager")

@@ -412,6 +412,11 @@ class DataConfig:
         _check_choice("data.compression", self.compression, ("", "GZIP"))
         _check_choice("data.phantom_mix", self.phantom_mix, PHANTOM_MIXES)
         _check_positive("data.num_folds", self.num_folds)
+        if self.num_folds < 2:  # the converter's --folds: one fold leaves nothing to test on
+            raise ConfigError(f"data.num_folds must be at least 2, got {self.num_folds}")
+        if not str(self.records_dir).strip():
+            raise ConfigError("data.records_dir must name a folder, got an empty value")
+        _check_seed("data.phantom_seed", self.phantom_seed)
         if self.phantom_patients < 0:
             raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")
         if self.classifier_phantom_patients < 0:
@@ -532,6 +537,7 @@ class TrainConfig:
             raise ConfigError(
                 f"train.early_stopping_patience must be >= 0, got {self.early_stopping_patience}"
             )
+        _check_seed("train.seed", self.seed)
         if any(not math.isfinite(w) or w <= 0 for w in self.positive_weights):
             raise ConfigError(
                 f"train.positive_weights must be finite and > 0, got {list(self.positive_weights)}"
@@ -654,6 +660,14 @@ def _check_choice(key, value, choices):
         raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # NumPy's and the phantom's seeds
+
+
+def _check_seed(key, value):
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} must be in [0, 2**32 - 1], got {value}")
+
+
 def _check_positive(key, *values):
     if not values:
         raise ConfigError(f"{key} must not be empty")
@@ -756,7 +770,8 @@ def config_from_dict(values: Mapping[str, Any], source: str = "<dict>") -> Exper
     for key in values:
         if key not in allowed:
             raise ConfigError(
-                f"unknown key '{key}' in {source}; allowed top-level keys: {', '.join(allowed)}"
+                f"unknown key '{key}' in {source}; allowed top-level keys: {', '.join(allowed)} "
+                "(and base, in an experiment file)"
             )
     sections = {
         name: _build_section(cls, {} if values.get(name) is None else values[name], name, source)
@@ -855,6 +870,22 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
 MAX_BASE_DEPTH = 8
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in a mapping (the last one won,
+    silently: ``epochs: 3`` then ``epochs: 4`` trained 4)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _yaml_mapping(path: Path) -> dict:
     if path.is_dir():  # a run folder, say: its config.yaml is what was meant
         inside = path / "config.yaml"
@@ -863,7 +894,9 @@ def _yaml_mapping(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a YAML file (not UTF-8 text)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if values is None:  # an empty file trained the default experiment, named "default"

@@ -521,10 +521,36 @@ def _training_settings(config):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **after))
 
 
+def _is_cv_folder(out: Path) -> bool:
+    """Whether `out` holds a cross-validation (`cross_validate`'s ``foldK/`` runs)."""
+    return (out / "config.yaml").is_file() and (out / "fold0").is_dir()
+
+
+def _not_a_run(out: Path, resume: bool) -> str | None:
+    """Why `out` (existing, not empty) cannot hold this single-fold run, or None."""
+    if _is_cv_folder(out):
+        return (
+            f"{out} holds a cross-validation (fold0/, ...): continue it with --fold all "
+            "--resume, or train one fold into another --out"
+        )
+    if not (out / "config.yaml").is_file():
+        # A predict output or a project folder was taken for a run to continue, and the
+        # default experiment trained into it.
+        what = "holds no run to continue (no config.yaml)" if resume else "is not empty"
+        return f"{out} {what}: choose a new or empty --out"
+    return None
+
+
 def _check_run_folder(out: Path, config, resume: bool, log) -> None:
     """Refuses a run folder that cannot be used (errors name the fix)."""
     _check_out(out, resume)
-    if out.exists() and any(out.iterdir()) and not resume:
+    occupied = out.exists() and any(out.iterdir())
+    if resume and not occupied:
+        raise TrainingError(f"{out} is empty: there is no run to continue (leave out --resume)")
+    problem = _not_a_run(out, resume) if occupied else None
+    if problem:
+        raise TrainingError(problem)
+    if occupied and not resume:
         if not _nothing_to_keep(out):
             raise TrainingError(
                 f"{out} already holds a run: pass --resume to continue it or choose another --out"
@@ -1072,6 +1098,36 @@ def _summary(config, folder, manifest, strategy, resume, timings) -> dict:
     }
 
 
+def _check_cv_folder(out: Path, resume: bool) -> None:
+    """Refuses an --out that holds something other than this cross-validation."""
+    if not (out.exists() and any(out.iterdir())):
+        if resume:
+            raise TrainingError(f"{out} is empty: there is no run to continue (leave out --resume)")
+        return
+    if not resume:
+        raise TrainingError(
+            f"{out} already holds a run: pass --resume to continue it or choose another --out"
+        )
+    single = any((out / n).exists() for n in ("state.json", "logs", "backup", "run.json"))
+    if single and not _is_cv_folder(out):
+        raise TrainingError(
+            f"{out} holds a single-fold run: continue it without --fold all, or "
+            "cross-validate into another --out"
+        )
+    if not (out / "config.yaml").is_file():
+        raise TrainingError(f"{out} holds no run to continue (no config.yaml): choose a new --out")
+
+
+def _check_every_fold(config: ExperimentConfig, log) -> None:
+    """Every fold's splits checked before the first fold trains (a fold without validation
+    patients stopped the run after hours of fold 0)."""
+    folder = prepare_records(config, log)
+    for k in range(config.data.num_folds):
+        check_inputs(
+            dataclasses.replace(config, data=dataclasses.replace(config.data, fold=k)), folder
+        )
+
+
 def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2, log=print):
     """Trains and evaluates every fold into out/foldK; writes cv_metrics.json and cv_report.md."""
     from tfcovseg.evaluation.compare import write_cv_summary
@@ -1079,10 +1135,8 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
 
     out = Path(out)
     _check_out(out, resume)
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise TrainingError(
-            f"{out} already holds a run: pass --resume to continue it or choose another --out"
-        )
+    _check_cv_folder(out, resume)
+    _check_every_fold(config, log)
     strategy = choose_strategy(config.train.strategy)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
