@@ -613,6 +613,26 @@ def _phase_one_done(tiny, tmp_path, *overrides):
     return out, config
 
 
+def test_an_interrupted_run_is_said_by_evaluate_and_refused_by_export(tiny, tmp_path, capsys):
+    """A run killed in phase 1 was evaluated and exported without a word (its report said
+    the phase "stopped early"), and the export served a model of 1 epoch of 4."""
+    from tfcovseg.cli.evaluate import main as evaluate_main
+    from tfcovseg.inference.export import ExportError, export_run
+
+    out, _ = _phase_one_done(tiny, tmp_path)
+    (out / "state.json").write_text(json.dumps({"completed": [], "timings": {}}))
+    assert evaluate_main(["--run", str(out), "--split", "validation", "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: " in printed and "did not finish training (phase segmentation" in printed
+    assert f"--out {out} --resume" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["phases"]["segmentation"]["interrupted"] is True
+    assert "Warning: " in (out / "report.md").read_text()
+    with pytest.raises(ExportError, match="did not finish training"):
+        export_run(out, tmp_path / "models", log=lambda *a: None)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
 def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp_path):
     import os
     import subprocess

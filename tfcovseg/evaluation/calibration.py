@@ -201,28 +201,30 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, 
         )
     except (FileNotFoundError, ValueError) as e:
         return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
-    if not burdens:
-        return {"threshold": None, "method": "off: the validation split has no patients"}
-    covid = {diagnosis[p] == "covid" for p in burdens}
-    if len(covid) == 1:  # any cut calls all of them right: the threshold would mean nothing
-        which = "COVID-19" if covid == {True} else "without COVID-19"
-        return {
-            "threshold": None,
-            "method": f"off: cannot be chosen (every validation patient is {which})",
-            "validation_patients": len(burdens),
-        }
-    return burden_rule_from(burdens, diagnosis) | {
-        "mask_threshold": float(mask_threshold),
-        "lesion_rule": LESION_RULE,
-    }
+    rule = burden_rule_from(burdens, diagnosis)
+    if rule["threshold"] is None:
+        return rule
+    return rule | {"mask_threshold": float(mask_threshold), "lesion_rule": LESION_RULE}
 
 
 def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
     """The lesion-burden rule chosen on validation burdens {patient: ratio} and diagnoses.
 
     The one place where the rule is chosen: the export's `burden_rule` and evaluate's
-    lesion-burden rows both come from here.
+    lesion-burden rows both come from here. Off (threshold None, the reason in
+    ``method``) without patients of both kinds: any cut calls them all right, so the
+    threshold would mean nothing (evaluate used one anyway, 45 % of the lungs once).
     """
+    if not burdens:
+        return {"threshold": None, "method": "off: the validation split has no patients"}
+    covid = {diagnosis[p] == "covid" for p in burdens}
+    if len(covid) == 1:
+        which = "COVID-19" if covid == {True} else "without COVID-19"
+        return {
+            "threshold": None,
+            "method": f"off: cannot be chosen (every validation patient is {which})",
+            "validation_patients": len(burdens),
+        }
     rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})
     return {
         "threshold": float(rule["threshold"]),

@@ -53,7 +53,7 @@ from tfcovseg.evaluation.metrics import (
     scores_from_counts,
     slice_dice,
 )
-from tfcovseg.evaluation.runlog import training_summary
+from tfcovseg.evaluation.runlog import training_summary, unfinished_message, unfinished_phases
 from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
 from tfcovseg.models import load_run_models, run_model_path
 from tfcovseg.models.outputs import final_probabilities
@@ -246,6 +246,9 @@ def evaluate_run(
         "patients": split_composition(tally.diagnosis, tally.severity),
         "training": training_summary(run, config),
     }
+    unfinished = unfinished_phases(run, config)
+    if unfinished:  # scored all the same (an interrupted run may be worth a look), but said
+        results["warnings"] = [unfinished_message(run, unfinished)]
     if segmenter is not None:
         results |= _segmentation_results(tally)
     if classifier is not None:
@@ -361,6 +364,8 @@ def burden_results(
             segmenter, config, fold, threshold, batch_size, run=run
         )
     rule = burden_rule_from(val_burdens, val_diagnosis)
+    if rule["threshold"] is None:  # as the export: no call from a rule that means nothing
+        return {"rule": f"lesion burden {rule['method']}", "threshold": None}
     calls = {pid: b >= rule["threshold"] for pid, b in burdens.items()}
     return patient_scores(truth, calls) | {
         "rule": (
@@ -426,6 +431,8 @@ def print_headline(results: dict, run: Path) -> None:
     print(
         f"evaluation on the {results['split']} split (fold {results['fold']}); {DISCLAIMER.lower()}"
     )
+    for warning in results.get("warnings", []):
+        print(f"  warning: {warning}")
     models = results.get("models", {})
     missing = [stem for stem, name in models.items() if name is None]
     fallback = [name for name in models.values() if name and name.endswith("_last.keras")]
@@ -449,7 +456,7 @@ def print_headline(results: dict, run: Path) -> None:
         ("robust", "robust rule"),
         ("lesion_burden", "burden rule"),
     ):
-        if key in cls:
+        if key in cls and "accuracy" in cls[key]:
             m = cls[key]
             print(
                 f"  patients ({label:<11}) accuracy {m['accuracy']:.3f}  recall "

@@ -69,6 +69,27 @@ def phase_summary(history: dict, max_epochs: int | None) -> dict:
     }
 
 
+def unfinished_phases(run, config) -> list[str]:
+    """The configured phases the run folder's ``state.json`` does not record as completed:
+    a run killed part-way (empty for a finished run, and for runs older than the state)."""
+    path = Path(run) / "state.json"
+    if config is None or not path.is_file():
+        return []
+    try:
+        completed = set(json.loads(path.read_text()).get("completed", []))
+    except (ValueError, OSError, AttributeError):
+        return []  # the trainer names a broken state when the run is resumed
+    return [p for p in config.train.phases if p not in completed]
+
+
+def unfinished_message(run, phases) -> str:
+    """What an unfinished run is and how to finish it (evaluate warns, export refuses)."""
+    return (
+        f"{run} did not finish training (phase {', '.join(phases)} not completed: the run "
+        f"was interrupted); finish it with python -m tfcovseg.train --out {run} --resume"
+    )
+
+
 def training_summary(run, config=None) -> dict:
     """The run's training record: its phases' curves and epochs, and what ``run.json``
     says (fields missing from older runs are left out)."""
@@ -85,5 +106,8 @@ def training_summary(run, config=None) -> dict:
             continue
         if history.get("loss"):
             phases[path.stem] = phase_summary(history, _max_epochs(path.stem, config))
+    for name in unfinished_phases(run, config):
+        if name in phases:  # fewer epochs than the maximum: killed, not stopped early
+            phases[name] |= {"stopped_early": None, "interrupted": True}
     out = {"phases": phases} | {k: info[k] for k in _RUN_FIELDS if k in info}
     return out | ({"unreadable_logs": unreadable} if unreadable else {})

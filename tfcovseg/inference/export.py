@@ -81,6 +81,7 @@ from tfcovseg.evaluation.calibration import (
     calibrate_gate,
     severity_rule_for_run,
 )
+from tfcovseg.evaluation.runlog import unfinished_message, unfinished_phases
 from tfcovseg.evaluation.severity import GRADES
 from tfcovseg.models import load_run_models
 from tfcovseg.models.classifier import (
@@ -515,6 +516,9 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
         segmenter, classifier = load_run_models(run)
     except Exception as e:  # a bad config or a corrupt .keras file
         raise ExportError(f"cannot load the run {run}: {type(e).__name__}: {e}") from None
+    unfinished = unfinished_phases(run, config)
+    if unfinished:  # a model of 1 epoch of 4 was served without a word
+        raise ExportError(unfinished_message(run, unfinished))
     if segmenter is None:
         raise ExportError(
             f"{run} holds no segmenter (segmenter_best.keras / segmenter_last.keras)"

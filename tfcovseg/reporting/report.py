@@ -132,6 +132,7 @@ def _header(results: Mapping, name: str) -> tuple[str, list]:
     if isinstance(composition, Mapping) and composition.get("diagnosis"):
         facts.append("patients: " + composition_text(composition))
     blocks = [("strong", results.get("disclaimer") or DISCLAIMER)]
+    blocks += [("strong", f"Warning: {w}") for w in results.get("warnings", [])]
     if facts:
         blocks.append(("p", "; ".join(facts) + "."))
     return title, blocks
@@ -240,7 +241,9 @@ def _training(results: Mapping, figures: Mapping):
                 f"{p['epochs']} ({most})",
                 _plain(p.get("best_epoch")) if p.get("best_epoch") else MISSING,
                 fmt(p.get("best_val_loss"), 4),
-                {True: "yes", False: "no"}.get(p.get("stopped_early"), MISSING),
+                "interrupted"
+                if p.get("interrupted")
+                else {True: "yes", False: "no"}.get(p.get("stopped_early"), MISSING),
                 MISSING if seconds is None else f"{float(seconds):.0f} s",
             ]
         )
