@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.files import OutputError, check_output_dir
 from data_tools.phantom import make_patient
 
 CASES = (
@@ -99,6 +100,14 @@ def main(argv=None) -> int:
         parser.error("--size must be an even number of at least 32")
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a folder; give the PNG file's path")
+    if args.out.suffix.lower() != ".png":  # PNG bytes went into a .jpg
+        parser.error(f"--out {args.out}: the figure is a PNG; name it *.png")
+    if not 0 <= args.seed < 2**32:
+        parser.error("--seed must be in [0, 2**32 - 1]")
+    try:
+        check_output_dir(args.out.parent, "--out's folder")
+    except OutputError as e:
+        parser.error(str(e))
     print(f"wrote {render(args.out, args.size, args.seed)}")
     return 0
 

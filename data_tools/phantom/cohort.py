@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import __version__
+from data_tools.files import OutputError, check_output_dir
 from data_tools.phantom.dicom import write_patient
 from data_tools.phantom.render import SLICE_RANGE, check_slice_range, make_patient
 
@@ -70,6 +73,36 @@ def cohort_plan(patients: int, seed: int, mix: str = "default"):
     return [plan[i] for i in order]
 
 
+CASE_RE = re.compile(r"^case_\d{4}$")
+MAX_SIZE = 2048  # a 512x512 CT is the usual; larger runs out of memory (37 GiB at 100,000)
+
+
+def _clear_earlier_cohort(out: Path) -> None:
+    """Removes a cohort written to `out` before (its ``case_NNNN`` folders and manifest,
+    complete or cut by a kill), so that the new one is whole: a smaller cohort written
+    over a larger one left the extra cases, and the converter took them in.
+
+    Raises:
+        ValueError: `out` holds anything else (the user's files are never removed).
+    """
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    foreign = [e.name for e in entries if e.name != "manifest.csv" and not (
+        e.is_dir() and CASE_RE.match(e.name))]  # fmt: skip
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:3])
+        raise ValueError(
+            f"{out} is not empty and holds no phantom cohort ({shown}): choose a new or "
+            "empty folder"
+        )
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def make_cohort(
     out: Path,
     patients: int,
@@ -97,6 +130,7 @@ def make_cohort(
     plan = cohort_plan(patients, seed, mix)
     slices = check_slice_range(slices)
     out = Path(out)
+    _clear_earlier_cohort(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (diagnosis, severity) in enumerate(plan):
@@ -159,8 +193,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.patients < 1:
         parser.error("--patients must be at least 1")
-    if args.size < 32 or args.size % 2:
-        parser.error("--size must be an even number of at least 32")
+    if not 32 <= args.size <= MAX_SIZE or args.size % 2:
+        parser.error(f"--size must be an even number from 32 to {MAX_SIZE}")
+    if not 0 <= args.seed < 2**32:
+        parser.error("--seed must be in [0, 2**32 - 1]")
+    try:
+        check_output_dir(args.out)
+    except OutputError as e:
+        parser.error(str(e))
     try:
         check_slice_range(args.slices)
     except ValueError as e:
@@ -170,6 +210,10 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\rphantom: {done}/{total} patients", end="", file=sys.stderr, flush=True)
 
+    try:
+        _clear_earlier_cohort(args.out)
+    except ValueError as e:
+        parser.error(str(e))
     manifest = make_cohort(
         args.out,
         args.patients,

@@ -226,3 +226,47 @@ def test_the_phantom_figure_shows_one_slice_per_diagnosis_and_severity(tmp_path,
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_figure_refuses_what_it_cannot_write(tmp_path, capsys):
+    """A .jpg name got PNG bytes; a file in the way and a negative seed were tracebacks."""
+    from data_tools.phantom_figure import main as figure_main
+
+    (tmp_path / "afile").write_text("x")
+    for argv, message in (
+        (["--out", str(tmp_path / "f.jpg")], "name it *.png"),
+        (["--out", str(tmp_path / "afile" / "f.png")], "is a file"),
+        (["--out", str(tmp_path / "f.png"), "--seed", "-1"], "--seed must be in"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            figure_main([*argv, "--size", "32"])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "f.jpg").exists() and not (tmp_path / "f.png").exists()
+
+
+def test_the_cohort_command_refuses_bad_outputs_and_replaces_its_own(tmp_path, capsys):
+    """--out a file, a huge --size (37 GiB) and a negative seed were tracebacks; a smaller
+    cohort written over a larger one left its extra cases for the converter to take in."""
+    small = ["--size", "32", "--slices", "4", "5"]
+    (tmp_path / "afile").write_text("x")
+    for argv, message in (
+        (["--out", str(tmp_path / "afile")], "is a file"),
+        (["--out", str(tmp_path / "big"), "--size", "100000"], "--size must be an even number"),
+        (["--out", str(tmp_path / "neg"), "--seed", "-1"], "--seed must be in"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, *small[2:]] if "--size" in argv else [*argv, *small])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
+    out = tmp_path / "cohort"
+    assert main(["--out", str(out), "--patients", "3", *small]) == 0
+    assert main(["--out", str(out), "--patients", "1", *small]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case_0000", "manifest.csv"]
+    # A folder of the user's own files is never cleared.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        main(["--out", str(mine), "--patients", "1", *small])
+    assert "holds no phantom cohort (notes.txt)" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"

@@ -354,6 +354,19 @@ def test_cli_missing_metrics_exit_2_names_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_run_given_twice_and_an_out_file_up_front(tmp_path, capsys):
+    """The same run twice was a traceback; an --out that is a file failed only after the
+    tables were computed and printed."""
+    run = make_run(tmp_path / "r1")
+    assert compare_main([str(run), str(tmp_path / "r1" / "."), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "is given twice" in err and "Traceback" not in err
+    (tmp_path / "afile").write_text("x")
+    assert compare_main([str(run), "--out", str(tmp_path / "afile")]) == 2
+    captured = capsys.readouterr()
+    assert "afile" in captured.err and "Table 4" not in captured.out
+
+
 def test_cv_fold_without_metrics_is_named(tmp_path):
     cv = make_cv(tmp_path / "cv")
     (cv / "fold2" / "metrics.json").unlink()

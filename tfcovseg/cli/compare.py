@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_tools.files import atomic_write_text
+from data_tools.files import OutputError, atomic_write_text, check_output_dir
 from tfcovseg import cli
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import compare
@@ -37,6 +37,10 @@ def build_parser():
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # before the tables are computed and printed, not after
+        check_output_dir(args.out)
+    except OutputError as e:
+        return cli.fail(str(e))
     try:
         summaries = compare.load_summaries(args.runs)
         names = args.names.split(",") if args.names is not None else None

@@ -312,6 +312,12 @@ def load_summaries(paths: Sequence[str | Path]) -> list[dict]:
     """`load_summary` of each path; raises CompareError when they disagree on classes or split."""
     if not paths:
         raise CompareError("no run folders given")
+    seen = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:  # one row would hide the other (a traceback, before)
+            raise CompareError(f"{p} is given twice (as {seen[key]} before): compare other runs")
+        seen[key] = p
     summaries = [load_summary(p) for p in paths]
     items = [(Path(s["path"]), s) for s in summaries]
     _check_agree(items, "classes", "runs")
