@@ -39,21 +39,37 @@ def _peak(values: np.ndarray, low: float, high: float, bin_width: float) -> floa
     return float(0.5 * (edges[i] + edges[i + 1]))
 
 
-def grey_peaks(images) -> dict:
+def grey_peaks(images, names=None) -> dict:
     """Lung and soft-tissue grey levels of 8-bit slices: the median over slices of each
-    slice's peak (slices differ in how much of each tissue they show)."""
+    slice's peak (slices differ in how much of each tissue they show). `names`: the
+    images' names, for the error of one without a tissue."""
     peaks = {name: [] for name in GREY_RANGES}
-    for image in images:
+    for i, image in enumerate(images):
         values = np.asarray(image, np.float32).ravel()
         for name, (low, high) in GREY_RANGES.items():
-            peaks[name].append(_peak(values, low, high, 1.0))
+            try:
+                peaks[name].append(_peak(values, low, high, 1.0))
+            except ValueError:
+                which = names[i] if names else f"image {i}"
+                raise ValueError(
+                    f"{which}: no grey level of {name.replace('_', ' ')} ({low}-{high}): "
+                    "not a windowed chest CT slice"
+                ) from None
     return {name: float(np.median(v)) for name, v in peaks.items()}
 
 
 def hu_peaks(hu) -> dict:
     """Lung and soft-tissue peaks (HU) of CT slices in Hounsfield units."""
     values = np.asarray(hu, np.float32).ravel()
-    return {name: _peak(values, low, high, HU_BIN) for name, (low, high) in HU_RANGES.items()}
+    peaks = {}
+    for name, (low, high) in HU_RANGES.items():
+        try:
+            peaks[name] = _peak(values, low, high, HU_BIN)
+        except ValueError:
+            raise ValueError(
+                f"no {name.replace('_', ' ')} ({low} to {high} HU): not a chest CT slice"
+            ) from None
+    return peaks
 
 
 def window_from_peaks(grey: dict, hu: dict) -> tuple[float, float]:
@@ -72,13 +88,21 @@ def apply_window(hu, window) -> np.ndarray:
     return np.clip((np.asarray(hu, np.float32) - low) / (high - low), 0.0, 1.0) * 255.0
 
 
-def _read_images(folder: Path):
+def _read_images(folder: Path) -> tuple[list, list[str]]:
+    """The folder's slices and their names; an unreadable one is named."""
+    from data_tools.dicom_io import SkipFile
     from data_tools.masks import read_image_slice
 
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not paths:
         raise ValueError(f"{folder} holds no .png/.jpg images")
-    return [read_image_slice(p) for p in paths]
+    images = []
+    for path in paths:
+        try:
+            images.append(read_image_slice(path))
+        except (SkipFile, OSError, ValueError) as e:
+            raise ValueError(f"{path.name}: {e}") from None
+    return images, [p.name for p in paths]
 
 
 def main(argv=None) -> int:
@@ -91,15 +115,19 @@ def main(argv=None) -> int:
     from data_tools.dicom_io import SkipFile, read_hu
 
     try:
-        grey = grey_peaks(_read_images(args.images))
-        if args.ct is None:
-            from pydicom.data import get_testdata_file
+        grey = grey_peaks(*_read_images(args.images))
+    except (OSError, ValueError) as e:
+        print(f"error: --images {args.images}: {e}", file=sys.stderr)
+        return 2
+    if args.ct is None:
+        from pydicom.data import get_testdata_file
 
-            args.ct = Path(get_testdata_file("CT_small.dcm"))
+        args.ct = Path(get_testdata_file("CT_small.dcm"))
+    try:
         hu = hu_peaks(read_hu(args.ct))
         window = window_from_peaks(grey, hu)
     except (OSError, ValueError, SkipFile) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: --ct {args.ct}: {e}", file=sys.stderr)
         return 2
     print(f"grey-level peaks of {args.images}: lung {grey['lung']:.0f}, "
           f"soft tissue {grey['soft_tissue']:.0f}")  # fmt: skip

@@ -51,7 +51,7 @@ def test_real_ct_windowed_by_the_estimate_looks_like_the_jpegs(capsys):
     printed = capsys.readouterr().out
     low, high = (float(v) for v in printed.split("window: [")[1].split("]")[0].split(","))
     assert -1150 < low < -900 and 100 < high < 350  # a wide lung window
-    grey = windows.grey_peaks(windows._read_images(SEMISEG))
+    grey = windows.grey_peaks(*windows._read_images(SEMISEG))
     ct = windows.apply_window(read_hu(Path(get_testdata_file("CT_small.dcm"))), (low, high))
     seen = windows.grey_peaks([ct])
     assert seen["lung"] == pytest.approx(grey["lung"], abs=4)
@@ -63,3 +63,28 @@ def test_bad_folders_are_named(tmp_path, capsys):
     assert f"{tmp_path} holds no .png/.jpg images" in capsys.readouterr().err
     assert windows.main(["--images", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_the_image_or_ct_at_fault_is_named(tmp_path, capsys):
+    """A 16-bit slice, a blank slice, a --ct that is no DICOM file or is missing: the
+    errors named none of them ("no value between 5 and 128")."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    good = windows.apply_window(_chest_hu(rng, n=1)[0], (-1000.0, 200.0)).astype(np.uint8)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    Image.fromarray(good).save(folder / "a.png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(folder / "blank.png")
+    assert windows.main(["--images", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--images {folder}: blank.png: no grey level of lung" in err
+    (folder / "blank.png").unlink()
+    Image.fromarray(good.astype(np.uint16) * 200).save(folder / "deep.png")
+    assert windows.main(["--images", str(folder)]) == 2
+    assert "deep.png: " in capsys.readouterr().err
+    (folder / "deep.png").unlink()
+    (tmp_path / "notes.dcm").write_text("not dicom")
+    for ct in (tmp_path / "notes.dcm", tmp_path / "missing.dcm"):
+        assert windows.main(["--images", str(folder), "--ct", str(ct)]) == 2
+        assert f"error: --ct {ct}: " in capsys.readouterr().err

@@ -128,6 +128,13 @@ def test_inputs_from_a_list_a_pattern_or_a_folder_of_studies(phantom_run, studie
     (tmp_path / "bad.txt").write_text("nowhere/study\n")
     with pytest.raises(PredictionError, match="do not exist"):
         archive_inputs(tmp_path / "bad.txt")
+    # A list inside a list was skipped with "add --runner direct" (it was given).
+    (tmp_path / "outer.txt").write_text(f"{phantom_run.cohort / 'case_0000'}\n{listing}\n")
+    with pytest.raises(PredictionError, match="lists do not nest"):
+        archive_inputs(tmp_path / "outer.txt")
+    case = phantom_run.cohort / "case_0000"
+    (tmp_path / "twice.txt").write_text(f"{case}\n{case}  # again\n")
+    assert archive_inputs(tmp_path / "twice.txt") == [case]  # predicted (and counted) once
 
 
 def test_the_command_with_a_runner(studies, phantom_export, phantom_run, tmp_path, capsys):
@@ -171,3 +178,9 @@ def test_a_study_without_a_usable_series_is_skipped_not_fatal(
     written = "".join(p.read_text() for p in (tmp_path / "out").glob("*.*"))
     assert "DOE_JOHN" not in written + " ".join(said)
     assert any("skipped input 2 of 2" in line for line in said)
+    # Nothing usable at all: an error, not an empty summary.csv and exit code 0.
+    alone = tmp_path / "alone.txt"
+    alone.write_text(f"{broken}\n")
+    with pytest.raises(PredictionError, match="none of the 1 studies has a usable CT series"):
+        predict_archive(phantom_export, alone, tmp_path / "out2", "direct", salt=SALT,
+                        log=said.append)  # fmt: skip

@@ -83,6 +83,17 @@ def test_one_format_per_model_folder(onnx_export, phantom_export, phantom_run):
     assert sorted(p.name for p in target.parent.iterdir()) == ["1", "config.pbtxt"]
 
 
+def test_predict_names_an_onnx_export_given_as_model(onnx_export):
+    """It said the folder was "neither ... a folder of numbered versions" (it is one)."""
+    from tfcovseg.inference.errors import PredictionError
+    from tfcovseg.inference.predictors import open_model
+
+    target, _ = onnx_export
+    for given in (target.parent, target):
+        with pytest.raises(PredictionError, match="is an ONNX export .* takes a SavedModel"):
+            open_model(given)
+
+
 def test_a_config_for_other_outputs_is_not_overwritten(phantom_run, tmp_path):
     out = tmp_path / "model"
     out.mkdir()

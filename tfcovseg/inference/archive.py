@@ -74,6 +74,13 @@ def archive_inputs(spec) -> list[Path]:
     if path.is_file() and path.suffix == ".txt":
         lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
         inputs = [(path.parent / line) for line in lines if line]
+        nested = [str(p) for p in inputs if p.is_file() and p.suffix == ".txt"]
+        if nested:  # each was skipped with "add --runner direct", which was given
+            raise PredictionError(
+                f"--input {spec} lists another list of studies ({nested[0]}): lists do not "
+                "nest; list the studies themselves"
+            )
+        inputs = list(dict.fromkeys(inputs))  # a study listed twice is predicted once
     elif any(c in text for c in "*?["):
         inputs = [Path(p) for p in sorted(glob.glob(text))]
     elif path.is_dir():
@@ -281,6 +288,11 @@ def predict_archive(
     for item in index["skipped"]:
         if item["file"].startswith("input "):
             log(f"warning: skipped {item['file']}: {item['reason']}")
+    if not index["series"]:  # an empty summary.csv and exit code 0 said "done"
+        raise PredictionError(
+            f"none of the {len(inputs)} studies has a usable CT series (the reasons above "
+            f"and in {out / 'index.json'})"
+        )
     for entry in index["series"]:
         log(
             f"series {entry['series']}: {entry['slices']} slices, lesions "

@@ -105,9 +105,17 @@ def open_model(path) -> SavedModelPredictor | RunPredictor:
         return RunPredictor(path)
     from tfcovseg.inference.export import existing_versions
 
-    for version in reversed(existing_versions(path)):
-        if (path / str(version) / "saved_model.pb").is_file():
-            return SavedModelPredictor(path / str(version))
+    versions = [path / str(v) for v in reversed(existing_versions(path))]
+    for folder in versions:
+        if (folder / "saved_model.pb").is_file():
+            return SavedModelPredictor(folder)
+    onnx = [f for f in [path, *versions] if (f / "model.onnx").is_file()]  # onnx.MODEL_NAME
+    if onnx:  # "neither ... a folder of numbered versions" misled: it is one
+        raise PredictionError(
+            f"--model {path}: {onnx[0]} is an ONNX export (for onnxruntime or Triton); "
+            "predict takes a SavedModel (python -m tfcovseg.export --format saved_model) "
+            "or a training run folder"
+        )
     raise PredictionError(
         f"--model {path} is neither a SavedModel (saved_model.pb), a folder of numbered "
         f"versions nor a training run (config.yaml)"
