@@ -675,10 +675,15 @@ def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_pat
     save_config(config, out / "config.yaml")
     kept = (out / "segmenter_best.keras").stat().st_mtime_ns
     (out / "classifier_best.keras").write_bytes(b"")  # left by a kill before atomic writes
+    (out / "metrics.json").write_text("{}")  # an evaluation of the weights retrained now
+    (out / "figures").mkdir(exist_ok=True)
     messages = []
     train(config, out, resume=True, verbose=0, log=messages.append)
     text = "\n".join(messages)
     assert "classifier_best.keras is empty (0 bytes)" in text and "runs again" in text
+    # It described weights no longer there (and compare read it): gone, and said so.
+    assert not (out / "metrics.json").exists() and not (out / "figures").exists()
+    assert "removed the evaluation of the earlier weights (metrics.json" in text
     assert "phase 1: segmentation already completed" in text
     assert (out / "segmenter_best.keras").stat().st_mtime_ns == kept
     assert load_run_models(out)[1] is not None

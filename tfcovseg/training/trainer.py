@@ -647,6 +647,8 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
             log(f"phase {PHASE_NUMBER[phase]}: {phase} already completed in this run folder")
             continue
         phase_start = time.perf_counter()
+        if resume:
+            _drop_stale_evaluation(out, log)
         try:
             if phase == "segmentation":
                 segmenter = _segmentation_phase(run)
@@ -665,6 +667,23 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
         summary["self_training"] = state["self_training"]
     _write_json(out / "run.json", summary)
     return summary
+
+
+EVALUATION_OUTPUTS = ("metrics.json", "report.md", "report.html", "figures")
+
+
+def _drop_stale_evaluation(out: Path, log) -> None:
+    """A resumed run that trains a phase (again) makes new weights: the evaluation of the
+    earlier ones (which compare reads) goes, rather than describing a model no longer
+    there."""
+    stale = [out / n for n in EVALUATION_OUTPUTS if (out / n).exists()]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if stale:
+        log(
+            f"removed the evaluation of the earlier weights ({', '.join(p.name for p in stale)}): "
+            "evaluate the run again when it ends"
+        )
 
 
 def _finish_run(config, out: Path, manifest: dict) -> None:
