@@ -13,6 +13,7 @@ from tfcovseg.cli.train import main
 from tfcovseg.configs.experiment import load_config
 from tfcovseg.data.dataset import make_dataset, split_slices
 from tfcovseg.evaluation.burden import lesion_burdens
+from tfcovseg.evaluation.calibration import validation_burdens
 from tfcovseg.evaluation.metrics import patient_scores
 from tfcovseg.evaluation.run import evaluate_run
 from tfcovseg.models import load_run_models
@@ -155,12 +156,18 @@ def test_evaluate_writes_metrics_and_report(tiny):
     ds = make_dataset(
         config.data.records_dir, "test", config.data.fold, 8, training=False, task="inspect"
     )
-    expected, diagnosis = lesion_burdens(segmenter, ds)
+    weights = config.train.positive_weights
+    expected, diagnosis = lesion_burdens(segmenter, ds, positive_weights=weights)
     assert burdens == pytest.approx(expected)
-    assert burden["chosen_on"] == "validation" and 0.0 <= burden["threshold"] <= 1.0
-    calls = {p: b >= burden["threshold"] for p, b in burdens.items()}
-    truth = {p: diagnosis[p] == "covid" for p in burdens}
-    assert burden["accuracy"] == patient_scores(truth, calls)["accuracy"]
+    _, val_diagnosis = validation_burdens(segmenter, config, run=root / "run")
+    if len({d == "covid" for d in val_diagnosis.values()}) == 1:
+        # Validation patients of one kind choose no rule (as the export): no calls.
+        assert burden["threshold"] is None and "cannot be chosen" in burden["rule"]
+    else:
+        assert burden["chosen_on"] == "validation" and 0.0 <= burden["threshold"] <= 1.0
+        calls = {p: b >= burden["threshold"] for p, b in burdens.items()}
+        truth = {p: diagnosis[p] == "covid" for p in burdens}
+        assert burden["accuracy"] == patient_scores(truth, calls)["accuracy"]
     assert "lesion-burden" in report or "lesion burden" in report
     # Severity statistics and figures, as PNG files.
     assert "severity" in next(iter(results["lesion_lung_ratio"].values()))

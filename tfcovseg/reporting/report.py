@@ -196,6 +196,10 @@ def _classification(results: Mapping, figures: Mapping):
         notes.append(
             f"{rule.replace('_', '-')}: {text}" + (f" ({', '.join(extra)})" if extra else "")
         )
+    # A rule that could not be chosen (validation patients of one kind) has no scores:
+    # its reason stands in the notes.
+    unscored = [r for r in RULE_ORDER if isinstance(cls.get(r), dict) and r not in scored]
+    notes += [f"{r.replace('_', '-')}: {cls[r].get('rule', 'off')}" for r in unscored]
     blocks = [
         ("p", "The truth is the patient's diagnosis (COVID-19 or not)."),
         ("table", header, rows),
