@@ -331,15 +331,19 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
     return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
 
 
-def predict_maps(model, data: Slices, idx, views=1) -> dict:
+def predict_maps(model, data: Slices, idx, views=1, positive_weights=None) -> dict:
     """8-bit probability maps at each slice's original size: {target: [maps]}; `views`
-    (1 or up to 8) averages the model over that many quarter turns and flips."""
+    (1 or up to 8) averages the model over that many quarter turns and flips; the maps are
+    corrected for the row's `positive_weights` (`tfcovseg.models.outputs`)."""
     from PIL import Image
 
     from tfcovseg.training.semisup import DIHEDRAL, predict_probabilities
 
     maps = {t: [] for t in TARGETS}
-    probs = predict_probabilities(model, data.images[idx], batch_size=4, tta=DIHEDRAL[:views])
+    probs = predict_probabilities(
+        model, data.images[idx], batch_size=4, tta=DIHEDRAL[:views],
+        positive_weights=positive_weights,
+    )  # fmt: skip
     for j, i in enumerate(idx):
         h, w = data.truth[i].shape
         full = np.stack(
@@ -529,7 +533,8 @@ class _Fold:
         start = time.perf_counter()
         model, info = self._fit(row, log, keep_teacher)
         scored = self.test if self.test is not None else self.train
-        maps = predict_maps(model, scored, split.test, self.bench["tta"])
+        weights = row_config(self.config, "coarse_refine" if row == SEMI else row).train
+        maps = predict_maps(model, scored, split.test, self.bench["tta"], weights.positive_weights)
         truth = truths(scored, split.test)
         scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
         names = [scored.names[i] for i in split.test]

@@ -521,6 +521,10 @@ def _training_settings(config):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **after))
 
 
+def _nothing_to_resume(out: Path) -> str:
+    return f"{out} is empty: there is no run to continue (leave out --resume)"
+
+
 def _is_cv_folder(out: Path) -> bool:
     """Whether `out` holds a cross-validation (`cross_validate`'s ``foldK/`` runs)."""
     return (out / "config.yaml").is_file() and (out / "fold0").is_dir()
@@ -546,7 +550,7 @@ def _check_run_folder(out: Path, config, resume: bool, log) -> None:
     _check_out(out, resume)
     occupied = out.exists() and any(out.iterdir())
     if resume and not occupied:
-        raise TrainingError(f"{out} is empty: there is no run to continue (leave out --resume)")
+        raise TrainingError(_nothing_to_resume(out))
     problem = _not_a_run(out, resume) if occupied else None
     if problem:
         raise TrainingError(problem)
@@ -1121,7 +1125,7 @@ def _check_cv_folder(out: Path, resume: bool) -> None:
     """Refuses an --out that holds something other than this cross-validation."""
     if not (out.exists() and any(out.iterdir())):
         if resume:
-            raise TrainingError(f"{out} is empty: there is no run to continue (leave out --resume)")
+            raise TrainingError(_nothing_to_resume(out))
         return
     if not resume:
         raise TrainingError(
@@ -1137,14 +1141,16 @@ def _check_cv_folder(out: Path, resume: bool) -> None:
         raise TrainingError(f"{out} holds no run to continue (no config.yaml): choose a new --out")
 
 
+def _fold_config(config: ExperimentConfig, fold: int) -> ExperimentConfig:
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, fold=fold))
+
+
 def _check_every_fold(config: ExperimentConfig, log) -> None:
     """Every fold's splits checked before the first fold trains (a fold without validation
     patients stopped the run after hours of fold 0)."""
     folder = prepare_records(config, log)
     for k in range(config.data.num_folds):
-        check_inputs(
-            dataclasses.replace(config, data=dataclasses.replace(config.data, fold=k)), folder
-        )
+        check_inputs(_fold_config(config, k), folder)
 
 
 def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2, log=print):
@@ -1160,7 +1166,7 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     for k in range(config.data.num_folds):
-        fold_config = dataclasses.replace(config, data=dataclasses.replace(config.data, fold=k))
+        fold_config = _fold_config(config, k)
         fold_out = out / f"fold{k}"
         if resume and (fold_out / "metrics.json").is_file():
             log(f"fold {k}: already trained and evaluated")
