@@ -210,19 +210,18 @@ def main(argv=None) -> int:
     def progress(done, total):
         print(f"\rphantom: {done}/{total} patients", end="", file=sys.stderr, flush=True)
 
-    try:
-        _clear_earlier_cohort(args.out)
+    try:  # a folder of other files is refused before any patient is drawn
+        manifest = make_cohort(
+            args.out,
+            args.patients,
+            args.seed,
+            args.size,
+            progress=progress,
+            mix=args.mix,
+            slices=tuple(args.slices),
+        )
     except ValueError as e:
         parser.error(str(e))
-    manifest = make_cohort(
-        args.out,
-        args.patients,
-        args.seed,
-        args.size,
-        progress=progress,
-        mix=args.mix,
-        slices=tuple(args.slices),
-    )
     print(file=sys.stderr)
     with manifest.open() as f:
         slices = sum(int(r["slices"]) for r in csv.DictReader(f))
