@@ -673,7 +673,7 @@ def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_pat
     import shutil
 
     from tfcovseg.configs.experiment import save_config
-    from tfcovseg.training.trainer import _verified_state
+    from tfcovseg.training.run_folder import verified_state
 
     root, _, _ = tiny
     out = tmp_path / "run"
@@ -701,7 +701,7 @@ def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_pat
     assert _csv_epochs(out / "logs" / "classification.csv") == [0]  # afresh, not appended
     # A broken segmenter undoes the classifier built on it too.
     (out / "segmenter_best.keras").write_bytes(b"PK\x03\x04 cut")
-    state = _verified_state(out, config, messages.append)
+    state = verified_state(out, config, messages.append)
     assert state["completed"] == []
     assert not (out / "segmenter_best.keras").exists()
     assert not (out / "logs" / "classification.csv").exists()
@@ -820,7 +820,7 @@ def test_classifier_trains_on_its_own_larger_cohort(tmp_path):
     assert (tmp_path / "run" / "classifier_best.keras").is_file()
     # Made once: a second run reuses both cohorts.
     stamp = (tmp_path / "cache" / "classifier-records" / "manifest.json").stat().st_mtime_ns
-    from tfcovseg.training.trainer import classifier_records
+    from tfcovseg.training.inputs import classifier_records
 
     assert classifier_records(load_config("quickstart", overrides)) == (
         tmp_path / "cache" / "classifier-records"
@@ -835,7 +835,7 @@ def test_pooled_features_keep_the_classify_task_slices():
     import numpy as np
     import tensorflow as tf
 
-    from tfcovseg.training.trainer import _pooled
+    from tfcovseg.training.phases import pooled_features
 
     class Features:
         def predict_on_batch(self, hu):
@@ -847,7 +847,7 @@ def test_pooled_features_keep_the_classify_task_slices():
         "patient/diagnosis": tf.constant(["covid", "covid", "viral", "healthy"]),
         "slice/label": tf.constant([1, 1, 0, 0]),
     }
-    x, y, w = _pooled(Features(), [batch], 3)
+    x, y, w = pooled_features(Features(), [batch], 3)
     assert x[:, 0].tolist() == [0, 2, 3] and y.tolist() == [1, 0, 0] and w.tolist() == [1, 3, 1]
 
 

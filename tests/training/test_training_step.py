@@ -74,7 +74,7 @@ def test_the_training_loop_traces_the_train_step_once(rng):
     trace the whole step a second time (this test saw 2 traces before)."""
     import tensorflow as tf
 
-    from tfcovseg.training.trainer import _fit
+    from tfcovseg.training.fitting import fit
 
     inputs = keras.Input((16, 16, 1))
     out = keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid", name="final")(inputs)
@@ -87,6 +87,6 @@ def test_the_training_loop_traces_the_train_step_once(rng):
     x = rng.random((4, 16, 16, 1), dtype="float32")
     ds = tf.data.Dataset.from_tensor_slices((x, (x > 0.5).repeat(3, -1).astype("float32")))
     ds = ds.batch(2)
-    history = _fit(model, tf.distribute.get_strategy(), ds, ds, 2, [], verbose=0)
+    history = fit(model, tf.distribute.get_strategy(), ds, ds, 2, [], verbose=0)
     assert len(traces) == 1
     assert np.isfinite(history.history["val_loss"]).all()
