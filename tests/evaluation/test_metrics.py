@@ -12,6 +12,7 @@ from tfcovseg.evaluation.metrics import (
     LesionSliceDice,
     PixelPrecision,
     PixelRecall,
+    SliceAUC,
     confusion_counts,
     lesion_slice_mean,
     scores_from_counts,
@@ -276,3 +277,20 @@ def test_roc_auc_matches_pairwise_counting(rng):
     assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
     assert roc_auc([1, 0], [0.1, 0.9]) == 0.0
     assert roc_auc([1, 1], [0.1, 0.9]) is None
+
+
+def test_slice_auc_is_keras_auc_with_both_kinds_and_nan_with_one():
+    y = np.array([0, 1, 1, 0, 1, 0], "float32")
+    p = np.array([0.1, 0.8, 0.35, 0.4, 0.9, 0.2], "float32")
+    ours, theirs = SliceAUC(num_thresholds=2000), keras.metrics.AUC(num_thresholds=2000)
+    for m in (ours, theirs):
+        m.update_state(y, p)
+    assert float(ours.result()) == pytest.approx(float(theirs.result()))
+    # 8 of the 9 (positive, negative) pairs ranked right (0.35 is below the negative 0.4).
+    assert float(ours.result()) == pytest.approx(8 / 9, abs=1e-3)
+    for kind in (0.0, 1.0):  # Keras reads 0 on all-negative labels; there is no AUC
+        one = SliceAUC()
+        one.update_state(np.full(4, kind, "float32"), np.array([0.1, 0.5, 0.7, 0.9], "float32"))
+        assert np.isnan(float(one.result()))
+    restored = keras.metrics.deserialize(keras.metrics.serialize(SliceAUC(name="auc")))
+    assert isinstance(restored, SliceAUC) and restored.name == "auc"

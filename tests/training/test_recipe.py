@@ -88,6 +88,8 @@ def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
     assert EpochLine.describe({"loss": 0.5, "val_auc": 0.91, "val_patient_accuracy": 1}) == (
         "loss 0.5000, val AUC 0.910, val patients 1.000"
     )
+    # A validation split of one kind of slice has no AUC (`SliceAUC` is NaN), not 0.000.
+    assert EpochLine.describe({"val_auc": float("nan")}) == "val AUC n/a (one kind of slice)"
     # verbose 2: Keras silent, our line instead; other values leave Keras in charge.
     lines = []
     verbose, callbacks = keras_verbose(2, ["kept"], 3, lines.append)

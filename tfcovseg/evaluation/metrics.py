@@ -294,6 +294,23 @@ class LesionSliceDice(_ClassMetric):
         return ops.where(count > 0, self.total.value / ops.maximum(count, 1e-12), 1.0)
 
 
+@keras.saving.register_keras_serializable(package="tfcovseg")
+class SliceAUC(keras.metrics.AUC):
+    """Keras' ROC AUC, NaN while the labels seen are all of one kind.
+
+    Keras' AUC reads 0.000 then (no positive: a true positive rate of 0 everywhere), which
+    an epoch line showed as a classifier that ranks every slice wrongly; a validation split
+    of one kind of slice (all lesion-free, say) has no AUC at all.
+    """
+
+    def result(self):
+        # At the lowest threshold every example counts as predicted positive.
+        positives = self.true_positives[0] + self.false_negatives[0]
+        negatives = self.false_positives[0] + self.true_negatives[0]
+        both = ops.logical_and(positives > 0, negatives > 0)
+        return ops.where(both, super().result(), float("nan"))
+
+
 METRIC_CLASSES = (DiceScore, IoUScore, PixelPrecision, PixelRecall, LesionSliceDice)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from data_tools.files import atomic_write_json
 from tfcovseg.data.dataset import OTHER_PNEUMONIA, classify_label, make_dataset, slice_is_usable
+from tfcovseg.evaluation.metrics import SliceAUC
 from tfcovseg.models import (
     build_classifier,
     build_model,
@@ -85,7 +86,7 @@ def segmentation_phase(run: Run):
             label_output = "covid_probability"
             losses[label_output] = "binary_crossentropy"
             weights[label_output] = t.classifier_aux_weight
-            metrics[label_output] = [keras.metrics.AUC(name="auc")]
+            metrics[label_output] = [SliceAUC(name="auc")]
     train_ds = segment_train_ds(run, outputs, label_output)
     with run.strategy.scope():
         compile_segmenter(config, fit_model, (losses, weights, metrics), steps_per_epoch(train_ds))
@@ -277,7 +278,7 @@ def _phase_two_classifier(run: Run, segmenter):
             loss="binary_crossentropy",
             metrics=[
                 keras.metrics.BinaryAccuracy(name="accuracy"),
-                keras.metrics.AUC(name="auc"),
+                SliceAUC(name="auc"),
             ],
             jit_compile=t.jit_compile,
         )
@@ -333,7 +334,7 @@ def _fit_head_on_features(run: Run, classifier, cohort: Path, patient_eval) -> N
     head.compile(
         optimizer=keras.optimizers.Adam(t.classifier_learning_rate),
         loss="binary_crossentropy",
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), SliceAUC(name="auc")],
     )
     every = make_dataset(
         split="all", training=False, task="inspect", **{**run.common, "record_dir": cohort}

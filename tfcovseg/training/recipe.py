@@ -8,6 +8,7 @@ train through these, so one experiment config is one recipe in both.
 
 from __future__ import annotations
 
+import math
 import time
 
 import keras
@@ -118,7 +119,10 @@ class EpochLine(keras.callbacks.Callback):
             parts.append("val Dice " + " ".join(dice))
         for key, name in (("val_auc", "val AUC"), ("val_patient_accuracy", "val patients")):
             if key in logs:
-                parts.append(f"{name} {float(logs[key]):.3f}")
+                value = float(logs[key])
+                # `SliceAUC` is NaN on a validation split of one kind of slice.
+                shown = "n/a (one kind of slice)" if math.isnan(value) else f"{value:.3f}"
+                parts.append(f"{name} {shown}")
         return ", ".join(parts)
 
     def on_epoch_end(self, epoch, logs=None):
