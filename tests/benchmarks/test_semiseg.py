@@ -81,6 +81,12 @@ def test_load_unlabelled_groups_slices_by_volume(tmp_path):
     labelled = make_folder(tmp_path / "labelled", ["1", "2"])
     with pytest.raises(BenchmarkError, match="holds masks.*--train-dir"):
         load_unlabelled(labelled, 32)
+    # A GT/ whose masks are named unlike the images is masks all the same (it was taken
+    # for unlabelled slices without a word).
+    (tmp_path / "u" / "GT").mkdir()
+    (tmp_path / "u" / "GT" / "other.png").write_bytes(b"")
+    with pytest.raises(BenchmarkError, match="holds masks \\(GT/ has one\\)"):
+        load_unlabelled(tmp_path / "u", 32)
     (tmp_path / "none").mkdir()
     with pytest.raises(BenchmarkError, match="no Imgs"):
         load_unlabelled(tmp_path / "none", 32)
@@ -139,6 +145,37 @@ def test_bad_folders_are_named(tmp_path):
     (folder / "GT" / "2.png").unlink()
     with pytest.raises(BenchmarkError, match="no GT mask for Imgs/2.jpg"):
         load_slices(folder, 32)
+
+
+def test_bad_runs_are_refused_before_training(tmp_path):
+    two = make_folder(tmp_path / "two", ["1", "2"])
+    out = tmp_path / "out"
+    # Each fold's training part needs a slice to fit and one for early stopping (with
+    # two slices in two folds, a fold had none to fit and Keras raised).
+    with pytest.raises(BenchmarkError, match="holds 2 slice.*too few for 2 folds"):
+        run(two, out, folds=2, **FAST)
+    one = make_folder(tmp_path / "one", ["1"])
+    with pytest.raises(BenchmarkError, match="holds 1 slice.*too few"):
+        run(one, out, test_dir=two, **FAST)
+    six = make_folder(tmp_path / "six", [str(i) for i in range(6)])
+    with pytest.raises(BenchmarkError, match="--passes must be at least 1"):
+        run(six, out, folds=2, **{**FAST, "passes": 0})
+    with pytest.raises(BenchmarkError, match="--models names no model"):
+        run(six, out, folds=2, models=(), **FAST)
+    with pytest.raises(BenchmarkError, match="--test-dir .* is the --train-dir"):
+        run(six, out, test_dir=tmp_path / "six" / ".." / "six", **FAST)
+    # An --out that is a file, or a folder of someone else's files: named, left as it was.
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(BenchmarkError, match="file"):
+        run(six, tmp_path / "file", folds=2, **FAST)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my own notes")
+    with pytest.raises(BenchmarkError, match="holds other files and no benchmark run"):
+        run(six, mine, folds=2, **FAST)
+    assert (mine / "results.md").read_text() == "my own notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["results.md"]
+    assert not out.exists()
 
 
 def test_cross_validation_writes_scores_tables_and_maps(tmp_path):

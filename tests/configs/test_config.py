@@ -156,6 +156,7 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
     "override, message",
     [
         ("model.input_size=[100,100]", "multiples of 32"),
+        ("model.input_size=[320000,320000]", "at most 2048 pixels"),
         ("model.input_size=[64]", "list of 2 values"),
         ("model.aspp_rates=abc", "must be a list"),
         ("train.batch_size=eight", "must be an integer"),

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.files import OutputError, check_output_dir
 from tfcovseg.benchmarks.semiseg_config import (
     BENCH_DEFAULTS,
     CLASSES,
@@ -153,7 +154,7 @@ def load_slices(folder, size: int, allow_infection_only=False) -> Slices:
             result = process_study(study, size, CLASSES, binary_class=as_class)
             labels = read_png_labels(study.mask_path, len(CLASSES), binary_class=as_class)
         except SkipFile as e:
-            raise BenchmarkError(f"{study.rel}: {e}") from None
+            raise BenchmarkError(f"{folder / study.rel}: {e}") from None
         if binary is not None:
             kinds.setdefault(binary, mask_rel)
         names.append(study.image_path.stem)
@@ -198,6 +199,8 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
     if not studies:
         raise BenchmarkError(f"{folder} holds no Imgs/*.jpg|png slices (unlabelled slices)")
     labelled = [s.rel for s in studies if s.mask_path is not None]
+    if not labelled and (Path(folder) / "GT").is_dir():  # masks named unlike the images
+        labelled = ["GT/"]
     if labelled:
         raise BenchmarkError(
             f"{folder} holds masks ({labelled[0]} has one): --unlabelled-dir takes slices "
@@ -208,7 +211,7 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
         try:
             image = read_image_slice(study.image_path)
         except SkipFile as e:
-            raise BenchmarkError(f"{study.rel}: {e}") from None
+            raise BenchmarkError(f"{folder / study.rel}: {e}") from None
         image = Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR)
         stem = study.image_path.stem
         names.append(stem)
@@ -444,10 +447,48 @@ def _splits(train: Slices, test, folds, bench, seed) -> list[Split]:
     return out
 
 
+def _check_splits(splits, train_dir, cross_validation: bool) -> None:
+    """Every fold has a slice to fit and one for early stopping (a fold without one ended
+    in a Keras traceback)."""
+    for split in splits:
+        if len(split.fit) == 0:
+            n = len(split.fit) + len(split.val) + (len(split.test) if cross_validation else 0)
+            where = f" for {len(splits)} folds" if cross_validation else ""
+            raise BenchmarkError(
+                f"{train_dir} holds {n} slice(s), too few{where}: each fold trains on at "
+                "least 2 (one to fit, one for early stopping)"
+                + ("; give fewer --folds" if cross_validation else "")
+            )
+
+
+def _check_dirs(out, train_dir, test_dir) -> None:
+    """An --out that can be written and holds no other files than a benchmark run's, and a
+    test folder that is not the training one, checked before the slices load."""
+    from tfcovseg.benchmarks.store import PROGRESS
+
+    out = Path(out)
+    try:
+        check_output_dir(out)
+    except OutputError as e:
+        raise BenchmarkError(str(e)) from None
+    if out.is_dir() and any(out.iterdir()) and not (out / PROGRESS).is_file():
+        raise BenchmarkError(
+            f"--out {out} holds other files and no benchmark run ({PROGRESS}): choose a new "
+            "or empty folder (a run's own folder resumes)"
+        )
+    if test_dir is not None and Path(test_dir).resolve() == Path(train_dir).resolve():
+        raise BenchmarkError(
+            f"--test-dir {test_dir} is the --train-dir: the scores would be on the training "
+            "slices (leave out --test-dir to cross-validate)"
+        )
+
+
 def _rows(models, unlabelled) -> list[str]:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise BenchmarkError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    if not models:
+        raise BenchmarkError(f"--models names no model; choose from {list(MODELS)}")
     rows = list(dict.fromkeys(models))
     if unlabelled is not None:
         if "coarse_refine" not in rows:
@@ -476,23 +517,27 @@ def run(
     bench = BENCH_DEFAULTS | {k: kw.pop(k) for k in BENCH_DEFAULTS if k in kw}
     if not 1 <= bench["tta"] <= 8:
         raise BenchmarkError(f"--tta takes 1 to 8 views, got {bench['tta']}")
+    if bench["passes"] < 1:
+        raise BenchmarkError(f"--passes must be at least 1, got {bench['passes']}")
+    _check_dirs(out, train_dir, test_dir)
     config = benchmark_config(config, overrides, **kw)
     out, start, size = Path(out), time.perf_counter(), config.model.input_size[0]
     train = load_slices(train_dir, size)
     test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
     unlabelled = load_unlabelled(unlabelled_dir, size) if unlabelled_dir else None
     rows = _rows(models, unlabelled)
-    if test is None and not 2 <= folds <= len(train.names):
+    if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
     settings, seed = settings_record(config, bench), config.train.seed
     log(_describe(train, test, unlabelled, folds, settings))
     results = _header(train, test, unlabelled, folds, seed, settings)
+    splits = _splits(train, test, folds, bench, seed)
+    _check_splits(splits, train_dir, test is None)
+    todo = _pick_folds(only_folds, splits, test)
     try:
         store = FoldStore(out, _fingerprint(results, rows))
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
-    splits = _splits(train, test, folds, bench, seed)
-    todo = _pick_folds(only_folds, splits, test)
     for split in (s for s in splits if s.fold in todo):
         if test is None:
             log(

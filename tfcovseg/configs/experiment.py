@@ -53,6 +53,8 @@ class ConfigError(ValueError):
 
 
 # The experiment YAML files shipped with the package (package data of the wheel).
+# The largest model.input_size side: four times a CT slice's 512.
+MAX_INPUT_SIZE = 2048
 BUILTIN_EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
 
 
@@ -313,6 +315,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.input_size must be positive multiples of 32 (the encoder downsamples "
                 f"by 32), got {list(self.input_size)}"
+            )
+        if any(s > MAX_INPUT_SIZE for s in self.input_size):  # 320000 asked for 381 GiB
+            raise ConfigError(
+                f"model.input_size must be at most {MAX_INPUT_SIZE} pixels a side (CT slices "
+                f"are 512), got {list(self.input_size)}"
             )
         if not self.class_names:
             raise ConfigError("model.class_names must name at least one class")
