@@ -9,6 +9,7 @@ formats, ``{"error": ...}`` with HTTP 400) and a gRPC server implementing
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -239,6 +240,62 @@ def test_answers_that_are_not_tf_serving_are_named(rng, capsys):
     path = get_testdata_file("CT_small.dcm")
     assert client_main(["--dicom", path, "--rest", "http://x", "--version", "-1"]) == 2
     assert "--version must be a positive integer" in capsys.readouterr().err
+
+
+def _json_reply(body: str) -> bytes:
+    data = body.encode()
+    head = f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+    return head.encode() + b"\r\n\r\n" + data
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        ('{"predictions": []}', r"covid_probability has shape \[0\] for 2"),  # IndexError
+        ('{"predictions": null}', r"covid_probability has shape \[\] for 2"),
+        ('{"predictions": [{"other": 1}, {"other": 2}]}', "no covid_probability or masks"),
+        ('{"predictions": [0.5]}', r"covid_probability has shape \[1\] for 2 slice"),
+        ('{"predictions": [{"covid_probability": 0.5}, {}]}', "KeyError"),
+        ('{"predictions": [[0.1, 0.2], [0.3]]}', "ValueError"),  # ragged
+        ('{"predictions": [NaN, 0.5]}', r"outside \[0, 1\] \(or NaN\)"),  # printed as nan
+        ('{"outputs": {"masks": [0.5, 0.5]}}', r"masks has shape \[2\]"),  # an AxisError
+    ],
+)
+def test_malformed_answers_are_named_not_tracebacks(answer, message, capsys):
+    path = get_testdata_file("CT_small.dcm")
+    argv = ["--dicom", path, path, "--rest", _serve_once(_json_reply(answer))]
+    assert client_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the server's answer is malformed" in err and re.search(message, err), err
+
+
+def test_checked_answer_keeps_good_answers():
+    out = client.checked_answer({"output": np.array([[0.25], [1.0]], np.float32)}, 2)
+    assert list(out) == ["covid_probability"] and out["covid_probability"].tolist() == [0.25, 1]
+    masks = np.zeros((2, 4, 4, 3), np.float32)
+    out = client.checked_answer({"masks": masks, "covid_probability": [0.1, 0.9]}, 2)
+    assert out["masks"].shape == (2, 4, 4, 3) and out["covid_probability"].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["localhost:8501", "ftp://localhost:1", "http://localhost:99999", "not a url", "http://[::1"],
+)
+def test_rest_addresses_that_are_not_http_are_refused(base, capsys):
+    with pytest.raises(ValueError, match="is not http://HOST:PORT"):
+        client.rest_url(base)
+    path = get_testdata_file("CT_small.dcm")
+    assert client_main(["--dicom", path, "--rest", base]) == 2
+    assert "e.g. http://localhost:8501" in capsys.readouterr().err
+
+
+def test_only_the_signatures_that_take_hu_are_sent(capsys):
+    path = get_testdata_file("CT_small.dcm")
+    for name in ("metadata", "serve_image", "foo", ""):
+        with pytest.raises(SystemExit) as stop:
+            client_main(["--dicom", path, "--rest", "http://x:1", "--signature", name])
+        assert stop.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_grpc_request_is_a_predict_request(rng):

@@ -11,7 +11,9 @@ from tfcovseg import cli
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.inference.serving_client import (  # NumPy and the standard library only
     FORMS,
+    HU_SIGNATURES,
     ServingError,
+    checked_answer,
     hu_from_dicom,
     predict_grpc,
     predict_rest,
@@ -31,7 +33,12 @@ def build_parser():
     where.add_argument("--grpc", help="gRPC target, e.g. localhost:8500")
     parser.add_argument("--model", default="tfcovseg", help="model name (default tfcovseg)")
     parser.add_argument("--version", type=int, help="model version (default: the newest)")
-    parser.add_argument("--signature", default="serving_default")
+    parser.add_argument(
+        "--signature",
+        choices=HU_SIGNATURES,
+        default="serving_default",
+        help="the export's signature that takes slices in HU (default serving_default)",
+    )
     parser.add_argument("--form", choices=FORMS, default="instances", help="REST body format")
     return parser
 
@@ -41,19 +48,20 @@ def main(argv=None) -> int:
     if args.version is not None and args.version < 1:
         return cli.fail(f"--version must be a positive integer, got {args.version}")
     try:
+        url = rest_url(args.rest, args.model, args.version) if args.rest else None
         slices = [hu_from_dicom(p) for p in args.dicom]
-        if len({s.shape for s in slices}) > 1:
-            raise ValueError("the slices of one request must have one size")
+        sizes = {s.shape: p for s, p in zip(slices, args.dicom)}
+        if len(sizes) > 1:
+            named = ", ".join(f"{p} {s[0]}x{s[1]}" for s, p in list(sizes.items())[:2])
+            raise ValueError(f"the slices of one request must have one size: {named}")
         hu = np.stack(slices)
-        if args.rest:
-            url = rest_url(args.rest, args.model, args.version)
+        if url:
             out = predict_rest(url, hu, args.signature, args.form)
         else:
             out = predict_grpc(args.grpc, hu, args.model, args.signature, args.version)
+        out = checked_answer(out, len(slices))
     except (ValueError, ServingError, ImportError) as e:
         return cli.fail(str(e))
-    if "output" in out:  # REST answers of a single-output signature are unnamed
-        out = {"covid_probability" if out["output"].ndim == 1 else "masks": out["output"]}
     for i, path in enumerate(args.dicom):
         parts = [path.name]
         if "covid_probability" in out:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,9 @@ SERVING_API_HINT = (
     "(without --no-deps it pulls the full tensorflow wheel next to tensorflow-cpu)"
 )
 FORMS = ("instances", "inputs")
+# The export's signatures that take slices in HU ("hu"): what this client sends
+# (`tfcovseg.inference.export.SIGNATURES` has the others, for images and examples).
+HU_SIGNATURES = ("serving_default", "classify", "segment")
 
 
 class ServingError(Exception):
@@ -93,7 +97,22 @@ def _batch(hu) -> np.ndarray:
 
 
 def rest_url(base: str, model: str = "tfcovseg", version: int | None = None) -> str:
-    """``BASE/v1/models/MODEL[/versions/N]:predict``, e.g. base http://localhost:8501."""
+    """``BASE/v1/models/MODEL[/versions/N]:predict``, e.g. base http://localhost:8501.
+
+    Raises:
+        ValueError: a base that is not an http(s)://HOST[:PORT] address.
+    """
+    try:
+        parsed = urllib.parse.urlsplit(base)
+        usable = parsed.scheme in ("http", "https") and parsed.hostname
+        usable = usable and (parsed.port is None or parsed.port > 0)
+    except ValueError:  # a port that is not a number or above 65535, a broken [IPv6]
+        usable = False
+    if not usable:
+        raise ValueError(
+            f"the REST address {base!r} is not http://HOST:PORT (TF Serving's REST port, "
+            "e.g. http://localhost:8501)"
+        )
     path = f"{base.rstrip('/')}/v1/models/{model}"
     if version is not None:
         path += f"/versions/{int(version)}"
@@ -135,17 +154,54 @@ def parse_rest_response(body) -> dict[str, np.ndarray]:
         raise ServingError(f"unexpected answer of type {type(body).__name__}")
     if "error" in body:
         raise ServingError(f"TF Serving: {body['error']}")
-    if "predictions" in body:
-        rows = body["predictions"]
-        if rows and isinstance(rows[0], dict):
-            return {k: np.asarray([r[k] for r in rows], np.float32) for k in rows[0]}
-        return {"output": np.asarray(rows, np.float32)}
-    if "outputs" in body:
-        outputs = body["outputs"]
-        if isinstance(outputs, dict):
-            return {k: np.asarray(v, np.float32) for k, v in outputs.items()}
-        return {"output": np.asarray(outputs, np.float32)}
+    try:
+        if "predictions" in body:
+            rows = body["predictions"]
+            if rows and isinstance(rows[0], dict):
+                return {k: np.asarray([r[k] for r in rows], np.float32) for k in rows[0]}
+            return {"output": np.asarray(rows, np.float32)}
+        if "outputs" in body:
+            outputs = body["outputs"]
+            if isinstance(outputs, dict):
+                return {k: np.asarray(v, np.float32) for k, v in outputs.items()}
+            return {"output": np.asarray(outputs, np.float32)}
+    except (KeyError, TypeError, ValueError) as e:  # a row without a key, ragged, text
+        raise ServingError(f"{MALFORMED}: {type(e).__name__}: {e}") from None
     raise ServingError(f"the answer has neither 'predictions' nor 'outputs': keys {list(body)}")
+
+
+MALFORMED = "the server's answer is malformed"
+
+
+def checked_answer(out: dict, n_slices: int) -> dict[str, np.ndarray]:
+    """The answer's ``covid_probability`` [n] and ``masks`` [n, H, W, C] (a single-output
+    signature's unnamed ``output`` named by its rank), checked against the `n_slices`
+    sent.
+
+    Raises:
+        ServingError: neither output, a count other than `n_slices`, a wrong rank, or
+            values that are not probabilities.
+    """
+    if "output" in out:  # REST answers of a single-output signature are unnamed
+        out = {"covid_probability" if out["output"].ndim <= 2 else "masks": out["output"]}
+    found = {}
+    for key, rank in (("covid_probability", 1), ("masks", 4)):
+        if key not in out:
+            continue
+        value = np.asarray(out[key], np.float32)
+        if key == "covid_probability" and value.ndim == 2 and value.shape[-1] == 1:
+            value = value[:, 0]
+        if value.ndim != rank or len(value) != n_slices:
+            raise ServingError(
+                f"{MALFORMED}: {key} has shape {list(value.shape)} for {n_slices} slice(s) "
+                f"sent ({'[n]' if rank == 1 else '[n, H, W, C]'} expected)"
+            )
+        if not (np.isfinite(value).all() and value.min() >= 0.0 and value.max() <= 1.0):
+            raise ServingError(f"{MALFORMED}: {key} holds values outside [0, 1] (or NaN)")
+        found[key] = value
+    if not found:
+        raise ServingError(f"{MALFORMED}: no covid_probability or masks in {sorted(out)}")
+    return found
 
 
 def predict_rest(url: str, hu, signature="serving_default", form="instances", timeout=60.0):
