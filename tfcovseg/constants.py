@@ -9,6 +9,14 @@ from data_tools.features import LESION_CLASSES, SEVERITIES  # noqa: F401 (LESION
 
 DISCLAIMER = "Research use, not a medical device."
 
+# The model each training phase writes into the run folder (``<name>_best.keras``): what
+# a resume, evaluate and export expect of a phase ``state.json`` records as completed.
+RUN_MODELS = {
+    "segmentation": "segmenter",
+    "self_training": "student",
+    "classification": "classifier",
+}
+
 # Where `tfcovseg.export` (and the quickstart) write TF Serving versions by default.
 DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
 # ... and ONNX versions (`--format onnx`), a model folder of their own: one format per

@@ -640,6 +640,40 @@ def test_an_interrupted_run_is_said_by_evaluate_and_refused_by_export(tiny, tmp_
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
+def test_a_moved_or_swapped_model_is_named_by_evaluate_and_export(tiny, tmp_path, capsys):
+    """A run whose classifier was moved away exported with the segmenter as its gate
+    ("the run has no classifier"); one whose two files were swapped raised AttributeError
+    deep in the export."""
+    import shutil
+
+    from tfcovseg.cli.evaluate import main as evaluate_main
+    from tfcovseg.inference.export import ExportError, export_run
+
+    root, _, _ = tiny
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "run", moved)
+    for name in ("classifier_best.keras", "classifier_last.keras"):
+        (moved / name).unlink(missing_ok=True)
+    with pytest.raises(ExportError, match="lacks classifier_best.keras.*--resume"):
+        export_run(moved, tmp_path / "models", log=lambda *a: None)
+    assert evaluate_main(["--run", str(moved), "--split", "validation", "--no-figures"]) == 0
+    assert "warning: " in capsys.readouterr().out
+    warnings = json.loads((moved / "metrics.json").read_text())["warnings"]
+    assert any("lacks classifier_best.keras" in w for w in warnings)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(root / "run", swapped)
+    for name in ("segmenter_last.keras", "classifier_last.keras"):
+        (swapped / name).unlink(missing_ok=True)
+    (swapped / "segmenter_best.keras").rename(swapped / "tmp.keras")
+    (swapped / "classifier_best.keras").rename(swapped / "segmenter_best.keras")
+    (swapped / "tmp.keras").rename(swapped / "classifier_best.keras")
+    with pytest.raises(ExportError, match="holds a CovidClassifier, not the run's segmenter"):
+        export_run(swapped, tmp_path / "models", log=lambda *a: None)
+    assert evaluate_main(["--run", str(swapped), "--split", "validation"]) == 2
+    assert "not the run's segmenter" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
 def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp_path):
     import os
     import subprocess

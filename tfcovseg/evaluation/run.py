@@ -53,7 +53,13 @@ from tfcovseg.evaluation.metrics import (
     scores_from_counts,
     slice_dice,
 )
-from tfcovseg.evaluation.runlog import training_summary, unfinished_message, unfinished_phases
+from tfcovseg.evaluation.runlog import (
+    missing_message,
+    missing_models,
+    training_summary,
+    unfinished_message,
+    unfinished_phases,
+)
 from tfcovseg.evaluation.severity import covid_cohort, ratio_statistics
 from tfcovseg.models import load_run_models, run_model_path
 from tfcovseg.models.outputs import final_probabilities
@@ -249,6 +255,9 @@ def evaluate_run(
     unfinished = unfinished_phases(run, config)
     if unfinished:  # scored all the same (an interrupted run may be worth a look), but said
         results["warnings"] = [unfinished_message(run, unfinished)]
+    missing = missing_models(run, config)
+    if missing:  # scored with what is there (a last checkpoint, or no classifier), but said
+        results.setdefault("warnings", []).append(missing_message(run, missing))
     if segmenter is not None:
         results |= _segmentation_results(tally)
     if classifier is not None:

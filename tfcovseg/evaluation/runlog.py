@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from tfcovseg.constants import RUN_MODELS
+
 # The config field bounding each phase's epochs (a self-training round's log is
 # ``student_r<N>.csv``).
 _MAX_EPOCHS = {"segmentation": "train.epochs", "classification": "train.classifier_epochs"}
@@ -69,17 +71,44 @@ def phase_summary(history: dict, max_epochs: int | None) -> dict:
     }
 
 
+def _completed_phases(run) -> list[str] | None:
+    """The phases ``state.json`` records as completed; None without a readable state (runs
+    older than it; the trainer names a broken state when the run is resumed)."""
+    path = Path(run) / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        return list(json.loads(path.read_text()).get("completed", []))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def unfinished_phases(run, config) -> list[str]:
     """The configured phases the run folder's ``state.json`` does not record as completed:
     a run killed part-way (empty for a finished run, and for runs older than the state)."""
-    path = Path(run) / "state.json"
-    if config is None or not path.is_file():
+    completed = _completed_phases(run) if config is not None else None
+    if completed is None:
         return []
-    try:
-        completed = set(json.loads(path.read_text()).get("completed", []))
-    except (ValueError, OSError, AttributeError):
-        return []  # the trainer names a broken state when the run is resumed
     return [p for p in config.train.phases if p not in completed]
+
+
+def missing_models(run, config) -> list[str]:
+    """The best-model files (``<model>_best.keras``, `RUN_MODELS`) of phases that
+    ``state.json`` records as completed but that are not in the run folder (moved or
+    deleted since): a resume trains those phases again."""
+    completed = _completed_phases(run) if config is not None else None
+    if completed is None:
+        return []
+    names = [f"{RUN_MODELS[p]}_best.keras" for p in config.train.phases if p in completed]
+    return [n for n in names if not (Path(run) / n).is_file()]
+
+
+def missing_message(run, names) -> str:
+    return (
+        f"{run} lacks {', '.join(names)}, which its completed training wrote (moved or "
+        f"deleted?): put it back, or train that phase again with python -m tfcovseg.train "
+        f"--out {run} --resume"
+    )
 
 
 def unfinished_message(run, phases) -> str:

@@ -81,7 +81,12 @@ from tfcovseg.evaluation.calibration import (
     calibrate_gate,
     severity_rule_for_run,
 )
-from tfcovseg.evaluation.runlog import unfinished_message, unfinished_phases
+from tfcovseg.evaluation.runlog import (
+    missing_message,
+    missing_models,
+    unfinished_message,
+    unfinished_phases,
+)
 from tfcovseg.evaluation.severity import GRADES
 from tfcovseg.models import load_run_models
 from tfcovseg.models.classifier import (
@@ -519,6 +524,9 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
     unfinished = unfinished_phases(run, config)
     if unfinished:  # a model of 1 epoch of 4 was served without a word
         raise ExportError(unfinished_message(run, unfinished))
+    missing = missing_models(run, config)
+    if missing:  # the segmenter served as the gate for a classifier moved away
+        raise ExportError(missing_message(run, missing))
     if segmenter is None:
         raise ExportError(
             f"{run} holds no segmenter (segmenter_best.keras / segmenter_last.keras)"

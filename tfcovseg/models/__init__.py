@@ -138,7 +138,15 @@ def load_run_models(run) -> tuple:
     found = []
     for stem in ("segmenter", "classifier"):
         path = run_model_path(run, stem)
-        found.append(None if path is None else load_model(path))
+        model = None if path is None else load_model(path)
+        # A classifier saved under the segmenter's name (or the reverse) loads, then
+        # failed on a missing attribute deep in export or evaluation.
+        if model is not None and isinstance(model, CovidClassifier) != (stem == "classifier"):
+            raise ModelFileError(
+                f"{path} holds a {type(model).__name__}, not the run's {stem} (files "
+                "swapped or copied from elsewhere?)"
+            )
+        found.append(model)
     return tuple(found)
 
 

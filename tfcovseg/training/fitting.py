@@ -12,6 +12,7 @@ import keras
 
 from tfcovseg import require_tensorflow
 from tfcovseg.configs.experiment import ExperimentConfig
+from tfcovseg.constants import RUN_MODELS
 from tfcovseg.data.dataset import make_dataset
 from tfcovseg.models import model_file_problem, save_model
 from tfcovseg.training.callbacks import (
@@ -26,7 +27,7 @@ from tfcovseg.training.distributed import (
     is_multi_worker,
 )
 from tfcovseg.training.recipe import early_stopping, keras_verbose
-from tfcovseg.training.run_folder import RUN_MODELS, phase_name
+from tfcovseg.training.run_folder import phase_name
 
 tf = require_tensorflow("python -m tfcovseg.train")
 

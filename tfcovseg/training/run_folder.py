@@ -11,14 +11,10 @@ from pathlib import Path
 
 from data_tools.files import OutputError, check_output_dir
 from tfcovseg.configs.experiment import config_to_dict, dotted_values, load_config
+from tfcovseg.constants import RUN_MODELS
 from tfcovseg.models import ModelFileError, load_model
 from tfcovseg.training.errors import TrainingError
 
-RUN_MODELS = {
-    "segmentation": "segmenter",
-    "self_training": "student",
-    "classification": "classifier",
-}
 # The paper's two phases keep their numbers; self-training refines phase 1's segmenter.
 PHASE_NUMBER = {"segmentation": "1", "self_training": "1b", "classification": "2"}
 
