@@ -32,7 +32,9 @@ s3://) are not supported.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import logging
 import re
@@ -88,13 +90,44 @@ def pipeline_options(runner: str, options=()):
 
     if runner not in RUNNERS:
         raise ConversionError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    args = []
+    args, given = [], {}
     for item in options:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip().lstrip("-")
+        if not sep or not key:
             raise ConversionError(f"--pipeline-option takes KEY=VALUE, got {item!r}")
-        args.append(f"--{key.strip().lstrip('-')}={value}")
-    return PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
+        if key == "runner":
+            raise ConversionError(
+                f"--pipeline-option {item!r}: choose the runner with --runner "
+                f"({', '.join(RUNNERS)})"
+            )
+        args.append(f"--{key}={value}")
+        given[key] = item
+    beam_options = PipelineOptions(args, runner=RUNNERS[runner], save_main_session=False)
+    _check_options(beam_options, given)
+    return beam_options
+
+
+def _check_options(beam_options, given: dict) -> None:
+    """Beam drops an option it does not know with a log line, and answers a bad value
+    with its whole usage text and exit: both become one error naming the option."""
+    said, beam_log = io.StringIO(), logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args": said below
+    try:
+        with contextlib.redirect_stderr(said):
+            known = beam_options.get_all_options(retain_unknown_options=False)
+    except SystemExit:  # argparse's error, after printing the usage into `said`
+        lines = said.getvalue().strip().splitlines() or ["an invalid value"]
+        raise ConversionError(f"--pipeline-option: {lines[-1].split('error: ', 1)[-1]}") from None
+    finally:
+        beam_log.setLevel(level)
+    unknown = [item for key, item in given.items() if key not in known]
+    if unknown:
+        raise ConversionError(
+            f"--pipeline-option {unknown[0]!r}: Apache Beam knows no such option (the "
+            "options of each runner: https://beam.apache.org/documentation/runners/)"
+        )
 
 
 SCAN_CHUNK = 32  # files whose headers one element reads

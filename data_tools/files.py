@@ -164,6 +164,8 @@ def check_output_dir(path, option="--out") -> Path:
         reason = os.strerror(e.errno) if e.errno else str(e)
         if e.errno in (errno.EACCES, errno.EPERM):
             reason = "permission denied"
+        elif e.errno == errno.ENOENT:  # /proc, /sys: folders that take no new file
+            reason = "no file can be created there"
         raise OutputError(f"{option} {path} cannot be written ({probe}: {reason})") from None
     return path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -24,6 +25,24 @@ from data_tools.privacy import Redactor, printable, pseudonym, redacted_warnings
 from data_tools.workers import ordered_map, worker_pool
 
 MANIFEST = "manifest.json"
+RECORDS_FORMAT = "tfcovseg-records"  # the manifest's "format"
+
+
+def _check_earlier_manifest(out_dir: Path) -> None:
+    """A ``manifest.json`` in --out must be an earlier conversion's (which this one
+    replaces): another tool's file of that name was overwritten without a word."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        ours = json.loads(path.read_text(encoding="utf-8")).get("format") == RECORDS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConversionError(
+            f"--out {out_dir} holds a {MANIFEST} that no conversion wrote: choose another "
+            "folder (the converter writes its manifest there)"
+        )
 
 
 def _strict_problems(found: Discovery, redactor) -> str:
@@ -79,6 +98,7 @@ def convert(
         check_output_dir(out_dir)
     except OutputError as e:
         raise ConversionError(str(e)) from None
+    _check_earlier_manifest(out_dir)
     job = Job(
         input_dir,
         out_dir,
@@ -317,7 +337,7 @@ def finish(job: Job, records: Records, shard_bytes: dict, found: Discovery) -> d
         return [{"path": found.redactor(p), field: found.redactor(r)} for p, r in items]
 
     manifest = {
-        "format": "tfcovseg-records",
+        "format": RECORDS_FORMAT,
         "version": 1,
         "classes": list(job.classes),
         "size": job.size,

@@ -397,6 +397,18 @@ def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_
     many = str(usable_cpus() + 2)
     assert main([*args, "--out", str(tmp_path / "o"), "--folds", "1", "--workers", many]) == 2
     assert f"--workers {many} on {usable_cpus()} usable CPU(s)" in capsys.readouterr().err
+    # Another tool's manifest.json in --out was replaced without a word; an earlier
+    # conversion's is replaced by the next one.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "my dataset"}')
+    assert main([*args, "--out", str(foreign)]) == 2
+    assert "holds a manifest.json that no conversion wrote" in capsys.readouterr().err
+    assert (foreign / "manifest.json").read_text() == '{"name": "my dataset"}'
+    assert sorted(p.name for p in foreign.iterdir()) == ["manifest.json"]
+    again = tmp_path / "again"
+    assert main([*args, "--out", str(again)]) == 0
+    assert main([*args, "--out", str(again)]) == 0
 
 
 def test_a_slice_unreadable_when_converting_is_named_and_its_gap_warned(cohort, tmp_path):

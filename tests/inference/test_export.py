@@ -340,6 +340,9 @@ def test_versions_are_never_overwritten(phantom_run, phantom_export, tmp_path, c
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in first.rglob("*")) == before
     assert main(["--run", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert f"--run {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["--run", str(tmp_path / "empty"), "--out", str(out)]) == 2
     assert "not a training run folder" in capsys.readouterr().err
     assert main(["--run", str(phantom_run.run), "--out", str(out), "--gate-threshold", "x"]) == 2
     # --out a file: refused before any work (it raised FileExistsError after 8 s).

@@ -480,6 +480,16 @@ def _hu_spec():
     return [tf.TensorSpec(None, tf.float32, name="hu")]
 
 
+def _run_folder(run) -> Path:
+    """`run` as a Path, when it is a training run folder (errors name what it is)."""
+    run = Path(run)
+    if not run.exists():
+        raise ExportError(f"--run {run} does not exist")
+    if not (run / "config.yaml").is_file():
+        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    return run
+
+
 def write_saved_model(graph: InferenceGraph, path: Path) -> None:
     """Writes the graph's signatures (`SIGNATURES`) and the metadata asset to `path`."""
     archive = keras.export.ExportArchive()
@@ -513,9 +523,7 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
         ExportError: no run folder, no segmenter, a model that does not load, a bad
             threshold.
     """
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    run = _run_folder(run)
     try:
         config = load_config(run / "config.yaml", overrides)
         segmenter, classifier = load_run_models(run)
@@ -622,9 +630,7 @@ def export_run(
         raise ExportError(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
     if out is None:
         out = DEFAULT_ONNX_DIR if export_format == "onnx" else DEFAULT_EXPORT_DIR
-    run, out = Path(run), Path(out)
-    if not (run / "config.yaml").is_file():
-        raise ExportError(f"{run} is not a training run folder (no config.yaml)")
+    run, out = _run_folder(run), Path(out)
     if version is not None and int(version) < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
     try:
