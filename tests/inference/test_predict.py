@@ -150,10 +150,11 @@ def test_burden_call_against_the_exports_threshold():
     for rule in (None, {}, {"threshold": None, "method": "off"}):
         call = burden_call(0.5, rule)
         assert call["positive"] is None and call["threshold"] is None and call["ratio"] == 0.5
-        assert call["rule"].startswith("no call: the export chose no threshold (")
+        assert call["rule"].startswith("no call: the export chose no threshold, as ")
+    # The reason flat, without nested brackets (the verdict wraps it in its own sentence).
     assert (
-        "(off: every patient is COVID-19)"
-        in burden_call(0.1, {"method": "off: every patient is COVID-19"})["rule"]
+        burden_call(0.1, {"method": "off: every patient is COVID-19"})["rule"]
+        == "no call: the export chose no threshold, as every patient is COVID-19"
     )
     # t holds at the mask threshold it was chosen at; another one makes no call.
     rule = {"threshold": 0.003, "mask_threshold": 0.5} | counted

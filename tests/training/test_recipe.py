@@ -86,7 +86,7 @@ def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
         "loss 1.9321, val_loss 1.9712, val Dice ggo 0.543 consolidation 0.000"
     )
     assert EpochLine.describe({"loss": 0.5, "val_auc": 0.91, "val_patient_accuracy": 1}) == (
-        "loss 0.5000, val AUC 0.910, val patients 1.000"
+        "loss 0.5000, val AUC 0.910, val patient accuracy 1.000"
     )
     # A validation split of one kind of slice has no AUC (`SliceAUC` is NaN), not 0.000.
     assert EpochLine.describe({"val_auc": float("nan")}) == "val AUC n/a (one kind of slice)"
@@ -103,3 +103,26 @@ def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
     assert [line.split(":")[0] for line in lines] == ["  epoch 1/3", "  epoch 2/3", "  epoch 3/3"]
     assert all("val_loss" in line and line.endswith(" s") for line in lines)
     assert "\x1b" not in capsys.readouterr().out + "".join(lines)
+
+
+def test_epoch_line_says_when_a_phase_stops_early():
+    """A classifier phase of "up to 10 epochs" ended after 9 epoch lines, unexplained."""
+    lines = []
+    line = EpochLine(10, lines.append)
+    for epoch, val_loss in enumerate([0.8, 0.7, 0.75, 0.72, 0.71]):
+        line.on_epoch_begin(epoch)
+        line.on_epoch_end(epoch, {"loss": 0.5, "val_loss": val_loss})
+    line.on_train_end()
+    assert lines[-1] == (
+        "  stopped early after epoch 5 of 10: no better val_loss since epoch 2, "
+        "whose weights are kept"
+    )
+    # All epochs run: nothing more; a resumed phase (epochs before it unseen) names no best.
+    done, resumed = [], []
+    full, late = EpochLine(2, done.append), EpochLine(10, resumed.append)
+    for epoch in range(2):
+        full.on_epoch_end(epoch, {"val_loss": 1.0})
+    late.on_epoch_end(6, {"val_loss": 1.0})
+    full.on_train_end()
+    late.on_train_end()
+    assert len(done) == 2 and resumed[-1] == "  stopped early after epoch 7 of 10"

@@ -200,7 +200,7 @@ def calibrate_burden_rule(segmenter, config, mask_threshold=0.5, batch_size=16, 
             segmenter, config, None, mask_threshold, batch_size, run=run
         )
     except (FileNotFoundError, ValueError) as e:
-        return {"threshold": None, "method": f"off: cannot be chosen (validation records: {e})"}
+        return {"threshold": None, "method": f"off: the validation records cannot be read: {e}"}
     rule = burden_rule_from(burdens, diagnosis)
     if rule["threshold"] is None:
         return rule
@@ -222,7 +222,7 @@ def burden_rule_from(burdens: dict, diagnosis: dict) -> dict:
         which = "COVID-19" if covid == {True} else "without COVID-19"
         return {
             "threshold": None,
-            "method": f"off: cannot be chosen (every validation patient is {which})",
+            "method": f"off: every validation patient is {which}",
             "validation_patients": len(burdens),
         }
     rule = choose_burden_threshold(burdens, {p: d == "covid" for p, d in diagnosis.items()})

@@ -82,8 +82,8 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
     return {
         "call": NO_CALL,
         "rule": None,
-        "why": f"the {CLASSIFIER} is not validated ({problem}) and the {BURDEN} makes no "
-        f"call ({burden['rule'].removeprefix('no call: ')})",
+        "why": f"the {CLASSIFIER} is not validated ({problem}); the {BURDEN} makes no "
+        f"call: {burden['rule'].removeprefix('no call: ')}",
         "evidence": [classifier, lesion],
     }
 

@@ -147,8 +147,11 @@ def burden_call(
         "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",
     }
     if t is None:
-        why = rule.get("method") or "the model was exported before the rule existed"
-        call["rule"] = f"no call: the export chose no threshold ({why})"
+        # The export's reason ("off: every validation patient is COVID-19"), flat: it ends
+        # up inside the verdict's own sentence.
+        why = (rule.get("method") or "").removeprefix("off").lstrip(":, ")
+        why = why or "the model was exported before the rule existed"
+        call["rule"] = f"no call: the export chose no threshold, as {why}"
     elif rule.get("lesion_rule") != LESION_RULE:
         call["positive"] = None
         call["rule"] = (

@@ -103,6 +103,7 @@ class EpochLine(keras.callbacks.Callback):
         self.log = log
         self.prefix = prefix
         self._start = None
+        self._val_losses = {}  # epoch (1-based) -> val_loss, as seen by this process
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -117,7 +118,10 @@ class EpochLine(keras.callbacks.Callback):
         ]
         if dice:
             parts.append("val Dice " + " ".join(dice))
-        for key, name in (("val_auc", "val AUC"), ("val_patient_accuracy", "val patients")):
+        for key, name in (
+            ("val_auc", "val AUC"),
+            ("val_patient_accuracy", "val patient accuracy"),
+        ):
             if key in logs:
                 value = float(logs[key])
                 # `SliceAUC` is NaN on a validation split of one kind of slice.
@@ -127,10 +131,24 @@ class EpochLine(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - (self._start or time.perf_counter())
+        if logs and "val_loss" in logs:
+            self._val_losses[epoch + 1] = float(logs["val_loss"])
         self.log(
             f"{self.prefix}epoch {epoch + 1}/{self.epochs}: "
             f"{self.describe(logs or {})}, {seconds:.0f} s"
         )
+
+    def on_train_end(self, logs=None):
+        # A phase that ends before its last epoch has been stopped by EarlyStopping: said,
+        # rather than leaving "up to 10 epochs" and 9 epoch lines unexplained.
+        last = max(self._val_losses, default=self.epochs)
+        if last >= self.epochs:
+            return
+        line = f"{self.prefix}stopped early after epoch {last} of {self.epochs}"
+        if 1 in self._val_losses:  # every epoch seen here (not a resumed phase)
+            best = min(self._val_losses, key=self._val_losses.get)
+            line += f": no better val_loss since epoch {best}, whose weights are kept"
+        self.log(line)
 
 
 def keras_verbose(verbose, callbacks, epochs, log=print, prefix="  "):
