@@ -479,3 +479,20 @@ def test_a_pre_windowed_model_takes_hu_through_its_images_window(rng):
     assert "correspond to HU [-1000, 200]" in _windowing(
         tiny_config(pre_windowed=True, hu_window=window)
     )
+
+
+def test_a_bad_gate_threshold_is_refused_before_the_models_load(
+    phantom_run, tmp_path, capsys, monkeypatch
+):
+    """--gate-threshold 2 or nan was refused only after the run's models had loaded."""
+    import tfcovseg.inference.export as export_module
+
+    def loaded(*args):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(export_module, "load_run_models", loaded)
+    for bad in ("2", "nan", "-0.1"):
+        argv = ["--run", str(phantom_run.run), "--out", str(tmp_path / "m")]
+        assert main([*argv, "--gate-threshold", bad]) == 2
+        assert "--gate-threshold must be in [0, 1] or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -480,6 +480,17 @@ def _hu_spec():
     return [tf.TensorSpec(None, tf.float32, name="hu")]
 
 
+def _given_threshold(value) -> float:
+    """A gate threshold given instead of "auto": a probability."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 <= t <= 1.0:  # NaN included
+        raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {value}")
+    return t
+
+
 def _run_folder(run) -> Path:
     """`run` as a Path, when it is a training run folder (errors name what it is)."""
     run = Path(run)
@@ -551,10 +562,7 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
         classify = tf.function(probe.classify, reduce_retracing=True)
         gate = calibrate_gate(classify, config, run=run, scorer=scorer)
     else:
-        t = float(gate_threshold)
-        if not 0.0 <= t <= 1.0:
-            raise ExportError(f"--gate-threshold must be in [0, 1] or 'auto', got {t}")
-        gate = {"threshold": t, "method": "given"}
+        gate = {"threshold": _given_threshold(gate_threshold), "method": "given"}
     severity = severity_rule_for_run(run, config)
     burden = calibrate_burden_rule(segmenter, config, run=run)
     try:
@@ -633,6 +641,8 @@ def export_run(
     run, out = _run_folder(run), Path(out)
     if version is not None and int(version) < 1:
         raise ExportError(f"--version must be a positive integer, got {version}")
+    if gate_threshold != "auto":  # before the models load
+        _given_threshold(gate_threshold)
     try:
         check_output_dir(out)
     except OutputError as e:
