@@ -53,6 +53,10 @@ def test_help_answers_without_tensorflow(door):
         ("evaluate", ["--run", "/no/such/run"], "is not a run folder"),
         ("export", ["--run", "r", "--gate-threshold", "x"], "--gate-threshold must be"),
         ("export", ["--run", "r", "--set", "model.input_size=[64,64]"], "only data.* keys"),
+        # Another fold's test split held this run's training patients (scored, and written
+        # over its metrics, as "fold 2").
+        ("evaluate", ["--run", "r", "--set", "data.fold=2"], "a trained run keeps its fold"),
+        ("export", ["--run", "r", "--set", "data.num_folds=3"], "a trained run keeps its fold"),
         ("predict", ["--model", "m", "--input", "i", "--out", "o", "--batch-size", "0"], ">= 1"),
         ("summary", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
         ("semiseg", ["--train-dir", "d", "--set", "train.nope=1"], "unknown key 'train.nope'"),

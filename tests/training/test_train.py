@@ -674,6 +674,28 @@ def test_a_moved_or_swapped_model_is_named_by_evaluate_and_export(tiny, tmp_path
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
+def test_evaluating_on_other_records_is_said(tiny, tmp_path, capsys):
+    """Records of another cohort (--set data.records_dir=...) were scored as the run's
+    split without a word, the report still naming the training records' fingerprint."""
+    import shutil
+
+    from tfcovseg.cli.evaluate import main as evaluate_main
+
+    root, _, _ = tiny
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    argv = ["--run", str(run), "--split", "validation", "--no-figures"]
+    assert evaluate_main(argv) == 0
+    assert "are not those" not in capsys.readouterr().out
+    assert not json.loads((run / "metrics.json").read_text()).get("warnings")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(info | {"data_fingerprint": "0123456789abcdef"}))
+    assert evaluate_main(argv) == 0
+    assert "are not those" in capsys.readouterr().out
+    warnings = json.loads((run / "metrics.json").read_text())["warnings"]
+    assert any("(0123456789abcdef)" in w and "are not those" in w for w in warnings)
+
+
 def test_kill_while_writing_the_best_classifier_then_resume_and_export(tiny, tmp_path):
     import os
     import subprocess

@@ -74,11 +74,21 @@ def add_set(parser: argparse.ArgumentParser, example: str = "") -> None:
     )
 
 
+# The data keys that say which patients a run trained on: its test split follows from them.
+_RUN_SPLIT_KEYS = ("data.fold", "data.num_folds", "data.train_split")
+
+
 def run_overrides_problem(overrides) -> str | None:
-    """Why ``--set`` cannot apply to a trained run, or None: the run keeps its network and
-    recipe, so only ``data.*`` keys (where its records are, its fold) may change."""
+    """Why ``--set`` cannot apply to a trained run, or None: the run keeps its network,
+    recipe and folds, so only ``data.*`` keys of where and how its records are read (such
+    as ``data.records_dir``) may change."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        if key in _RUN_SPLIT_KEYS:  # another fold's test patients trained this run
+            return (
+                f"--set {item}: a trained run keeps its fold (its other folds' test patients "
+                "were its training patients); evaluate the run trained on that fold"
+            )
         if not key.startswith("data."):
             return (
                 f"--set {item}: only data.* keys can change for a trained run (e.g. "

@@ -24,13 +24,13 @@ def build_parser():
 @cli.interruptible("nothing was half-written: run the command again")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    problem = cli.run_overrides_problem(args.overrides)
+    if problem:
+        return cli.fail(problem)
     if not (args.run / "config.yaml").is_file():
         return cli.fail(f"{args.run} is not a run folder (no config.yaml)")
     if not 0.0 < args.threshold < 1.0:
         return cli.fail(f"--threshold must be in (0, 1), got {args.threshold}")
-    problem = cli.run_overrides_problem(args.overrides)
-    if problem:
-        return cli.fail(problem)
     from tfcovseg.evaluation.run import evaluate_run, print_headline
 
     try:

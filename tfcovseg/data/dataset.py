@@ -28,6 +28,7 @@ bacterial and viral patients are negatives), and "inspect" yields the whole deco
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,14 @@ SPLITS = ("train", "validation", "test", "all", "development")
 TASKS = ("segment", "classify", "unlabelled", "inspect")
 NON_COVID = ("healthy", "bacterial", "viral")
 OTHER_PNEUMONIA = ("bacterial", "viral")
+
+
+def data_fingerprint(record_dir) -> str:
+    """The records' fingerprint: their manifest's SHA-256 (its first 16 hex digits). The
+    converter writes the same manifest for the same input, so moved or re-converted
+    records keep it; other records do not."""
+    digest = hashlib.sha256((Path(record_dir) / "manifest.json").read_bytes()).hexdigest()
+    return digest[:16]
 
 
 def read_manifest(record_dir) -> dict:

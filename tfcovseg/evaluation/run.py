@@ -36,7 +36,7 @@ from data_tools.files import atomic_write_json
 from tfcovseg import require_tensorflow
 from tfcovseg.configs.experiment import load_config
 from tfcovseg.constants import DISCLAIMER
-from tfcovseg.data.dataset import split_dataset
+from tfcovseg.data.dataset import data_fingerprint, split_dataset
 from tfcovseg.evaluation.burden import burden, burden_masks
 from tfcovseg.evaluation.calibration import (
     burden_rule_from,
@@ -54,6 +54,7 @@ from tfcovseg.evaluation.metrics import (
     slice_dice,
 )
 from tfcovseg.evaluation.runlog import (
+    fingerprint_message,
     missing_message,
     missing_models,
     training_summary,
@@ -255,6 +256,10 @@ def evaluate_run(
     unfinished = unfinished_phases(run, config)
     if unfinished:  # scored all the same (an interrupted run may be worth a look), but said
         results["warnings"] = [unfinished_message(run, unfinished)]
+    records = Path(config.data.records_dir).expanduser()
+    fingerprint = fingerprint_message(run, records, data_fingerprint(records))
+    if fingerprint:  # other records: scored as asked, but said
+        results.setdefault("warnings", []).append(fingerprint)
     missing = missing_models(run, config)
     if missing:  # scored with what is there (a last checkpoint, or no classifier), but said
         results.setdefault("warnings", []).append(missing_message(run, missing))

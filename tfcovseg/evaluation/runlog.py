@@ -111,6 +111,22 @@ def missing_message(run, names) -> str:
     )
 
 
+def fingerprint_message(run, folder, fingerprint) -> str | None:
+    """A warning when the records read now are not those the run trained on (run.json's
+    fingerprint), or None: another cohort's slices scored as the run's own split."""
+    path = Path(run) / "run.json"
+    try:
+        trained = json.loads(path.read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if trained is None or trained == fingerprint:
+        return None
+    return (
+        f"the records in {folder} (fingerprint {fingerprint}) are not those {run} trained "
+        f"on ({trained}): its split of them may hold patients it trained on, or other data"
+    )
+
+
 def unfinished_message(run, phases) -> str:
     """What an unfinished run is and how to finish it (evaluate warns, export refuses)."""
     return (

@@ -5,7 +5,6 @@ the classifier's own cohort, and the records' classes, folds and splits against 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -224,10 +223,6 @@ def _check_unlabelled(config, folder: Path, manifest: dict) -> None:
             f"self-training has no slice without lesion masks to label in {where}: convert "
             "unlabelled slices (Imgs/ without GT/) and name them in semi.records_dir"
         )
-
-
-def data_fingerprint(folder: Path) -> str:
-    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
 
 
 def corrupt_records_message(folder: Path, manifest: dict, error) -> str:
