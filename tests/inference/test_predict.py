@@ -347,6 +347,14 @@ def test_errors_exit_2_and_keep_what_exists(phantom_export, phantom_run, tmp_pat
     assert "already holds results" in capsys.readouterr().err
     assert (folder / "report.json").read_bytes() == before
     assert main(args + ["--input", case, "--out", str(tmp_path / "p"), "--threshold", "2"]) == 2
+    # Another tool's index.json (valid JSON) raised a TypeError after the series was written.
+    for text in ("[1, 2, 3]", '{"series": "oops"}', '{"series": [1]}'):
+        other = tmp_path / f"other{len(text)}"
+        other.mkdir()
+        (other / "index.json").write_text(text)
+        assert main(args + ["--input", case, "--out", str(other)]) == 2
+        assert "is not an index predict wrote" in capsys.readouterr().err
+        assert sorted(p.name for p in other.iterdir()) == ["index.json"]
 
 
 def test_read_input_redacts_identifiers_from_skip_reasons(phantom_run, tmp_path):

@@ -349,12 +349,22 @@ def list_entry(index: dict, entry: dict) -> None:
 
 
 def read_index(index_path: Path) -> dict:
+    """OUT's index of earlier predictions (a new one when there is none), checked before
+    anything is predicted into OUT: another file of that name raised a TypeError after
+    the first series had been written."""
     index = {"disclaimer": DISCLAIMER, "series": [], "skipped": []}
     if index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
         except ValueError:
             raise PredictionError(f"{index_path} is not valid JSON: choose another --out") from None
+        lists = [index.get(k, []) for k in ("series", "skipped")] if isinstance(index, dict) else []
+        if not lists or not all(isinstance(v, list) and all(isinstance(e, dict) for e in v)
+                                for v in lists):  # fmt: skip
+            raise PredictionError(
+                f"{index_path} is not an index predict wrote (series and skipped lists): "
+                "choose another --out"
+            )
     return index
 
 
