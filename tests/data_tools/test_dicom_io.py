@@ -341,6 +341,31 @@ def test_duplicate_positions_are_skipped(tmp_path):
     assert [r for _, r in skipped] == ["duplicate slice position in its series"]
 
 
+def test_a_slice_of_another_spacing_or_patient_leaves_its_series(tmp_path):
+    """One slice of 0.7 mm pixels among 2.8 mm ones set the series' spacing (lungs of
+    456 mL for 6.7 L); another patient's scan with the same series UID was merged in;
+    and an odd first file had every other slice of its series skipped."""
+    _write_series(tmp_path / "a", seed=5, n=5, patient_id="P1")
+    _write_series(tmp_path / "b", seed=6, n=5, patient_id="P2")
+    files = sorted((tmp_path / "a" / "ct").glob("*.dcm"))
+    odd = pydicom.dcmread(files[0])  # the first file read: it set the reference before
+    odd.PixelSpacing = [0.7, 0.7]
+    odd.save_as(files[0])
+    uid = str(pydicom.dcmread(files[1]).SeriesInstanceUID)
+    other = sorted((tmp_path / "b" / "ct").glob("*.dcm"))[2]
+    ds = pydicom.dcmread(other)
+    ds.SeriesInstanceUID = uid  # one series UID for two patients' scans
+    ds.ImagePositionPatient = [float(v) + 0.5 for v in ds.ImagePositionPatient]
+    ds.save_as(tmp_path / "a" / "ct" / "zz_other.dcm")
+    (series,), skipped = build_series(_headers(tmp_path / "a"))
+    assert len(series.slices) == 4 and series.patient_id == "P1"
+    assert sorted((p.name, r) for p, r in skipped) == [
+        (files[0].name, "pixel spacing differs from the rest of its series"),
+        ("zz_other.dcm", "patient or study differs from the rest of its series"),
+    ]
+    assert {h.spacing for h in series.slices} == {series.slices[0].spacing}
+
+
 def test_series_affine_maps_voxels_to_patient_space(tmp_path):
     _write_series(tmp_path, seed=4, n=3)
     (series,), _ = build_series(_headers(tmp_path))
