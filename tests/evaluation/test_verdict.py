@@ -76,3 +76,15 @@ def test_severity_only_for_a_patient_called_covid():
     # A study that could not be graded keeps its own reasons.
     limited = {"grade": None, "not_graded": ["a single slice"]}
     assert severity_for_verdict(limited, other) == limited
+
+
+def test_the_figures_tell_the_ratio_from_its_threshold():
+    """ "lesions 1.45 % of lung, threshold 1.45 %" came with "not COVID-19" (1.448 % < 1.453 %)."""
+    v = patient_verdict(_covid(0.9), LOW_AUC, _burden(0.01448, 0.014531))
+    assert v["call"] == NOT_COVID
+    assert v["why"].startswith("the lesion burden: lesions 1.448 % of lung, threshold 1.453 %")
+    # Two decimals when they tell the two apart, or when the two are equal.
+    apart = patient_verdict(_covid(0.9), LOW_AUC, _burden(0.0012, 0.0034))
+    assert "lesions 0.12 % of lung, threshold 0.34 %" in apart["why"]
+    at = patient_verdict(_covid(0.9), LOW_AUC, _burden(0.0034, 0.0034))
+    assert at["call"] == COVID and "lesions 0.34 % of lung, threshold 0.34 %" in at["why"]

@@ -66,10 +66,11 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         covid["rule"] if problem is None else f"not validated: {problem}",
     )
     t = burden.get("threshold")
+    digits = _digits(100.0 * burden["ratio"], None if t is None else 100.0 * t)
     lesion = _evidence(
         BURDEN,
-        f"lesions {100.0 * burden['ratio']:.2f} % of lung"
-        + ("" if t is None else f", threshold {100.0 * t:.2f} %"),
+        f"lesions {100.0 * burden['ratio']:.{digits}f} % of lung"
+        + ("" if t is None else f", threshold {100.0 * t:.{digits}f} %"),
         burden.get("positive"),
         burden.get("positive") is not None,
         burden["rule"],
@@ -86,6 +87,17 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         f"call: {burden['rule'].removeprefix('no call: ')}",
         "evidence": [classifier, lesion],
     }
+
+
+def _digits(value: float, threshold: float | None, least: int = 2) -> int:
+    """Decimals that tell a value from its threshold ("lesions 1.45 %, threshold 1.45 %:
+    not COVID-19" was 1.448 against 1.453)."""
+    digits = least
+    while threshold is not None and digits < 6 and value != threshold:
+        if round(value, digits) != round(threshold, digits):
+            break
+        digits += 1
+    return digits
 
 
 def _decided(entry: dict, evidence: list, context: str) -> dict:
