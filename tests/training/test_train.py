@@ -763,6 +763,29 @@ def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_pat
     assert not (out / "logs" / "classification.csv").exists()
 
 
+def test_evaluate_names_a_shard_whose_bytes_changed(tiny, tmp_path, capsys):
+    """A shard of the right size with bytes flipped inside ended evaluate in a DataLossError
+    traceback (a truncated one was named)."""
+    import shutil
+
+    from tfcovseg.cli.evaluate import main as evaluate_main
+
+    root, config, _ = tiny
+    records = tmp_path / "records"
+    shutil.copytree(config_records(config), records)
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    for name in json.loads((records / "manifest.json").read_text())["shards"]:
+        data = bytearray((records / name).read_bytes())
+        data[100:4100] = bytes(255 - b for b in data[100:4100])  # same size, other bytes
+        (records / name).write_bytes(bytes(data))
+    argv = ["--run", str(run), "--split", "test", "--no-figures"]
+    assert evaluate_main([*argv, "--set", f"data.records_dir={records}"]) == 2
+    err = capsys.readouterr().err
+    assert "are corrupt" in err and "data_tools.convert" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_a_truncated_shard_is_named_and_leaves_no_run_folder(tiny, tmp_path, capsys):
     import shutil
 

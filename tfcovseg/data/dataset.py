@@ -117,6 +117,17 @@ def find_corrupt_shards(record_dir, manifest: dict) -> list[str]:
     return bad
 
 
+def corrupt_records_message(folder, manifest: dict, error) -> str:
+    """What to say of records a reader found damaged (`error`: TensorFlow's DataLossError,
+    a shard of the right size with bytes changed inside), naming the shards at fault."""
+    bad = find_corrupt_shards(folder, manifest)
+    where = ", ".join(bad) if bad else "a shard"
+    return (
+        f"the records in {folder} are corrupt ({where}: {error.message.splitlines()[0]}); "
+        "convert them again with python -m data_tools.convert"
+    )
+
+
 def split_patients(manifest: dict, split: str, fold: int) -> list[str]:
     """Patient pseudonyms of one split of one fold ("all": every patient; "development":
     the fold's training and test patients, for a final model that keeps only the

@@ -36,7 +36,13 @@ from data_tools.files import atomic_write_json
 from tfcovseg import require_tensorflow
 from tfcovseg.configs.experiment import load_config
 from tfcovseg.constants import DISCLAIMER
-from tfcovseg.data.dataset import data_fingerprint, split_dataset
+from tfcovseg.data.dataset import (
+    CorruptRecordsError,
+    corrupt_records_message,
+    data_fingerprint,
+    read_manifest,
+    split_dataset,
+)
 from tfcovseg.evaluation.burden import burden, burden_masks
 from tfcovseg.evaluation.calibration import (
     burden_rule_from,
@@ -202,6 +208,19 @@ def _segmentation_results(tally: _Tally) -> dict:
     }
 
 
+def _score_split(tally, config, split, fold, batch_size, segmenter, classifier) -> None:
+    """Every slice of the split through the run's models, into `tally`."""
+    for batch in split_dataset(config, split, fold, batch_size):
+        hu, pids = batch["hu"][..., None], tally.patients(batch)
+        if segmenter is not None:
+            out = segmenter.predict_on_batch(hu)
+            pred = np.asarray(final_probabilities(out, config.train.positive_weights))
+            tally.add_segmentation(batch, pids, pred)
+        if classifier is not None:
+            probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)
+            tally.add_classification(batch, pids, probs)
+
+
 def evaluate_run(
     run, split="test", fold=None, threshold=0.5, batch_size=8, figures=True, overrides=()
 ) -> dict:
@@ -226,15 +245,12 @@ def evaluate_run(
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
     tally = _Tally(classes, threshold)
-    for batch in split_dataset(config, split, fold, batch_size):
-        hu, pids = batch["hu"][..., None], tally.patients(batch)
-        if segmenter is not None:
-            out = segmenter.predict_on_batch(hu)
-            pred = np.asarray(final_probabilities(out, config.train.positive_weights))
-            tally.add_segmentation(batch, pids, pred)
-        if classifier is not None:
-            probs = np.asarray(classifier.predict_on_batch(hu)).reshape(-1)
-            tally.add_classification(batch, pids, probs)
+    records = Path(config.data.records_dir).expanduser()
+    try:
+        _score_split(tally, config, split, fold, batch_size, segmenter, classifier)
+    except tf.errors.DataLossError as e:  # a shard of its size with bytes changed inside
+        message = corrupt_records_message(records, read_manifest(records), e)
+        raise CorruptRecordsError(message) from None
     results = {
         "experiment": config.name,
         "architecture": config.model.architecture,
@@ -256,7 +272,6 @@ def evaluate_run(
     unfinished = unfinished_phases(run, config)
     if unfinished:  # scored all the same (an interrupted run may be worth a look), but said
         results["warnings"] = [unfinished_message(run, unfinished)]
-    records = Path(config.data.records_dir).expanduser()
     fingerprint = fingerprint_message(run, records, data_fingerprint(records))
     if fingerprint:  # other records: scored as asked, but said
         results.setdefault("warnings", []).append(fingerprint)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from tfcovseg.configs.experiment import ExperimentConfig
-from tfcovseg.data.dataset import find_corrupt_shards, read_manifest, split_slices
+from tfcovseg.data.dataset import read_manifest, split_slices
 from tfcovseg.training.errors import TrainingError
 
 # The fixed pseudonymisation salt of phantom records (synthetic patients, nothing to hide).
@@ -223,12 +223,3 @@ def _check_unlabelled(config, folder: Path, manifest: dict) -> None:
             f"self-training has no slice without lesion masks to label in {where}: convert "
             "unlabelled slices (Imgs/ without GT/) and name them in semi.records_dir"
         )
-
-
-def corrupt_records_message(folder: Path, manifest: dict, error) -> str:
-    bad = find_corrupt_shards(folder, manifest)
-    where = ", ".join(bad) if bad else "a shard"
-    return (
-        f"the records in {folder} are corrupt ({where}: {error.message.splitlines()[0]}); "
-        "convert them again with python -m data_tools.convert"
-    )

@@ -43,14 +43,13 @@ import keras
 from data_tools.files import atomic_write_json
 from tfcovseg import __version__, require_tensorflow
 from tfcovseg.configs.experiment import ExperimentConfig, save_config
-from tfcovseg.data.dataset import data_fingerprint, split_patients
+from tfcovseg.data.dataset import corrupt_records_message, data_fingerprint, split_patients
 from tfcovseg.evaluation.severity import severity_rule_from_manifest
 from tfcovseg.training.distributed import choose_strategy, is_chief, is_multi_worker, worker_path
 from tfcovseg.training.errors import TrainingError
 from tfcovseg.training.fitting import Run
 from tfcovseg.training.inputs import (
     check_inputs,
-    corrupt_records_message,
     prepare_records,
 )
 from tfcovseg.training.phases import classification_phase, segmentation_phase, self_training_phase
