@@ -273,6 +273,15 @@ def test_missing_and_invalid_files(tmp_path):
         ConfigError, match="twice.yaml is not valid YAML: .*'epochs' is given twice"
     ):
         load_config(twice)
+    # PyYAML's own error spans six lines (a caret under a copy of the line): one line here.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  input_size: [64, 64\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(broken)
+    assert "\n" not in str(error.value) and "at line 3, column 1" in str(error.value)
+    with pytest.raises(ConfigError, match=r"value is not valid YAML: .* at line 1") as error:
+        load_config(None, ["train.epochs=[1"])
+    assert "\n" not in str(error.value)
 
 
 def test_dataclass_defaults():

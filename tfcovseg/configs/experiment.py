@@ -856,7 +856,9 @@ def apply_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+            raise ConfigError(
+                f"override {override!r}: value is not valid YAML: {_yaml_problem(e)}"
+            ) from None
         if dotted == "name":
             values["name"] = value
             continue
@@ -905,7 +907,7 @@ def _yaml_mapping(path: Path) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a YAML file (not UTF-8 text)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if values is None:  # an empty file trained the default experiment, named "default"
         raise ConfigError(
             f"{path} is empty: an experiment names at least a base (say base: quickstart) "
@@ -961,6 +963,16 @@ def read_experiment(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
         names = " -> ".join(p.name for p in chain + (base,))
         raise ConfigError(f"{chain[0]}: experiments that are their own base: {names}")
     return merge_values(read_experiment(base, chain), values)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: its problem, where, and while doing what (its own text
+    spans six lines with a caret under a copy of the line)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
