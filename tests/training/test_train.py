@@ -298,6 +298,46 @@ def test_evaluate_cli_in_a_fresh_process(tiny):
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
 
 
+def test_each_split_keeps_its_own_evaluation(tiny, tmp_path, monkeypatch, capsys):
+    """`evaluate --split validation` wrote over the test split's metrics.json, report and
+    figures (compare then read validation figures as the run's); and a kill between
+    metrics.json and the reports left figures of one evaluation beside the other's."""
+    import shutil
+
+    from tfcovseg.cli.evaluate import main as evaluate
+    from tfcovseg.evaluation.compare import CompareError, load_summary
+    from tfcovseg.reporting import report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny[0] / "run", run)
+    for name in ("metrics.json", "report.md", "report.html", "figures", "evaluation"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    assert evaluate(["--run", str(run), "--split", "validation"]) == 0
+    assert str(run / "evaluation" / "validation" / "metrics.json") in capsys.readouterr().out
+    with pytest.raises(CompareError, match="compare .*evaluation/validation"):
+        load_summary(run)  # no test evaluation yet: the validation one is pointed at
+    assert load_summary(run / "evaluation" / "validation")["split"] == "validation"
+    assert evaluate(["--run", str(run), "--no-figures"]) == 0
+    test = json.loads((run / "metrics.json").read_text())
+    validation = run / "evaluation" / "validation"
+    assert test["split"] == "test" and "figures" not in test
+    assert json.loads((validation / "metrics.json").read_text())["split"] == "validation"
+    assert (validation / "figures" / "learning_curves.png").is_file()
+    assert "validation split" in (validation / "report.md").read_text()
+    # Summaries of either read the run's config.
+    assert load_summary(validation)["experiment"] == load_summary(run)["experiment"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_reports", killed)
+    assert evaluate(["--run", str(run), "--split", "validation"]) == 130
+    # No metrics.json describing other figures than those beside it; the test split's kept.
+    assert not (validation / "metrics.json").exists()
+    assert json.loads((run / "metrics.json").read_text()) == test
+
+
 def test_evaluating_another_folds_patients_is_refused(tiny, capsys):
     """`evaluate --fold 1` on a fold-0 run scored fold 1's test patients, whom it had
     trained on, and overwrote the run's metrics.json with the flattering figures."""
@@ -326,7 +366,7 @@ def test_evaluate_names_the_checkpoints_it_scored(tiny, tmp_path, capsys):
     assert "models: segmenter_last.keras, classifier_best.keras (no best checkpoint" in (
         capsys.readouterr().out
     )
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((run / "evaluation" / "validation" / "metrics.json").read_text())
     assert metrics["models"] == {
         "segmenter": "segmenter_last.keras",
         "classifier": "classifier_best.keras",
@@ -632,9 +672,9 @@ def test_an_interrupted_run_is_said_by_evaluate_and_refused_by_export(tiny, tmp_
     printed = capsys.readouterr().out
     assert "warning: " in printed and "did not finish training (phase segmentation" in printed
     assert f"--out {out} --resume" in printed
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "evaluation" / "validation" / "metrics.json").read_text())
     assert metrics["training"]["phases"]["segmentation"]["interrupted"] is True
-    assert "Warning: " in (out / "report.md").read_text()
+    assert "Warning: " in (out / "evaluation" / "validation" / "report.md").read_text()
     with pytest.raises(ExportError, match="did not finish training"):
         export_run(out, tmp_path / "models", log=lambda *a: None)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
@@ -658,7 +698,9 @@ def test_a_moved_or_swapped_model_is_named_by_evaluate_and_export(tiny, tmp_path
         export_run(moved, tmp_path / "models", log=lambda *a: None)
     assert evaluate_main(["--run", str(moved), "--split", "validation", "--no-figures"]) == 0
     assert "warning: " in capsys.readouterr().out
-    warnings = json.loads((moved / "metrics.json").read_text())["warnings"]
+    warnings = json.loads((moved / "evaluation" / "validation" / "metrics.json").read_text())[
+        "warnings"
+    ]
     assert any("lacks classifier_best.keras" in w for w in warnings)
     swapped = tmp_path / "swapped"
     shutil.copytree(root / "run", swapped)
@@ -687,12 +729,16 @@ def test_evaluating_on_other_records_is_said(tiny, tmp_path, capsys):
     argv = ["--run", str(run), "--split", "validation", "--no-figures"]
     assert evaluate_main(argv) == 0
     assert "are not those" not in capsys.readouterr().out
-    assert not json.loads((run / "metrics.json").read_text()).get("warnings")
+    assert not json.loads((run / "evaluation" / "validation" / "metrics.json").read_text()).get(
+        "warnings"
+    )
     info = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps(info | {"data_fingerprint": "0123456789abcdef"}))
     assert evaluate_main(argv) == 0
     assert "are not those" in capsys.readouterr().out
-    warnings = json.loads((run / "metrics.json").read_text())["warnings"]
+    warnings = json.loads((run / "evaluation" / "validation" / "metrics.json").read_text())[
+        "warnings"
+    ]
     assert any("(0123456789abcdef)" in w and "are not those" in w for w in warnings)
 
 
@@ -740,12 +786,14 @@ def test_resume_redoes_a_completed_phase_whose_model_does_not_load(tiny, tmp_pat
     (out / "classifier_best.keras").write_bytes(b"")  # left by a kill before atomic writes
     (out / "metrics.json").write_text("{}")  # an evaluation of the weights retrained now
     (out / "figures").mkdir(exist_ok=True)
+    (out / "evaluation" / "validation").mkdir(parents=True, exist_ok=True)
     messages = []
     train(config, out, resume=True, verbose=0, log=messages.append)
     text = "\n".join(messages)
     assert "classifier_best.keras is empty (0 bytes)" in text and "runs again" in text
     # It described weights no longer there (and compare read it): gone, and said so.
     assert not (out / "metrics.json").exists() and not (out / "figures").exists()
+    assert not (out / "evaluation").exists()
     assert "removed the evaluation of the earlier weights (metrics.json" in text
     assert "phase 1: segmentation already completed" in text
     assert (out / "segmenter_best.keras").stat().st_mtime_ns == kept
@@ -949,7 +997,10 @@ def test_evaluate_and_export_take_data_overrides_for_moved_records(tiny, tmp_pat
     assert evaluate_main(args) == 2
     assert "moved-away" in capsys.readouterr().err  # the missing records are named
     assert evaluate_main(args + ["--set", f"data.records_dir={records}"]) == 0
-    assert json.loads((run / "metrics.json").read_text())["split"] == "validation"
+    assert (
+        json.loads((run / "evaluation" / "validation" / "metrics.json").read_text())["split"]
+        == "validation"
+    )
     bad = ["--set", "model.input_size=[32,32]"]
     assert evaluate_main(args + bad) == 2 and export_main(["--run", str(run)] + bad) == 2
     assert "only data.* keys can change for a trained run" in capsys.readouterr().err

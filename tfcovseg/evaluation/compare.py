@@ -38,6 +38,7 @@ import yaml
 
 from data_tools.files import atomic_write_text, json_text, plain
 from tfcovseg.constants import DISCLAIMER
+from tfcovseg.evaluation.runlog import EVALUATION_DIR, run_of
 
 SEGMENTATION_METRICS = ("dice", "iou", "precision", "recall", "lesion_slice_dice")
 TABLE4_METRICS = (
@@ -93,8 +94,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_config(folder: Path) -> dict:
-    """The run's config.yaml as plain values ({} when absent or unreadable)."""
-    path = folder / "config.yaml"
+    """The run's config.yaml as plain values ({} when absent or unreadable); `folder` is
+    the run or one of its ``evaluation/<split>`` folders."""
+    path = run_of(folder) / "config.yaml"
     if not path.is_file():
         return {}
     try:
@@ -195,6 +197,10 @@ def _fold_dirs(path: Path) -> list[tuple[int, Path]]:
 
 
 def _evaluate_hint(path: Path) -> str:
+    others = sorted(p.parent.name for p in (path / EVALUATION_DIR).glob("*/metrics.json"))
+    if others:  # evaluated on another split only: its metrics are a folder further down
+        where = " or ".join(str(path / EVALUATION_DIR / s) for s in others)
+        return f"compare {where}, or run python -m tfcovseg.evaluate --run {path} (test split)"
     return f"run python -m tfcovseg.evaluate --run {path} first"
 
 

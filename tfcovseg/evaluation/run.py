@@ -3,7 +3,8 @@
     python -m tfcovseg.evaluate --run runs/NAME [--split test] [--fold K] [--no-figures]
 
 Writes ``metrics.json``, ``report.md``, ``report.html`` and ``figures/`` into the run
-folder:
+folder for the test split, into ``evaluation/validation/`` (``evaluation/train/``) in it
+for the others:
 
 - Table 4: per lesion type Dice, IoU, pixel precision and pixel recall from global pixel
   counts over the split's annotated slices, and the per-image mean Dice;
@@ -28,6 +29,7 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,7 @@ from tfcovseg.evaluation.metrics import (
     slice_dice,
 )
 from tfcovseg.evaluation.runlog import (
+    evaluation_dir,
     fingerprint_message,
     missing_message,
     missing_models,
@@ -294,11 +297,23 @@ def evaluate_run(
             segmenter, config, burdens, tally.diagnosis, split, fold, threshold, batch_size, run
         )
         cls["lesion_burdens"] = {pid: float(b) for pid, b in sorted(burdens.items())}
-    if figures:
-        results["figures"] = write_figures(run, results, tally.overlays, config)
-    atomic_write_json(run / "metrics.json", results)
-    report.write_reports(results, config.name, run)
+    write_outputs(evaluation_dir(run, split), results, tally.overlays, config, figures)
     return results
+
+
+def write_outputs(folder: Path, results: dict, overlays, config, figures=True) -> None:
+    """The split's figures, reports and metrics.json into `folder`, metrics.json last.
+
+    The earlier evaluation's metrics.json and figures go first: a kill part-way leaves a
+    folder without metrics.json (compare says "not evaluated") rather than one whose
+    figures or report describe another evaluation than its metrics."""
+    (folder / "metrics.json").unlink(missing_ok=True)
+    if (folder / "figures").is_dir():
+        shutil.rmtree(folder / "figures")
+    if figures:
+        results["figures"] = write_figures(folder, results, overlays, config)
+    report.write_reports(results, config.name, folder)
+    atomic_write_json(folder / "metrics.json", results)
 
 
 def _count_patients(patient_counts, pids, masks, pred, annotated, threshold) -> None:
@@ -407,9 +422,9 @@ def burden_results(
     }
 
 
-def write_figures(run: Path, results: dict, overlays: _Overlays, config) -> dict:
-    """Figures 4, 5 and 6 as PNGs under run/figures; returns their run-relative paths."""
-    folder = run / "figures"
+def write_figures(out: Path, results: dict, overlays: _Overlays, config) -> dict:
+    """Figures 4, 5 and 6 as PNGs under out/figures; returns their paths relative to out."""
+    folder = out / "figures"
     written = {}
     classes = results["classes"]
     if results.get("lesion_lung_ratio"):
@@ -494,7 +509,8 @@ def print_headline(results: dict, run: Path) -> None:
     for key in ("robust", "lesion_burden"):
         if key in cls:
             print(f"  {key.replace('_', ' ')} rule: {cls[key]['rule']}")
+    out = evaluation_dir(run, results["split"])
     print(
-        f"metrics: {run / 'metrics.json'}, report: {run / 'report.md'} and "
-        f"{run / 'report.html'}, figures: {run / 'figures'}"
+        f"metrics: {out / 'metrics.json'}, report: {out / 'report.md'} and {out / 'report.html'}"
+        + (f", figures: {out / 'figures'}" if results.get("figures") else "")
     )

@@ -19,6 +19,23 @@ from tfcovseg.constants import RUN_MODELS
 # ``student_r<N>.csv``).
 _MAX_EPOCHS = {"segmentation": "train.epochs", "classification": "train.classifier_epochs"}
 _RUN_FIELDS = ("data_fingerprint", "seed", "strategy", "replicas", "versions", "timings")
+# Other splits' evaluations live apart from the test split's, which stays at the top of the
+# run (compare, cross-validation and the README read it there): scoring the validation
+# patients must not overwrite the test figures.
+EVALUATION_DIR = "evaluation"
+
+
+def evaluation_dir(run: Path, split: str) -> Path:
+    """Where `tfcovseg.evaluate` writes a split's metrics.json, reports and figures: the
+    run folder for the test split, ``evaluation/<split>/`` in it for the others."""
+    run = Path(run)
+    return run if split == "test" else run / EVALUATION_DIR / split
+
+
+def run_of(folder: Path) -> Path:
+    """The run folder an evaluation folder belongs to (`evaluation_dir`'s inverse)."""
+    folder = Path(folder)
+    return folder.parent.parent if folder.parent.name == EVALUATION_DIR else folder
 
 
 def read_history(path: Path) -> dict[str, list[float]]:

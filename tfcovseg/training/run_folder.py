@@ -12,6 +12,7 @@ from pathlib import Path
 from data_tools.files import OutputError, check_output_dir
 from tfcovseg.configs.experiment import config_to_dict, dotted_values, load_config
 from tfcovseg.constants import RUN_MODELS
+from tfcovseg.evaluation.runlog import EVALUATION_DIR
 from tfcovseg.models import ModelFileError, load_model
 from tfcovseg.training.errors import TrainingError
 
@@ -167,7 +168,7 @@ def _differences(saved, now) -> list[str]:
             if a.get(k) != b.get(k)]  # fmt: skip
 
 
-EVALUATION_OUTPUTS = ("metrics.json", "report.md", "report.html", "figures")
+EVALUATION_OUTPUTS = ("metrics.json", "report.md", "report.html", "figures", EVALUATION_DIR)
 
 
 def drop_stale_evaluation(out: Path, log) -> None:
