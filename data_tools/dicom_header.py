@@ -27,7 +27,16 @@ from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import MAX_VALUE_LEN, STR_VR_REGEXES
 
+from data_tools.privacy import elide_raw
+
 _ABSENT = object()
+
+
+class CorruptElement(ValueError):
+    """An element pydicom cannot turn into a value (a damaged VR or length): the file is
+    corrupt, which `data_tools.dicom_io` says as the reason it is skipped."""
+
+
 _DECODED_VRS = ("US", "DS", "IS", "UI", "CS")
 _US = {True: struct.Struct("<H"), False: struct.Struct(">H")}
 
@@ -115,7 +124,11 @@ class Header:
             value = _decode(vr, element.value, element.is_little_endian)
             if value is not _ABSENT:
                 return value
-        return self.dataset[tag].value
+        try:
+            return self.dataset[tag].value
+        except Exception as e:  # NotImplementedError (unknown VR), struct.error, ...
+            message = elide_raw(f"{type(e).__name__}: {e}")
+            raise CorruptElement(f"{keyword} cannot be read ({message})") from None
 
 
 def _decoded_tags() -> dict:

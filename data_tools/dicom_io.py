@@ -19,7 +19,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from data_tools.dicom_header import Header
+from data_tools.dicom_header import CorruptElement, Header
+from data_tools.privacy import elide_raw
 
 HU_FLOOR = -1024.0  # air; padding and outside-field-of-view pixels become this
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -258,7 +259,7 @@ def _dataset(path: Path) -> pydicom.Dataset:
     except OSError as e:
         raise _unreadable(e) from None
     except Exception as e:  # truncated or corrupt files raise many kinds of errors
-        raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
+        raise _corrupt(f"{type(e).__name__}: {e}") from None
 
 
 def _values(value) -> list[str]:
@@ -294,8 +295,19 @@ def read_header(path: Path) -> tuple[str, pydicom.Dataset]:
     return kind, header.dataset
 
 
+def _corrupt(e) -> SkipFile:
+    return SkipFile(f"corrupt DICOM file ({elide_raw(e)})")
+
+
 def _read_header(path: Path) -> tuple[str, Header]:
     """`read_header` with the dataset's values as a `Header`."""
+    try:
+        return _classify(path)
+    except CorruptElement as e:
+        raise _corrupt(e) from None
+
+
+def _classify(path: Path) -> tuple[str, Header]:
     ds = Header(_dataset(path))
     modality = str(ds.get("Modality", ""))
     meta = ds.meta()
@@ -353,7 +365,14 @@ def scan_file(path: Path, redactor=None):
 
 def _scan(path: Path, redactor) -> tuple[str, object, Header]:
     """`scan_file` with the dataset's values as a `Header`."""
-    kind, ds = _read_header(path)
+    try:
+        return _scan_header(path, redactor)
+    except CorruptElement as e:
+        raise _corrupt(e) from None
+
+
+def _scan_header(path: Path, redactor) -> tuple[str, object, Header]:
+    kind, ds = _classify(path)
     if redactor is not None:
         for key in IDENTITY_KEYS:
             value = ds.get(key)
@@ -633,7 +652,7 @@ def read_hu(
     except OSError as e:
         raise _unreadable(e) from None
     except Exception as e:
-        raise SkipFile(f"corrupt DICOM file ({type(e).__name__}: {e})") from None
+        raise _corrupt(f"{type(e).__name__}: {e}") from None
     syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in dir(ds) else None
     try:
         stored = ds.pixel_array

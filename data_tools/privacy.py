@@ -202,6 +202,32 @@ def held_warnings():
             lg.handlers, lg.propagate = handlers, propagate
 
 
+# A quoted value in a library's message, as Python's repr quotes it: '...' or "...", a
+# quote of the same kind inside escaped.
+_QUOTED = re.compile(r"""(?<![A-Za-z])('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.S)
+_ESCAPED_CONTROL = re.compile(r"\\(?:x[0-9a-fA-F]{2}|[tnr0])")
+_LONGEST_QUOTE = 64  # DICOM's longest plain value (UI, LO): longer is spilled header bytes
+
+
+def elide_raw(text: str) -> str:
+    """`text` with each quoted value that is raw header bytes rather than one value (longer
+    than 64 characters, or holding control characters) replaced by its length.
+
+    When a damaged length or VR makes pydicom read past an element, its warnings and
+    errors quote the bytes it took for the value: the elements that follow, the patient's
+    name and ID among them, from a file whose identities the redactor never learnt
+    (the header did not parse)."""
+
+    def replace(match: re.Match) -> str:
+        value = match.group(0)[1:-1]
+        raw = not value.isprintable() or _ESCAPED_CONTROL.search(value)
+        if len(value) <= _LONGEST_QUOTE and not raw:
+            return match.group(0)
+        return f"<{len(value)} bytes of header not shown>"
+
+    return _QUOTED.sub(replace, str(text))
+
+
 def printable(text) -> str:
     """`text` as any console prints it: a file name that is not UTF-8 (Python keeps its
     bytes as surrogates) shown with backslash escapes instead of failing the print."""
@@ -220,7 +246,7 @@ def warning_lines(held, redactor: Redactor) -> list[str]:
     seen: dict[str, list] = {}
     for entry in held:
         text, where = entry if isinstance(entry, tuple) else (entry, None)
-        text = redactor(text)
+        text = redactor(elide_raw(text))
         key = text.partition(": ")[2] or text
         places = seen.setdefault(key, [text, []])[1]
         if where is not None and where not in places:

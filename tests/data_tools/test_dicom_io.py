@@ -245,6 +245,63 @@ def test_skip_reasons(tmp_path):
     assert kind == "ct" and ds.Modality == "CT"
 
 
+def _damaged(tmp_path, name, find: bytes, offset: int, replacement: bytes) -> Path:
+    """CT_small.dcm with a patient name, bytes at `offset` past `find` replaced."""
+    import io
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientName, ds.PatientID = "SECRETNAME^JOHN", "SECRETID123"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    raw = bytearray(buffer.getvalue())
+    at = raw.find(find, 132) + offset
+    raw[at : at + len(replacement)] = replacement
+    path = tmp_path / name
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_damaged_element_skips_its_file_without_quoting_the_patient(tmp_path, capsys):
+    """One flipped byte in a VR (PatientBirthDate's) stopped the whole conversion with a
+    NotImplementedError traceback; a damaged length (SOPClassUID's) made pydicom warn
+    with the 1,900 header bytes it took for the UID, the patient's name among them, from
+    a file whose identities were never learnt (its header did not parse)."""
+    import struct
+
+    from data_tools.convert import main as convert
+    from data_tools.privacy import Redactor
+
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), study / "good.dcm")
+    _damaged(study, "vr.dcm", b"\x10\x00\x30\x00DA", 4, b"\x44\xa5")
+    _damaged(study, "length.dcm", b"\x08\x00\x16\x00UI", 6, struct.pack("<H", 1920))
+    with pytest.raises(SkipFile, match="corrupt DICOM file .PatientBirthDate cannot be read"):
+        scan_file(study / "vr.dcm", Redactor())
+    assert convert(["--input", str(study), "--out", str(tmp_path / "records")]) == 0
+    out, err = capsys.readouterr()
+    assert "converted 1 patients (1 series), 1 slices" in out
+    assert "vr.dcm: corrupt DICOM file (PatientBirthDate cannot be read" in out
+    assert "length.dcm: corrupt or truncated file" in out
+    assert "bytes of header not shown" in err  # pydicom's warning, its quote elided
+    assert "SECRET" not in out + err
+
+
+def test_elide_raw_keeps_plain_values_and_drops_spilled_bytes():
+    from data_tools.privacy import elide_raw
+
+    plain = "Invalid value for VR UI: '1.2.840.10008.1.2&1'. See the table"
+    assert elide_raw(plain) == plain
+    spilled = repr("1.2.3\x00\x10\x00PN\x10\x00SECRETNAME^JOHN 'x")  # both quotes: escaped
+    text = elide_raw(f"Invalid value for VR UI: {spilled}. See the table")
+    assert (
+        text
+        == f"Invalid value for VR UI: <{len(spilled) - 2} bytes of header not shown>. See the table"
+    )
+    assert "SECRET" not in elide_raw(f"value '{'A' * 60}SECRET'")  # too long for one value
+    assert elide_raw("the file's header 'ok'") == "the file's header 'ok'"
+
+
 def test_a_localizer_is_skipped(tmp_path):
     # A scout (ImageType ...\\LOCALIZER) is a projection: predict and the converter
     # segmented it as if it were an axial slice.
