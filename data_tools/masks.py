@@ -236,11 +236,40 @@ def read_image_slice(path: Path) -> np.ndarray:
                     "windowed 8-bit images (grey levels 0-255); give CT in HU as DICOM or "
                     "NIfTI, or window the images to 8 bits first"
                 )
-            return np.asarray(im.convert("L"), dtype=np.float32)
+            colour = _colour_spread(im)
+            grey = np.asarray(im.convert("L"), dtype=np.float32)
     except SkipFile:
         raise
     except Exception as e:
         raise SkipFile(f"cannot read image ({type(e).__name__}: {e})") from None
+    if colour > MAX_COLOUR_SPREAD:
+        raise SkipFile(
+            f"a colour image (its red, green and blue differ by {colour:.1f} grey levels on "
+            "average): the slices must be grey CT images, not a colour map or a screenshot"
+        )
+    levels = int(np.count_nonzero(np.bincount(grey.astype(np.uint8).ravel(), minlength=256)))
+    if levels <= MAX_MASK_LEVELS:
+        raise SkipFile(
+            f"{levels} grey level{'s' if levels > 1 else ''}: a mask, label or blank image, "
+            "not a CT slice"
+        )
+    return grey
+
+
+# A grey slice saved as RGB (JPEG's chroma noise included) has channels within a grey
+# level or two of each other; a colour map or a screenshot with coloured overlays, many.
+MAX_COLOUR_SPREAD = 4.0
+# A windowed CT slice has hundreds of grey levels; a mask or label map a handful.
+MAX_MASK_LEVELS = 8
+
+
+def _colour_spread(im) -> float:
+    """Mean absolute difference of an image's red, green and blue from their mean (0 for
+    an image without colour bands)."""
+    if im.mode in ("1", "L", "LA") or not im.mode.startswith(("RGB", "P", "CMYK", "YCbCr")):
+        return 0.0
+    rgb = np.asarray(im.convert("RGB"), np.float32)
+    return float(np.abs(rgb - rgb.mean(-1, keepdims=True)).mean())
 
 
 def seg_labels_on_series(path: Path, series: DicomSeries, classes) -> np.ndarray:

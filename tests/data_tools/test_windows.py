@@ -78,7 +78,7 @@ def test_the_image_or_ct_at_fault_is_named(tmp_path, capsys):
     Image.fromarray(np.zeros((48, 48), np.uint8)).save(folder / "blank.png")
     assert windows.main(["--images", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert f"--images {folder}: blank.png: no grey level of lung" in err
+    assert f"--images {folder}: blank.png: 1 grey level: a mask, label or blank image" in err
     (folder / "blank.png").unlink()
     Image.fromarray(good.astype(np.uint16) * 200).save(folder / "deep.png")
     assert windows.main(["--images", str(folder)]) == 2

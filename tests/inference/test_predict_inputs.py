@@ -251,9 +251,10 @@ def test_a_rerun_never_keeps_results_of_other_input_or_another_model(
 
     images = tmp_path / "Imgs"
     images.mkdir()
-    Image.fromarray(np.zeros((48, 48), np.uint8) + 90).save(images / "a.png")
+    grey = np.random.default_rng(0).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    Image.fromarray(grey[0]).save(images / "a.png")
     predict(model, images, out, **QUIET)
-    Image.fromarray(np.zeros((48, 48), np.uint8) + 30).save(images / "b.png")
+    Image.fromarray(grey[1]).save(images / "b.png")
     with pytest.raises(PredictionError, match="made otherwise.*input_files"):
         predict(model, images, out, **QUIET)
 
@@ -432,6 +433,31 @@ def test_deep_images_are_skipped_and_names_that_are_not_utf8_are_shown(
     assert len(report["slices"]) == 2
     html_text = next(out.glob("*/report.html")).read_text()
     assert "b\\xe9\\xff.png" in html_text or "b\\udce9\\udcff" in html_text
+
+
+def test_masks_and_colour_images_are_not_predicted_as_slices(tmp_path):
+    """A folder of GT/ masks (1-bit, or 0/1/2 labels) and a colour-mapped screenshot were
+    read as grey slices and segmented, with nothing said; a grey slice saved as an RGB
+    JPEG is still a slice."""
+    from PIL import Image
+
+    from tfcovseg.inference.images import read_image_folder
+
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    Image.fromarray(np.stack([grey] * 3, -1)).save(folder / "rgb.jpg", quality=90)
+    Image.fromarray(grey > 128).save(folder / "mask.png")  # mode "1"
+    Image.fromarray((grey // 100).astype(np.uint8)).save(folder / "labels.png")
+    jet = np.stack([grey, 255 - grey, np.full_like(grey, 128)], -1)
+    Image.fromarray(jet).save(folder / "jet.png")
+    slices, skipped = read_image_folder(folder)
+    assert [s.source for s in slices] == ["rgb.jpg"]
+    reasons = dict(skipped)
+    assert reasons["mask.png"].startswith("2 grey levels: a mask, label or blank image")
+    assert reasons["labels.png"].startswith("3 grey levels: a mask")
+    assert reasons["jet.png"].startswith("a colour image (its red, green and blue differ by")
 
 
 def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):
