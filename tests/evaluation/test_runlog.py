@@ -38,7 +38,19 @@ def test_phases_epochs_best_epoch_and_early_stop(tmp_path):
     (tmp_path / "logs" / "classification.csv").write_bytes(b"\xff\xfe\x00garbage")
     damaged = training_summary(tmp_path, config)
     assert "classification" not in damaged["phases"] and "segmentation" in damaged["phases"]
-    assert damaged["unreadable_logs"] == ["classification.csv: UnicodeDecodeError"]
+    assert damaged["unreadable_logs"] == ["logs/classification.csv: UnicodeDecodeError"]
+    # Text that is no training log, and a run.json that is no JSON, were left out of the
+    # report without a word (the second stopped the evaluation with a JSONDecodeError).
+    (tmp_path / "logs" / "classification.csv").write_text("name,value\nx,1\n")
+    (tmp_path / "logs" / "student_r1.csv").write_text("epoch,loss\n0,nan\n1,oops\n")
+    (tmp_path / "run.json").write_text("{not json")
+    damaged = training_summary(tmp_path, config)
+    assert list(damaged["phases"]) == ["segmentation"]
+    assert damaged["unreadable_logs"] == [
+        "run.json: JSONDecodeError",
+        "logs/student_r1.csv: no loss values (not a training log)",
+        "logs/classification.csv: no loss values (not a training log)",
+    ]
     # A run folder without logs or run.json (an older or foreign run): no phases, no facts.
     assert training_summary(tmp_path / "nothing") == {"phases": {}}
 

@@ -297,7 +297,7 @@ def test_training_patient_dice_and_slice_auc_sections():
         },  # fmt: skip
         "timings": {"segmentation_s": 61.4, "total_s": 99.6},
         "data_fingerprint": "f00d",
-        "unreadable_logs": ["student_r1.csv: UnicodeDecodeError"],
+        "unreadable_logs": ["logs/student_r1.csv: UnicodeDecodeError"],
         "versions": {"keras": "3.15.1"},
     }
     results["patient_dice"] = {
@@ -308,7 +308,7 @@ def test_training_patient_dice_and_slice_auc_sections():
     md = render_markdown(results, "quickstart")
     assert "| segmentation | 7 (20) | 4 | 1.2346 | yes | 61 s |" in md
     assert "| classification | 3 (3) | 3 | 0.5000 | no | — |" in md
-    assert "could not be read: student_r1.csv: UnicodeDecodeError" in md
+    assert "could not be read (left out): logs/student_r1.csv: UnicodeDecodeError" in md
     assert "data fingerprint: f00d" in md and "keras 3.15.1" in md and "whole run: 100 s" in md
     # No lesion in truth or prediction: a dash; false positives only: 0.
     assert "| P1 | covid | 0.800 | — | 0.000 |" in md

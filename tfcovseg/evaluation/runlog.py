@@ -156,18 +156,25 @@ def training_summary(run, config=None) -> dict:
     """The run's training record: its phases' curves and epochs, and what ``run.json``
     says (fields missing from older runs are left out)."""
     run = Path(run)
-    info = {}
+    info, unreadable = {}, []
     if (run / "run.json").is_file():
-        info = json.loads((run / "run.json").read_text())
-    phases, unreadable = {}, []
+        try:
+            info = json.loads((run / "run.json").read_text())
+        except (OSError, ValueError) as e:  # the report goes on without it, and says so
+            unreadable.append(f"run.json: {type(e).__name__}")
+        info = info if isinstance(info, dict) else {}
+    phases = {}
     for path in sorted((run / "logs").glob("*.csv"), key=_phase_order):
         try:
             history = read_history(path)
         except (OSError, UnicodeDecodeError, csv.Error) as e:  # the report goes on without it
-            unreadable.append(f"{path.name}: {type(e).__name__}")
+            unreadable.append(f"logs/{path.name}: {type(e).__name__}")
             continue
-        if history.get("loss"):
+        loss = history.get("loss", [])
+        if loss and not all(map(math.isnan, loss)):
             phases[path.stem] = phase_summary(history, _max_epochs(path.stem, config))
+        elif any(history.values()):  # rows, but no loss: not a Keras CSVLogger file
+            unreadable.append(f"logs/{path.name}: no loss values (not a training log)")
     for name in unfinished_phases(run, config):
         if name in phases:  # fewer epochs than the maximum: killed, not stopped early
             phases[name] |= {"stopped_early": None, "interrupted": True}

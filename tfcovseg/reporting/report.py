@@ -262,7 +262,8 @@ def _training(results: Mapping, figures: Mapping):
     if timings.get("total_s") is not None:
         facts.append(f"whole run: {float(timings['total_s']):.0f} s")
     if training.get("unreadable_logs"):
-        facts.append("logs that could not be read: " + ", ".join(training["unreadable_logs"]))
+        unreadable = ", ".join(training["unreadable_logs"])
+        facts.append(f"run files that could not be read (left out): {unreadable}")
     blocks = [
         ("p", "Each phase keeps the epoch with the lowest validation loss (its *_best.keras)."),
         ("table", header, rows),
