@@ -43,6 +43,7 @@ from tfcovseg.data.dataset import (
     corrupt_records_message,
     data_fingerprint,
     read_manifest,
+    records_folder,
     split_dataset,
 )
 from tfcovseg.evaluation.burden import burden, burden_masks
@@ -248,7 +249,7 @@ def evaluate_run(
     if segmenter is None and classifier is None:
         raise FileNotFoundError(f"{run} holds no trained model (*_best.keras / *_last.keras)")
     tally = _Tally(classes, threshold)
-    records = Path(config.data.records_dir).expanduser()
+    records = records_folder(config)
     try:
         _score_split(tally, config, split, fold, batch_size, segmenter, classifier)
     except tf.errors.DataLossError as e:  # a shard of its size with bytes changed inside

@@ -9,20 +9,16 @@ import json
 from pathlib import Path
 
 from tfcovseg.configs.experiment import ExperimentConfig
-from tfcovseg.data.dataset import read_manifest, split_slices
+from tfcovseg.data.dataset import read_manifest, records_folder, split_slices
 from tfcovseg.training.errors import TrainingError
 
 # The fixed pseudonymisation salt of phantom records (synthetic patients, nothing to hide).
 PHANTOM_SALT = "tfcovseg-phantom"
 
 
-def records_dir(config: ExperimentConfig) -> Path:
-    return Path(config.data.records_dir).expanduser()
-
-
 def prepare_records(config: ExperimentConfig, log=print) -> Path:
     """The record folder, after writing and converting the phantom cohort if configured."""
-    folder = records_dir(config)
+    folder = records_folder(config)
     if config.data.phantom_patients == 0:
         return folder
     return _phantom_records(config, folder, folder.parent / "phantom", "phantom_patients", log)
@@ -33,7 +29,7 @@ def classifier_records(config: ExperimentConfig, log=print) -> Path | None:
     written and converted beside the first cohort once; None when not configured."""
     if not config.data.classifier_phantom_patients:
         return None
-    parent = records_dir(config).parent
+    parent = records_folder(config).parent
     return _phantom_records(config, parent / "classifier-records", parent / "classifier-phantom",
                             "classifier_phantom_patients", log)  # fmt: skip
 
