@@ -124,6 +124,27 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
         run(folder, tmp_path / "o2", models=("unet",), unlabelled_dir=unlabelled, **FAST)
 
 
+def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path):
+    from tfcovseg.benchmarks.semiseg import FIXMATCH
+
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    unlabelled = make_unlabelled(tmp_path / "u")
+    lines = []
+    kw = FAST | SEMI_FAST | dict(log=lines.append, semi_method="fixmatch")
+    out = tmp_path / "out"
+    results = run(folder, out, folds=2, models=("coarse_refine",), unlabelled_dir=unlabelled, **kw)
+    assert list(results["models"]) == ["coarse_refine", FIXMATCH] and results["complete"]
+    assert results["settings"]["semi_method"] == "fixmatch"
+    assert results["models"][FIXMATCH]["runs"][0]["unlabelled"] == 6
+    assert any(line.startswith("    fixmatch epoch 1/1: loss") for line in lines)
+    assert "FixMatch consistency" in (out / "results.md").read_text()
+    assert (out / FIXMATCH / "predictions" / "infection" / "5.png").is_file()
+    with pytest.raises(BenchmarkError, match="semi.method .*must be one of"):
+        none = ["train.phases=[segmentation]"]
+        run(folder, tmp_path / "o2", models=("coarse_refine",), unlabelled_dir=unlabelled,
+            overrides=none, **(kw | {"semi_method": "none"}))  # fmt: skip
+
+
 def test_load_slices_reads_images_and_original_truth(tmp_path):
     folder = make_folder(tmp_path / "train", ["10", "2", "7"])
     data = load_slices(folder, 32)

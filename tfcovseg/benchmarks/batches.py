@@ -62,3 +62,29 @@ class SliceBatches(keras.utils.PyDataset):
     def on_epoch_end(self):
         if self.training:
             self._order()
+
+
+class ConsistencyBatches(SliceBatches):
+    """`SliceBatches` of labelled slices, each batch with as many unlabelled ones in two
+    views for FixMatch (`tfcovseg.training.consistency`): ``({"labelled", "weak",
+    "strong"}, {output: mask})``. The weak view is a random quarter turn and flip; the
+    strong view is the same with `strong`'s intensity changes (an
+    `intensity.IntensityJitter`), so that their pixels correspond."""
+
+    def __init__(self, images, masks, outputs, batch_size, passes, seed, unlabelled, strong,
+                 augment=True, jitter=None):  # fmt: skip
+        super().__init__(
+            images, masks, outputs, batch_size, passes, seed, augment=augment, jitter=jitter
+        )
+        self.unlabelled, self.strong = unlabelled, strong
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        pick = self.rng.integers(len(self.unlabelled), size=len(x))
+        weak = self.unlabelled[pick][..., None].copy()
+        for j in range(len(weak)):
+            weak[j] = np.rot90(weak[j], int(self.rng.integers(4)))
+            if self.rng.random() < 0.5:
+                weak[j] = weak[j][:, ::-1]
+        strong = self.strong(weak, self.rng)
+        return {"labelled": x, "weak": weak, "strong": strong}, y

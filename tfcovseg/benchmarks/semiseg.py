@@ -78,6 +78,7 @@ TARGETS = ("infection", "ggo", "consolidation")
 LABELS = {
     "coarse_refine": "coarse-refine (ours, hybrid loss)",
     "coarse_refine_semi": "coarse-refine + self-training on unlabelled slices (ours)",
+    "coarse_refine_fixmatch": "coarse-refine + FixMatch consistency on unlabelled slices (ours)",
     "unet": "U-Net (ours, BCE)",
 }
 # Inf-Net (Fan et al., IEEE TMI 2020), 48 test slices of the same collection: meanDic.
@@ -334,6 +335,59 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
     return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
 
 
+def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
+    """FixMatch-style consistency (``semi.method: fixmatch``,
+    `tfcovseg.training.consistency`): a student starting from the teacher's weights trains
+    on the labelled batches plus as many unlabelled slices (intensity-matched to the
+    labelled ones), its confident predictions on a weak view of each the targets of its
+    prediction on a strong view; up to ``semi.epochs`` epochs under the same early stopping
+    on the labelled validation slices. Returns the segmenter."""
+    import keras
+
+    from tfcovseg.benchmarks.batches import ConsistencyBatches, SliceBatches
+    from tfcovseg.data import intensity
+    from tfcovseg.training.consistency import ConsistencyTrainer
+    from tfcovseg.training.recipe import (
+        build_segmenter,
+        compile_segmenter,
+        early_stopping,
+        keras_verbose,
+        segmentation_objective,
+    )
+
+    semi, t = config.semi, config.train
+    images = unlabelled.images
+    if semi.match_intensity:
+        images = intensity.match_intensity(images, data.images[split.fit])
+    keras.utils.set_random_seed(seed + 1000)
+    segmenter = build_segmenter(config, teacher, compile=False)
+    outputs = list(segmenter.output)
+    model = ConsistencyTrainer(
+        segmenter, semi.confidence, semi.consistency_weight, t.positive_weights
+    )
+    train = ConsistencyBatches(
+        data.images[split.fit], data.masks[split.fit], outputs, t.batch_size, bench["passes"],
+        seed + 1000, images, intensity.IntensityJitter(), augment=config.data.augment,
+        jitter=_jitter(config),
+    )  # fmt: skip
+    val = SliceBatches(
+        data.images[split.val], data.masks[split.val], outputs, t.batch_size, 1, seed,
+        training=False,
+    )  # fmt: skip
+    objective = segmentation_objective(config, outputs)
+    compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=semi.epochs)
+    verbose, callbacks = keras_verbose(
+        2, [early_stopping(t.early_stopping_patience)], semi.epochs, log, prefix="    fixmatch "
+    )
+    history = model.fit(
+        train, validation_data=val, epochs=semi.epochs, callbacks=callbacks, verbose=verbose
+    )
+    ran = len(history.history["loss"])
+    best = int(np.argmin(history.history["val_loss"])) + 1
+    log(f"    fixmatch: {ran} epochs, best {best}")
+    return segmenter, {"epochs": ran, "best_epoch": best, "unlabelled": len(images)}
+
+
 def predict_maps(model, data: Slices, idx, views=1, positive_weights=None) -> dict:
     """8-bit probability maps at each slice's original size: {target: [maps]}; `views`
     (1 or up to 8) averages the model over that many quarter turns and flips; the maps are
@@ -425,6 +479,9 @@ def summarise(per_fold: list[dict]) -> dict:
 
 
 SEMI = "coarse_refine_semi"
+FIXMATCH = "coarse_refine_fixmatch"
+# The semi-supervised row of each ``semi.method`` (its teacher: the supervised row).
+SEMI_ROWS = {"self_training": SEMI, "fixmatch": FIXMATCH}
 
 
 @dataclasses.dataclass
@@ -483,7 +540,7 @@ def _check_dirs(out, train_dir, test_dir) -> None:
         )
 
 
-def _rows(models, unlabelled) -> list[str]:
+def _rows(models, unlabelled, method="self_training") -> list[str]:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise BenchmarkError(f"unknown models {unknown}; choose from {list(MODELS)}")
@@ -496,7 +553,12 @@ def _rows(models, unlabelled) -> list[str]:
                 "--unlabelled-dir trains the semi-supervised coarse-refine row from the "
                 "supervised one (its teacher): include coarse_refine in --models"
             )
-        rows.insert(rows.index("coarse_refine") + 1, SEMI)
+        if method not in SEMI_ROWS:
+            raise BenchmarkError(
+                f"--unlabelled-dir trains a semi-supervised row: semi.method (--semi-method) "
+                f"must be one of {list(SEMI_ROWS)}, got {method!r}"
+            )
+        rows.insert(rows.index("coarse_refine") + 1, SEMI_ROWS[method])
     return rows
 
 
@@ -525,7 +587,7 @@ def run(
     train = load_slices(train_dir, size)
     test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
     unlabelled = load_unlabelled(unlabelled_dir, size) if unlabelled_dir else None
-    rows = _rows(models, unlabelled)
+    rows = _rows(models, unlabelled, config.semi.method)
     if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
     settings, seed = settings_record(config, bench), config.train.seed
@@ -546,7 +608,7 @@ def run(
             )
         fold = _Fold(config, bench, store, split, train, test, unlabelled, seed + split.fold)
         for row in rows:
-            fold.row(row, out, log, keep_teacher=SEMI in rows)
+            fold.row(row, out, log, keep_teacher=bool(set(SEMI_ROWS.values()) & set(rows)))
         results = _assemble(results, store, rows, splits, start)
         _write(out, results)  # after every fold: a crash later keeps what is done
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -566,7 +628,7 @@ class _Fold:
     test: Slices | None
     unlabelled: Unlabelled | None
     seed: int
-    teacher: object = None  # the supervised coarse-refine model, for the SEMI row
+    teacher: object = None  # the supervised coarse-refine model, for the semi row
 
     def row(self, row: str, out: Path, log, keep_teacher: bool) -> None:
         split, store = self.split, self.store
@@ -578,7 +640,8 @@ class _Fold:
         start = time.perf_counter()
         model, info = self._fit(row, log, keep_teacher)
         scored = self.test if self.test is not None else self.train
-        weights = row_config(self.config, "coarse_refine" if row == SEMI else row).train
+        semi = row in SEMI_ROWS.values()
+        weights = row_config(self.config, "coarse_refine" if semi else row).train
         maps = predict_maps(model, scored, split.test, self.bench["tta"], weights.positive_weights)
         truth = truths(scored, split.test)
         scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
@@ -591,10 +654,11 @@ class _Fold:
 
     def _fit(self, row: str, log, keep_teacher: bool):
         split, supervised = self.split, row_config(self.config, "coarse_refine")
-        if row == SEMI:
+        if row in SEMI_ROWS.values():
             if self.teacher is None:  # the supervised fold was done before this process
                 self.teacher = _load_teacher(self.store, split.fold, supervised)
-            return train_student(
+            method = train_student if row == SEMI else train_fixmatch
+            return method(
                 self.teacher, supervised, self.train, split, self.unlabelled, self.bench,
                 self.seed, log,
             )  # fmt: skip

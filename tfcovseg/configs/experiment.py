@@ -40,7 +40,7 @@ ARCHITECTURES = (
 LOSSES = ("hybrid", "bce")
 PHASES = ("segmentation", "self_training", "classification")  # in this order
 DEFAULT_PHASES = ("segmentation", "classification")
-SEMI_METHODS = ("none", "self_training")
+SEMI_METHODS = ("none", "self_training", "fixmatch")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POOLINGS = ("avg", "max", "avg_max")
 HEADS = ("dense", "conv")
@@ -560,8 +560,12 @@ class SemiConfig:
     student starting from the teacher's weights trains on both, under the same callbacks,
     early stopping and run folder; the student becomes the run's segmenter.
 
+    FixMatch-style consistency (``fixmatch``, `tfcovseg.training.consistency`) is measured
+    against it by the COVID-SemiSeg benchmark only (docs/semiseg.md); ``tfcovseg.train``
+    runs self-training.
+
     Attributes:
-        method: "none" or "self_training".
+        method: "none", "self_training" or "fixmatch" (the benchmark's).
         records_dir: Records of the unlabelled slices (``data_tools.convert`` of a folder
             without masks); all of their slices are used. "": the slices without masks
             of the training split of ``data.records_dir``.
@@ -575,6 +579,9 @@ class SemiConfig:
         match_intensity: Map the unlabelled slices' grey levels onto the labelled ones'
             (`tfcovseg.data.intensity.match_intensity`) before labelling them; for pre-windowed
             slices from sources windowed differently (HU records need none).
+        confidence: fixmatch: a weak-view probability p counts as a target where
+            max(p, 1 - p) reaches this, in (0.5, 1).
+        consistency_weight: fixmatch: the weight of the consistency term (> 0).
     """
 
     method: str = "none"
@@ -586,6 +593,8 @@ class SemiConfig:
     share: float = 0.5
     epochs: int = 20
     match_intensity: bool = True
+    confidence: float = 0.9
+    consistency_weight: float = 1.0
 
     def __post_init__(self):
         _normalise(self)
@@ -601,6 +610,12 @@ class SemiConfig:
             if not 0.0 < value <= 1.0 or (key == "share" and value >= 1.0):
                 raise ConfigError(f"semi.{key} must be in (0, 1{']' if key == 'keep' else ')'}"
                                   f", got {value}")  # fmt: skip
+        if not 0.5 < self.confidence < 1.0:
+            raise ConfigError(f"semi.confidence must be in (0.5, 1), got {self.confidence}")
+        if not (math.isfinite(self.consistency_weight) and self.consistency_weight > 0):
+            raise ConfigError(
+                f"semi.consistency_weight must be finite and > 0, got {self.consistency_weight}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,16 @@ tf = require_tensorflow("python -m tfcovseg.train")
 __all__ = ["TrainingError", "cross_validate", "prepare_records", "train"]
 
 
+def check_method(config: ExperimentConfig) -> None:
+    """Refuses a semi-supervised method only the COVID-SemiSeg benchmark trains."""
+    if config.semi.method == "fixmatch":
+        raise TrainingError(
+            "semi.method fixmatch is measured by the COVID-SemiSeg benchmark only (python -m "
+            "tfcovseg.benchmarks.semiseg --semi-method fixmatch; docs/semiseg.md has how it "
+            "compares): train with semi.method self_training"
+        )
+
+
 def train(
     config: ExperimentConfig,
     out: Path,
@@ -88,6 +98,7 @@ def train(
     TensorFlow op of the process, so several runs in one process share one.
     """
     start = time.perf_counter()
+    check_method(config)
     if strategy is None:
         strategy = choose_strategy(config.train.strategy)
     # Only the chief writes the run folder (and checks it); other workers write to a
@@ -223,6 +234,7 @@ def cross_validate(config: ExperimentConfig, out: Path, resume=False, verbose=2,
     from tfcovseg.evaluation.run import evaluate_run
 
     out = Path(out)
+    check_method(config)
     check_out(out, resume)
     check_cv_folder(out, resume)
     _check_every_fold(config, log)
