@@ -125,10 +125,26 @@ class Header:
             if value is not _ABSENT:
                 return value
         try:
-            return self.dataset[tag].value
+            value = self.dataset[tag].value
         except Exception as e:  # NotImplementedError (unknown VR), struct.error, ...
             message = elide_raw(f"{type(e).__name__}: {e}")
             raise CorruptElement(f"{keyword} cannot be read ({message})") from None
+        if vr not in (None, "US") and _holds_binary(value):
+            # A damaged length made pydicom read the elements after it as this value: the
+            # patient's name among them, which a skip reason would then print.
+            raise CorruptElement(f"{keyword} holds bytes that are not text (a damaged length)")
+        return value
+
+
+def _holds_binary(value) -> bool:
+    """Whether a text value (or any of several) holds control characters before its
+    padding: header bytes, not a code string, UID or number."""
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    for v in values:
+        text = v.decode("latin-1") if isinstance(v, bytes) else str(v)
+        if any(ord(c) < 32 for c in text.rstrip(" \x00")):
+            return True
+    return False
 
 
 def _decoded_tags() -> dict:

@@ -386,6 +386,8 @@ def _scan_header(path: Path, redactor) -> tuple[str, object, Header]:
         return kind, path, ds
     try:
         return kind, slice_header(path, ds), ds
+    except CorruptElement:
+        raise  # a damaged element, not a malformed one: `_scan` says so
     except (ValueError, TypeError, IndexError) as e:
         raise SkipFile(f"malformed geometry tags ({type(e).__name__}: {e})") from None
 
@@ -422,13 +424,15 @@ def scan_compact(path: Path) -> ScannedFile:
     identities = _Identities()
     try:
         kind, item, ds = _scan(path, identities)
+        if kind == "seg":
+            series = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", [])]
+            fields = {"referenced_series": series}
+        else:
+            fields = {key: str(ds.get(key, "")) for key in GROUPING_KEYS}
+    except CorruptElement as e:
+        return ScannedFile("skip", identities=list(identities), reason=str(_corrupt(e)))
     except SkipFile as e:
         return ScannedFile("skip", identities=list(identities), reason=str(e))
-    if kind == "seg":
-        series = [str(r.SeriesInstanceUID) for r in ds.get("ReferencedSeriesSequence", [])]
-        fields = {"referenced_series": series}
-    else:
-        fields = {key: str(ds.get(key, "")) for key in GROUPING_KEYS}
     return ScannedFile(kind, item, fields, list(identities))
 
 
@@ -667,7 +671,11 @@ def read_hu(
     stored = np.asarray(stored)
     if stored.ndim != 2:
         raise SkipFile(f"expected one 2-D frame, got pixel array of shape {stored.shape}")
-    return HounsfieldRule.of(ds).apply(stored, out)
+    try:
+        rule = HounsfieldRule.of(ds)
+    except CorruptElement as e:
+        raise _corrupt(e) from None
+    return rule.apply(stored, out)
 
 
 def _read_native(path: Path, pixels: NativePixels) -> np.ndarray:

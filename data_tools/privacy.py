@@ -202,28 +202,26 @@ def held_warnings():
             lg.handlers, lg.propagate = handlers, propagate
 
 
-# A quoted value in a library's message, as Python's repr quotes it: '...' or "...", a
-# quote of the same kind inside escaped.
-_QUOTED = re.compile(r"""(?<![A-Za-z])('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.S)
-_ESCAPED_CONTROL = re.compile(r"\\(?:x[0-9a-fA-F]{2}|[tnr0])")
-_LONGEST_QUOTE = 64  # DICOM's longest plain value (UI, LO): longer is spilled header bytes
+# A quoted value in a library's message, as Python's repr quotes it: '...', "..." or a
+# bytes repr b'...', a quote of the same kind inside escaped.
+_QUOTED = re.compile(r"""(?<![A-Za-z])b?('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""", re.S)
+# A control character, or its escape in a repr (an odd number of backslashes before it:
+# a Windows path's doubled "\\temp" is no tab).
+_CONTROL = re.compile(r"[\x00-\x1f]|(?<!\\)(?:\\\\)*\\(?:x[01][0-9a-fA-F]|[tnr0])")
 
 
-def elide_raw(text: str) -> str:
-    """`text` with each quoted value that is raw header bytes rather than one value (longer
-    than 64 characters, or holding control characters) replaced by its length.
+def elide_raw(text) -> str:
+    """`text` with each quoted value that holds control characters (raw header bytes, not
+    one value: DICOM's text values hold none) replaced by a placeholder.
 
     When a damaged length or VR makes pydicom read past an element, its warnings and
     errors quote the bytes it took for the value: the elements that follow, the patient's
     name and ID among them, from a file whose identities the redactor never learnt
-    (the header did not parse)."""
+    (the header did not parse). Element tags and lengths always hold zero bytes."""
 
     def replace(match: re.Match) -> str:
-        value = match.group(0)[1:-1]
-        raw = not value.isprintable() or _ESCAPED_CONTROL.search(value)
-        if len(value) <= _LONGEST_QUOTE and not raw:
-            return match.group(0)
-        return f"<{len(value)} bytes of header not shown>"
+        raw = _CONTROL.search(match.group(0))
+        return "<header bytes not shown>" if raw else match.group(0)
 
     return _QUOTED.sub(replace, str(text))
 

@@ -278,12 +278,19 @@ def test_a_damaged_element_skips_its_file_without_quoting_the_patient(tmp_path, 
     _damaged(study, "length.dcm", b"\x08\x00\x16\x00UI", 6, struct.pack("<H", 1920))
     with pytest.raises(SkipFile, match="corrupt DICOM file .PatientBirthDate cannot be read"):
         scan_file(study / "vr.dcm", Redactor())
+    # Modality's length past its value: pydicom gave the next elements as the modality,
+    # which "modality ... is not CT" printed, the patient's name with it.
+    _damaged(study, "modality.dcm", b"\x08\x00\x60\x00CS", 6, struct.pack("<H", 300))
+    # A damaged VR in a geometry or rescale element is corrupt, not "malformed geometry".
+    _damaged(study, "slope.dcm", b"\x28\x00\x53\x10DS", 4, b"\x44\xa5")
     assert convert(["--input", str(study), "--out", str(tmp_path / "records")]) == 0
     out, err = capsys.readouterr()
     assert "converted 1 patients (1 series), 1 slices" in out
     assert "vr.dcm: corrupt DICOM file (PatientBirthDate cannot be read" in out
-    assert "length.dcm: corrupt or truncated file" in out
-    assert "bytes of header not shown" in err  # pydicom's warning, its quote elided
+    assert "length.dcm: corrupt DICOM file (SOPClassUID holds bytes that are not text" in out
+    assert "modality.dcm: corrupt DICOM file (Modality holds bytes that are not text" in out
+    assert "slope.dcm: corrupt DICOM file (RescaleSlope cannot be read" in out
+    assert "<header bytes not shown>" in err  # pydicom's warning, its quote elided
     assert "SECRET" not in out + err
 
 
@@ -294,12 +301,12 @@ def test_elide_raw_keeps_plain_values_and_drops_spilled_bytes():
     assert elide_raw(plain) == plain
     spilled = repr("1.2.3\x00\x10\x00PN\x10\x00SECRETNAME^JOHN 'x")  # both quotes: escaped
     text = elide_raw(f"Invalid value for VR UI: {spilled}. See the table")
-    assert (
-        text
-        == f"Invalid value for VR UI: <{len(spilled) - 2} bytes of header not shown>. See the table"
-    )
-    assert "SECRET" not in elide_raw(f"value '{'A' * 60}SECRET'")  # too long for one value
-    assert elide_raw("the file's header 'ok'") == "the file's header 'ok'"
+    assert text == "Invalid value for VR UI: <header bytes not shown>. See the table"
+    spilled_bytes = repr(b"CT\x08\x00p\x00SECRET")
+    assert "SECRET" not in elide_raw(f"length 300: {spilled_bytes} read")
+    # Long paths, Windows' doubled backslashes and apostrophes are no header bytes.
+    for kept in (f"file '{'a/' * 40}x.dcm'", "in 'C:\\\\temp\\\\new.dcm'", "the file's 'ok'"):
+        assert elide_raw(kept) == kept
 
 
 def test_a_localizer_is_skipped(tmp_path):
