@@ -39,18 +39,33 @@ def test_phases_epochs_best_epoch_and_early_stop(tmp_path):
     damaged = training_summary(tmp_path, config)
     assert "classification" not in damaged["phases"] and "segmentation" in damaged["phases"]
     assert damaged["unreadable_logs"] == ["logs/classification.csv: UnicodeDecodeError"]
-    # Text that is no training log, and a run.json that is no JSON, were left out of the
-    # report without a word (the second stopped the evaluation with a JSONDecodeError).
+    # Text that is no training log, and a run.json that is no JSON or holds fields of
+    # other types, were left out of the report without a word (the second and third
+    # stopped the evaluation: JSONDecodeError, AttributeError). A diverged log (NaN
+    # losses) is still its phase.
     (tmp_path / "logs" / "classification.csv").write_text("name,value\nx,1\n")
-    (tmp_path / "logs" / "student_r1.csv").write_text("epoch,loss\n0,nan\n1,oops\n")
+    (tmp_path / "logs" / "student_r1.csv").write_text("epoch,loss\n0,nan\n1,nan\n")
     (tmp_path / "run.json").write_text("{not json")
     damaged = training_summary(tmp_path, config)
-    assert list(damaged["phases"]) == ["segmentation"]
+    assert list(damaged["phases"]) == ["segmentation", "student_r1"]
     assert damaged["unreadable_logs"] == [
         "run.json: JSONDecodeError",
-        "logs/student_r1.csv: no loss values (not a training log)",
-        "logs/classification.csv: no loss values (not a training log)",
+        "logs/classification.csv: no loss column (not a training log)",
     ]
+    (tmp_path / "run.json").write_text(json.dumps({"timings": [1, 2], **run}))
+    damaged = training_summary(tmp_path, config)
+    assert damaged["unreadable_logs"][0] == "run.json: timings malformed"
+    assert damaged["seed"] == 7 and "timings" not in damaged
+    # Only unreadable files: the report's training section still names them.
+    from tfcovseg.reporting.report import render_markdown
+
+    for name in ("segmentation", "student_r1"):
+        (tmp_path / "logs" / f"{name}.csv").unlink()
+    results = {"split": "test", "fold": 0, "classes": ["ggo"]}
+    summary = training_summary(tmp_path, config)
+    assert summary["phases"] == {}
+    markdown = render_markdown(results | {"training": summary}, "x")
+    assert "could not be read (left out): run.json: timings malformed" in markdown
     # A run folder without logs or run.json (an older or foreign run): no phases, no facts.
     assert training_summary(tmp_path / "nothing") == {"phases": {}}
 

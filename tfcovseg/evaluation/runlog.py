@@ -152,17 +152,42 @@ def unfinished_message(run, phases) -> str:
     )
 
 
+# run.json's fields as the report reads them.
+_RUN_TYPES = {"data_fingerprint": str, "seed": int, "strategy": str, "replicas": int,
+              "versions": dict, "timings": dict}  # fmt: skip
+
+
+def _run_info(run: Path) -> tuple[dict, list[str]]:
+    """run.json's `_RUN_FIELDS` of the types the report reads, and what could not be read
+    (the report goes on without it, and says so)."""
+    path = run / "run.json"
+    if not path.is_file():
+        return {}, []
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {}, [f"run.json: {type(e).__name__}"]
+    if not isinstance(info, dict):
+        return {}, [f"run.json: a {type(info).__name__}, not an object"]
+    kept, wrong = {}, []
+    for key in _RUN_FIELDS:
+        if key in info:
+            value, kind = info[key], _RUN_TYPES[key]
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if ok and kind is dict and key == "timings":
+                ok = all(isinstance(v, (int, float)) for v in value.values())
+            if ok:
+                kept[key] = value
+            else:
+                wrong.append(f"run.json: {key} malformed")
+    return kept, wrong
+
+
 def training_summary(run, config=None) -> dict:
     """The run's training record: its phases' curves and epochs, and what ``run.json``
     says (fields missing from older runs are left out)."""
     run = Path(run)
-    info, unreadable = {}, []
-    if (run / "run.json").is_file():
-        try:
-            info = json.loads((run / "run.json").read_text())
-        except (OSError, ValueError) as e:  # the report goes on without it, and says so
-            unreadable.append(f"run.json: {type(e).__name__}")
-        info = info if isinstance(info, dict) else {}
+    info, unreadable = _run_info(run)
     phases = {}
     for path in sorted((run / "logs").glob("*.csv"), key=_phase_order):
         try:
@@ -170,13 +195,12 @@ def training_summary(run, config=None) -> dict:
         except (OSError, UnicodeDecodeError, csv.Error) as e:  # the report goes on without it
             unreadable.append(f"logs/{path.name}: {type(e).__name__}")
             continue
-        loss = history.get("loss", [])
-        if loss and not all(map(math.isnan, loss)):
+        if history.get("loss"):  # NaN losses too: a run that diverged is still its run
             phases[path.stem] = phase_summary(history, _max_epochs(path.stem, config))
-        elif any(history.values()):  # rows, but no loss: not a Keras CSVLogger file
-            unreadable.append(f"logs/{path.name}: no loss values (not a training log)")
+        elif history:  # rows, but no loss column: not a Keras CSVLogger file
+            unreadable.append(f"logs/{path.name}: no loss column (not a training log)")
     for name in unfinished_phases(run, config):
         if name in phases:  # fewer epochs than the maximum: killed, not stopped early
             phases[name] |= {"stopped_early": None, "interrupted": True}
-    out = {"phases": phases} | {k: info[k] for k in _RUN_FIELDS if k in info}
+    out = {"phases": phases} | info
     return out | ({"unreadable_logs": unreadable} if unreadable else {})

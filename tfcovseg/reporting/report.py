@@ -224,7 +224,7 @@ def _slice_blocks(slices, figures) -> list:
 def _training(results: Mapping, figures: Mapping):
     training = results.get("training") or {}
     phases = training.get("phases") or {}
-    if not phases:
+    if not phases and not training.get("unreadable_logs"):
         return None
     timings = training.get("timings") or {}
     header = [
@@ -268,7 +268,7 @@ def _training(results: Mapping, figures: Mapping):
         ("p", "Each phase keeps the epoch with the lowest validation loss (its *_best.keras)."),
         ("table", header, rows),
     ]
-    blocks += [("list", facts)] if facts else []
+    blocks = (blocks if rows else []) + ([("list", facts)] if facts else [])
     return "Training", blocks + _figure_block(figures, *FIGURES[3])
 
 
