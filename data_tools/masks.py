@@ -223,7 +223,13 @@ def read_png_labels(path: Path, num_classes: int, binary_class: int | None = Non
 
 
 def read_image_slice(path: Path) -> np.ndarray:
-    """An 8-bit (already windowed) image slice as float32 [H, W] in 0-255."""
+    """An 8-bit (already windowed) image slice as float32 [H, W] in 0-255.
+
+    Raises:
+        SkipFile: unreadable; more than 8 bits a pixel (its window unknown); a colour
+            image; a mask, label map or blank image (a handful of grey levels, or two of
+            them holding 95 % of the pixels).
+    """
     from PIL import Image
 
     try:
@@ -244,32 +250,37 @@ def read_image_slice(path: Path) -> np.ndarray:
         raise SkipFile(f"cannot read image ({type(e).__name__}: {e})") from None
     if colour > MAX_COLOUR_SPREAD:
         raise SkipFile(
-            f"a colour image (its red, green and blue differ by {colour:.1f} grey levels on "
+            f"a colour image (its red, green and blue {colour:.1f} grey levels apart on "
             "average): the slices must be grey CT images, not a colour map or a screenshot"
         )
-    levels = int(np.count_nonzero(np.bincount(grey.astype(np.uint8).ravel(), minlength=256)))
-    if levels <= MAX_MASK_LEVELS:
-        raise SkipFile(
-            f"{levels} grey level{'s' if levels > 1 else ''}: a mask, label or blank image, "
-            "not a CT slice"
-        )
+    counts = np.bincount(grey.astype(np.uint8).ravel(), minlength=256)
+    levels = int(np.count_nonzero(counts))
+    two = float(np.sort(counts)[-2:].sum()) / max(grey.size, 1)
+    if levels <= MAX_MASK_LEVELS or two >= MASK_TWO_LEVELS:
+        what = f"{levels} grey level{'s' if levels > 1 else ''}"
+        if levels > MAX_MASK_LEVELS:
+            what = f"{100 * two:.0f} % of the pixels at two grey levels"
+        raise SkipFile(f"{what}: a mask, label or blank image, not a CT slice")
     return grey
 
 
-# A grey slice saved as RGB (JPEG's chroma noise included) has channels within a grey
-# level or two of each other; a colour map or a screenshot with coloured overlays, many.
-MAX_COLOUR_SPREAD = 4.0
-# A windowed CT slice has hundreds of grey levels; a mask or label map a handful.
+# A grey slice saved as RGB (a JPEG's too) has its channels within a grey level of each
+# other; a colour map, or a screenshot with coloured overlays, far more.
+MAX_COLOUR_SPREAD = 6.0
+# A windowed CT slice has hundreds of grey levels, none two of them holding more than 40 %
+# of its pixels (COVID-SemiSeg's 1,650: at most 38 %); a mask or label map a handful,
+# or, saved as JPEG, two levels and their ringing (98-99.7 % at two levels).
 MAX_MASK_LEVELS = 8
+MASK_TWO_LEVELS = 0.95
 
 
 def _colour_spread(im) -> float:
-    """Mean absolute difference of an image's red, green and blue from their mean (0 for
-    an image without colour bands)."""
+    """Mean over pixels of the largest difference between an image's red, green and blue
+    (0 for an image without colour bands)."""
     if im.mode in ("1", "L", "LA") or not im.mode.startswith(("RGB", "P", "CMYK", "YCbCr")):
         return 0.0
     rgb = np.asarray(im.convert("RGB"), np.float32)
-    return float(np.abs(rgb - rgb.mean(-1, keepdims=True)).mean())
+    return float((rgb.max(-1) - rgb.min(-1)).mean())
 
 
 def seg_labels_on_series(path: Path, series: DicomSeries, classes) -> np.ndarray:

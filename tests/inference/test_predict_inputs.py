@@ -452,12 +452,20 @@ def test_masks_and_colour_images_are_not_predicted_as_slices(tmp_path):
     Image.fromarray((grey // 100).astype(np.uint8)).save(folder / "labels.png")
     jet = np.stack([grey, 255 - grey, np.full_like(grey, 128)], -1)
     Image.fromarray(jet).save(folder / "jet.png")
+    tinted = np.stack([grey, grey, grey], -1).astype(np.int16)
+    tinted[..., 0] += 9  # a red tint of 9 grey levels
+    Image.fromarray(np.clip(tinted, 0, 255).astype(np.uint8)).save(folder / "tint.png")
+    mask = np.zeros((256, 256), np.uint8)  # the size of a real mask: ringing at its edges
+    mask[60:120, 80:170] = 255
+    Image.fromarray(mask).save(folder / "mask.jpg", quality=90)  # 0/255 and JPEG ringing
     slices, skipped = read_image_folder(folder)
     assert [s.source for s in slices] == ["rgb.jpg"]
     reasons = dict(skipped)
     assert reasons["mask.png"].startswith("2 grey levels: a mask, label or blank image")
     assert reasons["labels.png"].startswith("3 grey levels: a mask")
-    assert reasons["jet.png"].startswith("a colour image (its red, green and blue differ by")
+    assert "% of the pixels at two grey levels: a mask" in reasons["mask.jpg"]
+    assert reasons["jet.png"].startswith("a colour image (its red, green and blue")
+    assert reasons["tint.png"].startswith("a colour image (its red, green and blue 8.8 grey")
 
 
 def test_an_image_folder_without_a_readable_image_is_refused(model, tmp_path):

@@ -335,6 +335,10 @@ def test_each_split_keeps_its_own_evaluation(tiny, tmp_path, monkeypatch, capsys
     assert evaluate(["--run", str(run), "--split", "validation"]) == 130
     # No metrics.json describing other figures than those beside it; the test split's kept.
     assert not (validation / "metrics.json").exists()
+    assert not (validation / "report.md").exists()  # no report of the figures now gone
+    assert "interrupted: an interrupted evaluation writes no metrics.json" in (
+        capsys.readouterr().err
+    )
     assert json.loads((run / "metrics.json").read_text()) == test
 
 

@@ -177,14 +177,18 @@ class Unlabelled:
     names: list[str]
     volumes: list[str]  # Data-1_<volume>_<k>.jpg -> <volume>; the name when there is no _k
     images: np.ndarray  # [K, S, S] float32, 0-255
+    skipped: list = dataclasses.field(default_factory=list)  # (file, reason): not slices
 
 
 def load_unlabelled(folder, size: int) -> Unlabelled:
     """The slices of a slice-dataset folder without masks (``Imgs/*.jpg``), resized.
 
+    Images that are no CT slice (unreadable, colour, a mask or blank: `read_image_slice`)
+    are left out, in ``skipped``: one among 1,600 need not stop the run.
+
     Raises:
-        BenchmarkError: no folder, no image, an unreadable image, or a folder whose
-            slices have masks (``GT/``): labelled slices belong in --train-dir.
+        BenchmarkError: no folder, no readable slice, or a folder whose slices have masks
+            (``GT/``): labelled slices belong in --train-dir.
     """
     from PIL import Image
 
@@ -207,18 +211,21 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
             f"{folder} holds masks ({labelled[0]} has one): --unlabelled-dir takes slices "
             "without GT/, labelled slices belong in --train-dir"
         )
-    names, volumes, images = [], [], []
+    names, volumes, images, skipped = [], [], [], []
     for study in sorted(studies, key=lambda s: s.image_path.name):
         try:
             image = read_image_slice(study.image_path)
         except SkipFile as e:
-            raise BenchmarkError(f"{folder / study.rel}: {e}") from None
+            skipped.append((study.rel, str(e)))
+            continue
         image = Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR)
         stem = study.image_path.stem
         names.append(stem)
         volumes.append(re.sub(r"_\d+$", "", stem))
         images.append(np.asarray(image, np.float32))
-    return Unlabelled(names, volumes, np.stack(images))
+    if not images:
+        raise BenchmarkError(f"{folder}: no slice can be used ({skipped[0][0]}: {skipped[0][1]})")
+    return Unlabelled(names, volumes, np.stack(images), skipped)
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -553,12 +560,9 @@ def _rows(models, unlabelled, method="self_training") -> list[str]:
                 "--unlabelled-dir trains the semi-supervised coarse-refine row from the "
                 "supervised one (its teacher): include coarse_refine in --models"
             )
-        if method not in SEMI_ROWS:
-            raise BenchmarkError(
-                f"--unlabelled-dir trains a semi-supervised row: semi.method (--semi-method) "
-                f"must be one of {list(SEMI_ROWS)}, got {method!r}"
-            )
-        rows.insert(rows.index("coarse_refine") + 1, SEMI_ROWS[method])
+        # An experiment without a semi method (semi.method none) gets self-training, the
+        # row --unlabelled-dir has always added.
+        rows.insert(rows.index("coarse_refine") + 1, SEMI_ROWS.get(method, SEMI))
     return rows
 
 
@@ -732,6 +736,9 @@ def _describe(train, test, unlabelled, folds, settings) -> str:
         if unlabelled is not None
         else ""
     )
+    if unlabelled is not None and unlabelled.skipped:
+        (first, reason), n = unlabelled.skipped[0], len(unlabelled.skipped)
+        more += f" ({n} more left out: {first}: {reason}{', ...' if n > 1 else ''})"
     return (
         f"{len(train.names)} training slices{where}{more}, "
         f"{settings['size']}x{settings['size']}, backend {keras.backend.backend()}"

@@ -156,13 +156,14 @@ def settings_record(config, bench: dict) -> dict:
         "widths": widths_of(config.model),
         "tta": bench["tta"],
         "intensity": config.data.intensity_augment,
-        "semi_method": semi.method,
         "semi_rounds": semi.rounds,
         "semi_pool": semi.pool,
         "semi_keep": semi.keep,
         "semi_tta": semi.views,
         "semi_epochs": semi.epochs,
     }
+    if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
+        settings["semi_method"] = semi.method
     recorded = {"model.input_size", "train.seed", *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
     ours = ex.dotted_values(ex.config_to_dict(config))

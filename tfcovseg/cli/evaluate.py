@@ -16,12 +16,19 @@ def build_parser():
         "--fold", type=int, help="the run's fold (another fold's patients trained it: refused)"
     )
     parser.add_argument("--threshold", type=float, default=0.5, help="probability cut-off")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="skip the PNG figures (an earlier evaluation's of the split are removed)",
+    )
     cli.add_set(parser, "data.* keys only, e.g. --set data.records_dir=DIR")
     return parser
 
 
-@cli.interruptible("nothing was half-written: run the command again")
+@cli.interruptible(
+    "an interrupted evaluation writes no metrics.json (the split's earlier one may be gone): "
+    "run the command again"
+)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     problem = cli.run_overrides_problem(args.overrides)

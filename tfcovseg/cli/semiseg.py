@@ -23,7 +23,7 @@ _SHORTCUT_OPTIONS = (
     ("--seed", int, "train.seed"),
 )
 _SEMI_OPTIONS = (
-    ("--semi-method", str, "semi.method: self_training (default) or fixmatch"),
+    ("--semi-method", str, "semi.method: self_training or fixmatch (semiseg's: self_training)"),
     ("--semi-rounds", int, "semi.rounds: teacher -> student rounds"),
     ("--semi-pool", int, "semi.pool: unlabelled slices drawn per round"),
     ("--semi-keep", float, "semi.keep: the surest fraction of them kept as pseudo-labels"),

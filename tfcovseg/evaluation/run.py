@@ -305,10 +305,11 @@ def evaluate_run(
 def write_outputs(folder: Path, results: dict, overlays, config, figures=True) -> None:
     """The split's figures, reports and metrics.json into `folder`, metrics.json last.
 
-    The earlier evaluation's metrics.json and figures go first: a kill part-way leaves a
-    folder without metrics.json (compare says "not evaluated") rather than one whose
-    figures or report describe another evaluation than its metrics."""
-    (folder / "metrics.json").unlink(missing_ok=True)
+    The earlier evaluation's metrics.json, reports and figures go first: a kill part-way
+    leaves a folder without metrics.json (compare says "not evaluated") rather than one
+    whose figures or report describe another evaluation than its metrics."""
+    for name in ("metrics.json", "report.md", "report.html"):
+        (folder / name).unlink(missing_ok=True)
     if (folder / "figures").is_dir():
         shutil.rmtree(folder / "figures")
     if figures:

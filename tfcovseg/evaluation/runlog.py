@@ -33,9 +33,11 @@ def evaluation_dir(run: Path, split: str) -> Path:
 
 
 def run_of(folder: Path) -> Path:
-    """The run folder an evaluation folder belongs to (`evaluation_dir`'s inverse)."""
+    """The run folder an evaluation folder belongs to (`evaluation_dir`'s inverse): a run
+    itself (one kept under a folder named "evaluation" too) is its own."""
     folder = Path(folder)
-    return folder.parent.parent if folder.parent.name == EVALUATION_DIR else folder
+    inside = folder.parent.name == EVALUATION_DIR and folder.name in ("train", "validation")
+    return folder.parent.parent if inside else folder
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
