@@ -272,12 +272,7 @@ def train_one(
     import keras
 
     from tfcovseg.benchmarks.batches import SliceBatches
-    from tfcovseg.training.recipe import (
-        build_segmenter,
-        compile_segmenter,
-        early_stopping,
-        keras_verbose,
-    )
+    from tfcovseg.training.recipe import build_segmenter
 
     t = config.train
     keras.utils.set_random_seed(seed)
@@ -291,11 +286,21 @@ def train_one(
     val = SliceBatches(
         data.images[val_idx], data.masks[val_idx], outputs, t.batch_size, 1, seed, training=False
     )
-    epochs = epochs or t.epochs
-    compile_segmenter(config, model, steps_per_epoch=len(train), epochs=epochs)
-    name = prefix or config.model.architecture
+    info = _fit(
+        config, model, train, val, epochs or t.epochs, prefix or config.model.architecture, log
+    )
+    return model, info
+
+
+def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
+    """Compiles `model` with the recipe (`objective`: default, its outputs'), fits it with
+    early stopping and an epoch line each; returns its epochs and best epoch."""
+    from tfcovseg.training.recipe import compile_segmenter, early_stopping, keras_verbose
+
+    compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=epochs)
+    patience = config.train.early_stopping_patience
     verbose, callbacks = keras_verbose(
-        2, [early_stopping(t.early_stopping_patience)], epochs, log, prefix=f"    {name} "
+        2, [early_stopping(patience)], epochs, log, prefix=f"    {name} "
     )
     history = model.fit(
         train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose
@@ -303,7 +308,7 @@ def train_one(
     ran = len(history.history["loss"])
     best = int(np.argmin(history.history["val_loss"])) + 1
     log(f"    {name}: {ran} epochs, best {best}")
-    return model, {"epochs": ran, "best_epoch": best}
+    return {"epochs": ran, "best_epoch": best}
 
 
 def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
@@ -354,13 +359,7 @@ def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed
     from tfcovseg.benchmarks.batches import ConsistencyBatches, SliceBatches
     from tfcovseg.data import intensity
     from tfcovseg.training.consistency import ConsistencyTrainer
-    from tfcovseg.training.recipe import (
-        build_segmenter,
-        compile_segmenter,
-        early_stopping,
-        keras_verbose,
-        segmentation_objective,
-    )
+    from tfcovseg.training.recipe import build_segmenter, segmentation_objective
 
     semi, t = config.semi, config.train
     images = unlabelled.images
@@ -381,18 +380,10 @@ def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed
         data.images[split.val], data.masks[split.val], outputs, t.batch_size, 1, seed,
         training=False,
     )  # fmt: skip
+    # The wrapper has no symbolic outputs: the objective is the segmenter's.
     objective = segmentation_objective(config, outputs)
-    compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=semi.epochs)
-    verbose, callbacks = keras_verbose(
-        2, [early_stopping(t.early_stopping_patience)], semi.epochs, log, prefix="    fixmatch "
-    )
-    history = model.fit(
-        train, validation_data=val, epochs=semi.epochs, callbacks=callbacks, verbose=verbose
-    )
-    ran = len(history.history["loss"])
-    best = int(np.argmin(history.history["val_loss"])) + 1
-    log(f"    fixmatch: {ran} epochs, best {best}")
-    return segmenter, {"epochs": ran, "best_epoch": best, "unlabelled": len(images)}
+    info = _fit(config, model, train, val, semi.epochs, "fixmatch", log, objective)
+    return segmenter, info | {"unlabelled": len(images)}
 
 
 def predict_maps(model, data: Slices, idx, views=1, positive_weights=None) -> dict:
