@@ -248,19 +248,9 @@ def read_image_slice(path: Path) -> np.ndarray:
         raise
     except Exception as e:
         raise SkipFile(f"cannot read image ({type(e).__name__}: {e})") from None
-    if colour > MAX_COLOUR_SPREAD:
-        raise SkipFile(
-            f"a colour image (its red, green and blue {colour:.1f} grey levels apart on "
-            "average): the slices must be grey CT images, not a colour map or a screenshot"
-        )
-    counts = np.bincount(grey.astype(np.uint8).ravel(), minlength=256)
-    levels = int(np.count_nonzero(counts))
-    two = float(np.sort(counts)[-2:].sum()) / max(grey.size, 1)
-    if levels <= MAX_MASK_LEVELS or two >= MASK_TWO_LEVELS:
-        what = f"{levels} grey level{'s' if levels > 1 else ''}"
-        if levels > MAX_MASK_LEVELS:
-            what = f"{100 * two:.0f} % of the pixels at two grey levels"
-        raise SkipFile(f"{what}: a mask, label or blank image, not a CT slice")
+    problem = _not_a_slice(grey, colour)
+    if problem:
+        raise SkipFile(problem)
     return grey
 
 
@@ -274,10 +264,29 @@ MAX_MASK_LEVELS = 8
 MASK_TWO_LEVELS = 0.95
 
 
+def _not_a_slice(grey: np.ndarray, colour: float) -> str | None:
+    """Why an 8-bit image is no windowed CT slice (a colour image, a mask, a label map, a
+    blank image), or None."""
+    if colour > MAX_COLOUR_SPREAD:
+        return (
+            f"a colour image (its red, green and blue {colour:.1f} grey levels apart on "
+            "average): the slices must be grey CT images, not a colour map or a screenshot"
+        )
+    counts = np.bincount(grey.astype(np.uint8).ravel(), minlength=256)
+    levels = int(np.count_nonzero(counts))
+    two = float(np.sort(counts)[-2:].sum()) / max(grey.size, 1)
+    what = "a mask, label or blank image, not a CT slice"
+    if levels <= MAX_MASK_LEVELS:
+        return f"{levels} grey level{'s' if levels > 1 else ''}: {what}"
+    if two >= MASK_TWO_LEVELS:
+        return f"{100 * two:.0f} % of the pixels at two grey levels: {what}"
+    return None
+
+
 def _colour_spread(im) -> float:
     """Mean over pixels of the largest difference between an image's red, green and blue
     (0 for an image without colour bands)."""
-    if im.mode in ("1", "L", "LA") or not im.mode.startswith(("RGB", "P", "CMYK", "YCbCr")):
+    if not im.mode.startswith(("RGB", "P", "CMYK", "YCbCr")):
         return 0.0
     rgb = np.asarray(im.convert("RGB"), np.float32)
     return float((rgb.max(-1) - rgb.min(-1)).mean())
