@@ -125,6 +125,10 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
         assert report["severity"]["grade"] is None
     page = (folder / "report.html").read_text()
     assert f"Verdict: <strong>{verdict['call']}</strong>" in page and "Evidence (each rule" in page
+    # The total's percentage is the verdict's own figure, rounded once.
+    percent = 100.0 * report["covid"]["lesion_burden"]["ratio"]
+    assert f"<td><strong>total</strong></td><td>{report['total']['volume_ml']:.1f}</td>" in page
+    assert f"</td><td>{percent:.2f}</td>" in page.split("<strong>total</strong>")[1]
     # The DICOM SEG references the source instances and holds the same labels.
     assert expected.any()  # the untrained network marks plenty
     seg = pydicom.dcmread(folder / "segmentation.dcm")
@@ -489,3 +493,31 @@ def test_the_overlay_sheet_has_captions_legend_and_no_black_cells():
     for colour in class_colours(["ggo", "consolidation"]):
         rgb = np.round(np.asarray(colour) * 255).astype(int)
         assert (np.abs(legend.astype(int) - rgb).sum(-1) == 0).any(), colour
+
+
+def test_the_console_prints_the_verdicts_lesion_percentage(tmp_path):
+    """A ratio of 0.014449 printed "lesions 1.45 % of lung" (the total's percentage, 1.445,
+    rounded again) beside the verdict's "lesions 1.44 % of lung"."""
+    from types import SimpleNamespace
+
+    from tfcovseg.evaluation.verdict import patient_verdict
+    from tfcovseg.inference.predict import write_series
+
+    rule = {"threshold": 0.02, "method": "m", "lesion_rule": LESION_RULE}
+    burden = burden_call(0.014449, rule)
+    covid = {"probability": 0.1, "threshold": 0.5, "positive": False, "rule": "any",
+             "lesion_burden": burden}  # fmt: skip
+    gate = {"threshold": 0.0, "method": "off", "validation_slice_auc": 0.7}
+    report = {
+        "study": {"slices": 3}, "gate": {"slices_segmented": 3}, "covid": covid,
+        "total": {"percent_of_lung": round(100 * 0.014449, 3)},
+        "severity": {"grade": None}, "warnings": [],
+        "verdict": patient_verdict(covid, gate, burden),
+    }  # fmt: skip
+    lines = []
+    volume = SimpleNamespace(series="S1", warnings=[])
+    write_series(tmp_path, volume, lambda folder: report, lines.append)
+    assert (
+        "lesions 1.44 % of lung; verdict not COVID-19 by the lesion burden (lesions 1.44 %"
+        in (lines[-1])
+    ), lines[-1]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_tools.folds import SPLITS
 from tfcovseg import cli
 
 
 def build_parser():
     parser = cli.parser("evaluate", "Evaluate a training run")
     parser.add_argument("--run", type=Path, required=True, help="run folder of tfcovseg.train")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument(
         "--fold", type=int, help="the run's fold (another fold's patients trained it: refused)"
     )

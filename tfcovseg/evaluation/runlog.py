@@ -13,12 +13,12 @@ import json
 import math
 from pathlib import Path
 
+from data_tools.folds import SPLITS
 from tfcovseg.constants import RUN_MODELS
 
 # The config field bounding each phase's epochs (a self-training round's log is
 # ``student_r<N>.csv``).
 _MAX_EPOCHS = {"segmentation": "train.epochs", "classification": "train.classifier_epochs"}
-_RUN_FIELDS = ("data_fingerprint", "seed", "strategy", "replicas", "versions", "timings")
 # Other splits' evaluations live apart from the test split's, which stays at the top of the
 # run (compare, cross-validation and the README read it there): scoring the validation
 # patients must not overwrite the test figures.
@@ -36,7 +36,8 @@ def run_of(folder: Path) -> Path:
     """The run folder an evaluation folder belongs to (`evaluation_dir`'s inverse): a run
     itself (one kept under a folder named "evaluation" too) is its own."""
     folder = Path(folder)
-    inside = folder.parent.name == EVALUATION_DIR and folder.name in ("train", "validation")
+    split = folder.name
+    inside = folder.parent.name == EVALUATION_DIR and split in SPLITS and split != "test"
     return folder.parent.parent if inside else folder
 
 
@@ -154,13 +155,13 @@ def unfinished_message(run, phases) -> str:
     )
 
 
-# run.json's fields as the report reads them.
+# run.json's fields the report reads, and their types.
 _RUN_TYPES = {"data_fingerprint": str, "seed": int, "strategy": str, "replicas": int,
               "versions": dict, "timings": dict}  # fmt: skip
 
 
 def _run_info(run: Path) -> tuple[dict, list[str]]:
-    """run.json's `_RUN_FIELDS` of the types the report reads, and what could not be read
+    """run.json's `_RUN_TYPES` fields of the types the report reads, and what could not be read
     (the report goes on without it, and says so)."""
     path = run / "run.json"
     if not path.is_file():
@@ -172,9 +173,9 @@ def _run_info(run: Path) -> tuple[dict, list[str]]:
     if not isinstance(info, dict):
         return {}, [f"run.json: a {type(info).__name__}, not an object"]
     kept, wrong = {}, []
-    for key in _RUN_FIELDS:
+    for key, kind in _RUN_TYPES.items():
         if key in info:
-            value, kind = info[key], _RUN_TYPES[key]
+            value = info[key]
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             if ok and kind is dict and key == "timings":
                 ok = all(isinstance(v, (int, float)) for v in value.values())
