@@ -571,9 +571,9 @@ def _reference(members):
         coarse = tuple(np.round(np.r_[h.orientation, h.spacing], 2))
         return (h.rows, h.columns, coarse, _owner(ds))
 
-    counts = collections.Counter(key(m) for m in members)
-    wanted = counts.most_common(1)[0][0]
-    return next(m for m in members if key(m) == wanted)
+    keys = [key(m) for m in members]
+    wanted = collections.Counter(keys).most_common(1)[0][0]
+    return members[keys.index(wanted)]
 
 
 def _differs(header, ds, ref, ref_ds) -> str | None:
