@@ -6,7 +6,7 @@ import json
 
 from tfcovseg.configs.experiment import load_config
 from tfcovseg.evaluation.metrics import roc_curve
-from tfcovseg.evaluation.runlog import training_summary
+from tfcovseg.evaluation.runlog import fingerprint_message, training_summary
 
 
 def _log(path, rows):
@@ -79,3 +79,15 @@ def test_roc_curve_known_answer_and_one_class():
     assert roc["auc"] == 0.5833333333333334 and (roc["positives"], roc["negatives"]) == (3, 2)
     one = roc_curve([1, 1], [0.2, 0.4])
     assert one["auc"] is None and one["fpr"] is None and one["negatives"] == 0
+
+
+def test_fingerprint_message_reads_run_json_as_the_report_does(tmp_path):
+    def message(text):
+        (tmp_path / "run.json").write_text(text)
+        return fingerprint_message(tmp_path, "REC", "f1")
+
+    assert message(json.dumps({"data_fingerprint": "f1"})) is None
+    assert "(fingerprint f1) are not those" in message(json.dumps({"data_fingerprint": "f0"}))
+    # Unreadable or malformed: the report names that; no mismatch is claimed.
+    assert message("{not json") is None and message("[1]") is None
+    assert message(json.dumps({"data_fingerprint": 7})) is None

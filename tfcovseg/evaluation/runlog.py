@@ -134,11 +134,7 @@ def missing_message(run, names) -> str:
 def fingerprint_message(run, folder, fingerprint) -> str | None:
     """A warning when the records read now are not those the run trained on (run.json's
     fingerprint), or None: another cohort's slices scored as the run's own split."""
-    path = Path(run) / "run.json"
-    try:
-        trained = json.loads(path.read_text()).get("data_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+    trained = _run_info(Path(run))[0].get("data_fingerprint")  # None when unreadable
     if trained is None or trained == fingerprint:
         return None
     return (
