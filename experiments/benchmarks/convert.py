@@ -1,11 +1,13 @@
 """DICOM -> TFRecord conversion speed and memory, against bare pydicom reads.
 
-    python experiments/benchmarks/convert.py [--patients 34] [--size 512] [--workers 2]
+    python experiments/benchmarks/convert.py [--patients 68] [--size 512] [--workers 2]
         [--records-size 128] [--records-dir /dev/shm/records] [--repeats 2] [--beam]
         [--out runs/benchmarks/convert.json]
 
-In one run, on a phantom cohort of about 1000 slices at 512x512 (generated once into
-``runs/benchmarks/cohort-<size>-<patients>`` and reused):
+In one run, on a phantom cohort of about 2000 slices at 512x512 (generated once into
+``runs/benchmarks/cohort-<size>-<patients>`` and reused; a job of 2000 slices, not 1000, so
+that the half-second a spawned worker takes to start does not decide the speed-up of a
+second worker, which is for archives of millions of slices: docs/benchmarks.md):
 
 1. phantom generation rate (slices/s on one core; target >= 50 at 512x512);
 2. bare read: ``pydicom.dcmread(f).pixel_array`` of every file, in a fresh process,
@@ -202,7 +204,7 @@ def _convert(cohort: Path, out: Path, size: int, workers: int, runner: str = "")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patients", type=int, default=34)
+    parser.add_argument("--patients", type=int, default=68)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--records-size", type=int, help="convert to this size (default --size)")
