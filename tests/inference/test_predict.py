@@ -19,6 +19,7 @@ from data_tools.lung import LESION_RULE, lesions_in_lung, lung_mask
 from data_tools.masks import nifti_labels_on_series, seg_labels_on_series
 from tfcovseg.cli.predict import main
 from tfcovseg.constants import DISCLAIMER
+from tfcovseg.evaluation.burden import burden_percent
 from tfcovseg.evaluation.verdict import classifier_problem
 from tfcovseg.inference.errors import PredictionError
 from tfcovseg.inference.measures import burden_call
@@ -126,7 +127,8 @@ def test_dicom_study_outputs_align_with_the_series(model, phantom_run, tmp_path)
     page = (folder / "report.html").read_text()
     assert f"Verdict: <strong>{verdict['call']}</strong>" in page and "Evidence (each rule" in page
     # The total's percentage is the verdict's own figure, rounded once.
-    percent = 100.0 * report["covid"]["lesion_burden"]["ratio"]
+    percent = report["total"]["percent_of_lung"]
+    assert percent == call["percent_of_lung"] == burden_percent(call["ratio"])
     assert f"<td><strong>total</strong></td><td>{report['total']['volume_ml']:.1f}</td>" in page
     assert f"</td><td>{percent:.2f}</td>" in page.split("<strong>total</strong>")[1]
     # The DICOM SEG references the source instances and holds the same labels.
@@ -497,7 +499,8 @@ def test_the_overlay_sheet_has_captions_legend_and_no_black_cells():
 
 def test_the_console_prints_the_verdicts_lesion_percentage(tmp_path):
     """A ratio of 0.014449 printed "lesions 1.45 % of lung" (the total's percentage, 1.445,
-    rounded again) beside the verdict's "lesions 1.44 % of lung"."""
+    rounded again) beside the verdict's "lesions 1.44 % of lung". The total's stored
+    percentage is now the one every output prints."""
     from types import SimpleNamespace
 
     from tfcovseg.evaluation.verdict import patient_verdict
@@ -510,7 +513,7 @@ def test_the_console_prints_the_verdicts_lesion_percentage(tmp_path):
     gate = {"threshold": 0.0, "method": "off", "validation_slice_auc": 0.7}
     report = {
         "study": {"slices": 3}, "gate": {"slices_segmented": 3}, "covid": covid,
-        "total": {"percent_of_lung": round(100 * 0.014449, 3)},
+        "total": {"percent_of_lung": burden_percent(0.014449)},
         "severity": {"grade": None}, "warnings": [],
         "verdict": patient_verdict(covid, gate, burden),
     }  # fmt: skip

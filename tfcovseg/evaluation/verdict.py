@@ -20,6 +20,8 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
+from tfcovseg.evaluation.burden import burden_percent
+
 COVID = "COVID-19"
 NOT_COVID = "not COVID-19"
 NO_CALL = "no call"
@@ -66,10 +68,11 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         covid["rule"] if problem is None else f"not validated: {problem}",
     )
     t = burden.get("threshold")
-    digits = _digits(100.0 * burden["ratio"], None if t is None else 100.0 * t)
+    percent = burden_percent(burden["ratio"])  # the figure report.json's total holds
+    digits = _digits(percent, None if t is None else 100.0 * t)
     lesion = _evidence(
         BURDEN,
-        f"lesions {100.0 * burden['ratio']:.{digits}f} % of lung"
+        f"lesions {percent:.{digits}f} % of lung"
         + ("" if t is None else f", threshold {100.0 * t:.{digits}f} %"),
         burden.get("positive"),
         burden.get("positive") is not None,
@@ -93,7 +96,8 @@ def _digits(value: float, threshold: float | None, least: int = 2) -> int:
     """Decimals that tell a value from its threshold ("lesions 1.45 %, threshold 1.45 %:
     not COVID-19" was 1.448 against 1.453)."""
     digits = least
-    while threshold is not None and digits < 6 and value != threshold:
+    # Equal within float noise: the value is rounded to its stored precision, t is not.
+    while threshold is not None and digits < 6 and abs(value - threshold) > 1e-9:
         if round(value, digits) != round(threshold, digits):
             break
         digits += 1

@@ -7,7 +7,7 @@ import numpy as np
 
 from data_tools import dicom_io
 from data_tools.lung import LESION_MARGIN_MM, LESION_RULE, lung_mask
-from tfcovseg.evaluation.burden import burden, burden_masks
+from tfcovseg.evaluation.burden import burden, burden_masks, burden_percent
 from tfcovseg.evaluation.severity import grade_severity
 from tfcovseg.inference.studies import Volume, display_geometry
 
@@ -100,7 +100,7 @@ def measure(volume: Volume, labels: np.ndarray, classes, severity_rule) -> tuple
         "lesions": lesions,
         "total": {
             "volume_ml": round(sum(v["volume_ml"] for v in lesions.values()), 3),
-            "percent_of_lung": round(100.0 * total, 3),
+            "percent_of_lung": burden_percent(total),
             "percent_of_each_lung": {
                 side: round(100.0 * int(((labels > 0) & mask).sum()) / max(int(mask.sum()), 1), 3)
                 for side, mask in sides.items()
@@ -142,6 +142,7 @@ def burden_call(
     chosen_at = rule.get("mask_threshold")
     call = {
         "ratio": float(ratio),
+        "percent_of_lung": burden_percent(ratio),
         "threshold": None if t is None else float(t),
         "positive": None if t is None else bool(ratio >= t),
         "rule": "total lesion / lung ratio at or above the threshold (chosen on validation)",

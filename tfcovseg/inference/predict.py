@@ -647,13 +647,10 @@ def write_series(out: Path, volume: Volume, predict_into, log) -> dict:
     for w in report["warnings"][len(volume.warnings) :]:
         log(f"warning: series {volume.series}: {w}")
     grade = report["severity"]["grade"] or "not graded"
-    # The verdict's own ratio (not the total's 3-decimal percentage): rounding twice put
-    # "1.45 % of lung" beside the verdict's "lesions 1.44 % of lung".
-    percent = 100.0 * report["covid"]["lesion_burden"]["ratio"]
     log(
         f"series {volume.series}: {report['study']['slices']} slices, "
         f"{report['gate']['slices_segmented']} segmented{unreadable_text(report['gate'])}, "
-        f"lesions {percent:.2f} % of lung; "
+        f"lesions {report['total']['percent_of_lung']:.2f} % of lung; "
         f"{verdict_summary(report['verdict'])}; severity {grade} -> {out / volume.series}"
     )
     return report

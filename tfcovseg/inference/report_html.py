@@ -74,7 +74,7 @@ def render_html(report: dict, png: bytes) -> str:
     study, model, gate = report["study"], report["model"], report["gate"]
     sev, total = report["severity"], report["total"]
 
-    def row(name, v, strong=False, percent=None):
+    def row(name, v, strong=False):
         cell = f"<strong>{e(name)}</strong>" if strong else e(name)
         sides = v.get("percent_of_each_lung") or {}
         each = "".join(
@@ -82,18 +82,14 @@ def render_html(report: dict, png: bytes) -> str:
             for s in ("right", "left")
         )
         hu = "&mdash;" if v.get("mean_hu") is None else f"{v['mean_hu']:.0f}"
-        percent = v["percent_of_lung"] if percent is None else percent
         return (
             f"<tr><td>{cell}</td><td>{v['volume_ml']:.1f}</td>"
-            f"<td>{percent:.2f}</td>{each}<td>{hu}</td>"
+            f"<td>{v['percent_of_lung']:.2f}</td>{each}<td>{hu}</td>"
             f"<td>{len(v['slices'])}</td></tr>"
         )
 
     rows = "".join(row(name, v) for name, v in report["lesions"].items())
-    # The verdict's own ratio, as the console prints it: the total's 3-decimal percentage
-    # rounded again could read 1.45 beside the verdict's 1.44.
-    ratio = report["covid"]["lesion_burden"]["ratio"]
-    rows += row("total", total, strong=True, percent=100.0 * ratio)
+    rows += row("total", total, strong=True)
     spacing = ", ".join(f"{s:.2f}" for s in study["spacing_mm"])
     lists = ""
     if report["warnings"]:
