@@ -84,7 +84,8 @@ def test_roc_curve_known_answer_and_one_class():
 def test_fingerprint_message_reads_run_json_as_the_report_does(tmp_path):
     def message(text):
         (tmp_path / "run.json").write_text(text)
-        return fingerprint_message(tmp_path, "REC", "f1")
+        trained = training_summary(tmp_path).get("data_fingerprint")
+        return fingerprint_message(tmp_path, "REC", "f1", trained)
 
     assert message(json.dumps({"data_fingerprint": "f1"})) is None
     assert "(fingerprint f1) are not those" in message(json.dumps({"data_fingerprint": "f0"}))

@@ -276,7 +276,8 @@ def evaluate_run(
     unfinished = unfinished_phases(run, config)
     if unfinished:  # scored all the same (an interrupted run may be worth a look), but said
         results["warnings"] = [unfinished_message(run, unfinished)]
-    fingerprint = fingerprint_message(run, records, data_fingerprint(records))
+    trained = results["training"].get("data_fingerprint")
+    fingerprint = fingerprint_message(run, records, data_fingerprint(records), trained)
     if fingerprint:  # other records: scored as asked, but said
         results.setdefault("warnings", []).append(fingerprint)
     missing = missing_models(run, config)

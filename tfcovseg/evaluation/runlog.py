@@ -131,10 +131,10 @@ def missing_message(run, names) -> str:
     )
 
 
-def fingerprint_message(run, folder, fingerprint) -> str | None:
-    """A warning when the records read now are not those the run trained on (run.json's
-    fingerprint), or None: another cohort's slices scored as the run's own split."""
-    trained = _run_info(Path(run))[0].get("data_fingerprint")  # None when unreadable
+def fingerprint_message(run, folder, fingerprint, trained) -> str | None:
+    """A warning when the records read now are not those the run trained on, or None:
+    another cohort's slices scored as the run's own split. `trained`: run.json's
+    fingerprint as `training_summary` read it (None: absent or unreadable, no claim)."""
     if trained is None or trained == fingerprint:
         return None
     return (
