@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -82,9 +83,18 @@ def _weights(path):
     return load_model(path).get_weights()
 
 
+def _peak_learning_rate(path) -> float:
+    """The Adam rate (a schedule's peak) a saved model was compiled with."""
+    with zipfile.ZipFile(path) as z:
+        rate = json.loads(z.read("config.json"))["compile_config"]["optimizer"]["config"]
+    rate = rate["learning_rate"]
+    return rate["config"]["initial_learning_rate"] if isinstance(rate, dict) else rate
+
+
 def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_path):
     lines = []
-    summary = train(_config(folders), tmp_path / "run", verbose=0, log=lines.append)
+    config = _config(folders, "semi.learning_rate=5e-5")
+    summary = train(config, tmp_path / "run", verbose=0, log=lines.append)
     run = tmp_path / "run"
     rounds = summary["self_training"]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -102,6 +112,9 @@ def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_p
     state = json.loads((run / "state.json").read_text())
     assert state["completed"] == ["segmentation", "self_training"]
     assert (run / "logs" / "student_r2.csv").is_file()
+    # The students train at semi.learning_rate, not at the teacher's train.learning_rate.
+    assert config.train.learning_rate != pytest.approx(5e-5)
+    assert _peak_learning_rate(run / "student_r1_best.keras") == pytest.approx(5e-5)
 
     # Killed during round 2: --resume keeps phase 1 and round 1, runs round 2 alone.
     state["completed"] = ["segmentation"]
@@ -110,7 +123,7 @@ def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_p
     (run / "student_r2_best.keras").unlink()
     round1 = _weights(run / "student_r1_best.keras")
     lines.clear()
-    again = train(_config(folders), run, resume=True, verbose=0, log=lines.append)
+    again = train(config, run, resume=True, verbose=0, log=lines.append)
     assert any("round 1: completed before" in line for line in lines)
     assert any("round 2: 3 of 6 slices pseudo-labelled" in line for line in lines)
     assert [r["round"] for r in again["self_training"]] == [1, 2]
@@ -141,6 +154,7 @@ def test_unlabelled_slices_of_the_training_split(folders, tmp_path):
         ({"semi": {"keep": 0.0}}, r"semi.keep must be in \(0, 1\]"),
         ({"semi": {"share": 1.0}}, r"semi.share must be in \(0, 1\)"),
         ({"semi": {"views": 9}}, "semi.views must be 1 to 8"),
+        ({"semi": {"learning_rate": -1e-4}}, r"semi.learning_rate must be >= 0"),
         ({"semi": {"method": "mean_teacher"}}, "semi.method"),
     ],
 )

@@ -576,6 +576,9 @@ class SemiConfig:
         views: Test-time views (1-8 quarter turns and flips) averaged for the labels.
         share: The fraction of every training batch drawn from the pseudo-labels.
         epochs: Maximum epochs of each round (``train.early_stopping_patience`` applies).
+        learning_rate: Adam learning rate of the students (the peak of their cosine, as
+            ``train.learning_rate`` is the teacher's); 0: ``train.learning_rate``. A student
+            starts from the teacher's optimum, where the teacher's peak rate throws it out.
         match_intensity: Map the unlabelled slices' grey levels onto the labelled ones'
             (`tfcovseg.data.intensity.match_intensity`) before labelling them; for pre-windowed
             slices from sources windowed differently (HU records need none).
@@ -592,6 +595,7 @@ class SemiConfig:
     views: int = 2
     share: float = 0.5
     epochs: int = 20
+    learning_rate: float = 0.0
     match_intensity: bool = True
     confidence: float = 0.9
     consistency_weight: float = 1.0
@@ -603,6 +607,11 @@ class SemiConfig:
         _check_positive("semi.epochs", self.epochs)
         if self.pool < 0:
             raise ConfigError(f"semi.pool must be >= 0 (0: all), got {self.pool}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise ConfigError(
+                "semi.learning_rate must be >= 0 (0: train.learning_rate), got "
+                f"{self.learning_rate}"
+            )
         if not 1 <= self.views <= 8:
             raise ConfigError(f"semi.views must be 1 to 8, got {self.views}")
         for key in ("keep", "share"):
@@ -664,6 +673,14 @@ class ExperimentConfig:
                 f"model.architecture {arch} has no SE-ResNet encoder for the classifier "
                 "phase: set train.phases to [segmentation]"
             )
+
+    def for_student(self) -> ExperimentConfig:
+        """The experiment a self-training student trains under: ``semi.learning_rate``,
+        when set, as its ``train.learning_rate``."""
+        if not self.semi.learning_rate:
+            return self
+        train = dataclasses.replace(self.train, learning_rate=self.semi.learning_rate)
+        return dataclasses.replace(self, train=train)
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "semi": SemiConfig}

@@ -171,7 +171,9 @@ def _student_round(run: Run, r: int, teacher, labels, n_pseudo: int):
     outputs = tuple(teacher.output)
     labelled = segment_train_ds(run, outputs, batch_size=t.batch_size - n_pseudo)
     with run.strategy.scope():
-        student = build_segmenter(config, teacher, steps_per_epoch(labelled), config.semi.epochs)
+        student = build_segmenter(
+            config.for_student(), teacher, steps_per_epoch(labelled), config.semi.epochs
+        )
     window = intensity_window(config)
     pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
     callbacks = phase_callbacks(
