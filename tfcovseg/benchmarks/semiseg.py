@@ -339,7 +339,7 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
             f"{time.perf_counter() - start:.0f} s)"
         )
         model, info = train_one(
-            config.for_student(), data, split.fit, split.val, bench, seed + 1000 * (r + 1), log,
+            config, data, split.fit, split.val, bench, seed + 1000 * (r + 1), log,
             init=model, extra=(pseudo.images, pseudo.masks.astype(np.float32)),
             epochs=semi.epochs, prefix=f"student {r + 1}",
         )  # fmt: skip
@@ -606,21 +606,9 @@ def run(
             fold.row(row, out, log, keep_teacher=bool(set(SEMI_ROWS.values()) & set(rows)))
         results = _assemble(results, store, rows, splits, start)
         _write(out, results)  # after every fold: a crash later keeps what is done
-        del fold
-        _release_models()
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _write(out, results)
     return results
-
-
-def _release_models() -> None:
-    """Frees a finished fold's models with Keras' global state and the compiled functions
-    kept for them: without it the process grew about 1.2 GB per trained model (a 5-fold
-    self-training run peaked at 14.4 GB). Each fold seeds its own training, so the next
-    fold starts as it would in a fresh process (a resumed run's)."""
-    import keras
-
-    keras.backend.clear_session()
 
 
 @dataclasses.dataclass
