@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tfcovseg.evaluation.burden import burden_percent
 from tfcovseg.evaluation.verdict import (
     BURDEN,
     CLASSIFIER,
@@ -27,8 +28,16 @@ def _covid(p, threshold=0.5):
 
 
 def _burden(ratio, t):
+    # The call as measures.burden_call makes it: the percentage at its stored precision.
     positive = None if t is None else ratio >= t
-    return {"ratio": ratio, "threshold": t, "positive": positive, "rule": "ratio >= t"}
+    percent = burden_percent(ratio)
+    return {
+        "ratio": ratio,
+        "percent_of_lung": percent,
+        "threshold": t,
+        "positive": positive,
+        "rule": "ratio >= t",
+    }
 
 
 def test_a_validated_classifier_decides_and_burden_is_evidence():

@@ -20,8 +20,6 @@ Research use, not a medical device.
 
 from __future__ import annotations
 
-from tfcovseg.evaluation.burden import burden_percent
-
 COVID = "COVID-19"
 NOT_COVID = "not COVID-19"
 NO_CALL = "no call"
@@ -68,7 +66,7 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         covid["rule"] if problem is None else f"not validated: {problem}",
     )
     t = burden.get("threshold")
-    percent = burden_percent(burden["ratio"])  # the figure report.json's total holds
+    percent = burden["percent_of_lung"]  # the figure report.json's total holds
     digits = _digits(percent, None if t is None else 100.0 * t)
     lesion = _evidence(
         BURDEN,
