@@ -426,3 +426,37 @@ def test_only_folds_fill_one_run_folder_in_turn(tmp_path, capsys):
         run(folder, tmp_path / "o2", test_dir=test, only_folds=[0], **FAST)
     assert main(["--train-dir", str(folder), "--only-folds", "a,b", "--out", str(out)]) == 2
     assert "fold numbers such as 3,4" in capsys.readouterr().err
+
+
+def test_isolated_folds_train_in_their_own_processes(tmp_path, monkeypatch):
+    """The command trains each fold in a fresh process (memory stays that of one fold):
+    here the parent cannot train at all, and the fold still lands in the store."""
+    from tfcovseg.benchmarks import semiseg
+
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+
+    def not_here(*args, **kw):
+        raise AssertionError("a fold trained in the parent process")
+
+    monkeypatch.setattr(semiseg, "train_one", not_here)
+    kw = FAST | dict(folds=2, models=("unet",), only_folds=[1])
+    with pytest.raises(AssertionError, match="in the parent process"):
+        run(folder, tmp_path / "here", **kw)
+    # No XLA: each process would compile its model again.
+    results = run(
+        folder, tmp_path / "out", isolate=True, overrides=["train.jit_compile=false"], **kw
+    )
+    entry = results["models"]["unet"]
+    assert entry["fold_ids"] == [1] and not results["complete"]
+    assert 0.0 <= entry["summary"]["infection"]["meanDic"]["mean"] <= 1.0
+    assert (tmp_path / "out" / "folds" / "unet" / "fold1.json").is_file()
+
+
+def test_a_fold_process_that_fails_stops_the_run_naming_the_fold(tmp_path, monkeypatch):
+    from tfcovseg.benchmarks import semiseg
+
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    monkeypatch.setattr(semiseg, "_run_in_process", lambda target, args, name: 1)
+    with pytest.raises(BenchmarkError, match=r"fold 0 stopped in its own process \(exit code 1"):
+        run(folder, tmp_path / "out", isolate=True, folds=2, models=("unet",), **FAST)
+    assert not (tmp_path / "out" / "folds").exists()

@@ -559,7 +559,7 @@ def _rows(models, unlabelled, method="self_training") -> list[str]:
 
 def run(
     train_dir, out, test_dir=None, models=MODELS, folds=5, log=print, unlabelled_dir=None,
-    only_folds=None, config=None, overrides=(), **kw,
+    only_folds=None, config=None, overrides=(), isolate=False, **kw,
 ):  # fmt: skip
     """Runs the benchmark; returns the results (also written to ``out``).
 
@@ -568,7 +568,10 @@ def run(
     benchmark's own (`BENCH_DEFAULTS`). Each finished (row, fold) is kept in ``out``
     (`store.FoldStore`): a rerun with the same arguments goes on from there. `only_folds`
     (cross-validation only) trains just those folds, so that runs in turn or on several
-    machines fill one ``out`` (the table counts every fold found there)."""
+    machines fill one ``out`` (the table counts every fold found there). `isolate` (the
+    command's way): each fold trains in a fresh process (`_fold_in_own_process`) that
+    prints its lines itself instead of calling `log`, so memory stays that of one fold
+    (in one process it grows by about 1.5 GB a fold)."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
 
     bench = BENCH_DEFAULTS | {k: kw.pop(k) for k in BENCH_DEFAULTS if k in kw}
@@ -602,8 +605,11 @@ def run(
                 f"{len(split.test)} test"
             )
         fold = _Fold(config, bench, store, split, train, test, unlabelled, seed + split.fold)
-        for row in rows:
-            fold.row(row, out, log, keep_teacher=bool(set(SEMI_ROWS.values()) & set(rows)))
+        keep_teacher = bool(set(SEMI_ROWS.values()) & set(rows))
+        if isolate:
+            _fold_in_own_process(fold, rows, out, keep_teacher)
+        else:
+            fold.rows(rows, out, log, keep_teacher)
         results = _assemble(results, store, rows, splits, start)
         _write(out, results)  # after every fold: a crash later keeps what is done
     results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -624,6 +630,10 @@ class _Fold:
     unlabelled: Unlabelled | None
     seed: int
     teacher: object = None  # the supervised coarse-refine model, for the semi row
+
+    def rows(self, rows, out: Path, log, keep_teacher: bool) -> None:
+        for row in rows:
+            self.row(row, out, log, keep_teacher)
 
     def row(self, row: str, out: Path, log, keep_teacher: bool) -> None:
         split, store = self.split, self.store
@@ -665,6 +675,50 @@ class _Fold:
             self.teacher = model
             _save_teacher(model, self.store, split.fold)
         return model, info
+
+
+def _fold_in_own_process(fold: _Fold, rows, out: Path, keep_teacher: bool) -> None:
+    """Trains `fold`'s rows in a fresh (spawned) process: Keras and TensorFlow keep memory
+    from one fold's models to the next that `keras.backend.clear_session` does not give
+    back (docs/semiseg.md), and a process gives all of it back. The store carries the
+    finished rows to the parent."""
+    code = _run_in_process(
+        _fold_process, (fold, rows, out, keep_teacher), f"fold {fold.split.fold}"
+    )
+    if code != 0:
+        raise BenchmarkError(
+            f"fold {fold.split.fold} stopped in its own process (exit code {code}; its "
+            f"messages are above); the folds and rows finished before it are kept in "
+            f"{out / 'folds'}"
+        )
+
+
+def _run_in_process(target, args, name: str) -> int:
+    """Runs ``target(*args)`` in a spawned process; returns its exit code."""
+    import multiprocessing
+
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, name=name)
+    process.start()
+    try:
+        process.join()
+    finally:  # interrupted: the fold's process goes too
+        if process.is_alive():
+            process.terminate()
+            process.join()
+    return process.exitcode
+
+
+def _fold_process(fold: _Fold, rows, out: Path, keep_teacher: bool) -> None:
+    """A fold's process (`_fold_in_own_process`): its lines go to stdout as they come."""
+    from tfcovseg.benchmarks.store import StoreError
+
+    try:
+        fold.rows(rows, out, lambda line: print(line, flush=True), keep_teacher)
+    except (BenchmarkError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _pick_folds(only_folds, splits, test) -> set[int]:

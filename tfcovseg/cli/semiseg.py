@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             only_folds=only_folds,
             config=config,
             log=lambda line: print(line, flush=True),  # one line per epoch, as it comes
+            isolate=True,  # a process per fold: memory stays that of one fold
             **own,
         )
     except BenchmarkError as e:
