@@ -131,6 +131,28 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
         run(folder, tmp_path / "o2", models=("unet",), unlabelled_dir=unlabelled, **FAST)
 
 
+def test_the_student_trains_at_the_semi_learning_rate(tmp_path, monkeypatch):
+    """Self-training's student at semi.learning_rate, the teacher at train.learning_rate
+    (session 43 lost this in a revert: a 1e-4 fold trained at 1e-3); the run records it."""
+    from tfcovseg.benchmarks import semiseg
+
+    rates, real = {}, semiseg.train_one
+
+    def recording(config, *args, prefix="", **kw):
+        rates[prefix or config.model.architecture] = config.train.learning_rate
+        return real(config, *args, prefix=prefix, **kw)
+
+    monkeypatch.setattr(semiseg, "train_one", recording)
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    unlabelled = make_unlabelled(tmp_path / "u")
+    kw = FAST | SEMI_FAST | dict(folds=2, only_folds=[0], models=("coarse_refine",))
+    results = run(
+        folder, tmp_path / "out", unlabelled_dir=unlabelled, semi_learning_rate=5e-5, **kw
+    )
+    assert rates == {"coarse_refine": 1e-3, "student 1": 5e-5}
+    assert results["settings"]["semi_learning_rate"] == 5e-5
+
+
 def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path):
     from tfcovseg.benchmarks.semiseg import FIXMATCH
 

@@ -315,8 +315,8 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
     """Self-training (``config.semi``, as `tfcovseg.train`'s phase 1b): the teacher
     pseudo-labels ``semi.pool`` unlabelled slices (intensity-matched to the labelled ones),
     the surest ``semi.keep`` of them join every batch, and a student starting from the
-    teacher's weights trains on both; repeated ``semi.rounds`` times with the student as
-    the next teacher."""
+    teacher's weights trains on both at ``semi.learning_rate`` (`for_student`); repeated
+    ``semi.rounds`` times with the student as the next teacher."""
     from tfcovseg.data import intensity
     from tfcovseg.training import semisup
 
@@ -339,7 +339,7 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
             f"{time.perf_counter() - start:.0f} s)"
         )
         model, info = train_one(
-            config, data, split.fit, split.val, bench, seed + 1000 * (r + 1), log,
+            config.for_student(), data, split.fit, split.val, bench, seed + 1000 * (r + 1), log,
             init=model, extra=(pseudo.images, pseudo.masks.astype(np.float32)),
             epochs=semi.epochs, prefix=f"student {r + 1}",
         )  # fmt: skip

@@ -35,6 +35,7 @@ SHORTCUTS = {
     "semi_keep": "semi.keep",
     "semi_tta": "semi.views",
     "semi_epochs": "semi.epochs",
+    "semi_learning_rate": "semi.learning_rate",
 }
 # The benchmark's own settings (not the experiment's): augmented passes over the training
 # slices per epoch, the fraction held out for early stopping, test-time views.
@@ -161,6 +162,9 @@ def settings_record(config, bench: dict) -> dict:
         "semi_keep": semi.keep,
         "semi_tta": semi.views,
         "semi_epochs": semi.epochs,
+        # The students' rate, always: the recipe's default changed (1e-3, then 1e-4), so
+        # a run folder of the old default must not resume under the new one.
+        "semi_learning_rate": config.for_student().train.learning_rate,
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method

@@ -28,6 +28,11 @@ _SEMI_OPTIONS = (
     ("--semi-pool", int, "semi.pool: unlabelled slices drawn per round"),
     ("--semi-keep", float, "semi.keep: the surest fraction of them kept as pseudo-labels"),
     ("--semi-epochs", int, "semi.epochs: maximum epochs per round"),
+    (
+        "--semi-learning-rate",
+        float,
+        "semi.learning_rate: the students' Adam rate (0: the teacher's)",
+    ),
 )
 
 
