@@ -20,7 +20,7 @@ SEMISEG = ROOT.parent / "shared" / "data" / "covid-semiseg" / "train" / "Imgs"
 # What the shipped model gives on pydicom's CT_small.dcm (real HU CT, 128x128): the mean
 # probability per class and the lesion pixels at 0.5 (python -m tfcovseg.predict on it
 # prints the same lesion share). A retrained model changes them: update with the model.
-KNOWN = {"mean_probability": (0.00649, 0.00008), "lesion_pixels": (99, 0)}
+KNOWN = {"mean_probability": (0.01531, 0.00610), "lesion_pixels": (232, 92)}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,11 @@ def test_hu_is_windowed_to_the_training_images_grey_levels(shipped, ct_small):
     by_hu = shipped.signatures["segment"](hu=tf.constant(ct_small))["masks"].numpy()
     grey = windows.apply_window(ct_small, window)
     by_image = shipped.signatures["segment_image"](image=tf.constant(grey))["masks"].numpy()
-    assert np.abs(by_hu - by_image).max() < 0.02
+    # The same up to float rounding (the graph windows in float32, numpy in float64),
+    # which a pixel near 0.5 can feel: 2026-12-06's model, max 0.031, mean 7e-5, 3 of
+    # 32,768 mask pixels.
+    assert np.abs(by_hu - by_image).mean() < 1e-3
+    assert ((by_hu >= 0.5) != (by_image >= 0.5)).mean() < 1e-3
     # The window matters: the phantom model's default window gives other masks.
     other = windows.apply_window(ct_small, (-1250.0, 250.0))
     moved = shipped.signatures["segment_image"](image=tf.constant(other))["masks"].numpy()
@@ -91,11 +95,13 @@ def test_matched_grey_levels_rescue_slices_windowed_another_way(shipped):
     # 95th percentiles at grey levels 10 / 119): read as they are the model misses much of
     # the lesions; matched to the export's grey_levels it finds them as on the originals.
     from data_tools.masks import read_image_slice, read_png_labels
-    from tfcovseg.data.intensity import match_to_scale
+    from tfcovseg.data.intensity import intensity_scale, match_to_scale
 
     meta = json.loads(shipped.signatures["metadata"]()["json"].numpy().decode())
     reference = meta["grey_levels"]["reference"]
-    assert reference == pytest.approx([37.0, 234.0], abs=3)
+    # The median scale of its training slices (45 of these 50, read at 256x256).
+    scales = [intensity_scale(read_image_slice(p)[None])[0] for p in SEMISEG.glob("*.jpg")]
+    assert reference == pytest.approx(np.median(scales, axis=0), abs=4)
     dice = {"original": [], "as-is": [], "matched": []}
     for name in ("1", "10", "20", "30"):
         grey = read_image_slice(SEMISEG / f"{name}.jpg")[None]
