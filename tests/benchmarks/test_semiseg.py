@@ -153,15 +153,24 @@ def test_the_student_trains_at_the_semi_learning_rate(tmp_path, monkeypatch):
     assert results["settings"]["semi_learning_rate"] == 5e-5
 
 
-def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path):
+def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path, monkeypatch):
+    from tfcovseg.benchmarks import semiseg
     from tfcovseg.benchmarks.semiseg import FIXMATCH
 
     folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
     unlabelled = make_unlabelled(tmp_path / "u")
     lines = []
-    kw = FAST | SEMI_FAST | dict(log=lines.append, semi_method="fixmatch")
+    kw = FAST | SEMI_FAST | dict(log=lines.append, semi_method="fixmatch", semi_learning_rate=5e-5)
     out = tmp_path / "out"
+    rates, real = {}, semiseg._fit
+
+    def recording(config, model, train, val, epochs, name, *rest):
+        rates[name] = config.train.learning_rate
+        return real(config, model, train, val, epochs, name, *rest)
+
+    monkeypatch.setattr(semiseg, "_fit", recording)
     results = run(folder, out, folds=2, models=("coarse_refine",), unlabelled_dir=unlabelled, **kw)
+    assert rates == {"coarse_refine": 1e-3, "fixmatch": 5e-5}  # a student, at the students' rate
     assert list(results["models"]) == ["coarse_refine", FIXMATCH] and results["complete"]
     assert results["settings"]["semi_method"] == "fixmatch"
     assert results["models"][FIXMATCH]["runs"][0]["unlabelled"] == 6
@@ -372,7 +381,8 @@ def test_cli_options_set_keys_of_the_experiment(tmp_path, monkeypatch):
     train = ["--train-dir", str(tmp_path)]
     assert main([*train, "--width", "full"]) == 2
     quarter = ["--width", "quarter", "--epochs", "7", "--set", "train.epochs=9", "--tta", "8"]
-    assert main([*train, *quarter, "--intensity", "--semi-keep", "0.25"]) == 2
+    semi = ["--semi-keep", "0.25", "--semi-learning-rate", "2e-4"]
+    assert main([*train, *quarter, "--intensity", *semi]) == 2
     assert main(train) == 2
     full, quarter, plain = (kw["config"] for kw in seen)
     assert full.model.encoder.filters == ModelConfig().encoder.filters == (64, 128, 256, 512)
@@ -383,7 +393,8 @@ def test_cli_options_set_keys_of_the_experiment(tmp_path, monkeypatch):
     assert quarter.model.encoder == quick.encoder and quarter.model.unet == quick.unet
     # --set is applied after the shortcuts: it wins; the others reach their keys.
     assert quarter.train.epochs == 9 and quarter.data.intensity_augment
-    assert quarter.semi.keep == 0.25 and seen[1]["tta"] == 8
+    assert quarter.semi.keep == 0.25 and quarter.semi.learning_rate == 2e-4
+    assert seen[1]["tta"] == 8 and seen[1]["isolate"] is True  # a process per fold
     # Nothing given: the experiment decides (its widths are the quarter ones too).
     assert plain == semiseg.benchmark_config() and "tta" not in seen[2]
     # A bad key is answered before anything trains, naming it.
@@ -475,10 +486,24 @@ def test_isolated_folds_train_in_their_own_processes(tmp_path, monkeypatch):
 
 
 def test_a_fold_process_that_fails_stops_the_run_naming_the_fold(tmp_path, monkeypatch):
-    from tfcovseg.benchmarks import semiseg
+    from tfcovseg.benchmarks import processes
 
     folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
-    monkeypatch.setattr(semiseg, "_run_in_process", lambda target, args, name: 1)
-    with pytest.raises(BenchmarkError, match=r"fold 0 stopped in its own process \(exit code 1"):
+    monkeypatch.setattr(processes, "run_in_process", lambda target, args, name: -9)
+    with pytest.raises(
+        BenchmarkError, match=r"fold 0 stopped in its own process \(killed by SIGKILL"
+    ):
         run(folder, tmp_path / "out", isolate=True, folds=2, models=("unet",), **FAST)
     assert not (tmp_path / "out" / "folds").exists()
+
+
+def test_a_fold_process_refuses_code_changed_since_its_run_started(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from tfcovseg.benchmarks.semiseg import _fold_process
+
+    fold = SimpleNamespace(split=SimpleNamespace(fold=3))
+    with pytest.raises(SystemExit) as stop:
+        _fold_process(fold, ["coarse_refine"], tmp_path, False, "0" * 16)
+    assert stop.value.code == 2
+    assert "fold 3: the code of tfcovseg, data_tools changed on disk" in capsys.readouterr().err

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import OutputError, check_output_dir
+from tfcovseg.benchmarks import processes
 from tfcovseg.benchmarks.semiseg_config import (
     BENCH_DEFAULTS,
     CLASSES,
@@ -382,7 +383,8 @@ def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed
     )  # fmt: skip
     # The wrapper has no symbolic outputs: the objective is the segmenter's.
     objective = segmentation_objective(config, outputs)
-    info = _fit(config, model, train, val, semi.epochs, "fixmatch", log, objective)
+    # A student, as self-training's: at semi.learning_rate (`for_student`).
+    info = _fit(config.for_student(), model, train, val, semi.epochs, "fixmatch", log, objective)
     return segmenter, info | {"unlabelled": len(images)}
 
 
@@ -569,9 +571,9 @@ def run(
     (`store.FoldStore`): a rerun with the same arguments goes on from there. `only_folds`
     (cross-validation only) trains just those folds, so that runs in turn or on several
     machines fill one ``out`` (the table counts every fold found there). `isolate` (the
-    command's way): each fold trains in a fresh process (`_fold_in_own_process`) that
-    prints its lines itself instead of calling `log`, so memory stays that of one fold
-    (in one process it grows by about 1.5 GB a fold)."""
+    command's way): in cross-validation each fold trains in a fresh process
+    (`_fold_in_own_process`) that prints its lines itself instead of calling `log`, so
+    memory stays that of one fold (in one process it grows by about 1.5 GB a fold)."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
 
     bench = BENCH_DEFAULTS | {k: kw.pop(k) for k in BENCH_DEFAULTS if k in kw}
@@ -594,6 +596,8 @@ def run(
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
+    # A process per fold: cross-validation only (a test split trains one model).
+    code = processes.source_digest() if isolate and test is None else None
     try:
         store = FoldStore(out, _fingerprint(results, rows))
     except StoreError as e:
@@ -606,8 +610,8 @@ def run(
             )
         fold = _Fold(config, bench, store, split, train, test, unlabelled, seed + split.fold)
         keep_teacher = bool(set(SEMI_ROWS.values()) & set(rows))
-        if isolate:
-            _fold_in_own_process(fold, rows, out, keep_teacher)
+        if code:
+            _fold_in_own_process(fold, rows, out, keep_teacher, code)
         else:
             fold.rows(rows, out, log, keep_teacher)
         results = _assemble(results, store, rows, splits, start)
@@ -677,42 +681,32 @@ class _Fold:
         return model, info
 
 
-def _fold_in_own_process(fold: _Fold, rows, out: Path, keep_teacher: bool) -> None:
-    """Trains `fold`'s rows in a fresh (spawned) process: Keras and TensorFlow keep memory
-    from one fold's models to the next that `keras.backend.clear_session` does not give
-    back (docs/semiseg.md), and a process gives all of it back. The store carries the
-    finished rows to the parent."""
-    code = _run_in_process(
-        _fold_process, (fold, rows, out, keep_teacher), f"fold {fold.split.fold}"
-    )
-    if code != 0:
+def _fold_in_own_process(fold: _Fold, rows, out: Path, keep_teacher: bool, code: str) -> None:
+    """Trains `fold`'s rows in a fresh process (`processes.run_in_process`): memory that
+    one fold's models leave behind goes with it. The store carries the finished rows to
+    the parent; `code` is the run's `processes.source_digest`."""
+    k = fold.split.fold
+    args = (fold, rows, out, keep_teacher, code)
+    exit_code = processes.run_in_process(_fold_process, args, f"fold {k}")
+    if exit_code != 0:
         raise BenchmarkError(
-            f"fold {fold.split.fold} stopped in its own process (exit code {code}; its "
-            f"messages are above); the folds and rows finished before it are kept in "
-            f"{out / 'folds'}"
+            f"fold {k} stopped in its own process ({processes.describe_exit(exit_code)}); "
+            f"the folds and rows finished before it are kept in {out / 'folds'}"
         )
 
 
-def _run_in_process(target, args, name: str) -> int:
-    """Runs ``target(*args)`` in a spawned process; returns its exit code."""
-    import multiprocessing
-
-    process = multiprocessing.get_context("spawn").Process(target=target, args=args, name=name)
-    process.start()
-    try:
-        process.join()
-    finally:  # interrupted: the fold's process goes too
-        if process.is_alive():
-            process.terminate()
-            process.join()
-    return process.exitcode
-
-
-def _fold_process(fold: _Fold, rows, out: Path, keep_teacher: bool) -> None:
+def _fold_process(fold: _Fold, rows, out: Path, keep_teacher: bool, code: str) -> None:
     """A fold's process (`_fold_in_own_process`): its lines go to stdout as they come."""
     from tfcovseg.benchmarks.store import StoreError
 
+    processes.exit_with_parent()
     try:
+        if processes.source_digest() != code:
+            raise BenchmarkError(
+                f"fold {fold.split.fold}: the code of {', '.join(processes.PACKAGES)} changed "
+                "on disk since this run started, and a fold's process would train under the "
+                "new code; run the same command again to go on under it"
+            )
         fold.rows(rows, out, lambda line: print(line, flush=True), keep_teacher)
     except (BenchmarkError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -839,6 +833,10 @@ def _assemble(results, store, rows, splits, start) -> dict:
     results["complete"] = all(len(r["folds"]) == len(splits) for r in results["models"].values())
     results["wall_s"] = round(time.perf_counter() - start, 1)  # this process
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # The largest fold's process (folds in their own processes; 0 when none ran).
+    results["peak_fold_rss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    )
     return results
 
 
