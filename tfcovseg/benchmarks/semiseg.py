@@ -5,7 +5,7 @@
         [--models coarse_refine,unet] [--folds 5] [--only-folds 3,4] [--tta 8] [--passes 2]
         [--size 256] [--epochs 60] [--seed 0] [--intensity] [--width full]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
-         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20]]
+         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20] [--semi-learning-rate 1e-4]]
 
 (the command: `tfcovseg.cli.semiseg`). What trains is an experiment config, as
 ``python -m tfcovseg.train`` reads one (`benchmark_config`: ``--config``, default
@@ -43,7 +43,9 @@ With ``--unlabelled-dir`` (slices without masks), a semi-supervised row follows 
 supervised coarse-refine row in every fold: self-training (`train_student`) with the
 fold's supervised model as the teacher. ``--tta`` and ``--intensity`` apply to every row
 alike. A line per epoch shows progress; each finished (row, fold) is kept in
-``OUT/folds/`` (`tfcovseg.benchmarks.store`), so a killed run goes on from there.
+``OUT/folds/`` (`tfcovseg.benchmarks.store`), so a killed run goes on from there. The
+command trains each fold in a process of its own (`tfcovseg.benchmarks.processes`), so
+a run needs one fold's memory.
 
 Research use, not a medical device.
 """
