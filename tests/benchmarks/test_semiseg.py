@@ -507,3 +507,23 @@ def test_a_fold_process_refuses_code_changed_since_its_run_started(tmp_path, cap
         _fold_process(fold, ["coarse_refine"], tmp_path, False, "0" * 16)
     assert stop.value.code == 2
     assert "fold 3: the code of tfcovseg, data_tools changed on disk" in capsys.readouterr().err
+
+
+def test_a_fold_process_reads_the_unlabelled_slices_itself(tmp_path):
+    # The parent keeps and pipes no copy of them (420 MB at 256x256): the fold's process
+    # loads them from their folder, the same slices.
+    import dataclasses
+    from types import SimpleNamespace
+
+    from tfcovseg.benchmarks import processes
+    from tfcovseg.benchmarks.semiseg import _fold_process
+
+    unlabelled = load_unlabelled(make_unlabelled(tmp_path / "u"), 32)
+    seen = []
+    fold = SimpleNamespace(
+        split=SimpleNamespace(fold=0),
+        unlabelled=dataclasses.replace(unlabelled, images=None),
+        rows=lambda *args: seen.append(fold.unlabelled.images),
+    )
+    _fold_process(fold, ["coarse_refine_semi"], tmp_path, True, processes.source_digest())
+    np.testing.assert_array_equal(seen[0], unlabelled.images)

@@ -179,8 +179,9 @@ class Unlabelled:
 
     names: list[str]
     volumes: list[str]  # Data-1_<volume>_<k>.jpg -> <volume>; the name when there is no _k
-    images: np.ndarray  # [K, S, S] float32, 0-255
+    images: np.ndarray | None  # [K, S, S] float32, 0-255; None: not loaded here (`source`)
     skipped: list = dataclasses.field(default_factory=list)  # (file, reason): not slices
+    source: tuple = ()  # (folder, size): `load_unlabelled`'s arguments
 
 
 def load_unlabelled(folder, size: int) -> Unlabelled:
@@ -228,7 +229,7 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
         images.append(np.asarray(image, np.float32))
     if not images:
         raise BenchmarkError(f"{folder}: no slice can be used ({skipped[0][0]}: {skipped[0][1]})")
-    return Unlabelled(names, volumes, np.stack(images), skipped)
+    return Unlabelled(names, volumes, np.stack(images), skipped, (str(folder), size))
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -600,6 +601,10 @@ def run(
     todo = _pick_folds(only_folds, splits, test)
     # A process per fold: cross-validation only (a test split trains one model).
     code = processes.source_digest() if isolate and test is None else None
+    if code and unlabelled is not None:
+        # Each fold's process reads the unlabelled slices itself (420 MB at 256x256): none
+        # kept here for the whole run, none piped to every fold.
+        unlabelled = dataclasses.replace(unlabelled, images=None)
     try:
         store = FoldStore(out, _fingerprint(results, rows))
     except StoreError as e:
@@ -709,6 +714,8 @@ def _fold_process(fold: _Fold, rows, out: Path, keep_teacher: bool, code: str) -
                 "on disk since this run started, and a fold's process would train under the "
                 "new code; run the same command again to go on under it"
             )
+        if fold.unlabelled is not None and fold.unlabelled.images is None:
+            fold.unlabelled = load_unlabelled(*fold.unlabelled.source)
         fold.rows(rows, out, lambda line: print(line, flush=True), keep_teacher)
     except (BenchmarkError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
