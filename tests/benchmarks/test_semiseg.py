@@ -421,6 +421,15 @@ def test_the_benchmark_trains_the_experiment_config(tmp_path):
     assert sc.settings_record(other, sc.BENCH_DEFAULTS)["experiment"] == {
         "train.coarse_loss_weight": 0.5
     }
+    # A run without a semi-supervised row records no semi key: they train nothing there,
+    # so a supervised run must not refuse to resume over one.
+    semi_keys = ["semi.confidence=0.8", "semi.epochs=3", "train.coarse_loss_weight=0.5"]
+    supervised = sc.settings_record(
+        sc.benchmark_config("semiseg_benchmark", semi_keys), sc.BENCH_DEFAULTS, semi_row=False
+    )
+    assert not [k for k in supervised if k.startswith("semi")]
+    assert supervised["experiment"] == {"train.coarse_loss_weight": 0.5}
+    assert supervised == sc.settings_record(other, sc.BENCH_DEFAULTS, semi_row=False)
     with pytest.raises(BenchmarkError, match="model.class_names must be"):
         sc.benchmark_config("quickstart")
     with pytest.raises(BenchmarkError, match="train.epochs"):
@@ -447,6 +456,10 @@ def test_only_folds_fill_one_run_folder_in_turn(tmp_path, capsys):
     entry = both["models"]["unet"]
     assert entry["fold_ids"] == [0, 1] and both["complete"]
     assert entry["folds"][1] == later["models"]["unet"]["folds"][0]  # kept, not redone
+    # Without --unlabelled-dir the semi keys train nothing: not recorded, no refusal.
+    assert not [k for k in both["settings"] if k.startswith("semi")]
+    again = run(folder, out, only_folds=[0], semi_epochs=3, **kw)
+    assert again["models"]["unet"]["folds"] == entry["folds"]
     # The folds of one run are those of the whole run: fold 1 tests the same slices.
     assert entry["runs"][1]["test_slices"] == later["models"]["unet"]["runs"][0]["test_slices"]
     assert set(entry["runs"][0]["test_slices"]) | set(entry["runs"][1]["test_slices"]) == {

@@ -593,7 +593,8 @@ def run(
     rows = _rows(models, unlabelled, config.semi.method)
     if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
-    settings, seed = settings_record(config, bench), config.train.seed
+    settings = settings_record(config, bench, semi_row=unlabelled is not None)
+    seed = config.train.seed
     log(_describe(train, test, unlabelled, folds, settings))
     results = _header(train, test, unlabelled, folds, seed, settings)
     splits = _splits(train, test, folds, bench, seed)

@@ -141,10 +141,12 @@ def _overridden(config, overrides, source: str):
     return ex.config_from_dict(ex.apply_overrides(ex.config_to_dict(config), overrides), source)
 
 
-def settings_record(config, bench: dict) -> dict:
+def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     """The run's settings as results.json and the fold store record them: the figures the
     benchmark has always recorded, and every other key of the experiment that differs from
-    `DEFAULT_CONFIG`'s (a run in the same folder must match them all to resume)."""
+    `DEFAULT_CONFIG`'s (a run in the same folder must match them all to resume). Without a
+    semi-supervised row (`semi_row` false: no --unlabelled-dir) no ``semi`` key is recorded:
+    they change nothing the run trains."""
     t, semi = config.train, config.semi
     settings = {
         "size": config.model.input_size[0],
@@ -173,4 +175,7 @@ def settings_record(config, bench: dict) -> dict:
     ours = ex.dotted_values(ex.config_to_dict(config))
     default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
     other = {k: v for k, v in ours.items() if k not in recorded and default.get(k) != v}
+    if not semi_row:
+        settings = {k: v for k, v in settings.items() if not k.startswith("semi_")}
+        other = {k: v for k, v in other.items() if not k.startswith("semi.")}
     return settings | ({"experiment": other} if other else {})
