@@ -91,3 +91,19 @@ def test_the_digest_follows_the_code_on_disk(tmp_path, monkeypatch):
     assert processes.source_digest() == before
     (package / "a.py").write_text("x = 2\n")
     assert processes.source_digest() != before
+
+
+def test_the_backend_is_named_without_importing_keras_here():
+    """A run's parent names the backend its folds' processes will use without loading
+    Keras (and so TensorFlow) itself; the name is Keras' own, environment included."""
+    code = (
+        "import sys; from tfcovseg.benchmarks import processes; "
+        "print(processes.keras_backend(), 'keras' in sys.modules, 'tensorflow' in sys.modules)"
+    )
+    env = os.environ | {"KERAS_BACKEND": "numpy", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["numpy", "False", "False"]
+    import keras
+
+    assert processes.keras_backend() == keras.backend.backend()  # imported: asked directly

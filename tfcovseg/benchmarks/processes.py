@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -37,6 +38,20 @@ def run_in_process(target, args, name: str) -> int:
             process.terminate()
             process.join()
     return process.exitcode
+
+
+def keras_backend() -> str:
+    """The Keras backend of this process, or of a fresh one (as a fold's spawned process
+    will have it) when this one has not imported Keras: asked of Keras in a short-lived
+    process, since importing it here loads TensorFlow (~0.9 GB) that the parent of
+    per-fold processes would hold for the whole run."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    code = "import keras; print(keras.backend.backend())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"Keras does not import: {done.stderr.strip()[-500:]}")
+    return done.stdout.split()[-1]
 
 
 def describe_exit(code: int) -> str:

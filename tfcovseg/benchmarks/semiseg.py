@@ -595,8 +595,8 @@ def run(
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
     settings = settings_record(config, bench, semi_row=unlabelled is not None)
     seed = config.train.seed
-    log(_describe(train, test, unlabelled, folds, settings))
     results = _header(train, test, unlabelled, folds, seed, settings)
+    log(_describe(train, test, unlabelled, folds, settings, results["backend"]))
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
@@ -769,9 +769,7 @@ def _load_teacher(store, fold, config):
     return model
 
 
-def _describe(train, test, unlabelled, folds, settings) -> str:
-    import keras
-
+def _describe(train, test, unlabelled, folds, settings, backend) -> str:
     if test is None:
         where = f", {folds}-fold cross-validation"
     else:
@@ -790,13 +788,11 @@ def _describe(train, test, unlabelled, folds, settings) -> str:
         more += f" ({n} more left out: {first}: {reason}{', ...' if n > 1 else ''})"
     return (
         f"{len(train.names)} training slices{where}{more}, "
-        f"{settings['size']}x{settings['size']}, backend {keras.backend.backend()}"
+        f"{settings['size']}x{settings['size']}, backend {backend}"
     )
 
 
 def _header(train, test, unlabelled, folds, seed, settings) -> dict:
-    import keras
-
     return {
         "benchmark": "COVID-SemiSeg",
         "mode": "test" if test else "cross-validation",
@@ -807,7 +803,7 @@ def _header(train, test, unlabelled, folds, seed, settings) -> dict:
         "folds": None if test else folds,
         "seed": seed,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-        "backend": keras.backend.backend(),
+        "backend": processes.keras_backend(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "published_meanDic": PUBLISHED,
         "models": {},
