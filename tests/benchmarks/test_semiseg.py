@@ -111,6 +111,11 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     assert len(semi["folds"]) == 2 and semi["runs"][0]["rounds"][0]["pseudo_labelled"] == 2
     assert any("epoch 1/1: loss" in line for line in lines)  # a progress line per epoch
     assert any("pseudo-labelled" in line for line in lines)
+    # The student's best validation loss beside its teacher's (one epoch: that epoch's).
+    student = next(line for line in lines if "student 1 epoch 1/1" in line)
+    recorded = semi["runs"][0]["rounds"][0]["best_val_loss"]
+    assert recorded == pytest.approx(float(student.split("val_loss ")[1].split(",")[0]), abs=1e-4)
+    assert results["models"]["coarse_refine"]["runs"][0]["best_val_loss"] > 0
     assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
     table = (out / "results.md").read_text()
     assert "self-training" in table and "per fold" in table

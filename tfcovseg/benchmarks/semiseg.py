@@ -298,7 +298,9 @@ def train_one(
 
 def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     """Compiles `model` with the recipe (`objective`: default, its outputs'), fits it with
-    early stopping and an epoch line each; returns its epochs and best epoch."""
+    early stopping and an epoch line each; returns its epochs, best epoch and that epoch's
+    validation loss (a student's beside its teacher's: did it improve on the labelled
+    validation slices?)."""
     from tfcovseg.training.recipe import compile_segmenter, early_stopping, keras_verbose
 
     compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=epochs)
@@ -310,9 +312,10 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
         train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose
     )
     ran = len(history.history["loss"])
-    best = int(np.argmin(history.history["val_loss"])) + 1
-    log(f"    {name}: {ran} epochs, best {best}")
-    return {"epochs": ran, "best_epoch": best}
+    val_loss = history.history["val_loss"]
+    best = int(np.argmin(val_loss)) + 1
+    log(f"    {name}: {ran} epochs, best {best} (validation loss {val_loss[best - 1]:.4f})")
+    return {"epochs": ran, "best_epoch": best, "best_val_loss": round(float(val_loss[best - 1]), 5)}
 
 
 def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
