@@ -116,6 +116,7 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     recorded = semi["runs"][0]["rounds"][0]["best_val_loss"]
     assert recorded == pytest.approx(float(student.split("val_loss ")[1].split(",")[0]), abs=1e-4)
     assert results["models"]["coarse_refine"]["runs"][0]["best_val_loss"] > 0
+    assert semi["runs"][0]["best_val_loss"] == recorded  # the row's model: the last round's
     assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
     table = (out / "results.md").read_text()
     assert "self-training" in table and "per fold" in table
@@ -461,9 +462,16 @@ def test_only_folds_fill_one_run_folder_in_turn(tmp_path, capsys):
     entry = both["models"]["unet"]
     assert entry["fold_ids"] == [0, 1] and both["complete"]
     assert entry["folds"][1] == later["models"]["unet"]["folds"][0]  # kept, not redone
-    # Without --unlabelled-dir the semi keys train nothing: not recorded, no refusal.
+    # Without --unlabelled-dir the semi keys train nothing: not recorded, no refusal,
+    # nor over those a run before this rule recorded.
     assert not [k for k in both["settings"] if k.startswith("semi")]
     again = run(folder, out, only_folds=[0], semi_epochs=3, **kw)
+    assert again["models"]["unet"]["folds"] == entry["folds"]
+    progress = json.loads((out / "progress.json").read_text())
+    progress["settings"]["settings.semi_epochs"] = 12
+    progress["settings"].setdefault("settings.experiment", {})["semi.confidence"] = 0.8
+    (out / "progress.json").write_text(json.dumps(progress))
+    again = run(folder, out, only_folds=[0], **kw)
     assert again["models"]["unet"]["folds"] == entry["folds"]
     # The folds of one run are those of the whole run: fold 1 tests the same slices.
     assert entry["runs"][1]["test_slices"] == later["models"]["unet"]["runs"][0]["test_slices"]
@@ -501,6 +509,28 @@ def test_isolated_folds_train_in_their_own_processes(tmp_path, monkeypatch):
     assert entry["fold_ids"] == [1] and not results["complete"]
     assert 0.0 <= entry["summary"]["infection"]["meanDic"]["mean"] <= 1.0
     assert (tmp_path / "out" / "folds" / "unet" / "fold1.json").is_file()
+
+
+def test_the_parent_of_fold_processes_never_loads_keras(tmp_path):
+    """With folds in their own processes the parent holds no Keras (nor TensorFlow, ~0.9
+    GB for the whole run): reading slices, the store, the tables. The folds' processes are
+    stubbed here (they would import it), as is the backend probe (tested on its own)."""
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    script = textwrap.dedent(f"""
+        import sys
+        from tfcovseg.benchmarks import processes, semiseg
+        processes.run_in_process = lambda target, args, name: 0
+        processes.keras_backend = lambda: "numpy"
+        results = semiseg.run({str(folder)!r}, {str(tmp_path / "out")!r}, isolate=True,
+                              folds=2, models=("unet",), size=32, log=print)
+        print(results["backend"], not results["complete"], "keras" in sys.modules,
+              "tensorflow" in sys.modules)
+    """)
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-4:] == ["numpy", "True", "False", "False"]
+    assert (tmp_path / "out" / "results.md").is_file()
 
 
 def test_a_fold_process_that_fails_stops_the_run_naming_the_fold(tmp_path, monkeypatch):

@@ -44,14 +44,20 @@ def keras_backend() -> str:
     """The Keras backend of this process, or of a fresh one (as a fold's spawned process
     will have it) when this one has not imported Keras: asked of Keras in a short-lived
     process, since importing it here loads TensorFlow (~0.9 GB) that the parent of
-    per-fold processes would hold for the whole run."""
-    if "keras" in sys.modules:
+    per-fold processes would hold for the whole run. RuntimeError: Keras does not import."""
+    if sys.modules.get("keras") is not None:
         return sys.modules["keras"].backend.backend()
-    code = "import keras; print(keras.backend.backend())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if done.returncode != 0:
+    code = "import keras; print('keras backend:', keras.backend.backend())"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"Keras could not be asked for its backend ({e})") from None
+    named = [x for x in done.stdout.splitlines() if x.startswith("keras backend: ")]
+    if done.returncode != 0 or not named:
         raise RuntimeError(f"Keras does not import: {done.stderr.strip()[-500:]}")
-    return done.stdout.split()[-1]
+    return named[-1].split(": ", 1)[1].strip()
 
 
 def describe_exit(code: int) -> str:

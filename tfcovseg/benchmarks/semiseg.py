@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import re
@@ -73,6 +74,7 @@ from tfcovseg.benchmarks.semiseg_config import (
     benchmark_config,
     row_config,
     settings_record,
+    without_semi,
 )
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import protocol
@@ -301,6 +303,7 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     early stopping and an epoch line each; returns its epochs, best epoch and that epoch's
     validation loss (a student's beside its teacher's: did it improve on the labelled
     validation slices?)."""
+    from tfcovseg.evaluation.runlog import phase_summary
     from tfcovseg.training.recipe import compile_segmenter, early_stopping, keras_verbose
 
     compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=epochs)
@@ -311,11 +314,12 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     history = model.fit(
         train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose
     )
-    ran = len(history.history["loss"])
-    val_loss = history.history["val_loss"]
-    best = int(np.argmin(val_loss)) + 1
-    log(f"    {name}: {ran} epochs, best {best} (validation loss {val_loss[best - 1]:.4f})")
-    return {"epochs": ran, "best_epoch": best, "best_val_loss": round(float(val_loss[best - 1]), 5)}
+    run = phase_summary(history.history, epochs)  # NaN epochs are never the best
+    best, loss = run["best_epoch"], run["best_val_loss"]
+    seen = "no finite validation loss" if best is None else f"validation loss {loss:.4f}"
+    log(f"    {name}: {run['epochs']} epochs, best {best} ({seen})")
+    loss = None if loss is None else round(float(loss), 5)
+    return {"epochs": run["epochs"], "best_epoch": best, "best_val_loss": loss}
 
 
 def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
@@ -351,7 +355,12 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
             epochs=semi.epochs, prefix=f"student {r + 1}",
         )  # fmt: skip
         rounds.append(info | {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool})
-    return model, {"epochs": sum(r["epochs"] for r in rounds), "rounds": rounds}
+    last = rounds[-1]["best_val_loss"] if rounds else None  # the row's model's
+    return model, {
+        "epochs": sum(r["epochs"] for r in rounds),
+        "best_val_loss": last,
+        "rounds": rounds,
+    }
 
 
 def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
@@ -360,7 +369,7 @@ def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed
     on the labelled batches plus as many unlabelled slices (intensity-matched to the
     labelled ones), its confident predictions on a weak view of each the targets of its
     prediction on a strong view; up to ``semi.epochs`` epochs under the same early stopping
-    on the labelled validation slices. Returns the segmenter."""
+    on the labelled validation slices. Returns the segmenter and its run's facts."""
     import keras
 
     from tfcovseg.benchmarks.batches import ConsistencyBatches, SliceBatches
@@ -596,21 +605,23 @@ def run(
     rows = _rows(models, unlabelled, config.semi.method)
     if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
-    settings = settings_record(config, bench, semi_row=unlabelled is not None)
-    seed = config.train.seed
-    results = _header(train, test, unlabelled, folds, seed, settings)
+    semi_row, seed = unlabelled is not None, config.train.seed
+    settings = settings_record(config, bench, semi_row=semi_row)
+    # A process per fold: cross-validation only (a test split trains one model).
+    code = processes.source_digest() if isolate and test is None else None
+    results = _header(train, test, unlabelled, folds, seed, settings, _backend(code))
     log(_describe(train, test, unlabelled, folds, settings, results["backend"]))
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
-    # A process per fold: cross-validation only (a test split trains one model).
-    code = processes.source_digest() if isolate and test is None else None
-    if code and unlabelled is not None:
+    if code and semi_row:
         # Each fold's process reads the unlabelled slices itself (420 MB at 256x256): none
         # kept here for the whole run, none piped to every fold.
         unlabelled = dataclasses.replace(unlabelled, images=None)
+    # Without a semi row, semi keys an older run recorded do not stop it resuming.
+    normalise = None if semi_row else functools.partial(without_semi, prefix="settings.")
     try:
-        store = FoldStore(out, _fingerprint(results, rows))
+        store = FoldStore(out, _fingerprint(results, rows), normalise)
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
     for split in (s for s in splits if s.fold in todo):
@@ -795,7 +806,20 @@ def _describe(train, test, unlabelled, folds, settings, backend) -> str:
     )
 
 
-def _header(train, test, unlabelled, folds, seed, settings) -> dict:
+def _backend(isolated) -> str:
+    """The Keras backend the run trains with: asked of a fresh process when folds train in
+    processes of their own (this one then never loads Keras), else of Keras here."""
+    if not isolated:
+        import keras
+
+        return keras.backend.backend()
+    try:
+        return processes.keras_backend()
+    except RuntimeError as e:
+        raise BenchmarkError(str(e)) from None
+
+
+def _header(train, test, unlabelled, folds, seed, settings, backend) -> dict:
     return {
         "benchmark": "COVID-SemiSeg",
         "mode": "test" if test else "cross-validation",
@@ -806,7 +830,7 @@ def _header(train, test, unlabelled, folds, seed, settings) -> dict:
         "folds": None if test else folds,
         "seed": seed,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-        "backend": processes.keras_backend(),
+        "backend": backend,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "published_meanDic": PUBLISHED,
         "models": {},
@@ -839,10 +863,14 @@ def _assemble(results, store, rows, splits, start) -> dict:
             "runs": [d["run"] for d in done],
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
         }
-    results["complete"] = all(len(r["folds"]) == len(splits) for r in results["models"].values())
+    models = results["models"]  # a row with no fold finished yet is not there
+    results["complete"] = all(
+        row in models and len(models[row]["folds"]) == len(splits) for row in rows
+    )
     results["wall_s"] = round(time.perf_counter() - start, 1)  # this process
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # The largest fold's process (folds in their own processes; 0 when none ran).
+    # The largest fold's process (folds in their own processes; 0 when none ran, the
+    # backend's probe, ~0.7 GB, when it ran and no fold trained).
     results["peak_fold_rss_mb"] = round(
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     )

@@ -164,8 +164,8 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
         "semi_keep": semi.keep,
         "semi_tta": semi.views,
         "semi_epochs": semi.epochs,
-        # The students' rate, always: the recipe's default changed (1e-3, then 1e-4), so
-        # a run folder of the old default must not resume under the new one.
+        # The students' rate, even at its default: the recipe's default changed (1e-3,
+        # then 1e-4), so a run folder of the old default must not resume under the new one.
         "semi_learning_rate": config.for_student().train.learning_rate,
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
@@ -175,7 +175,14 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     ours = ex.dotted_values(ex.config_to_dict(config))
     default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
     other = {k: v for k, v in ours.items() if k not in recorded and default.get(k) != v}
-    if not semi_row:
-        settings = {k: v for k, v in settings.items() if not k.startswith("semi_")}
-        other = {k: v for k, v in other.items() if not k.startswith("semi.")}
-    return settings | ({"experiment": other} if other else {})
+    settings |= {"experiment": other} if other else {}
+    return settings if semi_row else without_semi(settings)
+
+
+def without_semi(settings: dict, prefix: str = "") -> dict:
+    """`settings` less the keys of the semi-supervised row (``semi_*``, and ``semi.`` keys
+    under ``experiment``); `prefix`: ``settings.`` for the fold store's record of them."""
+    kept = {k: v for k, v in settings.items() if not k.startswith(f"{prefix}semi_")}
+    other = kept.pop(f"{prefix}experiment", None) or {}
+    other = {k: v for k, v in other.items() if not k.startswith("semi.")}
+    return kept | ({f"{prefix}experiment": other} if other else {})

@@ -22,14 +22,19 @@ class StoreError(Exception):
 
 
 class FoldStore:
-    def __init__(self, out, settings: dict):
+    """`settings`: the run's, as `progress.json` keeps them; `normalise`: applied to the
+    recorded settings before they are compared (to drop keys that do not matter to this
+    run, which an older run recorded)."""
+
+    def __init__(self, out, settings: dict, normalise=None):
         self.out = Path(out)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from disk
         path = self.out / PROGRESS
         if path.is_file():
             try:
                 before = json.loads(path.read_text())["settings"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                before = normalise(before) if normalise else before
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise StoreError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
             differ = sorted(
                 k for k in set(before) | set(self.settings) if before.get(k) != self.settings.get(k)
