@@ -107,3 +107,12 @@ def test_the_backend_is_named_without_importing_keras_here():
     import keras
 
     assert processes.keras_backend() == keras.backend.backend()  # imported: asked directly
+    # A backend Keras cannot load is named in one line, not a traceback.
+    code = "from tfcovseg.benchmarks import processes; processes.keras_backend()"
+    env |= {"KERAS_BACKEND": "nope"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "RuntimeError: Keras does not import in a fresh process "
+        "(ValueError: Unable to import backend : nope)"
+    )

@@ -56,7 +56,9 @@ def keras_backend() -> str:
         raise RuntimeError(f"Keras could not be asked for its backend ({e})") from None
     named = [x for x in done.stdout.splitlines() if x.startswith("keras backend: ")]
     if done.returncode != 0 or not named:
-        raise RuntimeError(f"Keras does not import: {done.stderr.strip()[-500:]}")
+        lines = done.stderr.strip().splitlines()  # the traceback's last line: the error
+        why = lines[-1] if lines else f"exit code {done.returncode}"
+        raise RuntimeError(f"Keras does not import in a fresh process ({why})")
     return named[-1].split(": ", 1)[1].strip()
 
 
