@@ -78,6 +78,10 @@ def test_load_unlabelled_groups_slices_by_volume(tmp_path):
     assert data.images.shape == (6, 32, 32) and data.images.max() <= 120.5
     assert sorted(set(data.volumes)) == ["Data-1_coronacases_org_001", "Data-1_radiopaedia_x_1-dcm"]
     assert data.names[0] == "Data-1_coronacases_org_001_1"
+    # Checked, not kept (a per-fold run's parent): the same slices, no images.
+    checked = load_unlabelled(tmp_path / "u", 32, keep_images=False)
+    assert checked.images is None and checked.names == data.names
+    assert checked.volumes == data.volumes and checked.source == data.source
     labelled = make_folder(tmp_path / "labelled", ["1", "2"])
     with pytest.raises(BenchmarkError, match="holds masks.*--train-dir"):
         load_unlabelled(labelled, 32)

@@ -186,11 +186,13 @@ class Unlabelled:
     source: tuple = ()  # (folder, size): `load_unlabelled`'s arguments
 
 
-def load_unlabelled(folder, size: int) -> Unlabelled:
+def load_unlabelled(folder, size: int, keep_images: bool = True) -> Unlabelled:
     """The slices of a slice-dataset folder without masks (``Imgs/*.jpg``), resized.
 
     Images that are no CT slice (unreadable, colour, a mask or blank: `read_image_slice`)
-    are left out, in ``skipped``: one among 1,600 need not stop the run.
+    are left out, in ``skipped``: one among 1,600 need not stop the run. Without
+    `keep_images` each slice is read and checked, but none is kept (``images`` None): the
+    parent of per-fold processes, which load them themselves (`source`).
 
     Raises:
         BenchmarkError: no folder, no readable slice, or a folder whose slices have masks
@@ -224,14 +226,16 @@ def load_unlabelled(folder, size: int) -> Unlabelled:
         except SkipFile as e:
             skipped.append((study.rel, str(e)))
             continue
-        image = Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR)
         stem = study.image_path.stem
         names.append(stem)
         volumes.append(re.sub(r"_\d+$", "", stem))
-        images.append(np.asarray(image, np.float32))
-    if not images:
+        if keep_images:
+            image = Image.fromarray(image, mode="F").resize((size, size), Image.BILINEAR)
+            images.append(np.asarray(image, np.float32))
+    if not names:
         raise BenchmarkError(f"{folder}: no slice can be used ({skipped[0][0]}: {skipped[0][1]})")
-    return Unlabelled(names, volumes, np.stack(images), skipped, (str(folder), size))
+    stacked = np.stack(images) if keep_images else None
+    return Unlabelled(names, volumes, stacked, skipped, (str(folder), size))
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -601,23 +605,21 @@ def run(
     out, start, size = Path(out), time.perf_counter(), config.model.input_size[0]
     train = load_slices(train_dir, size)
     test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
-    unlabelled = load_unlabelled(unlabelled_dir, size) if unlabelled_dir else None
+    # A process per fold: cross-validation only (a test split trains one model). Each
+    # fold's process reads the unlabelled slices itself (420 MB at 256x256): none kept here.
+    isolated = isolate and test is None
+    unlabelled = load_unlabelled(unlabelled_dir, size, not isolated) if unlabelled_dir else None
     rows = _rows(models, unlabelled, config.semi.method)
     if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
     semi_row, seed = unlabelled is not None, config.train.seed
     settings = settings_record(config, bench, semi_row=semi_row)
-    # A process per fold: cross-validation only (a test split trains one model).
-    code = processes.source_digest() if isolate and test is None else None
+    code = processes.source_digest() if isolated else None
     results = _header(train, test, unlabelled, folds, seed, settings, _backend(code))
     log(_describe(train, test, unlabelled, folds, settings, results["backend"]))
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
-    if code and semi_row:
-        # Each fold's process reads the unlabelled slices itself (420 MB at 256x256): none
-        # kept here for the whole run, none piped to every fold.
-        unlabelled = dataclasses.replace(unlabelled, images=None)
     # Without a semi row, semi keys an older run recorded do not stop it resuming.
     normalise = None if semi_row else functools.partial(without_semi, prefix="settings.")
     try:
