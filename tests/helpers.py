@@ -57,3 +57,28 @@ def run_layer_test(
     assert np.isfinite(loss)
     assert not np.allclose(before, after), "no gradient flowed through the layer"
     return eager
+
+
+MATRIX_PRODUCTS = ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+
+
+def broadcast_products(graph, seen=None) -> list[str]:
+    """Batched matrix products in a TensorFlow graph (and the functions it calls) whose
+    operands differ in rank: a matrix broadcast over a batch of matrices, the products that
+    TensorFlow's oneDNN kernels read past (tensorflow/tensorflow#117700).
+
+    Returns one "op type: shapes" line per such product.
+    """
+    seen = set() if seen is None else seen
+    found = []
+    for op in graph.get_operations():
+        if op.type in MATRIX_PRODUCTS:
+            ranks = {t.shape.rank for t in op.inputs}
+            if len(ranks) > 1:
+                found.append(f"{op.type}: {[t.shape for t in op.inputs]} ({op.name})")
+        for attr in op.node_def.attr.values():
+            name = attr.func.name
+            if name and name not in seen:
+                seen.add(name)
+                found += broadcast_products(graph._get_function(name).graph, seen)
+    return found

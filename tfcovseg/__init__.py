@@ -22,8 +22,9 @@ from data_tools import __version__ as __version__  # the distribution's, defined
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's oneDNN kernels off unless the user asked for them: TensorFlow turns them on
 # by default only on CPUs with AVX-512 VNNI/BF16 or AMX, and 2.21's are wrong there. On an
-# AMD EPYC (Zen 4) they corrupted the heap in matrix products of rank-4 tensors (the SE
-# blocks' Dense layers; tensorflow/tensorflow#117700): training and export crashed; a
+# AMD EPYC (Zen 4) they corrupted the heap in matrix products that broadcast a matrix over
+# a batch (tensorflow/tensorflow#117700; the SSIM loss's and the served resize's, plain 2-D
+# products since, for TF Serving's sake): training and export crashed; a
 # strided convolution of an empty batch returned its input's shape; the same slices in
 # batches of other sizes differed by up to 0.009 in probability. With them off, TensorFlow
 # computes as on other CPUs (Eigen), where every figure of this project was measured. Set

@@ -37,6 +37,8 @@ from tfcovseg.models import load_run_models
 from tfcovseg.models.outputs import final_probabilities
 from tfcovseg.models.preprocessing import grey_from_hu
 
+from ..helpers import broadcast_products
+
 
 @pytest.fixture(scope="module")
 def exported(phantom_export):
@@ -209,6 +211,15 @@ def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):
     np.testing.assert_allclose(gate["covid_probability"].numpy(), prob, atol=1e-5)
     masks = loaded.signatures["segment"](hu=tf.constant(hu))["masks"]
     np.testing.assert_allclose(masks.numpy(), expected, atol=1e-5)
+
+
+def test_served_graphs_broadcast_no_matrix_over_a_batch(exported):
+    """TF Serving and TensorFlow itself run oneDNN kernels on CPUs with AVX-512 VNNI by
+    default, and those read past a matrix broadcast over a batch of matrices
+    (tensorflow/tensorflow#117700); the resize of any input size to the model's was one."""
+    _, loaded = exported
+    for name, function in loaded.signatures.items():
+        assert broadcast_products(function.graph) == [], name
 
 
 def test_any_input_size_is_resized_in_and_out(exported, phantom_run, rng):

@@ -18,6 +18,8 @@ from tfcovseg.training.losses import (
     ssim,
 )
 
+from ..helpers import broadcast_products
+
 C1, C2 = 0.01**2, 0.03**2
 
 # A 4x4 mask with a 2x2 lesion, and a prediction that finds half of it with confidence.
@@ -162,6 +164,28 @@ def test_ssim_on_accelerators_avoids_rounded_matrix_products(monkeypatch):
     np.testing.assert_array_equal(value_and_grad()[1], rounded["matmul"][1])
     with pytest.raises(ValueError, match="filters must be one of"):
         ssim(p, g, filters="conv")
+
+
+def test_ssim_products_broadcast_no_matrix_over_a_batch():
+    """The training step's SSIM (forward and backward, batch size unknown as in a compiled
+    step) as plain 2-D products: TensorFlow's oneDNN kernels read past a matrix broadcast
+    over a batch of matrices (tensorflow/tensorflow#117700)."""
+    spec = tf.TensorSpec((None, 32, 32, 3), tf.float32)
+
+    @tf.function
+    def value_and_grad(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = tf.reduce_sum(ssim(x, y, filters="matmul"))
+        return value, tape.gradient(value, x)
+
+    graph = value_and_grad.get_concrete_function(spec, spec).graph
+    assert broadcast_products(graph) == []
+    rng = np.random.default_rng(0)
+    x, y = (rng.random((2, 32, 32, 3)).astype("float32") for _ in range(2))
+    value, _ = value_and_grad(x, y)
+    expected = tf.reduce_sum(tf.image.ssim(x, y, 1.0, filter_size=11, filter_sigma=1.5))
+    np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
 
 
 def test_ssim_rejects_images_of_unknown_size():

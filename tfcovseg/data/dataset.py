@@ -297,12 +297,20 @@ def resize_image(images, size):
     if single:
         images = images[None]
     shape = tf.shape(images)
-    rows = bilinear_weights(shape[1], size[0], _TensorOps)
-    columns = bilinear_weights(shape[2], size[1], _TensorOps)
-    # [N, C, H, W]: one [h, H] @ [H, W] @ [W, w] product per image and channel.
-    planes = tf.transpose(images, [0, 3, 1, 2])
-    planes = tf.matmul(tf.matmul(rows, planes), columns, transpose_b=True)
-    out = tf.transpose(planes, [0, 2, 3, 1])
+    n, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    rows = bilinear_weights(height, size[0], _TensorOps)  # [h, H]
+    columns = bilinear_weights(width, size[1], _TensorOps)  # [w, W]
+    # [h, H] @ plane @ [W, w] for every image and channel, as two plain 2-D products over
+    # the stacked planes: a matrix broadcast over a batch of matrices is what TensorFlow's
+    # oneDNN kernels (on by default on CPUs with AVX-512 VNNI, in TF Serving too) read past
+    # (tensorflow/tensorflow#117700).
+    planes = tf.reshape(tf.transpose(images, [0, 2, 3, 1]), [-1, height])  # [N W C, H]
+    planes = tf.matmul(planes, rows, transpose_b=True)  # [N W C, h]
+    planes = tf.reshape(planes, [n, width, channels, tf.shape(rows)[0]])
+    planes = tf.reshape(tf.transpose(planes, [0, 3, 2, 1]), [-1, width])  # [N h C, W]
+    planes = tf.matmul(planes, columns, transpose_b=True)  # [N h C, w]
+    planes = tf.reshape(planes, [n, tf.shape(rows)[0], channels, tf.shape(columns)[0]])
+    out = tf.transpose(planes, [0, 1, 3, 2])
     return out[0] if single else out
 
 

@@ -90,11 +90,24 @@ def on_accelerator() -> bool:
 
 
 def _filter_matmul(stats, weights):
-    """VALID filtering of the last two axes as two products with banded matrices."""
+    """VALID filtering of the last two axes as two products with banded matrices.
+
+    Both are plain 2-D products (every map's rows, then every map's columns, stacked):
+    TensorFlow's oneDNN kernels, on by default on CPUs with AVX-512 VNNI, read past the
+    right operand when a matrix is broadcast over a batch of matrices
+    (tensorflow/tensorflow#117700), which corrupted the heap in training.
+    """
     height, width = stats.shape[-2], stats.shape[-1]
-    rows = ops.convert_to_tensor(_band(width, weights))  # filters along W
-    cols = ops.convert_to_tensor(_band(height, weights).T)  # filters along H
-    return ops.matmul(cols, ops.matmul(stats, rows))
+    k = len(weights)
+    out_h, out_w = height - k + 1, width - k + 1
+    lead = tuple(-1 if d is None else d for d in stats.shape[:-2])
+    rows = ops.convert_to_tensor(_band(width, weights))  # [W, W']: filters along W
+    cols = ops.convert_to_tensor(_band(height, weights))  # [H, H']: filters along H
+    out = ops.matmul(ops.reshape(stats, (-1, width)), rows)  # [maps * H, W']
+    out = ops.transpose(ops.reshape(out, (-1, height, out_w)), (0, 2, 1))  # [maps, W', H]
+    out = ops.matmul(ops.reshape(out, (-1, height)), cols)  # [maps * W', H']
+    out = ops.transpose(ops.reshape(out, (-1, out_w, out_h)), (0, 2, 1))  # [maps, H', W']
+    return ops.reshape(out, (*lead, out_h, out_w))
 
 
 def _filter_slices(stats, weights):
