@@ -537,6 +537,27 @@ def test_the_parent_of_fold_processes_never_loads_keras(tmp_path):
     assert (tmp_path / "out" / "results.md").is_file()
 
 
+def test_peak_fold_memory_is_the_folds_own_not_the_parents_children(tmp_path):
+    """Each finished row records its process's peak; the run's `peak_fold_rss_mb` is their
+    largest. Other children of the parent (the backend's probe: ~0.9 GB) do not count:
+    here a 400 MB child, against folds that peaked at 120 and 150 MB."""
+    import types
+
+    from tfcovseg.benchmarks import semiseg
+
+    touch_400_mb = "b = bytearray(400 << 20); b[::4096] = b'x' * len(b[::4096])"
+    subprocess.run([sys.executable, "-c", touch_400_mb], check=True)
+    peaks = {0: 120, 1: 150}
+    entry = dict(scores={"infection": {"meanDic": 0.5}}, run={}, wall_s=1.0)
+    store = types.SimpleNamespace(get=lambda row, fold: entry | {"peak_rss_mb": peaks[fold]})
+    splits = [types.SimpleNamespace(fold=k) for k in peaks]
+    results = semiseg._assemble({}, store, ["unet"], splits, start=0.0)
+    assert results["models"]["unet"]["peak_rss_mb"] == 150
+    assert results["peak_fold_rss_mb"] == 150
+    older = types.SimpleNamespace(get=lambda row, fold: entry)  # folds recorded before
+    assert semiseg._assemble({}, older, ["unet"], splits, 0.0)["peak_fold_rss_mb"] is None
+
+
 def test_a_fold_process_that_fails_stops_the_run_naming_the_fold(tmp_path, monkeypatch):
     from tfcovseg.benchmarks import processes
 

@@ -681,7 +681,7 @@ class _Fold:
         names = [scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
-        entry = {"scores": scores, "run": run_info}
+        entry = {"scores": scores, "run": run_info, "peak_rss_mb": _peak_rss_mb()}
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
         log(f"    {_headline(scores)}")
 
@@ -848,8 +848,6 @@ def _fingerprint(results, rows) -> dict:
 
 def _assemble(results, store, rows, splits, start) -> dict:
     """The results so far: every row's finished folds, summarised."""
-    import resource
-
     results = dict(results, models={})
     for row in rows:
         found = {s.fold: store.get(row, s.fold) for s in splits}
@@ -864,19 +862,27 @@ def _assemble(results, store, rows, splits, start) -> dict:
             "summary": summarise(per_fold),
             "runs": [d["run"] for d in done],
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
+            "peak_rss_mb": max((d.get("peak_rss_mb", 0) for d in done), default=0) or None,
         }
     models = results["models"]  # a row with no fold finished yet is not there
     results["complete"] = all(
         row in models and len(models[row]["folds"]) == len(splits) for row in rows
     )
     results["wall_s"] = round(time.perf_counter() - start, 1)  # this process
-    results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    # The largest fold's process (folds in their own processes; 0 when none ran, the
-    # backend's probe, ~0.7 GB, when it ran and no fold trained).
-    results["peak_fold_rss_mb"] = round(
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    )
+    results["peak_rss_mb"] = _peak_rss_mb()
+    # The largest process a finished row was trained in, as each recorded it (a fold's own
+    # process, or this one): not this process's children, among which the backend's
+    # short-lived probe counts. None when no fold recorded it (folds made before).
+    peaks = [m["peak_rss_mb"] for m in models.values() if m["peak_rss_mb"]]
+    results["peak_fold_rss_mb"] = max(peaks, default=None)
     return results
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _write(out: Path, results: dict) -> None:
