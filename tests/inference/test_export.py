@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -327,6 +328,30 @@ def test_signatures_check_their_input_and_name_the_expected_one(exported, rng, s
         assert out["covid_probability"].shape == (0,)
     meta = json.loads(loaded.signatures["metadata"]()["json"].numpy().decode())
     assert "non_finite" in meta["input"] and "empty_batch" in meta["input"]
+
+
+def test_an_empty_batch_is_answered_with_onednn_kernels_on(exported):
+    """TensorFlow (and TF Serving) run oneDNN kernels by default on CPUs with AVX-512
+    VNNI, whose strided convolution gives an empty batch its input's shape: the served
+    graph must answer an empty batch there too. Forced on here, in a fresh process."""
+    path, _ = exported
+    script = (
+        "import sys, tensorflow as tf\n"
+        "m = tf.saved_model.load(sys.argv[1])\n"
+        "for name in ('serving_default', 'classify', 'segment'):\n"
+        "    out = m.signatures[name](hu=tf.zeros((0, 40, 48)))\n"
+        "    print(name, sorted((k, tuple(v.shape)) for k, v in out.items()))\n"
+    )
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "serving_default [('covid_probability', (0,)), ('masks', (0, 40, 48, 3))]",
+        "classify [('covid_probability', (0,))]",
+        "segment [('masks', (0, 40, 48, 3))]",
+    ]
 
 
 def test_saved_model_cli_lists_the_signatures(exported):

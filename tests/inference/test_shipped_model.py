@@ -14,6 +14,8 @@ from data_tools import windows
 from data_tools.dicom_io import read_hu
 from tfcovseg.inference.export import SIGNATURES
 
+from ..helpers import broadcast_products
+
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "saved_models" / "covid-semiseg" / "1"
 SEMISEG = ROOT.parent / "shared" / "data" / "covid-semiseg" / "train" / "Imgs"
@@ -43,6 +45,10 @@ def test_it_is_small_documented_and_serves_every_signature(shipped):
     card = (MODEL.parent / "MODEL_CARD.md").read_text()
     for needed in ("non-commercial", "not a medical device", "tfcovseg.benchmarks.semiseg"):
         assert needed in card, needed
+    # Served by TF Serving or TensorFlow with oneDNN on (AVX-512 VNNI CPUs): no matrix
+    # broadcast over a batch of matrices (tensorflow/tensorflow#117700).
+    for name, function in shipped.signatures.items():
+        assert broadcast_products(function.graph) == [], name
 
 
 def test_hu_is_windowed_to_the_training_images_grey_levels(shipped, ct_small):
