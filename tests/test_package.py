@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,3 +100,42 @@ def test_onednn_kernels_are_off_unless_asked_for():
                              "'TF_ENABLE_ONEDNN_OPTS'])"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert chosen.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(
+    "env, first, expected, on",
+    [
+        ({}, "", "oneDNN (train.cpu_kernels)", True),
+        ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "", "Eigen (TF_ENABLE_ONEDNN_OPTS set)", False),
+        ({}, "import tensorflow\n", "Eigen (TensorFlow was loaded before)", False),
+    ],
+)
+def test_an_experiment_chooses_onednn_before_tensorflow_loads(env, first, expected, on):
+    """train.cpu_kernels: onednn turns TensorFlow's oneDNN kernels on for the process
+    (`tfcovseg.train` asks before anything loads TensorFlow), unless the user set
+    TF_ENABLE_ONEDNN_OPTS or TensorFlow is loaded already: then it says so. TensorFlow
+    announces its oneDNN kernels on stderr when it loads them."""
+    code = (
+        f"import tfcovseg\n{first}"
+        "print(tfcovseg.select_cpu_kernels('onednn'))\n"
+        "import tensorflow as tf\n"
+        "tf.constant(1.0) + 1.0\n"
+    )
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "0"}
+    for ours in ("TF_ENABLE_ONEDNN_OPTS", "TFCOVSEG_ONEDNN_DEFAULT"):  # a user's shell
+        base.pop(ours, None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=base | env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == expected
+    assert ("oneDNN custom operations are on" in proc.stderr) is on
+
+
+def test_cpu_kernels_are_checked_choices():
+    import tfcovseg
+    from tfcovseg.configs.experiment import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="must be one of"):
+        tfcovseg.select_cpu_kernels("mkl")
+    with pytest.raises(ConfigError, match="train.cpu_kernels must be one of"):
+        load_config(overrides=["train.cpu_kernels=mkl"])

@@ -168,6 +168,10 @@ def test_the_quickstart_runs_from_the_installed_wheel(wheel_env):
     ):
         assert (run / name).is_file(), name
     assert yaml.safe_load((run / "config.yaml").read_text())["name"] == "quickstart"
+    # The quickstart trains with oneDNN's CPU kernels (train.cpu_kernels), evaluates and
+    # exports under them; the inherited TF_ENABLE_ONEDNN_OPTS=0 is the package's, not ours.
+    assert json.loads((run / "run.json").read_text())["cpu_kernels"] == "oneDNN"
+    assert "TensorFlow CPU kernels: oneDNN (train.cpu_kernels)" in first.stdout
     assert (work / "saved_models" / "tfcovseg" / "1").is_dir()  # the quickstart exports
     assert (wheel_env.tmp / "cache" / "phantom" / "manifest.csv").is_file()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 from data_tools import __version__ as __version__  # the distribution's, defined once
 
@@ -24,12 +25,50 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # by default only on CPUs with AVX-512 VNNI/BF16 or AMX, and 2.21's are wrong there. On an
 # AMD EPYC (Zen 4) they corrupted the heap in matrix products that broadcast a matrix over
 # a batch (tensorflow/tensorflow#117700; the SSIM loss's and the served resize's, plain 2-D
-# products since, for TF Serving's sake): training and export crashed; a
-# strided convolution of an empty batch returned its input's shape; the same slices in
+# products since): training and export crashed; a strided convolution of an empty batch
+# returned its input's shape (the served graphs never run one since); the same slices in
 # batches of other sizes differed by up to 0.009 in probability. With them off, TensorFlow
-# computes as on other CPUs (Eigen), where every figure of this project was measured. Set
-# TF_ENABLE_ONEDNN_OPTS=1 yourself to choose otherwise.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# computes as on other CPUs (Eigen), where this project's figures were measured. Set
+# TF_ENABLE_ONEDNN_OPTS yourself to choose; an experiment chooses for `tfcovseg.train`
+# (train.cpu_kernels, `select_cpu_kernels`). TFCOVSEG_ONEDNN_DEFAULT keeps the value the
+# package chose, so that a child process, which inherits both, tells it from the user's.
+_ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+_ONEDNN_OURS = "TFCOVSEG_ONEDNN_DEFAULT"
+if _ONEDNN not in os.environ:
+    os.environ[_ONEDNN] = os.environ[_ONEDNN_OURS] = "0"
+_ONEDNN_CHOSEN_BY_USER = os.environ[_ONEDNN] != os.environ.get(_ONEDNN_OURS)
+
+CPU_KERNELS = ("eigen", "onednn")
+
+
+def cpu_kernels() -> str:
+    """The CPU kernels TensorFlow runs in this process: "oneDNN" or "Eigen"."""
+    chosen = os.environ.get(_ONEDNN, "").strip().lower()
+    return "oneDNN" if chosen in ("1", "true", "yes", "on") else "Eigen"
+
+
+def select_cpu_kernels(kernels: str) -> str:
+    """Chooses TensorFlow's CPU kernels ("eigen" or "onednn") for this process, for a
+    command that reads its experiment before TensorFlow loads (`tfcovseg.train`, from
+    ``train.cpu_kernels``). Returns what runs and why: the user's TF_ENABLE_ONEDNN_OPTS
+    wins, and once TensorFlow is loaded its kernels are fixed.
+
+    oneDNN trains the quickstart's network 1.6x faster on an AVX2 CPU
+    (experiments/benchmarks/onednn.py); the bugs of 2.21's kernels that this package met
+    (above) are out of its graphs: no matrix is broadcast over a batch, and the served
+    graphs never run an empty batch.
+    """
+    if kernels not in CPU_KERNELS:
+        raise ValueError(f"CPU kernels must be one of {CPU_KERNELS}, got {kernels!r}")
+    if _ONEDNN_CHOSEN_BY_USER:
+        why = "TF_ENABLE_ONEDNN_OPTS set"
+    elif "tensorflow" in sys.modules:
+        why = "TensorFlow was loaded before"
+    else:
+        os.environ[_ONEDNN] = os.environ[_ONEDNN_OURS] = "1" if kernels == "onednn" else "0"
+        why = "train.cpu_kernels"
+    return f"{cpu_kernels()} ({why})"
+
 
 _EXTRA_HINT = (
     'install it with the package extra: pip install "tfcovseg[cpu]" '

@@ -106,6 +106,7 @@ def test_run_folder_contents(tiny):
     info = json.loads((run / "run.json").read_text())
     assert info["seed"] == config.train.seed and len(info["data_fingerprint"]) == 16
     assert info["versions"]["keras"] == keras.__version__
+    assert info["cpu_kernels"] == "Eigen"  # the package's default; pytest loaded TF so
     assert set(info["timings"]) == {"segmentation_s", "classification_s", "total_s"}
     lines = (run / "logs" / "segmentation.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 and "val_final_dice_ggo" in lines[0]

@@ -109,6 +109,10 @@ def _export_dir(args, config):
 
 def _run(args, config) -> int:
     """Trains (one fold or every fold), then evaluates and exports as asked."""
+    from tfcovseg import select_cpu_kernels
+
+    # Before anything loads TensorFlow, which reads its kernels' choice once.
+    print(f"TensorFlow CPU kernels: {select_cpu_kernels(config.train.cpu_kernels)}")
     from data_tools.files import OutputError, check_output_dir
     from tfcovseg.training.trainer import TrainingError, cross_validate, train
 

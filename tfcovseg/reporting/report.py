@@ -253,7 +253,7 @@ def _training(results: Mapping, figures: Mapping):
         )
     facts = [
         f"{k.replace('_', ' ')}: {_plain(training[k])}"
-        for k in ("data_fingerprint", "seed", "strategy", "replicas")
+        for k in ("data_fingerprint", "seed", "strategy", "replicas", "cpu_kernels")
         if training.get(k) is not None
     ]
     versions = training.get("versions") or {}

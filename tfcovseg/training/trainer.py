@@ -41,7 +41,7 @@ from pathlib import Path
 import keras
 
 from data_tools.files import atomic_write_json
-from tfcovseg import __version__, require_tensorflow
+from tfcovseg import __version__, cpu_kernels, require_tensorflow
 from tfcovseg.configs.experiment import ExperimentConfig, save_config
 from tfcovseg.data.dataset import corrupt_records_message, data_fingerprint, split_patients
 from tfcovseg.evaluation.severity import severity_rule_from_manifest
@@ -211,6 +211,7 @@ def _summary(config, folder, manifest, strategy, resume, timings) -> dict:
             "python": platform.python_version(),
         },
         "devices": [d.name for d in tf.config.list_logical_devices()],
+        "cpu_kernels": cpu_kernels(),
         "timings": timings,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
