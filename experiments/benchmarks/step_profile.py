@@ -23,12 +23,10 @@ from pathlib import Path
 # tfcovseg first: its TensorFlow settings (oneDNN off unless set) before Keras loads TF.
 importlib.import_module("tfcovseg")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
-from train_step import _compiled  # noqa: E402
+from train_step import _compiled, random_batch  # noqa: E402
 
 from tfcovseg.configs.experiment import load_config  # noqa: E402
 
@@ -68,10 +66,7 @@ def _events(logdir: Path):
 def run(config_name="quickstart", batch=8, steps=5, warmup=3) -> dict:
     config = load_config(config_name)
     size = tuple(config.model.input_size)
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1100, 300, (batch, *size, 1)).astype("float32")
-    y = (rng.random((batch, *size, config.model.num_classes)) > 0.97).astype("float32")
+    x, y = random_batch(config, batch)
     model = _compiled(config, "recipe")
     targets = {k: y for k in model.output}
     for _ in range(warmup):

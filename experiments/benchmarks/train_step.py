@@ -48,14 +48,21 @@ def _compiled(config, variant):
     return model
 
 
-def run(config_name="quickstart", batch=8, steps=15, warmup=3):
-    """Measures the three compilations; returns a dict of the figures."""
-    config = load_config(config_name)
+def random_batch(config, batch):
+    """Seeded HU slices at the experiment's input size and sparse lesion masks."""
     size = tuple(config.model.input_size)
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.uniform(-1100, 300, (batch, *size, 1)).astype("float32")
     y = (rng.random((batch, *size, config.model.num_classes)) > 0.97).astype("float32")
+    return x, y
+
+
+def run(config_name="quickstart", batch=8, steps=15, warmup=3):
+    """Measures the three compilations; returns a dict of the figures."""
+    config = load_config(config_name)
+    size = tuple(config.model.input_size)
+    x, y = random_batch(config, batch)
     models = {v: _compiled(config, v) for v in VARIANTS}
     targets = {v: {k: y for k in m.output} for v, m in models.items()}
     timed = alternating_steps(models, x, targets, steps, warmup)
