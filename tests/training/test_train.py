@@ -527,6 +527,11 @@ def test_resume_skips_completed_phases(tiny, tmp_path):
     # --set that made the difference: the key is named now.
     with pytest.raises(TrainingError, match="another configuration.*train.epochs 2 there, 7 now"):
         train(other, out, resume=True, verbose=0, log=lambda *a: None)
+    # Other CPU kernels may go on with it (the quickstart's oneDNN since session 46
+    # against a run begun with Eigen's): how the steps compute, not what.
+    other_kernels = {"eigen": "onednn", "onednn": "eigen"}[config.train.cpu_kernels]
+    kernels = load_config(out / "config.yaml", [f"train.cpu_kernels={other_kernels}"])
+    train(kernels, out, resume=True, verbose=0, log=lambda *a: None)
 
 
 def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys):

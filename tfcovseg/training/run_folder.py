@@ -104,10 +104,11 @@ def check_out(out: Path, resume: bool) -> None:
 
 
 def _training_settings(config):
-    """The config without what only happens after training (evaluate, export), which a
-    resumed run may change."""
-    after = {"evaluate": False, "export_dir": ""}
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **after))
+    """The config without what a resumed run may change: what only happens after training
+    (evaluate, export) and TensorFlow's CPU kernels (how the steps compute, not what:
+    TF_ENABLE_ONEDNN_OPTS overrides them anyway, and a run goes on on another machine)."""
+    free = {"evaluate": False, "export_dir": "", "cpu_kernels": "eigen"}
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **free))
 
 
 def nothing_to_resume(out: Path) -> str:
@@ -157,7 +158,8 @@ def check_run_folder(out: Path, config, resume: bool, log) -> None:
             raise TrainingError(
                 f"{out} was started with another configuration ({'; '.join(differ)}): "
                 "--resume continues it only with its own (leave out those --set and "
-                "--config; evaluate and export may change), or train anew into another --out"
+                "--config; evaluate, export and cpu_kernels may change), or train anew "
+                "into another --out"
             )
 
 
