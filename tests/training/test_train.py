@@ -184,6 +184,8 @@ def test_evaluate_writes_metrics_and_report(tiny):
     assert seg["epochs"] == seg["max_epochs"] == 2 and seg["stopped_early"] is False
     assert seg["best_epoch"] == 1 + min(range(2), key=seg["val_loss"].__getitem__)
     assert results["training"]["data_fingerprint"] and results["training"]["versions"]["keras"]
+    assert results["training"]["cpu_kernels"] == "Eigen"  # shown in the report's facts
+    assert "cpu kernels: Eigen" in (root / "run" / "report.md").read_text()
     # The slice classifier's ROC on the annotated slices, its AUC the area under it.
     roc = results["classification"]["slices"]
     lesion = [

@@ -153,7 +153,7 @@ def unfinished_message(run, phases) -> str:
 
 # run.json's fields the report reads, and their types.
 _RUN_TYPES = {"data_fingerprint": str, "seed": int, "strategy": str, "replicas": int,
-              "versions": dict, "timings": dict}  # fmt: skip
+              "cpu_kernels": str, "versions": dict, "timings": dict}  # fmt: skip
 
 
 def _run_info(run: Path) -> tuple[dict, list[str]]:
