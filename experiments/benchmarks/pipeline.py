@@ -15,8 +15,10 @@ once: later runs with the same arguments reuse it. Then, in the same process:
   augmentation (random 90-degree rotation and flip of image and lesion masks), batching
   and the "segment" targets, in the stored dtypes (int16 HU, uint8 masks: the model
   casts them on its device);
-- three more that locate the cost: evaluation mode (no shuffle, no augmentation),
-  training without augmentation, and the training pipeline with float32 outputs.
+- four more that locate the cost: evaluation mode (no shuffle, no augmentation),
+  training without augmentation, the training pipeline with float32 outputs, and the
+  training pipeline with tf.data's autotuning on (`make_dataset` turns it off:
+  `tfcovseg.data.dataset.without_autotuner`).
 
 Each dataset is repeated and drained through one iterator inside a `tf.function` loop, so
 no Python runs per element. The configurations alternate for ``--rounds`` rounds so that
@@ -154,6 +156,14 @@ def run(
         make_dataset(records, **common, training=True, compact=True),
         True,
     )
+    if stages:
+        # make_dataset turns tf.data's autotuning off (`without_autotuner`): what that costs.
+        autotuned = tf.data.Options()
+        autotuned.autotune.enabled = True
+        configs["training_pipeline_autotuned"] = (
+            configs["training_pipeline"][0].with_options(autotuned),
+            True,
+        )
     figures = {name: {"rate": [], "cores_busy": []} for name in configs}
     for _ in range(rounds):
         for name, (ds, batched) in configs.items():

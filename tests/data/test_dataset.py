@@ -126,6 +126,24 @@ def test_training_segment_batches_are_full(records, manifest):
     assert sizes == [8] * (n // 8)
 
 
+@pytest.mark.parametrize(
+    "task,kwargs",
+    [
+        ("segment", {"training": True, "cache": True, "oversample_lesions": 2}),
+        ("segment", {"training": False}),
+        ("classify", {"training": True}),
+        ("inspect", {"training": False}),
+    ],
+)
+def test_datasets_run_without_the_autotuning_thread(records, task, kwargs):
+    # Keras makes a new iterator every epoch, and destroying one waited for tf.data's
+    # autotuning thread to wake (TF 2.21): 20-40 s lost at the start of one quickstart
+    # epoch in four (experiments/benchmarks/epoch_start.py).
+    ds = make_dataset(records, "train", 0, batch_size=4, task=task, **kwargs)
+    assert ds.options().autotune.enabled is False
+    assert len(list(ds.take(2))) == 2
+
+
 def test_compact_batches_hold_the_same_values_in_the_stored_dtypes(records):
     kwargs = dict(split="train", fold=0, batch_size=8, training=True, seed=5)
     for task in ("segment", "classify"):

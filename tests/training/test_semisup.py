@@ -78,3 +78,28 @@ def test_a_round_keeps_the_surest_slices_matched_to_the_labelled_grey_levels():
     reference = images * 0.5
     matched = semisup.label_round(_Teacher(), images, views=1, keep=1.0, reference=reference)
     np.testing.assert_allclose(matched.images, intensity.match_intensity(images, reference))
+
+
+def test_mixed_batches_append_a_pseudo_labelled_batch_to_each_labelled_one():
+    import tensorflow as tf
+
+    from tfcovseg.training.selftrain import mixed_dataset, pseudo_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 8, 8, 1)).astype(np.float32)
+    y = (rng.random((6, 8, 8, 3)) > 0.5).astype(np.float32)
+    labelled = tf.data.Dataset.from_tensor_slices((x, {"coarse": y, "final": y})).batch(2)
+    pseudo_images = np.full((5, 8, 8, 1), 7.0, np.float32)
+    round_ = semisup.Round(pseudo_images, np.ones((5, 8, 8, 3), np.float32), 5, 0.9)
+    pseudo = pseudo_dataset(round_, batch_size=3, seed=1, augment_data=False)
+    ds = mixed_dataset(labelled, pseudo, ("coarse", "final"))
+    batches = list(ds)
+    assert len(batches) == int(ds.cardinality()) == 3
+    for i, (images, masks) in enumerate(batches):
+        np.testing.assert_array_equal(images[:2], x[2 * i : 2 * i + 2])
+        np.testing.assert_array_equal(images[2:], 7.0)
+        np.testing.assert_array_equal(masks["final"][:2], y[2 * i : 2 * i + 2])
+        np.testing.assert_array_equal(masks["coarse"][2:], 1.0)
+    # Its iterator, new every epoch, does not wait for tf.data's autotuning thread
+    # (`tfcovseg.data.dataset.without_autotuner`).
+    assert ds.options().autotune.enabled is False

@@ -492,7 +492,23 @@ def make_dataset(
         n_examples = split_slices(manifest, split, fold, task, *(int(f) for f in factors))
     n_batches = n_examples // batch_size if drop_remainder else -(-n_examples // batch_size)
     ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return without_autotuner(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def without_autotuner(ds):
+    """`ds` without tf.data's autotuning thread: parallel maps run as many calls as
+    there are cores, and prefetching sizes its buffer by itself.
+
+    Keras makes a new iterator of a dataset every epoch, and in TensorFlow 2.21 destroying
+    an iterator waits until its autotuning thread wakes from its sleep, which grows with
+    the iterator's age: on a busy 2-core CPU the quickstart lost 20-40 s at the start of
+    about one epoch in four (~40 s each), and none without the thread, whose batches are
+    the same (`experiments/benchmarks/epoch_start.py`). Our pipelines are cheap beside a
+    training step, so nothing is left for the autotuner to win.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def _check_split(record_dir, split, fold, task, patients, n_slices, batch_size, drop_remainder):

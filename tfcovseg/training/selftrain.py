@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfcovseg import require_tensorflow
-from tfcovseg.data.dataset import augment, jitter_intensity
+from tfcovseg.data.dataset import augment, jitter_intensity, without_autotuner
 from tfcovseg.training import semisup
 
 tf = require_tensorflow("tfcovseg.training.selftrain")
@@ -58,4 +58,5 @@ def mixed_dataset(labelled, pseudo, outputs):
 
     n = labelled.cardinality()
     ds = tf.data.Dataset.zip((labelled, pseudo)).map(merge, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.apply(tf.data.experimental.assert_cardinality(n)).prefetch(tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n)).prefetch(tf.data.AUTOTUNE)
+    return without_autotuner(ds)
