@@ -4,6 +4,8 @@ TFRecords through tf.data instead)."""
 
 from __future__ import annotations
 
+import itertools
+
 import keras
 import numpy as np
 
@@ -88,3 +90,39 @@ class ConsistencyBatches(SliceBatches):
                 weak[j] = weak[j][:, ::-1]
         strong = self.strong(weak, self.rng)
         return {"labelled": x, "weak": weak, "strong": strong}, y
+
+
+def fit_input(batches: SliceBatches):
+    """What `model.fit` reads for `batches`: under TensorFlow, a tf.data pipeline over them
+    without tf.data's autotuning thread; under other backends the `PyDataset` itself.
+
+    Keras turns a `PyDataset` into a pipeline with ``prefetch(AUTOTUNE)`` and autotuning on,
+    makes a new iterator of it every epoch, and in TensorFlow 2.21 dropping the old one
+    waits for its autotuning thread to wake (seconds to tens of seconds at some epoch
+    starts; `tfcovseg.data.dataset.without_autotuner`). Here each epoch's iterator reads
+    ``batches[0]``, ``batches[1]``, ... in turn, `on_epoch_end` (the next permutation)
+    called in between, as the next epoch's iterator starts. (Keras' own pipeline starts
+    reading the next epoch in its prefetch thread before it calls `on_epoch_end`, reads two
+    batches ahead for their shapes and shuffles the batches' order: other random draws.)
+    """
+    if keras.backend.backend() != "tensorflow":
+        return batches
+    import tensorflow as tf
+
+    from tfcovseg.data.dataset import without_autotuner
+
+    state = batches.rng.bit_generator.state
+    first = batches[0]  # for the shapes, its random draws given back
+    batches.rng.bit_generator.state = state
+    signature = tf.nest.map_structure(lambda a: tf.TensorSpec((None, *a.shape[1:]), a.dtype), first)
+    epochs = itertools.count()
+
+    def epoch():
+        if next(epochs):
+            batches.on_epoch_end()
+        for i in range(len(batches)):
+            yield batches[i]
+
+    ds = tf.data.Dataset.from_generator(epoch, output_signature=signature)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    return without_autotuner(ds.prefetch(2))

@@ -307,6 +307,7 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     early stopping and an epoch line each; returns its epochs, best epoch and that epoch's
     validation loss (a student's beside its teacher's: did it improve on the labelled
     validation slices?)."""
+    from tfcovseg.benchmarks.batches import fit_input
     from tfcovseg.evaluation.runlog import phase_summary
     from tfcovseg.training.recipe import compile_segmenter, early_stopping, keras_verbose
 
@@ -315,9 +316,12 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     verbose, callbacks = keras_verbose(
         2, [early_stopping(patience)], epochs, log, prefix=f"    {name} "
     )
+    # The batches permute their slices each epoch themselves (Keras would also shuffle
+    # the order of a PyDataset's batches; `fit_input` reads them in turn).
     history = model.fit(
-        train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=verbose
-    )
+        fit_input(train), validation_data=fit_input(val), epochs=epochs, shuffle=False,
+        callbacks=callbacks, verbose=verbose,
+    )  # fmt: skip
     run = phase_summary(history.history, epochs)  # NaN epochs are never the best
     best, loss = run["best_epoch"], run["best_val_loss"]
     seen = "no finite validation loss" if best is None else f"validation loss {loss:.4f}"

@@ -1,0 +1,94 @@
+"""The COVID-SemiSeg benchmark's in-memory batches and what `model.fit` reads of them."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tfcovseg.benchmarks.batches import ConsistencyBatches, SliceBatches, fit_input
+from tfcovseg.data.intensity import IntensityJitter
+
+OUTPUTS = ("final",)
+tensorflow_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the tf.data pipeline of the TF backend"
+)
+
+
+def _batches(seed=3, cls=SliceBatches, **kw):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (6, 16, 16)).astype(np.float32)
+    masks = (rng.random((6, 16, 16, 2)) > 0.7).astype(np.float32)
+    if kw.pop("extra", False):
+        kw["extra"] = (images[:3] / 2, masks[:3])
+    return cls(images, masks, OUTPUTS, 4, passes=2, seed=seed, jitter=IntensityJitter(), **kw)
+
+
+def _expected(twin, epochs):
+    """`twin`'s batches epoch after epoch, the next permutation between epochs."""
+    out = []
+    for e in range(epochs):
+        if e:
+            twin.on_epoch_end()
+        out.append([twin[i] for i in range(len(twin))])
+    return out
+
+
+def _assert_same(want, have):
+    for a, b in zip(keras.tree.flatten(want), keras.tree.flatten(have), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@tensorflow_only
+@pytest.mark.parametrize("extra", [False, True])
+def test_fit_input_reads_the_batches_epoch_by_epoch_without_autotuning(extra):
+    batches, twin = _batches(extra=extra), _batches(extra=extra)
+    ds = fit_input(batches)
+    assert ds.options().autotune.enabled is False
+    assert int(ds.cardinality()) == len(twin) == (6 if extra else 3)
+    expected = _expected(twin, 3)
+    for want_epoch in expected:
+        iterator = iter(ds)  # a new iterator each epoch, never exhausted: as Keras' fit
+        for want in want_epoch:
+            _assert_same(want, next(iterator))
+        del iterator
+    # Each epoch reshuffles and augments anew.
+    assert not np.array_equal(expected[0][0][0], expected[1][0][0])
+
+
+@tensorflow_only
+def test_fit_input_carries_dict_inputs_of_consistency_batches():
+    unlabelled = np.random.default_rng(1).uniform(0, 255, (5, 16, 16)).astype(np.float32)
+    kw = dict(cls=ConsistencyBatches, unlabelled=unlabelled, strong=IntensityJitter())
+    batches, twin = _batches(**kw), _batches(**kw)
+    x, y = next(iter(fit_input(batches)))
+    assert sorted(x) == ["labelled", "strong", "weak"] and list(y) == list(OUTPUTS)
+    _assert_same(twin[0], (x, y))
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    x = keras.Input((16, 16, 1))
+    out = keras.layers.Conv2D(2, 3, padding="same", activation="sigmoid", name="final")(x)
+    model = keras.Model(x, {"final": out})
+    model.compile(keras.optimizers.Adam(1e-2), {"final": "binary_crossentropy"})
+    return model
+
+
+@tensorflow_only
+def test_fit_on_fit_input_trains_on_the_batches_in_turn():
+    """Three epochs of `fit` (with validation and without shuffling, as the benchmark's)
+    step through the batches as a loop over them does. (Keras' own adapters read a batch
+    ahead for its shapes, under JAX too: other random draws.)"""
+    model = _model()
+    history = model.fit(
+        fit_input(_batches()), validation_data=fit_input(_batches(training=False)), epochs=3,
+        shuffle=False, verbose=0,
+    )  # fmt: skip
+    assert len(history.history["val_loss"]) == 3
+    by_hand = _model()
+    for epoch in _expected(_batches(), 3):
+        for x, y in epoch:
+            by_hand.train_on_batch(x, y)
+    for a, b in zip(model.get_weights(), by_hand.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
