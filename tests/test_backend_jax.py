@@ -48,12 +48,20 @@ SCRIPT = textwrap.dedent(
     changed = sum(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     classifier = build_classifier(model)
     p = np.asarray(classifier(x))
+    # The recipe compiles JAX's steps whatever train.jit_compile says (False by default).
+    from tfcovseg.configs.experiment import load_config
+    from tfcovseg.training.recipe import compile_segmenter
+    config = load_config()
+    assert config.train.jit_compile is False
+    recipe_model = build_model(cfg)
+    compile_segmenter(config, recipe_model)
     print(json.dumps({
         "loss": loss, "fixed": fixed, "changed": changed,
         "logs": {k: float(v) for k, v in logs.items()},
         "n_weights": len(before), "classifier_shape": list(p.shape),
         "tensorflow_imported": "tensorflow" in sys.modules,
         "jax_type": type(out["final"]).__module__,
+        "recipe_jit": recipe_model.jit_compile,
     }))
     """
 )
@@ -83,6 +91,7 @@ def test_segmenter_loss_and_gradient_step_under_jax():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tensorflow_imported"] is False
     assert result["jax_type"].startswith("jax")
+    assert result["recipe_jit"] is True
     assert 0.0 < result["loss"] < 10.0
     # The same loss on the same arrays as under TensorFlow (tf.image.ssim) in this process.
     from tfcovseg.training.losses import HybridLoss

@@ -537,6 +537,36 @@ def test_the_parent_of_fold_processes_never_loads_keras(tmp_path):
     assert (tmp_path / "out" / "results.md").is_file()
 
 
+def test_the_parent_chooses_the_folds_cpu_kernels_before_tensorflow_loads(tmp_path):
+    """The experiment's ``train.cpu_kernels`` (the benchmark's default: oneDNN) is set in
+    the parent's environment, which the folds' processes inherit, and recorded apart from
+    the settings a run must match to resume."""
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    script = textwrap.dedent(f"""
+        import os, sys
+        from tfcovseg.benchmarks import processes, semiseg
+        seen = []
+        def fold(target, args, name):
+            seen.append(os.environ["TF_ENABLE_ONEDNN_OPTS"])  # what a fold's process gets
+            return 0
+        processes.run_in_process = fold
+        processes.keras_backend = lambda: "tensorflow"
+        for name, sets in (("one", []), ("two", ["train.cpu_kernels=eigen"])):
+            r = semiseg.run({str(folder)!r}, {str(tmp_path)!r} + "/" + name, isolate=True,
+                            folds=2, models=("unet",), size=32, overrides=sets, log=print)
+            print(seen[-1], r["cpu_kernels"], "experiment" in r["settings"],
+                  "tensorflow" in sys.modules)
+    """)
+    env = {k: v for k, v in os.environ.items() if "ONEDNN" not in k}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "backend tensorflow (oneDNN (train.cpu_kernels) CPU kernels)" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line[:2] in ("0 ", "1 ")]
+    assert lines == ["1 oneDNN (train.cpu_kernels) False False",
+                     "0 Eigen (train.cpu_kernels) False False"]  # fmt: skip
+
+
 def test_peak_fold_memory_is_the_folds_own_not_the_parents_children(tmp_path):
     """Each finished row records its process's peak; the run's `peak_fold_rss_mb` is their
     largest. Other children of the parent (the backend's probe: ~0.9 GB) do not count:

@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import OutputError, check_output_dir
+from tfcovseg import select_cpu_kernels
 from tfcovseg.benchmarks import processes
 from tfcovseg.benchmarks.semiseg_config import (
     BENCH_DEFAULTS,
@@ -606,6 +607,8 @@ def run(
         raise BenchmarkError(f"--passes must be at least 1, got {bench['passes']}")
     _check_dirs(out, train_dir, test_dir)
     config = benchmark_config(config, overrides, **kw)
+    # Before TensorFlow loads, here or in the folds' processes (which inherit the choice).
+    kernels = select_cpu_kernels(config.train.cpu_kernels)
     out, start, size = Path(out), time.perf_counter(), config.model.input_size[0]
     train = load_slices(train_dir, size)
     test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
@@ -620,7 +623,9 @@ def run(
     settings = settings_record(config, bench, semi_row=semi_row)
     code = processes.source_digest() if isolated else None
     results = _header(train, test, unlabelled, folds, seed, settings, _backend(code))
-    log(_describe(train, test, unlabelled, folds, settings, results["backend"]))
+    if results["backend"] == "tensorflow":
+        results["cpu_kernels"] = kernels
+    log(_describe(train, test, unlabelled, folds, settings, results))
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
@@ -789,7 +794,7 @@ def _load_teacher(store, fold, config):
     return model
 
 
-def _describe(train, test, unlabelled, folds, settings, backend) -> str:
+def _describe(train, test, unlabelled, folds, settings, results) -> str:
     if test is None:
         where = f", {folds}-fold cross-validation"
     else:
@@ -806,9 +811,10 @@ def _describe(train, test, unlabelled, folds, settings, backend) -> str:
     if unlabelled is not None and unlabelled.skipped:
         (first, reason), n = unlabelled.skipped[0], len(unlabelled.skipped)
         more += f" ({n} more left out: {first}: {reason}{', ...' if n > 1 else ''})"
+    kernels = f" ({results['cpu_kernels']} CPU kernels)" if "cpu_kernels" in results else ""
     return (
         f"{len(train.names)} training slices{where}{more}, "
-        f"{settings['size']}x{settings['size']}, backend {backend}"
+        f"{settings['size']}x{settings['size']}, backend {results['backend']}{kernels}"
     )
 
 

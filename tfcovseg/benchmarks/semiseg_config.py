@@ -12,7 +12,7 @@ from tfcovseg.configs import experiment as ex
 
 CLASSES = ("ggo", "consolidation")
 # The experiment the benchmark trains by default (``--config``): the built-in ``semiseg``
-# recipe without intensity augmentation, with XLA as Keras' "auto" gives it.
+# recipe without intensity augmentation (TensorFlow: oneDNN kernels, no XLA; JAX: compiled).
 DEFAULT_CONFIG = "semiseg_benchmark"
 # What each row changes in the experiment: the coarse-refine network with the config's loss,
 # the U-Net baseline with plain BCE (the paper's comparison).
@@ -170,7 +170,9 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method
-    recorded = {"model.input_size", "train.seed", *SHORTCUTS.values()}
+    # The CPU kernels change the arithmetic, not the recipe: results.json records them
+    # apart (``cpu_kernels``), and a run goes on under others, as `tfcovseg.train`'s does.
+    recorded = {"model.input_size", "train.seed", "train.cpu_kernels", *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
     ours = ex.dotted_values(ex.config_to_dict(config))
     default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))

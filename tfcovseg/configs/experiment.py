@@ -483,7 +483,8 @@ class TrainConfig:
             paper's recipe (segmentation loss only).
         classifier_epochs: Maximum classification epochs.
         precision: "float32", "mixed_float16" or "mixed_bfloat16".
-        jit_compile: Compile train steps with XLA.
+        jit_compile: Compile TensorFlow's train steps with XLA (under JAX the
+            segmenter's steps are always compiled, `tfcovseg.training.recipe`).
         cpu_kernels: TensorFlow's CPU kernels for ``tfcovseg.train``: "eigen" (the
             package's default, `tfcovseg/__init__.py`) or "onednn" (1.6x faster training
             steps on an AVX2 CPU; figures differ in the last digits, and so, through

@@ -50,15 +50,18 @@ def learning_rate(config, steps_per_epoch=None, epochs=None):
 def compile_segmenter(config, model, objective=None, steps_per_epoch=None, epochs=None):
     """Compiles `model` with Adam (`learning_rate`: ``train.learning_rate`` under
     ``train.lr_schedule``, which needs `steps_per_epoch` unless constant),
-    ``train.jit_compile`` and `objective` (default: `segmentation_objective` on the
-    model's outputs)."""
+    ``train.jit_compile`` (always under JAX) and `objective` (default:
+    `segmentation_objective` on the model's outputs)."""
     losses, weights, metrics = objective or segmentation_objective(config, model.output)
+    # Under JAX, Keras' jit_compile=False runs a step op by op (a debugging mode): its
+    # steps are always compiled, and the key chooses XLA for TensorFlow's.
+    jit = config.train.jit_compile or keras.backend.backend() == "jax"
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch, epochs)),
         loss=losses,
         loss_weights=weights,
         metrics=metrics,
-        jit_compile=config.train.jit_compile,
+        jit_compile=jit,
     )
 
 
