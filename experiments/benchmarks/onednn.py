@@ -1,13 +1,16 @@
 """A training step with TensorFlow's oneDNN kernels on against off (Eigen), on this CPU.
 
     python experiments/benchmarks/onednn.py [--config quickstart] [--batch 8] [--steps 10]
-        [--rounds 2] [--out runs/benchmarks/onednn.json]
+        [--rounds 2] [--xla] [--out runs/benchmarks/onednn.json]
+    python experiments/benchmarks/onednn.py --config semiseg_benchmark --batch 4 --xla
 
 `import tfcovseg` turns oneDNN off unless TF_ENABLE_ONEDNN_OPTS is set (see
 `tfcovseg/__init__.py`), and TensorFlow reads the variable once, at import: the two modes
 run in separate processes (`train_step.py`'s recipe step), alternating off, on, off, on...
 so that machine drift affects both alike. Reported: the median over rounds of each mode's
-median step, and their ratio.
+median step, and their ratio. ``--xla`` adds both modes with XLA-compiled steps
+(``train.jit_compile``; without it, the steps are plain `tf.function`s whatever the
+experiment says), each figure also as a ratio to Eigen's.
 """
 
 from __future__ import annotations
@@ -27,25 +30,31 @@ HERE = Path(__file__).resolve().parent
 MODES = {"off (Eigen)": "0", "on (oneDNN)": "1"}
 
 
-def _step(config, batch, steps, flag) -> dict:
+def _step(config, batch, steps, flag, xla=False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "step.json"
         cmd = [sys.executable, str(HERE / "train_step.py"), "--config", config, "--batch",
-               str(batch), "--steps", str(steps), "--out", str(out)]  # fmt: skip
+               str(batch), "--steps", str(steps), "--out", str(out),
+               "--set", f"train.jit_compile={'true' if xla else 'false'}"]  # fmt: skip
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TF_CPP_MIN_LOG_LEVEL="3")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["variants"]["recipe"]
 
 
-def run(config="quickstart", batch=8, steps=10, rounds=2) -> dict:
-    walls = {mode: [] for mode in MODES}
+def run(config="quickstart", batch=8, steps=10, rounds=2, xla=False) -> dict:
+    modes = {(mode, False): flag for mode, flag in MODES.items()}
+    if xla:
+        modes |= {(mode, True): flag for mode, flag in MODES.items()}
+    walls = {mode + (" + XLA" if jit else ""): [] for mode, jit in modes}
     for _ in range(rounds):
-        for mode, flag in MODES.items():
-            walls[mode].append(_step(config, batch, steps, flag)["step_wall_s"])
+        for (mode, jit), flag in modes.items():
+            step = _step(config, batch, steps, flag, jit)
+            walls[mode + (" + XLA" if jit else "")].append(step["step_wall_s"])
     median = {mode: statistics.median(w) for mode, w in walls.items()}
     off, on = median["off (Eigen)"], median["on (oneDNN)"]
     return {"config": config, "batch": batch, "steps": steps, "rounds": rounds,
-            "step_wall_s": median, "per_round": walls, "speed_up": off / on}  # fmt: skip
+            "step_wall_s": median, "per_round": walls, "speed_up": off / on,
+            "of_eigen": {mode: off / wall for mode, wall in median.items()}}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -54,12 +63,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--xla", action="store_true", help="also with XLA-compiled steps")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    r = run(args.config, args.batch, args.steps, args.rounds)
+    r = run(args.config, args.batch, args.steps, args.rounds, args.xla)
     print(f"{r['config']}: recipe's training step, batch {r['batch']}, {r['rounds']} rounds")
     for mode, wall in r["step_wall_s"].items():
-        print(f"  oneDNN {mode:<12} {wall:.3f} s/step  (rounds: "
+        print(f"  oneDNN {mode:<18} {wall:.3f} s/step, x{r['of_eigen'][mode]:.2f} (rounds: "
               + ", ".join(f"{w:.3f}" for w in r["per_round"][mode]) + ")")  # fmt: skip
     print(f"  speed-up with oneDNN: x{r['speed_up']:.2f}")
     write_figures(args.out, r)

@@ -2,7 +2,7 @@
 metrics.
 
     python experiments/benchmarks/train_step.py [--config quickstart] [--batch 8]
-        [--steps 15] [--out runs/benchmarks/train_step.json]
+        [--steps 15] [--set KEY=VALUE] [--out runs/benchmarks/train_step.json]
 
 The experiment's segmenter is compiled three ways on the same random batch (HU slices,
 sparse lesion masks): as `tfcovseg.train` compiles it (`tfcovseg.training.recipe`: the
@@ -58,9 +58,9 @@ def random_batch(config, batch):
     return x, y
 
 
-def run(config_name="quickstart", batch=8, steps=15, warmup=3):
+def run(config_name="quickstart", batch=8, steps=15, warmup=3, overrides=()):
     """Measures the three compilations; returns a dict of the figures."""
-    config = load_config(config_name)
+    config = load_config(config_name, overrides)
     size = tuple(config.model.input_size)
     x, y = random_batch(config, batch)
     models = {v: _compiled(config, v) for v in VARIANTS}
@@ -68,6 +68,7 @@ def run(config_name="quickstart", batch=8, steps=15, warmup=3):
     timed = alternating_steps(models, x, targets, steps, warmup)
     result = {
         "config": config_name,
+        "overrides": list(overrides),
         "input_size": list(size),
         "batch": batch,
         "steps": steps,
@@ -90,9 +91,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the experiment (repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    r = run(args.config, args.batch, args.steps, args.warmup)
+    r = run(args.config, args.batch, args.steps, args.warmup, args.set)
     h, w = r["input_size"]
     print(
         f"{r['config']}: training step at {h}x{w}, batch {r['batch']}, median of "
