@@ -24,8 +24,10 @@ largest single drop, and the median epoch.
 (`tfcovseg.benchmarks.batches.SliceBatches`: 32 slices at 256x256 held in memory, random
 ones here, batch 4, two augmented passes, intensity jitter), as `fit_input` hands them to
 `model.fit` against Keras' own adapter of the `PyDataset` (``prefetch(AUTOTUNE)``, tf.data
-autotuning on); ``--work`` defaults to 80 products a batch there (~20 s epochs, as the
-benchmark's supervised epochs on this CPU).
+autotuning on); ``--work`` defaults to 80 products a batch there (~30 s epochs on the
+2-core CPU, as the benchmark's students'). Each variant's iterator is dropped after every
+epoch here, as Keras did with its adapter's; `model.fit` keeps `fit_input`'s for the whole
+fit (`steps_per_epoch`), so that pipeline drops none there.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tfcovseg
 from tfcovseg.benchmarks.semiseg import (
     PUBLISHED,
     SEMI,
@@ -121,6 +122,8 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     assert recorded == pytest.approx(float(student.split("val_loss ")[1].split(",")[0]), abs=1e-4)
     assert results["models"]["coarse_refine"]["runs"][0]["best_val_loss"] > 0
     assert semi["runs"][0]["best_val_loss"] == recorded  # the row's model: the last round's
+    # Each fold records the kernels it trained with (a run may go on under others).
+    assert {r["cpu_kernels"] for r in semi["runs"]} == {tfcovseg.cpu_kernels()}
     assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
     table = (out / "results.md").read_text()
     assert "self-training" in table and "per fold" in table

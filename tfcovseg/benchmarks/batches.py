@@ -4,8 +4,6 @@ TFRecords through tf.data instead)."""
 
 from __future__ import annotations
 
-import itertools
-
 import keras
 import numpy as np
 
@@ -93,17 +91,20 @@ class ConsistencyBatches(SliceBatches):
 
 
 def fit_input(batches: SliceBatches):
-    """What `model.fit` reads for `batches`: under TensorFlow, a tf.data pipeline over them
-    without tf.data's autotuning thread; under other backends the `PyDataset` itself.
+    """What `model.fit` reads for `batches`, with ``steps_per_epoch=len(batches)`` (and
+    ``shuffle=False``): under TensorFlow, one endless tf.data pipeline over them without
+    tf.data's autotuning thread; under other backends the `PyDataset` itself.
 
     Keras turns a `PyDataset` into a pipeline with ``prefetch(AUTOTUNE)`` and autotuning on,
-    makes a new iterator of it every epoch, and in TensorFlow 2.21 dropping the old one
-    waits for its autotuning thread to wake (seconds to tens of seconds at some epoch
-    starts; `tfcovseg.data.dataset.without_autotuner`). Here each epoch's iterator reads
-    ``batches[0]``, ``batches[1]``, ... in turn, `on_epoch_end` (the next permutation)
-    called in between, as the next epoch's iterator starts. (Keras' own pipeline starts
-    reading the next epoch in its prefetch thread before it calls `on_epoch_end`, reads two
-    batches ahead for their shapes and shuffles the batches' order: other random draws.)
+    makes new iterators of it at every epoch's end and start, and in TensorFlow 2.21
+    dropping one waits for its autotuning thread to wake (seconds to tens of seconds at
+    some epoch starts; `tfcovseg.data.dataset.without_autotuner`). Here a single
+    generator reads ``batches[0]``, ``batches[1]``, ... and calls `on_epoch_end` (the next
+    permutation) after the last, epoch after epoch, all in one thread: the random draws do
+    not depend on when Keras makes or drops iterators, and with `steps_per_epoch` it keeps
+    one for the whole fit. (Keras' own adapter reads two batches for their shapes before
+    the first epoch and, under fit's default ``shuffle=True``, shuffles the batches' order
+    each epoch: other random draws.)
     """
     if keras.backend.backend() != "tensorflow":
         return batches
@@ -115,14 +116,12 @@ def fit_input(batches: SliceBatches):
     first = batches[0]  # for the shapes, its random draws given back
     batches.rng.bit_generator.state = state
     signature = tf.nest.map_structure(lambda a: tf.TensorSpec((None, *a.shape[1:]), a.dtype), first)
-    epochs = itertools.count()
 
-    def epoch():
-        if next(epochs):
+    def epochs():
+        while True:
+            for i in range(len(batches)):
+                yield batches[i]
             batches.on_epoch_end()
-        for i in range(len(batches)):
-            yield batches[i]
 
-    ds = tf.data.Dataset.from_generator(epoch, output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(batches)))
+    ds = tf.data.Dataset.from_generator(epochs, output_signature=signature)
     return without_autotuner(ds.prefetch(2))

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.files import OutputError, check_output_dir
-from tfcovseg import select_cpu_kernels
+from tfcovseg import cpu_kernels, select_cpu_kernels
 from tfcovseg.benchmarks import processes
 from tfcovseg.benchmarks.semiseg_config import (
     BENCH_DEFAULTS,
@@ -317,11 +317,11 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     verbose, callbacks = keras_verbose(
         2, [early_stopping(patience)], epochs, log, prefix=f"    {name} "
     )
-    # The batches permute their slices each epoch themselves (Keras would also shuffle
-    # the order of a PyDataset's batches; `fit_input` reads them in turn).
+    # The batches permute their slices each epoch themselves: read in turn, not shuffled.
     history = model.fit(
         fit_input(train), validation_data=fit_input(val), epochs=epochs, shuffle=False,
-        callbacks=callbacks, verbose=verbose,
+        steps_per_epoch=len(train), validation_steps=len(val), callbacks=callbacks,
+        verbose=verbose,
     )  # fmt: skip
     run = phase_summary(history.history, epochs)  # NaN epochs are never the best
     best, loss = run["best_epoch"], run["best_val_loss"]
@@ -690,6 +690,8 @@ class _Fold:
         names = [scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
+        if _backend(isolated=False) == "tensorflow":  # a run may go on under other kernels
+            run_info["cpu_kernels"] = cpu_kernels()
         entry = {"scores": scores, "run": run_info, "peak_rss_mb": _peak_rss_mb()}
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
         log(f"    {_headline(scores)}")

@@ -485,10 +485,11 @@ class TrainConfig:
         precision: "float32", "mixed_float16" or "mixed_bfloat16".
         jit_compile: Compile TensorFlow's train steps with XLA (under JAX the
             segmenter's steps are always compiled, `tfcovseg.training.recipe`).
-        cpu_kernels: TensorFlow's CPU kernels for ``tfcovseg.train``: "eigen" (the
-            package's default, `tfcovseg/__init__.py`) or "onednn" (1.6x faster training
-            steps on an AVX2 CPU; figures differ in the last digits, and so, through
-            training, in the second). TF_ENABLE_ONEDNN_OPTS, when set, wins.
+        cpu_kernels: TensorFlow's CPU kernels for ``tfcovseg.train`` and the COVID-SemiSeg
+            benchmark's folds: "eigen" (the package's default, `tfcovseg/__init__.py`) or
+            "onednn" (1.6-2.1x faster training steps on an AVX2 CPU; figures differ in
+            the last digits, and so, through training, in the second).
+            TF_ENABLE_ONEDNN_OPTS, when set, wins.
         strategy: "auto" (MultiWorkerMirroredStrategy when TF_CONFIG names several
             workers, MirroredStrategy over several local GPUs, else none), "mirrored",
             "multi_worker" or "default".
