@@ -623,9 +623,9 @@ def run(
     settings = settings_record(config, bench, semi_row=semi_row)
     code = processes.source_digest() if isolated else None
     results = _header(train, test, unlabelled, folds, seed, settings, _backend(code))
-    if results["backend"] == "tensorflow":
-        results["cpu_kernels"] = kernels
-    log(_describe(train, test, unlabelled, folds, settings, results))
+    # What this invocation trains with; results.json lists, per row, what its folds did.
+    kernels = kernels if results["backend"] == "tensorflow" else None
+    log(_describe(train, test, unlabelled, folds, settings, results["backend"], kernels))
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
@@ -796,7 +796,7 @@ def _load_teacher(store, fold, config):
     return model
 
 
-def _describe(train, test, unlabelled, folds, settings, results) -> str:
+def _describe(train, test, unlabelled, folds, settings, backend, kernels) -> str:
     if test is None:
         where = f", {folds}-fold cross-validation"
     else:
@@ -813,10 +813,10 @@ def _describe(train, test, unlabelled, folds, settings, results) -> str:
     if unlabelled is not None and unlabelled.skipped:
         (first, reason), n = unlabelled.skipped[0], len(unlabelled.skipped)
         more += f" ({n} more left out: {first}: {reason}{', ...' if n > 1 else ''})"
-    kernels = f" ({results['cpu_kernels']} CPU kernels)" if "cpu_kernels" in results else ""
+    kernels = f" ({kernels} CPU kernels)" if kernels else ""
     return (
         f"{len(train.names)} training slices{where}{more}, "
-        f"{settings['size']}x{settings['size']}, backend {results['backend']}{kernels}"
+        f"{settings['size']}x{settings['size']}, backend {backend}{kernels}"
     )
 
 
@@ -873,6 +873,8 @@ def _assemble(results, store, rows, splits, start) -> dict:
             "fold_ids": [k for k, d in found.items() if d is not None],
             "summary": summarise(per_fold),
             "runs": [d["run"] for d in done],
+            # The kernels its folds trained with (TensorFlow; none recorded before 12-07).
+            "cpu_kernels": sorted({d["run"].get("cpu_kernels") for d in done} - {None}),
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
             "peak_rss_mb": max((d.get("peak_rss_mb", 0) for d in done), default=0) or None,
         }
