@@ -873,7 +873,7 @@ def _assemble(results, store, rows, splits, start) -> dict:
             "fold_ids": [k for k, d in found.items() if d is not None],
             "summary": summarise(per_fold),
             "runs": [d["run"] for d in done],
-            # The kernels its folds trained with (TensorFlow; none recorded before 12-07).
+            # The kernels its folds trained with (TensorFlow; not recorded before 2026-12-07).
             "cpu_kernels": sorted({d["run"].get("cpu_kernels") for d in done} - {None}),
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
             "peak_rss_mb": max((d.get("peak_rss_mb", 0) for d in done), default=0) or None,

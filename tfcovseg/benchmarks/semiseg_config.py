@@ -170,8 +170,8 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method
-    # The CPU kernels change the arithmetic, not the recipe: results.json records them
-    # apart (``cpu_kernels``), and a run goes on under others, as `tfcovseg.train`'s does.
+    # The CPU kernels change the arithmetic, not the recipe: each fold records its own
+    # (``cpu_kernels``), and a run goes on under others, as `tfcovseg.train`'s does.
     recorded = {"model.input_size", "train.seed", "train.cpu_kernels", *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
     ours = ex.dotted_values(ex.config_to_dict(config))
