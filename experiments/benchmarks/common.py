@@ -17,6 +17,16 @@ def write_figures(out: Path | None, figures: dict) -> None:
     print(f"wrote {out}")
 
 
+def with_autotuner(ds):
+    """`ds` with tf.data's autotuning thread on again: the baseline our pipelines
+    (`tfcovseg.data.dataset.without_autotuner`) are measured against."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    return ds.with_options(options)
+
+
 def alternating_steps(models: dict, x, targets: dict, steps: int, warmup: int) -> dict:
     """{name: (median wall s, median process CPU s)} of a training step of each model on
     the same batch, after `warmup` steps each (graph tracing); the models take turns step

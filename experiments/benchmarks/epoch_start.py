@@ -44,7 +44,7 @@ importlib.import_module("tfcovseg")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
+from common import with_autotuner, write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from tfcovseg.configs.experiment import builtin_experiment, load_config  # noqa: E402
 from tfcovseg.data.dataset import make_dataset  # noqa: E402
@@ -59,10 +59,8 @@ def _datasets(config) -> dict:
         oversample_pneumonia=data.oversample_pneumonia, shuffle_buffer=data.shuffle_buffer,
         seed=t.seed, image_size=config.model.input_size,
     )  # fmt: skip
-    autotuned = tf.data.Options()
-    autotuned.autotune.enabled = True
     return {"make_dataset (no autotuning thread)": ours,
-            "same, with tf.data autotuning": ours.with_options(autotuned)}  # fmt: skip
+            "same, with tf.data autotuning": with_autotuner(ours)}  # fmt: skip
 
 
 def _slice_datasets(_config) -> dict:

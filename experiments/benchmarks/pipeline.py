@@ -48,7 +48,7 @@ from pathlib import Path
 importlib.import_module("tfcovseg")
 
 import tensorflow as tf  # noqa: E402
-from common import write_figures  # noqa: E402  (experiments/benchmarks/common.py)
+from common import with_autotuner, write_figures  # noqa: E402  (experiments/benchmarks/common.py)
 
 from data_tools.conversion.pipeline import convert  # noqa: E402
 from data_tools.features import feature_spec  # noqa: E402
@@ -158,10 +158,8 @@ def run(
     )
     if stages:
         # make_dataset turns tf.data's autotuning off (`without_autotuner`): what that costs.
-        autotuned = tf.data.Options()
-        autotuned.autotune.enabled = True
         configs["training_pipeline_autotuned"] = (
-            configs["training_pipeline"][0].with_options(autotuned),
+            with_autotuner(configs["training_pipeline"][0]),
             True,
         )
     figures = {name: {"rate": [], "cores_busy": []} for name in configs}
