@@ -1,8 +1,10 @@
 """A training step with TensorFlow's oneDNN kernels on against off (Eigen), on this CPU.
 
     python experiments/benchmarks/onednn.py [--config quickstart] [--batch 8] [--steps 10]
-        [--rounds 2] [--xla] [--out runs/benchmarks/onednn.json]
+        [--rounds 2] [--xla] [--set KEY=VALUE] [--out runs/benchmarks/onednn.json]
     python experiments/benchmarks/onednn.py --config semiseg_benchmark --batch 4 --xla
+    python experiments/benchmarks/onednn.py --config semiseg_benchmark --batch 4 --xla \
+        --set model.architecture=unet --set train.loss=bce   # the benchmark's U-Net row
 
 `import tfcovseg` turns oneDNN off unless TF_ENABLE_ONEDNN_OPTS is set (see
 `tfcovseg/__init__.py`), and TensorFlow reads the variable once, at import: the two modes
@@ -30,29 +32,31 @@ HERE = Path(__file__).resolve().parent
 MODES = {"off (Eigen)": "0", "on (oneDNN)": "1"}
 
 
-def _step(config, batch, steps, flag, xla=False) -> dict:
+def _step(config, batch, steps, flag, xla=False, overrides=()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "step.json"
         cmd = [sys.executable, str(HERE / "train_step.py"), "--config", config, "--batch",
                str(batch), "--steps", str(steps), "--out", str(out),
                "--set", f"train.jit_compile={'true' if xla else 'false'}"]  # fmt: skip
+        cmd += [arg for kv in overrides for arg in ("--set", kv)]
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag, TF_CPP_MIN_LOG_LEVEL="3")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())["variants"]["recipe"]
 
 
-def run(config="quickstart", batch=8, steps=10, rounds=2, xla=False) -> dict:
+def run(config="quickstart", batch=8, steps=10, rounds=2, xla=False, overrides=()) -> dict:
     modes = {(mode, False): flag for mode, flag in MODES.items()}
     if xla:
         modes |= {(mode, True): flag for mode, flag in MODES.items()}
     walls = {mode + (" + XLA" if jit else ""): [] for mode, jit in modes}
     for _ in range(rounds):
         for (mode, jit), flag in modes.items():
-            step = _step(config, batch, steps, flag, jit)
+            step = _step(config, batch, steps, flag, jit, overrides)
             walls[mode + (" + XLA" if jit else "")].append(step["step_wall_s"])
     median = {mode: statistics.median(w) for mode, w in walls.items()}
     off, on = median["off (Eigen)"], median["on (oneDNN)"]
-    return {"config": config, "batch": batch, "steps": steps, "rounds": rounds,
+    return {"config": config, "overrides": list(overrides), "batch": batch, "steps": steps,
+            "rounds": rounds,
             "step_wall_s": median, "per_round": walls, "speed_up": off / on,
             "of_eigen": {mode: off / wall for mode, wall in median.items()}}  # fmt: skip
 
@@ -64,10 +68,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--xla", action="store_true", help="also with XLA-compiled steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the experiment (repeatable)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    r = run(args.config, args.batch, args.steps, args.rounds, args.xla)
-    print(f"{r['config']}: recipe's training step, batch {r['batch']}, {r['rounds']} rounds")
+    r = run(args.config, args.batch, args.steps, args.rounds, args.xla, args.set)
+    name = " ".join([r["config"], *r["overrides"]])
+    print(f"{name}: recipe's training step, batch {r['batch']}, {r['rounds']} rounds")
     for mode, wall in r["step_wall_s"].items():
         print(f"  oneDNN {mode:<18} {wall:.3f} s/step, x{r['of_eigen'][mode]:.2f} (rounds: "
               + ", ".join(f"{w:.3f}" for w in r["per_round"][mode]) + ")")  # fmt: skip

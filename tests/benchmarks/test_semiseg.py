@@ -125,6 +125,8 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     # Each fold records the kernels it trained with (a run may go on under others).
     assert {r["cpu_kernels"] for r in semi["runs"]} == {tfcovseg.cpu_kernels()}
     assert semi["cpu_kernels"] == [tfcovseg.cpu_kernels()]
+    jax = __import__("keras").backend.backend() == "jax"
+    assert semi["jit_compile"] == [jax] and {r["jit_compile"] for r in semi["runs"]} == {jax}
     assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
     table = (out / "results.md").read_text()
     assert "self-training" in table and "per fold" in table
@@ -444,6 +446,15 @@ def test_the_benchmark_trains_the_experiment_config(tmp_path):
     assert not [k for k in supervised if k.startswith("semi")]
     assert supervised["experiment"] == {"train.coarse_loss_weight": 0.5}
     assert supervised == sc.settings_record(other, sc.BENCH_DEFAULTS, semi_row=False)
+    # XLA and the CPU kernels change the arithmetic only: not part of what must match.
+    free = ["train.jit_compile=true", "train.cpu_kernels=eigen"]
+    assert sc.settings_record(sc.benchmark_config(overrides=free), sc.BENCH_DEFAULTS) == settings
+    # A folder of a run that recorded XLA off (the old default) goes on (session 49's lead).
+    older = {f"settings.{k}": v for k, v in settings.items()}
+    older["settings.experiment"] = {"train.jit_compile": False}
+    assert sc.comparable(older) == {f"settings.{k}": v for k, v in settings.items()}
+    older["settings.experiment"]["train.coarse_loss_weight"] = 0.5
+    assert sc.comparable(older)["settings.experiment"] == {"train.coarse_loss_weight": 0.5}
     with pytest.raises(BenchmarkError, match="model.class_names must be"):
         sc.benchmark_config("quickstart")
     with pytest.raises(BenchmarkError, match="train.epochs"):

@@ -73,9 +73,9 @@ from tfcovseg.benchmarks.semiseg_config import (
     MODELS,
     BenchmarkError,
     benchmark_config,
+    comparable,
     row_config,
     settings_record,
-    without_semi,
 )
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation import protocol
@@ -629,8 +629,8 @@ def run(
     splits = _splits(train, test, folds, bench, seed)
     _check_splits(splits, train_dir, test is None)
     todo = _pick_folds(only_folds, splits, test)
-    # Without a semi row, semi keys an older run recorded do not stop it resuming.
-    normalise = None if semi_row else functools.partial(without_semi, prefix="settings.")
+    # Free keys, and without a semi row semi keys, an older run recorded do not stop it.
+    normalise = functools.partial(comparable, semi_row=semi_row)
     try:
         store = FoldStore(out, _fingerprint(results, rows), normalise)
     except StoreError as e:
@@ -673,6 +673,8 @@ class _Fold:
             self.row(row, out, log, keep_teacher)
 
     def row(self, row: str, out: Path, log, keep_teacher: bool) -> None:
+        from tfcovseg.training.recipe import jit_compile
+
         split, store = self.split, self.store
         done = store.get(row, split.fold)
         if done is not None:
@@ -683,14 +685,18 @@ class _Fold:
         model, info = self._fit(row, log, keep_teacher)
         scored = self.test if self.test is not None else self.train
         semi = row in SEMI_ROWS.values()
-        weights = row_config(self.config, "coarse_refine" if semi else row).train
-        maps = predict_maps(model, scored, split.test, self.bench["tta"], weights.positive_weights)
+        trained = row_config(self.config, "coarse_refine" if semi else row)
+        maps = predict_maps(
+            model, scored, split.test, self.bench["tta"], trained.train.positive_weights
+        )
         truth = truths(scored, split.test)
         scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
         names = [scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
-        if _backend(isolated=False) == "tensorflow":  # a run may go on under other kernels
+        # A run may go on under other kernels or XLA (`FREE_KEYS`): each fold says its own.
+        run_info["jit_compile"] = jit_compile(trained)
+        if _backend(isolated=False) == "tensorflow":
             run_info["cpu_kernels"] = cpu_kernels()
         entry = {"scores": scores, "run": run_info, "peak_rss_mb": _peak_rss_mb()}
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
@@ -875,6 +881,7 @@ def _assemble(results, store, rows, splits, start) -> dict:
             "runs": [d["run"] for d in done],
             # The kernels its folds trained with (TensorFlow; not recorded before 2026-12-07).
             "cpu_kernels": sorted({d["run"].get("cpu_kernels") for d in done} - {None}),
+            "jit_compile": sorted({d["run"].get("jit_compile") for d in done} - {None}),
             "wall_s": round(sum(d["wall_s"] for d in done), 1),
             "peak_rss_mb": max((d.get("peak_rss_mb", 0) for d in done), default=0) or None,
         }

@@ -21,6 +21,10 @@ ROWS = {
     "unet": {"model.architecture": "unet", "train.loss": "bce", "train.positive_weights": []},
 }
 MODELS = tuple(ROWS)
+# Keys that change the arithmetic, not the recipe (TensorFlow's CPU kernels, XLA): kept out
+# of the settings a run folder must match to go on, as `tfcovseg.train` lets a run go on
+# under others; each fold records what it trained with (``cpu_kernels``, ``jit_compile``).
+FREE_KEYS = ("train.cpu_kernels", "train.jit_compile")
 # run()'s keywords (the CLI's options) that set a key of the experiment.
 SHORTCUTS = {
     "epochs": "train.epochs",
@@ -170,15 +174,25 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method
-    # The CPU kernels change the arithmetic, not the recipe: each fold records its own
-    # (``cpu_kernels``), and a run goes on under others, as `tfcovseg.train`'s does.
-    recorded = {"model.input_size", "train.seed", "train.cpu_kernels", *SHORTCUTS.values()}
+    recorded = {"model.input_size", "train.seed", *FREE_KEYS, *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
     ours = ex.dotted_values(ex.config_to_dict(config))
     default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
     other = {k: v for k, v in ours.items() if k not in recorded and default.get(k) != v}
     settings |= {"experiment": other} if other else {}
     return settings if semi_row else without_semi(settings)
+
+
+def comparable(recorded: dict, semi_row: bool = True, prefix: str = "settings.") -> dict:
+    """The settings an earlier run recorded, as this run compares them: less the keys that
+    are free now (`FREE_KEYS`: older runs recorded ``train.jit_compile`` when not the
+    default), and less the semi-supervised row's when this run has none."""
+    other = dict(recorded.get(f"{prefix}experiment") or {})
+    for key in FREE_KEYS:
+        other.pop(key, None)
+    kept = {k: v for k, v in recorded.items() if k != f"{prefix}experiment"}
+    kept |= {f"{prefix}experiment": other} if other else {}
+    return kept if semi_row else without_semi(kept, prefix)
 
 
 def without_semi(settings: dict, prefix: str = "") -> dict:

@@ -47,15 +47,20 @@ def learning_rate(config, steps_per_epoch=None, epochs=None):
     return keras.optimizers.schedules.CosineDecay(t.learning_rate, steps, alpha=LR_FLOOR)
 
 
+def jit_compile(config) -> bool:
+    """Whether `compile_segmenter` compiles the steps with XLA: ``train.jit_compile``, and
+    always under JAX, where Keras' jit_compile=False runs a step op by op (a debugging
+    mode)."""
+    return bool(config.train.jit_compile) or keras.backend.backend() == "jax"
+
+
 def compile_segmenter(config, model, objective=None, steps_per_epoch=None, epochs=None):
     """Compiles `model` with Adam (`learning_rate`: ``train.learning_rate`` under
     ``train.lr_schedule``, which needs `steps_per_epoch` unless constant),
     ``train.jit_compile`` (always under JAX) and `objective` (default:
     `segmentation_objective` on the model's outputs)."""
     losses, weights, metrics = objective or segmentation_objective(config, model.output)
-    # Under JAX, Keras' jit_compile=False runs a step op by op (a debugging mode): its
-    # steps are always compiled, and the key chooses XLA for TensorFlow's.
-    jit = config.train.jit_compile or keras.backend.backend() == "jax"
+    jit = jit_compile(config)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch, epochs)),
         loss=losses,
