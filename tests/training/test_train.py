@@ -534,6 +534,9 @@ def test_resume_skips_completed_phases(tiny, tmp_path):
     other_kernels = {"eigen": "onednn", "onednn": "eigen"}[config.train.cpu_kernels]
     kernels = load_config(out / "config.yaml", [f"train.cpu_kernels={other_kernels}"])
     train(kernels, out, resume=True, verbose=0, log=lambda *a: None)
+    # And so may XLA (benchmark folders and runs alike: `ARITHMETIC_KEYS`).
+    xla = load_config(out / "config.yaml", [f"train.jit_compile={not config.train.jit_compile}"])
+    train(xla, out, resume=True, verbose=0, log=lambda *a: None)
 
 
 def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys):

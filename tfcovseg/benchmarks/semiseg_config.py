@@ -21,10 +21,10 @@ ROWS = {
     "unet": {"model.architecture": "unet", "train.loss": "bce", "train.positive_weights": []},
 }
 MODELS = tuple(ROWS)
-# Keys that change the arithmetic, not the recipe (TensorFlow's CPU kernels, XLA): kept out
-# of the settings a run folder must match to go on, as `tfcovseg.train` lets a run go on
-# under others; each fold records what it trained with (``cpu_kernels``, ``jit_compile``).
-FREE_KEYS = ("train.cpu_kernels", "train.jit_compile")
+# Keys that change the arithmetic, not the recipe: kept out of the settings a run folder
+# must match to go on, as in `tfcovseg.train`; each fold records what it trained with
+# (``cpu_kernels``, ``jit_compile``).
+FREE_KEYS = ex.ARITHMETIC_KEYS
 # run()'s keywords (the CLI's options) that set a key of the experiment.
 SHORTCUTS = {
     "epochs": "train.epochs",

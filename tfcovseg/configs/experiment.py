@@ -453,6 +453,12 @@ class DataConfig:
         _check_positive("data.oversample_pneumonia", self.oversample_pneumonia)
 
 
+# How TensorFlow computes the training steps, not what they compute (its CPU kernels,
+# XLA): a resumed run (`tfcovseg.training.run_folder`) or benchmark run folder
+# (`tfcovseg.benchmarks.semiseg_config`) may go on under other values.
+ARITHMETIC_KEYS = ("train.cpu_kernels", "train.jit_compile")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (Huang et al. 2021, Section 3.2: Adam 3e-4, batch 8, 200 epochs).

@@ -10,7 +10,13 @@ import shutil
 from pathlib import Path
 
 from data_tools.files import OutputError, check_output_dir
-from tfcovseg.configs.experiment import config_to_dict, dotted_values, load_config
+from tfcovseg.configs.experiment import (
+    ARITHMETIC_KEYS,
+    TrainConfig,
+    config_to_dict,
+    dotted_values,
+    load_config,
+)
 from tfcovseg.constants import RUN_MODELS
 from tfcovseg.evaluation.runlog import EVALUATION_DIR
 from tfcovseg.models import ModelFileError, load_model
@@ -105,9 +111,12 @@ def check_out(out: Path, resume: bool) -> None:
 
 def _training_settings(config):
     """The config without what a resumed run may change: what only happens after training
-    (evaluate, export) and TensorFlow's CPU kernels (how the steps compute, not what:
-    TF_ENABLE_ONEDNN_OPTS overrides them anyway, and a run goes on on another machine)."""
-    free = {"evaluate": False, "export_dir": "", "cpu_kernels": "eigen"}
+    (evaluate, export) and how TensorFlow computes the steps (`ARITHMETIC_KEYS`: CPU
+    kernels, XLA; TF_ENABLE_ONEDNN_OPTS overrides the kernels anyway, and a run goes on
+    on another machine)."""
+    default = TrainConfig()
+    free = {"evaluate": False, "export_dir": ""}
+    free |= {f: getattr(default, f) for f in (k.removeprefix("train.") for k in ARITHMETIC_KEYS)}
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **free))
 
 
@@ -158,8 +167,8 @@ def check_run_folder(out: Path, config, resume: bool, log) -> None:
             raise TrainingError(
                 f"{out} was started with another configuration ({'; '.join(differ)}): "
                 "--resume continues it only with its own (leave out those --set and "
-                "--config; evaluate, export and cpu_kernels may change), or train anew "
-                "into another --out"
+                "--config; evaluate, export, cpu_kernels and jit_compile may change), or "
+                "train anew into another --out"
             )
 
 
