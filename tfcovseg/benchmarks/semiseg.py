@@ -694,7 +694,7 @@ class _Fold:
         names = [scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
-        # A run may go on under other kernels or XLA (`FREE_KEYS`): each fold says its own.
+        # A run may go on under other kernels or XLA (`ARITHMETIC_KEYS`): each fold says its own.
         run_info["jit_compile"] = jit_compile(trained)
         if _backend(isolated=False) == "tensorflow":
             run_info["cpu_kernels"] = cpu_kernels()

@@ -21,10 +21,6 @@ ROWS = {
     "unet": {"model.architecture": "unet", "train.loss": "bce", "train.positive_weights": []},
 }
 MODELS = tuple(ROWS)
-# Keys that change the arithmetic, not the recipe: kept out of the settings a run folder
-# must match to go on, as in `tfcovseg.train`; each fold records what it trained with
-# (``cpu_kernels``, ``jit_compile``).
-FREE_KEYS = ex.ARITHMETIC_KEYS
 # run()'s keywords (the CLI's options) that set a key of the experiment.
 SHORTCUTS = {
     "epochs": "train.epochs",
@@ -174,7 +170,9 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
     }
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method
-    recorded = {"model.input_size", "train.seed", *FREE_KEYS, *SHORTCUTS.values()}
+    # `ex.ARITHMETIC_KEYS` change how the steps compute, not the recipe: a run folder goes
+    # on under others, as in `tfcovseg.train`, and each fold records its own.
+    recorded = {"model.input_size", "train.seed", *ex.ARITHMETIC_KEYS, *SHORTCUTS.values()}
     recorded |= {f"model.{c}.{f}" for c, f in (ex.FLAT_MODEL_KEYS[k] for k in WIDTH_KEYS)}
     ours = ex.dotted_values(ex.config_to_dict(config))
     default = ex.dotted_values(ex.config_to_dict(ex.load_config(DEFAULT_CONFIG)))
@@ -185,10 +183,10 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
 
 def comparable(recorded: dict, semi_row: bool = True, prefix: str = "settings.") -> dict:
     """The settings an earlier run recorded, as this run compares them: less the keys that
-    are free now (`FREE_KEYS`: older runs recorded ``train.jit_compile`` when not the
-    default), and less the semi-supervised row's when this run has none."""
+    are free now (`ex.ARITHMETIC_KEYS`: older runs recorded ``train.jit_compile`` when not
+    the default), and less the semi-supervised row's when this run has none."""
     other = dict(recorded.get(f"{prefix}experiment") or {})
-    for key in FREE_KEYS:
+    for key in ex.ARITHMETIC_KEYS:
         other.pop(key, None)
     kept = {k: v for k, v in recorded.items() if k != f"{prefix}experiment"}
     kept |= {f"{prefix}experiment": other} if other else {}
