@@ -138,6 +138,10 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     assert sum("done before" in line for line in lines) == 3
     assert sum("pseudo-labelled" in line for line in lines) == 1
     assert again["models"]["coarse_refine"]["folds"] == results["models"]["coarse_refine"]["folds"]
+    # The table's time is its folds', not only this invocation's (which redid one fold).
+    stored = [json.loads(f.read_text())["wall_s"] for f in (out / "folds").glob("*/fold*.json")]
+    assert again["folds_wall_s"] == pytest.approx(sum(stored), abs=0.2)
+    assert f"{sum(stored) / 60:.1f} min in its folds" in (out / "results.md").read_text()
     assert len(again["models"][SEMI]["folds"]) == 2
     # Other settings in the same folder are refused, naming what differs.
     with pytest.raises(BenchmarkError, match="other settings.*settings.semi_keep"):
