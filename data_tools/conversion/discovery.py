@@ -429,15 +429,11 @@ def _image_studies(root, images, label_of, found) -> list:
                 (rel, "image file outside a slice-dataset folder (Imgs/ with GT/): ignored")
             )
             continue
-        gt = None
-        for gt_dir in ("GT", "gt", "Masks", "masks"):
-            for suffix in (".png", path.suffix):
-                candidate = path.parent.parent / gt_dir / (path.stem + suffix)
-                if candidate.is_file():
-                    gt = candidate
-                    break
-            if gt:
-                break
+        gt, warnings = _slice_mask(path), []
+        if gt is None and _mask_folders(path.parent.parent):
+            # A labelled layout with one mask missing: the slice would quietly train as
+            # unlabelled, so say so (and --strict refuses it).
+            warnings.append("no mask beside it in the GT/ folder: converted as unlabelled")
         volume = slice_volume(path.stem)
         # A labels.csv row may name the slice or its volume.
         diagnosis, severity = label_of(path.stem, *([volume] if volume else []))
@@ -454,9 +450,27 @@ def _image_studies(root, images, label_of, found) -> list:
                 mask_kind="png" if gt else None,
                 diagnosis=diagnosis,
                 severity=severity,
+                warnings=warnings,
             )
         )
     return studies
+
+
+_MASK_FOLDERS = ("GT", "gt", "Masks", "masks")
+
+
+def _mask_folders(dataset: Path) -> list[Path]:
+    return [dataset / name for name in _MASK_FOLDERS if (dataset / name).is_dir()]
+
+
+def _slice_mask(image: Path) -> Path | None:
+    """The mask of a slice-dataset image: ``GT/<stem>.png`` (or the image's suffix)."""
+    for gt_dir in _MASK_FOLDERS:
+        for suffix in (".png", image.suffix):
+            candidate = image.parent.parent / gt_dir / (image.stem + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def gap_warning(gap: str) -> str:

@@ -411,6 +411,39 @@ def test_unlabelled_slices_are_marked_and_grouped_by_volume(tmp_path, capsys):
     assert slice_volume("10") is None and slice_volume("case_") is None
 
 
+def test_a_labelled_slice_without_its_mask_is_warned_of(tmp_path, capsys):
+    """Imgs/ with GT/ where one image has no mask: it converts as unlabelled with a
+    warning naming it, and --strict refuses the input (it became unlabelled silently,
+    even under --strict)."""
+    from PIL import Image
+
+    from data_tools.conversion.pipeline import print_summary
+
+    rng = np.random.default_rng(0)
+    for folder in ("Imgs", "GT"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+            tmp_path / "in" / "Imgs" / f"{k}.jpg"
+        )
+    gt = np.zeros((32, 32), np.uint8)
+    gt[4:12, 4:12] = 1
+    Image.fromarray(gt).save(tmp_path / "in" / "GT" / "0.png")
+    common = dict(size=32, salt=SALT, default_diagnosis="covid", progress=False)
+    summary = convert(tmp_path / "in", tmp_path / "o", **common)
+    assert summary["unlabelled_slices"] == 1
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    # Named by its pseudonym, as every slice of a slice dataset is (its own patient).
+    assert (
+        len(re.findall(r"warning: P[0-9a-f]+: no mask beside it in the GT/ folder", printed)) == 1
+    )
+    assert "Imgs/" not in printed
+    with pytest.raises(ConversionError, match="--strict: .*no mask beside it"):
+        convert(tmp_path / "in", tmp_path / "o2", strict=True, **common)
+    assert not (tmp_path / "o2").exists()
+
+
 def _binary_mask_slices(folder, n=2, size=32):
     """Imgs/N.png + GT/N.png with 0/255 (infection-only) masks, as Inf-Net's data."""
     from PIL import Image
