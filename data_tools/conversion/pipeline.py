@@ -16,7 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.conversion.discovery import ConversionError, Discovery, discover, pool_scan
+from data_tools.conversion.discovery import (
+    ConversionError,
+    Discovery,
+    discover,
+    input_files,
+    pool_scan,
+)
 from data_tools.conversion.shards import SHARD_RE, Records, StudyJob, progress, safe_process
 from data_tools.features import LESION_CLASSES
 from data_tools.files import OutputError, atomic_write_json, check_output_dir, exclusive_folder
@@ -94,6 +100,7 @@ def convert(
             f"--out {out_dir} is the input folder: give a new folder (beside the input, or "
             "inside it: the converter leaves its own output out of the input)"
         )
+    _refuse_output_among_inputs(input_dir, out_dir)
     try:
         check_output_dir(out_dir)
     except OutputError as e:
@@ -161,6 +168,23 @@ class Plan:
     def shard_of(self, index: int) -> int:
         """The shard of job `index`: patients go round the shards in pseudonym order."""
         return self.owners[index][0] % len(self.shard_names)
+
+
+def _refuse_output_among_inputs(input_dir: Path, out_dir: Path) -> None:
+    """An --out inside the input is left out of it; one that holds input files (an
+    `Imgs/` folder, a series) would drop them from the input and mix records among them."""
+    out = out_dir.resolve()
+    if not out.is_dir() or input_dir.resolve() not in out.parents:
+        return
+    files = input_files(out)
+    inputs = files.images + files.niftis
+    inputs += [p for p in files.candidates if p.suffix.lower() in ("", ".dcm", ".ima")]
+    if inputs:
+        raise ConversionError(
+            f"--out {out_dir} lies inside the input and holds {len(inputs)} input files "
+            "(images, DICOM or NIfTI), which the conversion would leave out: give an output "
+            "folder of its own"
+        )
 
 
 def plan_conversion(job: Job, redactor: Redactor, scan=None, files=None) -> Plan:

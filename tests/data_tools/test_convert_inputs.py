@@ -384,6 +384,13 @@ def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_
     assert main([*args, "--out", str(src)]) == 2
     assert "is the input folder" in capsys.readouterr().err
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    # An --out inside the input that holds some of it (its series' folder) said "no
+    # usable CT series ... under in", the series being left out as the output.
+    series = next(p.parent for p in src.rglob("*.dcm"))
+    assert main([*args, "--out", str(series)]) == 2
+    err = capsys.readouterr().err
+    assert "lies inside the input and holds" in err and "no usable" not in err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
     # An empty class name was dropped: mask label 2 (consolidation) became "fibrosis".
     for classes in ("ggo,,fibrosis", "ggo,consolidation,"):
         with pytest.raises(SystemExit) as stop:
