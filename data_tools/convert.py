@@ -117,6 +117,16 @@ def main(argv=None) -> int:
     classes = tuple(c.strip() for c in args.classes.split(","))
     if not all(classes) or len(set(classes)) != len(classes):
         parser.error(f"--classes must name distinct, non-empty classes, got {args.classes!r}")
+    # Names are free (a one-class "infection", a site's own), but a misspelt lesion type
+    # would name the records' and every model's class for good.
+    unknown = [c for c in classes if c not in (*LESION_CLASSES, "infection")]
+    if unknown:
+        print(
+            f"warning: --classes {', '.join(unknown)}: not a lesion type of this package "
+            f"({', '.join((*LESION_CLASSES, 'infection'))}); the records name the class as "
+            "given (check the spelling)",
+            file=sys.stderr,
+        )
     try:
         summary = convert(
             args.input,

@@ -444,6 +444,20 @@ def test_a_labelled_slice_without_its_mask_is_warned_of(tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
 
 
+def test_a_misspelt_class_is_warned_of(tmp_path, capsys):
+    """--classes ggo,consolidaton named the records' second class "consolidaton" without a
+    word (only "no mask marks it", with the advice to drop it); "infection" (one class) and
+    the three lesion types pass quietly."""
+    _binary_mask_slices(tmp_path / "in")
+    args = ["--input", str(tmp_path / "in"), "--size", "32", "--salt", SALT, "--folds", "2"]
+    # (0/255 masks cannot say which of two classes a pixel is: nothing usable, exit 2.)
+    assert main([*args, "--out", str(tmp_path / "o"), "--classes", "ggo,consolidaton"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --classes consolidaton: not a lesion type" in err
+    assert main([*args, "--out", str(tmp_path / "o2"), "--classes", "infection"]) == 0
+    assert "not a lesion type" not in capsys.readouterr().err
+
+
 def _binary_mask_slices(folder, n=2, size=32):
     """Imgs/N.png + GT/N.png with 0/255 (infection-only) masks, as Inf-Net's data."""
     from PIL import Image
