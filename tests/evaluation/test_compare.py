@@ -374,6 +374,21 @@ def test_cv_fold_without_metrics_is_named(tmp_path):
         compare.load_summary(cv)
 
 
+def test_a_metrics_json_without_metrics_is_refused(tmp_path, capsys):
+    """metrics.json holding no metrics ({} or another tool's file) gave empty tables and
+    exit 0; a run, or one fold of a cross-validation, now stops naming the file."""
+    run = make_run(tmp_path / "empty")
+    (run / "metrics.json").write_text("{}")
+    assert compare_main([str(run), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.json'} holds no metrics" in err
+    assert not (tmp_path / "cmp").exists()
+    cv = make_cv(tmp_path / "cv")
+    (cv / "fold1" / "metrics.json").write_text('{"split": "test"}')
+    with pytest.raises(compare.CompareError, match=r"fold1.metrics\.json holds no metrics"):
+        compare.load_summary(cv)
+
+
 def test_classes_and_split_mismatch_errors(tmp_path):
     cv = make_cv(tmp_path / "cv")
     make_run(

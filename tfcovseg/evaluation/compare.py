@@ -266,9 +266,9 @@ def load_summary(path: str | Path) -> dict:
                 f"{_evaluate_hint(missing[0])}"
             )
         items = [(d / "metrics.json", _read_json(d / "metrics.json")) for _, d in folds]
+        flats = [_flat_metrics(f, m) for f, m in items]
         _check_agree(items, "classes", "folds")
         _check_agree(items, "split", "folds")
-        flats = [flatten_metrics(m) for _, m in items]
         keys = list(dict.fromkeys(k for flat in flats for k in flat))
         first = items[0][1]
         thresholds = {m.get("threshold") for _, m in items}
@@ -307,11 +307,21 @@ def load_summary(path: str | Path) -> dict:
         "fold_dirs": [],
         "rules": _rules(metrics),
         "fold_rules": {},
-        "metrics": {k: _stats([v]) for k, v in flatten_metrics(metrics).items()},
+        "metrics": {
+            k: _stats([v]) for k, v in _flat_metrics(path / "metrics.json", metrics).items()
+        },
     }
     if not summary["experiment"]:
         summary["experiment"] = path.name
     return summary
+
+
+def _flat_metrics(path: Path, metrics: dict) -> dict:
+    """`flatten_metrics`, refusing a metrics.json that holds none (an empty table, exit 0)."""
+    flat = flatten_metrics(metrics)
+    if not flat:
+        raise CompareError(f"{path} holds no metrics; {_evaluate_hint(path.parent)}")
+    return flat
 
 
 def load_summaries(paths: Sequence[str | Path]) -> list[dict]:
