@@ -33,6 +33,11 @@ class SkipFile(Exception):
     """A file or series that cannot be used; the message is the reason shown to the user."""
 
 
+def one_line(error: BaseException) -> str:
+    """A library's error text on one line (nibabel's break mid-sentence), for a reason."""
+    return " ".join(str(error).split())
+
+
 class InexactHU(ValueError):
     """HU asked for in int16 that are not integers int16 holds (`HounsfieldRule.apply`)."""
 

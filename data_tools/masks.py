@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_tools.dicom_io import DicomSeries, SkipFile
+from data_tools.dicom_io import DicomSeries, SkipFile, one_line
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SEGMENT_NAMES = {
@@ -53,7 +53,7 @@ def load_label_header(path: Path):
         image = nib.load(str(path))
         shape = tuple(int(n) for n in image.shape)
     except Exception as e:
-        raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {one_line(e)})") from None
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
@@ -157,7 +157,7 @@ def nifti_labels_on_series(path: Path, series: DicomSeries, fit: MaskFit | None 
     try:
         data = np.asanyarray(image.dataobj).reshape(shape)
     except Exception as e:
-        raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read NIfTI mask ({type(e).__name__}: {one_line(e)})") from None
     return _aligned_labels(data, fit)
 
 
@@ -202,7 +202,7 @@ def read_png_labels(path: Path, num_classes: int, binary_class: int | None = Non
         with Image.open(path) as im:
             labels = np.array(im if im.mode in ("P", "L", "I", "I;16") else im.convert("L"))
     except Exception as e:
-        raise SkipFile(f"cannot read mask image ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read mask image ({type(e).__name__}: {one_line(e)})") from None
     if labels.ndim != 2:
         raise SkipFile(f"mask must be a single-channel image, got shape {labels.shape}")
     values = np.unique(labels)
@@ -247,7 +247,7 @@ def read_image_slice(path: Path) -> np.ndarray:
     except SkipFile:
         raise
     except Exception as e:
-        raise SkipFile(f"cannot read image ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read image ({type(e).__name__}: {one_line(e)})") from None
     problem = _not_a_slice(grey, colour)
     if problem:
         raise SkipFile(problem)
@@ -299,7 +299,7 @@ def seg_labels_on_series(path: Path, series: DicomSeries, classes) -> np.ndarray
     try:
         seg = hd.seg.segread(str(path))
     except Exception as e:
-        raise SkipFile(f"cannot read DICOM SEG ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read DICOM SEG ({type(e).__name__}: {one_line(e)})") from None
     numbers = {}
     for segment in seg.SegmentSequence:
         label = str(getattr(segment, "SegmentLabel", "")).lower()

@@ -12,7 +12,7 @@ import numpy as np
 from data_tools import dicom_io, masks
 from data_tools.conversion.discovery import LESION_FREE_DIAGNOSES, Study, gap_warning
 from data_tools.ct_values import check_ct_values
-from data_tools.dicom_io import SkipFile
+from data_tools.dicom_io import SkipFile, one_line
 from data_tools.lung import lung_mask
 from data_tools.privacy import pseudonym
 from data_tools.resize import resize_bilinear
@@ -75,7 +75,7 @@ def read_nifti_volume(path: Path):
     try:
         image = nib.load(str(path))
     except Exception as e:
-        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {one_line(e)})") from None
     shape = tuple(image.shape)
     if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
         raise SkipFile(f"expected a 3-D volume, got shape {shape}")
@@ -86,7 +86,7 @@ def read_nifti_volume(path: Path):
         image = nib.as_closest_canonical(image)  # RAS+
         data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as e:
-        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {e})") from None
+        raise SkipFile(f"cannot read NIfTI ({type(e).__name__}: {one_line(e)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

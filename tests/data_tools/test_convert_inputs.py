@@ -282,6 +282,22 @@ def test_nifti_files_that_are_no_volume_are_named(tmp_path, shape, header, reaso
         read_nifti_volume(path)
 
 
+def test_a_truncated_nifti_is_named_on_one_line(tmp_path):
+    """nibabel's "Expected 8192 bytes, got 48 bytes from ... - could the file be
+    damaged?" breaks its text across lines: the reason printed as two lines."""
+    import nibabel as nib
+
+    from data_tools.conversion.reading import read_nifti_volume
+    from data_tools.dicom_io import SkipFile
+
+    path = tmp_path / "ct.nii"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.int16), np.eye(4)), path)
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(SkipFile, match="cannot read NIfTI") as error:
+        read_nifti_volume(path)
+    assert "\n" not in str(error.value)
+
+
 def test_a_mask_named_after_a_nifti_volume_is_that_volumes_alone(cohort, tmp_path):
     # dcm2niix beside the DICOM series: ct.nii.gz and its ct_mask.nii.gz fit the series'
     # grid too, but the mask is the volume's; the series does not borrow it.

@@ -412,6 +412,23 @@ def test_a_run_without_a_segmenter_is_refused(phantom_run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_that_does_not_load_is_named_without_class_names(phantom_run, tmp_path):
+    """A corrupt .keras file or a broken config.yaml said "cannot load the run R:
+    ModelFileError: ..." (our own errors' class names, which tell a user nothing)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(phantom_run.run / "config.yaml", run)
+    (run / "segmenter_best.keras").write_bytes(b"x" * 2000)
+    with pytest.raises(ExportError, match="not a complete .keras file") as error:
+        export_run(run, tmp_path / "out", log=lambda *a: None)
+    assert "ModelFileError" not in str(error.value) and str(run) in str(error.value)
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ExportError, match="not valid YAML") as error:
+        export_run(run, tmp_path / "out", log=lambda *a: None)
+    assert "ConfigError" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_gate_keeps_lesion_slices_or_switches_off():
     from tfcovseg.evaluation.calibration import gate_from_scores
 

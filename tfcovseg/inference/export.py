@@ -60,7 +60,7 @@ from data_tools.files import (
     remove_partial_directories,
 )
 from tfcovseg import __version__, require_tensorflow
-from tfcovseg.configs.experiment import load_config
+from tfcovseg.configs.experiment import ConfigError, load_config
 from tfcovseg.constants import (
     DEFAULT_EXPORT_DIR,
     DEFAULT_ONNX_DIR,
@@ -101,6 +101,7 @@ from tfcovseg.models.preprocessing import (
     grey_from_hu,
     hu_from_grey,
 )
+from tfcovseg.models.saving import ModelFileError
 
 tf = require_tensorflow("python -m tfcovseg.export")
 
@@ -551,7 +552,9 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
     try:
         config = load_config(run / "config.yaml", overrides)
         segmenter, classifier = load_run_models(run)
-    except Exception as e:  # a bad config or a corrupt .keras file
+    except (ConfigError, ModelFileError) as e:  # ours say what is wrong, by file
+        raise ExportError(f"cannot load the run {run}: {e}") from None
+    except Exception as e:  # anything else: its class says more than its text may
         raise ExportError(f"cannot load the run {run}: {type(e).__name__}: {e}") from None
     unfinished = unfinished_phases(run, config)
     if unfinished:  # a model of 1 epoch of 4 was served without a word
