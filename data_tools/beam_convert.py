@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 from data_tools import tfrecord, workers
@@ -46,6 +45,7 @@ from data_tools.conversion.discovery import ConversionError, input_files
 from data_tools.conversion.pipeline import (
     MANIFEST,
     collect_results,
+    discard_partial,
     finish,
     partial_folder,
     plan_conversion,
@@ -255,10 +255,10 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
                 | "Manifest" >> beam.Map(_manifest, job, the_plan, partial)
             )
     except ConversionError:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(job.out_dir, partial)
         raise
     except BaseException as e:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(job.out_dir, partial)
         ours = _our_error(e)
         if ours is None:
             raise

@@ -241,10 +241,11 @@ def plan_conversion(job: Job, redactor: Redactor, scan=None, files=None) -> Plan
 
 def partial_folder(job: Job) -> Path:
     """A fresh temporary folder in the output folder; earlier runs' ones, left by a kill,
-    are removed (`convert` holds the folder: no other run is writing there)."""
+    are removed (`convert` holds the folder: no other run is writing there), after the
+    output one of them had set aside is put back (`restore_previous`)."""
     job.out_dir.mkdir(parents=True, exist_ok=True)
     for stale in job.out_dir.glob(".partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        discard_partial(job.out_dir, stale)
     partial = job.out_dir / f".partial-{os.getpid()}"
     partial.mkdir()
     return partial
@@ -295,7 +296,7 @@ def _convert(job: Job, redactor: Redactor, held: list, pool) -> dict:
             records.close()
         if pool is not None:  # its workers may still be writing into the folder
             pool.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        discard_partial(job.out_dir, partial)
         raise
     return finish(job, records, shard_bytes, plan.found)
 
@@ -382,15 +383,59 @@ def finish(job: Job, records: Records, shard_bytes: dict, found: Discovery) -> d
         "warnings": redacted(warnings, "warning"),
         "ignored": redacted(found.ignored, "reason"),
     }
-    # Move the finished shards in, drop shards of an earlier run, then the manifest.
-    for name in records.shard_names:
-        os.replace(records.partial / name, job.out_dir / name)
-    for old in job.out_dir.iterdir():
-        if SHARD_RE.match(old.name) and old.name not in records.shard_names:
-            old.unlink()
-    atomic_write_json(job.out_dir / MANIFEST, manifest, indent=1)
-    shutil.rmtree(records.partial, ignore_errors=True)
+    swap_in(job.out_dir, records.partial, records.shard_names, manifest)
     return summarize(job, manifest)
+
+
+PREVIOUS = "previous"  # in a partial folder: the output a finishing run replaces
+
+
+def swap_in(out_dir: Path, partial: Path, shard_names, manifest: dict) -> None:
+    """Replaces the output folder's records with the finished shards in `partial` and
+    `manifest`, so that a kill at any moment leaves either the new output or the earlier
+    one whole: the earlier manifest goes aside first (no manifest ever lists shards that
+    are being replaced), then its shards (new ones may bear their names), all renames
+    into ``partial/previous``; the new shards go in and the manifest last. The partial
+    folder, the earlier output with it, goes once the new manifest is in place; after a
+    kill before that, the next run puts the earlier output back (`partial_folder`)."""
+    previous = partial / PREVIOUS
+    previous.mkdir(exist_ok=True)
+    try:
+        if (out_dir / MANIFEST).exists():
+            os.replace(out_dir / MANIFEST, previous / MANIFEST)
+        for old in out_dir.iterdir():
+            if SHARD_RE.match(old.name):
+                os.replace(old, previous / old.name)
+        for name in shard_names:
+            os.replace(partial / name, out_dir / name)
+        atomic_write_json(out_dir / MANIFEST, manifest, indent=1)
+    except BaseException:  # Ctrl-C, a full disk: the earlier output back now
+        discard_partial(out_dir, partial)
+        raise
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def discard_partial(out_dir: Path, partial: Path) -> None:
+    """Removes a run's partial folder, after putting back the output it set aside."""
+    with contextlib.suppress(OSError, ValueError):  # a manifest unreadable: nothing to restore
+        restore_previous(out_dir, partial / PREVIOUS)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def restore_previous(out_dir: Path, previous: Path) -> None:
+    """Puts back the output a run killed inside `swap_in` had set aside in `previous`:
+    only when the output folder has no manifest (the new one never came), its shards
+    first and its manifest last, shards no manifest lists (the killed run's) removed."""
+    if (out_dir / MANIFEST).exists() or not (previous / MANIFEST).is_file():
+        return
+    for old in previous.iterdir():
+        if SHARD_RE.match(old.name):
+            os.replace(old, out_dir / old.name)
+    listed = set(json.loads((previous / MANIFEST).read_text()).get("shards", []))
+    for stray in out_dir.iterdir():
+        if SHARD_RE.match(stray.name) and stray.name not in listed:
+            stray.unlink()
+    os.replace(previous / MANIFEST, out_dir / MANIFEST)
 
 
 def summarize(job: Job, manifest: dict) -> dict:

@@ -163,6 +163,51 @@ def test_interrupted_run_leaves_previous_output_intact(
     assert not list(target.glob(".partial-*"))
 
 
+def test_a_kill_while_the_records_are_swapped_keeps_the_earlier_output(
+    cohort, records, tmp_path, monkeypatch
+):
+    """A run (another salt: same shard names, other records) killed between moving its
+    shards in and writing its manifest left the earlier manifest beside the new shards,
+    the earlier shards deleted: a folder that read as finished, and was not."""
+    from data_tools.conversion import pipeline
+
+    out, _ = records
+    target = tmp_path / "target"
+    shutil.copytree(out, target)
+    before = _digest(target)
+    real_write = pipeline.atomic_write_json
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name == "manifest.json":
+            raise KeyboardInterrupt  # a Ctrl-C: the run puts the earlier output back
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        convert(cohort, target, size=64, salt="another-salt-0123", progress=False)
+    assert _digest(target) == before and not list(target.glob(".partial-*"))
+    # A SIGKILL there: no cleanup runs; the folder has no manifest (it reads as unfinished).
+    monkeypatch.setattr(pipeline, "discard_partial", lambda *args: None)
+    with pytest.raises(KeyboardInterrupt):
+        convert(cohort, target, size=64, salt="another-salt-0123", progress=False)
+    assert not (target / "manifest.json").exists()
+    monkeypatch.undo()
+    # The next run, whatever becomes of it, starts by putting the earlier output back.
+    calls = {"n": 0}
+    real_encode = features.encode_example
+
+    def interrupted(fields):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real_encode(fields)
+
+    monkeypatch.setattr(features, "encode_example", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(cohort, target, size=64, salt="a-third-salt-456", progress=False)
+    assert _digest(target) == before and not list(target.glob(".partial-*"))
+
+
 def test_parallel_workers_give_the_same_output(cohort, records, tmp_path):
     out, _ = records
     convert(cohort, tmp_path / "par", size=64, salt=SALT, workers=2, progress=False)
