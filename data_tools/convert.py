@@ -24,9 +24,10 @@ What it finds under ``--input``:
 What it writes to ``--out``: ``slices-XXXXX-of-YYYYY.tfrecord[.gz]`` shards (one
 `tf.train.Example` per slice, spec in `data_tools.features`) and ``manifest.json`` (classes,
 shards, per-patient and per-slice statistics, the fold assignment, skipped files). Shards are
-written under a temporary folder and moved into place when complete, and the manifest last,
-so an interrupted run leaves the previous output intact; re-running gives byte-identical
-output and never duplicates. Identifiers are pseudonymised (`data_tools.privacy`).
+written under a temporary folder and moved into place when complete, the earlier output set
+aside first and the manifest last, so an interrupted run leaves the previous output intact (a
+kill in that last step: the next run puts it back before it starts); re-running gives
+byte-identical output and never duplicates. Identifiers are pseudonymised (`data_tools.privacy`).
 
 Files that cannot be used (corrupt, not DICOM, not CT, not an image, an undecodable or
 unsupported codec, a mask that does not fit) are skipped with their reason and listed at
