@@ -136,6 +136,21 @@ def test_rerun_is_byte_identical_and_replaces_old_shards(cohort, records, tmp_pa
     assert len({e["slice/id"] for e in examples}) == len(examples)  # no duplicates
 
 
+def _interrupt_encoding_after(n: int, monkeypatch) -> dict:
+    """A Ctrl-C in the converting process at its (n + 1)-th example; the count so far."""
+    calls = {"n": 0}
+    real = features.encode_example
+
+    def interrupted(fields):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise KeyboardInterrupt
+        return real(fields)
+
+    monkeypatch.setattr(features, "encode_example", interrupted)
+    return calls
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupted_run_leaves_previous_output_intact(
     cohort, records, tmp_path, monkeypatch, workers
@@ -146,16 +161,7 @@ def test_interrupted_run_leaves_previous_output_intact(
     target = tmp_path / "target"
     shutil.copytree(out, target)
     before = _digest(target)
-    calls = {"n": 0}
-    real = features.encode_example
-
-    def failing(fields):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise KeyboardInterrupt
-        return real(fields)
-
-    monkeypatch.setattr(features, "encode_example", failing)
+    calls = _interrupt_encoding_after(30, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(cohort, target, size=64, salt=SALT, shards=2, workers=workers, progress=False)
     assert calls["n"] > 30
@@ -193,16 +199,7 @@ def test_a_kill_while_the_records_are_swapped_keeps_the_earlier_output(
     assert not (target / "manifest.json").exists()
     monkeypatch.undo()
     # The next run, whatever becomes of it, starts by putting the earlier output back.
-    calls = {"n": 0}
-    real_encode = features.encode_example
-
-    def interrupted(fields):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return real_encode(fields)
-
-    monkeypatch.setattr(features, "encode_example", interrupted)
+    _interrupt_encoding_after(5, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert(cohort, target, size=64, salt="a-third-salt-456", progress=False)
     assert _digest(target) == before and not list(target.glob(".partial-*"))
