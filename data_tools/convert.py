@@ -47,6 +47,7 @@ from data_tools import __version__
 from data_tools.conversion.discovery import ConversionError
 from data_tools.conversion.pipeline import convert, print_summary
 from data_tools.features import DIAGNOSES, LESION_CLASSES, SEVERITIES
+from data_tools.privacy import salt_option
 from data_tools.workers import oversubscribed, reuse_freed_memory
 
 
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--salt",
+        type=salt_option,
         help="pseudonymisation secret (default: $TFCOVSEG_SALT or "
         "~/.config/tfcovseg/pseudonym.key)",
     )

@@ -13,6 +13,7 @@ Keep that key with the data's owner, not with the records.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import hmac
@@ -43,6 +44,16 @@ def resolve_salt(salt: str | bytes | None = None) -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     return KEY_FILE.read_text().strip().encode("utf-8")
+
+
+def salt_option(text: str) -> str:
+    """argparse type of a ``--salt``: an empty one (``--salt "$UNSET"``) fell back to
+    the key file without a word, giving other pseudonyms than the user meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty (leave --salt out for $TFCOVSEG_SALT or the key file)"
+        )
+    return text
 
 
 def pseudonym(kind: str, identifier: str, salt: bytes) -> str:

@@ -494,3 +494,18 @@ def test_more_shards_than_patients_are_warned_of(cohort, tmp_path, capsys):
     summary = convert(src, tmp_path / "out", size=64, salt=SALT, shards=3, progress=False)
     print_summary(summary)
     assert "warning: --shards 3 for 1 patients: 2 shards are empty" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("salt", ["", "  "])
+def test_an_empty_salt_is_refused_by_both_commands(tmp_path, capsys, salt):
+    """--salt "$UNSET" fell back to the key file without a word (other pseudonyms than
+    the user meant, a key file written into their home)."""
+    from tfcovseg.cli.predict import main as predict_main
+
+    common = ["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--salt", salt]
+    for command, args in ((main, common), (predict_main, [*common, "--model", str(tmp_path)])):
+        with pytest.raises(SystemExit) as stop:
+            command(args)
+        assert stop.value.code == 2
+        assert "--salt: must not be empty" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -339,6 +339,10 @@ def test_a_folder_of_png_jpeg_slices_gives_pngs_named_like_the_inputs(model, tmp
     said = []
     predict(model, tmp_path / "Imgs", out, gate=False, salt=SALT, log=said.append)
     assert any("--no-gate ignored" in line for line in said)
+    # --series picks what is segmented: refused (a whole folder was segmented, exit 0).
+    with pytest.raises(PredictionError, match="--series picks one DICOM series"):
+        predict(model, tmp_path / "Imgs", tmp_path / "other", series_uid="1.2.3", **QUIET)
+    assert not (tmp_path / "other").exists()
 
 
 def _probabilities(report_folder: Path, name: str, classes) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data_tools.privacy import salt_option
 from tfcovseg import cli
 from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES
 
@@ -31,7 +32,9 @@ def build_parser():
     )
     parser.add_argument("--series", help="SeriesInstanceUID (or its pseudonym) to process")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per model call")
-    parser.add_argument("--salt", help="pseudonym salt (default: $TFCOVSEG_SALT or key file)")
+    parser.add_argument(
+        "--salt", type=salt_option, help="pseudonym salt (default: $TFCOVSEG_SALT or key file)"
+    )
     parser.add_argument(
         "--intensity",
         choices=INTENSITY_MODES,

@@ -442,6 +442,12 @@ def predict(
             `out` made with other settings.
     """
     check_thresholds(threshold, mask_threshold)
+    if series_uid is not None and is_image_folder(Path(input_path)):
+        # It picks what is segmented: ignored, a whole folder was segmented instead.
+        raise PredictionError(
+            f"--series picks one DICOM series; {input_path} is a folder of image slices, "
+            "which has none: leave --series out"
+        )
     out = Path(out)
     try:
         check_output_dir(out)
@@ -469,14 +475,13 @@ def _predict_input(
         options = {
             "--no-gate": not gate,
             "--threshold": threshold is not None,
-            "--series": series_uid is not None,
             "--research-seg": research_seg,
         }
         ignored = [name for name, given in options.items() if given]
         if ignored:
             log(
                 f"warning: {', '.join(ignored)} ignored: a folder of image slices is "
-                "segmented slice by slice, without gate, series or DICOM SEG"
+                "segmented slice by slice, without gate or DICOM SEG"
             )
         return _predict_image_folder(
             predictor, Path(input_path), out, mask_threshold, batch_size, salt, log,
