@@ -242,6 +242,13 @@ def test_bad_runs_are_refused_before_training(tmp_path):
         run(six, out, folds=2, models=(), **FAST)
     with pytest.raises(BenchmarkError, match="--test-dir .* is the --train-dir"):
         run(six, out, test_dir=tmp_path / "six" / ".." / "six", **FAST)
+    # Each folder's refusal names its option (all three said "input X is not a directory").
+    with pytest.raises(BenchmarkError, match="^--train-dir: .*missing is not a directory"):
+        run(tmp_path / "missing", out, folds=2, **FAST)
+    with pytest.raises(BenchmarkError, match="^--test-dir: .*missing is not a directory"):
+        run(six, out, test_dir=tmp_path / "missing", **FAST)
+    with pytest.raises(BenchmarkError, match="^--unlabelled-dir: .*missing is not a directory"):
+        run(six, out, folds=2, unlabelled_dir=tmp_path / "missing", **FAST)
     # An --out that is a file, or a folder of someone else's files: named, left as it was.
     (tmp_path / "file").write_text("kept")
     with pytest.raises(BenchmarkError, match="file"):

@@ -187,6 +187,15 @@ class Unlabelled:
     source: tuple = ()  # (folder, size): `load_unlabelled`'s arguments
 
 
+def _named(option: str, load, *args):
+    """`load(*args)`, its refusal prefixed with the option that gave the folder (three
+    options' folders said "input X is not a directory" alike)."""
+    try:
+        return load(*args)
+    except BenchmarkError as e:
+        raise BenchmarkError(f"{option}: {e}") from None
+
+
 def load_unlabelled(folder, size: int, keep_images: bool = True) -> Unlabelled:
     """The slices of a slice-dataset folder without masks (``Imgs/*.jpg``), resized.
 
@@ -610,12 +619,16 @@ def run(
     # Before TensorFlow loads, here or in the folds' processes (which inherit the choice).
     kernels = select_cpu_kernels(config.train.cpu_kernels)
     out, start, size = Path(out), time.perf_counter(), config.model.input_size[0]
-    train = load_slices(train_dir, size)
-    test = load_slices(test_dir, size, allow_infection_only=True) if test_dir else None
+    train = _named("--train-dir", load_slices, train_dir, size)
+    test = _named("--test-dir", load_slices, test_dir, size, True) if test_dir else None
     # A process per fold: cross-validation only (a test split trains one model). Each
     # fold's process reads the unlabelled slices itself (420 MB at 256x256): none kept here.
     isolated = isolate and test is None
-    unlabelled = load_unlabelled(unlabelled_dir, size, not isolated) if unlabelled_dir else None
+    unlabelled = (
+        _named("--unlabelled-dir", load_unlabelled, unlabelled_dir, size, not isolated)
+        if unlabelled_dir
+        else None
+    )
     rows = _rows(models, unlabelled, config.semi.method)
     if test is None and not 2 <= folds <= max(2, len(train.names)):
         raise BenchmarkError(f"--folds must be between 2 and {len(train.names)}, got {folds}")
