@@ -160,7 +160,8 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
         ("model.input_size=[64]", "list of 2 values"),
         ("model.aspp_rates=abc", "must be a list"),
         ("train.batch_size=eight", "must be an integer"),
-        ("train.batch_size=0", "must be positive"),
+        ("train.batch_size=0", r"must be positive and finite, got 0 "),  # was "got [0]"
+        ("model.input_size=[64, 0]", r"got \[64, 0\]"),
         ("train.loss=dice", "must be one of"),
         ("train.phases=[segmentation, nap]", "must be one of"),
         ("data.fold=5", r"data.fold must be in \[0, 4\]"),

@@ -726,7 +726,8 @@ def _check_positive(key, *values):
     if not values:
         raise ConfigError(f"{key} must not be empty")
     if any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ConfigError(f"{key} must be positive and finite, got {list(values)}")
+        got = values[0] if len(values) == 1 else list(values)  # "got [0]" for one value
+        raise ConfigError(f"{key} must be positive and finite, got {got}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
