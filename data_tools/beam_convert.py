@@ -45,7 +45,6 @@ from data_tools.conversion.discovery import ConversionError, input_files
 from data_tools.conversion.pipeline import (
     MANIFEST,
     collect_results,
-    discard_partial,
     finish,
     partial_folder,
     plan_conversion,
@@ -53,6 +52,7 @@ from data_tools.conversion.pipeline import (
     summarize,
 )
 from data_tools.conversion.shards import Records, safe_process
+from data_tools.conversion.swap import discard_partial
 from data_tools.privacy import warning_lines
 
 RUNNERS = {
@@ -199,7 +199,10 @@ def _manifest(items, job, plan, partial):
     twice."""
     plan = copy.deepcopy(plan)
     records = Records(partial, plan.shard_names, job.classes, job.compression, open_shards=False)
-    for name in plan.shard_names:  # a shard whose every study failed is written empty
+    # A shard no study went to is written empty; the others are `_write_shard`'s (a retry
+    # of this step after its first try had moved them in finds them gone: `swap_in`).
+    written = {plan.shard_names[plan.shard_of(i)] for i in range(len(plan.jobs))}
+    for name in set(plan.shard_names) - written:
         (partial / name).touch()
     held = []
     results = [result for _, result in sorted(items, key=lambda item: item[0])]

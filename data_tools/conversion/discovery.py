@@ -422,7 +422,7 @@ def _image_studies(root, images, label_of, found) -> list:
     for path in images:
         rel = path.relative_to(root).as_posix()
         folder = path.parent.name.lower()
-        if folder in ("gt", "masks", "labels"):
+        if folder in MASK_FOLDERS:
             continue  # read with their images
         if folder not in ("imgs", "images"):
             found.ignored.append(
@@ -456,18 +456,20 @@ def _image_studies(root, images, label_of, found) -> list:
     return studies
 
 
-_MASK_FOLDERS = ("GT", "gt", "Masks", "masks")
+MASK_FOLDERS = ("gt", "masks", "labels")  # beside Imgs/, in any case
 
 
 def _mask_folders(dataset: Path) -> list[Path]:
-    return [dataset / name for name in _MASK_FOLDERS if (dataset / name).is_dir()]
+    return sorted(p for p in dataset.iterdir() if p.is_dir() and p.name.lower() in MASK_FOLDERS)
 
 
 def _slice_mask(image: Path) -> Path | None:
-    """The mask of a slice-dataset image: ``GT/<stem>.png`` (or the image's suffix)."""
-    for gt_dir in _MASK_FOLDERS:
-        for suffix in (".png", image.suffix):
-            candidate = image.parent.parent / gt_dir / (image.stem + suffix)
+    """The mask of a slice-dataset image: ``GT/<stem>.png`` (or the image's suffix; the
+    folder and the suffix in any case)."""
+    suffixes = dict.fromkeys(s for x in (".png", image.suffix) for s in (x, x.lower(), x.upper()))
+    for folder in _mask_folders(image.parent.parent):
+        for suffix in suffixes:
+            candidate = folder / (image.stem + suffix)
             if candidate.is_file():
                 return candidate
     return None

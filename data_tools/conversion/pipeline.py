@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 
@@ -23,14 +23,14 @@ from data_tools.conversion.discovery import (
     input_files,
     pool_scan,
 )
-from data_tools.conversion.shards import SHARD_RE, Records, StudyJob, progress, safe_process
+from data_tools.conversion.shards import Records, StudyJob, progress, safe_process
+from data_tools.conversion.swap import MANIFEST, discard_partial, swap_in
 from data_tools.features import LESION_CLASSES
-from data_tools.files import OutputError, atomic_write_json, check_output_dir, exclusive_folder
+from data_tools.files import OutputError, check_output_dir, exclusive_folder
 from data_tools.folds import assign_subgroups, fold_splits
 from data_tools.privacy import Redactor, printable, pseudonym, redacted_warnings, resolve_salt
 from data_tools.workers import ordered_map, worker_pool
 
-MANIFEST = "manifest.json"
 RECORDS_FORMAT = "tfcovseg-records"  # the manifest's "format"
 
 
@@ -170,6 +170,9 @@ class Plan:
         return self.owners[index][0] % len(self.shard_names)
 
 
+DICOM_SUFFIX = re.compile(r"|\.dcm|\.dicom|\.ima|\.\d+")  # "", GE's I.001, Siemens .IMA
+
+
 def _refuse_output_among_inputs(input_dir: Path, out_dir: Path) -> None:
     """An --out inside the input is left out of it; one that holds input files (an
     `Imgs/` folder, a series) would drop them from the input and mix records among them."""
@@ -177,8 +180,13 @@ def _refuse_output_among_inputs(input_dir: Path, out_dir: Path) -> None:
     if not out.is_dir() or input_dir.resolve() not in out.parents:
         return
     files = input_files(out)
-    inputs = files.images + files.niftis
-    inputs += [p for p in files.candidates if p.suffix.lower() in ("", ".dcm", ".ima")]
+    dicom = [p for p in files.candidates if DICOM_SUFFIX.fullmatch(p.suffix.lower())]
+    # Not the converter's own: a killed run's .partial-*/ (its files have no suffix).
+    inputs = [
+        p
+        for p in files.images + files.niftis + dicom
+        if not any(part.startswith(".") for part in p.relative_to(out).parts)
+    ]
     if inputs:
         raise ConversionError(
             f"--out {out_dir} lies inside the input and holds {len(inputs)} input files "
@@ -202,6 +210,11 @@ def plan_conversion(job: Job, redactor: Redactor, scan=None, files=None) -> Plan
         files=files,
     )
     studies, skipped = found.studies, found.skipped
+    patients = {}
+    for study in studies:  # before any message: a slice's file name is its patient's id
+        pid = pseudonym("P", study.patient_key, job.key)
+        redactor.add(study.patient_key.split(":", 1)[1], pid)
+        patients.setdefault(pid, []).append(study)
     if job.strict and (skipped or any(s.warnings for s in studies)):
         raise ConversionError("--strict: " + _strict_problems(found, redactor))
     if not studies:
@@ -218,11 +231,6 @@ def plan_conversion(job: Job, redactor: Redactor, scan=None, files=None) -> Plan
             "no usable CT series, NIfTI volume or PNG/JPG slice found under "
             f"{job.input_dir}{detail}"
         )
-    patients = {}
-    for study in studies:
-        pid = pseudonym("P", study.patient_key, job.key)
-        redactor.add(study.patient_key.split(":", 1)[1], pid)
-        patients.setdefault(pid, []).append(study)
     expected_slices = sum(len(s.series.slices) if s.series else 1 for s in studies)
     n_shards = job.shards or max(1, min(len(patients), math.ceil(expected_slices / 256)))
     suffix = ".tfrecord.gz" if job.compression == "GZIP" else ".tfrecord"
@@ -385,57 +393,6 @@ def finish(job: Job, records: Records, shard_bytes: dict, found: Discovery) -> d
     }
     swap_in(job.out_dir, records.partial, records.shard_names, manifest)
     return summarize(job, manifest)
-
-
-PREVIOUS = "previous"  # in a partial folder: the output a finishing run replaces
-
-
-def swap_in(out_dir: Path, partial: Path, shard_names, manifest: dict) -> None:
-    """Replaces the output folder's records with the finished shards in `partial` and
-    `manifest`, so that a kill at any moment leaves either the new output or the earlier
-    one whole: the earlier manifest goes aside first (no manifest ever lists shards that
-    are being replaced), then its shards (new ones may bear their names), all renames
-    into ``partial/previous``; the new shards go in and the manifest last. The partial
-    folder, the earlier output with it, goes once the new manifest is in place; after a
-    kill before that, the next run puts the earlier output back (`partial_folder`)."""
-    previous = partial / PREVIOUS
-    previous.mkdir(exist_ok=True)
-    try:
-        if (out_dir / MANIFEST).exists():
-            os.replace(out_dir / MANIFEST, previous / MANIFEST)
-        for old in out_dir.iterdir():
-            if SHARD_RE.match(old.name):
-                os.replace(old, previous / old.name)
-        for name in shard_names:
-            os.replace(partial / name, out_dir / name)
-        atomic_write_json(out_dir / MANIFEST, manifest, indent=1)
-    except BaseException:  # Ctrl-C, a full disk: the earlier output back now
-        discard_partial(out_dir, partial)
-        raise
-    shutil.rmtree(partial, ignore_errors=True)
-
-
-def discard_partial(out_dir: Path, partial: Path) -> None:
-    """Removes a run's partial folder, after putting back the output it set aside."""
-    with contextlib.suppress(OSError, ValueError):  # a manifest unreadable: nothing to restore
-        restore_previous(out_dir, partial / PREVIOUS)
-    shutil.rmtree(partial, ignore_errors=True)
-
-
-def restore_previous(out_dir: Path, previous: Path) -> None:
-    """Puts back the output a run killed inside `swap_in` had set aside in `previous`:
-    only when the output folder has no manifest (the new one never came), its shards
-    first and its manifest last, shards no manifest lists (the killed run's) removed."""
-    if (out_dir / MANIFEST).exists() or not (previous / MANIFEST).is_file():
-        return
-    for old in previous.iterdir():
-        if SHARD_RE.match(old.name):
-            os.replace(old, out_dir / old.name)
-    listed = set(json.loads((previous / MANIFEST).read_text()).get("shards", []))
-    for stray in out_dir.iterdir():
-        if SHARD_RE.match(stray.name) and stray.name not in listed:
-            stray.unlink()
-    os.replace(previous / MANIFEST, out_dir / MANIFEST)
 
 
 def summarize(job: Job, manifest: dict) -> dict:

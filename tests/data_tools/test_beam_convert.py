@@ -172,7 +172,13 @@ def test_the_shard_steps_see_a_small_layout_not_the_plan(cohort, tmp_path):
 def test_a_retried_manifest_step_writes_the_same_manifest(cohort, tmp_path):
     """The final step may run again on the same side input: skipped files and warnings
     were added to the plan in place, so a second run listed each twice."""
-    from data_tools.beam_convert import _convert_study, _manifest, _study_jobs
+    from data_tools.beam_convert import (
+        _convert_study,
+        _layout,
+        _manifest,
+        _study_jobs,
+        _write_shard,
+    )
     from data_tools.conversion.pipeline import MANIFEST, Job, partial_folder, plan_conversion
     from data_tools.privacy import Redactor
 
@@ -189,6 +195,8 @@ def test_a_retried_manifest_step_writes_the_same_manifest(cohort, tmp_path):
     for _ in range(2):
         partial = partial_folder(job)
         items = [_convert_study(item) for item in _study_jobs(plan, partial)]
+        layout = _layout(plan)
+        _write_shard((0, items), partial, layout)  # one shard: every study's
         _manifest(items, job, plan, partial)
         manifests.append(json.loads((out / MANIFEST).read_text()))
     assert len(manifests[0]["skipped"]) == 2 and len(manifests[0]["warnings"]) == 1

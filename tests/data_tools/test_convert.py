@@ -175,25 +175,25 @@ def test_a_kill_while_the_records_are_swapped_keeps_the_earlier_output(
     """A run (another salt: same shard names, other records) killed between moving its
     shards in and writing its manifest left the earlier manifest beside the new shards,
     the earlier shards deleted: a folder that read as finished, and was not."""
-    from data_tools.conversion import pipeline
+    from data_tools.conversion import swap
 
     out, _ = records
     target = tmp_path / "target"
     shutil.copytree(out, target)
     before = _digest(target)
-    real_write = pipeline.atomic_write_json
+    real_write = swap.atomic_write_json
 
     def killed(path, *args, **kwargs):
         if Path(path).name == "manifest.json":
             raise KeyboardInterrupt  # a Ctrl-C: the run puts the earlier output back
         return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "atomic_write_json", killed)
+    monkeypatch.setattr(swap, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         convert(cohort, target, size=64, salt="another-salt-0123", progress=False)
     assert _digest(target) == before and not list(target.glob(".partial-*"))
     # A SIGKILL there: no cleanup runs; the folder has no manifest (it reads as unfinished).
-    monkeypatch.setattr(pipeline, "discard_partial", lambda *args: None)
+    monkeypatch.setattr(swap, "discard_partial", lambda *args: None)
     with pytest.raises(KeyboardInterrupt):
         convert(cohort, target, size=64, salt="another-salt-0123", progress=False)
     assert not (target / "manifest.json").exists()
@@ -481,22 +481,52 @@ def test_a_labelled_slice_without_its_mask_is_warned_of(tmp_path, capsys):
         len(re.findall(r"warning: P[0-9a-f]+: no mask beside it in the GT/ folder", printed)) == 1
     )
     assert "Imgs/" not in printed
-    with pytest.raises(ConversionError, match="--strict: .*no mask beside it"):
+    with pytest.raises(ConversionError, match="--strict: P[0-9a-f]+: no mask beside it") as e:
         convert(tmp_path / "in", tmp_path / "o2", strict=True, **common)
+    assert "Imgs/" not in str(e.value)  # it named the file: --strict ran before the pseudonyms
     assert not (tmp_path / "o2").exists()
+
+
+def test_masks_are_found_in_any_case_and_in_labels(tmp_path):
+    """GT/1.PNG beside Imgs/1.jpg, or masks in Labels/, were not found (the slice became
+    unlabelled, and now would be warned of as missing its mask)."""
+    from PIL import Image
+
+    from data_tools.conversion.discovery import discover
+
+    gt = np.zeros((32, 32), np.uint8)
+    gt[4:12, 4:12] = 1
+    for layout, mask_name in (("a", "GT/1.PNG"), ("b", "Labels/1.png"), ("c", "gt/1.png")):
+        root = tmp_path / layout
+        (root / "Imgs").mkdir(parents=True)
+        (root / mask_name).parent.mkdir()
+        Image.fromarray(gt).save(root / "Imgs" / "1.jpg")
+        Image.fromarray(gt).save(root / mask_name, format="PNG")
+        (study,) = discover(root).studies
+        assert study.mask_path == root / mask_name and not study.warnings, layout
 
 
 def test_a_misspelt_class_is_warned_of(tmp_path, capsys):
     """--classes ggo,consolidaton named the records' second class "consolidaton" without a
     word (only "no mask marks it", with the advice to drop it); "infection" (one class) and
     the three lesion types pass quietly."""
-    _binary_mask_slices(tmp_path / "in")
+    from PIL import Image
+
+    for folder in ("Imgs", "GT"):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+    gt = np.zeros((32, 32), np.uint8)
+    gt[4:12, 4:12], gt[20:28, 20:28] = 1, 2
+    Image.fromarray(gt * 100).save(tmp_path / "in" / "Imgs" / "0.jpg")
+    Image.fromarray(gt).save(tmp_path / "in" / "GT" / "0.png")
     args = ["--input", str(tmp_path / "in"), "--size", "32", "--salt", SALT, "--folds", "2"]
-    # (0/255 masks cannot say which of two classes a pixel is: nothing usable, exit 2.)
-    assert main([*args, "--out", str(tmp_path / "o"), "--classes", "ggo,consolidaton"]) == 2
+    assert main([*args, "--out", str(tmp_path / "o"), "--classes", "ggo,consolidaton"]) == 0
     err = capsys.readouterr().err
     assert "warning: --classes consolidaton: not a lesion type" in err
-    assert main([*args, "--out", str(tmp_path / "o2"), "--classes", "infection"]) == 0
+    assert main([*args, "--out", str(tmp_path / "o2"), "--classes", "ggo,consolidation"]) == 0
+    assert "not a lesion type" not in capsys.readouterr().err
+    _binary_mask_slices(tmp_path / "bin")
+    args[1] = str(tmp_path / "bin")
+    assert main([*args, "--out", str(tmp_path / "o3"), "--classes", "infection"]) == 0
     assert "not a lesion type" not in capsys.readouterr().err
 
 

@@ -407,6 +407,17 @@ def test_arguments_that_cannot_work_stop_before_anything_is_written(cohort, tmp_
     err = capsys.readouterr().err
     assert "lies inside the input and holds" in err and "no usable" not in err
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    # Only the converter's own files (a killed run's .partial-*/done/ markers have no
+    # suffix): a rerun goes on. A DICOM file named as GE names them (I.001) is input.
+    inner = src / "records"
+    (inner / ".partial-7" / "done").mkdir(parents=True)
+    (inner / ".partial-7" / "done" / "000000").write_bytes(b"")
+    assert main([*args, "--out", str(inner)]) == 0
+    capsys.readouterr()
+    (inner / "I.001").write_bytes(b"x")
+    assert main([*args, "--out", str(inner)]) == 2
+    assert "holds 1 input files" in capsys.readouterr().err
+    shutil.rmtree(inner)
     # An empty class name was dropped: mask label 2 (consolidation) became "fibrosis".
     for classes in ("ggo,,fibrosis", "ggo,consolidation,"):
         with pytest.raises(SystemExit) as stop:
