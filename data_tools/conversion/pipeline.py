@@ -395,6 +395,24 @@ def finish(job: Job, records: Records, shard_bytes: dict, found: Discovery) -> d
     return summarize(job, manifest)
 
 
+SAME_WARNING_SHOWN = 5  # studies named per warning text; the rest counted (manifest: all)
+
+
+def _print_warnings(items) -> None:
+    """The studies' warnings, at most `SAME_WARNING_SHOWN` studies per text (an empty
+    GT/ folder beside 1,600 slices gave 1,600 lines)."""
+    shown: dict[str, int] = {}
+    for item in items:
+        n = shown[item["warning"]] = shown.get(item["warning"], 0) + 1
+        if n <= SAME_WARNING_SHOWN:
+            print(printable(f"warning: {item['path']}: {item['warning']}"))
+    for text, n in shown.items():
+        if n > SAME_WARNING_SHOWN:
+            more = n - SAME_WARNING_SHOWN
+            print(printable(f"warning: {more} more with the same warning ({text}); "
+                            "all are in manifest.json"))  # fmt: skip
+
+
 def summarize(job: Job, manifest: dict) -> dict:
     """The run's summary (`print_summary`), from the manifest it wrote."""
     splits = manifest["folds"]["splits"]
@@ -459,8 +477,7 @@ def print_summary(summary: dict) -> None:
             f"warning: no mask marks {', '.join(unmarked)}: every annotated slice records it "
             f"as absent; if the masks do not annotate it, {advice}"
         )
-    for item in summary.get("warnings", []):
-        print(printable(f"warning: {item['path']}: {item['warning']}"))
+    _print_warnings(summary.get("warnings", []))
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} files:")
         for item in summary["skipped"]:

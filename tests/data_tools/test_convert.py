@@ -481,6 +481,13 @@ def test_a_labelled_slice_without_its_mask_is_warned_of(tmp_path, capsys):
         len(re.findall(r"warning: P[0-9a-f]+: no mask beside it in the GT/ folder", printed)) == 1
     )
     assert "Imgs/" not in printed
+    # Many slices with one warning: five named, the rest counted.
+    from data_tools.conversion.pipeline import SAME_WARNING_SHOWN
+
+    same = [{"path": f"P{k}", "warning": "one text"} for k in range(SAME_WARNING_SHOWN + 3)]
+    print_summary({**summary, "warnings": same})
+    lines = [line for line in capsys.readouterr().out.splitlines() if "one text" in line]
+    assert len(lines) == SAME_WARNING_SHOWN + 1 and "3 more with the same warning" in lines[-1]
     with pytest.raises(ConversionError, match="--strict: P[0-9a-f]+: no mask beside it") as e:
         convert(tmp_path / "in", tmp_path / "o2", strict=True, **common)
     assert "Imgs/" not in str(e.value)  # it named the file: --strict ran before the pseudonyms
