@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import keras
 import pytest
@@ -451,6 +452,11 @@ def test_killed_run_resumes_and_loses_at_most_one_epoch(tiny, tmp_path):
         proc.wait()
     done = _csv_epochs(csv_path)
     assert 2 <= len(done) < 5 and not (out / "run.json").exists()
+    # The killed run reads as unfinished: without a state.json until its first phase
+    # ended, evaluate and export took segmenter_best.keras of epoch 2 for a finished run's.
+    from tfcovseg.evaluation.runlog import unfinished_phases
+
+    assert unfinished_phases(out, load_config(out / "config.yaml")) == ["segmentation"]
     assert main(["--out", str(out), "--resume", "--quiet"]) == 0
     epochs = _csv_epochs(csv_path)
     resumed = epochs[len(done) :]
@@ -493,9 +499,17 @@ def test_severity_rule_and_export_at_the_end(tiny, tmp_path, capsys):
     assert main(args + ["--export", str(models)]) == 0
     assert (models / "2" / "saved_model.pb").is_file()
     assert f"servable model: {models / '2'}" in capsys.readouterr().out
-    # The config's train.export_dir does the same (the quickstart sets it).
+    # The config's train.export_dir does the same (the quickstart sets it); into the
+    # folder it went to last, the same weights are not exported again (they were, as
+    # version 3, and evaluated again), into another they are.
     assert main(args + ["--set", f"train.export_dir={models}"]) == 0
-    assert (models / "3" / "saved_model.pb").is_file()
+    printed = capsys.readouterr().out
+    assert f"nothing trained: exported before as {models / '2'}" in printed
+    assert not (models / "3").exists()
+    assert main(args + ["--export", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "1" / "saved_model.pb").is_file()
+    total = json.loads((out / "run.json").read_text())["timings"]["total_s"]
+    assert total > json.loads((root / "run" / "run.json").read_text())["timings"]["total_s"]
 
 
 def _steps_per_epoch(config) -> int:
@@ -537,6 +551,66 @@ def test_resume_skips_completed_phases(tiny, tmp_path):
     # And so may XLA (benchmark folders and runs alike: `ARITHMETIC_KEYS`).
     xla = load_config(out / "config.yaml", [f"train.jit_compile={not config.train.jit_compile}"])
     train(xla, out, resume=True, verbose=0, log=lambda *a: None)
+
+
+def test_a_kill_after_a_phase_s_last_epoch_resumes_without_training_it_again(
+    tiny, tmp_path, monkeypatch
+):
+    """Keras deleted the backup as fit ended, before the phase saved its last model and
+    state.json recorded it: a kill there (seconds at 512x512) made --resume train the
+    whole phase again from epoch 1, its CSV log listing every epoch twice."""
+    from tfcovseg.training import phases
+
+    _, config, _ = tiny
+    config = load_config(tiny[0] / "run" / "config.yaml", ["train.phases=[segmentation]"])
+    out = tmp_path / "run"
+    real = phases.save_model
+
+    def killed(model, path, *args, **kwargs):
+        if Path(path).name == "segmenter_last.keras":
+            raise KeyboardInterrupt  # as a SIGKILL would land: after fit, before the state
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(phases, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out, verbose=0, log=lambda *a: None)
+    monkeypatch.undo()
+    rows = _csv_epochs(out / "logs" / "segmentation.csv")
+    metadata = json.loads((out / "backup" / "segmentation" / "training_metadata.json").read_text())
+    assert metadata["finished"] is True and rows == [0, 1]
+    best = (out / "segmenter_best.keras").read_bytes()
+    said = []
+    train(config, out, resume=True, verbose=0, log=said.append)
+    assert _csv_epochs(out / "logs" / "segmentation.csv") == rows  # no epoch trained again
+    assert any("had finished its epochs" in line for line in said)
+    assert (out / "segmenter_best.keras").read_bytes() == best
+    assert json.loads((out / "state.json").read_text())["completed"] == ["segmentation"]
+    assert (out / "segmenter_last.keras").is_file() and not (out / "backup").exists()
+
+
+def test_a_run_resumes_on_its_records_moved_not_on_others(tiny, tmp_path):
+    """A run resumed from another folder could not find its relative records_dir, and
+    --set data.records_dir=<the same records elsewhere> was refused as "another
+    configuration": the way the error itself advised was a dead end."""
+    import shutil
+
+    root, config, _ = tiny
+    out = tmp_path / "run"
+    shutil.copytree(root / "run", out)
+    moved = tmp_path / "moved"
+    shutil.copytree(config_records(config), moved)
+    said = []
+    there = load_config(out / "config.yaml", [f"data.records_dir={moved}"])
+    train(there, out, resume=True, verbose=0, log=said.append)
+    assert any(f"records: {moved} (moved from" in line for line in said)
+    # Other records (a manifest that differs, as another conversion's would).
+    elsewhere = tmp_path / "other"
+    shutil.copytree(moved, elsewhere)
+    manifest = json.loads((elsewhere / "manifest.json").read_text())
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest | {"note": "another"}))
+    other = load_config(out / "config.yaml", [f"data.records_dir={elsewhere}"])
+    with pytest.raises(TrainingError, match="holds other records"):
+        train(other, out, resume=True, verbose=0, log=lambda *a: None)
 
 
 def test_cross_validation_trains_every_fold(tiny, phantom_run, tmp_path, capsys):

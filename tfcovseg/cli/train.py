@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -136,20 +137,45 @@ def _run(args, config) -> int:
     print(f"run folder: {out} ({summary['timings']['total_s']:.0f} s)")
     if not summary.get("chief", True):
         return 0  # other workers of a multi-worker run: the chief evaluates and exports
+    # A finished run resumed trains nothing: it was evaluated and exported again (another
+    # version of the same weights), unless those are gone.
+    unchanged = args.resume and not summary.get("trained_now", True)
     if args.evaluate or config.train.evaluate:
         from tfcovseg.evaluation.run import evaluate_run, print_headline
 
-        print_headline(evaluate_run(out, split="test"), out)
-    return 0 if export_dir is None else _export(out, export_dir)
+        if unchanged and (out / "metrics.json").is_file():
+            print(f"nothing trained: evaluation as before ({out / 'metrics.json'})")
+        else:
+            print_headline(evaluate_run(out, split="test"), out)
+    if export_dir is None:
+        return 0
+    before = _exported_before(out) if unchanged else None
+    if before is not None and before.parent.resolve() == Path(export_dir).resolve():
+        print(f"nothing trained: exported before as {before}")
+        return 0
+    return _export(out, export_dir)
+
+
+EXPORT_RECORD = "export.json"  # in a run folder: where `--export` put it last
+
+
+def _exported_before(run: Path) -> Path | None:
+    try:
+        target = Path(json.loads((run / EXPORT_RECORD).read_text())["target"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if (target / "saved_model.pb").is_file() else None
 
 
 def _export(run: Path, export_dir: Path) -> int:
+    from data_tools.files import atomic_write_json
     from tfcovseg.inference.export import ExportError, export_run
 
     try:
         target = export_run(run, export_dir)
     except ExportError as e:
         return cli.fail(f"export: {e}")
+    atomic_write_json(run / EXPORT_RECORD, {"target": str(target)})
     print(
         f"servable model: {target} (python -m tfcovseg.predict --model {target} "
         f"--input DICOM_DIR --out predictions)"

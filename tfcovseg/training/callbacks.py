@@ -284,7 +284,16 @@ class _AtomicSaver:
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose backup (weights and epoch) is replaced atomically.
+    """`BackupAndRestore` whose backup (weights and epoch) is replaced atomically, and
+    kept when training ends.
+
+    Keras deletes the backup as `fit` ends, before the phase saves its last model and the
+    run records the phase as completed: a kill in between (seconds for a large model)
+    lost the whole phase, which a resume trained again from its first epoch. Here the end
+    writes a last backup, the weights the phase ends with (after `EarlyStopping` restored
+    the best, so this callback goes after it) marked ``finished``; a resume restores them
+    and runs no epoch. The run deletes the backup once the phase is recorded
+    (`remove_backup`).
 
     A backup that still does not load (written by an older version, a full disk) is set
     aside with a warning and the phase starts again from its first epoch, rather than
@@ -292,12 +301,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, backup_dir, log=print, **kwargs):
-        super().__init__(backup_dir, **kwargs)
+        super().__init__(backup_dir, delete_checkpoint=False, **kwargs)
         self._log = log
+        self._finished = False
 
     def on_train_begin(self, logs=None):
         try:
             super().on_train_begin(logs)
+            finished = self._read_metadata().get("finished", False)
         except (OSError, json.JSONDecodeError, KeyError) as e:  # the files, not the model
             shutil.rmtree(self.backup_dir, ignore_errors=True)
             self.model._initial_epoch = 0
@@ -306,6 +317,21 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                 f"({type(e).__name__}: {e}); this phase counts its epochs from the first "
                 "again (with whatever weights the backup had restored)"
             )
+            return
+        if finished:  # the kill came after fit: its weights are back, nothing to train
+            self.model._initial_epoch = max(
+                self.model._initial_epoch or 0, self.params.get("epochs", 0)
+            )
+            self._current_epoch = self.model._initial_epoch
+            self._log(f"the phase had finished its epochs before the kill ({self.backup_dir})")
+
+    def _read_metadata(self) -> dict:
+        path = Path(self._training_metadata_path)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def on_train_end(self, logs=None):
+        self._finished = True
+        self._save_model()
 
     def _save_model(self):
         # Weights first, then the epoch: a kill between the two resumes one epoch early,
@@ -314,8 +340,14 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         save_weights(self.model, self._weights_path)
         atomic_write_json(
             self._training_metadata_path,
-            {"epoch": self._current_epoch, "batch": self._last_batch_seen},
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+            | ({"finished": True} if self._finished else {}),
         )
+
+
+def remove_backup(out: Path, name: str) -> None:
+    """Deletes ``backup/<name>`` once the run has recorded its phase (or round) as done."""
+    shutil.rmtree(Path(out) / "backup" / name, ignore_errors=True)
 
 
 class AtomicCSVLogger(keras.callbacks.Callback):

@@ -85,7 +85,6 @@ def phase_callbacks(
     # Every file of the run is replaced atomically: a kill leaves the old or the new one.
     return [
         *extra,
-        AtomicBackupAndRestore(str(out / "backup" / phase), log=log),
         AtomicModelCheckpoint(
             filepath=str(best),
             monitor="val_loss",
@@ -94,6 +93,9 @@ def phase_callbacks(
             target=save,
         ),
         early_stopping(patience),
+        # After EarlyStopping: its last backup holds the best weights it restored; after
+        # the checkpoint: a kill between the two trains an epoch again, never one fewer.
+        AtomicBackupAndRestore(str(out / "backup" / phase), log=log),
         AtomicCSVLogger(csv_path, append=resume),
         keras.callbacks.TensorBoard(str(logs / "tensorboard" / phase), write_graph=False),
     ]

@@ -28,7 +28,7 @@ from tfcovseg.models import (
     save_model,
 )
 from tfcovseg.models.classifier import head_on_features, head_options, with_classifier_head
-from tfcovseg.training.callbacks import OverlayImages, PatientEvaluation
+from tfcovseg.training.callbacks import OverlayImages, PatientEvaluation, remove_backup
 from tfcovseg.training.distributed import is_chief, is_multi_worker
 from tfcovseg.training.errors import TrainingError
 from tfcovseg.training.fitting import (
@@ -233,6 +233,7 @@ def self_training_phase(run: Run, segmenter, state: dict):
         rounds.append(record)
         state["self_training"] = rounds
         atomic_write_json(out / "state.json", state)
+        remove_backup(out, f"student_r{r}")
     save_model(teacher, out / "student_best.keras")
     save_model(teacher, out / "segmenter_best.keras")  # what phase 2, evaluate and export use
     return teacher

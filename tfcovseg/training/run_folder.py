@@ -4,6 +4,7 @@ writes there."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -18,6 +19,7 @@ from tfcovseg.configs.experiment import (
     load_config,
 )
 from tfcovseg.constants import RUN_MODELS
+from tfcovseg.data.dataset import data_fingerprint
 from tfcovseg.evaluation.runlog import EVALUATION_DIR
 from tfcovseg.models import ModelFileError, load_model
 from tfcovseg.training.errors import TrainingError
@@ -83,7 +85,7 @@ def _load_problem(path: Path) -> str | None:
 
 
 # What a run writes before its first epoch ends: a folder holding these alone can go.
-_START_FILES = {"config.yaml", "logs", "backup"}
+_START_FILES = {"config.yaml", "state.json", "logs", "backup"}
 
 
 def nothing_to_keep(out: Path) -> bool:
@@ -117,7 +119,31 @@ def _training_settings(config):
     default = TrainConfig()
     free = {"evaluate": False, "export_dir": ""}
     free |= {f: getattr(default, f) for f in (k.removeprefix("train.") for k in ARITHMETIC_KEYS)}
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **free))
+    # Where the records are may change with the same records in it (`check_same_records`).
+    data = dataclasses.replace(config.data, records_dir="(checked apart)")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **free), data=data)
+
+
+def check_same_records(out: Path, config, folder: Path, log) -> None:
+    """A resumed run whose ``data.records_dir`` changed goes on where the folder holds the
+    records it trained on (their fingerprint, in ``state.json`` or ``run.json``): records
+    moved, or a relative path given from another folder. Otherwise it stops."""
+    saved = load_config(out / "config.yaml").data.records_dir
+    if saved == config.data.records_dir:
+        return
+    recorded = read_state(out).get("data_fingerprint")
+    if recorded is None and (out / "run.json").is_file():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            recorded = json.loads((out / "run.json").read_text()).get("data_fingerprint")
+    now = data_fingerprint(folder)
+    if recorded != now:
+        raise TrainingError(
+            f"{out} was started on the records in {saved!r}; {config.data.records_dir!r} "
+            + ("holds other records" if recorded else "cannot be told to hold the same ones")
+            + f" (fingerprint {now}{f', the run has {recorded}' if recorded else ''}): "
+            "--resume continues a run on its own records"
+        )
+    log(f"records: {config.data.records_dir} (moved from {saved}, the same records)")
 
 
 def nothing_to_resume(out: Path) -> str:

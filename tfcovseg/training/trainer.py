@@ -45,6 +45,7 @@ from tfcovseg import __version__, cpu_kernels, require_tensorflow
 from tfcovseg.configs.experiment import ExperimentConfig, save_config
 from tfcovseg.data.dataset import corrupt_records_message, data_fingerprint, split_patients
 from tfcovseg.evaluation.severity import severity_rule_from_manifest
+from tfcovseg.training.callbacks import remove_backup
 from tfcovseg.training.distributed import choose_strategy, is_chief, is_multi_worker, worker_path
 from tfcovseg.training.errors import TrainingError
 from tfcovseg.training.fitting import Run
@@ -58,6 +59,7 @@ from tfcovseg.training.run_folder import (
     check_cv_folder,
     check_out,
     check_run_folder,
+    check_same_records,
     drop_stale_evaluation,
     nothing_to_keep,
     verified_state,
@@ -118,16 +120,26 @@ def train(
 def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     folder = prepare_records(config, log)
     manifest = check_inputs(config, folder)
+    if resume:
+        check_same_records(out, config, folder, log)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial-*"):  # a save that a kill interrupted
         stale.unlink()
     save_config(config, out / "config.yaml")
     state = verified_state(out, config, log) if resume else {"completed": [], "timings": {}}
+    state.setdefault("data_fingerprint", data_fingerprint(folder))  # for a resume elsewhere
+    # Written now, not only when a phase ends: a run killed in its first phase has a best
+    # checkpoint that evaluate and export took for a finished run's (state.json absent
+    # means a run older than it). A resume writes back the phases it will redo.
+    atomic_write_json(out / "state.json", state)
     keras.utils.set_random_seed(config.train.seed)
     keras.config.set_dtype_policy(config.train.precision)
     t = config.train
     fold = config.data.fold
     timings = dict(state.get("timings", {}))
+    # total_s adds up over the invocations that ended a phase (a resume replaced it with
+    # its own seconds: 1.0 for a finished run resumed).
+    before_s = float(timings.get("total_s", 0.0))
     common = dict(
         record_dir=folder,
         fold=fold,
@@ -142,14 +154,17 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     def finish_phase(phase, phase_start):
         state["completed"] = [*state["completed"], phase]
         timings[f"{phase}_s"] = round(time.perf_counter() - phase_start, 1)
+        timings["total_s"] = round(before_s + time.perf_counter() - start, 1)
         state["timings"] = timings
         atomic_write_json(out / "state.json", state)
+        remove_backup(out, phase)  # kept until now: a kill before this resumes with no epoch
 
-    segmenter = None
+    segmenter, trained = None, []
     for phase in t.phases:
         if phase in state["completed"]:
             log(f"phase {PHASE_NUMBER[phase]}: {phase} already completed in this run folder")
             continue
+        trained.append(phase)
         phase_start = time.perf_counter()
         if resume:
             drop_stale_evaluation(out, log)
@@ -165,12 +180,15 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
         finish_phase(phase, phase_start)
     if is_chief(strategy):
         _finish_run(config, out, manifest)
-    timings["total_s"] = round(time.perf_counter() - start, 1)
+    timings["total_s"] = round(before_s + time.perf_counter() - start, 1)
+    state["timings"] = timings
+    atomic_write_json(out / "state.json", state)
     summary = _summary(config, folder, manifest, strategy, resume, timings)
     if state.get("self_training"):
         summary["self_training"] = state["self_training"]
     atomic_write_json(out / "run.json", summary)
-    return summary
+    # Not in run.json: what this invocation trained (none: a finished run resumed).
+    return summary | {"trained_now": trained}
 
 
 def _finish_run(config, out: Path, manifest: dict) -> None:
