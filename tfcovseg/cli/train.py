@@ -79,8 +79,9 @@ def base_config(args):
 
 
 @cli.interruptible(
-    "the run folder keeps the last finished epoch: the same command with --resume goes on "
-    "from there"
+    "the run folder keeps what had finished (its last epoch, or all of its training once "
+    "that had ended, while it was evaluated or exported): the same command with --resume "
+    "goes on from there"
 )
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
