@@ -562,7 +562,9 @@ def test_a_kill_after_a_phase_s_last_epoch_resumes_without_training_it_again(
     from tfcovseg.training import phases
 
     _, config, _ = tiny
-    config = load_config(tiny[0] / "run" / "config.yaml", ["train.phases=[segmentation]"])
+    config = load_config(
+        tiny[0] / "run" / "config.yaml", ["train.phases=[segmentation]", "train.epochs=1"]
+    )
     out = tmp_path / "run"
     real = phases.save_model
 
@@ -577,7 +579,7 @@ def test_a_kill_after_a_phase_s_last_epoch_resumes_without_training_it_again(
     monkeypatch.undo()
     rows = _csv_epochs(out / "logs" / "segmentation.csv")
     metadata = json.loads((out / "backup" / "segmentation" / "training_metadata.json").read_text())
-    assert metadata["finished"] is True and rows == [0, 1]
+    assert metadata["finished"] is True and rows == [0]
     best = (out / "segmenter_best.keras").read_bytes()
     said = []
     train(config, out, resume=True, verbose=0, log=said.append)
