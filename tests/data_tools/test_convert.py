@@ -381,6 +381,24 @@ def test_covid_semiseg_slices(tmp_path):
     assert max(e["hu"].max() for e in examples) <= 255 and min(e["hu"].min() for e in examples) >= 0
 
 
+def _slice_dataset(root, n, size, masked=None):
+    """``Imgs/<k>.jpg`` (random grey levels) for k < n and, for the first `masked` of them
+    (all by default), ``GT/<k>.png`` marking a GGO square and a consolidation square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("Imgs", "GT"):
+        (root / folder).mkdir(parents=True)
+    gt = np.zeros((size, size), np.uint8)
+    gt[size // 8 : size // 3, size // 8 : size // 3] = 1
+    gt[size // 2 : 3 * size // 4, size // 2 : 3 * size // 4] = 2
+    for k in range(n):
+        image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        Image.fromarray(image).save(root / "Imgs" / f"{k}.jpg")
+        if k < (n if masked is None else masked):
+            Image.fromarray(gt).save(root / "GT" / f"{k}.png")
+
+
 def test_a_class_no_mask_marks_is_warned_of(tmp_path, capsys):
     """COVID-SemiSeg-style slices (GT labels 1 and 2) converted with the default three
     classes: fibrosis is recorded as absent on every slice; the summary says so and
@@ -457,20 +475,9 @@ def test_a_labelled_slice_without_its_mask_is_warned_of(tmp_path, capsys):
     """Imgs/ with GT/ where one image has no mask: it converts as unlabelled with a
     warning naming it, and --strict refuses the input (it became unlabelled silently,
     even under --strict)."""
-    from PIL import Image
-
     from data_tools.conversion.pipeline import print_summary
 
-    rng = np.random.default_rng(0)
-    for folder in ("Imgs", "GT"):
-        (tmp_path / "in" / folder).mkdir(parents=True)
-    for k in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
-            tmp_path / "in" / "Imgs" / f"{k}.jpg"
-        )
-    gt = np.zeros((32, 32), np.uint8)
-    gt[4:12, 4:12] = 1
-    Image.fromarray(gt).save(tmp_path / "in" / "GT" / "0.png")
+    _slice_dataset(tmp_path / "in", 2, 32, masked=1)
     common = dict(size=32, salt=SALT, default_diagnosis="covid", progress=False)
     summary = convert(tmp_path / "in", tmp_path / "o", **common)
     assert summary["unlabelled_slices"] == 1
@@ -517,14 +524,7 @@ def test_a_misspelt_class_is_warned_of(tmp_path, capsys):
     """--classes ggo,consolidaton named the records' second class "consolidaton" without a
     word (only "no mask marks it", with the advice to drop it); "infection" (one class) and
     the three lesion types pass quietly."""
-    from PIL import Image
-
-    for folder in ("Imgs", "GT"):
-        (tmp_path / "in" / folder).mkdir(parents=True)
-    gt = np.zeros((32, 32), np.uint8)
-    gt[4:12, 4:12], gt[20:28, 20:28] = 1, 2
-    Image.fromarray(gt * 100).save(tmp_path / "in" / "Imgs" / "0.jpg")
-    Image.fromarray(gt).save(tmp_path / "in" / "GT" / "0.png")
+    _slice_dataset(tmp_path / "in", 1, 32)
     args = ["--input", str(tmp_path / "in"), "--size", "32", "--salt", SALT, "--folds", "2"]
     assert main([*args, "--out", str(tmp_path / "o"), "--classes", "ggo,consolidaton"]) == 0
     err = capsys.readouterr().err
