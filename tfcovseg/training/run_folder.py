@@ -19,7 +19,6 @@ from tfcovseg.configs.experiment import (
     load_config,
 )
 from tfcovseg.constants import RUN_MODELS
-from tfcovseg.data.dataset import data_fingerprint
 from tfcovseg.evaluation.runlog import EVALUATION_DIR
 from tfcovseg.models import ModelFileError, load_model
 from tfcovseg.training.errors import TrainingError
@@ -124,7 +123,7 @@ def _training_settings(config):
     return dataclasses.replace(config, train=dataclasses.replace(config.train, **free), data=data)
 
 
-def check_same_records(out: Path, config, folder: Path, log) -> None:
+def check_same_records(out: Path, config, fingerprint: str, log) -> None:
     """A resumed run whose ``data.records_dir`` changed goes on where the folder holds the
     records it trained on (their fingerprint, in ``state.json`` or ``run.json``): records
     moved, or a relative path given from another folder. Otherwise it stops."""
@@ -135,7 +134,7 @@ def check_same_records(out: Path, config, folder: Path, log) -> None:
     if recorded is None and (out / "run.json").is_file():
         with contextlib.suppress(ValueError, OSError, AttributeError):
             recorded = json.loads((out / "run.json").read_text()).get("data_fingerprint")
-    now = data_fingerprint(folder)
+    now = fingerprint  # of the records in config.data.records_dir
     if recorded != now:
         raise TrainingError(
             f"{out} was started on the records in {saved!r}; {config.data.records_dir!r} "

@@ -120,14 +120,15 @@ def train(
 def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     folder = prepare_records(config, log)
     manifest = check_inputs(config, folder)
+    fingerprint = data_fingerprint(folder)  # once: the resume check, state.json, run.json
     if resume:
-        check_same_records(out, config, folder, log)
+        check_same_records(out, config, fingerprint, log)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.partial-*"):  # a save that a kill interrupted
         stale.unlink()
     save_config(config, out / "config.yaml")
     state = verified_state(out, config, log) if resume else {"completed": [], "timings": {}}
-    state.setdefault("data_fingerprint", data_fingerprint(folder))  # for a resume elsewhere
+    state.setdefault("data_fingerprint", fingerprint)  # for a resume elsewhere
     # Written now, not only when a phase ends: a run killed in its first phase has a best
     # checkpoint that evaluate and export took for a finished run's (state.json absent
     # means a run older than it). A resume writes back the phases it will redo.
@@ -140,6 +141,10 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     # total_s adds up over the invocations that ended a phase (a resume replaced it with
     # its own seconds: 1.0 for a finished run resumed).
     before_s = float(timings.get("total_s", 0.0))
+
+    def total_s() -> float:
+        return round(before_s + time.perf_counter() - start, 1)
+
     common = dict(
         record_dir=folder,
         fold=fold,
@@ -154,7 +159,7 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
     def finish_phase(phase, phase_start):
         state["completed"] = [*state["completed"], phase]
         timings[f"{phase}_s"] = round(time.perf_counter() - phase_start, 1)
-        timings["total_s"] = round(before_s + time.perf_counter() - start, 1)
+        timings["total_s"] = total_s()
         state["timings"] = timings
         atomic_write_json(out / "state.json", state)
         remove_backup(out, phase)  # kept until now: a kill before this resumes with no epoch
@@ -180,10 +185,10 @@ def _train(config, out, resume, verbose, log, strategy, start) -> dict:
         finish_phase(phase, phase_start)
     if is_chief(strategy):
         _finish_run(config, out, manifest)
-    timings["total_s"] = round(before_s + time.perf_counter() - start, 1)
+    timings["total_s"] = total_s()
     state["timings"] = timings
     atomic_write_json(out / "state.json", state)
-    summary = _summary(config, folder, manifest, strategy, resume, timings)
+    summary = _summary(config, folder, fingerprint, manifest, strategy, resume, timings)
     if state.get("self_training"):
         summary["self_training"] = state["self_training"]
     atomic_write_json(out / "run.json", summary)
@@ -205,13 +210,13 @@ def _finish_run(config, out: Path, manifest: dict) -> None:
         (out / "backup").rmdir()
 
 
-def _summary(config, folder, manifest, strategy, resume, timings) -> dict:
+def _summary(config, folder, fingerprint, manifest, strategy, resume, timings) -> dict:
     """The content of ``run.json``."""
     return {
         "experiment": config.name,
         "fold": config.data.fold,
         "records": str(folder),
-        "data_fingerprint": data_fingerprint(folder),
+        "data_fingerprint": fingerprint,
         "num_slices": manifest["num_slices"],
         "seed": config.train.seed,
         "strategy": (
