@@ -93,7 +93,16 @@ def reuse_freed_memory() -> int:
 
 
 def _start_worker(parent: int) -> None:
-    """Worker initializer (`_die_with_parent`, `reuse_freed_memory`)."""
+    """Worker initializer (`_die_with_parent`, `reuse_freed_memory`). A worker ignores
+    Ctrl-C: a terminal sends it to the whole process group, and the converter, which
+    handles it, stops the workers (`worker_pool`); each would print a traceback. It
+    started with SIGINT blocked (`_interrupts_held`), so one that came while it imported
+    is dropped here."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     reuse_freed_memory()
     _die_with_parent(parent)
 
@@ -138,10 +147,45 @@ def worker_pool(workers: int):
     with ProcessPoolExecutor(
         workers - 1, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),)
     ) as pool:
-        with _main_script_hidden():
+        with _main_script_hidden(), _interrupts_held():
             for _ in range(workers - 1):  # each submit starts a worker while none is idle
                 pool.submit(_started)
-        yield pool
+        try:
+            yield pool
+        except BaseException:
+            _stop_now(pool)
+            raise
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Ends the workers of a conversion that failed or was interrupted: leaving the
+    `with`, the pool would first convert every study queued to it, for nothing."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.kill()
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError, AssertionError):
+            process.join(5)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT blocked in this thread while it starts workers: a spawned process inherits
+    the mask, and one that Python would turn into a KeyboardInterrupt traceback while the
+    worker still imports waits until its initializer ignores it (`_start_worker`). Here
+    it is delivered once the workers are started."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager

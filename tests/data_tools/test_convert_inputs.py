@@ -251,6 +251,51 @@ def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_a_ctrl_c_stops_the_workers_without_their_tracebacks(cohort, tmp_path):
+    """A Ctrl-C in a terminal reaches every process of the group: each pool worker
+    printed a KeyboardInterrupt traceback above the converter's one tidy line, and the
+    converter then waited for the studies already queued to its workers."""
+    import signal
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = ["--input", str(cohort), "--out", str(tmp_path / "out"), "--size", "64"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.convert", *args, "--salt", SALT, "--workers", "3"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
+            workers = _children(proc.pid)
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the converter never started its two workers"
+        time.sleep(0.5)  # the workers are past their start and may be converting
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if _alive(p)], "workers outlived the converter"
+    finally:
+        proc.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if proc.returncode == 0:  # finished before the signal came: nothing to check
+        pytest.skip("the conversion finished before the Ctrl-C")
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "interrupted" in stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "shape, header, reason",
     [
