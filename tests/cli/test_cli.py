@@ -58,10 +58,45 @@ def test_help_answers_without_tensorflow(door):
         ("evaluate", ["--run", "r", "--set", "data.fold=2"], "a trained run keeps its fold"),
         ("export", ["--run", "r", "--set", "data.num_folds=3"], "a trained run keeps its fold"),
         ("predict", ["--model", "m", "--input", "i", "--out", "o", "--batch-size", "0"], ">= 1"),
+        # The thresholds were checked after TensorFlow loaded (~6 s on the 2-core machine).
+        (
+            "predict",
+            ["--model", "m", "--input", "i", "--out", "o", "--mask-threshold", "2"],
+            "--mask-threshold must be in (0, 1], got 2.0",
+        ),
+        (
+            "predict",
+            ["--model", "m", "--input", "i", "--out", "o", "--threshold", "nan"],
+            "--threshold must be in [0, 1], got nan",
+        ),
+        (
+            "predict",
+            [
+                "--model",
+                "m",
+                "--input",
+                "i",
+                "--out",
+                "o",
+                "--runner",
+                "direct",
+                "--mask-threshold",
+                "0",
+            ],
+            "--mask-threshold must be in (0, 1]",
+        ),  # fmt: skip
         ("summary", ["--set", "model.nope=1"], "unknown key 'model.nope'"),
         ("semiseg", ["--train-dir", "d", "--set", "train.nope=1"], "unknown key 'train.nope'"),
         ("semiseg", ["--train-dir", "d", "--config", "quickstart"], "model.class_names must"),
         ("semiseg", ["--train-dir", "d", "--only-folds", "x"], "--only-folds takes fold"),
+        # These came after the slices were read (seconds; the 1,600 unlabelled ones too).
+        ("semiseg", ["--train-dir", "d", "--models", "foo"], "unknown models ['foo']"),
+        ("semiseg", ["--train-dir", "d", "--folds", "1"], "--folds must be at least 2, got 1"),
+        (
+            "semiseg",
+            ["--train-dir", "d", "--models", "unet", "--unlabelled-dir", "u"],
+            "include coarse_refine in --models",
+        ),
     ],
 )
 def test_bad_options_answer_without_tensorflow(door, argv, message):

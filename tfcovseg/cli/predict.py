@@ -103,9 +103,14 @@ def main(argv=None) -> int:
         return cli.fail("--batch-size must be >= 1")
     if args.pipeline_option and not args.runner:
         return cli.fail("--pipeline-option needs --runner")
+    from tfcovseg.inference.errors import PredictionError, check_thresholds
+
+    try:  # before TensorFlow loads (seconds)
+        check_thresholds(args.threshold, args.mask_threshold)
+    except PredictionError as e:
+        return cli.fail(str(e))
     if args.runner:
         return _archive(args)
-    from tfcovseg.inference.errors import PredictionError
     from tfcovseg.inference.predict import predict
 
     try:

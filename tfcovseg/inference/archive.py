@@ -45,7 +45,7 @@ from data_tools.files import (
 from data_tools.privacy import Redactor, redacted_warnings, resolve_salt
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.inference import predict as single
-from tfcovseg.inference.errors import PredictionError
+from tfcovseg.inference.errors import PredictionError, check_thresholds
 from tfcovseg.inference.predictors import open_model
 from tfcovseg.inference.studies import read_input
 
@@ -263,7 +263,7 @@ def predict_archive(
         PredictionError: bad model, input, options or output folder; a study without a
             usable series; results in `out` made with other settings.
     """
-    single.check_thresholds(threshold, mask_threshold)
+    check_thresholds(threshold, mask_threshold)
     out = Path(out)
     try:
         check_output_dir(out)

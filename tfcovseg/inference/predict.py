@@ -69,7 +69,7 @@ from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation.metrics import patient_score
 from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict
 from tfcovseg.evaluation.verdict import summary as verdict_summary
-from tfcovseg.inference.errors import PredictionError
+from tfcovseg.inference.errors import PredictionError, check_thresholds
 from tfcovseg.inference.images import (
     ImageInputError,
     image_files_digest,
@@ -404,14 +404,6 @@ def done_before(out: Path, volumes, expected: dict) -> dict:
             )
         done[v.series] = report
     return done
-
-
-def check_thresholds(threshold, mask_threshold) -> None:
-    """Raises `PredictionError` for a gate or mask threshold out of its range."""
-    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
-        raise PredictionError(f"--threshold must be in [0, 1], got {threshold}")
-    if not 0.0 < float(mask_threshold) <= 1.0:
-        raise PredictionError(f"--mask-threshold must be in (0, 1], got {mask_threshold}")
 
 
 def predict(
