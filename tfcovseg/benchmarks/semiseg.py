@@ -4,8 +4,8 @@
         [--test-dir DIR] [--out runs/semiseg] [--config semiseg_benchmark] [--set KEY=VALUE]
         [--models coarse_refine,unet] [--folds 5] [--only-folds 3,4] [--tta 8] [--passes 2]
         [--size 256] [--epochs 60] [--seed 0] [--intensity] [--width full]
-        [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 1]
-         [--semi-pool 400] [--semi-keep 0.5] [--semi-epochs 20] [--semi-learning-rate 1e-4]]
+        [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 2]
+         [--semi-pool 0] [--semi-keep 0.5] [--semi-epochs 20] [--semi-learning-rate 1e-4]]
 
 (the command: `tfcovseg.cli.semiseg`). What trains is an experiment config, as
 ``python -m tfcovseg.train`` reads one (`benchmark_config`: ``--config``, default

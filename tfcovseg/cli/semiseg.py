@@ -25,7 +25,7 @@ _SHORTCUT_OPTIONS = (
 _SEMI_OPTIONS = (
     ("--semi-method", str, "semi.method: self_training or fixmatch (semiseg's: self_training)"),
     ("--semi-rounds", int, "semi.rounds: teacher -> student rounds"),
-    ("--semi-pool", int, "semi.pool: unlabelled slices drawn per round"),
+    ("--semi-pool", int, "semi.pool: unlabelled slices drawn per round (0: all)"),
     ("--semi-keep", float, "semi.keep: the surest fraction of them kept as pseudo-labels"),
     ("--semi-epochs", int, "semi.epochs: maximum epochs per round"),
     (
