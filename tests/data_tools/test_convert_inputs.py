@@ -217,79 +217,72 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in state
 
 
-def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
+@contextlib.contextmanager
+def _converting_with_workers(cohort, out, workers: int, **popen):
+    """The converter in a process of its own, once two of its children (pool workers)
+    run: yields (process, their pids); all are killed on the way out."""
     import signal
     import time
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    args = ["--input", str(cohort), "--out", str(tmp_path / "out"), "--size", "64"]
+    args = ["--input", str(cohort), "--out", str(out), "--size", "64", "--salt", SALT]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "data_tools.convert", *args, "--salt", SALT, "--workers", "2"],
+        [sys.executable, "-m", "data_tools.convert", *args, "--workers", str(workers)],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        **popen,
     )
+    children: set[int] = set()
     try:
         deadline = time.monotonic() + 300
-        workers: set[int] = set()
-        while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
-            workers = _children(proc.pid)
+        while time.monotonic() < deadline and proc.poll() is None and len(children) < 2:
+            children = _children(proc.pid)
             time.sleep(0.05)
-        assert len(workers) >= 2, "the converter never started its two workers"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
-            time.sleep(0.1)
-        assert not [p for p in workers if _alive(p)], "workers outlived the converter"
+        assert len(children) >= 2, "the converter never started its workers"
+        yield proc, children
     finally:
         proc.kill()
-        for pid in workers:
+        for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _outliving(pids, seconds=15.0) -> list[int]:
+    """The processes still alive after up to `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if _alive(p)]
+
+
+def test_workers_end_when_the_converter_is_killed(cohort, tmp_path):
+    import signal
+
+    with _converting_with_workers(cohort, tmp_path / "out", 2, stderr=subprocess.DEVNULL) as (
+        proc,
+        workers,
+    ):
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not _outliving(workers), "workers outlived the converter"
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_a_ctrl_c_stops_the_workers_without_their_tracebacks(cohort, tmp_path):
     """A Ctrl-C in a terminal reaches every process of the group: each pool worker
-    printed a KeyboardInterrupt traceback above the converter's one tidy line, and the
-    converter then waited for the studies already queued to its workers."""
+    printed a KeyboardInterrupt traceback (one still importing, too) above the
+    converter's one tidy line, and the converter then waited for the studies already
+    queued to its workers."""
     import signal
-    import time
 
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    args = ["--input", str(cohort), "--out", str(tmp_path / "out"), "--size", "64"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_tools.convert", *args, "--salt", SALT, "--workers", "3"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's job is
-    )
-    workers: set[int] = set()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None and len(workers) < 2:
-            workers = _children(proc.pid)
-            time.sleep(0.05)
-        assert len(workers) >= 2, "the converter never started its two workers"
-        time.sleep(0.5)  # the workers are past their start and may be converting
+    # Its own process group, as a terminal's job is: the signal reaches every process.
+    popen = dict(stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with _converting_with_workers(cohort, tmp_path / "out", 3, **popen) as (proc, workers):
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
-            time.sleep(0.1)
-        assert not [p for p in workers if _alive(p)], "workers outlived the converter"
-    finally:
-        proc.kill()
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    if proc.returncode == 0:  # finished before the signal came: nothing to check
-        pytest.skip("the conversion finished before the Ctrl-C")
+        assert not _outliving(workers), "workers outlived the converter"
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert "interrupted" in stderr
