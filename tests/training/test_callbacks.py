@@ -123,3 +123,53 @@ def test_overlay_colours_and_tensorboard_images(tmp_path, rng):
     callback.on_epoch_end(0, {})
     events = list((tmp_path / "overlays").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 1000
+
+
+def _shuffled(n=32, batch=4):
+    """Shuffled every epoch, with augmentation-like random draws, of known length (as
+    `make_dataset`'s): an SGD model's weights depend on the order of its batches."""
+    x = np.linspace(-1, 1, 2 * n, dtype="float32").reshape(n, 2)
+    ds = tf.data.Dataset.from_tensor_slices((x, x[:, :1] - 2 * x[:, 1:]))
+    ds = ds.shuffle(n, seed=3, reshuffle_each_iteration=True)
+    noise = tf.data.Dataset.random(seed=5, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((ds, noise)).map(
+        lambda xy, r: (xy[0] + tf.cast(r % 7, tf.float32) * 0.01, xy[1])
+    )
+    return ds.batch(batch).apply(tf.data.experimental.assert_cardinality(n // batch))
+
+
+class _KilledAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt  # after the backup and the log of that epoch
+
+
+def _fit_sgd(out, epochs, resume, extra=(), weights=None):
+    from tfcovseg.training.fitting import fit, phase_callbacks
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    if weights is not None:
+        model.set_weights(weights)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    train = _shuffled()
+    callbacks = phase_callbacks(out, "segmentation", 9, resume, inputs=train, log=lambda m: None)
+    fit(model, tf.distribute.get_strategy(), train, _shuffled(8), epochs, [*callbacks, *extra], 0)
+    return model
+
+
+def test_a_resumed_fit_sees_the_batches_of_the_unkilled_one(tmp_path):
+    """The resumed epochs saw the batches of the run's first epoch again: the dataset's
+    shuffles and random draws restarted with the process."""
+    start = _fit_sgd(tmp_path / "probe", 0, False).get_weights()
+    unkilled = _fit_sgd(tmp_path / "unkilled", 4, False, weights=start)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_sgd(tmp_path / "killed", 4, False, [_KilledAfter(1)], weights=start)
+    resumed = _fit_sgd(tmp_path / "killed", 4, True, weights=start)
+    # Last weights: neither run stopped early, and the best epoch may differ from the last.
+    for got, want in zip(resumed.get_weights(), unkilled.get_weights()):
+        np.testing.assert_array_equal(got, want)

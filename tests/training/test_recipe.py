@@ -78,6 +78,51 @@ def test_early_stopping_restores_the_best_epoch():
     assert stop.patience == 3 and stop.monitor == "val_loss" and stop.restore_best_weights
 
 
+def _dense():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    return model, [w.copy() for w in model.get_weights()]
+
+
+def _epochs(stop, model, first, losses):
+    stop.set_model(model)
+    model.stop_training = False
+    stop.on_train_begin()
+    for epoch, loss in enumerate(losses, first):
+        stop.on_epoch_begin(epoch)
+        model.set_weights([w + epoch for w in model.get_weights()])  # this epoch's weights
+        stop.on_epoch_end(epoch, {"val_loss": loss})
+        if model.stop_training:
+            break
+    stop.on_train_end()
+    return epoch
+
+
+def test_early_stopping_counts_on_across_a_resume(tmp_path):
+    """A resumed phase's EarlyStopping started afresh: it counted its patience from the
+    resume and took the first resumed epoch for the best, whose weights it restored."""
+    model, start = _dense()
+    best_file = tmp_path / "best.keras"
+    model.save(best_file)  # the checkpoint of epoch 1, the best before the kill
+    logged = {0: 1.0, 1: 0.5, 2: 0.7}
+    # Resumed at epoch 3 of an unkilled run with patience 2: epoch 1 is still the best,
+    # epoch 2 was one without a better loss, so epoch 3 (0.8) is the second: it stops.
+    stop = early_stopping(2, logged, best_file)
+    assert _epochs(stop, model, 3, [0.8, 0.6, 0.9]) == 3
+    assert stop.best == 0.5 and stop.best_epoch == 1 and stop.stopped_epoch == 3
+    for got, want in zip(model.get_weights(), start):  # the best epoch's, from its file
+        np.testing.assert_array_equal(got, want)
+    # A better epoch after the resume is the best, restored from memory as Keras does.
+    model, _ = _dense()
+    stop = early_stopping(2, logged, best_file)
+    assert _epochs(stop, model, 3, [0.4, 0.6, 0.9]) == 5
+    assert stop.best_epoch == 3 and stop.best == 0.4
+    np.testing.assert_array_equal(model.get_weights()[1], start[1] + 3)
+    # Without a history: Keras' rule (the first epoch is the best so far).
+    model, _ = _dense()
+    stop = early_stopping(1)
+    assert _epochs(stop, model, 0, [1.0, 1.2, 0.5]) == 1 and stop.best_epoch == 0
+
+
 def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):
     logs = {"loss": 1.93214, "val_loss": 1.9712, "final_dice_ggo": 0.5, "coarse_loss": 0.9}
     logs |= {f"val_final_dice_{c}": v for c, v in (("ggo", 0.543), ("consolidation", 0.0))}

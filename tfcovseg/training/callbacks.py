@@ -298,12 +298,23 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     A backup that still does not load (written by an older version, a full disk) is set
     aside with a warning and the phase starts again from its first epoch, rather than
     failing or resuming from a broken state.
+
+    `inputs`, the training dataset: a resume at epoch k first makes and drops the
+    iterators the unkilled run made before epoch k. Its shuffles and random streams draw
+    new seeds with every iterator, so the resumed epochs see the batches the unkilled run
+    saw; without this the first resumed epoch saw the first epoch's again. Keras' `fit`
+    makes two an epoch (3.15, for a dataset of known length: the next epoch's as one
+    ends, then another as it begins) after the first epoch's; our distributed loop one
+    (`iterators_per_epoch`, which `fitting.fit` sets).
     """
 
-    def __init__(self, backup_dir, log=print, **kwargs):
+    iterators_per_epoch = 2
+
+    def __init__(self, backup_dir, log=print, inputs=None, **kwargs):
         super().__init__(backup_dir, delete_checkpoint=False, **kwargs)
         self._log = log
         self._finished = False
+        self._inputs = inputs
 
     def on_train_begin(self, logs=None):
         try:
@@ -324,6 +335,9 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
             )
             self._current_epoch = self.model._initial_epoch
             self._log(f"the phase had finished its epochs before the kill ({self.backup_dir})")
+        elif self._inputs is not None:
+            for _ in range(self.iterators_per_epoch * (self.model._initial_epoch or 0)):
+                iter(self._inputs)  # dropped at once: only its seeds were drawn
 
     def _read_metadata(self) -> dict:
         path = Path(self._training_metadata_path)

@@ -54,25 +54,30 @@ class Run:
         return make_dataset(split="validation", training=False, task="inspect", **self.common)
 
 
-def _best_so_far(csv_path: Path, monitor="val_loss"):
-    """The best (lowest) monitored value in a CSV log of the run, or None."""
+def _logged(csv_path: Path, monitor="val_loss") -> dict:
+    """{epoch: monitored value} from a CSV log of the run (empty without one)."""
     if not csv_path.is_file():
-        return None
+        return {}
     import csv
 
     with csv_path.open(newline="") as f:
-        values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
-    return min(values) if values else None
+        return {
+            int(row["epoch"]): float(row[monitor])
+            for row in csv.DictReader(f)
+            if row.get(monitor) and row.get("epoch")
+        }
 
 
 def phase_callbacks(
-    out: Path, phase: str, patience: int, resume: bool, extra=(), save=None, log=print, tag=None
-):
+    out: Path, phase: str, patience: int, resume: bool, extra=(), save=None, log=print,
+    tag=None, inputs=None,
+):  # fmt: skip
     """Evaluation callbacks first (their logs reach the rest), then the bookkeeping.
 
     ``save``: the model the best checkpoint holds when it is not the model being fit.
     ``tag``: the name of the phase's files when it fits several models (self-training's
-    rounds): ``logs/<tag>.csv``, ``backup/<tag>``, ``<tag>_best.keras``.
+    rounds): ``logs/<tag>.csv``, ``backup/<tag>``, ``<tag>_best.keras``. ``inputs``: the
+    training dataset, whose order a resume replays (`AtomicBackupAndRestore`).
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,8 @@ def phase_callbacks(
     csv_path = logs / f"{phase}.csv"
     # After --resume, the best checkpoint must stay the best of the whole run (a broken
     # one was removed by `verified_state`: the next epoch writes it again).
-    best_so_far = _best_so_far(csv_path) if resume and best.is_file() else None
+    logged = _logged(csv_path) if resume else {}
+    best_so_far = min(logged.values()) if logged and best.is_file() else None
     # Every file of the run is replaced atomically: a kill leaves the old or the new one.
     return [
         *extra,
@@ -92,10 +98,11 @@ def phase_callbacks(
             initial_value_threshold=best_so_far,
             target=save,
         ),
-        early_stopping(patience),
+        # Counting on from the epochs logged before a resume (its best, its patience).
+        early_stopping(patience, logged, best if resume else None, save),
         # After EarlyStopping: its last backup holds the best weights it restored; after
         # the checkpoint: a kill between the two trains an epoch again, never one fewer.
-        AtomicBackupAndRestore(str(out / "backup" / phase), log=log),
+        AtomicBackupAndRestore(str(out / "backup" / phase), log=log, inputs=inputs),
         AtomicCSVLogger(csv_path, append=resume),
         keras.callbacks.TensorBoard(str(logs / "tensorboard" / phase), write_graph=False),
     ]
@@ -111,6 +118,9 @@ def fit(model, strategy, train_ds, val_ds, epochs, callbacks, verbose, log=print
         )
         train_ds, val_ds = train_ds.with_options(options), val_ds.with_options(options)
         verbose = verbose if is_chief(strategy) else 0
+        for callback in callbacks:  # a resume replays the loop's iterators, one an epoch
+            if isinstance(callback, AtomicBackupAndRestore):
+                callback.iterators_per_epoch = 1
         # model.fit fails under MultiWorkerMirroredStrategy in TF 2.21 / Keras 3.15
         # (keras-team/keras#20585): a distributed custom loop drives the same callbacks.
         return fit_distributed(

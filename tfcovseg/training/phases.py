@@ -110,8 +110,9 @@ def segmentation_phase(run: Run):
         f"up to {t.epochs} epochs"
     )
     callbacks = phase_callbacks(
-        out, "segmentation", t.early_stopping_patience, run.resume, extra, segmenter, run.log
-    )
+        out, "segmentation", t.early_stopping_patience, run.resume, extra, segmenter, run.log,
+        inputs=train_ds,
+    )  # fmt: skip
     fit(fit_model, run.strategy, train_ds, val_ds, t.epochs, callbacks, run.verbose, run.log)
     save_model(segmenter, out / "segmenter_last.keras")
     finish_best(segmenter, out, "segmentation", run.log)
@@ -176,12 +177,14 @@ def _student_round(run: Run, r: int, teacher, labels, n_pseudo: int):
         )
     window = intensity_window(config)
     pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
+    mixed = mixed_dataset(labelled, pseudo, outputs)
     callbacks = phase_callbacks(
-        out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag
-    )
+        out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag,
+        inputs=mixed,
+    )  # fmt: skip
     history = fit(
-        student, run.strategy, mixed_dataset(labelled, pseudo, outputs),
-        validation_ds(run, outputs), config.semi.epochs, callbacks, run.verbose, run.log,
+        student, run.strategy, mixed, validation_ds(run, outputs), config.semi.epochs,
+        callbacks, run.verbose, run.log,
     )  # fmt: skip
     best = out / f"{tag}_best.keras"
     if model_file_problem(best):
@@ -316,7 +319,7 @@ def _fit_classifier(run: Run, classifier, cohort, patient_eval) -> None:
     )
     callbacks = phase_callbacks(
         run.out, "classification", t.early_stopping_patience, run.resume, patient_eval,
-        log=run.log,
+        log=run.log, inputs=train_ds,
     )  # fmt: skip
     fit(
         classifier,

@@ -9,6 +9,7 @@ train through these, so one experiment config is one recipe in both.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import keras
@@ -83,12 +84,63 @@ def build_segmenter(config, init=None, steps_per_epoch=None, epochs=None, compil
     return model
 
 
-def early_stopping(patience: int):
+def early_stopping(patience: int, history=None, best_file=None, target=None):
     """Stops after `patience` epochs without a lower validation loss and restores the best
-    epoch's weights (the paper's criterion, in every phase)."""
-    return keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=patience, restore_best_weights=True
-    )
+    epoch's weights (the paper's criterion, in every phase). For a resumed phase,
+    `history` ({epoch: val_loss} the run logged before) and `best_file` (its best
+    checkpoint, holding `target` or the model being fit): `ResumedEarlyStopping`."""
+    return ResumedEarlyStopping(patience, history, best_file, target)
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """`EarlyStopping` on ``val_loss`` that goes on counting across a resume.
+
+    Keras' callback starts afresh in every `fit`: a resumed phase counted its patience
+    from the resume, took the first resumed epoch for the best so far and, stopping,
+    restored that epoch's weights rather than the best. Here the epochs logged before the
+    first epoch this `fit` runs set the best value, its epoch and the wait as the unkilled
+    run had them; when a phase ends with its best among those epochs, the weights come
+    from the best checkpoint (`best_file`).
+    """
+
+    def __init__(self, patience: int, history=None, best_file=None, target=None):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self._history = {int(e): float(v) for e, v in (history or {}).items()}
+        self._best_file, self._target = best_file, target
+        self._started = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._started = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._started:
+            return
+        self._started = True  # `epoch` is where this fit starts (BackupAndRestore's)
+        before = {e: v for e, v in self._history.items() if e < epoch}
+        if before:
+            self.best_epoch = min(before, key=lambda e: (before[e], e))
+            self.best = before[self.best_epoch]
+            self.wait = epoch - 1 - self.best_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = self.get_monitor_value(logs)
+        if current is None:
+            return
+        self.wait += 1
+        if self.best is None or current < self.best:
+            self.best, self.best_epoch, self.wait = current, epoch, 0
+            self.best_weights = self.model.get_weights()
+        elif self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+        elif self.best is not None and self._best_file and os.path.isfile(self._best_file):
+            # The best epoch was before the resume: its weights are in the checkpoint.
+            (self._target or self.model).load_weights(self._best_file)
 
 
 class EpochLine(keras.callbacks.Callback):
