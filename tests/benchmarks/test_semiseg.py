@@ -44,7 +44,7 @@ TINY_WIDTHS = {
     "unet_filters": (4, 8, 8, 16, 16),
 }
 FAST = dict(size=32, epochs=1, patience=1, passes=1, widths=TINY_WIDTHS, log=lambda *a: None)
-SEMI_FAST = dict(semi_epochs=1, semi_pool=4, semi_keep=0.5, semi_tta=2)
+SEMI_FAST = dict(semi_epochs=1, semi_pool=4, semi_keep=0.5, semi_tta=2, semi_rounds=1)
 
 
 def make_folder(root: Path, names, seed=0) -> Path:
