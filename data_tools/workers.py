@@ -160,6 +160,8 @@ def worker_pool(workers: int):
 def _stop_now(pool: ProcessPoolExecutor) -> None:
     """Ends the workers of a conversion that failed or was interrupted: leaving the
     `with`, the pool would first convert every study queued to it, for nothing."""
+    # Before Python 3.14 (`kill_workers`) the executor names its processes only in a
+    # private attribute; without it, shutdown alone still cancels the queued studies.
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:

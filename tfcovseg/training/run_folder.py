@@ -134,12 +134,11 @@ def check_same_records(out: Path, config, fingerprint: str, log) -> None:
     if recorded is None and (out / "run.json").is_file():
         with contextlib.suppress(ValueError, OSError, AttributeError):
             recorded = json.loads((out / "run.json").read_text()).get("data_fingerprint")
-    now = fingerprint  # of the records in config.data.records_dir
-    if recorded != now:
+    if recorded != fingerprint:  # of the records in config.data.records_dir
         raise TrainingError(
             f"{out} was started on the records in {saved!r}; {config.data.records_dir!r} "
             + ("holds other records" if recorded else "cannot be told to hold the same ones")
-            + f" (fingerprint {now}{f', the run has {recorded}' if recorded else ''}): "
+            + f" (fingerprint {fingerprint}{f', the run has {recorded}' if recorded else ''}): "
             "--resume continues a run on its own records"
         )
     log(f"records: {config.data.records_dir} (moved from {saved}, the same records)")
