@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tfcovseg.evaluation.burden import burden_percent
 from tfcovseg.evaluation.verdict import (
     BURDEN,
     CLASSIFIER,
     COVID,
+    LESION_SCORE,
     NO_CALL,
     NOT_COVID,
     classifier_problem,
     patient_verdict,
     severity_for_verdict,
+    slice_score,
+    slice_score_name,
     summary,
 )
 
@@ -65,6 +70,21 @@ def test_an_unvalidated_classifier_leaves_the_call_to_the_lesion_burden():
     assert "by hand" in classifier_problem({"threshold": 0.3, "method": "given"})
     assert "could not be measured" in classifier_problem({"threshold": 0.0, "method": "off"})
     assert classifier_problem(VALIDATED) is None
+
+
+def test_a_model_without_a_classifier_names_its_slice_score_not_a_classifier():
+    # The shipped real-CT model: no classifier, the slice score is its highest lesion
+    # probability (0.999 on a non-COVID crop); it was shown as the slice classifier's.
+    v = patient_verdict(_covid(0.999), LOW_AUC, _burden(0.05, None), score="lesion")
+    assert v["call"] == NO_CALL and [e["rule"] for e in v["evidence"]] == [LESION_SCORE, BURDEN]
+    assert v["evidence"][0]["figure"] == "highest lesion probability 0.999, threshold 0.500"
+    assert CLASSIFIER not in v["why"] and "highest lesion probability is not validated" in v["why"]
+    decided = patient_verdict(_covid(0.9), LOW_AUC, _burden(0.02, 0.0034), score="lesion")
+    assert decided["rule"] == BURDEN and CLASSIFIER not in decided["why"]
+    assert slice_score({}) == "classifier" and slice_score_name({}) == "COVID-19 probability"
+    assert slice_score_name({"slice_score": "lesion"}) == LESION_SCORE
+    with pytest.raises(ValueError, match="slice_score must be one of"):
+        slice_score({"slice_score": "lesions"})
 
 
 def test_no_rule_no_call():

@@ -57,6 +57,7 @@ def test_layout_version_and_assets(exported, phantom_run):
     meta = json.loads((path / "assets" / ASSET_NAME).read_text())
     assert meta["class_names"] == ["ggo", "consolidation", "fibrosis"]
     assert meta["input_size"] == [64, 64] and meta["hu_window"] == [-1250.0, 250.0]
+    assert meta["slice_score"] == "classifier"  # covid_probability is the classifier's
     # The quickstart's loss weights, which the served probabilities are corrected for.
     assert meta["positive_weights"] == [1.0, 10.0, 10.0]
     assert meta["model_version"] == 1 and "not a medical device" in meta["disclaimer"]
@@ -190,6 +191,14 @@ def test_evaluate_then_export_run_the_validation_split_once(phantom_run, tmp_pat
     assert calls == ["slices"] * len(calls) and calls
     assert graph.metadata["gate"]["threshold"] == pytest.approx(fresh["threshold"], abs=1e-5)
     assert graph.metadata["gate"]["method"].split("(")[0] == fresh["method"].split("(")[0]
+
+
+def test_a_run_without_a_classifier_records_its_slice_score_as_lesion(phantom_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(phantom_run.run, run)
+    (run / "classifier_best.keras").unlink()
+    graph = prepare_run(run, overrides=["train.phases=[segmentation]"])
+    assert graph.classifier is None and graph.metadata["slice_score"] == "lesion"
 
 
 def test_savedmodel_matches_the_keras_models(exported, phantom_run, rng):

@@ -389,6 +389,26 @@ def test_images_are_read_when_predicted_and_a_changed_file_is_named(model, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_without_a_classifier_never_calls_its_slice_score_covid(
+    model, phantom_run, tmp_path, rng, monkeypatch
+):
+    # The shipped real-CT model has no classifier: its slice score is the highest lesion
+    # probability, which the reports showed as "COVID-19 probability" and as the slice
+    # classifier's figure (0.999 on a CT crop without COVID-19).
+    monkeypatch.setitem(model.metadata, "slice_score", "lesion")
+    _grey_pngs(tmp_path / "Imgs", rng)
+    index = predict(model, tmp_path / "Imgs", tmp_path / "images", **QUIET)
+    folder = tmp_path / "images" / index["series"][0]["folder"]
+    assert _strict(folder / "report.json")["model"]["slice_score"] == "highest lesion probability"
+    page = (folder / "report.html").read_text()
+    assert "<th>highest lesion probability</th>" in page and "COVID-19 probability" not in page
+    index = predict(model, phantom_run.cohort / "case_0000", tmp_path / "study", **QUIET)
+    report = _strict(tmp_path / "study" / index["series"][0]["folder"] / "report.json")
+    rules = [e["rule"] for e in report["verdict"]["evidence"]]
+    assert "highest lesion probability" in rules and "slice classifier" not in rules
+    assert report["covid"]["slice_score"] == "lesion"
+
+
 def test_a_model_without_training_grey_levels_uses_images_as_they_are(tmp_path):
     assert intensity_setting({"class_names": ["ggo"]}, "as-is") == {"mode": "as-is"}
     old = intensity_setting({"class_names": ["ggo"]}, "match")

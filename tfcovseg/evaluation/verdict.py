@@ -25,6 +25,27 @@ NOT_COVID = "not COVID-19"
 NO_CALL = "no call"
 CLASSIFIER = "slice classifier"
 BURDEN = "lesion burden"
+# A model without a slice classifier scores a slice by its highest lesion probability:
+# the same any-slice rule, but not a COVID-19 probability (a bacterial pneumonia's
+# consolidation scores as high). The export records which (``slice_score``).
+LESION_SCORE = "highest lesion probability"
+SLICE_SCORES = {"classifier": "COVID-19 probability", "lesion": LESION_SCORE}
+
+
+def slice_score(metadata: dict) -> str:
+    """What an export's ``covid_probability`` is: "classifier" (the slice classifier's
+    COVID-19 probability) or "lesion" (the highest lesion probability of the slice's mask,
+    the model having no classifier). Exports before the key recorded none: "classifier",
+    as they were read."""
+    score = metadata.get("slice_score", "classifier")
+    if score not in SLICE_SCORES:
+        raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
+    return score
+
+
+def slice_score_name(metadata: dict) -> str:
+    """The slice score's name for a reader ("COVID-19 probability", `LESION_SCORE`)."""
+    return SLICE_SCORES[slice_score(metadata)]
 
 
 def classifier_problem(gate: dict) -> str | None:
@@ -44,23 +65,28 @@ def _evidence(rule: str, figure: str, positive, validated: bool, note: str) -> d
             "note": note}  # fmt: skip
 
 
-def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
+def patient_verdict(covid: dict, gate: dict, burden: dict, score: str = "classifier") -> dict:
     """The study's verdict.
 
     Args:
         covid: The classifier's call: ``probability``, ``threshold``, ``positive``, ``rule``.
         gate: The export's gate metadata (``threshold``, ``method``, validation figures).
         burden: `tfcovseg.inference.measures.burden_call`'s result (``positive`` None: no call).
+        score: What the slice probabilities are (`slice_score`): with "lesion" the first
+            rule is named `LESION_SCORE`, not the slice classifier the model lacks.
 
     Returns:
-        ``call`` (`COVID`, `NOT_COVID` or `NO_CALL`), ``rule`` (`CLASSIFIER`, `BURDEN` or
-        None), ``why`` (a sentence) and ``evidence`` (both rules' figures, the deciding
-        rule first).
+        ``call`` (`COVID`, `NOT_COVID` or `NO_CALL`), ``rule`` (`CLASSIFIER`,
+        `LESION_SCORE`, `BURDEN` or None), ``why`` (a sentence) and ``evidence`` (both
+        rules' figures, the deciding rule first).
     """
     problem = classifier_problem(gate)
+    slice_score({"slice_score": score})  # a known score or ValueError
+    first = CLASSIFIER if score == "classifier" else LESION_SCORE
+    figure = "highest slice probability" if score == "classifier" else LESION_SCORE
     classifier = _evidence(
-        CLASSIFIER,
-        f"highest slice probability {covid['probability']:.3f}, threshold {covid['threshold']:.3f}",
+        first,
+        f"{figure} {covid['probability']:.3f}, threshold {covid['threshold']:.3f}",
         bool(covid["positive"]),
         problem is None,
         covid["rule"] if problem is None else f"not validated: {problem}",
@@ -80,11 +106,11 @@ def patient_verdict(covid: dict, gate: dict, burden: dict) -> dict:
         auc = float(gate["validation_slice_auc"])
         return _decided(classifier, [classifier, lesion], f"validated (slice AUC {auc:.3f})")
     if lesion["positive"] is not None:
-        return _decided(lesion, [lesion, classifier], f"the {CLASSIFIER}: {problem}")
+        return _decided(lesion, [lesion, classifier], f"the {first}: {problem}")
     return {
         "call": NO_CALL,
         "rule": None,
-        "why": f"the {CLASSIFIER} is not validated ({problem}); the {BURDEN} makes no "
+        "why": f"the {first} is not validated ({problem}); the {BURDEN} makes no "
         f"call: {burden['rule'].removeprefix('no call: ')}",
         "evidence": [classifier, lesion],
     }

@@ -434,6 +434,7 @@ def export_metadata(
     version: int,
     burden: dict | None = None,
     grey: dict | None = None,
+    slice_score: str = "classifier",
 ) -> dict:
     info = {}
     if (run / "run.json").is_file():
@@ -458,6 +459,9 @@ def export_metadata(
         "input_size": [int(s) for s in config.model.input_size],
         "input": INPUT_CHECKS,
         "gate": gate,
+        # What covid_probability is: the classifier's, or without one the highest lesion
+        # probability of the slice (`tfcovseg.evaluation.verdict.slice_score`).
+        "slice_score": slice_score,
         # The patient call is the paper's any-slice rule at 0.5, apart from the gate: the gate
         # is tuned to keep lesion slices (recall), a diagnosis also needs precision.
         "patient_rule": {"min_slices": 1, "threshold": PAPER_GATE_THRESHOLD, "name": "any_slice"},
@@ -588,7 +592,8 @@ def prepare_run(run, gate_threshold="auto", version=None, overrides=()) -> Infer
             f"the training slices' grey levels (the PNG/JPEG input's scale) come from the "
             f"run's records: {e}"
         ) from None
-    metadata = export_metadata(run, config, severity, gate, version, burden, levels)
+    score = "classifier" if classifier is not None else "lesion"
+    metadata = export_metadata(run, config, severity, gate, version, burden, levels, score)
     return InferenceGraph(segmenter, classifier, metadata)
 
 

@@ -42,6 +42,7 @@ from data_tools.lung import lung_mask
 from data_tools.masks import read_image_slice
 from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES
 from tfcovseg.data.intensity import MATCH_PERCENTILES, intensity_scale, match_to_scale
+from tfcovseg.evaluation.verdict import slice_score_name
 
 NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"
 
@@ -263,7 +264,8 @@ def render_html(report: dict, png: bytes) -> str:
         f"<p><strong>{e(report['disclaimer'])}</strong></p>",
         f"<p>{len(report['slices'])} slices; model {e(report['model']['source'])}. "
         f"{e(NOT_GRADED)}.</p>",
-        f"<table><tr><th>slice</th>{head}<th>total</th><th>COVID-19 probability</th></tr>"
+        f"<table><tr><th>slice</th>{head}<th>total</th>"
+        f"<th>{e(report['model'].get('slice_score', 'COVID-19 probability'))}</th></tr>"
         + "".join(rows)
         + "</table>",
         f'<h2>Overlay</h2><p><img alt="slices with the most lesion" '
@@ -355,6 +357,8 @@ def predict_images(
                 "model_version": predictor.metadata.get("model_version"),
                 "experiment": predictor.metadata.get("experiment"),
                 "classes": classes,
+                # What each slice's "covid_probability" is (the key kept for readers).
+                "slice_score": slice_score_name(predictor.metadata),
             },
             "input_files_sha256": input_digest,
             "mask_threshold": float(mask_threshold),

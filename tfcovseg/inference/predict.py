@@ -67,7 +67,7 @@ from data_tools.privacy import Redactor, pseudonym, redacted_warnings, resolve_s
 from tfcovseg import __version__
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.evaluation.metrics import patient_score
-from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict
+from tfcovseg.evaluation.verdict import patient_verdict, severity_for_verdict, slice_score
 from tfcovseg.evaluation.verdict import summary as verdict_summary
 from tfcovseg.inference.errors import PredictionError, check_thresholds
 from tfcovseg.inference.images import (
@@ -231,7 +231,10 @@ def _report(predictor, volume, probs, passed, measured, gate, threshold, mask_th
             not_graded,
         ),
     }
-    verdict = patient_verdict(covid, meta.get("gate", {}), covid["lesion_burden"])
+    covid["slice_score"] = slice_score(meta)
+    verdict = patient_verdict(
+        covid, meta.get("gate", {}), covid["lesion_burden"], covid["slice_score"]
+    )
     return {
         "disclaimer": DISCLAIMER,
         "study": {
