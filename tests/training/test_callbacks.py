@@ -148,28 +148,32 @@ class _KilledAfter(keras.callbacks.Callback):
             raise KeyboardInterrupt  # after the backup and the log of that epoch
 
 
-def _fit_sgd(out, epochs, resume, extra=(), weights=None):
+def _fit_sgd(out, epochs, resume, extra=(), weights=None, ema=False):
     from tfcovseg.training.fitting import fit, phase_callbacks
 
     keras.utils.set_random_seed(7)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     if weights is not None:
         model.set_weights(weights)
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="mse")
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9, use_ema=ema, ema_momentum=0.5)
+    model.compile(optimizer=optimizer, loss="mse")
     train = _shuffled()
     callbacks = phase_callbacks(out, "segmentation", 9, resume, inputs=train, log=lambda m: None)
     fit(model, tf.distribute.get_strategy(), train, _shuffled(8), epochs, [*callbacks, *extra], 0)
     return model
 
 
-def test_a_resumed_fit_sees_the_batches_of_the_unkilled_one(tmp_path):
+@pytest.mark.parametrize("ema", [False, True], ids=["raw", "weights-average"])
+def test_a_resumed_fit_sees_the_batches_of_the_unkilled_one(tmp_path, ema):
     """The resumed epochs saw the batches of the run's first epoch again: the dataset's
-    shuffles and random draws restarted with the process."""
+    shuffles and random draws restarted with the process. With a weights average
+    (``train.ema_momentum``) the backup holds the average in the model: the resumed steps
+    must go on from the raw weights."""
     start = _fit_sgd(tmp_path / "probe", 0, False).get_weights()
-    unkilled = _fit_sgd(tmp_path / "unkilled", 4, False, weights=start)
+    unkilled = _fit_sgd(tmp_path / "unkilled", 4, False, weights=start, ema=ema)
     with pytest.raises(KeyboardInterrupt):
-        _fit_sgd(tmp_path / "killed", 4, False, [_KilledAfter(1)], weights=start)
-    resumed = _fit_sgd(tmp_path / "killed", 4, True, weights=start)
+        _fit_sgd(tmp_path / "killed", 4, False, [_KilledAfter(1)], weights=start, ema=ema)
+    resumed = _fit_sgd(tmp_path / "killed", 4, True, weights=start, ema=ema)
     # Last weights: neither run stopped early, and the best epoch may differ from the last.
     for got, want in zip(resumed.get_weights(), unkilled.get_weights()):
         np.testing.assert_array_equal(got, want)

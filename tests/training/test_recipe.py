@@ -10,6 +10,7 @@ from tests.conftest import tiny_config
 from tfcovseg.configs.experiment import ConfigError, ExperimentConfig, TrainConfig
 from tfcovseg.training.losses import HybridLoss
 from tfcovseg.training.recipe import (
+    EMAWeights,
     EpochLine,
     build_segmenter,
     compile_segmenter,
@@ -71,6 +72,62 @@ def test_a_cosine_schedule_falls_from_the_rate_to_one_percent_over_the_epochs():
         learning_rate(config)
     with pytest.raises(ConfigError, match="train.lr_schedule"):
         _experiment(lr_schedule="linear")
+
+
+class _SeenAtEpochEnd(keras.callbacks.Callback):
+    """What a callback after `EMAWeights` sees: the weights and their validation loss."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y, self.seen = x, y, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = [w.copy() for w in self.model.get_weights()]
+        self.seen.append(
+            (logs["val_loss"], self.model.evaluate(self.x, self.y, verbose=0), weights)
+        )
+
+
+def _fit_with_average(callbacks, epochs=3):
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(32, 2)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=0.5), loss="mse")
+    history = model.fit(x, y, batch_size=8, epochs=epochs, validation_data=(x, y),
+                        shuffle=False, verbose=0, callbacks=callbacks(x, y))  # fmt: skip
+    return model, history.history
+
+
+def test_the_weights_average_is_validated_and_seen_but_the_steps_go_on_from_the_raw_weights():
+    seen = []
+
+    def with_average(x, y):
+        seen.append(_SeenAtEpochEnd(x, y))
+        return [EMAWeights(), seen[-1]]
+
+    _, history = _fit_with_average(with_average)
+    # Later callbacks (checkpoint, early stopping, backup) see the weights validated.
+    for logged, evaluated, _ in seen[0].seen:
+        np.testing.assert_allclose(evaluated, logged, rtol=1e-5)
+    # The steps are the plain fit's (the raw weights go on), not steps from the average.
+    _, plain = _fit_with_average(lambda x, y: [])
+    np.testing.assert_allclose(history["loss"], plain["loss"], rtol=1e-4)
+    assert not np.allclose(history["val_loss"], plain["val_loss"], rtol=1e-3)
+    # Without an average in the optimiser the callback does nothing.
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.zeros((4, 2)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[EMAWeights()],
+              validation_data=(np.zeros((4, 2)), np.zeros((4, 1))))  # fmt: skip
+
+
+def test_the_recipe_keeps_a_weights_average_only_when_asked():
+    assert not build_segmenter(_experiment()).optimizer.use_ema
+    optimizer = build_segmenter(_experiment(ema_momentum=0.9)).optimizer
+    assert optimizer.use_ema and optimizer.ema_momentum == pytest.approx(0.9)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="train.ema_momentum must be in"):
+            _experiment(ema_momentum=bad)
 
 
 def test_early_stopping_restores_the_best_epoch():

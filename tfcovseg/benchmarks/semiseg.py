@@ -319,12 +319,17 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     validation slices?)."""
     from tfcovseg.benchmarks.batches import fit_input
     from tfcovseg.evaluation.runlog import phase_summary
-    from tfcovseg.training.recipe import compile_segmenter, early_stopping, keras_verbose
+    from tfcovseg.training.recipe import (
+        EMAWeights,
+        compile_segmenter,
+        early_stopping,
+        keras_verbose,
+    )
 
     compile_segmenter(config, model, objective, steps_per_epoch=len(train), epochs=epochs)
     patience = config.train.early_stopping_patience
     verbose, callbacks = keras_verbose(
-        2, [early_stopping(patience)], epochs, log, prefix=f"    {name} "
+        2, [EMAWeights(), early_stopping(patience)], epochs, log, prefix=f"    {name} "
     )
     # The batches permute their slices each epoch themselves: read in turn, not shuffled.
     history = model.fit(

@@ -478,6 +478,12 @@ class TrainConfig:
             (and self-training's) falls along a half cosine from ``learning_rate`` to 1 %
             of it over the phase's maximum epochs (`tfcovseg.training.recipe`). A short
             schedule ends on small steps instead of being cut mid-stride by its last epoch.
+        ema_momentum: 0 (the paper's) or the momentum of an exponential moving average
+            of the segmenter's weights (Polyak averaging, Keras' ``use_ema``), in [0, 1):
+            validation, early stopping and the best checkpoint then see the averaged
+            weights, the steps go on from the raw ones (`tfcovseg.training.recipe.EMAWeights`),
+            in the segmentation phase and self-training's students. On 32-slice folds the
+            validation loss swings from epoch to epoch; the average smooths it.
         batch_size: Global batch size.
         epochs: Maximum segmentation epochs.
         early_stopping_patience: Epochs without a better validation loss before stopping.
@@ -513,6 +519,7 @@ class TrainConfig:
     positive_weights: tuple[float, ...] = ()
     learning_rate: float = 3e-4
     lr_schedule: str = "constant"
+    ema_momentum: float = 0.0
     batch_size: int = 8
     epochs: int = 200
     early_stopping_patience: int = 10
@@ -547,6 +554,8 @@ class TrainConfig:
         if self.overlay_images < 0:
             raise ConfigError(f"train.overlay_images must be >= 0, got {self.overlay_images}")
         _check_positive("train.learning_rate", self.learning_rate)
+        if not 0.0 <= self.ema_momentum < 1.0:  # NaN fails too
+            raise ConfigError(f"train.ema_momentum must be in [0, 1), got {self.ema_momentum}")
         _check_positive("train.classifier_learning_rate", self.classifier_learning_rate)
         _check_positive("train.batch_size", self.batch_size)
         _check_positive("train.epochs", self.epochs)

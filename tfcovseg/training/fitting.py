@@ -26,7 +26,7 @@ from tfcovseg.training.distributed import (
     is_chief,
     is_multi_worker,
 )
-from tfcovseg.training.recipe import early_stopping, keras_verbose
+from tfcovseg.training.recipe import EMAWeights, early_stopping, keras_verbose
 from tfcovseg.training.run_folder import phase_name
 
 tf = require_tensorflow("python -m tfcovseg.train")
@@ -90,6 +90,7 @@ def phase_callbacks(
     best_so_far = min(logged.values()) if logged and best.is_file() else None
     # Every file of the run is replaced atomically: a kill leaves the old or the new one.
     return [
+        EMAWeights(),  # first: the rest see the averaged weights (train.ema_momentum)
         *extra,
         AtomicModelCheckpoint(
             filepath=str(best),

@@ -57,13 +57,19 @@ def jit_compile(config) -> bool:
 
 def compile_segmenter(config, model, objective=None, steps_per_epoch=None, epochs=None):
     """Compiles `model` with Adam (`learning_rate`: ``train.learning_rate`` under
-    ``train.lr_schedule``, which needs `steps_per_epoch` unless constant),
+    ``train.lr_schedule``, which needs `steps_per_epoch` unless constant; keeping a moving
+    average of the weights with ``train.ema_momentum``, which `EMAWeights` swaps in),
     ``train.jit_compile`` (always under JAX) and `objective` (default:
     `segmentation_objective` on the model's outputs)."""
     losses, weights, metrics = objective or segmentation_objective(config, model.output)
     jit = jit_compile(config)
+    ema = config.train.ema_momentum
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch, epochs)),
+        optimizer=keras.optimizers.Adam(
+            learning_rate(config, steps_per_epoch, epochs),
+            use_ema=ema > 0,
+            ema_momentum=ema or 0.99,
+        ),
         loss=losses,
         loss_weights=weights,
         metrics=metrics,
@@ -82,6 +88,54 @@ def build_segmenter(config, init=None, steps_per_epoch=None, epochs=None, compil
     if compile:
         compile_segmenter(config, model, steps_per_epoch=steps_per_epoch, epochs=epochs)
     return model
+
+
+class EMAWeights(keras.callbacks.SwapEMAWeights):
+    """The optimiser's moving average of the weights (``train.ema_momentum``) in the model
+    from each epoch's validation to the next epoch's first step: the validation loss, the
+    best checkpoint, early stopping's best weights and a backup all hold the averaged
+    weights; the steps go on from the raw ones. Does nothing for an optimiser that keeps
+    no average. Comes before every other callback of a fit, so they see the average.
+
+    A backup taken at an epoch's end (`AtomicBackupAndRestore`) holds the averaged weights
+    in the model and the raw ones in the optimiser's average: a resumed fit swaps them
+    back before its first step, as the unkilled run did."""
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=True)
+        self._on, self._first = False, True
+
+    def on_train_begin(self, logs=None):
+        optimizer = getattr(self.model, "optimizer", None)
+        self._on = bool(getattr(optimizer, "use_ema", False))
+        self._first, self._ema_weights_in_model = True, False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._on:
+            if self._first and epoch > 0:  # resumed from an epoch's end: the average is in
+                self._ema_weights_in_model = True
+            self._first = False
+            super().on_epoch_begin(epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._on:
+            super().on_epoch_end(epoch, logs)
+
+    def on_test_begin(self, logs=None):
+        if self._on:
+            super().on_test_begin(logs)
+
+    def on_test_end(self, logs=None):
+        if self._on:
+            super().on_test_end(logs)
+
+    # No swap around `predict`: no fit of ours predicts with its callbacks (and Keras
+    # 3.15's on_predict_end leaves the average in the model).
+    def on_predict_begin(self, logs=None):
+        pass
+
+    def on_predict_end(self, logs=None):
+        pass
 
 
 def early_stopping(patience: int, history=None, best_file=None, target=None):
