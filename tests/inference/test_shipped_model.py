@@ -42,6 +42,8 @@ def test_it_is_small_documented_and_serves_every_signature(shipped):
     meta = json.loads(shipped.signatures["metadata"]()["json"].numpy().decode())
     assert meta["class_names"] == ["ggo", "consolidation"] and meta["pre_windowed"] is True
     assert meta["experiment"] == "semiseg" and "not a medical device" in meta["disclaimer"]
+    # No slice classifier: its covid_probability is the highest lesion probability.
+    assert meta["slice_score"] == "lesion"
     card = (MODEL.parent / "MODEL_CARD.md").read_text()
     for needed in ("non-commercial", "not a medical device", "tfcovseg.benchmarks.semiseg"):
         assert needed in card, needed
