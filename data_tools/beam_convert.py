@@ -221,6 +221,19 @@ def _our_error(error: BaseException):
     return ConversionError(found[-1].strip()) if found else None
 
 
+def _interrupted(error: BaseException) -> bool:
+    """A Ctrl-C, also as the runner hands it back: Beam wraps the KeyboardInterrupt a step
+    was stopped by in a RuntimeError ("KeyboardInterrupt [while running 'Convert']"), and
+    the command printed a 100-line traceback and exited 1."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt) or re.match(r"KeyboardInterrupt\b", str(error)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
     """Runs the conversion `job` (`pipeline.Job`) on Beam's `runner`; returns the summary."""
     beam = import_beam()
@@ -262,6 +275,8 @@ def convert_with_beam(job, redactor, runner: str, options=()) -> dict:
         raise
     except BaseException as e:
         discard_partial(job.out_dir, partial)
+        if _interrupted(e):  # Ctrl-C: the command's one line and exit 130, as without Beam
+            raise KeyboardInterrupt from None
         ours = _our_error(e)
         if ours is None:
             raise

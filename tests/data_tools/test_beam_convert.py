@@ -134,6 +134,27 @@ def test_the_workers_read_the_headers_not_the_launcher(
     assert _digest(tmp_path) == _digest(local_two_shards)
 
 
+def test_ctrl_c_in_a_step_is_the_commands_one_line_and_leaves_nothing(
+    cohort, tmp_path, capsys, monkeypatch
+):
+    """Beam hands a step's KeyboardInterrupt back as a RuntimeError: the command printed
+    its 100-line traceback and exited 1 (without Beam: one line, exit 130)."""
+    from data_tools import beam_convert
+
+    def interrupted(indexed):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(beam_convert, "_convert_study", interrupted)
+    out = tmp_path / "out"
+    args = ["--input", str(cohort), "--out", str(out), "--size", "64", "--salt", SALT]
+    assert main([*args, "--runner", "direct"]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().startswith("interrupted:")
+    assert not out.exists() or not list(out.iterdir())
+    assert beam_convert._interrupted(RuntimeError("KeyboardInterrupt [while running 'Convert']"))
+    assert not beam_convert._interrupted(RuntimeError("ValueError: a KeyboardInterrupt name"))
+
+
 def test_an_error_in_a_worker_process_is_the_converters_one_line(tmp_path, capsys):
     """A step's ConversionError comes back from worker processes inside the runner's
     own error (a traceback's text): the command still says it in one line, exit 2."""
