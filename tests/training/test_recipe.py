@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -114,6 +116,12 @@ def test_the_weights_average_is_validated_and_seen_but_the_steps_go_on_from_the_
     _, plain = _fit_with_average(lambda x, y: [])
     np.testing.assert_allclose(history["loss"], plain["loss"], rtol=1e-4)
     assert not np.allclose(history["val_loss"], plain["val_loss"], rtol=1e-3)
+    # Under mixed precision the optimiser Keras wraps keeps the average.
+    wrapped = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(use_ema=True))
+    callback = EMAWeights()
+    callback.set_model(types.SimpleNamespace(optimizer=wrapped))
+    callback.on_train_begin()
+    assert callback._on
     # Without an average in the optimiser the callback does nothing.
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="adam", loss="mse")
@@ -178,6 +186,16 @@ def test_early_stopping_counts_on_across_a_resume(tmp_path):
     model, _ = _dense()
     stop = early_stopping(1)
     assert _epochs(stop, model, 0, [1.0, 1.2, 0.5]) == 1 and stop.best_epoch == 0
+    # Killed after the last epoch's backup: the resumed fit runs no epoch and ended with
+    # the backup's last weights (with a weights average: whatever Keras' finalize copied).
+    model, _ = _dense()
+    model.set_weights([w + 9 for w in model.get_weights()])
+    stop = early_stopping(2, logged, best_file)
+    stop.set_model(model)
+    stop.on_train_begin()
+    stop.on_train_end()
+    for got, want in zip(model.get_weights(), start):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_epoch_line_is_one_short_line_per_epoch_without_terminal_codes(capsys):

@@ -107,6 +107,8 @@ class EMAWeights(keras.callbacks.SwapEMAWeights):
 
     def on_train_begin(self, logs=None):
         optimizer = getattr(self.model, "optimizer", None)
+        # Under mixed precision Keras wraps the optimiser (LossScaleOptimizer).
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         self._on = bool(getattr(optimizer, "use_ema", False))
         self._first, self._ema_weights_in_model = True, False
 
@@ -192,8 +194,13 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
-        elif self.best is not None and self._best_file and os.path.isfile(self._best_file):
-            # The best epoch was before the resume: its weights are in the checkpoint.
+            return
+        # The best epoch was before the resume: its weights are in the checkpoint. Also
+        # when the resumed fit ran no epoch (the kill came after the last one): the model
+        # then holds the backup's last epoch, or, with a weights average, whatever Keras'
+        # finalize_variable_values copied from it.
+        before = self.best is not None or (not self._started and self._history)
+        if before and self._best_file and os.path.isfile(self._best_file):
             (self._target or self.model).load_weights(self._best_file)
 
 
