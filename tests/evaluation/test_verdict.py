@@ -77,11 +77,21 @@ def test_a_model_without_a_classifier_names_its_slice_score_not_a_classifier():
     # probability (0.999 on a non-COVID crop); it was shown as the slice classifier's.
     v = patient_verdict(_covid(0.999), LOW_AUC, _burden(0.05, None), score="lesion")
     assert v["call"] == NO_CALL and [e["rule"] for e in v["evidence"]] == [LESION_SCORE, BURDEN]
-    assert v["evidence"][0]["figure"] == "highest lesion probability 0.999, threshold 0.500"
+    assert v["evidence"][0]["figure"] == "highest slice 0.999, threshold 0.500"
+    assert summary(patient_verdict(_covid(0.9), VALIDATED, _burden(0.02, 0.0034), "lesion")) == (
+        "verdict COVID-19 by the highest lesion probability (highest slice 0.900, threshold 0.500)"
+    )
     assert CLASSIFIER not in v["why"] and "highest lesion probability is not validated" in v["why"]
     decided = patient_verdict(_covid(0.9), LOW_AUC, _burden(0.02, 0.0034), score="lesion")
     assert decided["rule"] == BURDEN and CLASSIFIER not in decided["why"]
     assert slice_score({}) == "classifier" and slice_score_name({}) == "COVID-19 probability"
+    # Exports before the key: a calibrated gate's reason says when the run had no classifier.
+    from tfcovseg.evaluation.calibration import SEGMENTER_SCORER
+
+    old = {"gate": {"method": f"highest threshold at which {SEGMENTER_SCORER} recall ..."}}
+    assert (
+        slice_score(old) == "lesion" and slice_score({"gate": {"method": "given"}}) == "classifier"
+    )
     assert slice_score_name({"slice_score": "lesion"}) == LESION_SCORE
     with pytest.raises(ValueError, match="slice_score must be one of"):
         slice_score({"slice_score": "lesions"})

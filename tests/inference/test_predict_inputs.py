@@ -399,7 +399,10 @@ def test_a_model_without_a_classifier_never_calls_its_slice_score_covid(
     _grey_pngs(tmp_path / "Imgs", rng)
     index = predict(model, tmp_path / "Imgs", tmp_path / "images", **QUIET)
     folder = tmp_path / "images" / index["series"][0]["folder"]
-    assert _strict(folder / "report.json")["model"]["slice_score"] == "highest lesion probability"
+    said = _strict(folder / "report.json")["model"]
+    assert (
+        said["slice_score"] == "lesion" and said["slice_score_name"] == "highest lesion probability"
+    )
     page = (folder / "report.html").read_text()
     assert "<th>highest lesion probability</th>" in page and "COVID-19 probability" not in page
     index = predict(model, phantom_run.cohort / "case_0000", tmp_path / "study", **QUIET)
@@ -407,6 +410,26 @@ def test_a_model_without_a_classifier_never_calls_its_slice_score_covid(
     rules = [e["rule"] for e in report["verdict"]["evidence"]]
     assert "highest lesion probability" in rules and "slice classifier" not in rules
     assert report["covid"]["slice_score"] == "lesion"
+    assert index["series"][0]["slice_score"] == "lesion"  # index.json and summary.csv
+    # Metadata naming another score is refused when the model is opened, not mid-study.
+    monkeypatch.setitem(model.metadata, "slice_score", "lesions")
+    with pytest.raises(PredictionError, match="slice_score must be one of"):
+        predict(model, phantom_run.cohort / "case_0000", tmp_path / "again", **QUIET)
+
+
+def test_metadata_predict_cannot_honour_is_refused_before_any_study():
+    import types
+
+    from tfcovseg.inference.predictors import check_metadata
+
+    def model(**meta):
+        return types.SimpleNamespace(metadata=meta, source="SavedModel m/1")
+
+    check_metadata(model(pre_windowed=True, windowing={}, slice_score="lesion"))
+    with pytest.raises(PredictionError, match="m/1 was trained on 8-bit .* export its run again"):
+        check_metadata(model(pre_windowed=True))
+    with pytest.raises(PredictionError, match="m/1: its metadata's slice_score must be one of"):
+        check_metadata(model(slice_score="lesions"))
 
 
 def test_a_model_without_training_grey_levels_uses_images_as_they_are(tmp_path):

@@ -30,14 +30,19 @@ BURDEN = "lesion burden"
 # consolidation scores as high). The export records which (``slice_score``).
 LESION_SCORE = "highest lesion probability"
 SLICE_SCORES = {"classifier": "COVID-19 probability", "lesion": LESION_SCORE}
+# What `tfcovseg.evaluation.calibration.SEGMENTER_SCORER` puts in a calibrated gate's reason.
+NO_CLASSIFIER = "the run has no classifier"
 
 
 def slice_score(metadata: dict) -> str:
     """What an export's ``covid_probability`` is: "classifier" (the slice classifier's
     COVID-19 probability) or "lesion" (the highest lesion probability of the slice's mask,
-    the model having no classifier). Exports before the key recorded none: "classifier",
-    as they were read."""
-    score = metadata.get("slice_score", "classifier")
+    the model having no classifier). Exports before the key recorded none: "lesion" where
+    their calibrated gate says the run had no classifier, else "classifier"."""
+    score = metadata.get("slice_score")
+    if score is None:  # older exports: the gate's reason names a run without a classifier
+        method = str((metadata.get("gate") or {}).get("method", ""))
+        return "lesion" if NO_CLASSIFIER in method else "classifier"
     if score not in SLICE_SCORES:
         raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
     return score
@@ -83,7 +88,7 @@ def patient_verdict(covid: dict, gate: dict, burden: dict, score: str = "classif
     problem = classifier_problem(gate)
     slice_score({"slice_score": score})  # a known score or ValueError
     first = CLASSIFIER if score == "classifier" else LESION_SCORE
-    figure = "highest slice probability" if score == "classifier" else LESION_SCORE
+    figure = "highest slice probability" if score == "classifier" else "highest slice"
     classifier = _evidence(
         first,
         f"{figure} {covid['probability']:.3f}, threshold {covid['threshold']:.3f}",

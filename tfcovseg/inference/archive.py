@@ -46,7 +46,7 @@ from data_tools.privacy import Redactor, redacted_warnings, resolve_salt
 from tfcovseg.constants import DISCLAIMER
 from tfcovseg.inference import predict as single
 from tfcovseg.inference.errors import PredictionError, check_thresholds
-from tfcovseg.inference.predictors import open_model
+from tfcovseg.inference.predictors import check_metadata, open_model
 from tfcovseg.inference.studies import read_input
 
 # This module is imported for --runner only (`tfcovseg.cli.predict`): Beam is there.
@@ -241,7 +241,8 @@ def _index(reports, out, model, failed):
 def summary_csv(index: dict) -> str:
     """One row per series of the index (its entries' fields), and the disclaimer."""
     rows = index["series"]
-    fields = list(rows[0]) if rows else ["series"]
+    # Every row's fields: an index kept by a rerun mixes entries of older versions.
+    fields = list(dict.fromkeys(k for row in rows for k in row)) if rows else ["series"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fields, lineterminator="\n")
     writer.writeheader()
@@ -272,6 +273,7 @@ def predict_archive(
         raise PredictionError(str(e)) from None
     inputs = archive_inputs(input_spec)
     predictor = open_model(model)
+    check_metadata(predictor)
     info = _ModelInfo(predictor)
     settings = dict(
         gate=gate, threshold=threshold, mask_threshold=mask_threshold,

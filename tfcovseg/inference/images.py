@@ -18,7 +18,8 @@ otherwise read off-scale. ``"as-is"`` feeds the grey levels unchanged.
 
 - ``report.json`` / ``report.html``: per slice the lesion area per class in pixels and in
   % of the lung (the image's lung mask, Otsu's threshold, lesions added), the slice's
-  COVID-19 probability, a montage of the slices with the most lesion, what was skipped.
+  COVID-19 probability (or, for a model without a slice classifier, its highest lesion
+  probability), a montage of the slices with the most lesion, what was skipped.
 
 2-D slices carry no pixel spacing and no volume: no mL, no severity grade. Research use,
 not a medical device.
@@ -42,7 +43,7 @@ from data_tools.lung import lung_mask
 from data_tools.masks import read_image_slice
 from tfcovseg.constants import DISCLAIMER, INTENSITY_MODES
 from tfcovseg.data.intensity import MATCH_PERCENTILES, intensity_scale, match_to_scale
-from tfcovseg.evaluation.verdict import slice_score_name
+from tfcovseg.evaluation.verdict import slice_score, slice_score_name
 
 NOT_GRADED = "2-D image slices: no pixel spacing or volume, so no mL and no severity grade"
 
@@ -265,7 +266,7 @@ def render_html(report: dict, png: bytes) -> str:
         f"<p>{len(report['slices'])} slices; model {e(report['model']['source'])}. "
         f"{e(NOT_GRADED)}.</p>",
         f"<table><tr><th>slice</th>{head}<th>total</th>"
-        f"<th>{e(report['model'].get('slice_score', 'COVID-19 probability'))}</th></tr>"
+        f"<th>{e(report['model'].get('slice_score_name', 'COVID-19 probability'))}</th></tr>"
         + "".join(rows)
         + "</table>",
         f'<h2>Overlay</h2><p><img alt="slices with the most lesion" '
@@ -358,7 +359,8 @@ def predict_images(
                 "experiment": predictor.metadata.get("experiment"),
                 "classes": classes,
                 # What each slice's "covid_probability" is (the key kept for readers).
-                "slice_score": slice_score_name(predictor.metadata),
+                "slice_score": slice_score(predictor.metadata),
+                "slice_score_name": slice_score_name(predictor.metadata),
             },
             "input_files_sha256": input_digest,
             "mask_threshold": float(mask_threshold),

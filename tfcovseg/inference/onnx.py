@@ -13,7 +13,8 @@ One graph, the SavedModel's ``serving_default`` traced by tf2onnx from the same
 - input ``hu`` float32 [batch, H, W], Hounsfield units of any H, W;
 - output ``masks`` float32 [batch, H, W, C], lesion probabilities at the input size;
 - output ``covid_probability`` float32 [batch], the slice gate's probability (the
-  SavedModel's ``classify``).
+  SavedModel's ``classify``; the highest lesion probability for a run without a
+  classifier, the metadata's ``slice_score: lesion``).
 
 The resize to the model's size and back and the windowing are inside, as in the
 SavedModel: the resize is `data_tools.resize`'s, two matrix products, which ONNX has

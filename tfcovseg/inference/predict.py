@@ -6,9 +6,10 @@
 
 The study is read with `data_tools` exactly as training data are (DICOM grouping and
 sorting along the slice normal, Hounsfield units, padding, the NIfTI orientation, the
-classical lung mask). The slice classifier (the gate) scores every slice; only slices at or
-above the gate threshold are segmented (``--no-gate`` segments all), in batches. Per series,
-into ``OUT/<series pseudonym>/``:
+classical lung mask). The slice classifier (the gate; for a model without one, whose export
+records ``slice_score: lesion``, the highest lesion probability) scores every slice; only
+slices at or above the gate threshold are segmented (``--no-gate`` segments all), in
+batches. Per series, into ``OUT/<series pseudonym>/``:
 
 - ``lesions.nii.gz``: one label volume (0 background, 1.. the classes in the model's order)
   on the DICOM series' grid and affine (a NIfTI input: its voxels in the closest canonical
@@ -20,8 +21,9 @@ into ``OUT/<series pseudonym>/``:
   consolidation, blue fibrosis);
 - ``report.json`` and ``report.html``: per lesion type the volume in mL and the percentage
   of lung volume, the slices with lesions, one patient-level verdict with the rule that
-  made it (`tfcovseg.evaluation.verdict`: the slice classifier's any-slice rule when the export
-  validated it, else the lesion burden) and the other rule's figure as evidence, the
+  made it (`tfcovseg.evaluation.verdict`: the slice classifier's any-slice rule, or the
+  highest lesion probability's for a model without one, when the export validated it,
+  else the lesion burden) and the other rule's figure as evidence, the
   severity grade for a patient called COVID-19 from the thresholds fitted on the
   training and validation patients (`tfcovseg.evaluation.severity`), the
   model version, what was skipped and why, and "Research use, not a medical device."
@@ -81,7 +83,7 @@ from tfcovseg.inference.images import (
 )
 from tfcovseg.inference.measures import burden_call, measure
 from tfcovseg.inference.outputs import nifti_image, write_seg
-from tfcovseg.inference.predictors import open_model
+from tfcovseg.inference.predictors import check_metadata, open_model
 from tfcovseg.inference.report_html import montage, render_html, unreadable_text
 from tfcovseg.inference.studies import Volume, read_input
 from tfcovseg.reporting.figures import DEFAULT_WINDOW
@@ -340,6 +342,8 @@ def index_entry(report: dict) -> dict:
         "verdict": report.get("verdict", {}).get("call"),
         "verdict_rule": report.get("verdict", {}).get("rule"),
         "covid_probability": report["covid"]["probability"],
+        # What that probability is: "lesion" for a model without a slice classifier.
+        "slice_score": report["covid"].get("slice_score", "classifier"),
         "severity": report["severity"]["grade"],
         "lesion_percent_of_lung": report["total"]["percent_of_lung"],
     }
@@ -449,11 +453,7 @@ def predict(
     except OutputError as e:
         raise PredictionError(str(e)) from None
     predictor = model if hasattr(model, "segment") else open_model(model)
-    if predictor.metadata.get("pre_windowed") and "windowing" not in predictor.metadata:
-        raise PredictionError(
-            f"{predictor.source} was trained on 8-bit windowed images and exported before "
-            "exports windowed HU for such models: export its run again"
-        )
+    check_metadata(predictor)
     with exclusive_folder(out, error=PredictionError):
         return _predict_input(
             predictor, input_path, out, gate, threshold, mask_threshold, series_uid,

@@ -10,6 +10,7 @@ import numpy as np
 
 from data_tools.files import files_sha256
 from tfcovseg import require_tensorflow
+from tfcovseg.evaluation.verdict import slice_score
 from tfcovseg.inference.errors import PredictionError
 
 tf = require_tensorflow("python -m tfcovseg.predict")
@@ -120,3 +121,17 @@ def open_model(path) -> SavedModelPredictor | RunPredictor:
         f"--model {path} is neither a SavedModel (saved_model.pb), a folder of numbered "
         f"versions nor a training run (config.yaml)"
     )
+
+
+def check_metadata(predictor) -> None:
+    """Refuses, before any study is read, a model whose metadata predict cannot honour."""
+    meta = predictor.metadata
+    if meta.get("pre_windowed") and "windowing" not in meta:
+        raise PredictionError(
+            f"{predictor.source} was trained on 8-bit windowed images and exported before "
+            "exports windowed HU for such models: export its run again"
+        )
+    try:
+        slice_score(meta)
+    except ValueError as e:
+        raise PredictionError(f"{predictor.source}: its metadata's {e}") from None
