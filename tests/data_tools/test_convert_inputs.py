@@ -279,14 +279,21 @@ def test_a_ctrl_c_stops_the_workers_without_their_tracebacks(cohort, tmp_path):
 
     # Its own process group, as a terminal's job is: the signal reaches every process.
     popen = dict(stderr=subprocess.PIPE, text=True, start_new_session=True)
-    with _converting_with_workers(cohort, tmp_path / "out", 3, **popen) as (proc, workers):
-        os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-        assert not _outliving(workers), "workers outlived the converter"
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        with _converting_with_workers(cohort, out, 3, **popen) as (proc, workers):
+            os.killpg(proc.pid, signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
+            assert not _outliving(workers), "workers outlived the converter"
+        if proc.returncode != 0:
+            break
+        # Under load the small cohort was converted before the signal came (a CI run
+        # once): complete output, then another try.
+        assert (out / "manifest.json").exists(), stderr
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert "interrupted" in stderr
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (out / "manifest.json").exists()
 
 
 @pytest.mark.parametrize(
