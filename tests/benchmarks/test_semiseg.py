@@ -21,10 +21,13 @@ from tfcovseg.benchmarks.semiseg import (
     BenchmarkError,
     load_slices,
     load_unlabelled,
+    predict_maps,
     prediction_folder,
     run,
 )
+from tfcovseg.benchmarks.semiseg_config import benchmark_config
 from tfcovseg.cli.semiseg import main
+from tfcovseg.models import build_model
 
 # Tiny networks: eager steps cost less than tracing them (tests.conftest.eager_functions).
 pytestmark = pytest.mark.usefixtures("eager_module")
@@ -128,6 +131,14 @@ def test_semi_supervised_row_resumes_fold_by_fold(tmp_path):
     jax = __import__("keras").backend.backend() == "jax"
     assert semi["jit_compile"] == [jax] and {r["jit_compile"] for r in semi["runs"]} == {jax}
     assert (out / SEMI / "predictions" / "infection" / "5.png").is_file()
+    # The students are kept beside their teachers: their maps can be made again.
+    student = build_model(benchmark_config(size=FAST["size"], widths=FAST["widths"]).model)
+    student.load_weights(out / "folds" / SEMI / "fold0.weights.h5")
+    test = semi["runs"][0]["test_slices"][0]
+    data = load_slices(folder, FAST["size"])
+    maps = predict_maps(student, data, [list(data.names).index(test)], 2)
+    kept = np.asarray(Image.open(out / SEMI / "predictions" / "infection" / f"{test}.png"))
+    assert np.abs(maps["infection"][0].astype(int) - kept).max() <= 1
     table = (out / "results.md").read_text()
     assert "self-training" in table and "per fold" in table
     # A kill after fold 0: the semi-supervised fold 1 is redone from the stored teacher,

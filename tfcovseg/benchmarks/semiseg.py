@@ -720,6 +720,8 @@ class _Fold:
         if _backend(isolated=False) == "tensorflow":
             run_info["cpu_kernels"] = cpu_kernels()
         entry = {"scores": scores, "run": run_info, "peak_rss_mb": _peak_rss_mb()}
+        if semi:  # kept, as the teacher is: test-time changes can be scored without training
+            _save_weights(model, store, row, split.fold)
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
         log(f"    {_headline(scores)}")
 
@@ -739,7 +741,7 @@ class _Fold:
         )
         if row == "coarse_refine" and keep_teacher:
             self.teacher = model
-            _save_teacher(model, self.store, split.fold)
+            _save_weights(model, self.store, row, split.fold)
         return model, info
 
 
@@ -797,10 +799,10 @@ def _headline(scores) -> str:
     return f"infection meanDic {scores['infection']['meanDic']:.3f}"
 
 
-def _save_teacher(model, store, fold) -> None:
+def _save_weights(model, store, row: str, fold: int) -> None:
     from tfcovseg.models.saving import save_weights
 
-    path = store.weights("coarse_refine", fold)
+    path = store.weights(row, fold)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model, path)
 
