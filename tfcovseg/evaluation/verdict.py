@@ -86,7 +86,8 @@ def patient_verdict(covid: dict, gate: dict, burden: dict, score: str = "classif
         rules' figures, the deciding rule first).
     """
     problem = classifier_problem(gate)
-    slice_score({"slice_score": score})  # a known score or ValueError
+    if score not in SLICE_SCORES:
+        raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
     first = CLASSIFIER if score == "classifier" else LESION_SCORE
     figure = "highest slice probability" if score == "classifier" else "highest slice"
     classifier = _evidence(
