@@ -184,6 +184,25 @@ def test_the_student_trains_at_the_semi_learning_rate(tmp_path, monkeypatch):
     assert results["settings"]["semi_learning_rate"] == 5e-5
 
 
+def test_every_rounds_student_but_the_last_is_scored_on_the_test_slices(tmp_path):
+    """Round 1 of a two-round run is the one-round run's student: its recorded test score
+    is that run's row score (what each round adds can be read from one run)."""
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    unlabelled = make_unlabelled(tmp_path / "u")
+    lines = []
+    kw = FAST | SEMI_FAST | dict(folds=2, only_folds=[0], models=("coarse_refine",), tta=2)
+    one = run(folder, tmp_path / "one", unlabelled_dir=unlabelled, **kw)
+    two = run(folder, tmp_path / "two", unlabelled_dir=unlabelled, **kw | dict(
+        semi_rounds=2, log=lines.append))  # fmt: skip
+    first, last = two["models"][SEMI]["runs"][0]["rounds"]
+    scored = one["models"][SEMI]["folds"][0]
+    assert first["test_scores"]["infection"]["meanDic"] == scored["infection"]["meanDic"]
+    assert first["test_scores"]["ggo"]["Dice@0.5"] == scored["ggo"]["Dice@0.5"]
+    assert "test_scores" not in last  # the row's own scores are the last round's
+    line = f"student 1 on the test slices: infection meanDic {scored['infection']['meanDic']:.3f}"
+    assert any(line in x for x in lines)
+
+
 def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path, monkeypatch):
     from tfcovseg.benchmarks import semiseg
     from tfcovseg.benchmarks.semiseg import FIXMATCH

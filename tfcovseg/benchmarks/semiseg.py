@@ -345,12 +345,16 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     return {"epochs": run["epochs"], "best_epoch": best, "best_val_loss": loss}
 
 
-def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log):
+def train_student(
+    teacher, config, data: Slices, split, unlabelled, bench, seed, log, score=None
+):  # fmt: skip
     """Self-training (``config.semi``, as `tfcovseg.train`'s phase 1b): the teacher
     pseudo-labels ``semi.pool`` unlabelled slices (intensity-matched to the labelled ones),
     the surest ``semi.keep`` of them join every batch, and a student starting from the
     teacher's weights trains on both at ``semi.learning_rate`` (`for_student`); repeated
-    ``semi.rounds`` times with the student as the next teacher."""
+    ``semi.rounds`` times with the student as the next teacher. `score(model)`, when
+    given, scores every round's student on the fold's test slices: a record of what each
+    round adds, never a choice (the row's model is always the last round's)."""
     from tfcovseg.data import intensity
     from tfcovseg.training import semisup
 
@@ -377,7 +381,14 @@ def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed,
             init=model, extra=(pseudo.images, pseudo.masks.astype(np.float32)),
             epochs=semi.epochs, prefix=f"student {r + 1}",
         )  # fmt: skip
-        rounds.append(info | {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool})
+        info |= {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool}
+        if score is not None and r + 1 < semi.rounds:  # the last round's is the row's
+            scores = score(model)
+            log(f"    student {r + 1} on the test slices: {_headline(scores)}")
+            info["test_scores"] = {
+                t: {k: s[k] for k in ("meanDic", "Dice@0.5")} for t, s in scores.items()
+            }
+        rounds.append(info)
     last = rounds[-1]["best_val_loss"] if rounds else None  # the row's model's
     return model, {
         "epochs": sum(r["epochs"] for r in rounds),
@@ -704,14 +715,10 @@ class _Fold:
         log(f"  {LABELS[row]}")
         start = time.perf_counter()
         model, info = self._fit(row, log, keep_teacher)
-        scored = self.test if self.test is not None else self.train
         semi = row in SEMI_ROWS.values()
         trained = row_config(self.config, "coarse_refine" if semi else row)
-        maps = predict_maps(
-            model, scored, split.test, self.bench["tta"], trained.train.positive_weights
-        )
-        truth = truths(scored, split.test)
-        scores = {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
+        maps, scores = self._score(model, trained)
+        scored = self.test if self.test is not None else self.train
         names = [scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
@@ -725,16 +732,24 @@ class _Fold:
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
         log(f"    {_headline(scores)}")
 
+    def _score(self, model, trained):
+        """The fold's test slices: `model`'s maps and their scores (Inf-Net's protocol)."""
+        scored = self.test if self.test is not None else self.train
+        idx = self.split.test
+        maps = predict_maps(model, scored, idx, self.bench["tta"], trained.train.positive_weights)
+        truth = truths(scored, idx)
+        return maps, {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
+
     def _fit(self, row: str, log, keep_teacher: bool):
         split, supervised = self.split, row_config(self.config, "coarse_refine")
         if row in SEMI_ROWS.values():
             if self.teacher is None:  # the supervised fold was done before this process
                 self.teacher = _load_teacher(self.store, split.fold, supervised)
-            method = train_student if row == SEMI else train_fixmatch
-            return method(
-                self.teacher, supervised, self.train, split, self.unlabelled, self.bench,
-                self.seed, log,
-            )  # fmt: skip
+            args = (self.teacher, supervised, self.train, split, self.unlabelled, self.bench)
+            if row == FIXMATCH:
+                return train_fixmatch(*args, self.seed, log)
+            score = lambda model: self._score(model, supervised)[1]  # noqa: E731
+            return train_student(*args, self.seed, log, score=score)
         config = row_config(self.config, row)
         model, info = train_one(
             config, self.train, split.fit, split.val, self.bench, self.seed, log
