@@ -23,6 +23,9 @@ DEFAULT_EXPORT_DIR = Path("saved_models") / "tfcovseg"
 # model folder, as Triton's repository wants.
 DEFAULT_ONNX_DIR = Path("saved_models") / "tfcovseg-onnx"
 EXPORT_FORMATS = ("saved_model", "onnx")
+# The export's metadata beside its graph (``<version>/assets/``), as its ``metadata``
+# signature returns it: read by clients that have the export's folder but not TensorFlow.
+EXPORT_METADATA = "tfcovseg.json"
 
 # How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")

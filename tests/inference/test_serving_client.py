@@ -13,6 +13,7 @@ import re
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -324,13 +325,26 @@ def test_grpc_round_trip_matches_the_savedmodel(grpc_server, loaded, rng):
         client.predict_grpc(target, hu, signature="nope")
 
 
-def test_cli_sends_a_real_dicom_slice(rest_server, grpc_server, capsys):
+def test_cli_sends_a_real_dicom_slice(rest_server, grpc_server, phantom_export, capsys):
     path = get_testdata_file("CT_small.dcm")
     assert client_main(["--dicom", path, "--rest", rest_server]) == 0
     printed = capsys.readouterr().out
-    assert "CT_small.dcm, covid_probability" in printed and "not a medical device" in printed
-    assert client_main(["--dicom", path, "--grpc", grpc_server[0], "--signature", "classify"]) == 0
-    assert "covid_probability" in capsys.readouterr().out
+    # Without the export at hand the score is not called a COVID-19 probability.
+    assert "CT_small.dcm, slice score " in printed and "not a medical device" in printed
+    assert "COVID-19 probability" not in printed.splitlines()[0]
+    assert "--export DIR names which" in printed
+    # With it (the model folder, or its version folder), the metadata names the score
+    # and the classes.
+    argv = ["--dicom", path, "--grpc", grpc_server[0], "--signature", "classify"]
+    assert client_main([*argv, "--export", str(phantom_export.parent)]) == 0
+    printed = capsys.readouterr().out
+    assert "CT_small.dcm, COVID-19 probability " in printed and "--export" not in printed
+    assert (
+        client_main(["--dicom", path, "--rest", rest_server, "--export", str(phantom_export)]) == 0
+    )
+    assert "lesion pixels ggo " in capsys.readouterr().out
+    assert client_main([*argv, "--export", str(phantom_export.parent / "9")]) == 2
+    assert "tfcovseg.json does not exist" in capsys.readouterr().err
     not_ct = get_testdata_file("MR_small.dcm")
     assert client_main(["--dicom", not_ct, "--rest", rest_server]) == 2
     assert "not CT" in capsys.readouterr().err
@@ -353,3 +367,20 @@ def test_a_slice_predict_would_not_segment_is_refused_by_name(tmp_path):
         item.save_as(tmp_path / name)
         with pytest.raises(ValueError, match=rf"{name}: .*{reason}"):
             client.hu_from_dicom(tmp_path / name)
+
+
+def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
+    """The shipped real-CT model has no slice classifier: its covid_probability is its
+    highest lesion probability, and the client says so from the folder TF Serving serves."""
+    shipped = Path(__file__).resolve().parents[2] / "saved_models" / "covid-semiseg"
+    meta = client.export_metadata(shipped)
+    assert client.score_name(meta) == "highest lesion probability"
+    assert client.score_name(None) == "slice score"
+    assert client.export_metadata(shipped, version=1) == meta
+    with pytest.raises(ValueError, match="slice_score must be one of"):
+        client.score_name({"slice_score": "other"})
+    broken = tmp_path / "1" / "assets"
+    broken.mkdir(parents=True)
+    (broken / "tfcovseg.json").write_text("{")
+    with pytest.raises(ValueError, match="tfcovseg.json cannot be read"):
+        client.export_metadata(tmp_path)

@@ -14,10 +14,12 @@ from tfcovseg.inference.serving_client import (  # NumPy and the standard librar
     HU_SIGNATURES,
     ServingError,
     checked_answer,
+    export_metadata,
     hu_from_dicom,
     predict_grpc,
     predict_rest,
     rest_url,
+    score_name,
 )
 
 
@@ -40,7 +42,20 @@ def build_parser():
         help="the export's signature that takes slices in HU (default serving_default)",
     )
     parser.add_argument("--form", choices=FORMS, default="instances", help="REST body format")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        help="the served export's folder (model or version folder): its metadata names "
+        "the slice score and the lesion classes",
+    )
     return parser
+
+
+UNNAMED = (
+    "slice score: the model's covid_probability output, its slice classifier's COVID-19 "
+    "probability or, for a model without a classifier, its highest lesion probability "
+    "(--export DIR names which)"
+)
 
 
 def main(argv=None) -> int:
@@ -48,6 +63,8 @@ def main(argv=None) -> int:
     if args.version is not None and args.version < 1:
         return cli.fail(f"--version must be a positive integer, got {args.version}")
     try:
+        meta = export_metadata(args.export, args.version) if args.export else None
+        name = score_name(meta)
         url = rest_url(args.rest, args.model, args.version) if args.rest else None
         slices = [hu_from_dicom(p) for p in args.dicom]
         sizes = {s.shape: p for s, p in zip(slices, args.dicom)}
@@ -62,13 +79,18 @@ def main(argv=None) -> int:
         out = checked_answer(out, len(slices))
     except (ValueError, ServingError, ImportError) as e:
         return cli.fail(str(e))
+    classes = (meta or {}).get("class_names")
     for i, path in enumerate(args.dicom):
         parts = [path.name]
         if "covid_probability" in out:
-            parts.append(f"covid_probability {float(out['covid_probability'][i]):.3f}")
+            parts.append(f"{name} {float(out['covid_probability'][i]):.3f}")
         if "masks" in out:
             lesion = (out["masks"][i] >= 0.5).mean(axis=(0, 1))
-            parts.append("lesion pixels " + " ".join(f"{100 * v:.2f}%" for v in lesion))
+            named = classes if classes and len(classes) == len(lesion) else [""] * len(lesion)
+            figures = " ".join(f"{c} {100 * v:.2f}%".strip() for c, v in zip(named, lesion))
+            parts.append(f"lesion pixels {figures}")
         print(", ".join(parts))
+    if meta is None and "covid_probability" in out:
+        print(UNNAMED)
     print(DISCLAIMER)
     return 0

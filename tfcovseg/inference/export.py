@@ -66,6 +66,7 @@ from tfcovseg.constants import (
     DEFAULT_ONNX_DIR,
     DISCLAIMER,
     EXPORT_FORMATS,
+    EXPORT_METADATA,
 )
 from tfcovseg.data.dataset import (
     CorruptRecordsError,
@@ -105,7 +106,7 @@ from tfcovseg.models.saving import ModelFileError
 
 tf = require_tensorflow("python -m tfcovseg.export")
 
-ASSET_NAME = "tfcovseg.json"
+ASSET_NAME = EXPORT_METADATA
 FORMAT = "tfcovseg-export"
 FORMAT_VERSION = 1
 SIGNATURES = (

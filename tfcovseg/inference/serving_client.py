@@ -36,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tfcovseg.constants import EXPORT_METADATA
+from tfcovseg.evaluation.verdict import slice_score_name
+
 SERVING_API_HINT = (
     "gRPC needs tensorflow-serving-api: pip install --no-deps tensorflow-serving-api "
     "(without --no-deps it pulls the full tensorflow wheel next to tensorflow-cpu)"
@@ -80,6 +83,40 @@ def hu_from_dicom(path) -> np.ndarray:
         return hu
     except dicom_io.SkipFile as e:
         raise ValueError(f"{path.name}: {e}") from None
+
+
+def export_metadata(path, version: int | None = None) -> dict:
+    """The metadata of the export TF Serving serves (``assets/tfcovseg.json``, what its
+    ``metadata`` signature returns), from its version folder or its model folder (version
+    `version`, else the newest, as TF Serving picks). Raises ValueError naming the path."""
+    path = Path(path)
+    folder = path
+    if not (path / "saved_model.pb").is_file() and path.is_dir():
+        numbered = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
+        if numbered:
+            folder = path / str(version if version is not None else max(numbered))
+    file = folder / "assets" / EXPORT_METADATA
+    if not file.is_file():
+        raise ValueError(
+            f"--export {path}: {file} does not exist (the folder of a tfcovseg SavedModel "
+            "export, or of its numbered versions)"
+        )
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--export {path}: {file} cannot be read: {e}") from None
+
+
+def score_name(metadata: dict | None) -> str:
+    """What the answer's ``covid_probability`` is, for a reader: the slice classifier's
+    "COVID-19 probability" or, for a model without one, its "highest lesion probability"
+    (`tfcovseg.evaluation.verdict`); "slice score" when the export is not at hand."""
+    if metadata is None:
+        return "slice score"
+    try:
+        return slice_score_name(metadata)
+    except ValueError as e:
+        raise ValueError(f"the export's metadata: {e}") from None
 
 
 def _batch(hu) -> np.ndarray:
