@@ -201,6 +201,12 @@ def test_every_rounds_student_but_the_last_is_scored_on_the_test_slices(tmp_path
     assert "test_scores" not in last  # the row's own scores are the last round's
     line = f"student 1 on the test slices: infection meanDic {scored['infection']['meanDic']:.3f}"
     assert any(line in x for x in lines)
+    table = (tmp_path / "two" / "results.md").read_text()
+    assert f"| ↳ its round 1 (a record) | {scored['infection']['meanDic']:.3f} |" in table
+    assert (
+        "its round 2" not in table
+        and "its round" not in (tmp_path / "one" / "results.md").read_text()
+    )
 
 
 def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path, monkeypatch):

@@ -1031,6 +1031,24 @@ def _fold_table(results) -> list[str]:
         scores = dict(zip(e["fold_ids"], e["folds"]))
         cells = [f"{scores[k]['infection']['meanDic']:.3f}" if k in scores else "" for k in ids]
         lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+        lines += _round_rows(e, ids)
+    return lines
+
+
+def _round_rows(entry, ids) -> list[str]:
+    """The self-training row's earlier rounds, scored on the same test slices
+    (`train_student`): what each round added, recorded, never chosen from."""
+    rounds = {k: run.get("rounds", []) for k, run in zip(entry["fold_ids"], entry["runs"])}
+    lines = []
+    for r in range(max((len(v) for v in rounds.values()), default=0)):
+        cells = [
+            f"{v[r]['test_scores']['infection']['meanDic']:.3f}"
+            if k in rounds and r < len(v := rounds[k]) and "test_scores" in v[r]
+            else ""
+            for k in ids
+        ]
+        if any(cells):
+            lines.append(f"| ↳ its round {r + 1} (a record) | " + " | ".join(cells) + " |")
     return lines
 
 
