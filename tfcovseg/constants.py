@@ -26,6 +26,7 @@ EXPORT_FORMATS = ("saved_model", "onnx")
 # The export's metadata beside its graph (``<version>/assets/``), as its ``metadata``
 # signature returns it: read by clients that have the export's folder but not TensorFlow.
 EXPORT_METADATA = "tfcovseg.json"
+EXPORT_METADATA_FORMAT = "tfcovseg-export"  # its "format"
 
 # How `predict` treats the grey levels of PNG/JPEG slices (`tfcovseg.inference.images`).
 INTENSITY_MODES = ("match", "as-is")

@@ -196,13 +196,20 @@ def test_every_rounds_student_but_the_last_is_scored_on_the_test_slices(tmp_path
         semi_rounds=2, log=lines.append))  # fmt: skip
     first, last = two["models"][SEMI]["runs"][0]["rounds"]
     scored = one["models"][SEMI]["folds"][0]
-    assert first["test_scores"]["infection"]["meanDic"] == scored["infection"]["meanDic"]
-    assert first["test_scores"]["ggo"]["Dice@0.5"] == scored["ggo"]["Dice@0.5"]
+    # The same training twice: equal on this CPU; a kernel's last digits may differ elsewhere.
+    same = dict(abs=2e-3)
+    assert first["test_scores"]["infection"]["meanDic"] == pytest.approx(
+        scored["infection"]["meanDic"], **same
+    )
+    assert first["test_scores"]["ggo"]["Dice@0.5"] == pytest.approx(
+        scored["ggo"]["Dice@0.5"], **same
+    )
+    assert first["test_scored_s"] > 0
     assert "test_scores" not in last  # the row's own scores are the last round's
-    line = f"student 1 on the test slices: infection meanDic {scored['infection']['meanDic']:.3f}"
-    assert any(line in x for x in lines)
+    recorded = f"{first['test_scores']['infection']['meanDic']:.3f}"
+    assert any(f"student 1 on the test slices: infection meanDic {recorded}" in x for x in lines)
     table = (tmp_path / "two" / "results.md").read_text()
-    assert f"| ↳ its round 1 (a record) | {scored['infection']['meanDic']:.3f} |" in table
+    assert f"| ↳ its round 1 (a record) | {recorded} |" in table
     assert (
         "its round 2" not in table
         and "its round" not in (tmp_path / "one" / "results.md").read_text()

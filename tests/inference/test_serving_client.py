@@ -344,7 +344,9 @@ def test_cli_sends_a_real_dicom_slice(rest_server, grpc_server, phantom_export, 
     )
     assert "lesion pixels ggo " in capsys.readouterr().out
     assert client_main([*argv, "--export", str(phantom_export.parent / "9")]) == 2
-    assert "tfcovseg.json does not exist" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
+    assert client_main([*argv, "--export", str(phantom_export), "--version", "2"]) == 2
+    assert "is version 1, --version asks for 2" in capsys.readouterr().err
     not_ct = get_testdata_file("MR_small.dcm")
     assert client_main(["--dicom", not_ct, "--rest", rest_server]) == 2
     assert "not CT" in capsys.readouterr().err
@@ -379,8 +381,25 @@ def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
     assert client.export_metadata(shipped, version=1) == meta
     with pytest.raises(ValueError, match="slice_score must be one of"):
         client.score_name({"slice_score": "other"})
-    broken = tmp_path / "1" / "assets"
+    broken = tmp_path / "007" / "assets"  # TF Serving's version 7
     broken.mkdir(parents=True)
     (broken / "tfcovseg.json").write_text("{")
-    with pytest.raises(ValueError, match="tfcovseg.json cannot be read"):
+    with pytest.raises(ValueError, match="007/assets/tfcovseg.json cannot be read"):
+        client.export_metadata(tmp_path, version=7)
+    (broken / "tfcovseg.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a tfcovseg export's metadata"):
         client.export_metadata(tmp_path)
+    with pytest.raises(ValueError, match="has no version 8 \\(it holds 7\\)"):
+        client.export_metadata(tmp_path, version=8)
+
+
+def test_an_export_that_is_not_the_served_model_is_named(phantom_export, capsys, monkeypatch):
+    """--export of a model whose classes are not the answer's (another model is served)."""
+    from tfcovseg.cli import serving_client as command
+
+    two = {"covid_probability": np.array([0.7]), "masks": np.zeros((1, 8, 8, 2), np.float32)}
+    monkeypatch.setattr(command, "predict_rest", lambda *a, **k: two)
+    path = get_testdata_file("CT_small.dcm")
+    argv = ["--dicom", path, "--rest", "http://x:1", "--export", str(phantom_export)]
+    assert client_main(argv) == 2
+    assert "names 3 lesion classes, the server answered 2" in capsys.readouterr().err

@@ -345,9 +345,7 @@ def _fit(config, model, train, val, epochs, name, log, objective=None) -> dict:
     return {"epochs": run["epochs"], "best_epoch": best, "best_val_loss": loss}
 
 
-def train_student(
-    teacher, config, data: Slices, split, unlabelled, bench, seed, log, score=None
-):  # fmt: skip
+def train_student(teacher, config, data: Slices, split, unlabelled, bench, seed, log, score=None):
     """Self-training (``config.semi``, as `tfcovseg.train`'s phase 1b): the teacher
     pseudo-labels ``semi.pool`` unlabelled slices (intensity-matched to the labelled ones),
     the surest ``semi.keep`` of them join every batch, and a student starting from the
@@ -383,11 +381,12 @@ def train_student(
         )  # fmt: skip
         info |= {"pseudo_labelled": len(pseudo.images), "pool": pseudo.pool}
         if score is not None and r + 1 < semi.rounds:  # the last round's is the row's
-            scores = score(model)
+            start, scores = time.perf_counter(), score(model)
             log(f"    student {r + 1} on the test slices: {_headline(scores)}")
             info["test_scores"] = {
                 t: {k: s[k] for k in ("meanDic", "Dice@0.5")} for t, s in scores.items()
             }
+            info["test_scored_s"] = round(time.perf_counter() - start, 1)  # in the row's wall_s
         rounds.append(info)
     last = rounds[-1]["best_val_loss"] if rounds else None  # the row's model's
     return model, {
@@ -718,8 +717,7 @@ class _Fold:
         semi = row in SEMI_ROWS.values()
         trained = row_config(self.config, "coarse_refine" if semi else row)
         maps, scores = self._score(model, trained)
-        scored = self.test if self.test is not None else self.train
-        names = [scored.names[i] for i in split.test]
+        names = [self._scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
         # A run may go on under other kernels or XLA (`ARITHMETIC_KEYS`): each fold says its own.
@@ -732,10 +730,14 @@ class _Fold:
         store.put(row, split.fold, entry | {"wall_s": round(time.perf_counter() - start, 1)})
         log(f"    {_headline(scores)}")
 
+    @property
+    def _scored(self) -> Slices:
+        """The slices the fold's test indices point into: --test-dir's, or the CV's own."""
+        return self.test if self.test is not None else self.train
+
     def _score(self, model, trained):
         """The fold's test slices: `model`'s maps and their scores (Inf-Net's protocol)."""
-        scored = self.test if self.test is not None else self.train
-        idx = self.split.test
+        scored, idx = self._scored, self.split.test
         maps = predict_maps(model, scored, idx, self.bench["tta"], trained.train.positive_weights)
         truth = truths(scored, idx)
         return maps, {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
@@ -748,7 +750,10 @@ class _Fold:
             args = (self.teacher, supervised, self.train, split, self.unlabelled, self.bench)
             if row == FIXMATCH:
                 return train_fixmatch(*args, self.seed, log)
-            score = lambda model: self._score(model, supervised)[1]  # noqa: E731
+
+            def score(model):
+                return self._score(model, supervised)[1]
+
             return train_student(*args, self.seed, log, score=score)
         config = row_config(self.config, row)
         model, info = train_one(

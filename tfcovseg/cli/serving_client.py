@@ -58,6 +58,21 @@ UNNAMED = (
 )
 
 
+def _line(file: str, out: dict, i: int, name: str, classes) -> str:
+    """One slice's answer: its score under `name`, each class's share of pixels at 0.5."""
+    parts = [file]
+    if "covid_probability" in out:
+        parts.append(f"{name} {float(out['covid_probability'][i]):.3f}")
+    if "masks" in out:
+        shares = (out["masks"][i] >= 0.5).mean(axis=(0, 1))
+        labels = classes or [""] * len(shares)
+        parts.append(
+            "lesion pixels "
+            + " ".join(f"{c} {100 * v:.2f}%".strip() for c, v in zip(labels, shares))
+        )
+    return ", ".join(parts)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.version is not None and args.version < 1:
@@ -80,16 +95,13 @@ def main(argv=None) -> int:
     except (ValueError, ServingError, ImportError) as e:
         return cli.fail(str(e))
     classes = (meta or {}).get("class_names")
+    if classes and "masks" in out and len(classes) != out["masks"].shape[-1]:
+        return cli.fail(
+            f"--export {args.export} names {len(classes)} lesion classes, the server "
+            f"answered {out['masks'].shape[-1]}: it serves another model"
+        )
     for i, path in enumerate(args.dicom):
-        parts = [path.name]
-        if "covid_probability" in out:
-            parts.append(f"{name} {float(out['covid_probability'][i]):.3f}")
-        if "masks" in out:
-            lesion = (out["masks"][i] >= 0.5).mean(axis=(0, 1))
-            named = classes if classes and len(classes) == len(lesion) else [""] * len(lesion)
-            figures = " ".join(f"{c} {100 * v:.2f}%".strip() for c, v in zip(named, lesion))
-            parts.append(f"lesion pixels {figures}")
-        print(", ".join(parts))
+        print(_line(path.name, out, i, name, classes))
     if meta is None and "covid_probability" in out:
         print(UNNAMED)
     print(DISCLAIMER)

@@ -67,6 +67,7 @@ from tfcovseg.constants import (
     DISCLAIMER,
     EXPORT_FORMATS,
     EXPORT_METADATA,
+    EXPORT_METADATA_FORMAT,
 )
 from tfcovseg.data.dataset import (
     CorruptRecordsError,
@@ -107,7 +108,7 @@ from tfcovseg.models.saving import ModelFileError
 tf = require_tensorflow("python -m tfcovseg.export")
 
 ASSET_NAME = EXPORT_METADATA
-FORMAT = "tfcovseg-export"
+FORMAT = EXPORT_METADATA_FORMAT
 FORMAT_VERSION = 1
 SIGNATURES = (
     "serving_default",

@@ -4,6 +4,7 @@
 
     python -m tfcovseg.serving_client --dicom slice.dcm [--rest http://localhost:8501 |
         --grpc localhost:8500] [--model tfcovseg] [--version N] [--signature serving_default]
+        [--export saved_models/tfcovseg]
 
 Builders and parsers (no server needed, so they are tested offline):
 
@@ -12,7 +13,10 @@ Builders and parsers (no server needed, so they are tested offline):
   format ("predictions" / "outputs") and the ``{"error": ...}`` answer;
 - gRPC ``tensorflow.serving.PredictionService/Predict``: `grpc_request` (a
   ``PredictRequest`` from `tensorflow-serving-api`) and `parse_grpc_response`;
-- `predict_rest` and `predict_grpc` send them.
+- `predict_rest` and `predict_grpc` send them;
+- `export_metadata` reads the served export's metadata from its folder and `score_name`
+  names what its ``covid_probability`` is (a classifier's or the highest lesion
+  probability).
 
 Inputs are Hounsfield units [H, W] or [batch, H, W] (`hu_from_dicom` reads a DICOM CT
 slice the way training does); the export resizes and windows inside the graph. Outputs
@@ -36,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfcovseg.constants import EXPORT_METADATA
+from tfcovseg.constants import EXPORT_METADATA, EXPORT_METADATA_FORMAT
 from tfcovseg.evaluation.verdict import slice_score_name
 
 SERVING_API_HINT = (
@@ -88,13 +92,26 @@ def hu_from_dicom(path) -> np.ndarray:
 def export_metadata(path, version: int | None = None) -> dict:
     """The metadata of the export TF Serving serves (``assets/tfcovseg.json``, what its
     ``metadata`` signature returns), from its version folder or its model folder (version
-    `version`, else the newest, as TF Serving picks). Raises ValueError naming the path."""
+    `version`, else the newest: what TF Serving serves under its default version policy).
+    Raises ValueError naming the path."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--export {path} is not a folder")
     folder = path
-    if not (path / "saved_model.pb").is_file() and path.is_dir():
-        numbered = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
+    if (path / "saved_model.pb").is_file():
+        if version is not None and path.name.isdigit() and int(path.name) != version:
+            raise ValueError(
+                f"--export {path} is version {int(path.name)}, --version asks for {version}"
+            )
+    else:
+        # TF Serving reads a folder "007" as version 7.
+        numbered = {int(p.name): p for p in path.iterdir() if _is_version(p)}
         if numbered:
-            folder = path / str(version if version is not None else max(numbered))
+            wanted = version if version is not None else max(numbered)
+            if wanted not in numbered:
+                held = ", ".join(map(str, sorted(numbered)))
+                raise ValueError(f"--export {path} has no version {wanted} (it holds {held})")
+            folder = numbered[wanted]
     file = folder / "assets" / EXPORT_METADATA
     if not file.is_file():
         raise ValueError(
@@ -102,9 +119,16 @@ def export_metadata(path, version: int | None = None) -> dict:
             "export, or of its numbered versions)"
         )
     try:
-        return json.loads(file.read_text())
+        meta = json.loads(file.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--export {path}: {file} cannot be read: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_METADATA_FORMAT:
+        raise ValueError(f"--export {path}: {file} is not a tfcovseg export's metadata")
+    return meta
+
+
+def _is_version(path: Path) -> bool:
+    return path.is_dir() and path.name.isascii() and path.name.isdigit()
 
 
 def score_name(metadata: dict | None) -> str:
