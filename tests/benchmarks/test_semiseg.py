@@ -216,6 +216,46 @@ def test_every_rounds_student_but_the_last_is_scored_on_the_test_slices(tmp_path
     )
 
 
+def test_a_finished_runs_models_are_scored_again_under_other_views(tmp_path):
+    """--from-run: the kept models of a run are scored under another --tta, not trained;
+    a row it kept no model of trains; a run with other settings is refused by name."""
+    folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
+    unlabelled = make_unlabelled(tmp_path / "u")
+    kw = FAST | SEMI_FAST | dict(folds=2, only_folds=[0], unlabelled_dir=unlabelled)
+    first = run(folder, tmp_path / "one", models=("coarse_refine", "unet"), **kw)
+    lines = []
+    both = ("coarse_refine", "unet")
+    again = run(
+        folder, tmp_path / "two", models=both, tta=2, from_run=tmp_path / "one",
+        **kw | dict(log=lines.append),
+    )  # fmt: skip
+    trained = [x for x in lines if "epoch 1/1: loss" in x]
+    assert trained and all(x.lstrip().startswith("unet") for x in trained)  # U-Net kept none
+    assert sum("scored again" in x for x in lines) == 2
+    data = load_slices(folder, FAST["size"])
+    for row in ("coarse_refine", SEMI):
+        entry = again["models"][row]
+        assert entry["runs"][0]["from_run"] == str(tmp_path / "one")
+        assert entry["runs"][0]["epochs"] == first["models"][row]["runs"][0]["epochs"]
+        model = build_model(benchmark_config(size=FAST["size"], widths=FAST["widths"]).model)
+        model.load_weights(tmp_path / "one" / "folds" / row / "fold0.weights.h5")
+        idx = [list(data.names).index(n) for n in entry["runs"][0]["test_slices"]]
+        infection = predict_maps(model, data, idx, 2)["infection"]  # 2 views: --tta 2
+        folder_maps = prediction_folder(tmp_path / "two", row) / "infection"
+        names = entry["runs"][0]["test_slices"]
+        kept = [np.asarray(Image.open(folder_maps / f"{n}.png")) for n in names]
+        assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(infection, kept))
+        assert (tmp_path / "two" / "folds" / row / "fold0.weights.h5").is_file()
+    assert again["settings"]["tta"] == 2 and first["settings"]["tta"] == 1
+    with pytest.raises(BenchmarkError, match="other settings \\(settings.epochs differ\\)"):
+        run(folder, tmp_path / "three", models=("coarse_refine",), from_run=tmp_path / "one",
+            **kw | dict(epochs=2))  # fmt: skip
+    with pytest.raises(BenchmarkError, match="is the --out folder"):
+        run(folder, tmp_path / "one", models=("coarse_refine",), from_run=tmp_path / "one", **kw)
+    with pytest.raises(BenchmarkError, match="progress.json cannot be read"):
+        run(folder, tmp_path / "four", models=("coarse_refine",), from_run=tmp_path / "u", **kw)
+
+
 def test_fixmatch_row_trains_from_the_supervised_teacher(tmp_path, monkeypatch):
     from tfcovseg.benchmarks import semiseg
     from tfcovseg.benchmarks.semiseg import FIXMATCH

@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import platform
 import re
@@ -609,7 +610,7 @@ def _rows(models, unlabelled_dir, method="self_training") -> list[str]:
 
 def run(
     train_dir, out, test_dir=None, models=MODELS, folds=5, log=print, unlabelled_dir=None,
-    only_folds=None, config=None, overrides=(), isolate=False, **kw,
+    only_folds=None, config=None, overrides=(), isolate=False, from_run=None, **kw,
 ):  # fmt: skip
     """Runs the benchmark; returns the results (also written to ``out``).
 
@@ -621,7 +622,10 @@ def run(
     machines fill one ``out`` (the table counts every fold found there). `isolate` (the
     command's way): in cross-validation each fold trains in a fresh process
     (`_fold_in_own_process`) that prints its lines itself instead of calling `log`, so
-    memory stays that of one fold (in one process it grows by about 1.5 GB a fold)."""
+    memory stays that of one fold (in one process it grows by about 1.5 GB a fold).
+    `from_run`: a finished run's folder whose settings are this run's but for the
+    test-time views (``tta``) and rows: the models it kept (`_save_weights`) are loaded and
+    scored again rather than trained (`_Fold._kept`); rows it kept none of train here."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
 
     bench = BENCH_DEFAULTS | {k: kw.pop(k) for k in BENCH_DEFAULTS if k in kw}
@@ -630,6 +634,8 @@ def run(
     if bench["passes"] < 1:
         raise BenchmarkError(f"--passes must be at least 1, got {bench['passes']}")
     _check_dirs(out, train_dir, test_dir)
+    if from_run is not None and Path(from_run).resolve() == Path(out).resolve():
+        raise BenchmarkError("--from-run is the --out folder: give the new run its own --out")
     config = benchmark_config(config, overrides, **kw)
     # Before TensorFlow loads, here or in the folds' processes (which inherit the choice).
     kernels = select_cpu_kernels(config.train.cpu_kernels)
@@ -664,6 +670,7 @@ def run(
     normalise = functools.partial(comparable, semi_row=semi_row)
     try:
         store = FoldStore(out, _fingerprint(results, rows), normalise)
+        kept = _kept_run(from_run, store.settings, normalise) if from_run else None
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
     for split in (s for s in splits if s.fold in todo):
@@ -672,7 +679,9 @@ def run(
                 f"fold {split.fold}: {len(split.fit)} train, {len(split.val)} validation, "
                 f"{len(split.test)} test"
             )
-        fold = _Fold(config, bench, store, split, train, test, unlabelled, seed + split.fold)
+        fold = _Fold(
+            config, bench, store, split, train, test, unlabelled, seed + split.fold, kept=kept
+        )
         keep_teacher = bool(set(SEMI_ROWS.values()) & set(rows))
         if code:
             _fold_in_own_process(fold, rows, out, keep_teacher, code)
@@ -698,6 +707,7 @@ class _Fold:
     unlabelled: Unlabelled | None
     seed: int
     teacher: object = None  # the supervised coarse-refine model, for the semi row
+    kept: object = None  # store.FoldStore of --from-run: models scored again, not trained
 
     def rows(self, rows, out: Path, log, keep_teacher: bool) -> None:
         for row in rows:
@@ -720,10 +730,12 @@ class _Fold:
         names = [self._scored.names[i] for i in split.test]
         write_maps(prediction_folder(out, row), names, maps)
         run_info = info | ({"test_slices": names} if self.test is None else {})
-        # A run may go on under other kernels or XLA (`ARITHMETIC_KEYS`): each fold says its own.
-        run_info["jit_compile"] = jit_compile(trained)
-        if _backend(isolated=False) == "tensorflow":
-            run_info["cpu_kernels"] = cpu_kernels()
+        # A run may go on under other kernels or XLA (`ARITHMETIC_KEYS`): each fold says its
+        # own (a model of --from-run keeps what it trained with).
+        if "from_run" not in info:
+            run_info["jit_compile"] = jit_compile(trained)
+            if _backend(isolated=False) == "tensorflow":
+                run_info["cpu_kernels"] = cpu_kernels()
         entry = {"scores": scores, "run": run_info, "peak_rss_mb": _peak_rss_mb()}
         if semi:  # kept, as the teacher is: test-time changes can be scored without training
             _save_weights(model, store, row, split.fold)
@@ -743,10 +755,17 @@ class _Fold:
         return maps, {t: protocol.score(maps[t], truth[t]) for t in scored.targets}
 
     def _fit(self, row: str, log, keep_teacher: bool):
+        model, info = self._kept(row, log) or self._train(row, log)
+        if row == "coarse_refine" and keep_teacher:
+            self.teacher = model
+            _save_weights(model, self.store, row, self.split.fold)
+        return model, info
+
+    def _train(self, row: str, log):
         split, supervised = self.split, row_config(self.config, "coarse_refine")
         if row in SEMI_ROWS.values():
             if self.teacher is None:  # the supervised fold was done before this process
-                self.teacher = _load_teacher(self.store, split.fold, supervised)
+                self.teacher = _load_model(self.store, "coarse_refine", split.fold, supervised)
             args = (self.teacher, supervised, self.train, split, self.unlabelled, self.bench)
             if row == FIXMATCH:
                 return train_fixmatch(*args, self.seed, log)
@@ -756,13 +775,22 @@ class _Fold:
 
             return train_student(*args, self.seed, log, score=score)
         config = row_config(self.config, row)
-        model, info = train_one(
-            config, self.train, split.fit, split.val, self.bench, self.seed, log
-        )
-        if row == "coarse_refine" and keep_teacher:
-            self.teacher = model
-            _save_weights(model, self.store, row, split.fold)
-        return model, info
+        return train_one(config, self.train, split.fit, split.val, self.bench, self.seed, log)
+
+    def _kept(self, row: str, log):
+        """`row`'s model of this fold from --from-run with its run facts, or None (that
+        run kept none: it trains here)."""
+        if self.kept is None:
+            return None
+        k = self.split.fold
+        entry = self.kept.get(row, k)
+        if entry is None or not self.kept.weights(row, k).is_file():
+            log(f"    {self.kept.out} kept no model of this row and fold: trained here")
+            return None
+        config = row_config(self.config, "coarse_refine" if row in SEMI_ROWS.values() else row)
+        model = _load_model(self.kept, row, k, config)
+        log(f"    the model {self.kept.out} trained, scored again")
+        return model, entry["run"] | {"from_run": str(self.kept.out)}
 
 
 def _fold_in_own_process(fold: _Fold, rows, out: Path, keep_teacher: bool, code: str) -> None:
@@ -827,22 +855,46 @@ def _save_weights(model, store, row: str, fold: int) -> None:
     save_weights(model, path)
 
 
-def _load_teacher(store, fold, config):
-    """The stored supervised model of `fold` (`_save_teacher`), built from `config`."""
+def _load_model(store, row: str, fold: int, config):
+    """The model `store` kept of (`row`, `fold`) (`_save_weights`), built from `config`."""
     from tfcovseg.models import build_model
     from tfcovseg.models.saving import model_file_problem
 
-    path = store.weights("coarse_refine", fold)
+    path = store.weights(row, fold)
     problem = model_file_problem(path)
     if problem:
         raise BenchmarkError(
-            f"the supervised model of fold {fold} (the semi-supervised row's teacher) "
-            f"cannot be read: {problem}; delete {store.path('coarse_refine', fold)} to "
-            "train it again"
+            f"the {LABELS[row]} model of fold {fold} cannot be read: {problem}; delete "
+            f"{store.path(row, fold)} to train it again"
         )
     model = build_model(config.model)
     model.load_weights(path)
     return model
+
+
+def _kept_run(from_run, settings: dict, normalise):
+    """--from-run's fold store, read only, once its settings are found to be this run's
+    but for the test-time views and the rows (`run`)."""
+    from tfcovseg.benchmarks.store import PROGRESS, FoldStore
+
+    from_run = Path(from_run)
+    path = from_run / PROGRESS
+    try:
+        recorded = normalise(json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BenchmarkError(
+            f"--from-run {from_run}: {path} cannot be read ({type(e).__name__}: {e})"
+        ) from None
+    free = ("settings.tta", "rows")
+    differ = sorted(
+        k for k in (set(recorded) | set(settings)) - set(free) if recorded.get(k) != settings.get(k)
+    )
+    if differ:
+        raise BenchmarkError(
+            f"--from-run {from_run} trained with other settings ({', '.join(differ)} "
+            "differ): its models are scored again only under the settings they trained with"
+        )
+    return FoldStore(from_run, recorded, normalise)
 
 
 def _describe(train, test, unlabelled, folds, settings, backend, kernels) -> str:

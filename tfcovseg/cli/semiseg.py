@@ -61,6 +61,12 @@ def build_parser():
         help="comma-separated folds to train now (e.g. 3,4); the others stay as stored in --out",
     )
     parser.add_argument("--tta", type=int, help="test-time views: 1 (default, none) to 8")
+    parser.add_argument(
+        "--from-run",
+        type=Path,
+        help="a finished run's --out with the same settings but --tta: the models it kept "
+        "are scored again (under this --tta) instead of trained",
+    )
     parser.add_argument("--passes", type=int, help="augmented passes per epoch (default 2)")
     keys = parser.add_argument_group("shortcuts for keys of the experiment")
     keys.add_argument("--size", type=int, help="model.input_size (square, pixels)")
@@ -136,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=config,
             log=lambda line: print(line, flush=True),  # one line per epoch, as it comes
             isolate=True,  # a process per fold: memory stays that of one fold
+            from_run=args.from_run,
             **own,
         )
     except BenchmarkError as e:
