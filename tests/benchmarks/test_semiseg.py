@@ -250,9 +250,22 @@ def test_a_finished_runs_models_are_scored_again_under_other_views(tmp_path):
     with pytest.raises(BenchmarkError, match="other settings \\(settings.epochs differ\\)"):
         run(folder, tmp_path / "three", models=("coarse_refine",), from_run=tmp_path / "one",
             **kw | dict(epochs=2))  # fmt: skip
+    assert not (tmp_path / "three").exists()  # a refusal leaves nothing to block the next try
+    # A run that kept no model (killed before its first fold): scoring again, not training.
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "progress.json").write_bytes(
+        (tmp_path / "one" / "progress.json").read_bytes()
+    )
+    with pytest.raises(BenchmarkError, match="bare kept no model"):
+        run(folder, tmp_path / "five", models=("coarse_refine",), from_run=tmp_path / "bare", **kw)
+    # A kept model cut short is named, not an h5py traceback.
+    weights = tmp_path / "one" / "folds" / SEMI / "fold0.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(BenchmarkError, match=f"{weights}, cannot be read \\(OSError"):
+        run(folder, tmp_path / "six", models=("coarse_refine",), from_run=tmp_path / "one", **kw)
     with pytest.raises(BenchmarkError, match="is the --out folder"):
         run(folder, tmp_path / "one", models=("coarse_refine",), from_run=tmp_path / "one", **kw)
-    with pytest.raises(BenchmarkError, match="progress.json cannot be read"):
+    with pytest.raises(BenchmarkError, match="u is not a benchmark run \\(no progress.json\\)"):
         run(folder, tmp_path / "four", models=("coarse_refine",), from_run=tmp_path / "u", **kw)
 
 

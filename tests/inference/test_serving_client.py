@@ -379,8 +379,10 @@ def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
     assert client.score_name(meta) == "highest lesion probability"
     assert client.score_name(None) == "slice score"
     assert client.export_metadata(shipped, version=1) == meta
-    with pytest.raises(ValueError, match="slice_score must be one of"):
-        client.score_name({"slice_score": "other"})
+    for wrong in ("other", [1]):  # a list raised TypeError (unhashable)
+        with pytest.raises(ValueError, match="slice_score must be one of"):
+            client.score_name({"slice_score": wrong})
+    assert client.score_name({"gate": "x"}) == "COVID-19 probability"  # not an AttributeError
     broken = tmp_path / "007" / "assets"  # TF Serving's version 7
     broken.mkdir(parents=True)
     (broken / "tfcovseg.json").write_text("{")
@@ -388,6 +390,9 @@ def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
         client.export_metadata(tmp_path, version=7)
     (broken / "tfcovseg.json").write_text("[]")
     with pytest.raises(ValueError, match="not a tfcovseg export's metadata"):
+        client.export_metadata(tmp_path)
+    (broken / "tfcovseg.json").write_text(json.dumps(meta | {"class_names": 5}))
+    with pytest.raises(ValueError, match="class_names is not a list of names"):
         client.export_metadata(tmp_path)
     with pytest.raises(ValueError, match="has no version 8 \\(it holds 7\\)"):
         client.export_metadata(tmp_path, version=8)

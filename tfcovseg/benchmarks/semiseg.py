@@ -668,9 +668,11 @@ def run(
     todo = _pick_folds(only_folds, splits, test)
     # Free keys, and without a semi row semi keys, an older run recorded do not stop it.
     normalise = functools.partial(comparable, semi_row=semi_row)
+    fingerprint = _fingerprint(results, rows)
     try:
-        store = FoldStore(out, _fingerprint(results, rows), normalise)
-        kept = _kept_run(from_run, store.settings, normalise) if from_run else None
+        # --from-run is checked first: a refusal leaves no progress.json in --out.
+        kept = _kept_run(from_run, fingerprint, normalise) if from_run else None
+        store = FoldStore(out, fingerprint, normalise)
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
     for split in (s for s in splits if s.fold in todo):
@@ -868,7 +870,14 @@ def _load_model(store, row: str, fold: int, config):
             f"{store.path(row, fold)} to train it again"
         )
     model = build_model(config.model)
-    model.load_weights(path)
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError) as e:  # truncated or another model's (h5py, Keras)
+        raise BenchmarkError(
+            f"the {LABELS[row]} model of fold {fold}, {path}, cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}); delete "
+            f"{store.path(row, fold)} to train it again"
+        ) from None
     return model
 
 
@@ -879,12 +888,15 @@ def _kept_run(from_run, settings: dict, normalise):
 
     from_run = Path(from_run)
     path = from_run / PROGRESS
+    if not path.is_file():
+        raise BenchmarkError(f"--from-run {from_run} is not a benchmark run (no {PROGRESS})")
     try:
         recorded = normalise(json.loads(path.read_text())["settings"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise BenchmarkError(
             f"--from-run {from_run}: {path} cannot be read ({type(e).__name__}: {e})"
         ) from None
+    settings = json.loads(json.dumps(settings))  # as it reads back from disk
     free = ("settings.tta", "rows")
     differ = sorted(
         k for k in (set(recorded) | set(settings)) - set(free) if recorded.get(k) != settings.get(k)
@@ -893,6 +905,11 @@ def _kept_run(from_run, settings: dict, normalise):
         raise BenchmarkError(
             f"--from-run {from_run} trained with other settings ({', '.join(differ)} "
             "differ): its models are scored again only under the settings they trained with"
+        )
+    if not any((from_run / "folds").glob("*/fold*.weights.h5")):
+        # Scoring again was asked for: training everything instead would be a surprise.
+        raise BenchmarkError(
+            f"--from-run {from_run} kept no model (folds/<row>/fold<k>.weights.h5)"
         )
     return FoldStore(from_run, recorded, normalise)
 

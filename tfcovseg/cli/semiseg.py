@@ -64,8 +64,8 @@ def build_parser():
     parser.add_argument(
         "--from-run",
         type=Path,
-        help="a finished run's --out with the same settings but --tta: the models it kept "
-        "are scored again (under this --tta) instead of trained",
+        help="a run's --out with the same settings but --tta: the models it kept are "
+        "scored again (under this --tta) instead of trained",
     )
     parser.add_argument("--passes", type=int, help="augmented passes per epoch (default 2)")
     keys = parser.add_argument_group("shortcuts for keys of the experiment")
@@ -118,7 +118,8 @@ def _parse_folds(text):
 
 
 @cli.interruptible(
-    "finished folds are kept in OUT/folds: the same command goes on from the last one"
+    "finished folds are kept in the --out folder's folds/: the same command goes on from "
+    "the last one"
 )
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

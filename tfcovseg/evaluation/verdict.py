@@ -41,9 +41,10 @@ def slice_score(metadata: dict) -> str:
     their calibrated gate says the run had no classifier, else "classifier"."""
     score = metadata.get("slice_score")
     if score is None:  # older exports: the gate's reason names a run without a classifier
-        method = str((metadata.get("gate") or {}).get("method", ""))
+        gate = metadata.get("gate")
+        method = str(gate.get("method", "")) if isinstance(gate, dict) else ""
         return "lesion" if NO_CLASSIFIER in method else "classifier"
-    if score not in SLICE_SCORES:
+    if not isinstance(score, str) or score not in SLICE_SCORES:
         raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
     return score
 

@@ -124,6 +124,11 @@ def export_metadata(path, version: int | None = None) -> dict:
         raise ValueError(f"--export {path}: {file} cannot be read: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_METADATA_FORMAT:
         raise ValueError(f"--export {path}: {file} is not a tfcovseg export's metadata")
+    names = meta.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
+        raise ValueError(f"--export {path}: {file}: class_names is not a list of names")
     return meta
 
 
