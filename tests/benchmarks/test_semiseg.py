@@ -221,7 +221,7 @@ def test_a_finished_runs_models_are_scored_again_under_other_views(tmp_path):
     a row it kept no model of trains; a run with other settings is refused by name."""
     folder = make_folder(tmp_path / "train", [str(i) for i in range(6)])
     unlabelled = make_unlabelled(tmp_path / "u")
-    kw = FAST | SEMI_FAST | dict(folds=2, only_folds=[0], unlabelled_dir=unlabelled)
+    kw = FAST | SEMI_FAST | dict(folds=2, only_folds=[0], unlabelled_dir=unlabelled, semi_rounds=2)
     first = run(folder, tmp_path / "one", models=("coarse_refine", "unet"), **kw)
     lines = []
     both = ("coarse_refine", "unet")
@@ -247,6 +247,10 @@ def test_a_finished_runs_models_are_scored_again_under_other_views(tmp_path):
         assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(infection, kept))
         assert (tmp_path / "two" / "folds" / row / "fold0.weights.h5").is_file()
     assert again["settings"]["tta"] == 2 and first["settings"]["tta"] == 1
+    # Round 1's test score was measured under the first run's views: not carried over.
+    assert "test_scores" in first["models"][SEMI]["runs"][0]["rounds"][0]
+    assert "test_scores" not in again["models"][SEMI]["runs"][0]["rounds"][0]
+    assert "its round 1" not in (tmp_path / "two" / "results.md").read_text()
     with pytest.raises(BenchmarkError, match="other settings \\(settings.epochs differ\\)"):
         run(folder, tmp_path / "three", models=("coarse_refine",), from_run=tmp_path / "one",
             **kw | dict(epochs=2))  # fmt: skip

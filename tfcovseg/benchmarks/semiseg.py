@@ -792,7 +792,12 @@ class _Fold:
         config = row_config(self.config, "coarse_refine" if row in SEMI_ROWS.values() else row)
         model = _load_model(self.kept, row, k, config)
         log(f"    the model {self.kept.out} trained, scored again")
-        return model, entry["run"] | {"from_run": str(self.kept.out)}
+        info = entry["run"] | {"from_run": str(self.kept.out)}
+        if "rounds" in info:  # their test scores are of that run's views, not of this one's
+            info["rounds"] = [
+                {k: v for k, v in r.items() if not k.startswith("test_")} for r in info["rounds"]
+            ]
+        return model, info
 
 
 def _fold_in_own_process(fold: _Fold, rows, out: Path, keep_teacher: bool, code: str) -> None:
