@@ -623,7 +623,7 @@ def run(
     command's way): in cross-validation each fold trains in a fresh process
     (`_fold_in_own_process`) that prints its lines itself instead of calling `log`, so
     memory stays that of one fold (in one process it grows by about 1.5 GB a fold).
-    `from_run`: a finished run's folder whose settings are this run's but for the
+    `from_run`: a run's folder whose settings are this run's but for the
     test-time views (``tta``) and rows: the models it kept (`_save_weights`) are loaded and
     scored again rather than trained (`_Fold._kept`); rows it kept none of train here."""
     from tfcovseg.benchmarks.store import FoldStore, StoreError
@@ -784,13 +784,13 @@ class _Fold:
         run kept none: it trains here)."""
         if self.kept is None:
             return None
-        k = self.split.fold
-        entry = self.kept.get(row, k)
-        if entry is None or not self.kept.weights(row, k).is_file():
+        fold = self.split.fold
+        entry = self.kept.get(row, fold)
+        if entry is None or not self.kept.weights(row, fold).is_file():
             log(f"    {self.kept.out} kept no model of this row and fold: trained here")
             return None
         config = row_config(self.config, "coarse_refine" if row in SEMI_ROWS.values() else row)
-        model = _load_model(self.kept, row, k, config)
+        model = _load_model(self.kept, row, fold, config)
         log(f"    the model {self.kept.out} trained, scored again")
         info = entry["run"] | {"from_run": str(self.kept.out)}
         if "rounds" in info:  # their test scores are of that run's views, not of this one's
