@@ -889,7 +889,7 @@ def _load_model(store, row: str, fold: int, config):
 def _kept_run(from_run, settings: dict, normalise):
     """--from-run's fold store, read only, once its settings are found to be this run's
     but for the test-time views and the rows (`run`)."""
-    from tfcovseg.benchmarks.store import PROGRESS, FoldStore
+    from tfcovseg.benchmarks.store import PROGRESS, FoldStore, differing
 
     from_run = Path(from_run)
     path = from_run / PROGRESS
@@ -902,10 +902,7 @@ def _kept_run(from_run, settings: dict, normalise):
             f"--from-run {from_run}: {path} cannot be read ({type(e).__name__}: {e})"
         ) from None
     settings = json.loads(json.dumps(settings))  # as it reads back from disk
-    free = ("settings.tta", "rows")
-    differ = sorted(
-        k for k in (set(recorded) | set(settings)) - set(free) if recorded.get(k) != settings.get(k)
-    )
+    differ = differing(recorded, settings, free=("settings.tta", "rows"))
     if differ:
         raise BenchmarkError(
             f"--from-run {from_run} trained with other settings ({', '.join(differ)} "

@@ -36,9 +36,7 @@ class FoldStore:
                 before = normalise(before) if normalise else before
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise StoreError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-            differ = sorted(
-                k for k in set(before) | set(self.settings) if before.get(k) != self.settings.get(k)
-            )
+            differ = differing(before, self.settings)
             if differ:
                 raise StoreError(
                     f"{self.out} holds a run with other settings ({', '.join(differ)} "
@@ -67,3 +65,9 @@ class FoldStore:
         path = self.path(row, fold)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, entry)
+
+
+def differing(before: dict, after: dict, free=()) -> list[str]:
+    """The keys, other than `free`, whose values differ between two runs' settings."""
+    keys = (set(before) | set(after)) - set(free)
+    return sorted(k for k in keys if before.get(k) != after.get(k))

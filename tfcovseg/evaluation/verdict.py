@@ -44,6 +44,11 @@ def slice_score(metadata: dict) -> str:
         gate = metadata.get("gate")
         method = str(gate.get("method", "")) if isinstance(gate, dict) else ""
         return "lesion" if NO_CLASSIFIER in method else "classifier"
+    return _known_score(score)
+
+
+def _known_score(score) -> str:
+    """`score` if it names a slice score (`SLICE_SCORES`), else ValueError."""
     if not isinstance(score, str) or score not in SLICE_SCORES:
         raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
     return score
@@ -87,8 +92,7 @@ def patient_verdict(covid: dict, gate: dict, burden: dict, score: str = "classif
         rules' figures, the deciding rule first).
     """
     problem = classifier_problem(gate)
-    if score not in SLICE_SCORES:
-        raise ValueError(f"slice_score must be one of {sorted(SLICE_SCORES)}, got {score!r}")
+    _known_score(score)
     first = CLASSIFIER if score == "classifier" else LESION_SCORE
     figure = "highest slice probability" if score == "classifier" else "highest slice"
     classifier = _evidence(
