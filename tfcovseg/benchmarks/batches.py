@@ -10,7 +10,8 @@ import numpy as np
 
 class SliceBatches(keras.utils.PyDataset):
     """Batches of (image, {output: mask}) from memory, with the paper's augmentation
-    (random quarter turn and horizontal flip, image and mask together) and, with
+    (random quarter turn and horizontal flip, image and mask together), with `spatial`
+    a small random rotation, zoom and shift as well (`spatial.SpatialJitter`) and, with
     `jitter`, random intensity changes (`intensity.IntensityJitter`).
 
     With `extra` (images, masks: pseudo-labelled slices), `extra_share` of every batch is
@@ -20,12 +21,13 @@ class SliceBatches(keras.utils.PyDataset):
 
     def __init__(
         self, images, masks, outputs, batch_size, passes, seed, training=True, augment=True,
-        jitter=None, extra=None, extra_share=0.5,
+        jitter=None, extra=None, extra_share=0.5, spatial=None,
     ):  # fmt: skip
         super().__init__()
         self.images, self.masks, self.outputs = images, masks, tuple(outputs)
         self.training = training
         self.augment, self.jitter = training and augment, jitter if training else None
+        self.spatial = spatial if self.augment else None
         self.extra = extra
         n_extra = int(round(extra_share * batch_size)) if extra is not None else 0
         self.n_extra = min(max(n_extra, 1), batch_size - 1) if extra is not None else 0
@@ -55,6 +57,8 @@ class SliceBatches(keras.utils.PyDataset):
                 x[j], y[j] = np.rot90(x[j], k), np.rot90(y[j], k)
                 if self.rng.random() < 0.5:
                     x[j], y[j] = x[j][:, ::-1], y[j][:, ::-1]
+        if self.spatial is not None:
+            x, y = self.spatial(x, y, self.rng)
         if self.jitter is not None:
             x = self.jitter(x, self.rng)
         return x, {name: y for name in self.outputs}
@@ -72,9 +76,17 @@ class ConsistencyBatches(SliceBatches):
     `intensity.IntensityJitter`), so that their pixels correspond."""
 
     def __init__(self, images, masks, outputs, batch_size, passes, seed, unlabelled, strong,
-                 augment=True, jitter=None):  # fmt: skip
+                 augment=True, jitter=None, spatial=None):  # fmt: skip
         super().__init__(
-            images, masks, outputs, batch_size, passes, seed, augment=augment, jitter=jitter
+            images,
+            masks,
+            outputs,
+            batch_size,
+            passes,
+            seed,
+            augment=augment,
+            jitter=jitter,
+            spatial=spatial,
         )
         self.unlabelled, self.strong = unlabelled, strong
 

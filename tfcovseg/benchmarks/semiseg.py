@@ -282,6 +282,12 @@ def _jitter(config):
     return IntensityJitter() if config.data.intensity_augment else None
 
 
+def _spatial(config):
+    from tfcovseg.data.spatial import SpatialJitter
+
+    return SpatialJitter() if config.data.spatial_augment else None
+
+
 def train_one(
     config, data: Slices, train_idx, val_idx, bench, seed, log=print, *, init=None,
     extra=None, epochs=None, prefix="",
@@ -302,7 +308,7 @@ def train_one(
     train = SliceBatches(
         data.images[train_idx], data.masks[train_idx], outputs, t.batch_size, bench["passes"],
         seed, augment=config.data.augment, jitter=_jitter(config), extra=extra,
-        extra_share=config.semi.share,
+        extra_share=config.semi.share, spatial=_spatial(config),
     )  # fmt: skip
     val = SliceBatches(
         data.images[val_idx], data.masks[val_idx], outputs, t.batch_size, 1, seed, training=False
@@ -424,7 +430,7 @@ def train_fixmatch(teacher, config, data: Slices, split, unlabelled, bench, seed
     train = ConsistencyBatches(
         data.images[split.fit], data.masks[split.fit], outputs, t.batch_size, bench["passes"],
         seed + 1000, images, intensity.IntensityJitter(), augment=config.data.augment,
-        jitter=_jitter(config),
+        jitter=_jitter(config), spatial=_spatial(config),
     )  # fmt: skip
     val = SliceBatches(
         data.images[split.val], data.masks[split.val], outputs, t.batch_size, 1, seed,

@@ -29,6 +29,7 @@ SHORTCUTS = {
     "learning_rate": "train.learning_rate",
     "seed": "train.seed",
     "intensity": "data.intensity_augment",
+    "spatial": "data.spatial_augment",
     "semi_method": "semi.method",
     "semi_rounds": "semi.rounds",
     "semi_pool": "semi.pool",
@@ -168,6 +169,8 @@ def settings_record(config, bench: dict, semi_row: bool = True) -> dict:
         # then 1e-4), so a run folder of the old default must not resume under the new one.
         "semi_learning_rate": config.for_student().train.learning_rate,
     }
+    if config.data.spatial_augment:  # recorded when on, so older runs resume
+        settings["spatial"] = True
     if semi.method == "fixmatch":  # recorded when not the default, so older runs resume
         settings["semi_method"] = semi.method
     # `ex.ARITHMETIC_KEYS` change how the steps compute, not the recipe: a run folder goes

@@ -84,6 +84,12 @@ def build_parser():
         const=True,
         help="data.intensity_augment: random window / contrast / gamma / noise (every row)",
     )
+    keys.add_argument(
+        "--spatial",
+        action="store_const",
+        const=True,
+        help="data.spatial_augment: random small rotation / zoom / shift (every row)",
+    )
     semi = parser.add_argument_group("semi-supervised row (self-training, config key semi.*)")
     semi.add_argument("--unlabelled-dir", type=Path, help="unlabelled slices (Imgs/ without GT/)")
     for flag, kind, key in _SEMI_OPTIONS:
@@ -97,7 +103,7 @@ def _experiment(args):
     from tfcovseg.benchmarks import semiseg_config
 
     flags = [f[2:].replace("-", "_") for f, *_ in _SHORTCUT_OPTIONS + _SEMI_OPTIONS]
-    shortcuts = {n: getattr(args, n) for n in ["intensity", *flags]}
+    shortcuts = {n: getattr(args, n) for n in ["intensity", "spatial", *flags]}
     widths = semiseg_config.WIDTH_PRESETS[args.width]() if args.width else None
     return semiseg_config.benchmark_config(
         args.config, args.overrides, size=args.size, widths=widths, **shortcuts

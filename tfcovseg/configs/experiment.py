@@ -391,6 +391,9 @@ class DataConfig:
         intensity_augment: Random window shift, contrast, gamma and noise on training
             slices (`tfcovseg.data.intensity.IntensityJitter`, in grey levels of the model's
             window), so that one model serves slices windowed differently.
+        spatial_augment: After the paper's quarter turns and flips, a small random
+            rotation, zoom and shift of half the training slices, masks with them
+            (`tfcovseg.data.spatial.SpatialJitter`).
         train_split: The patients the network trains on: "train" (the fold's training
             split), or "development" (its training and test patients: a final model to
             ship, trained on all but the validation patients that choose its epoch; it
@@ -412,6 +415,7 @@ class DataConfig:
     oversample_pneumonia: int = 1
     cache: bool = False
     intensity_augment: bool = False
+    spatial_augment: bool = False
     train_split: str = "train"
 
     def __post_init__(self):
