@@ -92,3 +92,32 @@ def test_fit_on_fit_input_trains_on_the_batches_in_turn():
             by_hand.train_on_batch(x, y)
     for a, b in zip(model.get_weights(), by_hand.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_spatial_jitter_moves_labelled_and_extra_slices_with_their_masks():
+    """`spatial`: after the quarter turn and flip, some slices of every kind (labelled and
+    pseudo-labelled) are rotated, zoomed and shifted with their masks; validation batches
+    are left alone; the draws are reproducible for a seed."""
+    from tfcovseg.data.spatial import SpatialJitter
+
+    images = np.full((8, 24, 24), 5.0, np.float32)
+    masks = np.zeros((8, 24, 24, 2), np.float32)
+    images[:, 6:14, 4:18] = 250.0
+    masks[:, 6:14, 4:18, 0] = 1.0
+    extra = (images[:4].copy(), masks[:4].copy())
+    kw = dict(extra=extra, spatial=SpatialJitter(probability=1.0))
+    a = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, **kw)
+    b = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, **kw)
+    moved = seen = 0
+    for i in range(len(a)):
+        (x, y), (x2, y2) = a[i], b[i]
+        _assert_same((x, y), (x2, y2))
+        y = y["final"]
+        assert set(np.unique(y)) <= {0.0, 1.0}
+        for j in range(len(x)):  # the labelled ones first, then the pseudo-labelled
+            assert np.mean((x[j, ..., 0] > 120) != (y[j, ..., 0] == 1)) < 0.03
+            moved += y[j, ..., 0].sum() != 8 * 14  # a quarter turn or flip keeps the area
+            seen += 1
+    assert moved > seen * 0.7
+    val = SliceBatches(images, masks, OUTPUTS, 4, 1, 7, training=False, **kw)
+    np.testing.assert_array_equal(val[0][0][..., 0], images[:4])

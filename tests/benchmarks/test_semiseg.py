@@ -509,7 +509,7 @@ def test_cli_options_set_keys_of_the_experiment(tmp_path, monkeypatch):
     assert main([*train, "--width", "full"]) == 2
     quarter = ["--width", "quarter", "--epochs", "7", "--set", "train.epochs=9", "--tta", "8"]
     semi = ["--semi-keep", "0.25", "--semi-learning-rate", "2e-4"]
-    assert main([*train, *quarter, "--intensity", *semi]) == 2
+    assert main([*train, *quarter, "--intensity", "--spatial", *semi]) == 2
     assert main(train) == 2
     full, quarter, plain = (kw["config"] for kw in seen)
     assert full.model.encoder.filters == ModelConfig().encoder.filters == (64, 128, 256, 512)
@@ -520,6 +520,7 @@ def test_cli_options_set_keys_of_the_experiment(tmp_path, monkeypatch):
     assert quarter.model.encoder == quick.encoder and quarter.model.unet == quick.unet
     # --set is applied after the shortcuts: it wins; the others reach their keys.
     assert quarter.train.epochs == 9 and quarter.data.intensity_augment
+    assert quarter.data.spatial_augment and not plain.data.spatial_augment
     assert quarter.semi.keep == 0.25 and quarter.semi.learning_rate == 2e-4
     assert seen[1]["tta"] == 8 and seen[1]["isolate"] is True  # a process per fold
     # Nothing given: the experiment decides (its widths are the quarter ones too).
@@ -544,6 +545,10 @@ def test_the_benchmark_trains_the_experiment_config(tmp_path):
     assert sc.row_config(config, "coarse_refine").train.loss == "hybrid"
     settings = sc.settings_record(config, sc.BENCH_DEFAULTS)
     assert "experiment" not in settings and settings["semi_tta"] == config.semi.views
+    # data.spatial_augment is recorded when on (and a run folder of before it, off, goes on).
+    assert "spatial" not in settings
+    spatial = sc.settings_record(sc.benchmark_config(spatial=True), sc.BENCH_DEFAULTS)
+    assert spatial == settings | {"spatial": True}
     other = sc.benchmark_config("semiseg_benchmark", ["train.coarse_loss_weight=0.5"])
     assert sc.settings_record(other, sc.BENCH_DEFAULTS)["experiment"] == {
         "train.coarse_loss_weight": 0.5

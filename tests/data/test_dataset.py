@@ -680,3 +680,30 @@ def test_slices_without_masks_never_train_as_lesion_free(cohort, tmp_path):
     everything = _inspect(out)
     assert len(everything) == total
     assert sum(e["mask/annotated"] == 0 for e in everything) == n_unknown
+
+
+def test_spatial_jitter_moves_half_the_slices_with_their_masks(records):
+    """With `spatial_augment`, about half of the training slices are no quarter turn or
+    flip of their record any more; their masks moved with them (the lung mask still lies
+    on air-filled lung) and stay labels; the draws are reproducible for a seed."""
+    reference = {e["slice/id"]: e for e in _inspect(records, "train", 0)}
+    a = _train_examples(records, seed=3, spatial_augment=True)
+    b = _train_examples(records, seed=3, spatial_augment=True)
+    moved = 0
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["hu"], y["hu"])
+        np.testing.assert_array_equal(x["lung"], y["lung"])
+        ref = reference[x["slice/id"]]
+        assert x["hu"].dtype == ref["hu"].dtype and x["lesions"].dtype == ref["lesions"].dtype
+        assert set(np.unique(x["lesions"])) <= {0, 1} and set(np.unique(x["lung"])) <= {0, 1}
+        hu_matches, joint = _which_transforms(x, ref)
+        if hu_matches:
+            assert joint  # a slice left alone keeps the paper's joint transform
+            continue
+        moved += 1
+        if ref["lung"].sum() > 300:  # (a small lung is mostly its blurred edge)
+            # Aligned: the moved lung mask covers air-filled pixels as the record's does
+            # (0.85-0.95 of them; the unmoved mask on the moved image: 0.3-0.8).
+            before = np.mean(ref["hu"][ref["lung"] > 0] < -500)
+            assert np.mean(x["hu"][x["lung"] > 0] < -500) > before - 0.08
+    assert 0.3 * len(a) < moved < 0.7 * len(a)

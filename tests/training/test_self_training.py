@@ -64,6 +64,7 @@ def _config(root, *more):
             "data.oversample_lesions=1",
             "data.oversample_pneumonia=1",
             "data.intensity_augment=true",
+            "data.spatial_augment=true",
             "train.phases=[segmentation,self_training]",
             "train.epochs=1",
             "train.batch_size=4",
@@ -91,7 +92,14 @@ def _peak_learning_rate(path) -> float:
     return rate["config"]["initial_learning_rate"] if isinstance(rate, dict) else rate
 
 
-def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_path):
+def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_path, monkeypatch):
+    from tfcovseg.data import dataset
+    from tfcovseg.training import selftrain
+
+    moved = []  # which pipelines data.spatial_augment reached (traced once per map)
+    for module, name in ((dataset, "labelled"), (selftrain, "pseudo-labelled")):
+        spy = (lambda f, n: lambda *a: moved.append(n) or f(*a))(module.jitter_geometry, name)
+        monkeypatch.setattr(module, "jitter_geometry", spy)
     lines = []
     config = _config(folders, "semi.learning_rate=5e-5")
     summary = train(config, tmp_path / "run", verbose=0, log=lines.append)
@@ -115,6 +123,8 @@ def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_p
     # The students train at semi.learning_rate, not at the teacher's train.learning_rate.
     assert config.train.learning_rate != pytest.approx(5e-5)
     assert _peak_learning_rate(run / "student_r1_best.keras") == pytest.approx(5e-5)
+    # The small rotation, zoom and shift moved the labelled and the pseudo-labelled slices.
+    assert {"labelled", "pseudo-labelled"} <= set(moved)
 
     # Killed during round 2: --resume keeps phase 1 and round 1, runs round 2 alone.
     state["completed"] = ["segmentation"]

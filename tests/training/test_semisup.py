@@ -103,3 +103,23 @@ def test_mixed_batches_append_a_pseudo_labelled_batch_to_each_labelled_one():
     # Its iterator, new every epoch, does not wait for tf.data's autotuning thread
     # (`tfcovseg.data.dataset.without_autotuner`).
     assert ds.options().autotune.enabled is False
+
+
+def test_pseudo_labels_move_with_their_images_under_spatial_augment():
+    """`pseudo_dataset(..., spatial=True)`: a pseudo-label is moved by the same rotation,
+    zoom and shift as its image (and stays a label)."""
+    from tfcovseg.training.selftrain import pseudo_dataset
+
+    images = np.full((8, 32, 32, 1), 10.0, np.float32)
+    masks = np.zeros((8, 32, 32, 2), np.uint8)
+    images[:, 8:20, 6:24] = 240.0
+    masks[:, 8:20, 6:24, 0] = 1
+    batch = next(iter(pseudo_dataset(semisup.Round(images, masks, 8, 0.9), 8, 0, spatial=True)))
+    x, y = (np.asarray(t) for t in batch)
+    assert set(np.unique(y)) <= {0.0, 1.0}
+    moved = 0
+    for j in range(8):
+        assert np.mean((x[j, ..., 0] > 120) != (y[j, ..., 0] == 1)) < 0.02
+        area = y[j, ..., 0].sum()
+        moved += area != 12 * 18  # a quarter turn or flip keeps the area; a zoom does not
+    assert moved > 0

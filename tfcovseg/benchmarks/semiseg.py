@@ -3,7 +3,7 @@
     python -m tfcovseg.benchmarks.semiseg --train-dir ../shared/data/covid-semiseg/train
         [--test-dir DIR] [--out runs/semiseg] [--config semiseg_benchmark] [--set KEY=VALUE]
         [--models coarse_refine,unet] [--folds 5] [--only-folds 3,4] [--tta 8] [--passes 2]
-        [--size 256] [--epochs 60] [--seed 0] [--intensity] [--width full]
+        [--size 256] [--epochs 60] [--seed 0] [--intensity] [--spatial] [--width full]
         [--unlabelled-dir ../shared/data/covid-semiseg/unlabelled [--semi-rounds 2]
          [--semi-pool 0] [--semi-keep 0.5] [--semi-epochs 20] [--semi-learning-rate 1e-4]]
 

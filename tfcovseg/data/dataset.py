@@ -14,7 +14,8 @@ Garden; deterministic work is cached before the first random transform, as in MO
 4. optional in-memory cache;
 5. training only: lesion-slice oversampling, shuffling, and the paper's augmentation —
    rotation by a random multiple of 90 degrees and a random horizontal flip, applied
-   jointly to the image, the lesion masks and the lung mask. With no cache and no
+   jointly to the image, the lesion masks and the lung mask (optionally followed by a
+   small random rotation, zoom and shift, and by intensity jitter). With no cache and no
    oversampling the augmentation runs in step 3's map, before the shuffle;
 6. batching (still int16 HU and uint8 masks), then float32 (unless ``compact``) and the
    task's structure per batch, and prefetching.
@@ -233,6 +234,36 @@ def augment(example, seed):
     return out
 
 
+def jitter_geometry(example, seed):
+    """`tfcovseg.data.spatial.SpatialJitter` on one slice inside tf.data: its image,
+    lesion masks and (when present) lung mask moved by the same small random rotation,
+    zoom and shift, each in its own dtype.
+
+    Args:
+        example: dict with "hu" [H, W], "lesions" [H, W, C] and optionally "lung" [H, W].
+        seed: int tensor [2] (the augmentation's seed); the draw is independent of
+            `jitter_intensity`'s from the same seed.
+    """
+    import numpy as np
+
+    from tfcovseg.data.spatial import SpatialJitter
+
+    jitter = SpatialJitter()
+    keys = [k for k in ("hu", "lesions", "lung") if k in example]
+
+    def apply(s, *arrays):
+        # A third word of entropy: not the generator jitter_intensity draws from.
+        rng = np.random.default_rng([int(v) & 0xFFFFFFFF for v in s] + [1])
+        return list(jitter.transform(rng, *arrays))
+
+    arrays = [example[k] for k in keys]
+    moved = tf.numpy_function(apply, [seed, *arrays], [a.dtype for a in arrays], stateful=False)
+    out = dict(example)
+    for key, before, after in zip(keys, arrays, moved):
+        out[key] = tf.ensure_shape(after, before.shape)
+    return out
+
+
 def jitter_intensity(image, seed, window):
     """`tfcovseg.data.intensity.IntensityJitter` on one slice [H, W] inside tf.data: the values
     are mapped through `window` (low, high) to grey levels 0-255, jittered there and
@@ -392,6 +423,7 @@ def make_dataset(
     label_output=None,
     compact=False,
     intensity_window=None,
+    spatial_augment=False,
 ):
     """A batched `tf.data.Dataset` of one split of one fold.
 
@@ -429,6 +461,8 @@ def make_dataset(
         intensity_window: With augmentation, also jitter every slice's intensities
             (`jitter_intensity`) in grey levels of this (low, high) window (the model's:
             its HU window, or (0, 255) for pre-windowed slices). None: no jitter.
+        spatial_augment: With augmentation, also a small random rotation, zoom and shift
+            of half the slices (`jitter_geometry`).
 
     Raises:
         FileNotFoundError: missing or empty record directory.
@@ -458,7 +492,7 @@ def make_dataset(
     ds = _split_records(manifest, record_dir, split, fold, task, patients, training, seed)
     load = _decoder(manifest, task, image_size, len(classes))
     oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
-    augment_fn = _augmentation(intensity_window)
+    augment_fn = _augmentation(intensity_window, spatial_augment)
     if augment_data and not cache and not oversample:
         # Nothing to cache and no repeated slices: augment in the same map as the parsing
         # (each slice still gets its own random transform every epoch), then shuffle.
@@ -602,14 +636,18 @@ def _seeds(seed):
     return tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
 
 
-def _augmentation(intensity_window):
-    """The paper's augmentation, then (with a window) the intensity jitter."""
-    if intensity_window is None:
+def _augmentation(intensity_window, spatial=False):
+    """The paper's augmentation, then (with `spatial`) a small rotation, zoom and shift,
+    then (with a window) the intensity jitter."""
+    if intensity_window is None and not spatial:
         return augment
 
     def augment_fn(example, sd):
         out = augment(example, sd)
-        out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)
+        if spatial:
+            out = jitter_geometry(out, sd)
+        if intensity_window is not None:
+            out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)
         return out
 
     return augment_fn

@@ -42,30 +42,32 @@ class SpatialJitter:
             raise ValueError(f"zoom must be (low, high) with 0 < low <= high, got {self.zoom}")
 
     def matrix(self, rng: np.random.Generator, height: int, width: int):
-        """One slice's 2x3 affine matrix (OpenCV's, output pixel -> ... as `cv2.warpAffine`
-        takes it forward), or None for a slice left as it is. Always draws the same
-        number of random values, so a slice's draw does not shift the next one's."""
+        """One slice's forward 2x3 affine matrix (as `cv2.warpAffine` takes it), or None
+        for a slice left as it is (four random draws; two more for a moved slice's shift)."""
         u = rng.random(4)
         if u[0] >= self.probability:
             return None
         angle = (2.0 * u[1] - 1.0) * self.degrees
         scale = float(np.exp(np.log(self.zoom[0]) + u[2] * np.log(self.zoom[1] / self.zoom[0])))
         m = cv2.getRotationMatrix2D(((width - 1) / 2.0, (height - 1) / 2.0), angle, scale)
-        shift = (2.0 * rng.random(2) - 1.0) * self.shift * np.array([width, height])
-        m[:, 2] += shift
+        m[:, 2] += (2.0 * rng.random(2) - 1.0) * self.shift * np.array([width, height])
         return m
+
+    def transform(self, rng: np.random.Generator, image: np.ndarray, *masks: np.ndarray):
+        """One slice: `image` [H, W(, 1)] and its `masks` [H, W(, C)] moved alike, each in
+        its own shape and dtype (the same arrays when the slice is left as it is)."""
+        m = self.matrix(rng, *image.shape[:2])
+        if m is None:
+            return (image, *masks)
+        moved = warp(image, m, cv2.INTER_LINEAR, float(image.min()))
+        return (moved, *(warp(k, m, cv2.INTER_NEAREST, 0.0) for k in masks))
 
     def __call__(self, images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
         """Transforms a batch: images [N, H, W(, 1)], masks [N, H, W(, C)]; returns new
         arrays of the same shapes and dtypes."""
         images, masks = np.array(images), np.array(masks)
-        height, width = images.shape[1:3]
         for j in range(len(images)):
-            m = self.matrix(rng, height, width)
-            if m is None:
-                continue
-            images[j] = warp(images[j], m, cv2.INTER_LINEAR, float(images[j].min()))
-            masks[j] = warp(masks[j], m, cv2.INTER_NEAREST, 0.0)
+            images[j], masks[j] = self.transform(rng, images[j], masks[j])
         return images, masks
 
 

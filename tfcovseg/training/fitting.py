@@ -180,6 +180,7 @@ def segment_train_ds(run: Run, outputs, label_output=None, batch_size=None):
         shuffle_buffer=data.shuffle_buffer,
         label_output=label_output,
         intensity_window=intensity_window(run.config),
+        spatial_augment=data.spatial_augment,
         **common,
     )
 

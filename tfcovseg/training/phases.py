@@ -176,7 +176,9 @@ def _student_round(run: Run, r: int, teacher, labels, n_pseudo: int):
             config.for_student(), teacher, steps_per_epoch(labelled), config.semi.epochs
         )
     window = intensity_window(config)
-    pseudo = pseudo_dataset(labels, n_pseudo, t.seed + r, config.data.augment, window)
+    pseudo = pseudo_dataset(
+        labels, n_pseudo, t.seed + r, config.data.augment, window, config.data.spatial_augment
+    )
     mixed = mixed_dataset(labelled, pseudo, outputs)
     callbacks = phase_callbacks(
         out, "self_training", t.early_stopping_patience, run.resume, log=run.log, tag=tag,
@@ -304,6 +306,7 @@ def _fit_classifier(run: Run, classifier, cohort, patient_eval) -> None:
         oversample_pneumonia=config.data.oversample_pneumonia,
         shuffle_buffer=config.data.shuffle_buffer,
         intensity_window=intensity_window(config),
+        spatial_augment=config.data.spatial_augment,
         **train_common,
     )
     val_ds = make_dataset(

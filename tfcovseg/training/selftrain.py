@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfcovseg import require_tensorflow
-from tfcovseg.data.dataset import augment, jitter_intensity, without_autotuner
+from tfcovseg.data.dataset import augment, jitter_geometry, jitter_intensity, without_autotuner
 from tfcovseg.training import semisup
 
 tf = require_tensorflow("tfcovseg.training.selftrain")
@@ -26,10 +26,12 @@ def collect_images(dataset) -> np.ndarray:
 
 
 def pseudo_dataset(
-    round_: semisup.Round, batch_size: int, seed: int, augment_data=True, window=None
-):
+    round_: semisup.Round, batch_size: int, seed: int, augment_data=True, window=None,
+    spatial=False,
+):  # fmt: skip
     """An endless, shuffled dataset of (image, masks) batches of the pseudo-labels, with
-    the labelled batches' augmentation (and intensity jitter with `window`)."""
+    the labelled batches' augmentation (with `spatial` the small rotation, zoom and shift
+    too, and intensity jitter with `window`)."""
     ds = tf.data.Dataset.from_tensor_slices((round_.images[..., 0], round_.masks))
     ds = ds.shuffle(len(round_.images), seed=seed, reshuffle_each_iteration=True).repeat()
     seeds = tf.data.Dataset.random(seed=seed + 1).batch(2, drop_remainder=True)
@@ -39,6 +41,8 @@ def pseudo_dataset(
         example = {"hu": image, "lesions": masks}
         if augment_data:
             example = augment(example, sd)
+            if spatial:
+                example = jitter_geometry(example, sd)
         if window is not None:
             example["hu"] = jitter_intensity(example["hu"], sd, window)
         return example["hu"][..., None], tf.cast(example["lesions"], tf.float32)
