@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -251,6 +252,24 @@ def test_a_finished_runs_models_are_scored_again_under_other_views(tmp_path):
     assert "test_scores" in first["models"][SEMI]["runs"][0]["rounds"][0]
     assert "test_scores" not in again["models"][SEMI]["runs"][0]["rounds"][0]
     assert "its round 1" not in (tmp_path / "two" / "results.md").read_text()
+    # Its --out goes on only from the same run's models: not from another, nor training.
+    lines.clear()
+    run(folder, tmp_path / "two", models=both, tta=2, from_run=tmp_path / "one",
+        **kw | dict(log=lines.append))  # fmt: skip
+    assert sum("done before" in x for x in lines) == 3
+    progress = (tmp_path / "two" / "progress.json").read_text()
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "one", other)
+    for source in (other, None):
+        with pytest.raises(BenchmarkError, match="two holds a run with other settings "
+                           r"\(from_run differ\)"):  # fmt: skip
+            run(folder, tmp_path / "two", models=both, tta=2, from_run=source, **kw)
+    assert (tmp_path / "two" / "progress.json").read_text() == progress
+    # A student whose teacher that run no longer keeps is refused, before --out exists.
+    (other / "folds" / "coarse_refine" / "fold0.weights.h5").unlink()
+    with pytest.raises(BenchmarkError, match="kept fold 0's .* model but not its teacher"):
+        run(folder, tmp_path / "seven", models=both, tta=2, from_run=other, **kw)
+    assert not (tmp_path / "seven").exists()
     with pytest.raises(BenchmarkError, match="other settings \\(settings.epochs differ\\)"):
         run(folder, tmp_path / "three", models=("coarse_refine",), from_run=tmp_path / "one",
             **kw | dict(epochs=2))  # fmt: skip

@@ -678,6 +678,10 @@ def run(
     try:
         # --from-run is checked first: a refusal leaves no progress.json in --out.
         kept = _kept_run(from_run, fingerprint, normalise) if from_run else None
+        if kept is not None:
+            _check_lineage(kept, rows, todo)
+            # Recorded, so that this --out goes on only from the same run's models.
+            fingerprint |= {"from_run": str(Path(from_run).resolve())}
         store = FoldStore(out, fingerprint, normalise)
     except StoreError as e:
         raise BenchmarkError(str(e)) from None
@@ -908,7 +912,8 @@ def _kept_run(from_run, settings: dict, normalise):
             f"--from-run {from_run}: {path} cannot be read ({type(e).__name__}: {e})"
         ) from None
     settings = json.loads(json.dumps(settings))  # as it reads back from disk
-    differ = differing(recorded, settings, free=("settings.tta", "rows"))
+    # (RUN may itself have scored another run's models again: "from_run".)
+    differ = differing(recorded, settings, free=("settings.tta", "rows", "from_run"))
     if differ:
         raise BenchmarkError(
             f"--from-run {from_run} trained with other settings ({', '.join(differ)} "
@@ -920,6 +925,21 @@ def _kept_run(from_run, settings: dict, normalise):
             f"--from-run {from_run} kept no model (folds/<row>/fold<k>.weights.h5)"
         )
     return FoldStore(from_run, recorded, normalise)
+
+
+def _check_lineage(kept, rows, folds) -> None:
+    """A student --from-run kept is scored again only beside its own teacher: where that
+    run kept the student but not the teacher, the teacher would train here afresh and the
+    row would pair two lineages."""
+    for fold in folds:
+        for row in (r for r in rows if r in SEMI_ROWS.values()):
+            teacher = kept.weights("coarse_refine", fold)
+            if kept.weights(row, fold).is_file() and not teacher.is_file():
+                raise BenchmarkError(
+                    f"--from-run {kept.out} kept fold {fold}'s {LABELS[row]} model but not "
+                    f"its teacher ({teacher} is missing): score that run's folds that kept "
+                    "both (--only-folds), or give another --from-run"
+                )
 
 
 def _describe(train, test, unlabelled, folds, settings, backend, kernels) -> str:
