@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -260,6 +261,11 @@ def _json_reply(body: str) -> bytes:
         ('{"predictions": [[0.1, 0.2], [0.3]]}', "ValueError"),  # ragged
         ('{"predictions": [NaN, 0.5]}', r"outside \[0, 1\] \(or NaN\)"),  # printed as nan
         ('{"outputs": {"masks": [0.5, 0.5]}}', r"masks has shape \[2\]"),  # an AxisError
+        # CT_small.dcm is 128x128: masks of another size are another model's answer.
+        (
+            '{"outputs": {"masks": ' + json.dumps(np.zeros((2, 4, 4, 1)).tolist()) + "}}",
+            "masks of 4x4 pixels for slices of 128x128 sent",
+        ),  # fmt: skip
     ],
 )
 def test_malformed_answers_are_named_not_tracebacks(answer, message, capsys):
@@ -396,13 +402,19 @@ def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
         client.export_metadata(tmp_path)
     with pytest.raises(ValueError, match="has no version 8 \\(it holds 7\\)"):
         client.export_metadata(tmp_path, version=8)
+    # A copy of an export under another name cannot be the version asked for.
+    copy = tmp_path / "latest"
+    shutil.copytree(shipped / "1", copy)
+    assert client.export_metadata(copy) == meta
+    with pytest.raises(ValueError, match="latest is not a numbered version folder"):
+        client.export_metadata(copy, version=1)
 
 
 def test_an_export_that_is_not_the_served_model_is_named(phantom_export, capsys, monkeypatch):
     """--export of a model whose classes are not the answer's (another model is served)."""
     from tfcovseg.cli import serving_client as command
 
-    two = {"covid_probability": np.array([0.7]), "masks": np.zeros((1, 8, 8, 2), np.float32)}
+    two = {"covid_probability": np.array([0.7]), "masks": np.zeros((1, 128, 128, 2), np.float32)}
     monkeypatch.setattr(command, "predict_rest", lambda *a, **k: two)
     path = get_testdata_file("CT_small.dcm")
     argv = ["--dicom", path, "--rest", "http://x:1", "--export", str(phantom_export)]

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             out = predict_rest(url, hu, args.signature, args.form)
         else:
             out = predict_grpc(args.grpc, hu, args.model, args.signature, args.version)
-        out = checked_answer(out, len(slices))
+        out = checked_answer(out, len(slices), hu.shape[1:])
     except (ValueError, ServingError, ImportError) as e:
         return cli.fail(str(e))
     classes = (meta or {}).get("class_names")

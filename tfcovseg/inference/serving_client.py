@@ -99,7 +99,13 @@ def export_metadata(path, version: int | None = None) -> dict:
         raise ValueError(f"--export {path} is not a folder")
     folder = path
     if (path / "saved_model.pb").is_file():
-        if version is not None and path.name.isdigit() and int(path.name) != version:
+        if version is not None and not _is_version(path):
+            # TF Serving serves numbered folders only: this one cannot be version N.
+            raise ValueError(
+                f"--export {path} is not a numbered version folder, so not the version "
+                f"{version} TF Serving serves: give the model folder or its {version}/"
+            )
+        if version is not None and int(path.name) != version:
             raise ValueError(
                 f"--export {path} is version {int(path.name)}, --version asks for {version}"
             )
@@ -239,14 +245,15 @@ def parse_rest_response(body) -> dict[str, np.ndarray]:
 MALFORMED = "the server's answer is malformed"
 
 
-def checked_answer(out: dict, n_slices: int) -> dict[str, np.ndarray]:
+def checked_answer(out: dict, n_slices: int, size=None) -> dict[str, np.ndarray]:
     """The answer's ``covid_probability`` [n] and ``masks`` [n, H, W, C] (a single-output
     signature's unnamed ``output`` named by its rank), checked against the `n_slices`
-    sent.
+    sent and, with `size` (H, W), their size: a tfcovseg export answers masks at the
+    size of the slices it was sent.
 
     Raises:
-        ServingError: neither output, a count other than `n_slices`, a wrong rank, or
-            values that are not probabilities.
+        ServingError: neither output, a count other than `n_slices`, a wrong rank, masks
+            of another size, or values that are not probabilities.
     """
     if "output" in out:  # REST answers of a single-output signature are unnamed
         out = {"covid_probability" if out["output"].ndim <= 2 else "masks": out["output"]}
@@ -261,6 +268,12 @@ def checked_answer(out: dict, n_slices: int) -> dict[str, np.ndarray]:
             raise ServingError(
                 f"{MALFORMED}: {key} has shape {list(value.shape)} for {n_slices} slice(s) "
                 f"sent ({'[n]' if rank == 1 else '[n, H, W, C]'} expected)"
+            )
+        if key == "masks" and size is not None and tuple(value.shape[1:3]) != tuple(size):
+            (h, w), (sh, sw) = value.shape[1:3], size
+            raise ServingError(
+                f"{MALFORMED}: masks of {h}x{w} pixels for slices of {sh}x{sw} sent (a "
+                "tfcovseg export answers at the slices' size)"
             )
         if not (np.isfinite(value).all() and value.min() >= 0.0 and value.max() <= 1.0):
             raise ServingError(f"{MALFORMED}: {key} holds values outside [0, 1] (or NaN)")
