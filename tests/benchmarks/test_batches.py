@@ -102,12 +102,13 @@ def test_spatial_jitter_moves_labelled_and_extra_slices_with_their_masks():
 
     images = np.full((8, 24, 24), 5.0, np.float32)
     masks = np.zeros((8, 24, 24, 2), np.float32)
-    images[:, 6:14, 4:18] = 250.0
-    masks[:, 6:14, 4:18, 0] = 1.0
+    for j in range(8):  # each slice its own rectangle: a pairing mistake shows
+        images[j, 6 + j // 2 : 14 + j // 2, 4 : 12 + j] = 250.0
+        masks[j, 6 + j // 2 : 14 + j // 2, 4 : 12 + j, 0] = 1.0
     extra = (images[:4].copy(), masks[:4].copy())
-    kw = dict(extra=extra, spatial=SpatialJitter(probability=1.0))
-    a = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, **kw)
-    b = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, **kw)
+    spatial = SpatialJitter(probability=1.0)
+    a = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, extra=extra, spatial=spatial)
+    b = SliceBatches(images, masks, OUTPUTS, 4, 2, 7, extra=extra, spatial=spatial)
     moved = seen = 0
     for i in range(len(a)):
         (x, y), (x2, y2) = a[i], b[i]
@@ -116,8 +117,11 @@ def test_spatial_jitter_moves_labelled_and_extra_slices_with_their_masks():
         assert set(np.unique(y)) <= {0.0, 1.0}
         for j in range(len(x)):  # the labelled ones first, then the pseudo-labelled
             assert np.mean((x[j, ..., 0] > 120) != (y[j, ..., 0] == 1)) < 0.03
-            moved += y[j, ..., 0].sum() != 8 * 14  # a quarter turn or flip keeps the area
+            # A quarter turn or flip keeps the area of one of the rectangles; a zoom not.
+            moved += y[j, ..., 0].sum() not in masks[..., 0].sum(axis=(1, 2))
             seen += 1
     assert moved > seen * 0.7
-    val = SliceBatches(images, masks, OUTPUTS, 4, 1, 7, training=False, **kw)
-    np.testing.assert_array_equal(val[0][0][..., 0], images[:4])
+    val = SliceBatches(images, masks, OUTPUTS, 4, 1, 7, training=False, spatial=spatial)
+    x, y = val[1]
+    np.testing.assert_array_equal(x[..., 0], images[4:])
+    np.testing.assert_array_equal(y["final"], masks[4:])

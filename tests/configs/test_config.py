@@ -203,6 +203,13 @@ def test_bad_values_are_named(override, message):
         load_config(None, [override])
 
 
+def test_spatial_augment_needs_the_papers_augmentation():
+    """It follows the quarter turn and flip: without them it would be silently off."""
+    with pytest.raises(ConfigError, match="data.spatial_augment needs data.augment: true"):
+        load_config(None, ["data.augment=false", "data.spatial_augment=true"])
+    assert load_config(None, ["data.spatial_augment=true"]).data.spatial_augment
+
+
 def test_classifier_aux_weight_needs_an_se_resnet_segmenter():
     with pytest.raises(ConfigError, match="classifier_aux_weight needs a segmenter"):
         load_config(

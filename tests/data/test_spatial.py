@@ -34,10 +34,25 @@ def test_moves_each_image_and_its_masks_alike():
         assert np.mean(bright != (y[j, ..., 0] == 1)) < 0.02
         # The smaller lesion moved with the larger one: still inside it.
         assert np.all(y[j, ..., 0][y[j, ..., 1] == 1] == 1)
-    # Uncovered borders are filled with the image's minimum (air), not 0 HU.
-    assert x.min() == pytest.approx(-1000.0)
     # The inputs are left as they were.
     np.testing.assert_array_equal(images, _slices()[0])
+
+
+def test_uncovered_borders_are_filled_with_air_and_hu_stays_whole():
+    """A slice zoomed out uncovers its border: filled with the slice's minimum (air, here
+    a patch of -1000 HU on -500 HU tissue), not 0 HU; int16 HU are rounded, not cut."""
+    image = np.full((1, 32, 32, 1), -500, np.int16)
+    image[0, 14:18, 14:18] = -1000
+    image[0, 20:24, 8:30] = 41
+    masks = np.zeros((1, 32, 32, 1), np.uint8)
+    shrink = SpatialJitter(probability=1.0, degrees=0.0, zoom=(0.8, 0.8), shift=0.0)
+    x, _ = shrink(image, masks, np.random.default_rng(0))
+    assert x.dtype == np.int16
+    assert x[0, 0, 0, 0] == x[0, -1, -1, 0] == -1000  # corners: uncovered
+    assert x[0, 16, 16, 0] == -1000  # the air patch at the centre stays
+    # Bilinear mixes of -500 and 41 (not -999.x cut to -999): every value an integer
+    # reached by rounding; the middle of the band keeps its 41.
+    assert x[0, 21, 16, 0] == 41
 
 
 def test_probability_and_seed():
@@ -73,6 +88,10 @@ def test_warp_takes_any_number_of_channels_and_dtype():
     assert out.dtype == np.int16 and out.shape == stack.shape
     for c in range(6):  # channel by channel the same as warping each alone
         np.testing.assert_array_equal(out[..., c], warp(stack[..., c], m, 0, 0.0))
+    # int16 HU are rounded after the bilinear mix: -999.5 is -1000, not -999 cut towards 0.
+    hu = np.tile(np.array([-1000, -999, -999, -999], np.int16), (4, 1))
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]])  # half a pixel to the right
+    assert warp(hu, half, 1, -1000.0)[0, 1] == -1000  # cv2.INTER_LINEAR
 
 
 @pytest.mark.parametrize(

@@ -377,7 +377,7 @@ def test_a_slice_predict_would_not_segment_is_refused_by_name(tmp_path):
             client.hu_from_dicom(tmp_path / name)
 
 
-def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
+def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path, monkeypatch):
     """The shipped real-CT model has no slice classifier: its covid_probability is its
     highest lesion probability, and the client says so from the folder TF Serving serves."""
     shipped = Path(__file__).resolve().parents[2] / "saved_models" / "covid-semiseg"
@@ -408,6 +408,9 @@ def test_the_shipped_model_s_score_is_named_from_its_folder(tmp_path):
     assert client.export_metadata(copy) == meta
     with pytest.raises(ValueError, match="latest is not a numbered version folder"):
         client.export_metadata(copy, version=1)
+    # Its own folder given as "." (or through a link) is still version 1.
+    monkeypatch.chdir(shipped / "1")
+    assert client.export_metadata(Path("."), version=1) == meta
 
 
 def test_an_export_that_is_not_the_served_model_is_named(phantom_export, capsys, monkeypatch):

@@ -94,12 +94,15 @@ def _peak_learning_rate(path) -> float:
 
 def test_self_training_rounds_make_the_student_the_runs_segmenter(folders, tmp_path, monkeypatch):
     from tfcovseg.data import dataset
-    from tfcovseg.training import selftrain
 
     moved = []  # which pipelines data.spatial_augment reached (traced once per map)
-    for module, name in ((dataset, "labelled"), (selftrain, "pseudo-labelled")):
-        spy = (lambda f, n: lambda *a: moved.append(n) or f(*a))(module.jitter_geometry, name)
-        monkeypatch.setattr(module, "jitter_geometry", spy)
+    original = dataset.jitter_geometry
+
+    def spy(example, seed):  # the records' slices carry their label; pseudo-labels do not
+        moved.append("labelled" if "slice/label" in example else "pseudo-labelled")
+        return original(example, seed)
+
+    monkeypatch.setattr(dataset, "jitter_geometry", spy)
     lines = []
     config = _config(folders, "semi.learning_rate=5e-5")
     summary = train(config, tmp_path / "run", verbose=0, log=lines.append)

@@ -41,8 +41,8 @@ network and ``OUT/unet/predictions/...`` for the U-Net baseline, which any evalu
 
 With ``--unlabelled-dir`` (slices without masks), a semi-supervised row follows the
 supervised coarse-refine row in every fold: self-training (`train_student`) with the
-fold's supervised model as the teacher. ``--tta`` and ``--intensity`` apply to every row
-alike. A line per epoch shows progress; each finished (row, fold) is kept in
+fold's supervised model as the teacher. ``--tta``, ``--intensity`` and ``--spatial`` apply
+to every row alike. A line per epoch shows progress; each finished (row, fold) is kept in
 ``OUT/folds/`` (`tfcovseg.benchmarks.store`), so a killed run goes on from there. The
 command trains each fold in a process of its own (`tfcovseg.benchmarks.processes`), so
 a run needs one fold's memory.
@@ -795,10 +795,10 @@ class _Fold:
         if self.kept is None:
             return None
         fold = self.split.fold
-        entry = self.kept.get(row, fold)
-        if entry is None or not self.kept.weights(row, fold).is_file():
+        if not _kept_model(self.kept, row, fold):
             log(f"    {self.kept.out} kept no model of this row and fold: trained here")
             return None
+        entry = self.kept.get(row, fold)
         config = row_config(self.config, "coarse_refine" if row in SEMI_ROWS.values() else row)
         model = _load_model(self.kept, row, fold, config)
         log(f"    the model {self.kept.out} trained, scored again")
@@ -931,15 +931,24 @@ def _check_lineage(kept, rows, folds) -> None:
     """A student --from-run kept is scored again only beside its own teacher: where that
     run kept the student but not the teacher, the teacher would train here afresh and the
     row would pair two lineages."""
+    students = [r for r in rows if r in SEMI_ROWS.values()]
     for fold in folds:
-        for row in (r for r in rows if r in SEMI_ROWS.values()):
-            teacher = kept.weights("coarse_refine", fold)
-            if kept.weights(row, fold).is_file() and not teacher.is_file():
-                raise BenchmarkError(
-                    f"--from-run {kept.out} kept fold {fold}'s {LABELS[row]} model but not "
-                    f"its teacher ({teacher} is missing): score that run's folds that kept "
-                    "both (--only-folds), or give another --from-run"
-                )
+        if _kept_model(kept, "coarse_refine", fold):
+            continue
+        orphans = [r for r in students if _kept_model(kept, r, fold)]
+        if orphans:
+            raise BenchmarkError(
+                f"--from-run {kept.out} kept fold {fold}'s {LABELS[orphans[0]]} model but not its "
+                f"teacher ({kept.path('coarse_refine', fold)} and "
+                f"{kept.weights('coarse_refine', fold).name}): score that run's folds that "
+                "kept both (--only-folds), or give another --from-run"
+            )
+
+
+def _kept_model(kept, row: str, fold: int) -> bool:
+    """Whether --from-run's store `kept` holds `row`'s finished model of `fold`: its
+    record and its weights (a run killed between writing the two has not finished it)."""
+    return kept.get(row, fold) is not None and kept.weights(row, fold).is_file()
 
 
 def _describe(train, test, unlabelled, folds, settings, backend, kernels) -> str:

@@ -391,9 +391,9 @@ class DataConfig:
         intensity_augment: Random window shift, contrast, gamma and noise on training
             slices (`tfcovseg.data.intensity.IntensityJitter`, in grey levels of the model's
             window), so that one model serves slices windowed differently.
-        spatial_augment: After the paper's quarter turns and flips, a small random
-            rotation, zoom and shift of half the training slices, masks with them
-            (`tfcovseg.data.spatial.SpatialJitter`).
+        spatial_augment: After the paper's quarter turns and flips (so only with
+            ``augment``), a small random rotation, zoom and shift of half the training
+            slices, masks with them (`tfcovseg.data.spatial.SpatialJitter`).
         train_split: The patients the network trains on: "train" (the fold's training
             split), or "development" (its training and test patients: a final model to
             ship, trained on all but the validation patients that choose its epoch; it
@@ -428,6 +428,9 @@ class DataConfig:
             raise ConfigError(f"data.num_folds must be at least 2, got {self.num_folds}")
         if not str(self.records_dir).strip():
             raise ConfigError("data.records_dir must name a folder, got an empty value")
+        if self.spatial_augment and not self.augment:
+            # It follows the paper's quarter turn and flip and runs only with them.
+            raise ConfigError("data.spatial_augment needs data.augment: true")
         _check_seed("data.phantom_seed", self.phantom_seed)
         if self.phantom_patients < 0:
             raise ConfigError(f"data.phantom_patients must be >= 0, got {self.phantom_patients}")

@@ -243,6 +243,9 @@ def jitter_geometry(example, seed):
         example: dict with "hu" [H, W], "lesions" [H, W, C] and optionally "lung" [H, W].
         seed: int tensor [2] (the augmentation's seed); the draw is independent of
             `jitter_intensity`'s from the same seed.
+
+    With "slice/label" (1 for a slice with a lesion pixel) as well, the label is the moved
+    masks' (the classifier's target follows what is left in the slice).
     """
     import numpy as np
 
@@ -261,6 +264,12 @@ def jitter_geometry(example, seed):
     out = dict(example)
     for key, before, after in zip(keys, arrays, moved):
         out[key] = tf.ensure_shape(after, before.shape)
+    if "slice/label" in example and "lesions" in example:
+        # A zoom or shift can take a small lesion out of the slice: the label follows.
+        label = example["slice/label"]
+        out["slice/label"] = tf.cast(
+            tf.fill(tf.shape(label), tf.reduce_any(out["lesions"] > 0)), label.dtype
+        )
     return out
 
 
@@ -492,7 +501,7 @@ def make_dataset(
     ds = _split_records(manifest, record_dir, split, fold, task, patients, training, seed)
     load = _decoder(manifest, task, image_size, len(classes))
     oversample = training and (oversample_lesions > 1 or oversample_pneumonia > 1)
-    augment_fn = _augmentation(intensity_window, spatial_augment)
+    augment_fn = augmentation(intensity_window, spatial_augment)
     if augment_data and not cache and not oversample:
         # Nothing to cache and no repeated slices: augment in the same map as the parsing
         # (each slice still gets its own random transform every epoch), then shuffle.
@@ -636,15 +645,17 @@ def _seeds(seed):
     return tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
 
 
-def _augmentation(intensity_window, spatial=False):
-    """The paper's augmentation, then (with `spatial`) a small rotation, zoom and shift,
-    then (with a window) the intensity jitter."""
-    if intensity_window is None and not spatial:
+def augmentation(intensity_window=None, spatial=False, geometric=True):
+    """(example, seed) -> example: the paper's augmentation (with `geometric`), then with
+    `spatial` a small rotation, zoom and shift, then with a window the intensity jitter:
+    the order every training pipeline uses (`make_dataset`, self-training's
+    pseudo-labels)."""
+    if intensity_window is None and not spatial and geometric:
         return augment
 
     def augment_fn(example, sd):
-        out = augment(example, sd)
-        if spatial:
+        out = augment(example, sd) if geometric else dict(example)
+        if spatial and geometric:
             out = jitter_geometry(out, sd)
         if intensity_window is not None:
             out["hu"] = jitter_intensity(out["hu"], sd, intensity_window)

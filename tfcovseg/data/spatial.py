@@ -44,7 +44,7 @@ class SpatialJitter:
     def matrix(self, rng: np.random.Generator, height: int, width: int):
         """One slice's forward 2x3 affine matrix (as `cv2.warpAffine` takes it), or None
         for a slice left as it is (four random draws; two more for a moved slice's shift)."""
-        u = rng.random(4)
+        u = rng.random(4)  # (u[3] unused: drawn since the first runs, which it reproduces)
         if u[0] >= self.probability:
             return None
         angle = (2.0 * u[1] - 1.0) * self.degrees
@@ -85,4 +85,6 @@ def warp(array: np.ndarray, m: np.ndarray, interpolation: int, fill: float) -> n
             borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * _CV_CHANNELS,
         )  # fmt: skip
         out[..., c : c + _CV_CHANNELS] = warped.reshape(height, width, -1)
+    if np.issubdtype(array.dtype, np.integer):  # HU in int16: rounded, not cut towards 0
+        out = np.rint(out)
     return out.astype(array.dtype, copy=False).reshape(array.shape)

@@ -99,15 +99,16 @@ def export_metadata(path, version: int | None = None) -> dict:
         raise ValueError(f"--export {path} is not a folder")
     folder = path
     if (path / "saved_model.pb").is_file():
-        if version is not None and not _is_version(path):
+        named = path.resolve()  # "." or a link such as current -> 3: the folder's own name
+        if version is not None and not _is_version(named):
             # TF Serving serves numbered folders only: this one cannot be version N.
             raise ValueError(
                 f"--export {path} is not a numbered version folder, so not the version "
                 f"{version} TF Serving serves: give the model folder or its {version}/"
             )
-        if version is not None and int(path.name) != version:
+        if version is not None and int(named.name) != version:
             raise ValueError(
-                f"--export {path} is version {int(path.name)}, --version asks for {version}"
+                f"--export {path} is version {int(named.name)}, --version asks for {version}"
             )
     else:
         # TF Serving reads a folder "007" as version 7.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tfcovseg import require_tensorflow
-from tfcovseg.data.dataset import augment, jitter_geometry, jitter_intensity, without_autotuner
+from tfcovseg.data.dataset import augmentation, without_autotuner
 from tfcovseg.training import semisup
 
 tf = require_tensorflow("tfcovseg.training.selftrain")
@@ -36,15 +36,12 @@ def pseudo_dataset(
     ds = ds.shuffle(len(round_.images), seed=seed, reshuffle_each_iteration=True).repeat()
     seeds = tf.data.Dataset.random(seed=seed + 1).batch(2, drop_remainder=True)
 
+    # The labelled batches' order of transforms; the jitter even without `augment_data`.
+    augment_fn = augmentation(window, spatial, geometric=augment_data)
+
     def prepare(pair, sd):
         image, masks = pair
-        example = {"hu": image, "lesions": masks}
-        if augment_data:
-            example = augment(example, sd)
-            if spatial:
-                example = jitter_geometry(example, sd)
-        if window is not None:
-            example["hu"] = jitter_intensity(example["hu"], sd, window)
+        example = augment_fn({"hu": image, "lesions": masks}, sd)
         return example["hu"][..., None], tf.cast(example["lesions"], tf.float32)
 
     ds = tf.data.Dataset.zip((ds, seeds)).map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
