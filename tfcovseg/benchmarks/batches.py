@@ -78,16 +78,9 @@ class ConsistencyBatches(SliceBatches):
     def __init__(self, images, masks, outputs, batch_size, passes, seed, unlabelled, strong,
                  augment=True, jitter=None, spatial=None):  # fmt: skip
         super().__init__(
-            images,
-            masks,
-            outputs,
-            batch_size,
-            passes,
-            seed,
-            augment=augment,
-            jitter=jitter,
+            images, masks, outputs, batch_size, passes, seed, augment=augment, jitter=jitter,
             spatial=spatial,
-        )
+        )  # fmt: skip
         self.unlabelled, self.strong = unlabelled, strong
 
     def __getitem__(self, i):

@@ -795,10 +795,10 @@ class _Fold:
         if self.kept is None:
             return None
         fold = self.split.fold
-        if not _kept_model(self.kept, row, fold):
+        entry = _kept_entry(self.kept, row, fold)
+        if entry is None:
             log(f"    {self.kept.out} kept no model of this row and fold: trained here")
             return None
-        entry = self.kept.get(row, fold)
         config = row_config(self.config, "coarse_refine" if row in SEMI_ROWS.values() else row)
         model = _load_model(self.kept, row, fold, config)
         log(f"    the model {self.kept.out} trained, scored again")
@@ -933,9 +933,9 @@ def _check_lineage(kept, rows, folds) -> None:
     row would pair two lineages."""
     students = [r for r in rows if r in SEMI_ROWS.values()]
     for fold in folds:
-        if _kept_model(kept, "coarse_refine", fold):
+        if _kept_entry(kept, "coarse_refine", fold) is not None:
             continue
-        orphans = [r for r in students if _kept_model(kept, r, fold)]
+        orphans = [r for r in students if _kept_entry(kept, r, fold) is not None]
         if orphans:
             raise BenchmarkError(
                 f"--from-run {kept.out} kept fold {fold}'s {LABELS[orphans[0]]} model but not its "
@@ -945,10 +945,12 @@ def _check_lineage(kept, rows, folds) -> None:
             )
 
 
-def _kept_model(kept, row: str, fold: int) -> bool:
-    """Whether --from-run's store `kept` holds `row`'s finished model of `fold`: its
-    record and its weights (a run killed between writing the two has not finished it)."""
-    return kept.get(row, fold) is not None and kept.weights(row, fold).is_file()
+def _kept_entry(kept, row: str, fold: int) -> dict | None:
+    """`row`'s record of `fold` in --from-run's store `kept` when that run finished the
+    model (its record and its weights: a run killed between writing the two has not),
+    else None."""
+    entry = kept.get(row, fold)
+    return entry if entry is not None and kept.weights(row, fold).is_file() else None
 
 
 def _describe(train, test, unlabelled, folds, settings, backend, kernels) -> str:

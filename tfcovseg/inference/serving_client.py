@@ -99,17 +99,8 @@ def export_metadata(path, version: int | None = None) -> dict:
         raise ValueError(f"--export {path} is not a folder")
     folder = path
     if (path / "saved_model.pb").is_file():
-        named = path.resolve()  # "." or a link such as current -> 3: the folder's own name
-        if version is not None and not _is_version(named):
-            # TF Serving serves numbered folders only: this one cannot be version N.
-            raise ValueError(
-                f"--export {path} is not a numbered version folder, so not the version "
-                f"{version} TF Serving serves: give the model folder or its {version}/"
-            )
-        if version is not None and int(named.name) != version:
-            raise ValueError(
-                f"--export {path} is version {int(named.name)}, --version asks for {version}"
-            )
+        if version is not None:
+            _check_version_folder(path, version)
     else:
         # TF Serving reads a folder "007" as version 7.
         numbered = {int(p.name): p for p in path.iterdir() if _is_version(p)}
@@ -137,6 +128,21 @@ def export_metadata(path, version: int | None = None) -> dict:
     ):
         raise ValueError(f"--export {path}: {file}: class_names is not a list of names")
     return meta
+
+
+def _check_version_folder(path: Path, version: int) -> None:
+    """ValueError unless the version folder `path` is version `version` as TF Serving
+    reads it (its own name through "." or a link such as current -> 3)."""
+    named = path.resolve()
+    if not _is_version(named):  # TF Serving serves numbered folders only
+        raise ValueError(
+            f"--export {path} is not a numbered version folder, so not the version "
+            f"{version} TF Serving serves: give the model folder or its {version}/"
+        )
+    if int(named.name) != version:
+        raise ValueError(
+            f"--export {path} is version {int(named.name)}, --version asks for {version}"
+        )
 
 
 def _is_version(path: Path) -> bool:
